@@ -1,0 +1,462 @@
+//! The filter's JSON configuration: the serde shape ([`FilterConfig`], what Envoy hands to
+//! `on_configure`) and its validated, precompiled form ([`Config`], what the request path uses).
+//!
+//! The renderer produces a [`FilterConfig`] from the gateway file and serializes it; the filter
+//! deserializes the same type, so the two cannot drift. Everything that can be checked or
+//! precomputed (route order, `Allow` header values, JWT keys) happens here, once.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::jwt::{Algorithm, Verifier};
+
+/// Methods a route may list.
+pub const KNOWN_METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+
+/// Default value of the `X-Gateway` header sent upstream.
+pub const DEFAULT_GATEWAY_NAME: &str = "envoy-wasm-gateway";
+
+/// Default clock skew accepted on `exp`, `nbf` and `iat`, in seconds.
+pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 60;
+
+/// Largest accepted clock skew (one day): anything larger is a configuration mistake.
+pub const MAX_CLOCK_SKEW_SECONDS: u64 = 86_400;
+
+/// The filter's configuration as JSON (the `configuration` value of the Envoy wasm filter).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Path prefix every gateway route lives under, e.g. `/api/v1` (may be empty).
+    #[serde(default)]
+    pub prefix: String,
+    /// Value of the `X-Gateway` header sent upstream.
+    #[serde(default = "default_gateway_name")]
+    pub gateway_name: String,
+    /// Exact paths outside the gateway prefix that Envoy answers itself (e.g. `/health`);
+    /// every other unmatched path gets the filter's 404.
+    #[serde(default)]
+    pub passthrough_paths: Vec<String>,
+    /// JWT verification settings; required when any route has `auth_required`.
+    #[serde(default)]
+    pub jwt: Option<JwtSettings>,
+    /// The gateway routes.
+    #[serde(default)]
+    pub routes: Vec<RouteSettings>,
+}
+
+/// JWT settings with the secret already resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSettings {
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_seconds: u64,
+}
+
+/// One route as the filter sees it (Envoy owns the upstream side).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    pub name: String,
+    pub prefix: String,
+    #[serde(default = "default_methods")]
+    pub methods: Vec<String>,
+    #[serde(default = "default_true")]
+    pub auth_required: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+}
+
+fn default_gateway_name() -> String {
+    DEFAULT_GATEWAY_NAME.to_string()
+}
+pub(crate) fn default_algorithms() -> Vec<String> {
+    vec!["HS256".to_string()]
+}
+pub(crate) fn default_clock_skew() -> u64 {
+    DEFAULT_CLOCK_SKEW_SECONDS
+}
+/// The reference router's default when a route lists no methods.
+pub(crate) fn default_methods() -> Vec<String> {
+    vec!["GET".to_string()]
+}
+/// The reference treats a route without `auth_required` as protected.
+pub(crate) fn default_true() -> bool {
+    true
+}
+
+/// A configuration error naming the offending field, e.g. `routes[2].methods[0]: unknown method "GTE"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A validated route, ready for matching.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// Gateway prefix + route prefix, e.g. `/api/v1/users`.
+    pub full_prefix: String,
+    pub methods: Vec<String>,
+    /// Precomputed `Allow` header value for 405 replies.
+    pub allow: String,
+    pub auth_required: bool,
+    pub roles: Vec<String>,
+}
+
+impl Route {
+    /// Segment-aware prefix match: `/api/v1/users` matches itself and `/api/v1/users/...`,
+    /// not `/api/v1/usersx` (the same rule as Envoy's `path_separated_prefix`).
+    pub fn matches(&self, path: &str) -> bool {
+        match path.strip_prefix(self.full_prefix.as_str()) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/') || self.full_prefix == "/",
+            None => false,
+        }
+    }
+
+    pub fn allows_method(&self, method: &str) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+}
+
+/// The validated configuration the request path works from.
+#[derive(Debug)]
+pub struct Config {
+    pub prefix: String,
+    pub gateway_name: String,
+    pub passthrough_paths: Vec<String>,
+    pub verifier: Option<Verifier>,
+    /// Routes ordered longest prefix first, so the most specific one wins.
+    pub routes: Vec<Route>,
+}
+
+impl Config {
+    /// Parses and validates the JSON configuration handed to `on_configure`.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let raw: FilterConfig = serde_json::from_slice(bytes).map_err(|e| {
+            ConfigError::new("", format!("invalid filter configuration JSON: {e}"))
+        })?;
+        Config::try_from(raw)
+    }
+
+    /// The route a path belongs to, if any.
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(path))
+    }
+
+    /// Whether the path lies under the gateway prefix (segment-aware).
+    pub fn under_prefix(&self, path: &str) -> bool {
+        if self.prefix.is_empty() {
+            return true;
+        }
+        match path.strip_prefix(self.prefix.as_str()) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    }
+}
+
+/// A path prefix: starts with `/`, no trailing `/` (except the root), no query or fragment.
+pub(crate) fn check_path_prefix(field: &str, value: &str, allow_empty: bool) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return if allow_empty {
+            Ok(())
+        } else {
+            Err(ConfigError::new(field, "must not be empty"))
+        };
+    }
+    if !value.starts_with('/') {
+        return Err(ConfigError::new(field, format!("must start with '/': {value:?}")));
+    }
+    if value.len() > 1 && value.ends_with('/') {
+        return Err(ConfigError::new(field, format!("must not end with '/': {value:?}")));
+    }
+    if value.contains(['?', '#', ' ']) || value.contains("//") || value.chars().any(char::is_control) {
+        return Err(ConfigError::new(field, format!("is not a plain path: {value:?}")));
+    }
+    Ok(())
+}
+
+/// A route or cluster name: letters, digits, `-`, `_`, `.`.
+pub(crate) fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.len() > 64 {
+        return Err(ConfigError::new(field, "must be 1 to 64 characters"));
+    }
+    if !value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err(ConfigError::new(
+            field,
+            format!("{value:?} may only contain letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a string may be sent as an HTTP header value: no control characters (CR, LF, NUL,
+/// DEL, C1 controls), no leading or trailing whitespace, bounded length.
+pub fn is_safe_header_value(value: &str) -> bool {
+    value.len() <= 1024
+        && !value.chars().any(char::is_control)
+        && value.trim() == value
+}
+
+impl TryFrom<FilterConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: FilterConfig) -> Result<Self, ConfigError> {
+        check_path_prefix("prefix", &raw.prefix, true)?;
+        if raw.gateway_name.is_empty() || !is_safe_header_value(&raw.gateway_name) {
+            return Err(ConfigError::new("gateway_name", "must be a non-empty header-safe string"));
+        }
+        for (i, p) in raw.passthrough_paths.iter().enumerate() {
+            check_path_prefix(&format!("passthrough_paths[{i}]"), p, false)?;
+        }
+
+        let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
+        for (i, r) in raw.routes.iter().enumerate() {
+            let at = |f: &str| format!("routes[{i}].{f}");
+            check_name(&at("name"), &r.name)?;
+            if routes.iter().any(|o| o.name == r.name) {
+                return Err(ConfigError::new(at("name"), format!("duplicate route name {:?}", r.name)));
+            }
+            check_path_prefix(&at("prefix"), &r.prefix, false)?;
+            let full_prefix = if r.prefix == "/" && !raw.prefix.is_empty() {
+                raw.prefix.clone()
+            } else {
+                format!("{}{}", raw.prefix, r.prefix)
+            };
+            if routes.iter().any(|o| o.full_prefix == full_prefix) {
+                return Err(ConfigError::new(at("prefix"), format!("{:?} is used by another route", r.prefix)));
+            }
+            if r.methods.is_empty() {
+                return Err(ConfigError::new(at("methods"), "must list at least one method"));
+            }
+            let mut methods: Vec<String> = Vec::with_capacity(r.methods.len());
+            for (j, m) in r.methods.iter().enumerate() {
+                let upper = m.to_ascii_uppercase();
+                if !KNOWN_METHODS.contains(&upper.as_str()) {
+                    return Err(ConfigError::new(
+                        format!("routes[{i}].methods[{j}]"),
+                        format!("unknown method {m:?} (expected one of {})", KNOWN_METHODS.join(", ")),
+                    ));
+                }
+                if !methods.contains(&upper) {
+                    methods.push(upper);
+                }
+            }
+            for (j, role) in r.roles.iter().enumerate() {
+                if role.is_empty() || !is_safe_header_value(role) {
+                    return Err(ConfigError::new(format!("routes[{i}].roles[{j}]"), "must be a non-empty header-safe string"));
+                }
+            }
+            if !r.roles.is_empty() && !r.auth_required {
+                return Err(ConfigError::new(at("roles"), "roles need auth_required: true"));
+            }
+            routes.push(Route {
+                name: r.name.clone(),
+                full_prefix,
+                allow: methods.join(", "),
+                methods,
+                auth_required: r.auth_required,
+                roles: r.roles.clone(),
+            });
+        }
+        // Longest prefix first; stable, so equal lengths keep file order.
+        routes.sort_by(|a, b| b.full_prefix.len().cmp(&a.full_prefix.len()));
+
+        let verifier = match &raw.jwt {
+            Some(jwt) => Some(build_verifier(jwt)?),
+            None => None,
+        };
+        if verifier.is_none() {
+            if let Some(i) = raw.routes.iter().position(|r| r.auth_required) {
+                return Err(ConfigError::new(
+                    format!("routes[{i}].auth_required"),
+                    "a route requires auth but no jwt section is configured",
+                ));
+            }
+        }
+
+        Ok(Config {
+            prefix: raw.prefix,
+            gateway_name: raw.gateway_name,
+            passthrough_paths: raw.passthrough_paths,
+            verifier,
+            routes,
+        })
+    }
+}
+
+fn build_verifier(jwt: &JwtSettings) -> Result<Verifier, ConfigError> {
+    if jwt.secret.is_empty() {
+        return Err(ConfigError::new("jwt.secret", "must not be empty"));
+    }
+    if jwt.algorithms.is_empty() {
+        return Err(ConfigError::new("jwt.algorithms", "must list at least one algorithm"));
+    }
+    let mut algorithms = Vec::with_capacity(jwt.algorithms.len());
+    for (i, name) in jwt.algorithms.iter().enumerate() {
+        let alg = Algorithm::from_name(name).ok_or_else(|| {
+            ConfigError::new(
+                format!("jwt.algorithms[{i}]"),
+                format!("unsupported algorithm {name:?} (expected HS256, HS384 or HS512)"),
+            )
+        })?;
+        if !algorithms.contains(&alg) {
+            algorithms.push(alg);
+        }
+    }
+    if jwt.clock_skew_seconds > MAX_CLOCK_SKEW_SECONDS {
+        return Err(ConfigError::new(
+            "jwt.clock_skew_seconds",
+            format!("must be at most {MAX_CLOCK_SKEW_SECONDS}"),
+        ));
+    }
+    if jwt.issuer.as_deref() == Some("") {
+        return Err(ConfigError::new("jwt.issuer", "must not be empty when set"));
+    }
+    if jwt.audience.as_deref() == Some("") {
+        return Err(ConfigError::new("jwt.audience", "must not be empty when set"));
+    }
+    Ok(Verifier::new(
+        &algorithms,
+        jwt.secret.as_bytes(),
+        jwt.issuer.clone(),
+        jwt.audience.clone(),
+        jwt.clock_skew_seconds,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "prefix": "/api/v1",
+            "jwt": {"secret": "s3cret-s3cret-s3cret-s3cret-s3cret"},
+            "routes": [
+                {"name": "users", "prefix": "/users", "methods": ["GET", "post"], "auth_required": true},
+                {"name": "admin", "prefix": "/admin", "methods": ["GET"], "roles": ["admin"]},
+                {"name": "admin-reports", "prefix": "/admin/reports", "methods": ["GET"], "auth_required": false},
+                {"name": "products", "prefix": "/products", "auth_required": false}
+            ]
+        })
+    }
+
+    fn parse(v: serde_json::Value) -> Result<Config, ConfigError> {
+        Config::from_json(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn happy_path_normalises_and_orders_routes() {
+        let cfg = parse(base()).unwrap();
+        assert_eq!(cfg.gateway_name, DEFAULT_GATEWAY_NAME);
+        assert_eq!(cfg.routes[0].full_prefix, "/api/v1/admin/reports");
+        let users = cfg.routes.iter().find(|r| r.name == "users").unwrap();
+        assert_eq!(users.methods, vec!["GET", "POST"]);
+        assert_eq!(users.allow, "GET, POST");
+        let products = cfg.routes.iter().find(|r| r.name == "products").unwrap();
+        assert_eq!(products.methods, vec!["GET"], "reference default is GET");
+        let admin = cfg.routes.iter().find(|r| r.name == "admin").unwrap();
+        assert!(admin.auth_required, "reference default is auth_required: true");
+        assert_eq!(cfg.verifier.as_ref().unwrap().clock_skew(), 60);
+    }
+
+    #[test]
+    fn minimal_config_is_valid() {
+        let cfg = parse(serde_json::json!({})).unwrap();
+        assert!(cfg.routes.is_empty());
+        assert!(cfg.verifier.is_none());
+    }
+
+    #[test]
+    fn route_matching_is_segment_aware_and_most_specific() {
+        let cfg = parse(base()).unwrap();
+        let name = |p: &str| cfg.route_for(p).map(|r| r.name.as_str());
+        assert_eq!(name("/api/v1/users"), Some("users"));
+        assert_eq!(name("/api/v1/users/123"), Some("users"));
+        assert_eq!(name("/api/v1/usersx"), None);
+        assert_eq!(name("/api/v1/admin/reports/1"), Some("admin-reports"));
+        assert_eq!(name("/api/v1/admin/users"), Some("admin"));
+        assert_eq!(name("/api/v2/users"), None);
+        assert!(cfg.under_prefix("/api/v1"));
+        assert!(cfg.under_prefix("/api/v1/x"));
+        assert!(!cfg.under_prefix("/api/v10"));
+        assert!(!cfg.under_prefix("/health"));
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+            ("bad prefix", Box::new(|v| v["prefix"] = "api".into()), "prefix: must start with '/'"),
+            ("trailing slash", Box::new(|v| v["prefix"] = "/api/".into()), "prefix: must not end with '/'"),
+            ("unknown field", Box::new(|v| v["prefx"] = "/x".into()), "unknown field `prefx`"),
+            ("bad method", Box::new(|v| v["routes"][0]["methods"][1] = "GTE".into()), "routes[0].methods[1]: unknown method \"GTE\""),
+            ("no methods", Box::new(|v| v["routes"][0]["methods"] = serde_json::json!([])), "routes[0].methods: must list"),
+            ("dup name", Box::new(|v| v["routes"][1]["name"] = "users".into()), "routes[1].name: duplicate route name"),
+            ("dup prefix", Box::new(|v| v["routes"][1]["prefix"] = "/users".into()), "routes[1].prefix: \"/users\" is used"),
+            ("bad name", Box::new(|v| v["routes"][0]["name"] = "a b".into()), "routes[0].name: \"a b\" may only contain"),
+            ("roles without auth", Box::new(|v| v["routes"][1]["auth_required"] = false.into()), "routes[1].roles: roles need auth_required"),
+            ("empty secret", Box::new(|v| v["jwt"]["secret"] = "".into()), "jwt.secret: must not be empty"),
+            ("alg none", Box::new(|v| v["jwt"]["algorithms"] = serde_json::json!(["none"])), "jwt.algorithms[0]: unsupported algorithm \"none\""),
+            ("RS256", Box::new(|v| v["jwt"]["algorithms"] = serde_json::json!(["HS256", "RS256"])), "jwt.algorithms[1]: unsupported algorithm \"RS256\""),
+            ("huge skew", Box::new(|v| v["jwt"]["clock_skew_seconds"] = 100_000.into()), "jwt.clock_skew_seconds: must be at most"),
+            ("no jwt", Box::new(|v| { v.as_object_mut().unwrap().remove("jwt"); }), "routes[0].auth_required: a route requires auth"),
+            ("header-unsafe gateway name", Box::new(|v| v["gateway_name"] = "a\r\nb".into()), "gateway_name: must be"),
+            ("wrong type", Box::new(|v| v["routes"][0]["auth_required"] = "yes".into()), "invalid type: string \"yes\", expected a boolean"),
+        ];
+        for (what, mutate, expected) in cases {
+            let mut v = base();
+            mutate(&mut v);
+            let err = parse(v).err().unwrap_or_else(|| panic!("{what}: accepted"));
+            assert!(err.to_string().contains(expected), "{what}: got {err}");
+        }
+    }
+
+    #[test]
+    fn not_json_is_a_clear_error() {
+        let err = Config::from_json(b"{not json").unwrap_err();
+        assert!(err.to_string().starts_with("invalid filter configuration JSON"), "{err}");
+    }
+
+    #[test]
+    fn header_safety() {
+        assert!(is_safe_header_value("Alice Smith"));
+        assert!(is_safe_header_value("张三"));
+        assert!(!is_safe_header_value("a\r\nX-Evil: 1"));
+        assert!(!is_safe_header_value("a\u{0}b"));
+        assert!(!is_safe_header_value("tab\tinside"));
+        assert!(!is_safe_header_value(" padded"));
+        assert!(!is_safe_header_value("c1\u{85}control"));
+        assert!(!is_safe_header_value(&"x".repeat(2000)));
+    }
+}

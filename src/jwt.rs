@@ -1,0 +1,379 @@
+//! JWT verification: parse, check the algorithm against the configured allow-list, verify the
+//! HMAC signature, then check `exp` (required), `nbf`, `iat`, `iss` and `aud` against an
+//! injected clock. Keys are built once at configure time.
+
+use std::fmt;
+
+use jwt_compact::alg::{Hs256, Hs256Key, Hs384, Hs384Key, Hs512, Hs512Key};
+use jwt_compact::{AlgorithmExt, Claims, Token, UntrustedToken, ValidationError};
+use serde::Deserialize;
+
+use crate::config::is_safe_header_value;
+
+/// Longest token accepted; anything larger is refused before any parsing.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// Role assumed when a token carries none (as the reference gateway does).
+pub const DEFAULT_ROLE: &str = "user";
+
+/// The HMAC algorithms the filter supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    Hs256,
+    Hs384,
+    Hs512,
+}
+
+impl Algorithm {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "HS256" => Some(Self::Hs256),
+            "HS384" => Some(Self::Hs384),
+            "HS512" => Some(Self::Hs512),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hs256 => "HS256",
+            Self::Hs384 => "HS384",
+            Self::Hs512 => "HS512",
+        }
+    }
+}
+
+enum Key {
+    Hs256(Hs256Key),
+    Hs384(Hs384Key),
+    Hs512(Hs512Key),
+}
+
+impl Key {
+    fn new(alg: Algorithm, secret: &[u8]) -> Self {
+        match alg {
+            Algorithm::Hs256 => Key::Hs256(Hs256Key::new(secret)),
+            Algorithm::Hs384 => Key::Hs384(Hs384Key::new(secret)),
+            Algorithm::Hs512 => Key::Hs512(Hs512Key::new(secret)),
+        }
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        match self {
+            Key::Hs256(_) => Algorithm::Hs256,
+            Key::Hs384(_) => Algorithm::Hs384,
+            Key::Hs512(_) => Algorithm::Hs512,
+        }
+    }
+
+    fn validate(&self, token: &UntrustedToken<'_>) -> Result<Token<TokenClaims>, ValidationError> {
+        match self {
+            Key::Hs256(k) => Hs256.validator::<TokenClaims>(k).validate(token),
+            Key::Hs384(k) => Hs384.validator::<TokenClaims>(k).validate(token),
+            Key::Hs512(k) => Hs512.validator::<TokenClaims>(k).validate(token),
+        }
+    }
+}
+
+/// Why a token was refused. The `Display` text follows `Invalid token: ` in the 401 body, so it
+/// never echoes token content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    TooLarge,
+    Malformed,
+    AlgorithmNotAllowed,
+    BadSignature,
+    MissingExpiration,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    InvalidClaims,
+    WrongIssuer,
+    WrongAudience,
+    UnsafeClaim(&'static str),
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge => write!(f, "token is larger than {MAX_TOKEN_LEN} bytes"),
+            Self::Malformed => f.write_str("malformed token"),
+            Self::AlgorithmNotAllowed => f.write_str("signing algorithm not allowed"),
+            Self::BadSignature => f.write_str("signature verification failed"),
+            Self::MissingExpiration => f.write_str("missing exp claim"),
+            Self::Expired => f.write_str("token has expired"),
+            Self::NotYetValid => f.write_str("token is not yet valid (nbf)"),
+            Self::IssuedInFuture => f.write_str("token issued in the future (iat)"),
+            Self::InvalidClaims => f.write_str("invalid claims"),
+            Self::WrongIssuer => f.write_str("invalid issuer"),
+            Self::WrongAudience => f.write_str("invalid audience"),
+            Self::UnsafeClaim(name) => write!(f, "claim {name} is not a valid header value"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The claims the gateway reads besides `exp`/`nbf`/`iat`. Wrong types fail deserialization.
+#[derive(Debug, Deserialize)]
+struct TokenClaims {
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    iss: Option<String>,
+    #[serde(default)]
+    aud: Option<Audience>,
+    #[serde(default)]
+    jti: Option<String>,
+}
+
+/// The verified identity of a caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: Option<String>,
+    pub user_name: Option<String>,
+    pub role: String,
+    pub jti: Option<String>,
+    /// `exp`, unix seconds.
+    pub expires_at: i64,
+    /// `iat`, unix seconds, when present.
+    pub issued_at: Option<i64>,
+}
+
+/// Verifies HMAC-signed JWTs with keys prepared at configure time.
+pub struct Verifier {
+    keys: Vec<Key>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    clock_skew: i64,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let algs: Vec<&str> = self.keys.iter().map(|k| k.algorithm().name()).collect();
+        f.debug_struct("Verifier")
+            .field("algorithms", &algs)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("clock_skew", &self.clock_skew)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    pub fn new(
+        algorithms: &[Algorithm],
+        secret: &[u8],
+        issuer: Option<String>,
+        audience: Option<String>,
+        clock_skew_seconds: u64,
+    ) -> Self {
+        Self {
+            keys: algorithms.iter().map(|&a| Key::new(a, secret)).collect(),
+            issuer,
+            audience,
+            clock_skew: i64::try_from(clock_skew_seconds).unwrap_or(i64::MAX),
+        }
+    }
+
+    pub fn clock_skew(&self) -> i64 {
+        self.clock_skew
+    }
+
+    /// Verifies `token` at unix time `now` (seconds).
+    pub fn verify(&self, token: &str, now: i64) -> Result<Identity, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::TooLarge);
+        }
+        let untrusted = UntrustedToken::new(token).map_err(|_| TokenError::Malformed)?;
+        let alg = untrusted.algorithm();
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.algorithm().name() == alg)
+            .ok_or(TokenError::AlgorithmNotAllowed)?;
+        let verified = key.validate(&untrusted).map_err(|e| match e {
+            ValidationError::MalformedClaims(_) => TokenError::InvalidClaims,
+            ValidationError::AlgorithmMismatch { .. } => TokenError::AlgorithmNotAllowed,
+            _ => TokenError::BadSignature,
+        })?;
+        self.check_claims(verified.claims(), now)
+    }
+
+    fn check_claims(&self, claims: &Claims<TokenClaims>, now: i64) -> Result<Identity, TokenError> {
+        let skew = self.clock_skew;
+        let exp = claims
+            .expiration
+            .map(|t| t.timestamp())
+            .ok_or(TokenError::MissingExpiration)?;
+        if now > exp.saturating_add(skew) {
+            return Err(TokenError::Expired);
+        }
+        if let Some(nbf) = claims.not_before.map(|t| t.timestamp()) {
+            if now < nbf.saturating_sub(skew) {
+                return Err(TokenError::NotYetValid);
+            }
+        }
+        let iat = claims.issued_at.map(|t| t.timestamp());
+        if let Some(iat) = iat {
+            if now < iat.saturating_sub(skew) {
+                return Err(TokenError::IssuedInFuture);
+            }
+        }
+        let c = &claims.custom;
+        if let Some(expected) = &self.issuer {
+            if c.iss.as_ref() != Some(expected) {
+                return Err(TokenError::WrongIssuer);
+            }
+        }
+        if let Some(expected) = &self.audience {
+            let ok = match &c.aud {
+                Some(Audience::One(a)) => a == expected,
+                Some(Audience::Many(list)) => list.iter().any(|a| a == expected),
+                None => false,
+            };
+            if !ok {
+                return Err(TokenError::WrongAudience);
+            }
+        }
+        let safe = |name: &'static str, v: &Option<String>| match v {
+            Some(s) if !is_safe_header_value(s) => Err(TokenError::UnsafeClaim(name)),
+            _ => Ok(()),
+        };
+        safe("sub", &c.sub)?;
+        safe("name", &c.name)?;
+        safe("role", &c.role)?;
+        safe("jti", &c.jti)?;
+        Ok(Identity {
+            user_id: c.sub.clone(),
+            user_name: c.name.clone(),
+            role: c.role.clone().unwrap_or_else(|| DEFAULT_ROLE.to_string()),
+            jti: c.jti.clone(),
+            expires_at: exp,
+            issued_at: iat,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    pub const SECRET: &[u8] = b"unit-test-secret-unit-test-secret";
+    const NOW: i64 = 1_800_000_000;
+
+    /// Builds a token by hand, independently of jwt-compact, so hostile shapes are possible.
+    pub fn forge(header: &str, payload: &str, secret: &[u8]) -> String {
+        let signing_input = format!("{}.{}", B64.encode(header), B64.encode(payload));
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        mac.update(signing_input.as_bytes());
+        format!("{signing_input}.{}", B64.encode(mac.finalize().into_bytes()))
+    }
+
+    fn hs256(payload: serde_json::Value) -> String {
+        forge(r#"{"alg":"HS256","typ":"JWT"}"#, &payload.to_string(), SECRET)
+    }
+
+    fn verifier() -> Verifier {
+        Verifier::new(&[Algorithm::Hs256], SECRET, None, None, 60)
+    }
+
+    #[test]
+    fn valid_token_yields_identity() {
+        let t = hs256(serde_json::json!({"sub": "user-001", "name": "admin", "role": "admin", "exp": NOW + 1800, "iat": NOW, "jti": "j1"}));
+        let id = verifier().verify(&t, NOW).unwrap();
+        assert_eq!(id.user_id.as_deref(), Some("user-001"));
+        assert_eq!(id.user_name.as_deref(), Some("admin"));
+        assert_eq!(id.role, "admin");
+        assert_eq!(id.jti.as_deref(), Some("j1"));
+        assert_eq!(id.expires_at, NOW + 1800);
+        assert_eq!(id.issued_at, Some(NOW));
+    }
+
+    #[test]
+    fn role_defaults_to_user() {
+        let t = hs256(serde_json::json!({"sub": "u", "exp": NOW + 10}));
+        assert_eq!(verifier().verify(&t, NOW).unwrap().role, "user");
+    }
+
+    #[test]
+    fn hostile_tokens_are_refused_with_a_reason() {
+        let v = verifier();
+        let exp = NOW + 100;
+        let good = hs256(serde_json::json!({"sub": "u", "exp": exp}));
+        let truncated = &good[..good.len() - 3];
+        let cases: Vec<(&str, String, TokenError)> = vec![
+            ("garbage", "garbage".into(), TokenError::Malformed),
+            ("empty", "".into(), TokenError::Malformed),
+            ("bad base64", "a$b.c$d.e$f".into(), TokenError::Malformed),
+            ("payload not an object", forge(r#"{"alg":"HS256"}"#, "[1,2]", SECRET), TokenError::InvalidClaims),
+            ("payload not json", forge(r#"{"alg":"HS256"}"#, "not json", SECRET), TokenError::InvalidClaims),
+            ("header not json", forge("nope", r#"{"exp":1}"#, SECRET), TokenError::Malformed),
+            ("alg none", format!("{}.{}.", B64.encode(r#"{"alg":"none"}"#), B64.encode(format!(r#"{{"exp":{exp}}}"#))), TokenError::AlgorithmNotAllowed),
+            ("RS256 header, HMAC signature", forge(r#"{"alg":"RS256"}"#, &format!(r#"{{"exp":{exp}}}"#), SECRET), TokenError::AlgorithmNotAllowed),
+            ("HS512 not configured", forge(r#"{"alg":"HS512"}"#, &format!(r#"{{"exp":{exp}}}"#), SECRET), TokenError::AlgorithmNotAllowed),
+            ("wrong secret", forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"exp":{exp}}}"#), b"other"), TokenError::BadSignature),
+            ("truncated signature", truncated.to_string(), TokenError::BadSignature),
+            ("expired beyond skew", hs256(serde_json::json!({"exp": NOW - 61})), TokenError::Expired),
+            ("nbf beyond skew", hs256(serde_json::json!({"exp": exp, "nbf": NOW + 61})), TokenError::NotYetValid),
+            ("iat in the future", hs256(serde_json::json!({"exp": exp, "iat": NOW + 3600})), TokenError::IssuedInFuture),
+            ("no exp", hs256(serde_json::json!({"sub": "u"})), TokenError::MissingExpiration),
+            ("exp as string", hs256(serde_json::json!({"exp": "tomorrow"})), TokenError::InvalidClaims),
+            ("sub as number", hs256(serde_json::json!({"exp": exp, "sub": 42})), TokenError::InvalidClaims),
+            ("huge exp", hs256(serde_json::json!({"exp": 1e300})), TokenError::InvalidClaims),
+            ("CRLF in name", hs256(serde_json::json!({"exp": exp, "name": "a\r\nX-User-Role: admin"})), TokenError::UnsafeClaim("name")),
+            ("NUL in sub", hs256(serde_json::json!({"exp": exp, "sub": "a\u{0}"})), TokenError::UnsafeClaim("sub")),
+            ("16 KB token", "a".repeat(16 * 1024), TokenError::TooLarge),
+        ];
+        for (what, token, expected) in cases {
+            assert_eq!(v.verify(&token, NOW), Err(expected), "{what}");
+        }
+    }
+
+    #[test]
+    fn skew_is_honoured_on_both_sides() {
+        let v = verifier();
+        assert!(v.verify(&hs256(serde_json::json!({"exp": NOW - 59})), NOW).is_ok());
+        assert!(v.verify(&hs256(serde_json::json!({"exp": NOW + 10, "nbf": NOW + 59})), NOW).is_ok());
+        assert!(v.verify(&hs256(serde_json::json!({"exp": NOW + 10, "iat": NOW + 59})), NOW).is_ok());
+        let strict = Verifier::new(&[Algorithm::Hs256], SECRET, None, None, 0);
+        assert_eq!(strict.verify(&hs256(serde_json::json!({"exp": NOW - 1})), NOW), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn issuer_and_audience() {
+        let v = Verifier::new(&[Algorithm::Hs256], SECRET, Some("gw".into()), Some("api".into()), 60);
+        let ok = hs256(serde_json::json!({"exp": NOW + 10, "iss": "gw", "aud": ["x", "api"]}));
+        assert!(v.verify(&ok, NOW).is_ok());
+        let ok_single = hs256(serde_json::json!({"exp": NOW + 10, "iss": "gw", "aud": "api"}));
+        assert!(v.verify(&ok_single, NOW).is_ok());
+        let bad_iss = hs256(serde_json::json!({"exp": NOW + 10, "iss": "other", "aud": "api"}));
+        assert_eq!(v.verify(&bad_iss, NOW), Err(TokenError::WrongIssuer));
+        let no_aud = hs256(serde_json::json!({"exp": NOW + 10, "iss": "gw"}));
+        assert_eq!(v.verify(&no_aud, NOW), Err(TokenError::WrongAudience));
+    }
+
+    #[test]
+    fn hs384_and_hs512_when_configured() {
+        let v = Verifier::new(&[Algorithm::Hs384, Algorithm::Hs512], SECRET, None, None, 60);
+        let key = Hs512Key::new(SECRET);
+        let mut claims = Claims::new(serde_json::json!({"sub": "u"}));
+        claims.expiration = chrono::DateTime::from_timestamp(NOW + 10, 0);
+        let t512 = Hs512.token(&jwt_compact::Header::empty(), &claims, &key).unwrap();
+        assert_eq!(v.verify(&t512, NOW).unwrap().user_id.as_deref(), Some("u"));
+        assert_eq!(v.verify(&hs256(serde_json::json!({"exp": NOW + 10})), NOW), Err(TokenError::AlgorithmNotAllowed));
+    }
+}

@@ -1,0 +1,389 @@
+//! The request decision: route match, method check, JWT auth, roles, identity and trace headers.
+//! Pure: takes the request head, the clock and random bytes; returns what the glue must do.
+
+use crate::config::{Config, Route};
+use crate::jwt::Identity;
+use crate::trace::{trace_context, TraceContext, RANDOM_BYTES};
+
+pub const HEADER_TRACE_ID: &str = "x-trace-id";
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+pub const HEADER_GATEWAY: &str = "x-gateway";
+pub const HEADER_USER_ID: &str = "x-user-id";
+pub const HEADER_USER_NAME: &str = "x-user-name";
+pub const HEADER_USER_ROLE: &str = "x-user-role";
+/// Every client-supplied header with this prefix is removed before the request goes upstream.
+pub const IDENTITY_HEADER_PREFIX: &str = "x-user-";
+
+pub const MSG_AUTH_MISSING: &str = "Authorization header missing";
+pub const MSG_AUTH_FORMAT: &str = "Invalid authorization format. Expected: Bearer <token>";
+pub const MSG_ROUTE_NOT_FOUND: &str = "Route not found";
+
+/// A header as the host hands it over: the name is ASCII, the value raw bytes (clients may send
+/// bytes that are not UTF-8).
+pub type HeaderPair = (String, Vec<u8>);
+
+/// A local reply the glue sends instead of forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    /// A JSON error reply: `{"error": ..., "message": ..., "trace_id": ...}`.
+    pub fn error(status: u16, message: &str, trace_id: &str) -> Self {
+        let body = serde_json::json!({
+            "error": reason_phrase(status),
+            "message": message,
+            "trace_id": trace_id,
+        });
+        Self::json(status, body.to_string(), trace_id)
+    }
+
+    /// A JSON reply with the trace id header.
+    pub fn json(status: u16, body: String, trace_id: &str) -> Self {
+        Reply {
+            status,
+            headers: vec![
+                ("content-type", "application/json".to_string()),
+                (HEADER_TRACE_ID, trace_id.to_string()),
+            ],
+            body,
+        }
+    }
+}
+
+/// The standard reason phrase used as the `error` field.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// What to do with the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send it upstream after removing and setting these request headers.
+    Forward {
+        remove: Vec<String>,
+        set: Vec<(&'static str, String)>,
+    },
+    /// Answer it locally.
+    Reply(Reply),
+}
+
+/// The decision plus what the rest of the request's life needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub trace: TraceContext,
+    /// Name of the matched route, if any.
+    pub route: Option<String>,
+    pub identity: Option<Identity>,
+    pub action: Action,
+}
+
+fn header<'a>(headers: &'a [HeaderPair], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+fn header_str<'a>(headers: &'a [HeaderPair], name: &str) -> Option<&'a str> {
+    header(headers, name).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Extracts the bearer token the way the reference does: exactly one `Authorization` header,
+/// exactly two space-separated parts, the first `bearer` in any case.
+fn bearer_token(headers: &[HeaderPair]) -> Result<&str, &'static str> {
+    let mut values = headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| v);
+    let first = values.next().ok_or(MSG_AUTH_MISSING)?;
+    if values.next().is_some() {
+        return Err(MSG_AUTH_FORMAT);
+    }
+    let value = std::str::from_utf8(first).map_err(|_| MSG_AUTH_FORMAT)?;
+    let mut parts = value.split(' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(scheme), Some(token), None) if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() => {
+            Ok(token)
+        }
+        _ => Err(MSG_AUTH_FORMAT),
+    }
+}
+
+/// Decides what happens to a request. `now` is unix seconds.
+pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RANDOM_BYTES]) -> Outcome {
+    let trace = trace_context(
+        header_str(headers, HEADER_TRACE_ID),
+        header_str(headers, HEADER_TRACEPARENT),
+        random,
+    );
+    let method = header_str(headers, ":method").unwrap_or("");
+    let full_path = header_str(headers, ":path").unwrap_or("");
+    let path = full_path.split(['?', '#']).next().unwrap_or("");
+
+    let mut outcome = Outcome {
+        trace,
+        route: None,
+        identity: None,
+        action: Action::Reply(Reply::error(404, MSG_ROUTE_NOT_FOUND, "")),
+    };
+    let trace_id = outcome.trace.trace_id.as_str();
+
+    let route: Option<&Route> = if cfg.under_prefix(path) {
+        match cfg.route_for(path) {
+            Some(r) => Some(r),
+            None => {
+                outcome.action = Action::Reply(Reply::error(404, MSG_ROUTE_NOT_FOUND, trace_id));
+                return outcome;
+            }
+        }
+    } else if cfg.passthrough_paths.iter().any(|p| p == path) {
+        None
+    } else {
+        outcome.action = Action::Reply(Reply::error(404, MSG_ROUTE_NOT_FOUND, trace_id));
+        return outcome;
+    };
+
+    let mut identity = None;
+    if let Some(route) = route {
+        outcome.route = Some(route.name.clone());
+        if !route.allows_method(method) {
+            let mut reply = Reply::error(405, &format!("Method {method} not allowed"), trace_id);
+            reply.headers.push(("allow", route.allow.clone()));
+            outcome.action = Action::Reply(reply);
+            return outcome;
+        }
+        if route.auth_required {
+            match authenticate(cfg, route, headers, now) {
+                Ok(id) => identity = Some(id),
+                Err((status, message)) => {
+                    outcome.action = Action::Reply(Reply::error(status, &message, trace_id));
+                    return outcome;
+                }
+            }
+        }
+    }
+
+    let mut remove: Vec<String> = Vec::new();
+    for (name, _) in headers {
+        let lower = name.to_ascii_lowercase();
+        if lower.starts_with(IDENTITY_HEADER_PREFIX) && !remove.contains(&lower) {
+            remove.push(lower);
+        }
+    }
+    let mut set: Vec<(&'static str, String)> = vec![
+        (HEADER_TRACE_ID, outcome.trace.trace_id.clone()),
+        (HEADER_TRACEPARENT, outcome.trace.traceparent.clone()),
+        (HEADER_GATEWAY, cfg.gateway_name.clone()),
+    ];
+    if let Some(id) = &identity {
+        if let Some(sub) = &id.user_id {
+            set.push((HEADER_USER_ID, sub.clone()));
+        }
+        if let Some(name) = &id.user_name {
+            set.push((HEADER_USER_NAME, name.clone()));
+        }
+        set.push((HEADER_USER_ROLE, id.role.clone()));
+    }
+    outcome.identity = identity;
+    outcome.action = Action::Forward { remove, set };
+    outcome
+}
+
+fn authenticate(
+    cfg: &Config,
+    route: &Route,
+    headers: &[HeaderPair],
+    now: i64,
+) -> Result<Identity, (u16, String)> {
+    let token = bearer_token(headers).map_err(|m| (401, m.to_string()))?;
+    let verifier = cfg
+        .verifier
+        .as_ref()
+        .ok_or((401, "Invalid token: no verifier configured".to_string()))?;
+    let id = verifier
+        .verify(token, now)
+        .map_err(|e| (401, format!("Invalid token: {e}")))?;
+    if !route.roles.is_empty() && !route.roles.iter().any(|r| *r == id.role) {
+        return Err((
+            403,
+            format!("Role '{}' is not allowed to access route '{}'", id.role, route.name),
+        ));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt::tests::{forge, SECRET};
+
+    const NOW: i64 = 1_800_000_000;
+    const RND: [u8; RANDOM_BYTES] = [7; RANDOM_BYTES];
+
+    fn cfg() -> Config {
+        let v = serde_json::json!({
+            "prefix": "/api/v1",
+            "gateway_name": "gw-test",
+            "passthrough_paths": ["/health"],
+            "jwt": {"secret": String::from_utf8(SECRET.to_vec()).unwrap()},
+            "routes": [
+                {"name": "users", "prefix": "/users", "methods": ["GET", "POST"], "auth_required": true},
+                {"name": "products", "prefix": "/products", "methods": ["GET"], "auth_required": false},
+                {"name": "admin", "prefix": "/admin", "methods": ["GET"], "auth_required": true, "roles": ["admin"]}
+            ]
+        });
+        Config::from_json(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn token(role: &str) -> String {
+        let payload = serde_json::json!({"sub": "user-001", "name": "admin", "role": role, "exp": NOW + 1800, "iat": NOW});
+        forge(r#"{"alg":"HS256","typ":"JWT"}"#, &payload.to_string(), SECRET)
+    }
+
+    fn req(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<HeaderPair> {
+        let mut h = vec![
+            (":method".to_string(), method.as_bytes().to_vec()),
+            (":path".to_string(), path.as_bytes().to_vec()),
+            (":authority".to_string(), b"gw".to_vec()),
+        ];
+        h.extend(extra.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())));
+        h
+    }
+
+    fn reply(o: &Outcome) -> &Reply {
+        match &o.action {
+            Action::Reply(r) => r,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn forward(o: &Outcome) -> (&Vec<String>, &Vec<(&'static str, String)>) {
+        match &o.action {
+            Action::Forward { remove, set } => (remove, set),
+            other => panic!("expected forward, got {other:?}"),
+        }
+    }
+
+    fn body(r: &Reply) -> serde_json::Value {
+        serde_json::from_str(&r.body).unwrap()
+    }
+
+    #[test]
+    fn public_route_forwards_with_trace_and_strips_identity_headers() {
+        let h = req("GET", "/api/v1/products/1?x=1", &[("x-user-id", "spoof"), ("X-User-Role", "admin"), ("x-user-anything", "1")]);
+        let o = decide(&cfg(), &h, NOW, &RND);
+        let (remove, set) = forward(&o);
+        assert_eq!(remove, &vec!["x-user-id", "x-user-role", "x-user-anything"]);
+        assert_eq!(o.route.as_deref(), Some("products"));
+        assert!(set.iter().any(|(k, v)| *k == "x-gateway" && v == "gw-test"));
+        assert!(set.iter().any(|(k, v)| *k == "x-trace-id" && *v == o.trace.trace_id));
+        assert!(!set.iter().any(|(k, _)| k.starts_with("x-user-")));
+    }
+
+    #[test]
+    fn authenticated_route_injects_identity() {
+        let h = req("GET", "/api/v1/users/123", &[("authorization", &format!("Bearer {}", token("user")))]);
+        let o = decide(&cfg(), &h, NOW, &RND);
+        let (_, set) = forward(&o);
+        let get = |name: &str| set.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str());
+        assert_eq!(get("x-user-id"), Some("user-001"));
+        assert_eq!(get("x-user-name"), Some("admin"));
+        assert_eq!(get("x-user-role"), Some("user"));
+    }
+
+    #[test]
+    fn auth_errors_match_the_reference_messages() {
+        let c = cfg();
+        let cases: Vec<(Vec<(&str, String)>, u16, &str)> = vec![
+            (vec![], 401, MSG_AUTH_MISSING),
+            (vec![("authorization", "Basic abc".into())], 401, MSG_AUTH_FORMAT),
+            (vec![("authorization", "Bearer".into())], 401, MSG_AUTH_FORMAT),
+            (vec![("authorization", "Bearer a b".into())], 401, MSG_AUTH_FORMAT),
+            (vec![("authorization", format!("Bearer {}", token("user"))), ("authorization", format!("Bearer {}", token("user")))], 401, MSG_AUTH_FORMAT),
+            (vec![("authorization", "Bearer garbage".into())], 401, "Invalid token: malformed token"),
+            (vec![("authorization", format!("bearer {}", token("user")))], 200, ""),
+        ];
+        for (extra, status, message) in cases {
+            let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let o = decide(&c, &req("GET", "/api/v1/users/1", &extra), NOW, &RND);
+            if status == 200 {
+                forward(&o);
+                continue;
+            }
+            let r = reply(&o);
+            assert_eq!(r.status, status, "{extra:?}");
+            let b = body(r);
+            assert_eq!(b["message"], message);
+            assert_eq!(b["error"], "Unauthorized");
+            assert_eq!(b["trace_id"], o.trace.trace_id.as_str());
+        }
+    }
+
+    #[test]
+    fn non_utf8_authorization_is_a_format_error() {
+        let mut h = req("GET", "/api/v1/users/1", &[]);
+        h.push(("authorization".into(), b"Bearer \xff\xfe".to_vec()));
+        let o = decide(&cfg(), &h, NOW, &RND);
+        assert_eq!(body(reply(&o))["message"], MSG_AUTH_FORMAT);
+    }
+
+    #[test]
+    fn roles_are_enforced() {
+        let c = cfg();
+        let user = decide(&c, &req("GET", "/api/v1/admin/x", &[("authorization", &format!("Bearer {}", token("user")))]), NOW, &RND);
+        let r = reply(&user);
+        assert_eq!(r.status, 403);
+        assert_eq!(body(r)["error"], "Forbidden");
+        let admin = decide(&c, &req("GET", "/api/v1/admin/x", &[("authorization", &format!("Bearer {}", token("admin")))]), NOW, &RND);
+        forward(&admin);
+    }
+
+    #[test]
+    fn unknown_paths_and_methods() {
+        let c = cfg();
+        let r = decide(&c, &req("GET", "/api/v1/nope", &[]), NOW, &RND);
+        assert_eq!(reply(&r).status, 404);
+        assert_eq!(body(reply(&r))["message"], MSG_ROUTE_NOT_FOUND);
+        let r = decide(&c, &req("GET", "/elsewhere", &[]), NOW, &RND);
+        assert_eq!(reply(&r).status, 404);
+        let r = decide(&c, &req("DELETE", "/api/v1/products/1", &[]), NOW, &RND);
+        let rep = reply(&r);
+        assert_eq!(rep.status, 405);
+        assert!(rep.headers.contains(&("allow", "GET".to_string())));
+        let r = decide(&c, &req("GET", "/health", &[]), NOW, &RND);
+        forward(&r);
+        let r = decide(&c, &[], NOW, &RND);
+        assert_eq!(reply(&r).status, 404, "no pseudo headers at all");
+    }
+
+    #[test]
+    fn method_check_comes_before_auth() {
+        let o = decide(&cfg(), &req("DELETE", "/api/v1/users/1", &[]), NOW, &RND);
+        assert_eq!(reply(&o).status, 405);
+    }
+
+    #[test]
+    fn incoming_trace_id_is_kept_and_appears_in_errors() {
+        let id = "0af7651916cd43dd8448eb211c80319c";
+        let o = decide(&cfg(), &req("GET", "/api/v1/users/1", &[("x-trace-id", id)]), NOW, &RND);
+        assert_eq!(o.trace.trace_id, id);
+        assert_eq!(body(reply(&o))["trace_id"], id);
+        assert!(reply(&o).headers.contains(&("x-trace-id", id.to_string())));
+    }
+}
