@@ -1,0 +1,270 @@
+//! Builds the Envoy bootstrap from a validated gateway file: listener with CORS, the wasm filter
+//! (its JSON configuration embedded) and the router; one route per prefix; one cluster per route.
+
+use gateway_filter::config::{Config, FilterConfig};
+use gateway_filter::gateway::{Endpoint, FailurePolicy, GatewayFile, LbPolicy};
+use serde_json::{json, Value};
+
+/// Where the filter's `.wasm` lives, as Envoy will see it.
+pub struct RenderOptions<'a> {
+    pub wasm_path: &'a str,
+}
+
+/// Names used in the bootstrap, documented in the README.
+pub const PLUGIN_NAME: &str = "gateway";
+pub const LISTENER_NAME: &str = "gateway";
+
+fn seconds(s: f64) -> String {
+    // Envoy durations: up to nanosecond precision; keep it readable.
+    let ms = (s * 1000.0).round() as u64;
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}.{:03}s", ms / 1000, ms % 1000)
+    }
+}
+
+fn socket(address: &str, port: u16) -> Value {
+    json!({"socket_address": {"address": address, "port_value": port}})
+}
+
+fn json_error(error: &str, message: &str) -> Value {
+    json!({"json_format": {"error": error, "message": message, "trace_id": "%REQ(X-TRACE-ID)%"}})
+}
+
+/// The bootstrap as a JSON value (serialized to YAML by the caller).
+pub fn bootstrap(file: &GatewayFile, filter: &FilterConfig, endpoints: &[Vec<Endpoint>], opts: &RenderOptions) -> Result<Value, String> {
+    let g = &file.gateway;
+    let filter_json = serde_json::to_string(filter).map_err(|e| e.to_string())?;
+    // Route order must match the filter's: most specific prefix first.
+    let validated = Config::try_from(filter.clone()).map_err(|e| e.to_string())?;
+
+    let mut routes: Vec<Value> = Vec::new();
+    for vr in &validated.routes {
+        let Some(r) = file.routes.iter().find(|r| r.name == vr.name) else { continue };
+        let matcher = if vr.full_prefix == "/" {
+            json!({"prefix": "/"})
+        } else {
+            json!({"path_separated_prefix": vr.full_prefix})
+        };
+        let mut action = json!({"cluster": r.name, "timeout": seconds(r.timeout)});
+        if r.retry > 0 {
+            action["retry_policy"] = json!({
+                "retry_on": "connect-failure,refused-stream,reset",
+                "num_retries": r.retry,
+            });
+        }
+        routes.push(json!({"name": r.name, "match": matcher, "route": action}));
+    }
+    routes.push(json!({
+        "name": "health",
+        "match": {"path": g.health_path},
+        "direct_response": {"status": 200, "body": {"inline_string": "{\"status\":\"healthy\",\"service\":\"api-gateway\"}"}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+    }));
+    routes.push(json!({
+        "name": "not_found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": "{\"error\":\"Not Found\",\"message\":\"Route not found\"}"}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+    }));
+
+    let mut vhost = json!({"name": "gateway", "domains": ["*"], "routes": routes});
+    let mut http_filters: Vec<Value> = Vec::new();
+    if g.cors.enabled {
+        let origins: Vec<Value> = g
+            .cors
+            .allow_origins
+            .iter()
+            .map(|o| if o == "*" { json!({"safe_regex": {"regex": ".*"}}) } else { json!({"exact": o}) })
+            .collect();
+        vhost["typed_per_filter_config"] = json!({
+            "envoy.filters.http.cors": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+                "allow_origin_string_match": origins,
+                "allow_methods": g.cors.allow_methods.join(","),
+                "allow_headers": g.cors.allow_headers.join(","),
+                "expose_headers": g.cors.expose_headers.join(","),
+                "max_age": g.cors.max_age.to_string(),
+                "allow_credentials": g.cors.allow_credentials,
+            }
+        });
+        http_filters.push(json!({
+            "name": "envoy.filters.http.cors",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+        }));
+    }
+    let failure_policy = match g.failure_policy {
+        FailurePolicy::Reload => "FAIL_RELOAD",
+        FailurePolicy::Closed => "FAIL_CLOSED",
+        FailurePolicy::Open => "FAIL_OPEN",
+    };
+    http_filters.push(json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": PLUGIN_NAME,
+                "root_id": PLUGIN_NAME,
+                "vm_config": {
+                    "vm_id": PLUGIN_NAME,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": opts.wasm_path}},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": filter_json,
+                },
+                "failure_policy": failure_policy,
+            }
+        }
+    }));
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }));
+
+    // Envoy's own error replies become JSON too. Scoped by response flag, so the filter's
+    // replies (which carry no flag) pass through untouched.
+    let local_reply = json!({"mappers": [
+        {"filter": {"response_flag_filter": {"flags": ["UT"]}}, "status_code": 504,
+         "body_format_override": json_error("Gateway Timeout", "Upstream service did not respond in time")},
+        {"filter": {"response_flag_filter": {"flags": ["UF", "UH", "UO", "URX", "UC", "UR"]}}, "status_code": 503,
+         "body_format_override": json_error("Service Unavailable", "Cannot connect to upstream service")},
+        {"filter": {"response_flag_filter": {"flags": ["NR"]}}, "status_code": 404,
+         "body_format_override": json_error("Not Found", "Route not found")},
+    ]});
+
+    let hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gateway",
+        "normalize_path": true,
+        "merge_slashes": true,
+        "use_remote_address": true,
+        "route_config": {"name": "gateway", "virtual_hosts": [vhost]},
+        "local_reply_config": local_reply,
+        "http_filters": http_filters,
+    });
+
+    let cb = &g.circuit_breaker;
+    let od = &g.outlier_detection;
+    let mut clusters: Vec<Value> = Vec::new();
+    for (r, eps) in file.routes.iter().zip(endpoints) {
+        let lb_endpoints: Vec<Value> = eps
+            .iter()
+            .map(|e| json!({"endpoint": {"address": socket(&e.host, e.port)}}))
+            .collect();
+        let is_ip = eps.first().is_some_and(Endpoint::is_ip);
+        let mut cluster = json!({
+            "name": r.name,
+            "type": if is_ip { "STATIC" } else { "STRICT_DNS" },
+            "connect_timeout": seconds(g.connect_timeout),
+            "lb_policy": match r.lb_policy {
+                LbPolicy::RoundRobin => "ROUND_ROBIN",
+                LbPolicy::LeastRequest => "LEAST_REQUEST",
+                LbPolicy::Random => "RANDOM",
+            },
+            "load_assignment": {"cluster_name": r.name, "endpoints": [{"lb_endpoints": lb_endpoints}]},
+            "circuit_breakers": {"thresholds": [{
+                "priority": "DEFAULT",
+                "max_connections": cb.max_connections,
+                "max_pending_requests": cb.max_pending_requests,
+                "max_requests": cb.max_requests,
+                "max_retries": cb.max_retries,
+            }]},
+        });
+        if od.enabled {
+            cluster["outlier_detection"] = json!({
+                "consecutive_5xx": od.consecutive_5xx,
+                "interval": format!("{}s", od.interval),
+                "base_ejection_time": format!("{}s", od.base_ejection_time),
+                "max_ejection_percent": od.max_ejection_percent,
+            });
+        }
+        clusters.push(cluster);
+    }
+
+    Ok(json!({
+        "admin": {"address": socket(&g.admin.address, g.admin.port)},
+        "static_resources": {
+            "listeners": [{
+                "name": LISTENER_NAME,
+                "address": socket(&g.address, g.port),
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm,
+                }]}],
+            }],
+            "clusters": clusters,
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(yaml: &str) -> Value {
+        let file: GatewayFile = serde_yaml::from_str(yaml).unwrap();
+        let eps = file.validate_envoy_side().unwrap();
+        let fc = file.filter_config(&|_| Some("secret-secret-secret".into())).unwrap();
+        bootstrap(&file, &fc, &eps, &RenderOptions { wasm_path: "/x.wasm" }).unwrap()
+    }
+
+    const YAML: &str = r#"
+gateway: {port: 8000, prefix: /api/v1}
+jwt: {secret_env: JWT_SECRET}
+routes:
+  - {name: users, prefix: /users, upstream: "http://127.0.0.1:8001", timeout: 5, retry: 2}
+  - {name: orders, prefix: /orders, upstream: ["http://orders-a:8002", "http://orders-b:8002"], timeout: 0.5, retry: 0}
+  - {name: order-items, prefix: /orders/items, upstream: "http://127.0.0.1:8009"}
+"#;
+
+    fn hcm(v: &Value) -> &Value {
+        &v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    }
+
+    #[test]
+    fn routes_timeouts_and_retries() {
+        let v = render(YAML);
+        let routes = &hcm(&v)["route_config"]["virtual_hosts"][0]["routes"];
+        let names: Vec<&str> = routes.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["order-items", "orders", "users", "health", "not_found"], "most specific first");
+        let users = &routes[2];
+        assert_eq!(users["match"]["path_separated_prefix"], "/api/v1/users");
+        assert_eq!(users["route"]["timeout"], "5s");
+        assert_eq!(users["route"]["retry_policy"]["num_retries"], 2);
+        let orders = &routes[1];
+        assert_eq!(orders["route"]["timeout"], "0.500s");
+        assert!(orders["route"].get("retry_policy").is_none(), "retry: 0 means no retries");
+        assert_eq!(routes[3]["match"]["path"], "/health");
+        assert_eq!(routes[4]["name"], "not_found");
+    }
+
+    #[test]
+    fn clusters_and_filter_chain() {
+        let v = render(YAML);
+        let clusters = &v["static_resources"]["clusters"];
+        assert_eq!(clusters[0]["type"], "STATIC");
+        assert_eq!(clusters[1]["type"], "STRICT_DNS");
+        assert_eq!(clusters[1]["load_assignment"]["endpoints"][0]["lb_endpoints"].as_array().unwrap().len(), 2);
+        assert_eq!(clusters[0]["circuit_breakers"]["thresholds"][0]["max_retries"], 3);
+        assert_eq!(clusters[0]["outlier_detection"]["consecutive_5xx"], 5);
+        let filters = hcm(&v)["http_filters"].as_array().unwrap();
+        let names: Vec<&str> = filters.iter().map(|f| f["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["envoy.filters.http.cors", "envoy.filters.http.wasm", "envoy.filters.http.router"]);
+        let wasm = &filters[1]["typed_config"]["config"];
+        assert_eq!(wasm["failure_policy"], "FAIL_RELOAD");
+        let embedded: FilterConfig = serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
+        assert_eq!(embedded.routes.len(), 3);
+        assert_eq!(embedded.jwt.unwrap().secret, "secret-secret-secret");
+        assert_eq!(v["admin"]["address"]["socket_address"]["port_value"], 9901);
+    }
+
+    #[test]
+    fn duration_formatting() {
+        assert_eq!(seconds(30.0), "30s");
+        assert_eq!(seconds(0.25), "0.250s");
+        assert_eq!(seconds(1.5), "1.500s");
+    }
+}
