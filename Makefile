@@ -1,0 +1,58 @@
+# The CI contract. `make run` starts the demo stack; `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+WASM_RAW := target/wasm32-wasip1/release/gateway_filter.wasm
+WASM     := build/gateway_filter.wasm
+RENDER   := target/release/gateway-render
+WASM_OPT_FLAGS := -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
+                  --enable-mutable-globals --enable-multivalue --enable-reference-types
+
+.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean
+
+help:
+	@echo "make run    build everything and start the demo stack (Envoy :8000, admin :9901, demo services)"
+	@echo "make test   unit tests, then end-to-end tests against real Envoy"
+	@echo "make lint   cargo fmt --check and clippy (host and wasm32) with -D warnings"
+	@echo "make build  the optimised filter ($(WASM)) and the renderer ($(RENDER))"
+
+deps:
+	@scripts/bootstrap.sh
+
+wasm: deps
+	cargo build --release --target wasm32-wasip1 -p gateway-filter
+	@mkdir -p build
+	wasm-opt $(WASM_OPT_FLAGS) $(WASM_RAW) -o $(WASM)
+	@echo "filter: $(WASM) $$(stat -c %s $(WASM)) bytes (unoptimised $$(stat -c %s $(WASM_RAW)))"
+
+render: deps
+	cargo build --release -p gateway-render
+
+build: wasm render
+
+unit: deps
+	cargo test --workspace
+
+e2e: build
+	.venv/bin/pytest -q tests/e2e
+
+test: unit e2e
+
+run: build
+	scripts/run.sh
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p gateway-filter --target wasm32-wasip1 -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+validate: build
+	JWT_SECRET=$${JWT_SECRET:-validate-only-secret-validate-only} $(RENDER) --wasm $(CURDIR)/$(WASM) --out build/envoy.yaml
+	.venv/bin/envoy --mode validate -c build/envoy.yaml --disable-hot-restart -l warn
+
+clean:
+	cargo clean
+	rm -rf build

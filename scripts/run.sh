@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# `make run`: the demo stack in the foreground. Ctrl-C or SIGTERM stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEMO_SECRET="demo-secret-change-me-demo-secret-change-me"
+if [ -z "${JWT_SECRET:-}" ]; then
+  echo "WARNING: JWT_SECRET is not set; using the demo secret. Never do this in production." >&2
+  export JWT_SECRET="$DEMO_SECRET"
+fi
+
+mkdir -p build
+target/release/gateway-render --config config/gateway.yaml --wasm "$PWD/build/gateway_filter.wasm" --out build/envoy.yaml
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  echo "stopped."
+}
+trap cleanup INT TERM EXIT
+
+python3 demo/services.py \
+  --echo user-service=8001 --echo order-service=8002 --echo product-service=8003 \
+  --echo payment-service=8004 --echo search-service=8006 --echo comment-service=8007 \
+  --echo admin-service=8008 --auth auth-service=8005 &
+pids+=($!)
+
+.venv/bin/envoy -c build/envoy.yaml --concurrency 2 --disable-hot-restart -l warn \
+  --component-log-level wasm:info &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+  if curl -fs http://127.0.0.1:9901/ready >/dev/null 2>&1 && curl -fs -o /dev/null http://127.0.0.1:8000/health; then
+    break
+  fi
+  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || { echo "a process exited during startup" >&2; exit 1; }; done
+  sleep 0.1
+done
+
+cat <<TXT
+
+Gateway is up.
+  Envoy + filter      http://127.0.0.1:8000   (routes under /api/v1, /health)
+  Envoy admin         http://127.0.0.1:9901   (stats: /stats, /stats/prometheus)
+  user-service 8001   order-service 8002   product-service 8003   payment-service 8004
+  auth-service 8005   search-service 8006  comment-service 8007   admin-service 8008
+
+Try:
+  curl -s localhost:8000/api/v1/products/1
+  TOKEN=\$(curl -s -X POST localhost:8000/api/v1/auth/login -H 'content-type: application/json' \\
+          -d '{"username":"admin","password":"123456"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  curl -s localhost:8000/api/v1/users/123 -H "Authorization: Bearer \$TOKEN"
+  curl -s localhost:8000/api/v1/admin/anything -H "Authorization: Bearer \$TOKEN"
+  (alice/alice123 logs in with role "user": the admin route answers her 403)
+
+Ctrl-C stops everything.
+TXT
+wait -n "${pids[@]}" || true

@@ -1,0 +1,51 @@
+import pytest
+
+from harness import Gateway, Services, free_port
+
+ECHO = ["user-service", "product-service", "order-service", "payment-service",
+        "search-service", "comment-service", "admin-service", "slow-service"]
+
+
+def gateway_file(ports, dead_port):
+    def up(name):
+        return f"http://127.0.0.1:{ports[name]}"
+    return {
+        "gateway": {"prefix": "/api/v1", "name": "e2e-gateway"},
+        "jwt": {"algorithms": ["HS256"], "secret_env": "JWT_SECRET", "clock_skew": 60},
+        "routes": [
+            {"name": "user-service", "prefix": "/users", "upstream": up("user-service"),
+             "methods": ["GET", "POST", "PUT", "DELETE"], "auth_required": True, "timeout": 5, "retry": 2},
+            {"name": "product-service", "prefix": "/products", "upstream": up("product-service"),
+             "methods": ["GET"], "auth_required": False, "timeout": 3, "retry": 1},
+            {"name": "order-service", "prefix": "/orders", "upstream": up("order-service"),
+             "methods": ["GET", "POST", "PUT"], "auth_required": True, "timeout": 10, "retry": 0},
+            {"name": "payment-service", "prefix": "/payments", "upstream": up("payment-service"),
+             "methods": ["POST"], "auth_required": True, "timeout": 30, "retry": 0},
+            {"name": "auth-service", "prefix": "/auth", "upstream": up("auth-service"),
+             "methods": ["POST"], "auth_required": False, "timeout": 5, "retry": 1},
+            {"name": "search-service", "prefix": "/search", "upstream": up("search-service"),
+             "methods": ["GET"], "auth_required": False},
+            {"name": "comment-service", "prefix": "/comments", "upstream": up("comment-service"),
+             "methods": ["GET", "POST"], "auth_required": True},
+            {"name": "admin-service", "prefix": "/admin", "upstream": up("admin-service"),
+             "methods": ["GET", "POST"], "auth_required": True, "roles": ["admin"]},
+            {"name": "slow-service", "prefix": "/slow", "upstream": up("slow-service"),
+             "methods": ["GET"], "auth_required": False, "timeout": 0.5, "retry": 0},
+            {"name": "down-service", "prefix": "/down", "upstream": f"http://127.0.0.1:{dead_port}",
+             "methods": ["GET"], "auth_required": False, "timeout": 2, "retry": 0},
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def services():
+    s = Services(ECHO)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def gw(services):
+    g = Gateway(gateway_file(services.ports, free_port()))
+    yield g
+    g.stop()

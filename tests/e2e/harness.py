@@ -1,0 +1,209 @@
+"""Starts real processes for the end-to-end tests: demo services, and Envoy loaded with the built
+filter and a configuration rendered from a gateway file by gateway-render. Everything listens on
+free loopback ports; nothing is mocked."""
+
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+RENDER = ROOT / "target" / "release" / "gateway-render"
+WASM = ROOT / "build" / "gateway_filter.wasm"
+SERVICES = ROOT / "demo" / "services.py"
+SECRET = "e2e-secret-e2e-secret-e2e-secret-e2e"
+
+
+def require_build():
+    missing = [p for p in (ENVOY, RENDER, WASM) if not p.exists()]
+    if missing:
+        raise RuntimeError(f"missing {', '.join(map(str, missing))}: run `make build` (or `make test`) first")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header, payload, secret=SECRET) -> str:
+    """Builds an HS256-signed token from raw header/payload (dicts or strings), so tests can
+    produce any shape, valid or hostile."""
+    h = header if isinstance(header, str) else json.dumps(header, separators=(",", ":"))
+    p = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    signing_input = f"{b64url(h.encode())}.{b64url(p.encode())}"
+    sig = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(sig)}"
+
+
+def token(sub="user-001", name="admin", role="admin", ttl=1800, **extra) -> str:
+    now = int(time.time())
+    claims = {"sub": sub, "name": name, "role": role, "iat": now, "exp": now + ttl}
+    claims.update(extra)
+    return forge({"alg": "HS256", "typ": "JWT"}, claims)
+
+
+class Response:
+    def __init__(self, status, headers, body: bytes):
+        self.status = status
+        self.headers = headers  # list of (lowercase name, value)
+        self.body = body
+
+    def header(self, name):
+        for k, v in self.headers:
+            if k == name.lower():
+                return v
+        return None
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<{self.status} {self.body[:300]!r}>"
+
+
+def request(port, method, path, headers=(), body=None, timeout=10.0) -> Response:
+    """One HTTP/1.1 request; headers is a list of (name, value) pairs, so duplicates and raw
+    bytes are possible."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in headers:
+            conn.putheader(k, v)
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            conn.putheader("content-type", "application/json")
+            conn.putheader("content-length", str(len(data)))
+            conn.endheaders(data)
+        else:
+            conn.endheaders()
+        r = conn.getresponse()
+        return Response(r.status, [(k.lower(), v) for k, v in r.getheaders()], r.read())
+    finally:
+        conn.close()
+
+
+def bearer(tok):
+    return [("Authorization", f"Bearer {tok}")]
+
+
+class Services:
+    """The demo services, on free ports: {name: port}."""
+
+    def __init__(self, names, auth="auth-service", versions=None):
+        self.ports = {n: free_port() for n in list(names) + ([auth] if auth else [])}
+        versions = versions or {}
+        args = [sys.executable, str(SERVICES)]
+        for n in names:
+            args += ["--echo", f"{n}={self.ports[n]}:{versions.get(n, 'v1')}"]
+        if auth:
+            args += ["--auth", f"{auth}={self.ports[auth]}"]
+        env = dict(os.environ, JWT_SECRET=SECRET)
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("ready"):
+            self.stop()
+            raise RuntimeError(f"demo services failed to start: {line!r}")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Gateway:
+    """Envoy with the filter, from a gateway file (a dict, rendered by gateway-render)."""
+
+    def __init__(self, gateway_file: dict, concurrency=2, env=None):
+        require_build()
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-e2e-"))
+        self.port = free_port()
+        self.admin_port = free_port()
+        gateway_file = json.loads(json.dumps(gateway_file))
+        gateway_file["gateway"].update(port=self.port, address="127.0.0.1",
+                                       admin={"address": "127.0.0.1", "port": self.admin_port})
+        self.gateway_yaml = self.dir / "gateway.yaml"
+        self.gateway_yaml.write_text(json.dumps(gateway_file, indent=1))  # JSON is YAML
+        self.envoy_yaml = self.dir / "envoy.yaml"
+        self.env = dict(os.environ, JWT_SECRET=SECRET, **(env or {}))
+        render(self.gateway_yaml, self.envoy_yaml, self.env, check=True)
+        self.log_path = self.dir / "envoy.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(ENVOY), "-c", str(self.envoy_yaml), "--concurrency", str(concurrency),
+             "--disable-hot-restart", "-l", "warn", "--component-log-level", "wasm:info"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(self._ready, timeout=20, what="envoy ready")
+        except Exception:
+            self.stop()
+            raise RuntimeError("envoy did not start:\n" + self.log_path.read_text()[-3000:])
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError("envoy exited:\n" + self.log_path.read_text()[-3000:])
+        try:
+            return request(self.admin_port, "GET", "/ready", timeout=1).status == 200 and port_open(self.port)
+        except OSError:
+            return False
+
+    def request(self, method, path, headers=(), body=None, timeout=10.0):
+        return request(self.port, method, path, headers, body, timeout)
+
+    def get(self, path, headers=()):
+        return self.request("GET", path, headers)
+
+    def stats(self, prefix=""):
+        r = request(self.admin_port, "GET", f"/stats?filter={prefix}")
+        out = {}
+        for line in r.body.decode().splitlines():
+            k, _, v = line.partition(": ")
+            out[k] = v
+        return out
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def render(gateway_yaml, out, env, check=False, extra=()):
+    args = [str(RENDER), "--config", str(gateway_yaml), "--wasm", str(WASM), "--out", str(out), *extra]
+    r = subprocess.run(args, env=env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"gateway-render failed: {r.stderr}")
+    return r
