@@ -162,9 +162,8 @@ pub struct Config {
 impl Config {
     /// Parses and validates the JSON configuration handed to `on_configure`.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let raw: FilterConfig = serde_json::from_slice(bytes).map_err(|e| {
-            ConfigError::new("", format!("invalid filter configuration JSON: {e}"))
-        })?;
+        let raw: FilterConfig = serde_json::from_slice(bytes)
+            .map_err(|e| ConfigError::new("", format!("invalid filter configuration JSON: {e}")))?;
         Config::try_from(raw)
     }
 
@@ -198,7 +197,10 @@ pub(crate) fn check_path_prefix(field: &str, value: &str, allow_empty: bool) -> 
         return Err(ConfigError::new(field, format!("must start with '/': {value:?}")));
     }
     if value.len() > 1 && value.ends_with('/') {
-        return Err(ConfigError::new(field, format!("must not end with '/': {value:?}")));
+        return Err(ConfigError::new(
+            field,
+            format!("must not end with '/': {value:?}"),
+        ));
     }
     if value.contains(['?', '#', ' ']) || value.contains("//") || value.chars().any(char::is_control) {
         return Err(ConfigError::new(field, format!("is not a plain path: {value:?}")));
@@ -211,7 +213,10 @@ pub(crate) fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
     if value.is_empty() || value.len() > 64 {
         return Err(ConfigError::new(field, "must be 1 to 64 characters"));
     }
-    if !value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
         return Err(ConfigError::new(
             field,
             format!("{value:?} may only contain letters, digits, '-', '_' and '.'"),
@@ -223,9 +228,7 @@ pub(crate) fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
 /// Whether a string may be sent as an HTTP header value: no control characters (CR, LF, NUL,
 /// DEL, C1 controls), no leading or trailing whitespace, bounded length.
 pub fn is_safe_header_value(value: &str) -> bool {
-    value.len() <= 1024
-        && !value.chars().any(char::is_control)
-        && value.trim() == value
+    value.len() <= 1024 && !value.chars().any(char::is_control) && value.trim() == value
 }
 
 impl TryFrom<FilterConfig> for Config {
@@ -234,7 +237,10 @@ impl TryFrom<FilterConfig> for Config {
     fn try_from(raw: FilterConfig) -> Result<Self, ConfigError> {
         check_path_prefix("prefix", &raw.prefix, true)?;
         if raw.gateway_name.is_empty() || !is_safe_header_value(&raw.gateway_name) {
-            return Err(ConfigError::new("gateway_name", "must be a non-empty header-safe string"));
+            return Err(ConfigError::new(
+                "gateway_name",
+                "must be a non-empty header-safe string",
+            ));
         }
         for (i, p) in raw.passthrough_paths.iter().enumerate() {
             check_path_prefix(&format!("passthrough_paths[{i}]"), p, false)?;
@@ -245,7 +251,10 @@ impl TryFrom<FilterConfig> for Config {
             let at = |f: &str| format!("routes[{i}].{f}");
             check_name(&at("name"), &r.name)?;
             if routes.iter().any(|o| o.name == r.name) {
-                return Err(ConfigError::new(at("name"), format!("duplicate route name {:?}", r.name)));
+                return Err(ConfigError::new(
+                    at("name"),
+                    format!("duplicate route name {:?}", r.name),
+                ));
             }
             check_path_prefix(&at("prefix"), &r.prefix, false)?;
             let full_prefix = if r.prefix == "/" && !raw.prefix.is_empty() {
@@ -254,7 +263,10 @@ impl TryFrom<FilterConfig> for Config {
                 format!("{}{}", raw.prefix, r.prefix)
             };
             if routes.iter().any(|o| o.full_prefix == full_prefix) {
-                return Err(ConfigError::new(at("prefix"), format!("{:?} is used by another route", r.prefix)));
+                return Err(ConfigError::new(
+                    at("prefix"),
+                    format!("{:?} is used by another route", r.prefix),
+                ));
             }
             if r.methods.is_empty() {
                 return Err(ConfigError::new(at("methods"), "must list at least one method"));
@@ -265,7 +277,10 @@ impl TryFrom<FilterConfig> for Config {
                 if !KNOWN_METHODS.contains(&upper.as_str()) {
                     return Err(ConfigError::new(
                         format!("routes[{i}].methods[{j}]"),
-                        format!("unknown method {m:?} (expected one of {})", KNOWN_METHODS.join(", ")),
+                        format!(
+                            "unknown method {m:?} (expected one of {})",
+                            KNOWN_METHODS.join(", ")
+                        ),
                     ));
                 }
                 if !methods.contains(&upper) {
@@ -274,7 +289,10 @@ impl TryFrom<FilterConfig> for Config {
             }
             for (j, role) in r.roles.iter().enumerate() {
                 if role.is_empty() || !is_safe_header_value(role) {
-                    return Err(ConfigError::new(format!("routes[{i}].roles[{j}]"), "must be a non-empty header-safe string"));
+                    return Err(ConfigError::new(
+                        format!("routes[{i}].roles[{j}]"),
+                        "must be a non-empty header-safe string",
+                    ));
                 }
             }
             if !r.roles.is_empty() && !r.auth_required {
@@ -290,7 +308,7 @@ impl TryFrom<FilterConfig> for Config {
             });
         }
         // Longest prefix first; stable, so equal lengths keep file order.
-        routes.sort_by(|a, b| b.full_prefix.len().cmp(&a.full_prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.full_prefix.len()));
 
         let verifier = match &raw.jwt {
             Some(jwt) => Some(build_verifier(jwt)?),
@@ -320,7 +338,10 @@ fn build_verifier(jwt: &JwtSettings) -> Result<Verifier, ConfigError> {
         return Err(ConfigError::new("jwt.secret", "must not be empty"));
     }
     if jwt.algorithms.is_empty() {
-        return Err(ConfigError::new("jwt.algorithms", "must list at least one algorithm"));
+        return Err(ConfigError::new(
+            "jwt.algorithms",
+            "must list at least one algorithm",
+        ));
     }
     let mut algorithms = Vec::with_capacity(jwt.algorithms.len());
     for (i, name) in jwt.algorithms.iter().enumerate() {
@@ -416,23 +437,90 @@ mod tests {
 
     #[test]
     fn rejections_name_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
-            ("bad prefix", Box::new(|v| v["prefix"] = "api".into()), "prefix: must start with '/'"),
-            ("trailing slash", Box::new(|v| v["prefix"] = "/api/".into()), "prefix: must not end with '/'"),
-            ("unknown field", Box::new(|v| v["prefx"] = "/x".into()), "unknown field `prefx`"),
-            ("bad method", Box::new(|v| v["routes"][0]["methods"][1] = "GTE".into()), "routes[0].methods[1]: unknown method \"GTE\""),
-            ("no methods", Box::new(|v| v["routes"][0]["methods"] = serde_json::json!([])), "routes[0].methods: must list"),
-            ("dup name", Box::new(|v| v["routes"][1]["name"] = "users".into()), "routes[1].name: duplicate route name"),
-            ("dup prefix", Box::new(|v| v["routes"][1]["prefix"] = "/users".into()), "routes[1].prefix: \"/users\" is used"),
-            ("bad name", Box::new(|v| v["routes"][0]["name"] = "a b".into()), "routes[0].name: \"a b\" may only contain"),
-            ("roles without auth", Box::new(|v| v["routes"][1]["auth_required"] = false.into()), "routes[1].roles: roles need auth_required"),
-            ("empty secret", Box::new(|v| v["jwt"]["secret"] = "".into()), "jwt.secret: must not be empty"),
-            ("alg none", Box::new(|v| v["jwt"]["algorithms"] = serde_json::json!(["none"])), "jwt.algorithms[0]: unsupported algorithm \"none\""),
-            ("RS256", Box::new(|v| v["jwt"]["algorithms"] = serde_json::json!(["HS256", "RS256"])), "jwt.algorithms[1]: unsupported algorithm \"RS256\""),
-            ("huge skew", Box::new(|v| v["jwt"]["clock_skew_seconds"] = 100_000.into()), "jwt.clock_skew_seconds: must be at most"),
-            ("no jwt", Box::new(|v| { v.as_object_mut().unwrap().remove("jwt"); }), "routes[0].auth_required: a route requires auth"),
-            ("header-unsafe gateway name", Box::new(|v| v["gateway_name"] = "a\r\nb".into()), "gateway_name: must be"),
-            ("wrong type", Box::new(|v| v["routes"][0]["auth_required"] = "yes".into()), "invalid type: string \"yes\", expected a boolean"),
+        type Mutate = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Mutate, &str)> = vec![
+            (
+                "bad prefix",
+                Box::new(|v| v["prefix"] = "api".into()),
+                "prefix: must start with '/'",
+            ),
+            (
+                "trailing slash",
+                Box::new(|v| v["prefix"] = "/api/".into()),
+                "prefix: must not end with '/'",
+            ),
+            (
+                "unknown field",
+                Box::new(|v| v["prefx"] = "/x".into()),
+                "unknown field `prefx`",
+            ),
+            (
+                "bad method",
+                Box::new(|v| v["routes"][0]["methods"][1] = "GTE".into()),
+                "routes[0].methods[1]: unknown method \"GTE\"",
+            ),
+            (
+                "no methods",
+                Box::new(|v| v["routes"][0]["methods"] = serde_json::json!([])),
+                "routes[0].methods: must list",
+            ),
+            (
+                "dup name",
+                Box::new(|v| v["routes"][1]["name"] = "users".into()),
+                "routes[1].name: duplicate route name",
+            ),
+            (
+                "dup prefix",
+                Box::new(|v| v["routes"][1]["prefix"] = "/users".into()),
+                "routes[1].prefix: \"/users\" is used",
+            ),
+            (
+                "bad name",
+                Box::new(|v| v["routes"][0]["name"] = "a b".into()),
+                "routes[0].name: \"a b\" may only contain",
+            ),
+            (
+                "roles without auth",
+                Box::new(|v| v["routes"][1]["auth_required"] = false.into()),
+                "routes[1].roles: roles need auth_required",
+            ),
+            (
+                "empty secret",
+                Box::new(|v| v["jwt"]["secret"] = "".into()),
+                "jwt.secret: must not be empty",
+            ),
+            (
+                "alg none",
+                Box::new(|v| v["jwt"]["algorithms"] = serde_json::json!(["none"])),
+                "jwt.algorithms[0]: unsupported algorithm \"none\"",
+            ),
+            (
+                "RS256",
+                Box::new(|v| v["jwt"]["algorithms"] = serde_json::json!(["HS256", "RS256"])),
+                "jwt.algorithms[1]: unsupported algorithm \"RS256\"",
+            ),
+            (
+                "huge skew",
+                Box::new(|v| v["jwt"]["clock_skew_seconds"] = 100_000.into()),
+                "jwt.clock_skew_seconds: must be at most",
+            ),
+            (
+                "no jwt",
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("jwt");
+                }),
+                "routes[0].auth_required: a route requires auth",
+            ),
+            (
+                "header-unsafe gateway name",
+                Box::new(|v| v["gateway_name"] = "a\r\nb".into()),
+                "gateway_name: must be",
+            ),
+            (
+                "wrong type",
+                Box::new(|v| v["routes"][0]["auth_required"] = "yes".into()),
+                "invalid type: string \"yes\", expected a boolean",
+            ),
         ];
         for (what, mutate, expected) in cases {
             let mut v = base();
@@ -445,7 +533,10 @@ mod tests {
     #[test]
     fn not_json_is_a_clear_error() {
         let err = Config::from_json(b"{not json").unwrap_err();
-        assert!(err.to_string().starts_with("invalid filter configuration JSON"), "{err}");
+        assert!(
+            err.to_string().starts_with("invalid filter configuration JSON"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,9 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    check_name, default_algorithms, default_clock_skew, default_methods, default_true, Config,
-    ConfigError, FilterConfig, JwtSettings, RouteSettings, DEFAULT_GATEWAY_NAME,
-    MAX_CLOCK_SKEW_SECONDS,
+    check_name, default_algorithms, default_clock_skew, default_methods, default_true, Config, ConfigError,
+    FilterConfig, JwtSettings, RouteSettings, DEFAULT_GATEWAY_NAME, MAX_CLOCK_SKEW_SECONDS,
 };
 
 /// The whole gateway file.
@@ -299,10 +298,14 @@ fn default_any() -> Vec<String> {
     vec!["*".to_string()]
 }
 fn default_cors_methods() -> Vec<String> {
-    ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"].map(String::from).to_vec()
+    ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+        .map(String::from)
+        .to_vec()
 }
 fn default_cors_headers() -> Vec<String> {
-    ["Authorization", "Content-Type", "X-Trace-ID", "X-Canary"].map(String::from).to_vec()
+    ["Authorization", "Content-Type", "X-Trace-ID", "X-Canary"]
+        .map(String::from)
+        .to_vec()
 }
 fn default_cors_expose() -> Vec<String> {
     ["X-Trace-ID", "X-Response-Time"].map(String::from).to_vec()
@@ -332,11 +335,17 @@ fn default_50() -> u32 {
 /// Parses `http://host[:port][/]`.
 pub fn parse_upstream(field: &str, url: &str) -> Result<Endpoint, ConfigError> {
     let rest = url.strip_prefix("http://").ok_or_else(|| {
-        ConfigError::new(field, format!("{url:?} must start with http:// (TLS upstreams are not supported yet)"))
+        ConfigError::new(
+            field,
+            format!("{url:?} must start with http:// (TLS upstreams are not supported yet)"),
+        )
     })?;
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.is_empty() || authority.contains(['/', '@', '?', '#', ' ']) {
-        return Err(ConfigError::new(field, format!("{url:?} must be http://host:port with no path")));
+        return Err(ConfigError::new(
+            field,
+            format!("{url:?} must be http://host:port with no path"),
+        ));
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, after) = v6
@@ -357,7 +366,11 @@ pub fn parse_upstream(field: &str, url: &str) -> Result<Endpoint, ConfigError> {
             .filter(|&p| p != 0)
             .ok_or_else(|| ConfigError::new(field, format!("{url:?} has an invalid port")))?,
     };
-    if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':')) {
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'))
+    {
         return Err(ConfigError::new(field, format!("{url:?} has an invalid host")));
     }
     Ok(Endpoint {
@@ -368,7 +381,10 @@ pub fn parse_upstream(field: &str, url: &str) -> Result<Endpoint, ConfigError> {
 
 fn check_seconds(field: &str, value: f64, max: f64) -> Result<(), ConfigError> {
     if !(value.is_finite() && value > 0.0 && value <= max) {
-        return Err(ConfigError::new(field, format!("must be a number of seconds in (0, {max}]")));
+        return Err(ConfigError::new(
+            field,
+            format!("must be a number of seconds in (0, {max}]"),
+        ));
     }
     Ok(())
 }
@@ -390,9 +406,15 @@ impl GatewayFile {
     pub fn validate_envoy_side(&self) -> Result<Vec<Vec<Endpoint>>, ConfigError> {
         let g = &self.gateway;
         if g.port != 0 && g.port == g.admin.port {
-            return Err(ConfigError::new("gateway.admin.port", "must differ from gateway.port"));
+            return Err(ConfigError::new(
+                "gateway.admin.port",
+                "must differ from gateway.port",
+            ));
         }
-        for (f, a) in [("gateway.address", &g.address), ("gateway.admin.address", &g.admin.address)] {
+        for (f, a) in [
+            ("gateway.address", &g.address),
+            ("gateway.admin.address", &g.admin.address),
+        ] {
             if a.parse::<std::net::IpAddr>().is_err() {
                 return Err(ConfigError::new(f, format!("{a:?} is not an IP address")));
             }
@@ -400,39 +422,63 @@ impl GatewayFile {
         check_seconds("gateway.connect_timeout", g.connect_timeout, 60.0)?;
         if g.cors.enabled {
             if g.cors.allow_origins.is_empty() {
-                return Err(ConfigError::new("gateway.cors.allow_origins", "must list at least one origin (or *)"));
+                return Err(ConfigError::new(
+                    "gateway.cors.allow_origins",
+                    "must list at least one origin (or *)",
+                ));
             }
             for (i, m) in g.cors.allow_methods.iter().enumerate() {
                 if !crate::config::KNOWN_METHODS.contains(&m.to_ascii_uppercase().as_str()) {
-                    return Err(ConfigError::new(format!("gateway.cors.allow_methods[{i}]"), format!("unknown method {m:?}")));
+                    return Err(ConfigError::new(
+                        format!("gateway.cors.allow_methods[{i}]"),
+                        format!("unknown method {m:?}"),
+                    ));
                 }
             }
         }
         let od = &g.outlier_detection;
         if od.enabled && (od.consecutive_5xx == 0 || od.interval == 0 || od.base_ejection_time == 0) {
-            return Err(ConfigError::new("gateway.outlier_detection", "consecutive_5xx, interval and base_ejection_time must be positive"));
+            return Err(ConfigError::new(
+                "gateway.outlier_detection",
+                "consecutive_5xx, interval and base_ejection_time must be positive",
+            ));
         }
         if od.max_ejection_percent > 100 {
-            return Err(ConfigError::new("gateway.outlier_detection.max_ejection_percent", "must be at most 100"));
+            return Err(ConfigError::new(
+                "gateway.outlier_detection.max_ejection_percent",
+                "must be at most 100",
+            ));
         }
         let mut all = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
             check_name(&format!("routes[{i}].name"), &r.name)?;
             check_seconds(&format!("routes[{i}].timeout"), r.timeout, 3600.0)?;
             if r.retry > 10 {
-                return Err(ConfigError::new(format!("routes[{i}].retry"), "must be at most 10"));
+                return Err(ConfigError::new(
+                    format!("routes[{i}].retry"),
+                    "must be at most 10",
+                ));
             }
             if let Some(rl) = &r.rate_limit {
                 if rl.max_calls == 0 {
-                    return Err(ConfigError::new(format!("routes[{i}].rate_limit.max_calls"), "must be positive"));
+                    return Err(ConfigError::new(
+                        format!("routes[{i}].rate_limit.max_calls"),
+                        "must be positive",
+                    ));
                 }
                 if rl.period == 0 {
-                    return Err(ConfigError::new(format!("routes[{i}].rate_limit.period"), "must be positive"));
+                    return Err(ConfigError::new(
+                        format!("routes[{i}].rate_limit.period"),
+                        "must be positive",
+                    ));
                 }
             }
             let urls = r.upstream.urls();
             if urls.is_empty() {
-                return Err(ConfigError::new(format!("routes[{i}].upstream"), "must name at least one address"));
+                return Err(ConfigError::new(
+                    format!("routes[{i}].upstream"),
+                    "must name at least one address",
+                ));
             }
             let mut endpoints = Vec::with_capacity(urls.len());
             for (j, u) in urls.iter().enumerate() {
@@ -444,7 +490,10 @@ impl GatewayFile {
             }
             let first_kind = endpoints.first().map(Endpoint::is_ip);
             if endpoints.iter().any(|e| Some(e.is_ip()) != first_kind) {
-                return Err(ConfigError::new(format!("routes[{i}].upstream"), "mixes IP addresses and host names"));
+                return Err(ConfigError::new(
+                    format!("routes[{i}].upstream"),
+                    "mixes IP addresses and host names",
+                ));
             }
             all.push(endpoints);
         }
@@ -458,13 +507,21 @@ impl GatewayFile {
             None => None,
             Some(j) => {
                 if j.clock_skew > MAX_CLOCK_SKEW_SECONDS {
-                    return Err(ConfigError::new("jwt.clock_skew", format!("must be at most {MAX_CLOCK_SKEW_SECONDS}")));
+                    return Err(ConfigError::new(
+                        "jwt.clock_skew",
+                        format!("must be at most {MAX_CLOCK_SKEW_SECONDS}"),
+                    ));
                 }
                 let secret = match (&j.secret, &j.secret_env) {
                     (Some(_), Some(_)) => {
-                        return Err(ConfigError::new("jwt", "set either secret or secret_env, not both"))
+                        return Err(ConfigError::new(
+                            "jwt",
+                            "set either secret or secret_env, not both",
+                        ))
                     }
-                    (None, None) => return Err(ConfigError::new("jwt.secret_env", "set secret_env (or secret)")),
+                    (None, None) => {
+                        return Err(ConfigError::new("jwt.secret_env", "set secret_env (or secret)"))
+                    }
                     (Some(s), None) => s.clone(),
                     (None, Some(var)) => env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
                         ConfigError::new("jwt.secret_env", format!("environment variable {var} is not set"))
@@ -539,19 +596,52 @@ mod tests {
         assert_eq!(fc.routes.len(), 2);
         assert!(!fc.routes[1].auth_required);
         let eps = g.validate_envoy_side().unwrap();
-        assert_eq!(eps[0], vec![Endpoint { host: "127.0.0.1".into(), port: 8001 }]);
+        assert_eq!(
+            eps[0],
+            vec![Endpoint {
+                host: "127.0.0.1".into(),
+                port: 8001
+            }]
+        );
         assert_eq!(eps[1].len(), 2);
     }
 
     #[test]
     fn upstream_parsing() {
         let ok = |u: &str| parse_upstream("f", u).unwrap();
-        assert_eq!(ok("http://user-service:8001"), Endpoint { host: "user-service".into(), port: 8001 });
-        assert_eq!(ok("http://svc"), Endpoint { host: "svc".into(), port: 80 });
-        assert_eq!(ok("http://[::1]:81"), Endpoint { host: "::1".into(), port: 81 });
+        assert_eq!(
+            ok("http://user-service:8001"),
+            Endpoint {
+                host: "user-service".into(),
+                port: 8001
+            }
+        );
+        assert_eq!(
+            ok("http://svc"),
+            Endpoint {
+                host: "svc".into(),
+                port: 80
+            }
+        );
+        assert_eq!(
+            ok("http://[::1]:81"),
+            Endpoint {
+                host: "::1".into(),
+                port: 81
+            }
+        );
         assert!(!ok("http://svc:1").is_ip());
         assert!(ok("http://[::1]:81").is_ip());
-        for bad in ["https://a:1", "a:1", "http://", "http://a:0", "http://a:99999", "http://a:1/path", "http://u@a:1", "http://a b:1"] {
+        for bad in [
+            "https://a:1",
+            "a:1",
+            "http://",
+            "http://a:0",
+            "http://a:99999",
+            "http://a:1/path",
+            "http://u@a:1",
+            "http://a b:1",
+        ] {
             assert!(parse_upstream("routes[0].upstream", bad).is_err(), "{bad}");
         }
     }
@@ -560,12 +650,30 @@ mod tests {
     fn rejections_name_the_gateway_field() {
         type Mutate = Box<dyn Fn(&mut serde_json::Value)>;
         let cases: Vec<(Mutate, &str)> = vec![
-            (Box::new(|v| v["gateway"]["prefix"] = "api".into()), "gateway.prefix: must start with '/'"),
-            (Box::new(|v| v["jwt"]["secret_env"] = "NOPE".into()), "jwt.secret_env: environment variable NOPE is not set"),
-            (Box::new(|v| v["jwt"]["secret"] = "x".into()), "jwt: set either secret or secret_env"),
-            (Box::new(|v| v["jwt"]["clock_skew"] = 10_000_000.into()), "jwt.clock_skew: must be at most"),
-            (Box::new(|v| v["routes"][0]["methods"][0] = "FETCH".into()), "routes[0].methods[0]: unknown method"),
-            (Box::new(|v| v["gateway"]["name"] = "a\nb".into()), "gateway.name: must be"),
+            (
+                Box::new(|v| v["gateway"]["prefix"] = "api".into()),
+                "gateway.prefix: must start with '/'",
+            ),
+            (
+                Box::new(|v| v["jwt"]["secret_env"] = "NOPE".into()),
+                "jwt.secret_env: environment variable NOPE is not set",
+            ),
+            (
+                Box::new(|v| v["jwt"]["secret"] = "x".into()),
+                "jwt: set either secret or secret_env",
+            ),
+            (
+                Box::new(|v| v["jwt"]["clock_skew"] = 10_000_000.into()),
+                "jwt.clock_skew: must be at most",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["methods"][0] = "FETCH".into()),
+                "routes[0].methods[0]: unknown method",
+            ),
+            (
+                Box::new(|v| v["gateway"]["name"] = "a\nb".into()),
+                "gateway.name: must be",
+            ),
         ];
         for (mutate, expected) in cases {
             let mut v = sample();
@@ -574,14 +682,38 @@ mod tests {
             assert!(err.contains(expected), "expected {expected:?}, got {err:?}");
         }
         let envoy_cases: Vec<(Mutate, &str)> = vec![
-            (Box::new(|v| v["routes"][0]["timeout"] = 0.into()), "routes[0].timeout: must be a number of seconds"),
-            (Box::new(|v| v["routes"][0]["retry"] = 11.into()), "routes[0].retry: must be at most 10"),
-            (Box::new(|v| v["routes"][0]["upstream"] = "https://x:1".into()), "routes[0].upstream: \"https://x:1\" must start with http://"),
-            (Box::new(|v| v["routes"][1]["upstream"][1] = "http://x:0".into()), "routes[1].upstream[1]: \"http://x:0\" has an invalid port"),
-            (Box::new(|v| v["routes"][1]["upstream"][1] = "http://name:1".into()), "routes[1].upstream: mixes IP addresses and host names"),
-            (Box::new(|v| v["routes"][0]["rate_limit"]["max_calls"] = 0.into()), "routes[0].rate_limit.max_calls: must be positive"),
-            (Box::new(|v| v["gateway"]["admin"] = serde_json::json!({"port": 8000, "address": "0.0.0.0"})), "gateway.admin.port: must differ"),
-            (Box::new(|v| v["gateway"]["address"] = "localhost".into()), "gateway.address: \"localhost\" is not an IP address"),
+            (
+                Box::new(|v| v["routes"][0]["timeout"] = 0.into()),
+                "routes[0].timeout: must be a number of seconds",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["retry"] = 11.into()),
+                "routes[0].retry: must be at most 10",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["upstream"] = "https://x:1".into()),
+                "routes[0].upstream: \"https://x:1\" must start with http://",
+            ),
+            (
+                Box::new(|v| v["routes"][1]["upstream"][1] = "http://x:0".into()),
+                "routes[1].upstream[1]: \"http://x:0\" has an invalid port",
+            ),
+            (
+                Box::new(|v| v["routes"][1]["upstream"][1] = "http://name:1".into()),
+                "routes[1].upstream: mixes IP addresses and host names",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["rate_limit"]["max_calls"] = 0.into()),
+                "routes[0].rate_limit.max_calls: must be positive",
+            ),
+            (
+                Box::new(|v| v["gateway"]["admin"] = serde_json::json!({"port": 8000, "address": "0.0.0.0"})),
+                "gateway.admin.port: must differ",
+            ),
+            (
+                Box::new(|v| v["gateway"]["address"] = "localhost".into()),
+                "gateway.address: \"localhost\" is not an IP address",
+            ),
         ];
         for (mutate, expected) in envoy_cases {
             let mut v = sample();

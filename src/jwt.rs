@@ -293,7 +293,9 @@ pub(crate) mod tests {
 
     #[test]
     fn valid_token_yields_identity() {
-        let t = hs256(serde_json::json!({"sub": "user-001", "name": "admin", "role": "admin", "exp": NOW + 1800, "iat": NOW, "jti": "j1"}));
+        let t = hs256(
+            serde_json::json!({"sub": "user-001", "name": "admin", "role": "admin", "exp": NOW + 1800, "iat": NOW, "jti": "j1"}),
+        );
         let id = verifier().verify(&t, NOW).unwrap();
         assert_eq!(id.user_id.as_deref(), Some("user-001"));
         assert_eq!(id.user_name.as_deref(), Some("admin"));
@@ -319,23 +321,95 @@ pub(crate) mod tests {
             ("garbage", "garbage".into(), TokenError::Malformed),
             ("empty", "".into(), TokenError::Malformed),
             ("bad base64", "a$b.c$d.e$f".into(), TokenError::Malformed),
-            ("payload not an object", forge(r#"{"alg":"HS256"}"#, "[1,2]", SECRET), TokenError::InvalidClaims),
-            ("payload not json", forge(r#"{"alg":"HS256"}"#, "not json", SECRET), TokenError::InvalidClaims),
-            ("header not json", forge("nope", r#"{"exp":1}"#, SECRET), TokenError::Malformed),
-            ("alg none", format!("{}.{}.", B64.encode(r#"{"alg":"none"}"#), B64.encode(format!(r#"{{"exp":{exp}}}"#))), TokenError::AlgorithmNotAllowed),
-            ("RS256 header, HMAC signature", forge(r#"{"alg":"RS256"}"#, &format!(r#"{{"exp":{exp}}}"#), SECRET), TokenError::AlgorithmNotAllowed),
-            ("HS512 not configured", forge(r#"{"alg":"HS512"}"#, &format!(r#"{{"exp":{exp}}}"#), SECRET), TokenError::AlgorithmNotAllowed),
-            ("wrong secret", forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"exp":{exp}}}"#), b"other"), TokenError::BadSignature),
-            ("truncated signature", truncated.to_string(), TokenError::BadSignature),
-            ("expired beyond skew", hs256(serde_json::json!({"exp": NOW - 61})), TokenError::Expired),
-            ("nbf beyond skew", hs256(serde_json::json!({"exp": exp, "nbf": NOW + 61})), TokenError::NotYetValid),
-            ("iat in the future", hs256(serde_json::json!({"exp": exp, "iat": NOW + 3600})), TokenError::IssuedInFuture),
-            ("no exp", hs256(serde_json::json!({"sub": "u"})), TokenError::MissingExpiration),
-            ("exp as string", hs256(serde_json::json!({"exp": "tomorrow"})), TokenError::InvalidClaims),
-            ("sub as number", hs256(serde_json::json!({"exp": exp, "sub": 42})), TokenError::InvalidClaims),
-            ("huge exp", hs256(serde_json::json!({"exp": 1e300})), TokenError::InvalidClaims),
-            ("CRLF in name", hs256(serde_json::json!({"exp": exp, "name": "a\r\nX-User-Role: admin"})), TokenError::UnsafeClaim("name")),
-            ("NUL in sub", hs256(serde_json::json!({"exp": exp, "sub": "a\u{0}"})), TokenError::UnsafeClaim("sub")),
+            (
+                "payload not an object",
+                forge(r#"{"alg":"HS256"}"#, "[1,2]", SECRET),
+                TokenError::InvalidClaims,
+            ),
+            (
+                "payload not json",
+                forge(r#"{"alg":"HS256"}"#, "not json", SECRET),
+                TokenError::InvalidClaims,
+            ),
+            (
+                "header not json",
+                forge("nope", r#"{"exp":1}"#, SECRET),
+                TokenError::Malformed,
+            ),
+            (
+                "alg none",
+                format!(
+                    "{}.{}.",
+                    B64.encode(r#"{"alg":"none"}"#),
+                    B64.encode(format!(r#"{{"exp":{exp}}}"#))
+                ),
+                TokenError::AlgorithmNotAllowed,
+            ),
+            (
+                "RS256 header, HMAC signature",
+                forge(r#"{"alg":"RS256"}"#, &format!(r#"{{"exp":{exp}}}"#), SECRET),
+                TokenError::AlgorithmNotAllowed,
+            ),
+            (
+                "HS512 not configured",
+                forge(r#"{"alg":"HS512"}"#, &format!(r#"{{"exp":{exp}}}"#), SECRET),
+                TokenError::AlgorithmNotAllowed,
+            ),
+            (
+                "wrong secret",
+                forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"exp":{exp}}}"#), b"other"),
+                TokenError::BadSignature,
+            ),
+            (
+                "truncated signature",
+                truncated.to_string(),
+                TokenError::BadSignature,
+            ),
+            (
+                "expired beyond skew",
+                hs256(serde_json::json!({"exp": NOW - 61})),
+                TokenError::Expired,
+            ),
+            (
+                "nbf beyond skew",
+                hs256(serde_json::json!({"exp": exp, "nbf": NOW + 61})),
+                TokenError::NotYetValid,
+            ),
+            (
+                "iat in the future",
+                hs256(serde_json::json!({"exp": exp, "iat": NOW + 3600})),
+                TokenError::IssuedInFuture,
+            ),
+            (
+                "no exp",
+                hs256(serde_json::json!({"sub": "u"})),
+                TokenError::MissingExpiration,
+            ),
+            (
+                "exp as string",
+                hs256(serde_json::json!({"exp": "tomorrow"})),
+                TokenError::InvalidClaims,
+            ),
+            (
+                "sub as number",
+                hs256(serde_json::json!({"exp": exp, "sub": 42})),
+                TokenError::InvalidClaims,
+            ),
+            (
+                "huge exp",
+                hs256(serde_json::json!({"exp": 1e300})),
+                TokenError::InvalidClaims,
+            ),
+            (
+                "CRLF in name",
+                hs256(serde_json::json!({"exp": exp, "name": "a\r\nX-User-Role: admin"})),
+                TokenError::UnsafeClaim("name"),
+            ),
+            (
+                "NUL in sub",
+                hs256(serde_json::json!({"exp": exp, "sub": "a\u{0}"})),
+                TokenError::UnsafeClaim("sub"),
+            ),
             ("16 KB token", "a".repeat(16 * 1024), TokenError::TooLarge),
         ];
         for (what, token, expected) in cases {
@@ -346,16 +420,31 @@ pub(crate) mod tests {
     #[test]
     fn skew_is_honoured_on_both_sides() {
         let v = verifier();
-        assert!(v.verify(&hs256(serde_json::json!({"exp": NOW - 59})), NOW).is_ok());
-        assert!(v.verify(&hs256(serde_json::json!({"exp": NOW + 10, "nbf": NOW + 59})), NOW).is_ok());
-        assert!(v.verify(&hs256(serde_json::json!({"exp": NOW + 10, "iat": NOW + 59})), NOW).is_ok());
+        assert!(v
+            .verify(&hs256(serde_json::json!({"exp": NOW - 59})), NOW)
+            .is_ok());
+        assert!(v
+            .verify(&hs256(serde_json::json!({"exp": NOW + 10, "nbf": NOW + 59})), NOW)
+            .is_ok());
+        assert!(v
+            .verify(&hs256(serde_json::json!({"exp": NOW + 10, "iat": NOW + 59})), NOW)
+            .is_ok());
         let strict = Verifier::new(&[Algorithm::Hs256], SECRET, None, None, 0);
-        assert_eq!(strict.verify(&hs256(serde_json::json!({"exp": NOW - 1})), NOW), Err(TokenError::Expired));
+        assert_eq!(
+            strict.verify(&hs256(serde_json::json!({"exp": NOW - 1})), NOW),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]
     fn issuer_and_audience() {
-        let v = Verifier::new(&[Algorithm::Hs256], SECRET, Some("gw".into()), Some("api".into()), 60);
+        let v = Verifier::new(
+            &[Algorithm::Hs256],
+            SECRET,
+            Some("gw".into()),
+            Some("api".into()),
+            60,
+        );
         let ok = hs256(serde_json::json!({"exp": NOW + 10, "iss": "gw", "aud": ["x", "api"]}));
         assert!(v.verify(&ok, NOW).is_ok());
         let ok_single = hs256(serde_json::json!({"exp": NOW + 10, "iss": "gw", "aud": "api"}));
@@ -374,6 +463,9 @@ pub(crate) mod tests {
         claims.expiration = chrono::DateTime::from_timestamp(NOW + 10, 0);
         let t512 = Hs512.token(&jwt_compact::Header::empty(), &claims, &key).unwrap();
         assert_eq!(v.verify(&t512, NOW).unwrap().user_id.as_deref(), Some("u"));
-        assert_eq!(v.verify(&hs256(serde_json::json!({"exp": NOW + 10})), NOW), Err(TokenError::AlgorithmNotAllowed));
+        assert_eq!(
+            v.verify(&hs256(serde_json::json!({"exp": NOW + 10})), NOW),
+            Err(TokenError::AlgorithmNotAllowed)
+        );
     }
 }

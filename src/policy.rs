@@ -219,10 +219,13 @@ fn authenticate(
     let id = verifier
         .verify(token, now)
         .map_err(|e| (401, format!("Invalid token: {e}")))?;
-    if !route.roles.is_empty() && !route.roles.iter().any(|r| *r == id.role) {
+    if !route.roles.is_empty() && !route.roles.contains(&id.role) {
         return Err((
             403,
-            format!("Role '{}' is not allowed to access route '{}'", id.role, route.name),
+            format!(
+                "Role '{}' is not allowed to access route '{}'",
+                id.role, route.name
+            ),
         ));
     }
     Ok(id)
@@ -286,19 +289,33 @@ mod tests {
 
     #[test]
     fn public_route_forwards_with_trace_and_strips_identity_headers() {
-        let h = req("GET", "/api/v1/products/1?x=1", &[("x-user-id", "spoof"), ("X-User-Role", "admin"), ("x-user-anything", "1")]);
+        let h = req(
+            "GET",
+            "/api/v1/products/1?x=1",
+            &[
+                ("x-user-id", "spoof"),
+                ("X-User-Role", "admin"),
+                ("x-user-anything", "1"),
+            ],
+        );
         let o = decide(&cfg(), &h, NOW, &RND);
         let (remove, set) = forward(&o);
         assert_eq!(remove, &vec!["x-user-id", "x-user-role", "x-user-anything"]);
         assert_eq!(o.route.as_deref(), Some("products"));
         assert!(set.iter().any(|(k, v)| *k == "x-gateway" && v == "gw-test"));
-        assert!(set.iter().any(|(k, v)| *k == "x-trace-id" && *v == o.trace.trace_id));
+        assert!(set
+            .iter()
+            .any(|(k, v)| *k == "x-trace-id" && *v == o.trace.trace_id));
         assert!(!set.iter().any(|(k, _)| k.starts_with("x-user-")));
     }
 
     #[test]
     fn authenticated_route_injects_identity() {
-        let h = req("GET", "/api/v1/users/123", &[("authorization", &format!("Bearer {}", token("user")))]);
+        let h = req(
+            "GET",
+            "/api/v1/users/123",
+            &[("authorization", &format!("Bearer {}", token("user")))],
+        );
         let o = decide(&cfg(), &h, NOW, &RND);
         let (_, set) = forward(&o);
         let get = |name: &str| set.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str());
@@ -310,14 +327,30 @@ mod tests {
     #[test]
     fn auth_errors_match_the_reference_messages() {
         let c = cfg();
-        let cases: Vec<(Vec<(&str, String)>, u16, &str)> = vec![
+        type Case<'a> = (Vec<(&'a str, String)>, u16, &'a str);
+        let cases: Vec<Case> = vec![
             (vec![], 401, MSG_AUTH_MISSING),
             (vec![("authorization", "Basic abc".into())], 401, MSG_AUTH_FORMAT),
             (vec![("authorization", "Bearer".into())], 401, MSG_AUTH_FORMAT),
             (vec![("authorization", "Bearer a b".into())], 401, MSG_AUTH_FORMAT),
-            (vec![("authorization", format!("Bearer {}", token("user"))), ("authorization", format!("Bearer {}", token("user")))], 401, MSG_AUTH_FORMAT),
-            (vec![("authorization", "Bearer garbage".into())], 401, "Invalid token: malformed token"),
-            (vec![("authorization", format!("bearer {}", token("user")))], 200, ""),
+            (
+                vec![
+                    ("authorization", format!("Bearer {}", token("user"))),
+                    ("authorization", format!("Bearer {}", token("user"))),
+                ],
+                401,
+                MSG_AUTH_FORMAT,
+            ),
+            (
+                vec![("authorization", "Bearer garbage".into())],
+                401,
+                "Invalid token: malformed token",
+            ),
+            (
+                vec![("authorization", format!("bearer {}", token("user")))],
+                200,
+                "",
+            ),
         ];
         for (extra, status, message) in cases {
             let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -346,11 +379,29 @@ mod tests {
     #[test]
     fn roles_are_enforced() {
         let c = cfg();
-        let user = decide(&c, &req("GET", "/api/v1/admin/x", &[("authorization", &format!("Bearer {}", token("user")))]), NOW, &RND);
+        let user = decide(
+            &c,
+            &req(
+                "GET",
+                "/api/v1/admin/x",
+                &[("authorization", &format!("Bearer {}", token("user")))],
+            ),
+            NOW,
+            &RND,
+        );
         let r = reply(&user);
         assert_eq!(r.status, 403);
         assert_eq!(body(r)["error"], "Forbidden");
-        let admin = decide(&c, &req("GET", "/api/v1/admin/x", &[("authorization", &format!("Bearer {}", token("admin")))]), NOW, &RND);
+        let admin = decide(
+            &c,
+            &req(
+                "GET",
+                "/api/v1/admin/x",
+                &[("authorization", &format!("Bearer {}", token("admin")))],
+            ),
+            NOW,
+            &RND,
+        );
         forward(&admin);
     }
 
@@ -381,7 +432,12 @@ mod tests {
     #[test]
     fn incoming_trace_id_is_kept_and_appears_in_errors() {
         let id = "0af7651916cd43dd8448eb211c80319c";
-        let o = decide(&cfg(), &req("GET", "/api/v1/users/1", &[("x-trace-id", id)]), NOW, &RND);
+        let o = decide(
+            &cfg(),
+            &req("GET", "/api/v1/users/1", &[("x-trace-id", id)]),
+            NOW,
+            &RND,
+        );
         assert_eq!(o.trace.trace_id, id);
         assert_eq!(body(reply(&o))["trace_id"], id);
         assert!(reply(&o).headers.contains(&("x-trace-id", id.to_string())));

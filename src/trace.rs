@@ -14,12 +14,10 @@ pub struct TraceContext {
     pub traceparent: String,
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
 fn push_hex(out: &mut String, bytes: &[u8]) {
     for b in bytes {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+        out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+        out.push(char::from_digit(u32::from(b & 0x0f), 16).unwrap_or('0'));
     }
 }
 
@@ -56,7 +54,8 @@ fn parse_traceparent(tp: &str) -> Option<(&str, &str)> {
     if parts.next().is_some() || version != "00" {
         return None;
     }
-    let lower_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let lower_hex =
+        |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     if !lower_hex(trace, 32) || !lower_hex(span, 16) || !lower_hex(flags, 2) {
         return None;
     }
@@ -115,31 +114,44 @@ mod tests {
     use super::*;
 
     const RND: [u8; RANDOM_BYTES] = [
-        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
-        1, 2, 3, 4, 5, 6, 7, 8,
+        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff, 1, 2,
+        3, 4, 5, 6, 7, 8,
     ];
 
     #[test]
     fn generates_uuid_v4_and_consistent_traceparent() {
         let t = trace_context(None, None, &RND);
         assert_eq!(t.trace_id, "00112233-4455-4677-8899-aabbccddeeff");
-        assert_eq!(t.traceparent, "00-00112233445546778899aabbccddeeff-0102030405060708-01");
+        assert_eq!(
+            t.traceparent,
+            "00-00112233445546778899aabbccddeeff-0102030405060708-01"
+        );
     }
 
     #[test]
     fn keeps_a_well_formed_incoming_id() {
         let t = trace_context(Some("ABCDEF01-2345-6789-abcd-ef0123456789"), None, &RND);
         assert_eq!(t.trace_id, "ABCDEF01-2345-6789-abcd-ef0123456789");
-        assert_eq!(t.traceparent, "00-abcdef0123456789abcdef0123456789-0102030405060708-01");
+        assert_eq!(
+            t.traceparent,
+            "00-abcdef0123456789abcdef0123456789-0102030405060708-01"
+        );
         let t = trace_context(Some("4bf92f3577b34da6a3ce929d0e0e4736"), None, &RND);
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
     #[test]
     fn replaces_malformed_ids() {
-        for bad in ["", "x", "not-a-uuid-not-a-uuid-not-a-uuid-xx", "00000000-0000-0000-0000-000000000000",
-            "abcdef0123456789abcdef012345678g", "abcdef01-2345-6789-abcd-ef012345678\n", "a\r\nb",
-            "abcdef0123-45-6789-abcd-ef012345678"] {
+        for bad in [
+            "",
+            "x",
+            "not-a-uuid-not-a-uuid-not-a-uuid-xx",
+            "00000000-0000-0000-0000-000000000000",
+            "abcdef0123456789abcdef012345678g",
+            "abcdef01-2345-6789-abcd-ef012345678\n",
+            "a\r\nb",
+            "abcdef0123-45-6789-abcd-ef012345678",
+        ] {
             let t = trace_context(Some(bad), None, &RND);
             assert_eq!(t.trace_id, "00112233-4455-4677-8899-aabbccddeeff", "{bad:?}");
         }
@@ -150,10 +162,17 @@ mod tests {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
         let t = trace_context(None, Some(tp), &RND);
         assert_eq!(t.trace_id, "4bf92f35-77b3-4da6-a3ce-929d0e0e4736");
-        assert_eq!(t.traceparent, "00-4bf92f3577b34da6a3ce929d0e0e4736-0102030405060708-00");
-        for bad in ["01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        assert_eq!(
+            t.traceparent,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0102030405060708-00"
+        );
+        for bad in [
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", "00-xyz", ""] {
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-xyz",
+            "",
+        ] {
             let t = trace_context(None, Some(bad), &RND);
             assert_eq!(t.trace_id, "00112233-4455-4677-8899-aabbccddeeff", "{bad:?}");
         }

@@ -36,14 +36,15 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
-            Ok(Some(b)) => b,
-            Ok(None) => Vec::new(),
-            Err(status) => {
-                error!("gateway filter: cannot read plugin configuration: {status:?}");
-                return false;
-            }
-        };
+        let bytes =
+            match hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
+                Ok(Some(b)) => b,
+                Ok(None) => Vec::new(),
+                Err(status) => {
+                    error!("gateway filter: cannot read plugin configuration: {status:?}");
+                    return false;
+                }
+            };
         match Config::from_json(&bytes) {
             Ok(cfg) => {
                 info!(
@@ -98,7 +99,10 @@ fn random_bytes() -> [u8; RANDOM_BYTES] {
     if let Err(e) = getrandom::fill(&mut buf) {
         // Fall back to the clock: trace ids only need to be unique-ish, never secret.
         warn!("getrandom failed: {e}");
-        let nanos = now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_nanos();
+        let nanos = now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_nanos();
         for (i, b) in buf.iter_mut().enumerate() {
             *b = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8);
         }
@@ -108,7 +112,9 @@ fn random_bytes() -> [u8; RANDOM_BYTES] {
 
 fn send_reply(reply: &Reply) {
     let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    if let Err(status) = hostcalls::send_http_response(u32::from(reply.status), headers, Some(reply.body.as_bytes())) {
+    if let Err(status) =
+        hostcalls::send_http_response(u32::from(reply.status), headers, Some(reply.body.as_bytes()))
+    {
         error!("send_http_response failed: {status:?}");
     }
 }
@@ -125,7 +131,8 @@ impl HttpContext for Request {
                 return Action::Pause;
             }
         };
-        let Outcome { trace, action, .. } = policy::decide(&self.config, &headers, unix_seconds(start), &random_bytes());
+        let Outcome { trace, action, .. } =
+            policy::decide(&self.config, &headers, unix_seconds(start), &random_bytes());
         self.trace_id = Some(trace.trace_id);
         match action {
             policy::Action::Forward { remove, set } => {
@@ -149,8 +156,16 @@ impl HttpContext for Request {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, HEADER_TRACE_ID, Some(id));
         }
         if let Some(start) = self.started {
-            let ms = now().duration_since(start).unwrap_or(Duration::ZERO).as_secs_f64() * 1000.0;
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, HEADER_RESPONSE_TIME, Some(&format!("{ms:.2}ms")));
+            let ms = now()
+                .duration_since(start)
+                .unwrap_or(Duration::ZERO)
+                .as_secs_f64()
+                * 1000.0;
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                HEADER_RESPONSE_TIME,
+                Some(&format!("{ms:.2}ms")),
+            );
         }
         Action::Continue
     }

@@ -17,7 +17,7 @@ pub const LISTENER_NAME: &str = "gateway";
 fn seconds(s: f64) -> String {
     // Envoy durations: up to nanosecond precision; keep it readable.
     let ms = (s * 1000.0).round() as u64;
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{}.{:03}s", ms / 1000, ms % 1000)
@@ -33,7 +33,12 @@ fn json_error(error: &str, message: &str) -> Value {
 }
 
 /// The bootstrap as a JSON value (serialized to YAML by the caller).
-pub fn bootstrap(file: &GatewayFile, filter: &FilterConfig, endpoints: &[Vec<Endpoint>], opts: &RenderOptions) -> Result<Value, String> {
+pub fn bootstrap(
+    file: &GatewayFile,
+    filter: &FilterConfig,
+    endpoints: &[Vec<Endpoint>],
+    opts: &RenderOptions,
+) -> Result<Value, String> {
     let g = &file.gateway;
     let filter_json = serde_json::to_string(filter).map_err(|e| e.to_string())?;
     // Route order must match the filter's: most specific prefix first.
@@ -41,7 +46,9 @@ pub fn bootstrap(file: &GatewayFile, filter: &FilterConfig, endpoints: &[Vec<End
 
     let mut routes: Vec<Value> = Vec::new();
     for vr in &validated.routes {
-        let Some(r) = file.routes.iter().find(|r| r.name == vr.name) else { continue };
+        let Some(r) = file.routes.iter().find(|r| r.name == vr.name) else {
+            continue;
+        };
         let matcher = if vr.full_prefix == "/" {
             json!({"prefix": "/"})
         } else {
@@ -76,7 +83,13 @@ pub fn bootstrap(file: &GatewayFile, filter: &FilterConfig, endpoints: &[Vec<End
             .cors
             .allow_origins
             .iter()
-            .map(|o| if o == "*" { json!({"safe_regex": {"regex": ".*"}}) } else { json!({"exact": o}) })
+            .map(|o| {
+                if o == "*" {
+                    json!({"safe_regex": {"regex": ".*"}})
+                } else {
+                    json!({"exact": o})
+                }
+            })
             .collect();
         vhost["typed_per_filter_config"] = json!({
             "envoy.filters.http.cors": {
@@ -207,7 +220,9 @@ mod tests {
     fn render(yaml: &str) -> Value {
         let file: GatewayFile = serde_yaml::from_str(yaml).unwrap();
         let eps = file.validate_envoy_side().unwrap();
-        let fc = file.filter_config(&|_| Some("secret-secret-secret".into())).unwrap();
+        let fc = file
+            .filter_config(&|_| Some("secret-secret-secret".into()))
+            .unwrap();
         bootstrap(&file, &fc, &eps, &RenderOptions { wasm_path: "/x.wasm" }).unwrap()
     }
 
@@ -228,15 +243,27 @@ routes:
     fn routes_timeouts_and_retries() {
         let v = render(YAML);
         let routes = &hcm(&v)["route_config"]["virtual_hosts"][0]["routes"];
-        let names: Vec<&str> = routes.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["order-items", "orders", "users", "health", "not_found"], "most specific first");
+        let names: Vec<&str> = routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["order-items", "orders", "users", "health", "not_found"],
+            "most specific first"
+        );
         let users = &routes[2];
         assert_eq!(users["match"]["path_separated_prefix"], "/api/v1/users");
         assert_eq!(users["route"]["timeout"], "5s");
         assert_eq!(users["route"]["retry_policy"]["num_retries"], 2);
         let orders = &routes[1];
         assert_eq!(orders["route"]["timeout"], "0.500s");
-        assert!(orders["route"].get("retry_policy").is_none(), "retry: 0 means no retries");
+        assert!(
+            orders["route"].get("retry_policy").is_none(),
+            "retry: 0 means no retries"
+        );
         assert_eq!(routes[3]["match"]["path"], "/health");
         assert_eq!(routes[4]["name"], "not_found");
     }
@@ -247,15 +274,29 @@ routes:
         let clusters = &v["static_resources"]["clusters"];
         assert_eq!(clusters[0]["type"], "STATIC");
         assert_eq!(clusters[1]["type"], "STRICT_DNS");
-        assert_eq!(clusters[1]["load_assignment"]["endpoints"][0]["lb_endpoints"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            clusters[1]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
         assert_eq!(clusters[0]["circuit_breakers"]["thresholds"][0]["max_retries"], 3);
         assert_eq!(clusters[0]["outlier_detection"]["consecutive_5xx"], 5);
         let filters = hcm(&v)["http_filters"].as_array().unwrap();
         let names: Vec<&str> = filters.iter().map(|f| f["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["envoy.filters.http.cors", "envoy.filters.http.wasm", "envoy.filters.http.router"]);
+        assert_eq!(
+            names,
+            [
+                "envoy.filters.http.cors",
+                "envoy.filters.http.wasm",
+                "envoy.filters.http.router"
+            ]
+        );
         let wasm = &filters[1]["typed_config"]["config"];
         assert_eq!(wasm["failure_policy"], "FAIL_RELOAD");
-        let embedded: FilterConfig = serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
+        let embedded: FilterConfig =
+            serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
         assert_eq!(embedded.routes.len(), 3);
         assert_eq!(embedded.jwt.unwrap().secret, "secret-secret-secret");
         assert_eq!(v["admin"]["address"]["socket_address"]["port_value"], 9901);
