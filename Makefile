@@ -8,7 +8,7 @@ RENDER   := target/release/gateway-render
 WASM_OPT_FLAGS := -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
 
-.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean
+.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean compose-config
 
 help:
 	@echo "make run    build everything and start the demo stack (Envoy :8000, admin :9901, demo services)"
@@ -56,3 +56,7 @@ validate: build
 clean:
 	cargo clean
 	rm -rf build
+
+compose-config: build
+	JWT_SECRET=$${JWT_SECRET:-demo-secret-change-me-demo-secret-change-me} \
+	  $(RENDER) --wasm /etc/gateway/gateway_filter.wasm --out build/envoy.compose.yaml
