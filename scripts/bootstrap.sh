@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ENVOY_VERSION=1.40.0
 PYTEST_VERSION=9.2.0
 # command -> Debian package
-declare -A DEBS=([wasm-opt]=binaryen [curl]=curl)
+declare -A DEBS=([wasm-opt]=binaryen [curl]=curl [redis-server]=redis-server [redis-cli]=redis-tools [webdis]=webdis)
 
 missing=()
 for cmd in "${!DEBS[@]}"; do

@@ -9,8 +9,19 @@ if [ -z "${JWT_SECRET:-}" ]; then
   export JWT_SECRET="$DEMO_SECRET"
 fi
 
+REDIS_PORT="${REDIS_PORT:-6379}"
+WEBDIS_PORT="${WEBDIS_PORT:-7379}"
+
 mkdir -p build
-target/release/gateway-render --config config/gateway.yaml --wasm "$PWD/build/gateway_filter.wasm" --out build/envoy.yaml
+# The gateway file names webdis at 7379; follow WEBDIS_PORT if it was overridden.
+sed "s#webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:${WEBDIS_PORT}#" config/gateway.yaml > build/gateway.yaml
+target/release/gateway-render --config build/gateway.yaml --wasm "$PWD/build/gateway_filter.wasm" --out build/envoy.yaml
+python3 - "$REDIS_PORT" "$WEBDIS_PORT" <<'PY'
+import json, sys
+cfg = json.load(open("config/webdis.json"))
+cfg.update(redis_port=int(sys.argv[1]), http_port=int(sys.argv[2]))
+json.dump(cfg, open("build/webdis.json", "w"), indent=2)
+PY
 
 pids=()
 cleanup() {
@@ -20,6 +31,11 @@ cleanup() {
   echo "stopped."
 }
 trap cleanup INT TERM EXIT
+
+redis-server config/redis.conf --port "$REDIS_PORT" --dir "$PWD/build" &
+pids+=($!)
+webdis build/webdis.json &
+pids+=($!)
 
 python3 demo/services.py \
   --echo user-service=8001 --echo order-service=8002 --echo product-service=8003 \
@@ -32,7 +48,8 @@ pids+=($!)
 pids+=($!)
 
 for _ in $(seq 1 100); do
-  if curl -fs http://127.0.0.1:9901/ready >/dev/null 2>&1 && curl -fs -o /dev/null http://127.0.0.1:8000/health; then
+  if curl -fs http://127.0.0.1:9901/ready >/dev/null 2>&1 && curl -fs -o /dev/null http://127.0.0.1:8000/health \
+     && curl -fs -o /dev/null "http://127.0.0.1:${WEBDIS_PORT}/PING"; then
     break
   fi
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || { echo "a process exited during startup" >&2; exit 1; }; done
@@ -44,6 +61,7 @@ cat <<TXT
 Gateway is up.
   Envoy + filter      http://127.0.0.1:8000   (routes under /api/v1, /health)
   Envoy admin         http://127.0.0.1:9901   (stats: /stats, /stats/prometheus)
+  Redis               127.0.0.1:${REDIS_PORT}     webdis http://127.0.0.1:${WEBDIS_PORT}
   user-service 8001   order-service 8002   product-service 8003   payment-service 8004
   auth-service 8005   search-service 8006  comment-service 8007   admin-service 8008
 
@@ -54,6 +72,9 @@ Try:
   curl -s localhost:8000/api/v1/users/123 -H "Authorization: Bearer \$TOKEN"
   curl -s localhost:8000/api/v1/admin/anything -H "Authorization: Bearer \$TOKEN"
   (alice/alice123 logs in with role "user": the admin route answers her 403)
+  curl -s -X POST localhost:8000/api/v1/auth/refresh -H "Authorization: Bearer \$TOKEN"
+  curl -s -X POST localhost:8000/api/v1/admin/users/user-002/revoke -H "Authorization: Bearer \$TOKEN"
+  curl -s -X POST localhost:8000/api/v1/auth/logout -H "Authorization: Bearer \$TOKEN"   # then reuse it: 401
 
 Ctrl-C stops everything.
 TXT

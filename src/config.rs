@@ -10,6 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::jwt::{Algorithm, Verifier};
+use crate::revocation::FailureMode;
 
 /// Methods a route may list.
 pub const KNOWN_METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
@@ -43,6 +44,142 @@ pub struct FilterConfig {
     /// The gateway routes.
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
+    /// Token revocation through webdis; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<RevocationSettings>,
+}
+
+/// Revocation settings (JSON). Paths are relative to `prefix`; an empty path disables that endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationSettings {
+    /// Envoy cluster of the webdis sidecar.
+    #[serde(default = "default_webdis_cluster")]
+    pub cluster: String,
+    #[serde(default = "default_revocation_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How long an answer is reused from shared data; 0 asks webdis every time.
+    #[serde(default = "default_cache_ttl_ms")]
+    pub cache_ttl_ms: u64,
+    /// Number of shared-data cache slots (the memory bound).
+    #[serde(default = "default_cache_slots")]
+    pub cache_slots: u32,
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// Lifetime of `user:revoked_before:<sub>`: at least the longest token lifetime.
+    #[serde(default = "default_ban_ttl")]
+    pub ban_ttl_seconds: u64,
+    #[serde(default = "default_logout_path")]
+    pub logout_path: String,
+    #[serde(default = "default_revoke_user_path")]
+    pub revoke_user_path: String,
+    #[serde(default = "default_revoke_roles")]
+    pub revoke_roles: Vec<String>,
+    #[serde(default)]
+    pub refresh: RefreshSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshSettings {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_refresh_path")]
+    pub path: String,
+    /// Only tokens expiring within this many seconds may be refreshed; none = any valid token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+    /// Lifetime of the new token; none = the old token's lifetime (`exp - iat`, else 30 minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ttl_seconds: Option<u64>,
+}
+
+impl Default for RefreshSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: default_refresh_path(),
+            window_seconds: None,
+            token_ttl_seconds: None,
+        }
+    }
+}
+
+pub fn default_webdis_cluster() -> String {
+    "webdis".to_string()
+}
+fn default_revocation_timeout_ms() -> u64 {
+    200
+}
+fn default_cache_ttl_ms() -> u64 {
+    1000
+}
+pub(crate) fn default_cache_slots() -> u32 {
+    4096
+}
+pub(crate) fn default_ban_ttl() -> u64 {
+    86_400
+}
+pub(crate) fn default_logout_path() -> String {
+    "/auth/logout".to_string()
+}
+pub(crate) fn default_revoke_user_path() -> String {
+    "/admin/users/{id}/revoke".to_string()
+}
+pub(crate) fn default_revoke_roles() -> Vec<String> {
+    vec!["admin".to_string()]
+}
+pub(crate) fn default_refresh_path() -> String {
+    "/auth/refresh".to_string()
+}
+
+/// Token lifetime used by refresh when neither the settings nor the old token say (the
+/// reference's 30 minutes).
+pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 1800;
+
+/// Validated revocation settings with full paths.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    pub cluster: String,
+    pub timeout_ms: u64,
+    pub cache_ttl_ms: u64,
+    pub cache_slots: u32,
+    pub failure_mode: FailureMode,
+    pub ban_ttl_seconds: u64,
+    pub logout_path: Option<String>,
+    pub refresh: Option<Refresh>,
+    /// The revoke-user path split around `{id}`.
+    pub revoke_user: Option<(String, String)>,
+    pub revoke_roles: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Refresh {
+    pub path: String,
+    pub window_seconds: Option<u64>,
+    pub token_ttl_seconds: Option<u64>,
+}
+
+/// A gateway-answered endpoint a path may name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointPath {
+    Logout,
+    Refresh,
+    RevokeUser(String),
+}
+
+impl Revocation {
+    pub fn endpoint(&self, path: &str) -> Option<EndpointPath> {
+        if self.logout_path.as_deref() == Some(path) {
+            return Some(EndpointPath::Logout);
+        }
+        if self.refresh.as_ref().is_some_and(|r| r.path == path) {
+            return Some(EndpointPath::Refresh);
+        }
+        let (head, tail) = self.revoke_user.as_ref()?;
+        let id = path.strip_prefix(head.as_str())?.strip_suffix(tail.as_str())?;
+        (!id.contains('/')).then(|| EndpointPath::RevokeUser(id.to_string()))
+    }
 }
 
 /// JWT settings with the secret already resolved.
@@ -157,6 +294,7 @@ pub struct Config {
     pub verifier: Option<Verifier>,
     /// Routes ordered longest prefix first, so the most specific one wins.
     pub routes: Vec<Route>,
+    pub revocation: Option<Revocation>,
 }
 
 impl Config {
@@ -323,7 +461,18 @@ impl TryFrom<FilterConfig> for Config {
             }
         }
 
+        let revocation = match &raw.revocation {
+            None => None,
+            Some(rv) => {
+                if verifier.is_none() {
+                    return Err(ConfigError::new("revocation", "needs a jwt section"));
+                }
+                Some(build_revocation(&raw.prefix, rv)?)
+            }
+        };
+
         Ok(Config {
+            revocation,
             prefix: raw.prefix,
             gateway_name: raw.gateway_name,
             passthrough_paths: raw.passthrough_paths,
@@ -331,6 +480,89 @@ impl TryFrom<FilterConfig> for Config {
             routes,
         })
     }
+}
+
+fn build_revocation(prefix: &str, rv: &RevocationSettings) -> Result<Revocation, ConfigError> {
+    check_name("revocation.cluster", &rv.cluster)?;
+    if !(1..=60_000).contains(&rv.timeout_ms) {
+        return Err(ConfigError::new("revocation.timeout_ms", "must be 1 to 60000"));
+    }
+    if rv.cache_ttl_ms > 3_600_000 {
+        return Err(ConfigError::new(
+            "revocation.cache_ttl_ms",
+            "must be at most 3600000",
+        ));
+    }
+    if !(1..=1_000_000).contains(&rv.cache_slots) {
+        return Err(ConfigError::new("revocation.cache_slots", "must be 1 to 1000000"));
+    }
+    if rv.ban_ttl_seconds == 0 {
+        return Err(ConfigError::new("revocation.ban_ttl_seconds", "must be positive"));
+    }
+    let full = |field: &str, p: &str| -> Result<Option<String>, ConfigError> {
+        if p.is_empty() {
+            return Ok(None);
+        }
+        check_path_prefix(field, p, false)?;
+        Ok(Some(format!("{prefix}{p}")))
+    };
+    let logout_path = full("revocation.logout_path", &rv.logout_path)?;
+    let refresh = if rv.refresh.enabled {
+        let path = full("revocation.refresh.path", &rv.refresh.path)?
+            .ok_or_else(|| ConfigError::new("revocation.refresh.path", "must not be empty when enabled"))?;
+        if rv.refresh.token_ttl_seconds == Some(0) {
+            return Err(ConfigError::new(
+                "revocation.refresh.token_ttl_seconds",
+                "must be positive",
+            ));
+        }
+        Some(Refresh {
+            path,
+            window_seconds: rv.refresh.window_seconds,
+            token_ttl_seconds: rv.refresh.token_ttl_seconds,
+        })
+    } else {
+        None
+    };
+    let revoke_user = if rv.revoke_user_path.is_empty() {
+        None
+    } else {
+        let field = "revocation.revoke_user_path";
+        let (head, tail) = rv
+            .revoke_user_path
+            .split_once("/{id}")
+            .ok_or_else(|| ConfigError::new(field, "must contain a /{id} segment"))?;
+        if tail.contains("{id}") || !(tail.is_empty() || tail.starts_with('/')) {
+            return Err(ConfigError::new(field, "must contain exactly one /{id} segment"));
+        }
+        check_path_prefix(field, &format!("{head}{tail}"), false)?;
+        Some((format!("{prefix}{head}/"), tail.to_string()))
+    };
+    if revoke_user.is_some() && rv.revoke_roles.is_empty() {
+        return Err(ConfigError::new(
+            "revocation.revoke_roles",
+            "must name at least one role",
+        ));
+    }
+    let paths = [logout_path.as_deref(), refresh.as_ref().map(|r| r.path.as_str())];
+    if paths[0].is_some() && paths[0] == paths[1] {
+        return Err(ConfigError::new(
+            "revocation.refresh.path",
+            "must differ from logout_path",
+        ));
+    }
+    Ok(Revocation {
+        cluster: rv.cluster.clone(),
+        timeout_ms: rv.timeout_ms,
+        cache_ttl_ms: rv.cache_ttl_ms,
+        cache_slots: rv.cache_slots,
+        failure_mode: rv.failure_mode,
+        ban_ttl_seconds: rv.ban_ttl_seconds,
+        logout_path,
+        refresh,
+        revoke_user,
+        revoke_roles: rv.revoke_roles.clone(),
+    })
 }
 
 fn build_verifier(jwt: &JwtSettings) -> Result<Verifier, ConfigError> {
@@ -527,6 +759,56 @@ mod tests {
             mutate(&mut v);
             let err = parse(v).err().unwrap_or_else(|| panic!("{what}: accepted"));
             assert!(err.to_string().contains(expected), "{what}: got {err}");
+        }
+    }
+
+    #[test]
+    fn revocation_endpoints() {
+        let mut v = base();
+        v["revocation"] = serde_json::json!({});
+        let cfg = parse(v).unwrap();
+        let rv = cfg.revocation.unwrap();
+        assert_eq!(rv.timeout_ms, 200);
+        assert_eq!(rv.cache_ttl_ms, 1000);
+        assert_eq!(rv.endpoint("/api/v1/auth/logout"), Some(EndpointPath::Logout));
+        assert_eq!(rv.endpoint("/api/v1/auth/refresh"), Some(EndpointPath::Refresh));
+        assert_eq!(
+            rv.endpoint("/api/v1/admin/users/user-001/revoke"),
+            Some(EndpointPath::RevokeUser("user-001".into()))
+        );
+        assert_eq!(rv.endpoint("/api/v1/admin/users/a/b/revoke"), None);
+        assert_eq!(rv.endpoint("/api/v1/admin/users/revoke"), None);
+        assert_eq!(rv.endpoint("/api/v1/auth/login"), None);
+    }
+
+    #[test]
+    fn revocation_rejections() {
+        let cases = [
+            (serde_json::json!({"timeout_ms": 0}), "revocation.timeout_ms"),
+            (serde_json::json!({"cache_slots": 0}), "revocation.cache_slots"),
+            (
+                serde_json::json!({"failure_mode": "maybe"}),
+                "unknown variant `maybe`",
+            ),
+            (
+                serde_json::json!({"revoke_user_path": "/admin/users/revoke"}),
+                "revocation.revoke_user_path: must contain",
+            ),
+            (
+                serde_json::json!({"logout_path": "auth/logout"}),
+                "revocation.logout_path: must start with",
+            ),
+            (
+                serde_json::json!({"refresh": {"path": "/auth/logout"}}),
+                "revocation.refresh.path: must differ",
+            ),
+            (serde_json::json!({"cluster": "web dis"}), "revocation.cluster"),
+        ];
+        for (rv, expected) in cases {
+            let mut v = base();
+            v["revocation"] = rv;
+            let err = parse(v).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
         }
     }
 

@@ -7,9 +7,13 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    check_name, default_algorithms, default_clock_skew, default_methods, default_true, Config, ConfigError,
-    FilterConfig, JwtSettings, RouteSettings, DEFAULT_GATEWAY_NAME, MAX_CLOCK_SKEW_SECONDS,
+    check_name, default_algorithms, default_ban_ttl, default_cache_slots, default_clock_skew,
+    default_logout_path, default_methods, default_refresh_path, default_revoke_roles,
+    default_revoke_user_path, default_true, default_webdis_cluster, Config, ConfigError, FilterConfig,
+    JwtSettings, RefreshSettings, RevocationSettings, RouteSettings, DEFAULT_GATEWAY_NAME,
+    MAX_CLOCK_SKEW_SECONDS,
 };
+use crate::revocation::FailureMode as RevocationFailureMode;
 
 /// The whole gateway file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,6 +24,71 @@ pub struct GatewayFile {
     pub jwt: Option<JwtSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    #[serde(default)]
+    pub revocation: Option<RevocationSection>,
+}
+
+/// `revocation:`: logout, refresh and bans kept in Redis, reached through webdis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationSection {
+    /// webdis address; rendered as the Envoy cluster `webdis`.
+    pub webdis: String,
+    /// Callout timeout, seconds (default 0.2).
+    #[serde(default = "default_revocation_timeout")]
+    pub timeout: f64,
+    /// Seconds an answer is reused from shared data (default 1; 0 asks every time).
+    #[serde(default = "default_revocation_cache_ttl")]
+    pub cache_ttl: f64,
+    #[serde(default = "default_cache_slots")]
+    pub cache_slots: u32,
+    /// `deny` (503, the default) or `allow` (let through, counted) when webdis/Redis fails.
+    #[serde(default)]
+    pub failure_mode: RevocationFailureMode,
+    /// Seconds a ban (`user:revoked_before:<sub>`) lives; at least the longest token lifetime.
+    #[serde(default = "default_ban_ttl")]
+    pub ban_ttl: u64,
+    #[serde(default = "default_logout_path")]
+    pub logout_path: String,
+    #[serde(default = "default_revoke_user_path")]
+    pub revoke_user_path: String,
+    #[serde(default = "default_revoke_roles")]
+    pub revoke_roles: Vec<String>,
+    #[serde(default)]
+    pub refresh: RefreshSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshSection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_refresh_path")]
+    pub path: String,
+    /// Only tokens expiring within this many seconds may be refreshed (default: any).
+    #[serde(default)]
+    pub window: Option<u64>,
+    /// Lifetime of the new token in seconds (default: the old token's lifetime).
+    #[serde(default)]
+    pub token_ttl: Option<u64>,
+}
+
+impl Default for RefreshSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: default_refresh_path(),
+            window: None,
+            token_ttl: None,
+        }
+    }
+}
+
+fn default_revocation_timeout() -> f64 {
+    0.2
+}
+fn default_revocation_cache_ttl() -> f64 {
+    1.0
 }
 
 /// `gateway:`: the listener and everything that applies to all routes.
@@ -395,6 +464,8 @@ fn gateway_field(field: &str) -> String {
         "prefix" => "gateway.prefix".to_string(),
         "gateway_name" => "gateway.name".to_string(),
         f if f.starts_with("passthrough_paths") => "gateway.health_path".to_string(),
+        "revocation.ban_ttl_seconds" => "revocation.ban_ttl".to_string(),
+        "revocation.refresh.token_ttl_seconds" => "revocation.refresh.token_ttl".to_string(),
         "jwt.clock_skew_seconds" => "jwt.clock_skew".to_string(),
         f => f.to_string(),
     }
@@ -448,6 +519,15 @@ impl GatewayFile {
                 "gateway.outlier_detection.max_ejection_percent",
                 "must be at most 100",
             ));
+        }
+        if let Some(rv) = &self.revocation {
+            parse_upstream("revocation.webdis", &rv.webdis)?;
+            if self.routes.iter().any(|r| r.name == default_webdis_cluster()) {
+                return Err(ConfigError::new(
+                    "revocation",
+                    "a route named \"webdis\" clashes with the webdis cluster",
+                ));
+            }
         }
         let mut all = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
@@ -536,7 +616,37 @@ impl GatewayFile {
                 })
             }
         };
+        let revocation = match &self.revocation {
+            None => None,
+            Some(rv) => {
+                check_seconds("revocation.timeout", rv.timeout, 60.0)?;
+                if !(rv.cache_ttl.is_finite() && (0.0..=3600.0).contains(&rv.cache_ttl)) {
+                    return Err(ConfigError::new(
+                        "revocation.cache_ttl",
+                        "must be 0 to 3600 seconds",
+                    ));
+                }
+                Some(RevocationSettings {
+                    cluster: default_webdis_cluster(),
+                    timeout_ms: (rv.timeout * 1000.0).round() as u64,
+                    cache_ttl_ms: (rv.cache_ttl * 1000.0).round() as u64,
+                    cache_slots: rv.cache_slots,
+                    failure_mode: rv.failure_mode,
+                    ban_ttl_seconds: rv.ban_ttl,
+                    logout_path: rv.logout_path.clone(),
+                    revoke_user_path: rv.revoke_user_path.clone(),
+                    revoke_roles: rv.revoke_roles.clone(),
+                    refresh: RefreshSettings {
+                        enabled: rv.refresh.enabled,
+                        path: rv.refresh.path.clone(),
+                        window_seconds: rv.refresh.window,
+                        token_ttl_seconds: rv.refresh.token_ttl,
+                    },
+                })
+            }
+        };
         let fc = FilterConfig {
+            revocation,
             prefix: self.gateway.prefix.clone(),
             gateway_name: self.gateway.name.clone(),
             passthrough_paths: vec![self.gateway.health_path.clone()],

@@ -189,6 +189,37 @@ impl Verifier {
         self.clock_skew
     }
 
+    /// Issues a token for the same identity (`sub`, `name`, `role`, plus the configured `iss` and
+    /// `aud`) with new `iat`, `exp` and `jti`, signed with the first configured algorithm.
+    pub fn issue(&self, id: &Identity, now: i64, ttl_seconds: i64, jti: &str) -> Result<String, String> {
+        let mut custom = serde_json::Map::new();
+        if let Some(sub) = &id.user_id {
+            custom.insert("sub".into(), sub.clone().into());
+        }
+        if let Some(name) = &id.user_name {
+            custom.insert("name".into(), name.clone().into());
+        }
+        custom.insert("role".into(), id.role.clone().into());
+        custom.insert("jti".into(), jti.into());
+        if let Some(iss) = &self.issuer {
+            custom.insert("iss".into(), iss.clone().into());
+        }
+        if let Some(aud) = &self.audience {
+            custom.insert("aud".into(), aud.clone().into());
+        }
+        let mut claims = Claims::new(custom);
+        claims.issued_at = chrono::DateTime::from_timestamp(now, 0);
+        claims.expiration = chrono::DateTime::from_timestamp(now.saturating_add(ttl_seconds), 0);
+        let header = jwt_compact::Header::empty().with_token_type("JWT");
+        let key = self.keys.first().ok_or("no signing key")?;
+        let signed = match key {
+            Key::Hs256(k) => Hs256.token(&header, &claims, k),
+            Key::Hs384(k) => Hs384.token(&header, &claims, k),
+            Key::Hs512(k) => Hs512.token(&header, &claims, k),
+        };
+        signed.map_err(|e| e.to_string())
+    }
+
     /// Verifies `token` at unix time `now` (seconds).
     pub fn verify(&self, token: &str, now: i64) -> Result<Identity, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
@@ -453,6 +484,32 @@ pub(crate) mod tests {
         assert_eq!(v.verify(&bad_iss, NOW), Err(TokenError::WrongIssuer));
         let no_aud = hs256(serde_json::json!({"exp": NOW + 10, "iss": "gw"}));
         assert_eq!(v.verify(&no_aud, NOW), Err(TokenError::WrongAudience));
+    }
+
+    #[test]
+    fn issued_tokens_verify_and_keep_the_identity() {
+        let v = Verifier::new(
+            &[Algorithm::Hs256],
+            SECRET,
+            Some("gw".into()),
+            Some("api".into()),
+            0,
+        );
+        let old = Identity {
+            user_id: Some("user-001".into()),
+            user_name: Some("admin".into()),
+            role: "admin".into(),
+            jti: Some("old".into()),
+            expires_at: NOW + 5,
+            issued_at: Some(NOW - 100),
+        };
+        let t = v.issue(&old, NOW, 1800, "new-jti").unwrap();
+        let id = v.verify(&t, NOW).unwrap();
+        assert_eq!(id.user_id, old.user_id);
+        assert_eq!(id.user_name, old.user_name);
+        assert_eq!(id.role, "admin");
+        assert_eq!(id.jti.as_deref(), Some("new-jti"));
+        assert_eq!((id.issued_at, id.expires_at), (Some(NOW), NOW + 1800));
     }
 
     #[test]

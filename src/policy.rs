@@ -1,7 +1,7 @@
 //! The request decision: route match, method check, JWT auth, roles, identity and trace headers.
 //! Pure: takes the request head, the clock and random bytes; returns what the glue must do.
 
-use crate::config::{Config, Route};
+use crate::config::{Config, EndpointPath, Route, DEFAULT_TOKEN_TTL_SECONDS};
 use crate::jwt::Identity;
 use crate::trace::{trace_context, TraceContext, RANDOM_BYTES};
 
@@ -39,6 +39,21 @@ impl Reply {
             "trace_id": trace_id,
         });
         Self::json(status, body.to_string(), trace_id)
+    }
+
+    /// Fills in the trace id of an error reply built before it was known.
+    pub fn set_trace_id(&mut self, trace_id: &str) {
+        if let Ok(mut body) = serde_json::from_str::<serde_json::Value>(&self.body) {
+            if let Some(obj) = body.as_object_mut() {
+                obj.insert("trace_id".into(), trace_id.into());
+                self.body = body.to_string();
+            }
+        }
+        for (name, value) in &mut self.headers {
+            if *name == HEADER_TRACE_ID {
+                *value = trace_id.to_string();
+            }
+        }
     }
 
     /// A JSON reply with the trace id header.
@@ -81,6 +96,20 @@ pub enum Action {
     },
     /// Answer it locally.
     Reply(Reply),
+    /// A gateway-answered endpoint; the caller's token is valid (revocation still to check).
+    Endpoint(Endpoint),
+}
+
+/// Endpoints the gateway answers itself (they need the revocation store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Logout,
+    /// Issue a new token with this lifetime and blacklist the old one.
+    Refresh {
+        ttl_seconds: i64,
+    },
+    /// Revoke every token of this user issued before now.
+    RevokeUser(String),
 }
 
 /// The decision plus what the rest of the request's life needs to know.
@@ -90,6 +119,8 @@ pub struct Outcome {
     /// Name of the matched route, if any.
     pub route: Option<String>,
     pub identity: Option<Identity>,
+    /// The verified bearer token, when there is one.
+    pub token: Option<String>,
     pub action: Action,
 }
 
@@ -140,9 +171,25 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
         trace,
         route: None,
         identity: None,
+        token: None,
         action: Action::Reply(Reply::error(404, MSG_ROUTE_NOT_FOUND, "")),
     };
     let trace_id = outcome.trace.trace_id.as_str();
+
+    if let Some(endpoint) = cfg.revocation.as_ref().and_then(|rv| rv.endpoint(path)) {
+        match endpoint_decision(cfg, endpoint, method, headers, now) {
+            Ok((endpoint, identity, token)) => {
+                outcome.identity = Some(identity);
+                outcome.token = Some(token);
+                outcome.action = Action::Endpoint(endpoint);
+            }
+            Err(mut reply) => {
+                reply.set_trace_id(trace_id);
+                outcome.action = Action::Reply(reply);
+            }
+        }
+        return outcome;
+    }
 
     let route: Option<&Route> = if cfg.under_prefix(path) {
         match cfg.route_for(path) {
@@ -160,6 +207,7 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
     };
 
     let mut identity = None;
+    let mut bearer = None;
     if let Some(route) = route {
         outcome.route = Some(route.name.clone());
         if !route.allows_method(method) {
@@ -170,7 +218,10 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
         }
         if route.auth_required {
             match authenticate(cfg, route, headers, now) {
-                Ok(id) => identity = Some(id),
+                Ok((id, token)) => {
+                    identity = Some(id);
+                    bearer = Some(token);
+                }
                 Err((status, message)) => {
                     outcome.action = Action::Reply(Reply::error(status, &message, trace_id));
                     return outcome;
@@ -201,16 +252,17 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
         set.push((HEADER_USER_ROLE, id.role.clone()));
     }
     outcome.identity = identity;
+    outcome.token = bearer;
     outcome.action = Action::Forward { remove, set };
     outcome
 }
 
-fn authenticate(
+/// Bearer extraction and verification.
+fn verified_token(
     cfg: &Config,
-    route: &Route,
     headers: &[HeaderPair],
     now: i64,
-) -> Result<Identity, (u16, String)> {
+) -> Result<(Identity, String), (u16, String)> {
     let token = bearer_token(headers).map_err(|m| (401, m.to_string()))?;
     let verifier = cfg
         .verifier
@@ -219,16 +271,81 @@ fn authenticate(
     let id = verifier
         .verify(token, now)
         .map_err(|e| (401, format!("Invalid token: {e}")))?;
+    Ok((id, token.to_string()))
+}
+
+fn role_error(role: &str, what: &str) -> (u16, String) {
+    (403, format!("Role '{role}' is not allowed to access {what}"))
+}
+
+fn authenticate(
+    cfg: &Config,
+    route: &Route,
+    headers: &[HeaderPair],
+    now: i64,
+) -> Result<(Identity, String), (u16, String)> {
+    let (id, token) = verified_token(cfg, headers, now)?;
     if !route.roles.is_empty() && !route.roles.contains(&id.role) {
-        return Err((
-            403,
-            format!(
-                "Role '{}' is not allowed to access route '{}'",
-                id.role, route.name
-            ),
-        ));
+        return Err(role_error(&id.role, &format!("route '{}'", route.name)));
     }
-    Ok(id)
+    Ok((id, token))
+}
+
+/// Checks a request to a gateway-answered endpoint: POST, a valid token, and the endpoint's own
+/// conditions. The error reply gets its trace id from the caller.
+fn endpoint_decision(
+    cfg: &Config,
+    endpoint: EndpointPath,
+    method: &str,
+    headers: &[HeaderPair],
+    now: i64,
+) -> Result<(Endpoint, Identity, String), Reply> {
+    if method != "POST" {
+        let mut reply = Reply::error(405, &format!("Method {method} not allowed"), "");
+        reply.headers.push(("allow", "POST".to_string()));
+        return Err(reply);
+    }
+    let fail = |(status, message): (u16, String)| Reply::error(status, &message, "");
+    let (id, token) = verified_token(cfg, headers, now).map_err(fail)?;
+    let Some(rv) = cfg.revocation.as_ref() else {
+        return Err(Reply::error(404, MSG_ROUTE_NOT_FOUND, ""));
+    };
+    let endpoint = match endpoint {
+        EndpointPath::Logout => Endpoint::Logout,
+        EndpointPath::Refresh => {
+            let refresh = rv.refresh.as_ref();
+            let remaining = id.expires_at.saturating_sub(now);
+            if let Some(window) = refresh.and_then(|r| r.window_seconds) {
+                if remaining > i64::try_from(window).unwrap_or(i64::MAX) {
+                    return Err(Reply::error(
+                        400,
+                        &format!("Token can only be refreshed in its last {window} seconds"),
+                        "",
+                    ));
+                }
+            }
+            let lifetime = id
+                .issued_at
+                .map(|iat| id.expires_at.saturating_sub(iat))
+                .filter(|l| *l > 0);
+            let ttl = refresh
+                .and_then(|r| r.token_ttl_seconds)
+                .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
+                .or(lifetime)
+                .unwrap_or(DEFAULT_TOKEN_TTL_SECONDS as i64);
+            Endpoint::Refresh { ttl_seconds: ttl }
+        }
+        EndpointPath::RevokeUser(user) => {
+            if !rv.revoke_roles.contains(&id.role) {
+                return Err(fail(role_error(&id.role, "user revocation")));
+            }
+            if !crate::revocation::valid_user_id(&user) {
+                return Err(Reply::error(400, "Invalid user id", ""));
+            }
+            Endpoint::RevokeUser(user)
+        }
+    };
+    Ok((endpoint, id, token))
 }
 
 #[cfg(test)]
@@ -240,7 +357,11 @@ mod tests {
     const RND: [u8; RANDOM_BYTES] = [7; RANDOM_BYTES];
 
     fn cfg() -> Config {
-        let v = serde_json::json!({
+        cfg_with(serde_json::Value::Null)
+    }
+
+    fn cfg_with(revocation: serde_json::Value) -> Config {
+        let mut v = serde_json::json!({
             "prefix": "/api/v1",
             "gateway_name": "gw-test",
             "passthrough_paths": ["/health"],
@@ -251,6 +372,9 @@ mod tests {
                 {"name": "admin", "prefix": "/admin", "methods": ["GET"], "auth_required": true, "roles": ["admin"]}
             ]
         });
+        if !revocation.is_null() {
+            v["revocation"] = revocation;
+        }
         Config::from_json(v.to_string().as_bytes()).unwrap()
     }
 
@@ -421,6 +545,67 @@ mod tests {
         forward(&r);
         let r = decide(&c, &[], NOW, &RND);
         assert_eq!(reply(&r).status, 404, "no pseudo headers at all");
+    }
+
+    #[test]
+    fn gateway_endpoints() {
+        let c = cfg_with(serde_json::json!({"refresh": {"window_seconds": 600, "token_ttl_seconds": 60}}));
+        let auth = |role: &str| format!("Bearer {}", token(role));
+        let endpoint = |method: &str, path: &str, role: &str| {
+            decide(
+                &c,
+                &req(method, path, &[("authorization", &auth(role))]),
+                NOW,
+                &RND,
+            )
+        };
+        let o = endpoint("POST", "/api/v1/auth/logout", "user");
+        assert_eq!(o.action, Action::Endpoint(Endpoint::Logout));
+        assert_eq!(o.token.as_deref(), Some(token("user").as_str()));
+        let o = endpoint("GET", "/api/v1/auth/logout", "user");
+        assert_eq!(reply(&o).status, 405);
+        assert_eq!(body(reply(&o))["trace_id"], o.trace.trace_id.as_str());
+        // The token expires in 1800 s: outside the 600 s refresh window.
+        let o = endpoint("POST", "/api/v1/auth/refresh", "user");
+        assert_eq!(reply(&o).status, 400);
+        let o = decide(
+            &c,
+            &req(
+                "POST",
+                "/api/v1/auth/refresh",
+                &[("authorization", &auth("user"))],
+            ),
+            NOW + 1300,
+            &RND,
+        );
+        assert_eq!(o.action, Action::Endpoint(Endpoint::Refresh { ttl_seconds: 60 }));
+        let o = endpoint("POST", "/api/v1/admin/users/user-9/revoke", "admin");
+        assert_eq!(o.action, Action::Endpoint(Endpoint::RevokeUser("user-9".into())));
+        let o = endpoint("POST", "/api/v1/admin/users/user-9/revoke", "user");
+        assert_eq!(reply(&o).status, 403);
+        let o = endpoint("POST", "/api/v1/admin/users/a%20b/revoke", "admin");
+        assert_eq!(reply(&o).status, 400);
+        let o = decide(&c, &req("POST", "/api/v1/auth/logout", &[]), NOW, &RND);
+        assert_eq!(body(reply(&o))["message"], MSG_AUTH_MISSING);
+    }
+
+    #[test]
+    fn refresh_keeps_the_token_lifetime_by_default() {
+        let c = cfg_with(serde_json::json!({}));
+        let o = decide(
+            &c,
+            &req(
+                "POST",
+                "/api/v1/auth/refresh",
+                &[("authorization", &format!("Bearer {}", token("user")))],
+            ),
+            NOW,
+            &RND,
+        );
+        assert_eq!(
+            o.action,
+            Action::Endpoint(Endpoint::Refresh { ttl_seconds: 1800 })
+        );
     }
 
     #[test]

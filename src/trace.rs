@@ -76,6 +76,15 @@ fn uuid_from_hex(hex: &str) -> String {
     out
 }
 
+/// Formats 16 random bytes as a UUIDv4 (version and variant bits set).
+pub fn uuid_v4(mut b: [u8; 16]) -> String {
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let mut hex = String::with_capacity(32);
+    push_hex(&mut hex, &b);
+    uuid_from_hex(&hex)
+}
+
 /// Builds the trace context for a request from its incoming headers and fresh random bytes.
 pub fn trace_context(
     x_trace_id: Option<&str>,
@@ -97,11 +106,9 @@ pub fn trace_context(
     } else {
         let mut b = [0u8; 16];
         b.copy_from_slice(uuid_bytes);
-        b[6] = (b[6] & 0x0f) | 0x40; // version 4
-        b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-        let mut hex = String::with_capacity(32);
-        push_hex(&mut hex, &b);
-        (uuid_from_hex(&hex), hex, "01")
+        let id = uuid_v4(b);
+        let hex = id.replace('-', "");
+        (id, hex, "01")
     };
     TraceContext {
         trace_id,

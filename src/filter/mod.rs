@@ -1,5 +1,6 @@
 //! Glue between the proxy-wasm host and the pure decision code: read the request head, call
-//! [`crate::policy::decide`], then forward (mutating headers) or reply. Nothing here decides.
+//! [`crate::policy::decide`], then forward (mutating headers), reply, or consult the revocation
+//! store through webdis. Nothing here decides; every pause ends in a resume or a reply.
 
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -7,24 +8,58 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use log::{error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use crate::config::Config;
-use crate::policy::{self, Outcome, Reply, HEADER_TRACE_ID};
-use crate::trace::RANDOM_BYTES;
+use crate::config::{Config, Revocation};
+use crate::jwt::Identity;
+use crate::policy::{self, Endpoint, Outcome, Reply, HEADER_TRACE_ID};
+use crate::revocation::{self as rv, CacheEntry, FailureMode, Lookup, Slot, StoreError};
+use crate::trace::{uuid_v4, RANDOM_BYTES};
 
 const HEADER_RESPONSE_TIME: &str = "x-response-time";
+const MSG_REVOKED: &str = "Token has been revoked";
+const MSG_STORE_DOWN: &str = "Revocation service unavailable";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     std::panic::set_hook(Box::new(|info| {
         let _ = hostcalls::log(LogLevel::Critical, &format!("panic: {info}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: None }) });
 }}
+
+/// Counter ids (Envoy stats `wasmcustom.<name>`).
+struct Metrics {
+    lookups: u32,
+    cache_hits: u32,
+    revoked: u32,
+    store_errors: u32,
+    allowed_on_error: u32,
+}
+
+impl Metrics {
+    fn define() -> Result<Self, String> {
+        let counter = |name: &str| {
+            hostcalls::define_metric(MetricType::Counter, name)
+                .map_err(|s| format!("define_metric {name}: {s:?}"))
+        };
+        Ok(Metrics {
+            lookups: counter("gateway_revocation_lookups_total")?,
+            cache_hits: counter("gateway_revocation_cache_hits_total")?,
+            revoked: counter("gateway_revocation_revoked_total")?,
+            store_errors: counter("gateway_revocation_store_errors_total")?,
+            allowed_on_error: counter("gateway_revocation_allowed_on_error_total")?,
+        })
+    }
+
+    fn inc(id: u32) {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}
 
 struct Root {
     config: Option<Rc<Config>>,
+    metrics: Option<Rc<Metrics>>,
 }
 
 impl Context for Root {}
@@ -36,38 +71,46 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
-        let bytes =
-            match hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
-                Ok(Some(b)) => b,
-                Ok(None) => Vec::new(),
-                Err(status) => {
-                    error!("gateway filter: cannot read plugin configuration: {status:?}");
-                    return false;
-                }
-            };
-        match Config::from_json(&bytes) {
-            Ok(cfg) => {
-                info!(
-                    "gateway filter configured: {} routes, jwt {}",
-                    cfg.routes.len(),
-                    if cfg.verifier.is_some() { "on" } else { "off" }
-                );
-                self.config = Some(Rc::new(cfg));
-                true
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            Ok(None) => Vec::new(),
+            Err(status) => {
+                error!("gateway filter: cannot read plugin configuration: {status:?}");
+                return false;
             }
+        };
+        let cfg = match Config::from_json(&bytes) {
+            Ok(cfg) => cfg,
             Err(e) => {
                 error!("gateway filter: invalid configuration: {e}");
-                false
+                return false;
             }
-        }
+        };
+        let metrics = match Metrics::define() {
+            Ok(m) => m,
+            Err(e) => {
+                error!("gateway filter: {e}");
+                return false;
+            }
+        };
+        info!(
+            "gateway filter configured: {} routes, jwt {}, revocation {}",
+            cfg.routes.len(),
+            if cfg.verifier.is_some() { "on" } else { "off" },
+            if cfg.revocation.is_some() { "on" } else { "off" },
+        );
+        self.config = Some(Rc::new(cfg));
+        self.metrics = Some(Rc::new(metrics));
+        true
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
-        let config = self.config.clone()?;
         Some(Box::new(Request {
-            config,
+            config: self.config.clone()?,
+            metrics: self.metrics.clone()?,
             started: None,
             trace_id: None,
+            pending: None,
         }))
     }
 
@@ -76,13 +119,117 @@ impl RootContext for Root {
     }
 }
 
-struct Request {
-    config: Rc<Config>,
-    started: Option<SystemTime>,
-    trace_id: Option<String>,
+/// What happens once the caller's token is known not to be revoked.
+enum Then {
+    Forward {
+        remove: Vec<String>,
+        set: Vec<(&'static str, String)>,
+    },
+    Endpoint(Endpoint),
 }
 
-impl Context for Request {}
+/// The authenticated caller.
+struct Caller {
+    identity: Identity,
+    token: String,
+}
+
+/// An outstanding webdis call.
+enum Pending {
+    Check {
+        token_id: u32,
+        then: Then,
+        caller: Caller,
+        slot: Slot,
+        with_user: bool,
+    },
+    Write {
+        token_id: u32,
+        on_ok: Reply,
+    },
+}
+
+/// Whether the request continues now or stays paused (a reply was sent or a call is out).
+enum Flow {
+    Continue,
+    Paused,
+}
+
+struct Request {
+    config: Rc<Config>,
+    metrics: Rc<Metrics>,
+    started: Option<SystemTime>,
+    trace_id: Option<String>,
+    pending: Option<Pending>,
+}
+
+impl Context for Request {
+    fn on_http_call_response(&mut self, token_id: u32, _: usize, body_size: usize, _: usize) {
+        let matches = match &self.pending {
+            Some(Pending::Check { token_id: t, .. }) | Some(Pending::Write { token_id: t, .. }) => {
+                *t == token_id
+            }
+            None => false,
+        };
+        if !matches {
+            return;
+        }
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u16>().ok()));
+        let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+            Ok(Some(b)) => b,
+            _ => Vec::new(),
+        };
+        let flow = match pending {
+            Pending::Check {
+                then,
+                caller,
+                slot,
+                with_user,
+                ..
+            } => match rv::parse_lookup(status, &body, with_user) {
+                Ok(lookup) => {
+                    if let Some(rv) = self.config.revocation.as_ref() {
+                        if rv.cache_ttl_ms > 0 {
+                            let entry = CacheEntry {
+                                fingerprint: slot.fingerprint,
+                                stored_at_ms: now_ms(),
+                                lookup,
+                            };
+                            let _ =
+                                hostcalls::set_shared_data(&slot.cache_key(), Some(&entry.encode()), None);
+                        }
+                    }
+                    if lookup.revokes(caller.identity.issued_at) {
+                        self.revoked()
+                    } else {
+                        self.proceed(then, caller)
+                    }
+                }
+                Err(e) => self.store_failed(then, caller, e),
+            },
+            Pending::Write { on_ok, .. } => match rv::parse_setex(status, &body) {
+                Ok(()) => {
+                    self.reply(on_ok);
+                    Flow::Paused
+                }
+                Err(e) => {
+                    Metrics::inc(self.metrics.store_errors);
+                    warn!("revocation store write failed: {e}");
+                    self.error(503, MSG_STORE_DOWN)
+                }
+            },
+        };
+        if let Flow::Continue = flow {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+}
 
 fn now() -> SystemTime {
     hostcalls::get_current_time().unwrap_or(UNIX_EPOCH)
@@ -94,10 +241,17 @@ fn unix_seconds(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+fn now_ms() -> u64 {
+    now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 fn random_bytes() -> [u8; RANDOM_BYTES] {
     let mut buf = [0u8; RANDOM_BYTES];
     if let Err(e) = getrandom::fill(&mut buf) {
-        // Fall back to the clock: trace ids only need to be unique-ish, never secret.
+        // Fall back to the clock: ids only need to be unique-ish, never secret.
         warn!("getrandom failed: {e}");
         let nanos = now()
             .duration_since(UNIX_EPOCH)
@@ -110,12 +264,211 @@ fn random_bytes() -> [u8; RANDOM_BYTES] {
     buf
 }
 
-fn send_reply(reply: &Reply) {
-    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    if let Err(status) =
-        hostcalls::send_http_response(u32::from(reply.status), headers, Some(reply.body.as_bytes()))
-    {
-        error!("send_http_response failed: {status:?}");
+/// Applies the decided request-header changes; the request continues.
+fn forward(remove: &[String], set: &[(&'static str, String)]) -> Flow {
+    for name in remove {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+    }
+    for (name, value) in set {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+    }
+    Flow::Continue
+}
+
+fn shared(key: &str) -> Option<Vec<u8>> {
+    hostcalls::get_shared_data(key).ok().and_then(|(bytes, _)| bytes)
+}
+
+impl Request {
+    fn trace_id(&self) -> &str {
+        self.trace_id.as_deref().unwrap_or_default()
+    }
+
+    fn reply(&self, reply: Reply) {
+        let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if let Err(status) =
+            hostcalls::send_http_response(u32::from(reply.status), headers, Some(reply.body.as_bytes()))
+        {
+            error!("send_http_response failed: {status:?}");
+        }
+    }
+
+    fn error(&self, status: u16, message: &str) -> Flow {
+        self.reply(Reply::error(status, message, self.trace_id()));
+        Flow::Paused
+    }
+
+    fn json(&self, body: serde_json::Value) -> Reply {
+        Reply::json(200, body.to_string(), self.trace_id())
+    }
+
+    fn revoked(&self) -> Flow {
+        Metrics::inc(self.metrics.revoked);
+        self.error(401, MSG_REVOKED)
+    }
+
+    fn dispatch(&self, rv: &Revocation, path: &str) -> Result<u32, StoreError> {
+        hostcalls::dispatch_http_call(
+            &rv.cluster,
+            vec![(":method", "GET"), (":path", path), (":authority", &rv.cluster)],
+            None,
+            vec![],
+            Duration::from_millis(rv.timeout_ms),
+        )
+        .map_err(|s| StoreError::Dispatch(format!("{s:?}")))
+    }
+
+    /// Local ban table, then the cache, then one MGET through webdis.
+    fn check(&mut self, rv: &Revocation, then: Then, caller: Caller) -> Flow {
+        let now_ms = now_ms();
+        if let Some(sub) = &caller.identity.user_id {
+            let ban_slot = Slot::of("u", sub, rv.cache_slots);
+            if let Some(before) = rv::local_ban(shared(&ban_slot.ban_key()).as_deref(), &ban_slot, now_ms) {
+                let ban = Lookup {
+                    blacklisted: false,
+                    revoked_before: Some(before),
+                };
+                if ban.revokes(caller.identity.issued_at) {
+                    return self.revoked();
+                }
+            }
+        }
+        let slot = Slot::of("t", &caller.token, rv.cache_slots);
+        if rv.cache_ttl_ms > 0 {
+            if let Some(lookup) = CacheEntry::fresh(
+                shared(&slot.cache_key()).as_deref(),
+                &slot,
+                now_ms,
+                rv.cache_ttl_ms,
+            ) {
+                Metrics::inc(self.metrics.cache_hits);
+                return if lookup.revokes(caller.identity.issued_at) {
+                    self.revoked()
+                } else {
+                    self.proceed(then, caller)
+                };
+            }
+        }
+        Metrics::inc(self.metrics.lookups);
+        let with_user = caller.identity.user_id.is_some();
+        let path = rv::lookup_path(&caller.token, caller.identity.user_id.as_deref());
+        match self.dispatch(rv, &path) {
+            Ok(token_id) => {
+                self.pending = Some(Pending::Check {
+                    token_id,
+                    then,
+                    caller,
+                    slot,
+                    with_user,
+                });
+                Flow::Paused
+            }
+            Err(e) => self.store_failed(then, caller, e),
+        }
+    }
+
+    fn store_failed(&mut self, then: Then, caller: Caller, e: StoreError) -> Flow {
+        Metrics::inc(self.metrics.store_errors);
+        warn!("revocation lookup failed: {e}");
+        let mode = self
+            .config
+            .revocation
+            .as_ref()
+            .map(|r| r.failure_mode)
+            .unwrap_or_default();
+        match mode {
+            FailureMode::Deny => self.error(503, MSG_STORE_DOWN),
+            FailureMode::Allow => {
+                Metrics::inc(self.metrics.allowed_on_error);
+                self.proceed(then, caller)
+            }
+        }
+    }
+
+    /// The token is not revoked: forward, or perform the endpoint's write.
+    fn proceed(&mut self, then: Then, caller: Caller) -> Flow {
+        match then {
+            Then::Forward { remove, set } => forward(&remove, &set),
+            Then::Endpoint(endpoint) => self.write(endpoint, caller),
+        }
+    }
+
+    fn write(&mut self, endpoint: Endpoint, caller: Caller) -> Flow {
+        let config = Rc::clone(&self.config);
+        let Some(rv) = config.revocation.as_ref() else {
+            return self.error(404, policy::MSG_ROUTE_NOT_FOUND);
+        };
+        let now_s = unix_seconds(now());
+        let now_ms = now_ms();
+        let blacklist_locally = |token: &str| {
+            let slot = Slot::of("t", token, rv.cache_slots);
+            let entry = CacheEntry {
+                fingerprint: slot.fingerprint,
+                stored_at_ms: now_ms,
+                lookup: Lookup {
+                    blacklisted: true,
+                    revoked_before: None,
+                },
+            };
+            let _ = hostcalls::set_shared_data(&slot.cache_key(), Some(&entry.encode()), None);
+        };
+        let remaining = caller.identity.expires_at.saturating_sub(now_s);
+        let (path, on_ok) = match endpoint {
+            Endpoint::Logout => {
+                blacklist_locally(&caller.token);
+                (
+                    rv::setex_path(&rv::blacklist_key(&caller.token), remaining, "1"),
+                    self.json(serde_json::json!({"message": "Logged out successfully"})),
+                )
+            }
+            Endpoint::Refresh { ttl_seconds } => {
+                let mut jti = [0u8; 16];
+                jti.copy_from_slice(random_bytes().get(..16).unwrap_or(&[0u8; 16]));
+                let issued = config
+                    .verifier
+                    .as_ref()
+                    .ok_or_else(|| "no verifier".to_string())
+                    .and_then(|v| v.issue(&caller.identity, now_s, ttl_seconds, &uuid_v4(jti)));
+                let new_token = match issued {
+                    Ok(t) => t,
+                    Err(e) => {
+                        error!("cannot issue a token: {e}");
+                        return self.error(500, "Internal Gateway Error");
+                    }
+                };
+                blacklist_locally(&caller.token);
+                (
+                    rv::setex_path(&rv::blacklist_key(&caller.token), remaining, "1"),
+                    self.json(serde_json::json!({"access_token": new_token, "token_type": "bearer"})),
+                )
+            }
+            Endpoint::RevokeUser(user) => {
+                let ban_slot = Slot::of("u", &user, rv.cache_slots);
+                let expires = now_ms.saturating_add(rv.ban_ttl_seconds.saturating_mul(1000));
+                let entry = rv::ban_entry(&ban_slot, now_s, expires);
+                let _ = hostcalls::set_shared_data(&ban_slot.ban_key(), Some(&entry), None);
+                let ttl = i64::try_from(rv.ban_ttl_seconds).unwrap_or(i64::MAX);
+                (
+                    rv::setex_path(&rv::ban_key(&user), ttl, &now_s.to_string()),
+                    self.json(serde_json::json!({
+                        "message": format!("All tokens of user {user} issued before now are revoked"),
+                        "user_id": user,
+                        "revoked_before": now_s,
+                    })),
+                )
+            }
+        };
+        match self.dispatch(rv, &path) {
+            Ok(token_id) => {
+                self.pending = Some(Pending::Write { token_id, on_ok });
+                Flow::Paused
+            }
+            Err(e) => {
+                Metrics::inc(self.metrics.store_errors);
+                warn!("revocation store write failed: {e}");
+                self.error(503, MSG_STORE_DOWN)
+            }
+        }
     }
 }
 
@@ -127,27 +480,35 @@ impl HttpContext for Request {
             Ok(h) => h,
             Err(status) => {
                 error!("cannot read request headers: {status:?}");
-                send_reply(&Reply::error(500, "Internal Gateway Error", ""));
+                self.error(500, "Internal Gateway Error");
                 return Action::Pause;
             }
         };
-        let Outcome { trace, action, .. } =
-            policy::decide(&self.config, &headers, unix_seconds(start), &random_bytes());
+        let config = Rc::clone(&self.config);
+        let Outcome {
+            trace,
+            action,
+            identity,
+            token,
+            ..
+        } = policy::decide(&config, &headers, unix_seconds(start), &random_bytes());
         self.trace_id = Some(trace.trace_id);
-        match action {
-            policy::Action::Forward { remove, set } => {
-                for name in &remove {
-                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-                }
-                for (name, value) in &set {
-                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
-                }
-                Action::Continue
-            }
+        let then = match action {
             policy::Action::Reply(reply) => {
-                send_reply(&reply);
-                Action::Pause
+                self.reply(reply);
+                return Action::Pause;
             }
+            policy::Action::Forward { remove, set } => Then::Forward { remove, set },
+            policy::Action::Endpoint(e) => Then::Endpoint(e),
+        };
+        let flow = match (then, config.revocation.as_ref(), identity, token) {
+            (then, Some(rv), Some(identity), Some(token)) => self.check(rv, then, Caller { identity, token }),
+            (Then::Forward { remove, set }, ..) => forward(&remove, &set),
+            (Then::Endpoint(_), ..) => self.error(404, policy::MSG_ROUTE_NOT_FOUND),
+        };
+        match flow {
+            Flow::Continue => Action::Continue,
+            Flow::Paused => Action::Pause,
         }
     }
 

@@ -1,15 +1,15 @@
 import pytest
 
-from harness import Gateway, Services, free_port
+from harness import Gateway, Redis, Services, Webdis, free_port
 
 ECHO = ["user-service", "product-service", "order-service", "payment-service",
         "search-service", "comment-service", "admin-service", "slow-service"]
 
 
-def gateway_file(ports, dead_port):
+def gateway_file(ports, dead_port, webdis_port=None, **revocation):
     def up(name):
         return f"http://127.0.0.1:{ports[name]}"
-    return {
+    f = {
         "gateway": {"prefix": "/api/v1", "name": "e2e-gateway"},
         "jwt": {"algorithms": ["HS256"], "secret_env": "JWT_SECRET", "clock_skew": 60},
         "routes": [
@@ -35,6 +35,9 @@ def gateway_file(ports, dead_port):
              "methods": ["GET"], "auth_required": False, "timeout": 2, "retry": 0},
         ],
     }
+    if webdis_port:
+        f["revocation"] = {"webdis": f"http://127.0.0.1:{webdis_port}", **revocation}
+    return f
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +48,22 @@ def services():
 
 
 @pytest.fixture(scope="session")
-def gw(services):
-    g = Gateway(gateway_file(services.ports, free_port()))
+def redis():
+    r = Redis()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="session")
+def webdis(redis):
+    w = Webdis(redis.port)
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def gw(services, webdis):
+    """The main gateway: every feature on, revocation in deny mode with the default 1 s cache."""
+    g = Gateway(gateway_file(services.ports, free_port(), webdis.port))
     yield g
     g.stop()

@@ -207,3 +207,72 @@ def render(gateway_yaml, out, env, check=False, extra=()):
     if check and r.returncode != 0:
         raise RuntimeError(f"gateway-render failed: {r.stderr}")
     return r
+
+
+class Redis:
+    """redis-server from config/redis.conf on a free port."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-redis-"))
+        self.proc = subprocess.Popen(
+            ["redis-server", str(ROOT / "config" / "redis.conf"), "--port", str(self.port), "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: port_open(self.port), what="redis")
+
+    def cli(self, *args) -> str:
+        r = subprocess.run(["redis-cli", "-p", str(self.port), *map(str, args)], capture_output=True, text=True, check=True)
+        return r.stdout.strip()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Webdis:
+    """webdis from config/webdis.json (ports and log file changed) in front of a Redis."""
+
+    def __init__(self, redis_port, port=None):
+        self.port = port or free_port()
+        self.redis_port = redis_port
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-webdis-"))
+        self.start()
+
+    def start(self):
+        cfg = json.loads((ROOT / "config" / "webdis.json").read_text())
+        cfg.update(redis_port=self.redis_port, http_port=self.port, logfile=str(self.dir / "webdis.log"))
+        path = self.dir / "webdis.json"
+        path.write_text(json.dumps(cfg))
+        self.proc = subprocess.Popen(["webdis", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: port_open(self.port), what="webdis")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        wait_for(lambda: not port_open(self.port), what="webdis to stop")
+
+
+class GarbageServer:
+    """An HTTP server that answers every request 200 with a body that is not a webdis reply."""
+
+    def __init__(self, body=b"<html>not webdis</html>"):
+        import http.server
+        import threading
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()

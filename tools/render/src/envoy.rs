@@ -197,6 +197,22 @@ pub fn bootstrap(
         clusters.push(cluster);
     }
 
+    if let Some(rv) = &file.revocation {
+        let ep = gateway_filter::gateway::parse_upstream("revocation.webdis", &rv.webdis)
+            .map_err(|e| e.to_string())?;
+        let cluster = gateway_filter::config::default_webdis_cluster();
+        clusters.push(json!({
+            "name": cluster,
+            "type": if ep.is_ip() { "STATIC" } else { "STRICT_DNS" },
+            "connect_timeout": seconds(rv.timeout.min(g.connect_timeout)),
+            "load_assignment": {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": socket(&ep.host, ep.port)}}
+            ]}]},
+            "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_connections": 1024,
+                "max_pending_requests": 1024, "max_requests": 1024, "max_retries": 0}]},
+        }));
+    }
+
     Ok(json!({
         "admin": {"address": socket(&g.admin.address, g.admin.port)},
         "static_resources": {

@@ -1,0 +1,429 @@
+//! Token revocation kept in Redis, reached through webdis: the keys (compatible with the
+//! reference gateway), the webdis request paths, parsing of webdis replies, the decision, and the
+//! bounded local cache kept in proxy-wasm shared data. No host calls here.
+//!
+//! Keys: `token:blacklist:<token>` (written at logout/refresh, TTL = the token's remaining life)
+//! and `user:revoked_before:<sub>` (unix seconds; a ban revokes every token with an older `iat`).
+
+use std::hash::{Hash, Hasher};
+
+use serde::{Deserialize, Serialize};
+
+pub const BLACKLIST_PREFIX: &str = "token:blacklist:";
+pub const BAN_PREFIX: &str = "user:revoked_before:";
+/// Shared-data key prefixes of the local cache (token answers) and the local ban table.
+pub const CACHE_KEY_PREFIX: &str = "gw:rv:";
+pub const BAN_KEY_PREFIX: &str = "gw:ban:";
+
+/// What to do with a request when the store cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// 503 `Revocation service unavailable`.
+    #[default]
+    Deny,
+    /// Let the request through (counted).
+    Allow,
+}
+
+/// Percent-encodes one webdis argument: everything but `A-Z a-z 0-9 - _ ~` (so `.` and `/`
+/// cannot be taken for a format extension or an argument separator).
+pub fn encode_arg(arg: &str) -> String {
+    let mut out = String::with_capacity(arg.len() + 8);
+    for b in arg.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(
+                char::from_digit(u32::from(b >> 4), 16)
+                    .unwrap_or('0')
+                    .to_ascii_uppercase(),
+            );
+            out.push(
+                char::from_digit(u32::from(b & 0x0f), 16)
+                    .unwrap_or('0')
+                    .to_ascii_uppercase(),
+            );
+        }
+    }
+    out
+}
+
+/// A webdis command path: `/CMD/arg1/arg2.json` (the explicit `.json` fixes the reply format).
+pub fn command_path(command: &str, args: &[&str]) -> String {
+    let mut p = String::with_capacity(64);
+    p.push('/');
+    p.push_str(command);
+    for a in args {
+        p.push('/');
+        p.push_str(&encode_arg(a));
+    }
+    p.push_str(".json");
+    p
+}
+
+pub fn blacklist_key(token: &str) -> String {
+    format!("{BLACKLIST_PREFIX}{token}")
+}
+
+pub fn ban_key(user_id: &str) -> String {
+    format!("{BAN_PREFIX}{user_id}")
+}
+
+/// The one lookup per request: `MGET token:blacklist:<token> [user:revoked_before:<sub>]`.
+pub fn lookup_path(token: &str, user_id: Option<&str>) -> String {
+    let k1 = blacklist_key(token);
+    match user_id {
+        Some(sub) => command_path("MGET", &[&k1, &ban_key(sub)]),
+        None => command_path("MGET", &[&k1]),
+    }
+}
+
+/// `SETEX key ttl value`.
+pub fn setex_path(key: &str, ttl_seconds: i64, value: &str) -> String {
+    command_path("SETEX", &[key, &ttl_seconds.max(1).to_string(), value])
+}
+
+/// What Redis knows about one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lookup {
+    pub blacklisted: bool,
+    /// `user:revoked_before:<sub>`, when set.
+    pub revoked_before: Option<i64>,
+}
+
+impl Lookup {
+    pub const CLEAN: Lookup = Lookup {
+        blacklisted: false,
+        revoked_before: None,
+    };
+
+    /// Revoked if blacklisted, or banned after the token was issued (a token without `iat`
+    /// counts as issued before any ban).
+    pub fn revokes(&self, issued_at: Option<i64>) -> bool {
+        self.blacklisted
+            || match (self.revoked_before, issued_at) {
+                (Some(before), Some(iat)) => iat < before,
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+    }
+}
+
+/// Why a store reply was not usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The call could not be made (unknown cluster, ...).
+    Dispatch(String),
+    /// No `:status`: timeout or connection failure.
+    NoResponse,
+    Status(u16),
+    BadReply(&'static str),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dispatch(s) => write!(f, "dispatch failed: {s}"),
+            Self::NoResponse => f.write_str("no response (timeout or connection failure)"),
+            Self::Status(s) => write!(f, "status {s}"),
+            Self::BadReply(why) => write!(f, "unparseable reply: {why}"),
+        }
+    }
+}
+
+fn check_status(status: Option<u16>) -> Result<(), StoreError> {
+    match status {
+        None => Err(StoreError::NoResponse),
+        Some(200) => Ok(()),
+        Some(s) => Err(StoreError::Status(s)),
+    }
+}
+
+/// Parses webdis's `{"MGET": ["1", null]}` reply to [`lookup_path`].
+pub fn parse_lookup(status: Option<u16>, body: &[u8], with_user: bool) -> Result<Lookup, StoreError> {
+    check_status(status)?;
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| StoreError::BadReply("not JSON"))?;
+    let items = v
+        .get("MGET")
+        .and_then(|m| m.as_array())
+        .ok_or(StoreError::BadReply("no MGET array"))?;
+    let expected = if with_user { 2 } else { 1 };
+    if items.len() != expected {
+        return Err(StoreError::BadReply("wrong number of values"));
+    }
+    let blacklisted = match items.first() {
+        Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::String(_)) => true,
+        _ => return Err(StoreError::BadReply("blacklist value is not a string")),
+    };
+    let revoked_before = match items.get(1) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(
+            s.trim()
+                .parse::<i64>()
+                .map_err(|_| StoreError::BadReply("revoked_before is not an integer"))?,
+        ),
+        Some(_) => return Err(StoreError::BadReply("revoked_before is not a string")),
+    };
+    Ok(Lookup {
+        blacklisted,
+        revoked_before,
+    })
+}
+
+/// Parses webdis's `{"SETEX": [true, "OK"]}`.
+pub fn parse_setex(status: Option<u16>, body: &[u8]) -> Result<(), StoreError> {
+    check_status(status)?;
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| StoreError::BadReply("not JSON"))?;
+    match v.get("SETEX").and_then(|r| r.as_array()).map(Vec::as_slice) {
+        Some([serde_json::Value::Bool(true), serde_json::Value::String(ok)]) if ok == "OK" => Ok(()),
+        _ => Err(StoreError::BadReply("SETEX did not answer OK")),
+    }
+}
+
+/// A stable 64-bit fingerprint (the same in every VM running this module).
+pub fn fingerprint(kind: &str, value: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    kind.hash(&mut h);
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// The bounded cache: `slots` shared-data keys; an entry is found by fingerprint, and a
+/// colliding newcomer simply replaces it (a miss, never a wrong answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub index: u64,
+    pub fingerprint: u64,
+}
+
+impl Slot {
+    pub fn of(kind: &str, value: &str, slots: u32) -> Slot {
+        let fp = fingerprint(kind, value);
+        Slot {
+            index: fp % u64::from(slots.max(1)),
+            fingerprint: fp,
+        }
+    }
+
+    pub fn cache_key(&self) -> String {
+        format!("{CACHE_KEY_PREFIX}{}", self.index)
+    }
+
+    pub fn ban_key(&self) -> String {
+        format!("{BAN_KEY_PREFIX}{}", self.index)
+    }
+}
+
+const ENTRY_LEN: usize = 25;
+const NONE_I64: i64 = i64::MIN;
+
+fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let chunk: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(chunk))
+}
+
+/// A cached answer: fingerprint, when it was stored (ms), and the lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheEntry {
+    pub fingerprint: u64,
+    pub stored_at_ms: u64,
+    pub lookup: Lookup,
+}
+
+impl CacheEntry {
+    pub fn encode(&self) -> [u8; ENTRY_LEN] {
+        let mut out = [0u8; ENTRY_LEN];
+        let rb = self.lookup.revoked_before.unwrap_or(NONE_I64);
+        out[..8].copy_from_slice(&self.fingerprint.to_le_bytes());
+        out[8..16].copy_from_slice(&self.stored_at_ms.to_le_bytes());
+        out[16] = u8::from(self.lookup.blacklisted);
+        out[17..25].copy_from_slice(&rb.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<CacheEntry> {
+        if bytes.len() != ENTRY_LEN {
+            return None;
+        }
+        let rb = read_u64(bytes, 17)? as i64;
+        Some(CacheEntry {
+            fingerprint: read_u64(bytes, 0)?,
+            stored_at_ms: read_u64(bytes, 8)?,
+            lookup: Lookup {
+                blacklisted: *bytes.get(16)? != 0,
+                revoked_before: (rb != NONE_I64).then_some(rb),
+            },
+        })
+    }
+
+    /// The cached lookup if this entry is for `slot` and younger than `ttl_ms`.
+    pub fn fresh(bytes: Option<&[u8]>, slot: &Slot, now_ms: u64, ttl_ms: u64) -> Option<Lookup> {
+        let e = CacheEntry::decode(bytes?)?;
+        (e.fingerprint == slot.fingerprint && now_ms.saturating_sub(e.stored_at_ms) < ttl_ms)
+            .then_some(e.lookup)
+    }
+}
+
+/// A local ban entry (same encoding; `stored_at_ms` holds the entry's expiry).
+pub fn ban_entry(slot: &Slot, revoked_before: i64, expires_at_ms: u64) -> [u8; ENTRY_LEN] {
+    CacheEntry {
+        fingerprint: slot.fingerprint,
+        stored_at_ms: expires_at_ms,
+        lookup: Lookup {
+            blacklisted: false,
+            revoked_before: Some(revoked_before),
+        },
+    }
+    .encode()
+}
+
+/// The local ban's `revoked_before` for `slot`, if present and not expired.
+pub fn local_ban(bytes: Option<&[u8]>, slot: &Slot, now_ms: u64) -> Option<i64> {
+    let e = CacheEntry::decode(bytes?)?;
+    if e.fingerprint != slot.fingerprint || now_ms >= e.stored_at_ms {
+        return None;
+    }
+    e.lookup.revoked_before
+}
+
+/// Validates the `<id>` of `POST .../admin/users/<id>/revoke`.
+pub fn valid_user_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 256
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b':' | b'+'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_encode_every_argument() {
+        assert_eq!(
+            lookup_path("aa.bb-cc_dd", Some("user/1 x")),
+            "/MGET/token%3Ablacklist%3Aaa%2Ebb-cc_dd/user%3Arevoked_before%3Auser%2F1%20x.json"
+        );
+        assert_eq!(lookup_path("t", None), "/MGET/token%3Ablacklist%3At.json");
+        assert_eq!(setex_path("k", 0, "1"), "/SETEX/k/1/1.json", "TTL is at least 1");
+        assert_eq!(setex_path("k", 90, "v"), "/SETEX/k/90/v.json");
+    }
+
+    #[test]
+    fn lookup_replies() {
+        let ok = |b: &str, u| parse_lookup(Some(200), b.as_bytes(), u);
+        assert_eq!(ok(r#"{"MGET":[null,null]}"#, true), Ok(Lookup::CLEAN));
+        assert!(ok(r#"{"MGET":["1",null]}"#, true).unwrap().blacklisted);
+        assert_eq!(
+            ok(r#"{"MGET":[null,"1700000000"]}"#, true)
+                .unwrap()
+                .revoked_before,
+            Some(1_700_000_000)
+        );
+        assert_eq!(ok(r#"{"MGET":[null]}"#, false), Ok(Lookup::CLEAN));
+        for bad in [
+            "",
+            "garbage",
+            "[]",
+            r#"{"GET":null}"#,
+            r#"{"MGET":[null]}"#,
+            r#"{"MGET":[1,null]}"#,
+            r#"{"MGET":[null,"soon"]}"#,
+            r#"{"MGET":[null,5]}"#,
+            r#"{"MGET":"x"}"#,
+        ] {
+            assert!(matches!(ok(bad, true), Err(StoreError::BadReply(_))), "{bad:?}");
+        }
+        assert_eq!(parse_lookup(None, b"", true), Err(StoreError::NoResponse));
+        assert_eq!(parse_lookup(Some(403), b"", true), Err(StoreError::Status(403)));
+    }
+
+    #[test]
+    fn setex_replies() {
+        assert_eq!(parse_setex(Some(200), br#"{"SETEX":[true,"OK"]}"#), Ok(()));
+        assert!(parse_setex(Some(200), br#"{"SETEX":[false,"ERR invalid expire time"]}"#).is_err());
+        assert!(parse_setex(Some(200), b"OK").is_err());
+        assert!(parse_setex(Some(503), b"").is_err());
+    }
+
+    #[test]
+    fn revocation_decision() {
+        let ban = Lookup {
+            blacklisted: false,
+            revoked_before: Some(100),
+        };
+        assert!(ban.revokes(Some(99)));
+        assert!(
+            !ban.revokes(Some(100)),
+            "issued in the ban's second or later: valid"
+        );
+        assert!(ban.revokes(None));
+        assert!(!Lookup::CLEAN.revokes(None));
+        assert!(Lookup {
+            blacklisted: true,
+            revoked_before: None
+        }
+        .revokes(Some(1)));
+    }
+
+    #[test]
+    fn cache_entries_round_trip_and_expire() {
+        let slot = Slot::of("t", "token-a", 16);
+        assert!(slot.index < 16);
+        let entry = CacheEntry {
+            fingerprint: slot.fingerprint,
+            stored_at_ms: 1_000,
+            lookup: Lookup {
+                blacklisted: true,
+                revoked_before: Some(-5),
+            },
+        };
+        let bytes = entry.encode();
+        assert_eq!(CacheEntry::decode(&bytes), Some(entry));
+        assert_eq!(
+            CacheEntry::fresh(Some(&bytes), &slot, 1_999, 1_000),
+            Some(entry.lookup)
+        );
+        assert_eq!(
+            CacheEntry::fresh(Some(&bytes), &slot, 2_000, 1_000),
+            None,
+            "expired"
+        );
+        assert_eq!(
+            CacheEntry::fresh(Some(&bytes), &slot, 1_000, 0),
+            None,
+            "ttl 0 never hits"
+        );
+        let other = Slot::of("t", "token-b", 16);
+        assert_eq!(
+            CacheEntry::fresh(Some(&bytes), &other, 1_500, 1_000),
+            None,
+            "other fingerprint"
+        );
+        assert_eq!(CacheEntry::fresh(Some(b"short"), &slot, 1_500, 1_000), None);
+        assert_eq!(CacheEntry::fresh(None, &slot, 1_500, 1_000), None);
+    }
+
+    #[test]
+    fn local_bans_expire() {
+        let slot = Slot::of("u", "user-001", 8);
+        let bytes = ban_entry(&slot, 500, 10_000);
+        assert_eq!(local_ban(Some(&bytes), &slot, 9_999), Some(500));
+        assert_eq!(local_ban(Some(&bytes), &slot, 10_000), None);
+        assert_eq!(local_ban(Some(&bytes), &Slot::of("u", "user-002", 8), 1), None);
+    }
+
+    #[test]
+    fn user_ids() {
+        assert!(valid_user_id("user-001"));
+        assert!(valid_user_id("a.b@c"));
+        assert!(!valid_user_id(""));
+        assert!(!valid_user_id("a/b"));
+        assert!(!valid_user_id("a b"));
+        assert!(!valid_user_id(&"x".repeat(300)));
+    }
+}
