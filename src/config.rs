@@ -10,6 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::jwt::{Algorithm, Verifier};
+use crate::ratelimit::{self, Limit};
 use crate::revocation::FailureMode;
 
 /// Methods a route may list.
@@ -44,6 +45,9 @@ pub struct FilterConfig {
     /// The gateway routes.
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
+    /// Gateway-wide rate-limit settings (per-IP limit, trusted hops, memory bounds).
+    #[serde(default)]
+    pub rate_limits: RateLimitSettings,
     /// Token revocation through webdis; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation: Option<RevocationSettings>,
@@ -209,6 +213,97 @@ pub struct RouteSettings {
     pub auth_required: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<String>,
+    /// Token-bucket limits of this route; none = unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RouteRateLimit>,
+}
+
+/// `max_calls` per `period_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    pub max_calls: u64,
+    #[serde(default = "default_period")]
+    pub period_seconds: u64,
+}
+
+fn default_period() -> u64 {
+    1
+}
+
+/// A route's limits: the route bucket, and optional per-user / per-IP overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRateLimit {
+    pub max_calls: u64,
+    #[serde(default = "default_period")]
+    pub period_seconds: u64,
+    /// Default: the gateway's `per_user`, else a tenth of the route limit (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_user: Option<LimitSettings>,
+    /// Default: the gateway's `per_ip`, one bucket per address shared by all routes.
+    /// Set here, it is a bucket per (route, address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_ip: Option<LimitSettings>,
+}
+
+/// Gateway-wide rate-limit settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    #[serde(default = "default_per_ip")]
+    pub per_ip: LimitSettings,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_user: Option<LimitSettings>,
+    /// Proxies in front of Envoy whose `X-Forwarded-For` entries are trusted; 0 = use the peer.
+    #[serde(default)]
+    pub trusted_hops: u32,
+    /// Slots (the memory bound) for per-user and for per-IP buckets.
+    #[serde(default = "default_rl_slots")]
+    pub user_slots: u32,
+    #[serde(default = "default_rl_slots")]
+    pub ip_slots: u32,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            per_ip: default_per_ip(),
+            per_user: None,
+            trusted_hops: 0,
+            user_slots: default_rl_slots(),
+            ip_slots: default_rl_slots(),
+        }
+    }
+}
+
+pub fn default_per_ip() -> LimitSettings {
+    LimitSettings {
+        max_calls: 1000,
+        period_seconds: 1,
+    }
+}
+pub fn default_rl_slots() -> u32 {
+    8192
+}
+
+/// A validated bucket identity and limit. `key` is empty for per-client buckets (the slot key is
+/// computed per request).
+#[derive(Debug, Clone)]
+pub struct BucketSpec {
+    pub limit: Limit,
+    /// Stable part of the bucket identity (the route name, or empty for the shared per-IP bucket).
+    pub scope: String,
+}
+
+/// A route's validated limits.
+#[derive(Debug, Clone)]
+pub struct RouteLimits {
+    pub route_key: String,
+    pub route_fingerprint: u64,
+    pub route: Limit,
+    pub user: BucketSpec,
+    pub ip: BucketSpec,
 }
 
 fn default_gateway_name() -> String {
@@ -268,6 +363,7 @@ pub struct Route {
     pub allow: String,
     pub auth_required: bool,
     pub roles: Vec<String>,
+    pub limits: Option<RouteLimits>,
 }
 
 impl Route {
@@ -295,6 +391,7 @@ pub struct Config {
     /// Routes ordered longest prefix first, so the most specific one wins.
     pub routes: Vec<Route>,
     pub revocation: Option<Revocation>,
+    pub rate_limits: RateLimitSettings,
 }
 
 impl Config {
@@ -436,6 +533,15 @@ impl TryFrom<FilterConfig> for Config {
             if !r.roles.is_empty() && !r.auth_required {
                 return Err(ConfigError::new(at("roles"), "roles need auth_required: true"));
             }
+            let limits = match &r.rate_limit {
+                None => None,
+                Some(rl) => Some(route_limits(
+                    &format!("routes[{i}].rate_limit"),
+                    &r.name,
+                    rl,
+                    &raw.rate_limits,
+                )?),
+            };
             routes.push(Route {
                 name: r.name.clone(),
                 full_prefix,
@@ -443,6 +549,7 @@ impl TryFrom<FilterConfig> for Config {
                 methods,
                 auth_required: r.auth_required,
                 roles: r.roles.clone(),
+                limits,
             });
         }
         // Longest prefix first; stable, so equal lengths keep file order.
@@ -471,7 +578,23 @@ impl TryFrom<FilterConfig> for Config {
             }
         };
 
+        let rl = &raw.rate_limits;
+        check_limit("rate_limits.per_ip", &rl.per_ip)?;
+        if let Some(u) = &rl.per_user {
+            check_limit("rate_limits.per_user", u)?;
+        }
+        if !(1..=1_000_000).contains(&rl.user_slots) {
+            return Err(ConfigError::new("rate_limits.user_slots", "must be 1 to 1000000"));
+        }
+        if !(1..=1_000_000).contains(&rl.ip_slots) {
+            return Err(ConfigError::new("rate_limits.ip_slots", "must be 1 to 1000000"));
+        }
+        if rl.trusted_hops > 16 {
+            return Err(ConfigError::new("rate_limits.trusted_hops", "must be at most 16"));
+        }
+
         Ok(Config {
+            rate_limits: raw.rate_limits.clone(),
             revocation,
             prefix: raw.prefix,
             gateway_name: raw.gateway_name,
@@ -480,6 +603,73 @@ impl TryFrom<FilterConfig> for Config {
             routes,
         })
     }
+}
+
+fn check_limit(field: &str, l: &LimitSettings) -> Result<(), ConfigError> {
+    if l.max_calls == 0 || l.max_calls > 1_000_000_000 {
+        return Err(ConfigError::new(
+            format!("{field}.max_calls"),
+            "must be 1 to 1000000000",
+        ));
+    }
+    if l.period_seconds == 0 || l.period_seconds > 86_400 {
+        return Err(ConfigError::new(
+            format!("{field}.period_seconds"),
+            "must be 1 to 86400",
+        ));
+    }
+    Ok(())
+}
+
+fn limit_of(l: &LimitSettings) -> Limit {
+    Limit {
+        max_calls: l.max_calls,
+        period_ms: l.period_seconds * 1000,
+    }
+}
+
+fn route_limits(
+    field: &str,
+    name: &str,
+    rl: &RouteRateLimit,
+    global: &RateLimitSettings,
+) -> Result<RouteLimits, ConfigError> {
+    let own = LimitSettings {
+        max_calls: rl.max_calls,
+        period_seconds: rl.period_seconds,
+    };
+    check_limit(field, &own)?;
+    if let Some(u) = &rl.per_user {
+        check_limit(&format!("{field}.per_user"), u)?;
+    }
+    if let Some(ip) = &rl.per_ip {
+        check_limit(&format!("{field}.per_ip"), ip)?;
+    }
+    // The reference: a user gets a tenth of the route's limit (at least 1).
+    let user = rl.per_user.or(global.per_user).unwrap_or(LimitSettings {
+        max_calls: (rl.max_calls / 10).max(1),
+        period_seconds: rl.period_seconds,
+    });
+    let ip = match &rl.per_ip {
+        Some(own) => BucketSpec {
+            limit: limit_of(own),
+            scope: name.to_string(),
+        },
+        None => BucketSpec {
+            limit: limit_of(&global.per_ip),
+            scope: String::new(),
+        },
+    };
+    Ok(RouteLimits {
+        route_key: ratelimit::route_key(name),
+        route_fingerprint: ratelimit::fingerprint(&["r", name]),
+        route: limit_of(&own),
+        user: BucketSpec {
+            limit: limit_of(&user),
+            scope: name.to_string(),
+        },
+        ip,
+    })
 }
 
 fn build_revocation(prefix: &str, rv: &RevocationSettings) -> Result<Revocation, ConfigError> {
@@ -810,6 +1000,72 @@ mod tests {
             let err = parse(v).unwrap_err().to_string();
             assert!(err.contains(expected), "{expected}: {err}");
         }
+    }
+
+    #[test]
+    fn rate_limit_defaults_follow_the_reference() {
+        let mut v = base();
+        v["routes"][0]["rate_limit"] = serde_json::json!({"max_calls": 100, "period_seconds": 1});
+        v["routes"][1]["rate_limit"] =
+            serde_json::json!({"max_calls": 5, "per_ip": {"max_calls": 3, "period_seconds": 2}});
+        let cfg = parse(v).unwrap();
+        let users = cfg
+            .routes
+            .iter()
+            .find(|r| r.name == "users")
+            .unwrap()
+            .limits
+            .clone()
+            .unwrap();
+        assert_eq!(
+            users.route,
+            Limit {
+                max_calls: 100,
+                period_ms: 1000
+            }
+        );
+        assert_eq!(users.user.limit.max_calls, 10, "a tenth of the route limit");
+        assert_eq!(
+            users.ip.limit,
+            Limit {
+                max_calls: 1000,
+                period_ms: 1000
+            }
+        );
+        assert_eq!(users.ip.scope, "", "shared by all routes");
+        let admin = cfg
+            .routes
+            .iter()
+            .find(|r| r.name == "admin")
+            .unwrap()
+            .limits
+            .clone()
+            .unwrap();
+        assert_eq!(admin.user.limit.max_calls, 1, "at least 1");
+        assert_eq!(
+            admin.ip.limit,
+            Limit {
+                max_calls: 3,
+                period_ms: 2000
+            }
+        );
+        assert_eq!(admin.ip.scope, "admin");
+        assert!(cfg
+            .routes
+            .iter()
+            .find(|r| r.name == "products")
+            .unwrap()
+            .limits
+            .is_none());
+        let mut v = base();
+        v["routes"][0]["rate_limit"] = serde_json::json!({"max_calls": 0});
+        assert!(parse(v)
+            .unwrap_err()
+            .to_string()
+            .contains("routes[0].rate_limit.max_calls: must be"));
+        let mut v = base();
+        v["rate_limits"] = serde_json::json!({"ip_slots": 0});
+        assert!(parse(v).unwrap_err().to_string().contains("rate_limits.ip_slots"));
     }
 
     #[test]

@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{
     check_name, default_algorithms, default_ban_ttl, default_cache_slots, default_clock_skew,
-    default_logout_path, default_methods, default_refresh_path, default_revoke_roles,
-    default_revoke_user_path, default_true, default_webdis_cluster, Config, ConfigError, FilterConfig,
-    JwtSettings, RefreshSettings, RevocationSettings, RouteSettings, DEFAULT_GATEWAY_NAME,
-    MAX_CLOCK_SKEW_SECONDS,
+    default_logout_path, default_methods, default_per_ip, default_refresh_path, default_revoke_roles,
+    default_revoke_user_path, default_rl_slots, default_true, default_webdis_cluster, Config, ConfigError,
+    FilterConfig, JwtSettings, LimitSettings, RateLimitSettings, RefreshSettings, RevocationSettings,
+    RouteRateLimit, RouteSettings, DEFAULT_GATEWAY_NAME, MAX_CLOCK_SKEW_SECONDS,
 };
 use crate::revocation::FailureMode as RevocationFailureMode;
 
@@ -122,6 +122,8 @@ pub struct Gateway {
     /// `closed` (fail closed for good) or `open` (skip the filter: bypasses auth).
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    #[serde(default)]
+    pub rate_limit: GatewayRateLimit,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -311,6 +313,61 @@ pub struct RateLimit {
     pub max_calls: u32,
     #[serde(default = "default_period")]
     pub period: u32,
+    /// Per-user limit on this route (default: gateway `rate_limit.per_user`, else max_calls / 10).
+    #[serde(default)]
+    pub per_user: Option<LimitSection>,
+    /// Per-IP limit on this route (default: gateway `rate_limit.per_ip`, shared by all routes).
+    #[serde(default)]
+    pub per_ip: Option<LimitSection>,
+}
+
+/// `{max_calls, period}`: calls per period seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSection {
+    pub max_calls: u32,
+    #[serde(default = "default_period")]
+    pub period: u32,
+}
+
+impl LimitSection {
+    fn settings(&self) -> LimitSettings {
+        LimitSettings {
+            max_calls: u64::from(self.max_calls),
+            period_seconds: u64::from(self.period),
+        }
+    }
+}
+
+/// `gateway.rate_limit`: settings shared by every limited route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRateLimit {
+    /// Default per-IP limit (the reference: 1000 per second).
+    #[serde(default)]
+    pub per_ip: Option<LimitSection>,
+    /// Default per-user limit (else each route's max_calls / 10).
+    #[serde(default)]
+    pub per_user: Option<LimitSection>,
+    /// Proxies in front of Envoy whose X-Forwarded-For entries are trusted (0: the peer address).
+    #[serde(default)]
+    pub trusted_hops: u32,
+    #[serde(default = "default_rl_slots")]
+    pub user_slots: u32,
+    #[serde(default = "default_rl_slots")]
+    pub ip_slots: u32,
+}
+
+impl Default for GatewayRateLimit {
+    fn default() -> Self {
+        Self {
+            per_ip: None,
+            per_user: None,
+            trusted_hops: 0,
+            user_slots: default_rl_slots(),
+            ip_slots: default_rl_slots(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -467,6 +524,13 @@ fn gateway_field(field: &str) -> String {
         "revocation.ban_ttl_seconds" => "revocation.ban_ttl".to_string(),
         "revocation.refresh.token_ttl_seconds" => "revocation.refresh.token_ttl".to_string(),
         "jwt.clock_skew_seconds" => "jwt.clock_skew".to_string(),
+        f if f.starts_with("rate_limits.") => {
+            format!("gateway.rate_limit.{}", f.trim_start_matches("rate_limits."))
+                .replace("period_seconds", "period")
+        }
+        f if f.starts_with("routes[") && f.contains("period_seconds") => {
+            f.replace("period_seconds", "period")
+        }
         f => f.to_string(),
     }
 }
@@ -645,7 +709,16 @@ impl GatewayFile {
                 })
             }
         };
+        let grl = &self.gateway.rate_limit;
+        let rate_limits = RateLimitSettings {
+            per_ip: grl.per_ip.map(|l| l.settings()).unwrap_or_else(default_per_ip),
+            per_user: grl.per_user.map(|l| l.settings()),
+            trusted_hops: grl.trusted_hops,
+            user_slots: grl.user_slots,
+            ip_slots: grl.ip_slots,
+        };
         let fc = FilterConfig {
+            rate_limits,
             revocation,
             prefix: self.gateway.prefix.clone(),
             gateway_name: self.gateway.name.clone(),
@@ -660,6 +733,16 @@ impl GatewayFile {
                     methods: r.methods.clone(),
                     auth_required: r.auth_required,
                     roles: r.roles.clone(),
+                    rate_limit: r
+                        .rate_limit
+                        .as_ref()
+                        .filter(|rl| rl.enabled)
+                        .map(|rl| RouteRateLimit {
+                            max_calls: u64::from(rl.max_calls),
+                            period_seconds: u64::from(rl.period),
+                            per_user: rl.per_user.map(|l| l.settings()),
+                            per_ip: rl.per_ip.map(|l| l.settings()),
+                        }),
                 })
                 .collect(),
         };

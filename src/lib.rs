@@ -9,6 +9,7 @@ pub mod config;
 pub mod gateway;
 pub mod jwt;
 pub mod policy;
+pub mod ratelimit;
 pub mod revocation;
 pub mod trace;
 

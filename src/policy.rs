@@ -41,6 +41,31 @@ impl Reply {
         Self::json(status, body.to_string(), trace_id)
     }
 
+    /// 429 with `retry_after`, `Retry-After` and the `X-RateLimit-*` headers.
+    pub fn too_many(
+        kind: crate::ratelimit::Kind,
+        v: &crate::ratelimit::Verdict,
+        period_s: u64,
+        trace_id: &str,
+    ) -> Self {
+        let message = format!(
+            "{} rate limit exceeded: {} calls per {}s",
+            kind.label(),
+            v.limit,
+            period_s
+        );
+        let body = serde_json::json!({
+            "error": reason_phrase(429),
+            "message": message,
+            "retry_after": v.retry_after_s,
+            "trace_id": trace_id,
+        });
+        let mut reply = Self::json(429, body.to_string(), trace_id);
+        reply.headers.push(("retry-after", v.retry_after_s.to_string()));
+        reply.headers.extend(ratelimit_headers(v));
+        reply
+    }
+
     /// Fills in the trace id of an error reply built before it was known.
     pub fn set_trace_id(&mut self, trace_id: &str) {
         if let Ok(mut body) = serde_json::from_str::<serde_json::Value>(&self.body) {
@@ -67,6 +92,16 @@ impl Reply {
             body,
         }
     }
+}
+
+/// `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the bucket is full), as Envoy's
+/// `enable_x_ratelimit_headers` names them.
+pub fn ratelimit_headers(v: &crate::ratelimit::Verdict) -> [(&'static str, String); 3] {
+    [
+        ("x-ratelimit-limit", v.limit.to_string()),
+        ("x-ratelimit-remaining", v.remaining.to_string()),
+        ("x-ratelimit-reset", v.reset_s.to_string()),
+    ]
 }
 
 /// The standard reason phrase used as the `error` field.

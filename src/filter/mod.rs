@@ -13,6 +13,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::config::{Config, Revocation};
 use crate::jwt::Identity;
 use crate::policy::{self, Endpoint, Outcome, Reply, HEADER_TRACE_ID};
+use crate::ratelimit::{self, Kind, SharedStore, Update, Verdict};
 use crate::revocation::{self as rv, CacheEntry, FailureMode, Lookup, Slot, StoreError};
 use crate::trace::{uuid_v4, RANDOM_BYTES};
 
@@ -35,6 +36,55 @@ struct Metrics {
     revoked: u32,
     store_errors: u32,
     allowed_on_error: u32,
+    /// Allowed / limited per kind: IP, user, route.
+    rl_allowed: [u32; 3],
+    rl_limited: [u32; 3],
+    rl_contended: u32,
+}
+
+fn kind_index(kind: Kind) -> usize {
+    match kind {
+        Kind::Ip => 0,
+        Kind::User => 1,
+        Kind::Route => 2,
+    }
+}
+
+/// Shared data as the rate limiter's store.
+struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(bytes), cas)) => Some((bytes, cas.unwrap_or(0))),
+            _ => None,
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(proxy_wasm::types::Status::CasMismatch) => Err(true),
+            Err(_) => Err(false),
+        }
+    }
+}
+
+/// Creates every rate-limit key up front, so request-time updates are CAS on existing keys.
+fn create_rate_limit_keys(cfg: &Config) {
+    let mut any = false;
+    for limits in cfg.routes.iter().filter_map(|r| r.limits.as_ref()) {
+        ratelimit::ensure_key(&HostStore, &limits.route_key);
+        any = true;
+    }
+    if any {
+        let s = &cfg.rate_limits;
+        for (kind, slots) in [("i", s.ip_slots), ("u", s.user_slots)] {
+            for i in 0..u64::from(slots) {
+                ratelimit::ensure_key(&HostStore, &ratelimit::slot_key_at(kind, i));
+            }
+        }
+    }
 }
 
 impl Metrics {
@@ -49,6 +99,17 @@ impl Metrics {
             revoked: counter("gateway_revocation_revoked_total")?,
             store_errors: counter("gateway_revocation_store_errors_total")?,
             allowed_on_error: counter("gateway_revocation_allowed_on_error_total")?,
+            rl_allowed: [
+                counter("gateway_ratelimit_ip_allowed_total")?,
+                counter("gateway_ratelimit_user_allowed_total")?,
+                counter("gateway_ratelimit_route_allowed_total")?,
+            ],
+            rl_limited: [
+                counter("gateway_ratelimit_ip_limited_total")?,
+                counter("gateway_ratelimit_user_limited_total")?,
+                counter("gateway_ratelimit_route_limited_total")?,
+            ],
+            rl_contended: counter("gateway_ratelimit_contended_total")?,
         })
     }
 
@@ -99,6 +160,7 @@ impl RootContext for Root {
             if cfg.verifier.is_some() { "on" } else { "off" },
             if cfg.revocation.is_some() { "on" } else { "off" },
         );
+        create_rate_limit_keys(&cfg);
         self.config = Some(Rc::new(cfg));
         self.metrics = Some(Rc::new(metrics));
         true
@@ -111,6 +173,7 @@ impl RootContext for Root {
             started: None,
             trace_id: None,
             pending: None,
+            rate_limit: None,
         }))
     }
 
@@ -161,6 +224,8 @@ struct Request {
     started: Option<SystemTime>,
     trace_id: Option<String>,
     pending: Option<Pending>,
+    /// The binding bucket's verdict, for the `X-RateLimit-*` response headers.
+    rate_limit: Option<Verdict>,
 }
 
 impl Context for Request {
@@ -280,6 +345,49 @@ fn shared(key: &str) -> Option<Vec<u8>> {
 }
 
 impl Request {
+    /// Takes a token from each bucket that applies; the first refusal answers 429.
+    fn rate_limit(
+        &mut self,
+        limits: &crate::config::RouteLimits,
+        user: Option<&str>,
+        ip: Option<&str>,
+    ) -> Result<(), Reply> {
+        let now_ms = now_ms();
+        for check in ratelimit::plan(limits, &self.config.rate_limits, user, ip) {
+            let idx = kind_index(check.kind);
+            match ratelimit::consume(&HostStore, &check.key, check.fingerprint, &check.limit, now_ms) {
+                Update::Done(v) if v.allowed => {
+                    if let Some(id) = self.metrics.rl_allowed.get(idx) {
+                        Metrics::inc(*id);
+                    }
+                    if self.rate_limit.is_none_or(|b| v.remaining < b.remaining) {
+                        self.rate_limit = Some(v);
+                    }
+                }
+                Update::Done(v) => {
+                    if let Some(id) = self.metrics.rl_limited.get(idx) {
+                        Metrics::inc(*id);
+                    }
+                    self.rate_limit = Some(v);
+                    return Err(Reply::too_many(
+                        check.kind,
+                        &v,
+                        check.limit.period_ms / 1000,
+                        self.trace_id(),
+                    ));
+                }
+                Update::GaveUp { conflicts } => {
+                    Metrics::inc(self.metrics.rl_contended);
+                    warn!(
+                        "rate limit bucket {} contended ({conflicts} CAS conflicts): allowed",
+                        check.key
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn trace_id(&self) -> &str {
         self.trace_id.as_deref().unwrap_or_default()
     }
@@ -490,9 +598,31 @@ impl HttpContext for Request {
             action,
             identity,
             token,
-            ..
+            route,
         } = policy::decide(&config, &headers, unix_seconds(start), &random_bytes());
         self.trace_id = Some(trace.trace_id);
+        let limits = route
+            .as_deref()
+            .and_then(|name| config.routes.iter().find(|r| r.name == name))
+            .and_then(|r| r.limits.as_ref());
+        if let (Some(limits), policy::Action::Forward { .. }) = (limits, &action) {
+            let xff = if config.rate_limits.trusted_hops > 0 {
+                headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            } else {
+                None
+            };
+            let peer = hostcalls::get_property(vec!["source", "address"]).ok().flatten();
+            let peer = peer.as_deref().and_then(|b| std::str::from_utf8(b).ok());
+            let ip = ratelimit::client_ip(peer, xff, config.rate_limits.trusted_hops);
+            let user = identity.as_ref().and_then(|i| i.user_id.as_deref());
+            if let Err(reply) = self.rate_limit(limits, user, ip.as_deref()) {
+                self.reply(reply);
+                return Action::Pause;
+            }
+        }
         let then = match action {
             policy::Action::Reply(reply) => {
                 self.reply(reply);
@@ -513,6 +643,11 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        if let Some(v) = &self.rate_limit {
+            for (name, value) in policy::ratelimit_headers(v) {
+                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
+            }
+        }
         if let Some(id) = &self.trace_id {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, HEADER_TRACE_ID, Some(id));
         }

@@ -1,0 +1,480 @@
+//! Token buckets in proxy-wasm shared data, exact across workers: bucket arithmetic with an
+//! injected clock, a fixed-size encoding, and a bounded compare-and-swap loop over a
+//! [`SharedStore`] (the glue implements it with shared data; tests with a map).
+//!
+//! Memory is bounded by construction: route buckets have one key each; per-user and per-IP
+//! buckets live in a fixed number of slot keys created at configure time (so every update is a
+//! CAS on an existing key: shared data creates missing keys unconditionally). A slot holds one
+//! client's bucket, tagged with a fingerprint; a client hashing to a slot held by another takes it
+//! over with a full bucket (eviction: the previous client starts afresh when it returns).
+
+use std::hash::{Hash, Hasher};
+
+/// Milli-tokens per token (sub-token refill precision).
+const SCALE: u128 = 1000;
+/// CAS attempts before giving up on a contended bucket (then the request is allowed and counted).
+pub const MAX_CAS_ATTEMPTS: u32 = 16;
+
+/// A limit: `max_calls` per `period_ms`; capacity `max_calls`, refilled continuously.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub max_calls: u64,
+    pub period_ms: u64,
+}
+
+impl Limit {
+    fn capacity_milli(&self) -> u128 {
+        u128::from(self.max_calls) * SCALE
+    }
+
+    /// Milli-tokens refilled over `elapsed_ms`.
+    fn refill(&self, elapsed_ms: u64) -> u128 {
+        u128::from(elapsed_ms) * self.capacity_milli() / u128::from(self.period_ms.max(1))
+    }
+
+    /// Milliseconds needed to refill `missing` milli-tokens (rounded up).
+    fn time_for(&self, missing: u128) -> u64 {
+        let cap = self.capacity_milli().max(1);
+        let ms = (missing * u128::from(self.period_ms.max(1))).div_ceil(cap);
+        u64::try_from(ms).unwrap_or(u64::MAX)
+    }
+}
+
+/// A bucket as stored: 24 bytes (fingerprint, milli-tokens, last refill ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    pub fingerprint: u64,
+    pub tokens_milli: u64,
+    pub last_ms: u64,
+}
+
+pub const BUCKET_LEN: usize = 24;
+
+fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let chunk: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(chunk))
+}
+
+impl Bucket {
+    pub fn full(fingerprint: u64, limit: &Limit, now_ms: u64) -> Bucket {
+        Bucket {
+            fingerprint,
+            tokens_milli: u64::try_from(limit.capacity_milli()).unwrap_or(u64::MAX),
+            last_ms: now_ms,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; BUCKET_LEN] {
+        let mut out = [0u8; BUCKET_LEN];
+        for (chunk, v) in out
+            .chunks_exact_mut(8)
+            .zip([self.fingerprint, self.tokens_milli, self.last_ms])
+        {
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Bucket> {
+        if bytes.len() != BUCKET_LEN {
+            return None;
+        }
+        Some(Bucket {
+            fingerprint: read_u64(bytes, 0)?,
+            tokens_milli: read_u64(bytes, 8)?,
+            last_ms: read_u64(bytes, 16)?,
+        })
+    }
+}
+
+/// The result of taking one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    pub limit: u64,
+    /// Whole tokens left after this request.
+    pub remaining: u64,
+    /// Seconds until one token is available (refused requests; 0 when allowed).
+    pub retry_after_s: u64,
+    /// Seconds until the bucket is full again.
+    pub reset_s: u64,
+}
+
+fn ceil_s(ms: u64) -> u64 {
+    ms.div_ceil(1000)
+}
+
+/// Takes one token from `current` (or a fresh full bucket when the slot is empty, unreadable or
+/// held by another fingerprint). Returns the bucket to store and the verdict.
+pub fn take(current: Option<Bucket>, fingerprint: u64, limit: &Limit, now_ms: u64) -> (Bucket, Verdict) {
+    let cap = limit.capacity_milli();
+    let mut b = match current {
+        Some(b) if b.fingerprint == fingerprint => b,
+        _ => Bucket::full(fingerprint, limit, now_ms),
+    };
+    let elapsed = now_ms.saturating_sub(b.last_ms);
+    let tokens = (u128::from(b.tokens_milli) + limit.refill(elapsed)).min(cap);
+    if now_ms > b.last_ms {
+        b.last_ms = now_ms;
+    }
+    let allowed = tokens >= SCALE;
+    let left = if allowed { tokens - SCALE } else { tokens };
+    b.tokens_milli = u64::try_from(left).unwrap_or(u64::MAX);
+    let verdict = Verdict {
+        allowed,
+        limit: limit.max_calls,
+        remaining: u64::try_from(left / SCALE).unwrap_or(u64::MAX),
+        retry_after_s: if allowed {
+            0
+        } else {
+            ceil_s(limit.time_for(SCALE - left)).max(1)
+        },
+        reset_s: ceil_s(limit.time_for(cap - left)),
+    };
+    (b, verdict)
+}
+
+/// The shared-data operations the limiter needs.
+pub trait SharedStore {
+    /// The value and its CAS token, if the key exists.
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Sets the value if the CAS token still matches; `Err(true)` on a CAS mismatch,
+    /// `Err(false)` on any other failure.
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool>;
+}
+
+/// What happened to one bucket update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    Done(Verdict),
+    /// Contention or a store failure kept the update from landing: let the request through.
+    GaveUp {
+        conflicts: u32,
+    },
+}
+
+/// Takes a token from the bucket at `key` with compare-and-swap, retrying on conflicts.
+/// The key must already exist (see [`ensure_key`]); a missing key is created unconditionally.
+pub fn consume(store: &dyn SharedStore, key: &str, fingerprint: u64, limit: &Limit, now_ms: u64) -> Update {
+    let mut conflicts = 0;
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (current, cas) = match store.get(key) {
+            Some((bytes, cas)) => (Bucket::decode(&bytes), Some(cas)),
+            None => (None, None),
+        };
+        let (next, verdict) = take(current, fingerprint, limit, now_ms);
+        match store.set(key, &next.encode(), cas) {
+            Ok(()) => return Update::Done(verdict),
+            Err(true) => conflicts += 1,
+            Err(false) => return Update::GaveUp { conflicts },
+        }
+    }
+    Update::GaveUp { conflicts }
+}
+
+/// Creates `key` with an empty slot value if it does not exist yet (done at configure time, so
+/// that request-time updates are always CAS on an existing key).
+pub fn ensure_key(store: &dyn SharedStore, key: &str) {
+    if store.get(key).is_none() {
+        let _ = store.set(key, &[0u8; BUCKET_LEN], None);
+    }
+}
+
+/// A stable fingerprint of a bucket's identity.
+pub fn fingerprint(parts: &[&str]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    // 0 marks an empty slot.
+    h.finish().max(1)
+}
+
+/// Key of a route's bucket.
+pub fn route_key(route: &str) -> String {
+    format!("gw:rl:r:{route}")
+}
+
+/// Key of a slot for per-user (`kind` = "u") or per-IP ("i") buckets.
+pub fn slot_key(kind: &str, fingerprint: u64, slots: u32) -> String {
+    slot_key_at(kind, fingerprint % u64::from(slots.max(1)))
+}
+
+/// Key of slot number `index`.
+pub fn slot_key_at(kind: &str, index: u64) -> String {
+    format!("gw:rl:{kind}:{index}")
+}
+
+/// Which limit a bucket enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Ip,
+    User,
+    Route,
+}
+
+impl Kind {
+    /// The word that starts the 429 message, as in the reference ("API rate limit exceeded").
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Ip => "IP",
+            Kind::User => "User",
+            Kind::Route => "API",
+        }
+    }
+}
+
+/// One bucket to take a token from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub kind: Kind,
+    pub key: String,
+    pub fingerprint: u64,
+    pub limit: Limit,
+}
+
+/// The buckets a request on a limited route must pass, most specific first (IP, user, route), so
+/// that a client refused by its own limit does not drain the route's budget.
+pub fn plan(
+    limits: &crate::config::RouteLimits,
+    settings: &crate::config::RateLimitSettings,
+    user: Option<&str>,
+    ip: Option<&str>,
+) -> Vec<Check> {
+    let mut checks = Vec::with_capacity(3);
+    if let Some(ip) = ip {
+        let fp = fingerprint(&["i", &limits.ip.scope, ip]);
+        checks.push(Check {
+            kind: Kind::Ip,
+            key: slot_key("i", fp, settings.ip_slots),
+            fingerprint: fp,
+            limit: limits.ip.limit,
+        });
+    }
+    if let Some(user) = user {
+        let fp = fingerprint(&["u", &limits.user.scope, user]);
+        checks.push(Check {
+            kind: Kind::User,
+            key: slot_key("u", fp, settings.user_slots),
+            fingerprint: fp,
+            limit: limits.user.limit,
+        });
+    }
+    checks.push(Check {
+        kind: Kind::Route,
+        key: limits.route_key.clone(),
+        fingerprint: limits.route_fingerprint,
+        limit: limits.route,
+    });
+    checks
+}
+
+/// The client address: the peer address, or with `trusted_hops` = N > 0 the N-th entry from the
+/// right of `X-Forwarded-For` as the filter sees it (the rendered Envoy appends the peer address,
+/// so N = 1 trusts one proxy in front of Envoy). Falls back to the peer when XFF is too short or
+/// an entry is not an IP address.
+pub fn client_ip(peer: Option<&str>, xff: Option<&str>, trusted_hops: u32) -> Option<String> {
+    if trusted_hops > 0 {
+        if let Some(xff) = xff {
+            let entries: Vec<&str> = xff.split(',').map(str::trim).collect();
+            let idx = entries.len().checked_sub(1 + trusted_hops as usize);
+            if let Some(candidate) = idx.and_then(|i| entries.get(i)) {
+                if let Ok(ip) = candidate.parse::<std::net::IpAddr>() {
+                    return Some(ip.to_string());
+                }
+            }
+        }
+    }
+    peer.map(strip_port)
+}
+
+/// `1.2.3.4:5678` → `1.2.3.4`, `[::1]:80` → `::1`.
+pub fn strip_port(addr: &str) -> String {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest).to_string();
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            host.to_string()
+        }
+        _ => addr.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    const L: Limit = Limit {
+        max_calls: 10,
+        period_ms: 1000,
+    };
+
+    #[test]
+    fn bucket_arithmetic() {
+        let (mut b, v) = take(None, 7, &L, 1_000);
+        assert!(v.allowed);
+        assert_eq!((v.limit, v.remaining), (10, 9));
+        for i in 0..9 {
+            let (nb, v) = take(Some(b), 7, &L, 1_000);
+            assert!(v.allowed, "{i}");
+            b = nb;
+        }
+        let (b2, v) = take(Some(b), 7, &L, 1_000);
+        assert!(!v.allowed);
+        assert_eq!(v.remaining, 0);
+        assert_eq!(v.retry_after_s, 1, "one token takes 100 ms: rounded up to 1 s");
+        assert_eq!(v.reset_s, 1);
+        // 100 ms later exactly one token is back.
+        let (b3, v) = take(Some(b2), 7, &L, 1_100);
+        assert!(v.allowed);
+        let (_, v) = take(Some(b3), 7, &L, 1_100);
+        assert!(!v.allowed);
+        // After a full period the bucket is full again, never fuller.
+        let (_, v) = take(Some(b3), 7, &L, 60_000);
+        assert_eq!(v.remaining, 9);
+    }
+
+    #[test]
+    fn slow_limits_round_retry_after_up() {
+        let l = Limit {
+            max_calls: 1,
+            period_ms: 60_000,
+        };
+        let (b, v) = take(None, 1, &l, 0);
+        assert!(v.allowed);
+        let (_, v) = take(Some(b), 1, &l, 15_000);
+        assert!(!v.allowed);
+        assert_eq!(v.retry_after_s, 45);
+    }
+
+    #[test]
+    fn clock_going_backwards_refills_nothing() {
+        let (b, _) = take(None, 1, &L, 5_000);
+        let (b2, v) = take(Some(b), 1, &L, 4_000);
+        assert_eq!(v.remaining, 8);
+        assert_eq!(b2.last_ms, 5_000);
+    }
+
+    #[test]
+    fn other_fingerprint_takes_the_slot_over() {
+        let (mut b, _) = take(None, 1, &L, 0);
+        for _ in 0..10 {
+            b = take(Some(b), 1, &L, 0).0;
+        }
+        let (b2, v) = take(Some(b), 2, &L, 0);
+        assert!(v.allowed);
+        assert_eq!((b2.fingerprint, v.remaining), (2, 9));
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        let b = Bucket {
+            fingerprint: u64::MAX,
+            tokens_milli: 1234,
+            last_ms: 99,
+        };
+        assert_eq!(Bucket::decode(&b.encode()), Some(b));
+        assert_eq!(Bucket::decode(b"short"), None);
+        assert_eq!(Bucket::decode(&[0u8; BUCKET_LEN]).map(|b| b.fingerprint), Some(0));
+    }
+
+    /// A shared-data double with real CAS semantics (a missing key is set unconditionally) and
+    /// an optional number of injected conflicts.
+    #[derive(Default)]
+    struct FakeStore {
+        map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        next_cas: RefCell<u32>,
+        conflicts_to_inject: RefCell<u32>,
+    }
+
+    impl SharedStore for FakeStore {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.map.borrow().get(key).cloned()
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
+            let mut inject = self.conflicts_to_inject.borrow_mut();
+            if *inject > 0 {
+                *inject -= 1;
+                return Err(true);
+            }
+            let mut map = self.map.borrow_mut();
+            if let (Some(cas), Some((_, current))) = (cas, map.get(key)) {
+                if cas != *current {
+                    return Err(true);
+                }
+            }
+            let mut next = self.next_cas.borrow_mut();
+            *next += 1;
+            map.insert(key.to_string(), (value.to_vec(), *next));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn consume_retries_conflicts_and_is_exact() {
+        let store = FakeStore::default();
+        ensure_key(&store, "k");
+        *store.conflicts_to_inject.borrow_mut() = 3;
+        let mut allowed = 0;
+        for _ in 0..25 {
+            if let Update::Done(v) = consume(&store, "k", 5, &L, 0) {
+                allowed += u32::from(v.allowed);
+            }
+        }
+        assert_eq!(allowed, 10);
+    }
+
+    #[test]
+    fn consume_gives_up_after_bounded_conflicts() {
+        let store = FakeStore::default();
+        ensure_key(&store, "k");
+        *store.conflicts_to_inject.borrow_mut() = 1000;
+        assert_eq!(
+            consume(&store, "k", 5, &L, 0),
+            Update::GaveUp {
+                conflicts: MAX_CAS_ATTEMPTS
+            }
+        );
+    }
+
+    #[test]
+    fn ensure_key_never_resets_a_bucket() {
+        let store = FakeStore::default();
+        ensure_key(&store, "k");
+        consume(&store, "k", 5, &L, 0);
+        ensure_key(&store, "k");
+        let (bytes, _) = store.get("k").unwrap();
+        assert_eq!(Bucket::decode(&bytes).unwrap().tokens_milli, 9_000);
+    }
+
+    #[test]
+    fn client_ip_from_peer_or_trusted_xff() {
+        assert_eq!(
+            client_ip(Some("10.0.0.1:5555"), Some("1.2.3.4"), 0).as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(
+            client_ip(Some("10.0.0.1:5555"), Some("1.2.3.4, 192.0.2.2"), 1).as_deref(),
+            Some("1.2.3.4")
+        );
+        assert_eq!(
+            client_ip(Some("10.0.0.1:5555"), Some("9.9.9.9,1.2.3.4,192.0.2.2"), 2).as_deref(),
+            Some("9.9.9.9")
+        );
+        assert_eq!(
+            client_ip(Some("10.0.0.1:5555"), Some("192.0.2.2"), 1).as_deref(),
+            Some("10.0.0.1"),
+            "too short"
+        );
+        assert_eq!(
+            client_ip(Some("10.0.0.1:5555"), Some("evil, 192.0.2.2"), 1).as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(client_ip(Some("[::1]:80"), None, 0).as_deref(), Some("::1"));
+        assert_eq!(client_ip(None, None, 0), None);
+        assert_eq!(strip_port("::1"), "::1");
+    }
+}

@@ -1,0 +1,179 @@
+"""Rate limits end-to-end: token buckets in shared data, Envoy with 2 workers."""
+
+import concurrent.futures
+import http.client
+import time
+
+import pytest
+
+from harness import Gateway, bearer, free_port, token
+
+
+@pytest.fixture(scope="module")
+def rl(services):
+    up = f"http://127.0.0.1:{services.ports['product-service']}"
+    g = Gateway({
+        "gateway": {"prefix": "/api/v1",
+                    "rate_limit": {"trusted_hops": 1, "ip_slots": 64, "user_slots": 64}},
+        "jwt": {"secret_env": "JWT_SECRET"},
+        "routes": [
+            {"name": "burst", "prefix": "/burst", "upstream": up, "auth_required": False,
+             "rate_limit": {"max_calls": 20, "period": 60}},
+            {"name": "per-user", "prefix": "/per-user", "upstream": up, "auth_required": True,
+             "rate_limit": {"max_calls": 100, "period": 60}},
+            {"name": "per-ip", "prefix": "/per-ip", "upstream": up, "auth_required": False,
+             "rate_limit": {"max_calls": 1000, "period": 60, "per_ip": {"max_calls": 3, "period": 60}}},
+            {"name": "recover", "prefix": "/recover", "upstream": up, "auth_required": False,
+             "rate_limit": {"max_calls": 2, "period": 1}},
+            {"name": "churn", "prefix": "/churn", "upstream": up, "auth_required": False,
+             "rate_limit": {"max_calls": 1000000, "period": 1, "per_ip": {"max_calls": 1, "period": 3600}}},
+            {"name": "free", "prefix": "/free", "upstream": up, "auth_required": False},
+        ],
+    }, concurrency=2)
+    yield g
+    g.stop()
+
+
+def counter(gw, name):
+    return int(gw.stats(name).get(f"wasmcustom.{name}", "0"))
+
+
+def test_burst_across_two_workers_admits_exactly_the_bucket(rl):
+    def worker(n):
+        conn = http.client.HTTPConnection("127.0.0.1", rl.port, timeout=10)
+        statuses = []
+        for _ in range(n):
+            conn.request("GET", "/api/v1/burst/x")
+            r = conn.getresponse()
+            r.read()
+            statuses.append(r.status)
+        conn.close()
+        return statuses
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = [s for part in pool.map(worker, [25] * 8) for s in part]
+    elapsed = time.monotonic() - started
+    assert set(statuses) <= {200, 429}, set(statuses)
+    admitted = statuses.count(200)
+    # Capacity 20, refill 20 per 60 s: one more token per 3 s of burst.
+    assert admitted == 20 + int(elapsed * 20 / 60), (admitted, elapsed)
+    assert statuses.count(429) == 200 - admitted
+
+
+def test_refused_request_body_and_headers(rl):
+    for _ in range(30):
+        r = rl.get("/api/v1/burst/y")
+        if r.status == 429:
+            break
+    assert r.status == 429, r
+    body = r.json()
+    assert body["error"] == "Too Many Requests"
+    assert body["message"] == "API rate limit exceeded: 20 calls per 60s"
+    assert body["trace_id"] == r.header("x-trace-id")
+    assert 1 <= body["retry_after"] <= 3
+    assert r.header("retry-after") == str(body["retry_after"])
+    assert r.header("x-ratelimit-limit") == "20"
+    assert r.header("x-ratelimit-remaining") == "0"
+    assert 1 <= int(r.header("x-ratelimit-reset")) <= 60
+
+
+def test_allowed_responses_carry_ratelimit_headers(rl):
+    r = rl.get("/api/v1/recover/a")
+    if r.status == 429:
+        time.sleep(1.1)
+        r = rl.get("/api/v1/recover/a")
+    assert r.status == 200
+    assert r.header("x-ratelimit-limit") == "2"
+    assert r.header("x-ratelimit-remaining") in ("0", "1")
+    assert r.header("x-ratelimit-reset") == "1"
+
+
+def test_recovery_after_the_period(rl):
+    time.sleep(1.1)
+    statuses = [rl.get("/api/v1/recover/b").status for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    time.sleep(1.1)
+    assert rl.get("/api/v1/recover/b").status == 200
+
+
+def test_per_user_limit_is_a_tenth_of_the_route(rl):
+    a, b = token(sub="rl-user-a"), token(sub="rl-user-b")
+    statuses = [rl.get("/api/v1/per-user/1", bearer(a)).status for _ in range(13)]
+    assert statuses.count(200) == 10 and statuses[10:] == [429, 429, 429], statuses
+    r = rl.get("/api/v1/per-user/1", bearer(a))
+    assert r.json()["message"] == "User rate limit exceeded: 10 calls per 60s"
+    assert rl.get("/api/v1/per-user/1", bearer(b)).status == 200
+
+
+def test_per_ip_limit_from_trusted_forwarded_for(rl):
+    ip1 = [("X-Forwarded-For", "203.0.113.7")]
+    statuses = [rl.get("/api/v1/per-ip/1", ip1).status for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429], statuses
+    assert rl.get("/api/v1/per-ip/1", ip1).json()["message"] == "IP rate limit exceeded: 3 calls per 60s"
+    assert rl.get("/api/v1/per-ip/1", [("X-Forwarded-For", "203.0.113.8")]).status == 200
+
+
+def test_route_without_rate_limit_is_unaffected(rl):
+    for _ in range(60):
+        r = rl.get("/api/v1/free/x")
+        assert r.status == 200
+        assert r.header("x-ratelimit-limit") is None
+
+
+def test_metrics_count_allowed_and_limited_per_kind(rl):
+    before = counter(rl, "gateway_ratelimit_ip_limited_total")
+    ip = [("X-Forwarded-For", "198.51.100.77")]
+    for _ in range(5):
+        rl.get("/api/v1/per-ip/2", ip)
+    deadline = time.monotonic() + 8
+    while counter(rl, "gateway_ratelimit_ip_limited_total") < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert counter(rl, "gateway_ratelimit_ip_limited_total") >= before + 2
+    assert counter(rl, "gateway_ratelimit_route_limited_total") >= 1
+    assert counter(rl, "gateway_ratelimit_user_limited_total") >= 1
+    assert counter(rl, "gateway_ratelimit_route_allowed_total") >= 20
+
+
+def test_100k_distinct_addresses_stay_within_the_slot_bound(services):
+    """64 IP slots; 100 000 addresses, each allowed once per hour by the shared per-IP bucket.
+    Memory cannot grow with the number of addresses (the slots are created at start); an evicted
+    address starts afresh. The churn route's own bucket (1 call) refuses the flood locally, after
+    the per-IP bucket has been updated, so the flood never reaches an upstream."""
+    up = f"http://127.0.0.1:{services.ports['product-service']}"
+    g = Gateway({
+        "gateway": {"prefix": "/api/v1", "rate_limit": {
+            "trusted_hops": 1, "ip_slots": 64, "per_ip": {"max_calls": 1, "period": 3600}}},
+        "routes": [
+            {"name": "churn", "prefix": "/churn", "upstream": up, "auth_required": False,
+             "rate_limit": {"max_calls": 1, "period": 3600}},
+            {"name": "probe", "prefix": "/probe", "upstream": up, "auth_required": False,
+             "rate_limit": {"max_calls": 1000000, "period": 1}},
+        ],
+    })
+    try:
+        first = [("X-Forwarded-For", "10.0.0.1")]
+        assert g.get("/api/v1/probe/x", first).status == 200
+        r = g.get("/api/v1/probe/x", first)
+        assert r.status == 429 and r.json()["message"].startswith("IP rate limit exceeded"), r
+
+        def worker(base):
+            conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+            statuses = set()
+            for n in range(base, base + 25_000):
+                ip = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+                conn.request("GET", "/api/v1/churn/x", headers={"X-Forwarded-For": ip})
+                r = conn.getresponse()
+                r.read()
+                statuses.add(r.status)
+            conn.close()
+            return statuses
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            statuses = set().union(*pool.map(worker, [1_000_000 + i * 25_000 for i in range(4)]))
+        assert statuses <= {200, 429}, statuses
+        # The first address's slot has been taken over many times: it starts with a full bucket.
+        assert g.get("/api/v1/probe/x", first).status == 200
+        assert g.alive()
+    finally:
+        g.stop()
