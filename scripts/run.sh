@@ -14,7 +14,7 @@ WEBDIS_PORT="${WEBDIS_PORT:-7379}"
 
 mkdir -p build
 # The gateway file names webdis at 7379; follow WEBDIS_PORT if it was overridden.
-sed "s#webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:${WEBDIS_PORT}#" config/gateway.yaml > build/gateway.yaml
+sed "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:${WEBDIS_PORT}#" config/gateway.yaml > build/gateway.yaml
 target/release/gateway-render --config build/gateway.yaml --wasm "$PWD/build/gateway_filter.wasm" --out build/envoy.yaml
 python3 - "$REDIS_PORT" "$WEBDIS_PORT" <<'PY'
 import json, sys

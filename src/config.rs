@@ -112,7 +112,7 @@ impl Default for RefreshSettings {
 pub fn default_webdis_cluster() -> String {
     "webdis".to_string()
 }
-fn default_revocation_timeout_ms() -> u64 {
+pub fn default_revocation_timeout_ms() -> u64 {
     200
 }
 fn default_cache_ttl_ms() -> u64 {
@@ -245,6 +245,25 @@ pub struct RouteRateLimit {
     /// Set here, it is a bucket per (route, address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_ip: Option<LimitSettings>,
+    /// Share the route bucket with other gateway instances through Redis (needs `rate_limits.sync`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster_wide: bool,
+}
+
+/// How cluster-wide route buckets are synchronised through webdis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSettings {
+    #[serde(default = "default_webdis_cluster")]
+    pub cluster: String,
+    #[serde(default = "default_sync_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_revocation_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+pub fn default_sync_interval_ms() -> u64 {
+    500
 }
 
 /// Gateway-wide rate-limit settings.
@@ -263,6 +282,9 @@ pub struct RateLimitSettings {
     pub user_slots: u32,
     #[serde(default = "default_rl_slots")]
     pub ip_slots: u32,
+    /// Synchronisation of `cluster_wide` routes; required when any route is cluster-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncSettings>,
 }
 
 impl Default for RateLimitSettings {
@@ -273,6 +295,7 @@ impl Default for RateLimitSettings {
             trusted_hops: 0,
             user_slots: default_rl_slots(),
             ip_slots: default_rl_slots(),
+            sync: None,
         }
     }
 }
@@ -299,6 +322,11 @@ pub struct BucketSpec {
 /// A route's validated limits.
 #[derive(Debug, Clone)]
 pub struct RouteLimits {
+    /// The route name (the Redis counter of a cluster-wide route is named after it).
+    pub name: String,
+    pub cluster_wide: bool,
+    /// Shared-data counter of consumption not yet synced (cluster-wide routes).
+    pub pending_key: String,
     pub route_key: String,
     pub route_fingerprint: u64,
     pub route: Limit,
@@ -589,6 +617,21 @@ impl TryFrom<FilterConfig> for Config {
         if !(1..=1_000_000).contains(&rl.ip_slots) {
             return Err(ConfigError::new("rate_limits.ip_slots", "must be 1 to 1000000"));
         }
+        if let Some(sync) = &rl.sync {
+            check_name("rate_limits.sync.cluster", &sync.cluster)?;
+            if !(50..=60_000).contains(&sync.interval_ms) {
+                return Err(ConfigError::new(
+                    "rate_limits.sync.interval_ms",
+                    "must be 50 to 60000",
+                ));
+            }
+            if !(1..=60_000).contains(&sync.timeout_ms) {
+                return Err(ConfigError::new(
+                    "rate_limits.sync.timeout_ms",
+                    "must be 1 to 60000",
+                ));
+            }
+        }
         if rl.trusted_hops > 16 {
             return Err(ConfigError::new("rate_limits.trusted_hops", "must be at most 16"));
         }
@@ -660,7 +703,16 @@ fn route_limits(
             scope: String::new(),
         },
     };
+    if rl.cluster_wide && global.sync.is_none() {
+        return Err(ConfigError::new(
+            format!("{field}.cluster_wide"),
+            "needs rate_limits.sync (the webdis cluster)",
+        ));
+    }
     Ok(RouteLimits {
+        name: name.to_string(),
+        cluster_wide: rl.cluster_wide,
+        pending_key: ratelimit::cluster::pending_key(name),
         route_key: ratelimit::route_key(name),
         route_fingerprint: ratelimit::fingerprint(&["r", name]),
         route: limit_of(&own),

@@ -11,7 +11,7 @@ use crate::config::{
     default_logout_path, default_methods, default_per_ip, default_refresh_path, default_revoke_roles,
     default_revoke_user_path, default_rl_slots, default_true, default_webdis_cluster, Config, ConfigError,
     FilterConfig, JwtSettings, LimitSettings, RateLimitSettings, RefreshSettings, RevocationSettings,
-    RouteRateLimit, RouteSettings, DEFAULT_GATEWAY_NAME, MAX_CLOCK_SKEW_SECONDS,
+    RouteRateLimit, RouteSettings, SyncSettings, DEFAULT_GATEWAY_NAME, MAX_CLOCK_SKEW_SECONDS,
 };
 use crate::revocation::FailureMode as RevocationFailureMode;
 
@@ -24,6 +24,10 @@ pub struct GatewayFile {
     pub jwt: Option<JwtSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    /// webdis (an HTTP front for Redis), needed by `revocation` and by cluster-wide rate limits;
+    /// rendered as the Envoy cluster `webdis`.
+    #[serde(default)]
+    pub webdis: Option<String>,
     #[serde(default)]
     pub revocation: Option<RevocationSection>,
 }
@@ -32,8 +36,6 @@ pub struct GatewayFile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationSection {
-    /// webdis address; rendered as the Envoy cluster `webdis`.
-    pub webdis: String,
     /// Callout timeout, seconds (default 0.2).
     #[serde(default = "default_revocation_timeout")]
     pub timeout: f64,
@@ -319,6 +321,9 @@ pub struct RateLimit {
     /// Per-IP limit on this route (default: gateway `rate_limit.per_ip`, shared by all routes).
     #[serde(default)]
     pub per_ip: Option<LimitSection>,
+    /// Share this route's limit with the other gateway instances through Redis.
+    #[serde(default)]
+    pub cluster_wide: bool,
 }
 
 /// `{max_calls, period}`: calls per period seconds.
@@ -356,6 +361,13 @@ pub struct GatewayRateLimit {
     pub user_slots: u32,
     #[serde(default = "default_rl_slots")]
     pub ip_slots: u32,
+    /// Seconds between syncs of cluster-wide routes with Redis.
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: f64,
+}
+
+fn default_sync_interval() -> f64 {
+    0.5
 }
 
 impl Default for GatewayRateLimit {
@@ -366,6 +378,7 @@ impl Default for GatewayRateLimit {
             trusted_hops: 0,
             user_slots: default_rl_slots(),
             ip_slots: default_rl_slots(),
+            sync_interval: default_sync_interval(),
         }
     }
 }
@@ -584,11 +597,11 @@ impl GatewayFile {
                 "must be at most 100",
             ));
         }
-        if let Some(rv) = &self.revocation {
-            parse_upstream("revocation.webdis", &rv.webdis)?;
+        if let Some(webdis) = &self.webdis {
+            parse_upstream("webdis", webdis)?;
             if self.routes.iter().any(|r| r.name == default_webdis_cluster()) {
                 return Err(ConfigError::new(
-                    "revocation",
+                    "webdis",
                     "a route named \"webdis\" clashes with the webdis cluster",
                 ));
             }
@@ -683,6 +696,9 @@ impl GatewayFile {
         let revocation = match &self.revocation {
             None => None,
             Some(rv) => {
+                if self.webdis.is_none() {
+                    return Err(ConfigError::new("webdis", "revocation needs the webdis address"));
+                }
                 check_seconds("revocation.timeout", rv.timeout, 60.0)?;
                 if !(rv.cache_ttl.is_finite() && (0.0..=3600.0).contains(&rv.cache_ttl)) {
                     return Err(ConfigError::new(
@@ -710,7 +726,33 @@ impl GatewayFile {
             }
         };
         let grl = &self.gateway.rate_limit;
+        let any_cluster_wide = self
+            .routes
+            .iter()
+            .any(|r| r.rate_limit.as_ref().is_some_and(|l| l.enabled && l.cluster_wide));
+        let sync = if any_cluster_wide {
+            if self.webdis.is_none() {
+                return Err(ConfigError::new(
+                    "webdis",
+                    "cluster-wide rate limits need the webdis address",
+                ));
+            }
+            if !(grl.sync_interval.is_finite() && (0.05..=60.0).contains(&grl.sync_interval)) {
+                return Err(ConfigError::new(
+                    "gateway.rate_limit.sync_interval",
+                    "must be 0.05 to 60 seconds",
+                ));
+            }
+            Some(SyncSettings {
+                cluster: default_webdis_cluster(),
+                interval_ms: (grl.sync_interval * 1000.0).round() as u64,
+                timeout_ms: crate::config::default_revocation_timeout_ms(),
+            })
+        } else {
+            None
+        };
         let rate_limits = RateLimitSettings {
+            sync,
             per_ip: grl.per_ip.map(|l| l.settings()).unwrap_or_else(default_per_ip),
             per_user: grl.per_user.map(|l| l.settings()),
             trusted_hops: grl.trusted_hops,
@@ -742,6 +784,7 @@ impl GatewayFile {
                             period_seconds: u64::from(rl.period),
                             per_user: rl.per_user.map(|l| l.settings()),
                             per_ip: rl.per_ip.map(|l| l.settings()),
+                            cluster_wide: rl.cluster_wide,
                         }),
                 })
                 .collect(),

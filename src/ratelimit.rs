@@ -451,6 +451,55 @@ mod tests {
     }
 
     #[test]
+    fn cluster_sync_arithmetic() {
+        use super::cluster::*;
+        let store = FakeStore::default();
+        assert!(add(&store, "c", 3));
+        assert!(add(&store, "c", 4));
+        assert_eq!(take_all(&store, "c"), 7);
+        assert_eq!(take_all(&store, "c"), 0);
+        assert_eq!(others(None, 50, 7), 0, "first sync only sets the baseline");
+        assert_eq!(others(Some(50), 70, 7), 13);
+        assert_eq!(others(Some(50), 40, 7), 0, "counter reset in Redis");
+        assert_eq!(parse_incrby(Some(200), br#"{"INCRBY":42}"#), Ok(42));
+        assert!(parse_incrby(Some(200), b"nope").is_err());
+        assert!(parse_incrby(None, b"").is_err());
+        assert_eq!(
+            incrby_path("orders", 5),
+            "/INCRBY/gateway%3Aratelimit%3Aconsumed%3Aorders/5.json"
+        );
+    }
+
+    #[test]
+    fn cluster_drain_removes_tokens_after_refill() {
+        use super::cluster::drain;
+        let store = FakeStore::default();
+        ensure_key(&store, "r");
+        consume(&store, "r", 9, &L, 0); // 9 left
+        assert!(drain(&store, "r", 9, &L, 0, 5));
+        let (bytes, _) = store.get("r").unwrap();
+        assert_eq!(Bucket::decode(&bytes).unwrap().tokens_milli, 4_000);
+        assert!(drain(&store, "r", 9, &L, 0, 50));
+        let (bytes, _) = store.get("r").unwrap();
+        assert_eq!(
+            Bucket::decode(&bytes).unwrap().tokens_milli,
+            0,
+            "never below empty"
+        );
+    }
+
+    #[test]
+    fn leader_election_keeps_one_leader_until_stale() {
+        use super::cluster::elect;
+        let store = FakeStore::default();
+        assert!(elect(&store, 1, 1_000, 3_000));
+        assert!(!elect(&store, 2, 1_500, 3_000), "a fresh leader keeps the key");
+        assert!(elect(&store, 1, 2_000, 3_000), "the leader renews");
+        assert!(elect(&store, 2, 5_001, 3_000), "a stale leader is replaced");
+        assert!(!elect(&store, 1, 5_100, 3_000));
+    }
+
+    #[test]
     fn client_ip_from_peer_or_trusted_xff() {
         assert_eq!(
             client_ip(Some("10.0.0.1:5555"), Some("1.2.3.4"), 0).as_deref(),
@@ -476,5 +525,158 @@ mod tests {
         assert_eq!(client_ip(Some("[::1]:80"), None, 0).as_deref(), Some("::1"));
         assert_eq!(client_ip(None, None, 0), None);
         assert_eq!(strip_port("::1"), "::1");
+    }
+}
+
+/// Cluster-wide limits: every instance keeps the route bucket locally and replicates
+/// consumption. The leader VM of each instance adds its instance's consumption since the last
+/// sync to a Redis counter (`INCRBY`) on a timer; the growth of that counter beyond its own share
+/// is what the other instances consumed, and is drained from the local bucket. Every replica
+/// refills at the route's rate, so all of them track one bucket, late by one sync interval.
+pub mod cluster {
+    use super::{take, Bucket, Limit, SharedStore, MAX_CAS_ATTEMPTS};
+    use crate::revocation::{command_path, StoreError};
+
+    /// Redis counter of a route's total consumption across instances.
+    pub fn redis_key(route: &str) -> String {
+        format!("gateway:ratelimit:consumed:{route}")
+    }
+
+    /// Shared-data counter of this instance's consumption not yet sent to Redis.
+    pub fn pending_key(route: &str) -> String {
+        format!("gw:rl:cw:{route}")
+    }
+
+    pub const LEADER_KEY: &str = "gw:rl:leader";
+
+    /// `INCRBY <key> <delta>` through webdis.
+    pub fn incrby_path(route: &str, delta: u64) -> String {
+        command_path("INCRBY", &[&redis_key(route), &delta.to_string()])
+    }
+
+    /// Parses `{"INCRBY": 42}`.
+    pub fn parse_incrby(status: Option<u16>, body: &[u8]) -> Result<u64, StoreError> {
+        match status {
+            None => return Err(StoreError::NoResponse),
+            Some(200) => {}
+            Some(s) => return Err(StoreError::Status(s)),
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|_| StoreError::BadReply("not JSON"))?;
+        v.get("INCRBY")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or(StoreError::BadReply("no INCRBY integer"))
+    }
+
+    fn read(store: &dyn SharedStore, key: &str) -> (u64, Option<u32>) {
+        match store.get(key) {
+            Some((bytes, cas)) => {
+                let v = bytes
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_le_bytes);
+                (v.unwrap_or(0), Some(cas))
+            }
+            None => (0, None),
+        }
+    }
+
+    /// Adds `delta` to a shared counter (CAS, bounded retries).
+    pub fn add(store: &dyn SharedStore, key: &str, delta: u64) -> bool {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (v, cas) = read(store, key);
+            match store.set(key, &v.saturating_add(delta).to_le_bytes(), cas) {
+                Ok(()) => return true,
+                Err(true) => continue,
+                Err(false) => return false,
+            }
+        }
+        false
+    }
+
+    /// Reads a shared counter and resets it to zero (CAS, bounded retries).
+    pub fn take_all(store: &dyn SharedStore, key: &str) -> u64 {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (v, cas) = read(store, key);
+            if v == 0 {
+                return 0;
+            }
+            match store.set(key, &0u64.to_le_bytes(), cas) {
+                Ok(()) => return v,
+                Err(true) => continue,
+                Err(false) => return 0,
+            }
+        }
+        0
+    }
+
+    /// Removes up to `tokens` from the bucket at `key` (after refilling it to `now_ms`).
+    pub fn drain(
+        store: &dyn SharedStore,
+        key: &str,
+        fingerprint: u64,
+        limit: &Limit,
+        now_ms: u64,
+        tokens: u64,
+    ) -> bool {
+        if tokens == 0 {
+            return true;
+        }
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (current, cas) = match store.get(key) {
+                Some((bytes, cas)) => (Bucket::decode(&bytes), Some(cas)),
+                None => (None, None),
+            };
+            // Refill through `take`'s arithmetic, then give the token it took back with the rest.
+            let (mut b, v) = take(current, fingerprint, limit, now_ms);
+            let refilled = if v.allowed {
+                b.tokens_milli.saturating_add(1000)
+            } else {
+                b.tokens_milli
+            };
+            b.tokens_milli = refilled.saturating_sub(tokens.saturating_mul(1000));
+            match store.set(key, &b.encode(), cas) {
+                Ok(()) => return true,
+                Err(true) => continue,
+                Err(false) => return false,
+            }
+        }
+        false
+    }
+
+    /// One VM per instance syncs: the holder of the leader key, whose heartbeat is renewed every
+    /// tick; a VM takes the key over (CAS) when the heartbeat is older than `stale_ms`.
+    pub fn elect(store: &dyn SharedStore, me: u64, now_ms: u64, stale_ms: u64) -> bool {
+        let (holder, heartbeat, cas) = match store.get(LEADER_KEY) {
+            Some((bytes, cas)) if bytes.len() == 16 => {
+                let h = bytes
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_le_bytes);
+                let t = bytes
+                    .get(8..16)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_le_bytes);
+                (h.unwrap_or(0), t.unwrap_or(0), Some(cas))
+            }
+            Some((_, cas)) => (0, 0, Some(cas)),
+            None => (0, 0, None),
+        };
+        if holder != 0 && holder != me && now_ms.saturating_sub(heartbeat) < stale_ms {
+            return false;
+        }
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&me.to_le_bytes());
+        value[8..].copy_from_slice(&now_ms.to_le_bytes());
+        store.set(LEADER_KEY, &value, cas).is_ok()
+    }
+
+    /// Tokens other instances consumed: the counter's growth since our last sync minus what we
+    /// added. `None` on the first sync (no baseline yet).
+    pub fn others(previous_total: Option<u64>, new_total: u64, our_delta: u64) -> u64 {
+        match previous_total {
+            Some(prev) => new_total.saturating_sub(prev).saturating_sub(our_delta),
+            None => 0,
+        }
     }
 }

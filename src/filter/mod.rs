@@ -2,6 +2,7 @@
 //! [`crate::policy::decide`], then forward (mutating headers), reply, or consult the revocation
 //! store through webdis. Nothing here decides; every pause ends in a resume or a reply.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,7 +14,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::config::{Config, Revocation};
 use crate::jwt::Identity;
 use crate::policy::{self, Endpoint, Outcome, Reply, HEADER_TRACE_ID};
-use crate::ratelimit::{self, Kind, SharedStore, Update, Verdict};
+use crate::ratelimit::{self, cluster, Kind, SharedStore, Update, Verdict};
 use crate::revocation::{self as rv, CacheEntry, FailureMode, Lookup, Slot, StoreError};
 use crate::trace::{uuid_v4, RANDOM_BYTES};
 
@@ -26,7 +27,7 @@ proxy_wasm::main! {{
     std::panic::set_hook(Box::new(|info| {
         let _ = hostcalls::log(LogLevel::Critical, &format!("panic: {info}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
 /// Counter ids (Envoy stats `wasmcustom.<name>`).
@@ -40,6 +41,7 @@ struct Metrics {
     rl_allowed: [u32; 3],
     rl_limited: [u32; 3],
     rl_contended: u32,
+    rl_sync_errors: u32,
 }
 
 fn kind_index(kind: Kind) -> usize {
@@ -75,6 +77,10 @@ fn create_rate_limit_keys(cfg: &Config) {
     let mut any = false;
     for limits in cfg.routes.iter().filter_map(|r| r.limits.as_ref()) {
         ratelimit::ensure_key(&HostStore, &limits.route_key);
+        if limits.cluster_wide {
+            ratelimit::ensure_key(&HostStore, &limits.pending_key);
+            ratelimit::ensure_key(&HostStore, cluster::LEADER_KEY);
+        }
         any = true;
     }
     if any {
@@ -110,6 +116,7 @@ impl Metrics {
                 counter("gateway_ratelimit_route_limited_total")?,
             ],
             rl_contended: counter("gateway_ratelimit_contended_total")?,
+            rl_sync_errors: counter("gateway_ratelimit_sync_errors_total")?,
         })
     }
 
@@ -118,17 +125,122 @@ impl Metrics {
     }
 }
 
+#[derive(Default)]
 struct Root {
     config: Option<Rc<Config>>,
     metrics: Option<Rc<Metrics>>,
+    /// This VM's identity in the sync leader election.
+    vm_id: u64,
+    /// Per cluster-wide route: the Redis counter's value at our last sync.
+    last_totals: HashMap<String, u64>,
+    /// Outstanding INCRBY calls: token id -> (route, delta sent).
+    syncing: HashMap<u32, (String, u64)>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _: usize, body_size: usize, _: usize) {
+        let Some((route, delta)) = self.syncing.remove(&token_id) else {
+            return;
+        };
+        let (Some(config), Some(metrics)) = (self.config.clone(), self.metrics.clone()) else {
+            return;
+        };
+        let Some(limits) = config
+            .routes
+            .iter()
+            .filter_map(|r| r.limits.as_ref())
+            .find(|l| l.name == route)
+        else {
+            return;
+        };
+        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u16>().ok()));
+        let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+            Ok(Some(b)) => b,
+            _ => Vec::new(),
+        };
+        match cluster::parse_incrby(status, &body) {
+            Ok(total) => {
+                let others = cluster::others(self.last_totals.get(&route).copied(), total, delta);
+                self.last_totals.insert(route, total);
+                cluster::drain(
+                    &HostStore,
+                    &limits.route_key,
+                    limits.route_fingerprint,
+                    &limits.route,
+                    now_ms(),
+                    others,
+                );
+            }
+            Err(e) => {
+                Metrics::inc(metrics.rl_sync_errors);
+                warn!("rate limit sync of {route} failed: {e}");
+                cluster::add(&HostStore, &limits.pending_key, delta);
+            }
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _: usize) -> bool {
         info!("gateway filter {} starting", env!("CARGO_PKG_VERSION"));
+        let mut id = [0u8; 8];
+        id.copy_from_slice(random_bytes().get(..8).unwrap_or(&[1u8; 8]));
+        self.vm_id = u64::from_le_bytes(id).max(1);
         true
+    }
+
+    /// Leader VM only: send each cluster-wide route's local consumption to Redis.
+    fn on_tick(&mut self) {
+        let Some(config) = self.config.clone() else { return };
+        let Some(sync) = config.rate_limits.sync.as_ref() else {
+            return;
+        };
+        if !cluster::elect(
+            &HostStore,
+            self.vm_id,
+            now_ms(),
+            sync.interval_ms.saturating_mul(3),
+        ) {
+            return;
+        }
+        for limits in config
+            .routes
+            .iter()
+            .filter_map(|r| r.limits.as_ref())
+            .filter(|l| l.cluster_wide)
+        {
+            if self.syncing.values().any(|(route, _)| *route == limits.name) {
+                continue; // the previous sync of this route is still out
+            }
+            let delta = cluster::take_all(&HostStore, &limits.pending_key);
+            let path = cluster::incrby_path(&limits.name, delta);
+            let call = hostcalls::dispatch_http_call(
+                &sync.cluster,
+                vec![
+                    (":method", "GET"),
+                    (":path", &path),
+                    (":authority", &sync.cluster),
+                ],
+                None,
+                vec![],
+                Duration::from_millis(sync.timeout_ms),
+            );
+            match call {
+                Ok(token_id) => {
+                    self.syncing.insert(token_id, (limits.name.clone(), delta));
+                }
+                Err(status) => {
+                    if let Some(m) = &self.metrics {
+                        Metrics::inc(m.rl_sync_errors);
+                    }
+                    warn!("rate limit sync dispatch failed: {status:?}");
+                    cluster::add(&HostStore, &limits.pending_key, delta);
+                }
+            }
+        }
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
@@ -161,6 +273,16 @@ impl RootContext for Root {
             if cfg.revocation.is_some() { "on" } else { "off" },
         );
         create_rate_limit_keys(&cfg);
+        if let Some(sync) = &cfg.rate_limits.sync {
+            if cfg
+                .routes
+                .iter()
+                .filter_map(|r| r.limits.as_ref())
+                .any(|l| l.cluster_wide)
+            {
+                let _ = hostcalls::set_tick_period(Duration::from_millis(sync.interval_ms));
+            }
+        }
         self.config = Some(Rc::new(cfg));
         self.metrics = Some(Rc::new(metrics));
         true
@@ -359,6 +481,9 @@ impl Request {
                 Update::Done(v) if v.allowed => {
                     if let Some(id) = self.metrics.rl_allowed.get(idx) {
                         Metrics::inc(*id);
+                    }
+                    if check.kind == Kind::Route && limits.cluster_wide {
+                        cluster::add(&HostStore, &limits.pending_key, 1);
                     }
                     if self.rate_limit.is_none_or(|b| v.remaining < b.remaining) {
                         self.rate_limit = Some(v);

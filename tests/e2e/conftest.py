@@ -36,7 +36,8 @@ def gateway_file(ports, dead_port, webdis_port=None, **revocation):
         ],
     }
     if webdis_port:
-        f["revocation"] = {"webdis": f"http://127.0.0.1:{webdis_port}", **revocation}
+        f["webdis"] = f"http://127.0.0.1:{webdis_port}"
+        f["revocation"] = dict(revocation)
     return f
 
 

@@ -177,3 +177,44 @@ def test_100k_distinct_addresses_stay_within_the_slot_bound(services):
         assert g.alive()
     finally:
         g.stop()
+
+
+def test_cluster_wide_limit_is_shared_by_two_instances(services, redis, webdis):
+    """Two Envoys (separate shared data) share a 20-per-minute route through Redis. Requests
+    admitted by one instance are drained from the other's bucket within a sync interval."""
+    up = f"http://127.0.0.1:{services.ports['product-service']}"
+    route = f"shared-{int(time.time() * 1000) % 100000}"
+
+    def instance():
+        return Gateway({
+            "gateway": {"prefix": "/api/v1", "rate_limit": {"sync_interval": 0.2}},
+            "webdis": f"http://127.0.0.1:{webdis.port}",
+            "routes": [
+                {"name": route, "prefix": "/shared", "upstream": up, "auth_required": False,
+                 "rate_limit": {"max_calls": 20, "period": 60, "cluster_wide": True}},
+                {"name": "local", "prefix": "/local", "upstream": up, "auth_required": False,
+                 "rate_limit": {"max_calls": 20, "period": 60}},
+            ],
+        })
+
+    a, b = instance(), instance()
+    try:
+        time.sleep(0.5)  # both have synced once (baseline)
+        assert [a.get("/api/v1/shared/x").status for _ in range(12)].count(200) == 12
+        # B learns of A's 12 within a sync interval: 8 left for B, not 20.
+        deadline = time.monotonic() + 5
+        while int(redis.cli("GET", f"gateway:ratelimit:consumed:{route}") or 0) < 12 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.6)
+        statuses = [b.get("/api/v1/shared/x").status for _ in range(12)]
+        assert statuses.count(200) == 8, statuses
+        time.sleep(0.8)
+        # Now the shared bucket is empty everywhere (allowing for refill: 1 token per 3 s).
+        assert [a.get("/api/v1/shared/x").status for _ in range(3)].count(200) <= 1
+        # A route that is not cluster-wide keeps a bucket per instance.
+        assert [a.get("/api/v1/local/x").status for _ in range(20)].count(200) == 20
+        assert [b.get("/api/v1/local/x").status for _ in range(20)].count(200) == 20
+        assert counter(a, "gateway_ratelimit_sync_errors_total") == 0
+    finally:
+        a.stop()
+        b.stop()

@@ -197,14 +197,14 @@ pub fn bootstrap(
         clusters.push(cluster);
     }
 
-    if let Some(rv) = &file.revocation {
-        let ep = gateway_filter::gateway::parse_upstream("revocation.webdis", &rv.webdis)
-            .map_err(|e| e.to_string())?;
+    if let Some(webdis) = &file.webdis {
+        let ep = gateway_filter::gateway::parse_upstream("webdis", webdis).map_err(|e| e.to_string())?;
+        let timeout = file.revocation.as_ref().map_or(0.2, |rv| rv.timeout);
         let cluster = gateway_filter::config::default_webdis_cluster();
         clusters.push(json!({
             "name": cluster,
             "type": if ep.is_ip() { "STATIC" } else { "STRICT_DNS" },
-            "connect_timeout": seconds(rv.timeout.min(g.connect_timeout)),
+            "connect_timeout": seconds(timeout.min(g.connect_timeout)),
             "load_assignment": {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": socket(&ep.host, ep.port)}}
             ]}]},
