@@ -40,7 +40,7 @@ pids+=($!)
 python3 demo/services.py \
   --echo user-service=8001 --echo order-service=8002 --echo product-service=8003 \
   --echo payment-service=8004 --echo search-service=8006 --echo comment-service=8007 \
-  --echo admin-service=8008 --auth auth-service=8005 &
+  --echo admin-service=8008 --echo order-service=8009:v2 --auth auth-service=8005 &
 pids+=($!)
 
 .venv/bin/envoy -c build/envoy.yaml --concurrency 2 --disable-hot-restart -l warn \
@@ -64,12 +64,14 @@ Gateway is up.
   Redis               127.0.0.1:${REDIS_PORT}     webdis http://127.0.0.1:${WEBDIS_PORT}
   user-service 8001   order-service 8002   product-service 8003   payment-service 8004
   auth-service 8005   search-service 8006  comment-service 8007   admin-service 8008
+  order-service v2 (canary) 8009
 
 Try:
   curl -s localhost:8000/api/v1/products/1
   TOKEN=\$(curl -s -X POST localhost:8000/api/v1/auth/login -H 'content-type: application/json' \\
           -d '{"username":"admin","password":"123456"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -s localhost:8000/api/v1/users/123 -H "Authorization: Bearer \$TOKEN"
+  curl -s localhost:8000/api/v1/orders/1 -H "Authorization: Bearer \$TOKEN"      # user-001: the v2 canary
   curl -s localhost:8000/api/v1/admin/anything -H "Authorization: Bearer \$TOKEN"
   (alice/alice123 logs in with role "user": the admin route answers her 403)
   curl -s -X POST localhost:8000/api/v1/auth/refresh -H "Authorization: Bearer \$TOKEN"

@@ -9,6 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::canary::CanarySettings;
 use crate::jwt::{Algorithm, Verifier};
 use crate::ratelimit::{self, Limit};
 use crate::revocation::FailureMode;
@@ -216,6 +217,9 @@ pub struct RouteSettings {
     /// Token-bucket limits of this route; none = unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RouteRateLimit>,
+    /// Canary rules; Envoy has a second route for this prefix matched on the internal header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySettings>,
 }
 
 /// `max_calls` per `period_seconds`.
@@ -392,6 +396,7 @@ pub struct Route {
     pub auth_required: bool,
     pub roles: Vec<String>,
     pub limits: Option<RouteLimits>,
+    pub canary: Option<CanarySettings>,
 }
 
 impl Route {
@@ -570,7 +575,37 @@ impl TryFrom<FilterConfig> for Config {
                     &raw.rate_limits,
                 )?),
             };
+            let canary = match &r.canary {
+                None => None,
+                Some(c) => {
+                    if c.percent > 100 {
+                        return Err(ConfigError::new(at("canary.percent"), "must be 0 to 100"));
+                    }
+                    let header = match &c.header {
+                        Some(h)
+                            if h.is_empty()
+                                || !h
+                                    .bytes()
+                                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+                        {
+                            return Err(ConfigError::new(
+                                at("canary.header"),
+                                format!("{h:?} is not a header name"),
+                            ));
+                        }
+                        Some(h) if h.eq_ignore_ascii_case(crate::canary::ROUTE_HEADER) => {
+                            return Err(ConfigError::new(
+                                at("canary.header"),
+                                "must not be the internal routing header",
+                            ));
+                        }
+                        h => h.as_ref().map(|h| h.to_ascii_lowercase()),
+                    };
+                    Some(CanarySettings { header, ..c.clone() })
+                }
+            };
             routes.push(Route {
+                canary,
                 name: r.name.clone(),
                 full_prefix,
                 allow: methods.join(", "),

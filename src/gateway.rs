@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::canary::{CanarySettings, Sticky};
 use crate::config::{
     check_name, default_algorithms, default_ban_ttl, default_cache_slots, default_clock_skew,
     default_logout_path, default_methods, default_per_ip, default_refresh_path, default_revoke_roles,
@@ -305,6 +306,56 @@ pub struct RouteSection {
     pub retry: u32,
     #[serde(default)]
     pub lb_policy: LbPolicy,
+    /// Canary release of this route: a second endpoint set and the rules that pick it.
+    #[serde(default)]
+    pub canary: Option<CanarySection>,
+}
+
+/// `routes[].canary`: the reference `CanaryRouter`'s settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanarySection {
+    /// The canary endpoint set (the route's `upstream` is the stable one).
+    pub upstream: Upstreams,
+    /// Share of users (by md5 of the user id) sent to the canary, 0 to 100.
+    #[serde(default)]
+    pub percent: u8,
+    /// Users always sent to the canary.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// A request carrying this header goes to the canary; absent or null disables the override.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Key for requests without a user: none (stable), client_ip, cookie:<name>, header:<name>.
+    #[serde(default)]
+    pub sticky: Sticky,
+}
+
+/// The parsed endpoint sets of one route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEndpoints {
+    pub stable: Vec<Endpoint>,
+    pub canary: Option<Vec<Endpoint>>,
+}
+
+fn parse_upstreams(field: &str, upstream: &Upstreams) -> Result<Vec<Endpoint>, ConfigError> {
+    let urls = upstream.urls();
+    if urls.is_empty() {
+        return Err(ConfigError::new(field, "must name at least one address"));
+    }
+    let mut endpoints = Vec::with_capacity(urls.len());
+    for (j, u) in urls.iter().enumerate() {
+        let f = match upstream {
+            Upstreams::One(_) => field.to_string(),
+            Upstreams::Many(_) => format!("{field}[{j}]"),
+        };
+        endpoints.push(parse_upstream(&f, u)?);
+    }
+    let first_kind = endpoints.first().map(Endpoint::is_ip);
+    if endpoints.iter().any(|e| Some(e.is_ip()) != first_kind) {
+        return Err(ConfigError::new(field, "mixes IP addresses and host names"));
+    }
+    Ok(endpoints)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -551,7 +602,7 @@ fn gateway_field(field: &str) -> String {
 impl GatewayFile {
     /// Checks everything the filter does not see (upstreams, timeouts, listener, Envoy
     /// settings); returns each route's parsed endpoints, in route order.
-    pub fn validate_envoy_side(&self) -> Result<Vec<Vec<Endpoint>>, ConfigError> {
+    pub fn validate_envoy_side(&self) -> Result<Vec<RouteEndpoints>, ConfigError> {
         let g = &self.gateway;
         if g.port != 0 && g.port == g.admin.port {
             return Err(ConfigError::new(
@@ -630,29 +681,21 @@ impl GatewayFile {
                     ));
                 }
             }
-            let urls = r.upstream.urls();
-            if urls.is_empty() {
+            let stable = parse_upstreams(&format!("routes[{i}].upstream"), &r.upstream)?;
+            let canary = match &r.canary {
+                Some(c) => Some(parse_upstreams(
+                    &format!("routes[{i}].canary.upstream"),
+                    &c.upstream,
+                )?),
+                None => None,
+            };
+            if r.canary.is_some() && self.routes.iter().any(|o| o.name == format!("{}-canary", r.name)) {
                 return Err(ConfigError::new(
-                    format!("routes[{i}].upstream"),
-                    "must name at least one address",
+                    format!("routes[{i}].canary"),
+                    "clashes with a route named <name>-canary",
                 ));
             }
-            let mut endpoints = Vec::with_capacity(urls.len());
-            for (j, u) in urls.iter().enumerate() {
-                let field = match r.upstream {
-                    Upstreams::One(_) => format!("routes[{i}].upstream"),
-                    Upstreams::Many(_) => format!("routes[{i}].upstream[{j}]"),
-                };
-                endpoints.push(parse_upstream(&field, u)?);
-            }
-            let first_kind = endpoints.first().map(Endpoint::is_ip);
-            if endpoints.iter().any(|e| Some(e.is_ip()) != first_kind) {
-                return Err(ConfigError::new(
-                    format!("routes[{i}].upstream"),
-                    "mixes IP addresses and host names",
-                ));
-            }
-            all.push(endpoints);
+            all.push(RouteEndpoints { stable, canary });
         }
         Ok(all)
     }
@@ -786,6 +829,12 @@ impl GatewayFile {
                             per_ip: rl.per_ip.map(|l| l.settings()),
                             cluster_wide: rl.cluster_wide,
                         }),
+                    canary: r.canary.as_ref().map(|c| CanarySettings {
+                        percent: c.percent,
+                        users: c.users.clone(),
+                        header: c.header.clone(),
+                        sticky: c.sticky.clone(),
+                    }),
                 })
                 .collect(),
         };
@@ -833,13 +882,13 @@ mod tests {
         assert!(!fc.routes[1].auth_required);
         let eps = g.validate_envoy_side().unwrap();
         assert_eq!(
-            eps[0],
+            eps[0].stable,
             vec![Endpoint {
                 host: "127.0.0.1".into(),
                 port: 8001
             }]
         );
-        assert_eq!(eps[1].len(), 2);
+        assert_eq!(eps[1].stable.len(), 2);
     }
 
     #[test]

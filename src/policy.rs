@@ -268,7 +268,8 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
     let mut remove: Vec<String> = Vec::new();
     for (name, _) in headers {
         let lower = name.to_ascii_lowercase();
-        if lower.starts_with(IDENTITY_HEADER_PREFIX) && !remove.contains(&lower) {
+        let internal = lower == crate::canary::ROUTE_HEADER;
+        if (internal || lower.starts_with(IDENTITY_HEADER_PREFIX)) && !remove.contains(&lower) {
             remove.push(lower);
         }
     }
@@ -455,11 +456,15 @@ mod tests {
                 ("x-user-id", "spoof"),
                 ("X-User-Role", "admin"),
                 ("x-user-anything", "1"),
+                ("x-gateway-canary", "1"),
             ],
         );
         let o = decide(&cfg(), &h, NOW, &RND);
         let (remove, set) = forward(&o);
-        assert_eq!(remove, &vec!["x-user-id", "x-user-role", "x-user-anything"]);
+        assert_eq!(
+            remove,
+            &vec!["x-user-id", "x-user-role", "x-user-anything", "x-gateway-canary"]
+        );
         assert_eq!(o.route.as_deref(), Some("products"));
         assert!(set.iter().any(|(k, v)| *k == "x-gateway" && v == "gw-test"));
         assert!(set

@@ -11,6 +11,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
+use crate::canary::{self, Sticky};
 use crate::config::{Config, Revocation};
 use crate::jwt::Identity;
 use crate::policy::{self, Endpoint, Outcome, Reply, HEADER_TRACE_ID};
@@ -42,6 +43,8 @@ struct Metrics {
     rl_limited: [u32; 3],
     rl_contended: u32,
     rl_sync_errors: u32,
+    /// Per canary route: [stable, canary] request counters.
+    canary: HashMap<String, [u32; 2]>,
 }
 
 fn kind_index(kind: Kind) -> usize {
@@ -94,7 +97,7 @@ fn create_rate_limit_keys(cfg: &Config) {
 }
 
 impl Metrics {
-    fn define() -> Result<Self, String> {
+    fn define(cfg: &Config) -> Result<Self, String> {
         let counter = |name: &str| {
             hostcalls::define_metric(MetricType::Counter, name)
                 .map_err(|s| format!("define_metric {name}: {s:?}"))
@@ -117,6 +120,20 @@ impl Metrics {
             ],
             rl_contended: counter("gateway_ratelimit_contended_total")?,
             rl_sync_errors: counter("gateway_ratelimit_sync_errors_total")?,
+            canary: {
+                let mut m = HashMap::new();
+                for r in cfg.routes.iter().filter(|r| r.canary.is_some()) {
+                    let base = r.name.replace(['-', '.'], "_");
+                    m.insert(
+                        r.name.clone(),
+                        [
+                            counter(&format!("gateway_canary_{base}_stable_total"))?,
+                            counter(&format!("gateway_canary_{base}_canary_total"))?,
+                        ],
+                    );
+                }
+                m
+            },
         })
     }
 
@@ -259,7 +276,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let metrics = match Metrics::define() {
+        let metrics = match Metrics::define(&cfg) {
             Ok(m) => m,
             Err(e) => {
                 error!("gateway filter: {e}");
@@ -459,7 +476,28 @@ fn forward(remove: &[String], set: &[(&'static str, String)]) -> Flow {
     for (name, value) in set {
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
     }
+    if set.iter().any(|(name, _)| *name == canary::ROUTE_HEADER) {
+        // Envoy 1.40 re-resolves the route after a header edit by itself; newer versions need
+        // this (hosts without the function simply answer an error, which is ignored).
+        let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+    }
     Flow::Continue
+}
+
+/// The client address for rate limits and canary stickiness.
+fn client_ip(config: &Config, headers: &[policy::HeaderPair]) -> Option<String> {
+    let hops = config.rate_limits.trusted_hops;
+    let xff = if hops > 0 {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    } else {
+        None
+    };
+    let peer = hostcalls::get_property(vec!["source", "address"]).ok().flatten();
+    let peer = peer.as_deref().and_then(|b| std::str::from_utf8(b).ok());
+    ratelimit::client_ip(peer, xff, hops)
 }
 
 fn shared(key: &str) -> Option<Vec<u8>> {
@@ -726,26 +764,34 @@ impl HttpContext for Request {
             route,
         } = policy::decide(&config, &headers, unix_seconds(start), &random_bytes());
         self.trace_id = Some(trace.trace_id);
-        let limits = route
+        let matched = route
             .as_deref()
-            .and_then(|name| config.routes.iter().find(|r| r.name == name))
-            .and_then(|r| r.limits.as_ref());
-        if let (Some(limits), policy::Action::Forward { .. }) = (limits, &action) {
-            let xff = if config.rate_limits.trusted_hops > 0 {
-                headers
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
-                    .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            } else {
-                None
-            };
-            let peer = hostcalls::get_property(vec!["source", "address"]).ok().flatten();
-            let peer = peer.as_deref().and_then(|b| std::str::from_utf8(b).ok());
-            let ip = ratelimit::client_ip(peer, xff, config.rate_limits.trusted_hops);
-            let user = identity.as_ref().and_then(|i| i.user_id.as_deref());
+            .and_then(|name| config.routes.iter().find(|r| r.name == name));
+        let forwarding = matches!(action, policy::Action::Forward { .. });
+        let needs_ip = matched.is_some_and(|r| {
+            r.limits.is_some() || r.canary.as_ref().is_some_and(|c| c.sticky == Sticky::ClientIp)
+        });
+        let ip = if forwarding && needs_ip {
+            client_ip(&config, &headers)
+        } else {
+            None
+        };
+        let user = identity.as_ref().and_then(|i| i.user_id.as_deref());
+        if let (Some(limits), true) = (matched.and_then(|r| r.limits.as_ref()), forwarding) {
             if let Err(reply) = self.rate_limit(limits, user, ip.as_deref()) {
                 self.reply(reply);
                 return Action::Pause;
+            }
+        }
+        let mut action = action;
+        if let (Some(route), policy::Action::Forward { set, .. }) = (matched, &mut action) {
+            if let Some(settings) = &route.canary {
+                let (to_canary, headers_to_set) =
+                    canary::route_headers(settings, &headers, user, ip.as_deref());
+                set.extend(headers_to_set);
+                if let Some([stable, canary]) = self.metrics.canary.get(&route.name) {
+                    Metrics::inc(if to_canary { *canary } else { *stable });
+                }
             }
         }
         let then = match action {

@@ -1,8 +1,9 @@
 //! Builds the Envoy bootstrap from a validated gateway file: listener with CORS, the wasm filter
 //! (its JSON configuration embedded) and the router; one route per prefix; one cluster per route.
 
+use gateway_filter::canary::ROUTE_HEADER;
 use gateway_filter::config::{Config, FilterConfig};
-use gateway_filter::gateway::{Endpoint, FailurePolicy, GatewayFile, LbPolicy};
+use gateway_filter::gateway::{Endpoint, FailurePolicy, GatewayFile, LbPolicy, RouteEndpoints};
 use serde_json::{json, Value};
 
 /// Where the filter's `.wasm` lives, as Envoy will see it.
@@ -24,6 +25,11 @@ fn seconds(s: f64) -> String {
     }
 }
 
+/// The canary cluster (and Envoy route) of a route.
+pub fn canary_cluster(route: &str) -> String {
+    format!("{route}-canary")
+}
+
 fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
@@ -36,7 +42,7 @@ fn json_error(error: &str, message: &str) -> Value {
 pub fn bootstrap(
     file: &GatewayFile,
     filter: &FilterConfig,
-    endpoints: &[Vec<Endpoint>],
+    endpoints: &[RouteEndpoints],
     opts: &RenderOptions,
 ) -> Result<Value, String> {
     let g = &file.gateway;
@@ -60,6 +66,19 @@ pub fn bootstrap(
                 "retry_on": "connect-failure,refused-stream,reset",
                 "num_retries": r.retry,
             });
+        }
+        if r.canary.is_some() {
+            // Matched first when the filter has chosen the canary; the internal header goes no further.
+            let mut canary_match = matcher.clone();
+            canary_match["headers"] = json!([{"name": ROUTE_HEADER, "string_match": {"exact": "1"}}]);
+            let mut canary_action = action.clone();
+            canary_action["cluster"] = json!(canary_cluster(&r.name));
+            routes.push(json!({
+                "name": canary_cluster(&r.name),
+                "match": canary_match,
+                "route": canary_action,
+                "request_headers_to_remove": [ROUTE_HEADER],
+            }));
         }
         routes.push(json!({"name": r.name, "match": matcher, "route": action}));
     }
@@ -162,14 +181,19 @@ pub fn bootstrap(
     let cb = &g.circuit_breaker;
     let od = &g.outlier_detection;
     let mut clusters: Vec<Value> = Vec::new();
-    for (r, eps) in file.routes.iter().zip(endpoints) {
+    let sets = file.routes.iter().zip(endpoints).flat_map(|(r, eps)| {
+        let stable = Some((r, r.name.clone(), &eps.stable));
+        let canary = eps.canary.as_ref().map(|c| (r, canary_cluster(&r.name), c));
+        stable.into_iter().chain(canary)
+    });
+    for (r, name, eps) in sets {
         let lb_endpoints: Vec<Value> = eps
             .iter()
             .map(|e| json!({"endpoint": {"address": socket(&e.host, e.port)}}))
             .collect();
         let is_ip = eps.first().is_some_and(Endpoint::is_ip);
         let mut cluster = json!({
-            "name": r.name,
+            "name": name,
             "type": if is_ip { "STATIC" } else { "STRICT_DNS" },
             "connect_timeout": seconds(g.connect_timeout),
             "lb_policy": match r.lb_policy {
@@ -177,7 +201,7 @@ pub fn bootstrap(
                 LbPolicy::LeastRequest => "LEAST_REQUEST",
                 LbPolicy::Random => "RANDOM",
             },
-            "load_assignment": {"cluster_name": r.name, "endpoints": [{"lb_endpoints": lb_endpoints}]},
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}]},
             "circuit_breakers": {"thresholds": [{
                 "priority": "DEFAULT",
                 "max_connections": cb.max_connections,
@@ -248,7 +272,8 @@ jwt: {secret_env: JWT_SECRET}
 routes:
   - {name: users, prefix: /users, upstream: "http://127.0.0.1:8001", timeout: 5, retry: 2}
   - {name: orders, prefix: /orders, upstream: ["http://orders-a:8002", "http://orders-b:8002"], timeout: 0.5, retry: 0}
-  - {name: order-items, prefix: /orders/items, upstream: "http://127.0.0.1:8009"}
+  - {name: order-items, prefix: /orders/items, upstream: "http://127.0.0.1:8009",
+     canary: {upstream: "http://127.0.0.1:8010", percent: 10, users: [user-001], header: X-Canary}}
 "#;
 
     fn hcm(v: &Value) -> &Value {
@@ -267,21 +292,32 @@ routes:
             .collect();
         assert_eq!(
             names,
-            ["order-items", "orders", "users", "health", "not_found"],
-            "most specific first"
+            [
+                "order-items-canary",
+                "order-items",
+                "orders",
+                "users",
+                "health",
+                "not_found"
+            ],
+            "most specific first, canary before stable"
         );
-        let users = &routes[2];
+        let canary = &routes[0];
+        assert_eq!(canary["match"]["headers"][0]["name"], "x-gateway-canary");
+        assert_eq!(canary["route"]["cluster"], "order-items-canary");
+        assert_eq!(canary["request_headers_to_remove"][0], "x-gateway-canary");
+        let users = &routes[3];
         assert_eq!(users["match"]["path_separated_prefix"], "/api/v1/users");
         assert_eq!(users["route"]["timeout"], "5s");
         assert_eq!(users["route"]["retry_policy"]["num_retries"], 2);
-        let orders = &routes[1];
+        let orders = &routes[2];
         assert_eq!(orders["route"]["timeout"], "0.500s");
         assert!(
             orders["route"].get("retry_policy").is_none(),
             "retry: 0 means no retries"
         );
-        assert_eq!(routes[3]["match"]["path"], "/health");
-        assert_eq!(routes[4]["name"], "not_found");
+        assert_eq!(routes[4]["match"]["path"], "/health");
+        assert_eq!(routes[5]["name"], "not_found");
     }
 
     #[test]
