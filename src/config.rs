@@ -49,9 +49,72 @@ pub struct FilterConfig {
     /// Gateway-wide rate-limit settings (per-IP limit, trusted hops, memory bounds).
     #[serde(default)]
     pub rate_limits: RateLimitSettings,
+    /// Request logs (one JSON line per request) and the optional log store.
+    #[serde(default)]
+    pub logs: LogSettings,
     /// Token revocation through webdis; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation: Option<RevocationSettings>,
+}
+
+/// Request logging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Emit one JSON line per request through Envoy's log.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Keep records in Redis (through webdis) for the admin query endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<LogStoreSettings>,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogStoreSettings {
+    #[serde(default = "default_webdis_cluster")]
+    pub cluster: String,
+    #[serde(default = "default_ban_ttl")]
+    pub retention_seconds: u64,
+    /// Most recent records kept per user.
+    #[serde(default = "default_user_records")]
+    pub user_records: u32,
+    #[serde(default = "default_logs_path")]
+    pub query_path: String,
+    #[serde(default = "default_revoke_roles")]
+    pub query_roles: Vec<String>,
+    /// Records waiting to be written, per VM; beyond it new records are dropped (counted).
+    #[serde(default = "default_log_buffer")]
+    pub buffer: u32,
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    #[serde(default = "default_log_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+pub fn default_user_records() -> u32 {
+    100
+}
+pub fn default_logs_path() -> String {
+    "/admin/logs".to_string()
+}
+pub fn default_log_buffer() -> u32 {
+    1000
+}
+pub fn default_flush_interval_ms() -> u64 {
+    1000
+}
+pub fn default_log_timeout_ms() -> u64 {
+    500
 }
 
 /// Revocation settings (JSON). Paths are relative to `prefix`; an empty path disables that endpoint.
@@ -122,7 +185,7 @@ fn default_cache_ttl_ms() -> u64 {
 pub(crate) fn default_cache_slots() -> u32 {
     4096
 }
-pub(crate) fn default_ban_ttl() -> u64 {
+pub fn default_ban_ttl() -> u64 {
     86_400
 }
 pub(crate) fn default_logout_path() -> String {
@@ -131,7 +194,7 @@ pub(crate) fn default_logout_path() -> String {
 pub(crate) fn default_revoke_user_path() -> String {
     "/admin/users/{id}/revoke".to_string()
 }
-pub(crate) fn default_revoke_roles() -> Vec<String> {
+pub fn default_revoke_roles() -> Vec<String> {
     vec!["admin".to_string()]
 }
 pub(crate) fn default_refresh_path() -> String {
@@ -168,6 +231,7 @@ pub struct Refresh {
 /// A gateway-answered endpoint a path may name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndpointPath {
+    Logs,
     Logout,
     Refresh,
     RevokeUser(String),
@@ -425,6 +489,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub revocation: Option<Revocation>,
     pub rate_limits: RateLimitSettings,
+    pub logs: LogSettings,
+    /// Full path of the log query endpoint, when the store is on.
+    pub logs_query_path: Option<String>,
 }
 
 impl Config {
@@ -671,7 +738,51 @@ impl TryFrom<FilterConfig> for Config {
             return Err(ConfigError::new("rate_limits.trusted_hops", "must be at most 16"));
         }
 
+        let logs_query_path = match &raw.logs.store {
+            None => None,
+            Some(st) => {
+                check_name("logs.store.cluster", &st.cluster)?;
+                check_path_prefix("logs.store.query_path", &st.query_path, false)?;
+                if st.query_roles.is_empty() {
+                    return Err(ConfigError::new(
+                        "logs.store.query_roles",
+                        "must name at least one role",
+                    ));
+                }
+                if st.retention_seconds == 0 {
+                    return Err(ConfigError::new(
+                        "logs.store.retention_seconds",
+                        "must be positive",
+                    ));
+                }
+                if !(1..=10_000).contains(&st.user_records) {
+                    return Err(ConfigError::new("logs.store.user_records", "must be 1 to 10000"));
+                }
+                if !(1..=100_000).contains(&st.buffer) {
+                    return Err(ConfigError::new("logs.store.buffer", "must be 1 to 100000"));
+                }
+                if !(50..=60_000).contains(&st.flush_interval_ms) {
+                    return Err(ConfigError::new(
+                        "logs.store.flush_interval_ms",
+                        "must be 50 to 60000",
+                    ));
+                }
+                if !(1..=60_000).contains(&st.timeout_ms) {
+                    return Err(ConfigError::new("logs.store.timeout_ms", "must be 1 to 60000"));
+                }
+                if raw.jwt.is_none() {
+                    return Err(ConfigError::new(
+                        "logs.store",
+                        "the query endpoint needs a jwt section",
+                    ));
+                }
+                Some(format!("{}{}", raw.prefix, st.query_path))
+            }
+        };
+
         Ok(Config {
+            logs_query_path,
+            logs: raw.logs.clone(),
             rate_limits: raw.rate_limits.clone(),
             revocation,
             prefix: raw.prefix,

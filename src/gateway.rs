@@ -31,6 +31,46 @@ pub struct GatewayFile {
     pub webdis: Option<String>,
     #[serde(default)]
     pub revocation: Option<RevocationSection>,
+    #[serde(default)]
+    pub logs: LogsSection,
+}
+
+/// `logs:`: the per-request JSON line and the optional store behind `GET .../admin/logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsSection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub store: Option<LogStoreSection>,
+}
+
+impl Default for LogsSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogStoreSection {
+    /// Seconds records are kept (default 24 h).
+    #[serde(default = "default_ban_ttl")]
+    pub retention: u64,
+    #[serde(default = "crate::config::default_user_records")]
+    pub user_records: u32,
+    #[serde(default = "crate::config::default_logs_path")]
+    pub query_path: String,
+    #[serde(default = "default_revoke_roles")]
+    pub query_roles: Vec<String>,
+    #[serde(default = "crate::config::default_log_buffer")]
+    pub buffer: u32,
+    /// Seconds between writes of buffered records.
+    #[serde(default = "default_revocation_cache_ttl")]
+    pub flush_interval: f64,
 }
 
 /// `revocation:`: logout, refresh and bans kept in Redis, reached through webdis.
@@ -586,6 +626,7 @@ fn gateway_field(field: &str) -> String {
         "gateway_name" => "gateway.name".to_string(),
         f if f.starts_with("passthrough_paths") => "gateway.health_path".to_string(),
         "revocation.ban_ttl_seconds" => "revocation.ban_ttl".to_string(),
+        "logs.store.retention_seconds" => "logs.store.retention".to_string(),
         "revocation.refresh.token_ttl_seconds" => "revocation.refresh.token_ttl".to_string(),
         "jwt.clock_skew_seconds" => "jwt.clock_skew".to_string(),
         f if f.starts_with("rate_limits.") => {
@@ -802,7 +843,38 @@ impl GatewayFile {
             user_slots: grl.user_slots,
             ip_slots: grl.ip_slots,
         };
+        let logs = crate::config::LogSettings {
+            enabled: self.logs.enabled,
+            store: match &self.logs.store {
+                None => None,
+                Some(st) => {
+                    if self.webdis.is_none() {
+                        return Err(ConfigError::new(
+                            "webdis",
+                            "the log store needs the webdis address",
+                        ));
+                    }
+                    if !(st.flush_interval.is_finite() && (0.05..=60.0).contains(&st.flush_interval)) {
+                        return Err(ConfigError::new(
+                            "logs.store.flush_interval",
+                            "must be 0.05 to 60 seconds",
+                        ));
+                    }
+                    Some(crate::config::LogStoreSettings {
+                        cluster: default_webdis_cluster(),
+                        retention_seconds: st.retention,
+                        user_records: st.user_records,
+                        query_path: st.query_path.clone(),
+                        query_roles: st.query_roles.clone(),
+                        buffer: st.buffer,
+                        flush_interval_ms: (st.flush_interval * 1000.0).round() as u64,
+                        timeout_ms: crate::config::default_log_timeout_ms(),
+                    })
+                }
+            },
+        };
         let fc = FilterConfig {
+            logs,
             rate_limits,
             revocation,
             prefix: self.gateway.prefix.clone(),

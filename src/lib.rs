@@ -5,6 +5,7 @@
 //! natively. The `filter` module is the thin glue that makes host calls; it is only compiled for
 //! `wasm32`.
 
+pub mod access_log;
 pub mod canary;
 pub mod config;
 pub mod gateway;

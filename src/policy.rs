@@ -28,6 +28,30 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
+    /// Why the gateway answered, machine-readable (logs and metrics): e.g. `expired`, `role`,
+    /// `route_not_found`, `rate_limited_user`.
+    pub reason: &'static str,
+}
+
+/// Authentication reasons besides the token errors ([`crate::jwt::TokenError::code`]).
+pub const REASON_MISSING: &str = "missing_authorization";
+pub const REASON_FORMAT: &str = "bad_authorization_format";
+pub const REASON_ROLE: &str = "role";
+
+/// A refusal before it becomes a reply.
+#[derive(Debug)]
+struct Deny {
+    status: u16,
+    message: String,
+    reason: &'static str,
+}
+
+impl Deny {
+    fn reply(self, trace_id: &str) -> Reply {
+        let mut r = Reply::error(self.status, &self.message, trace_id);
+        r.reason = self.reason;
+        r
+    }
 }
 
 impl Reply {
@@ -61,6 +85,7 @@ impl Reply {
             "trace_id": trace_id,
         });
         let mut reply = Self::json(429, body.to_string(), trace_id);
+        reply.reason = kind.reason();
         reply.headers.push(("retry-after", v.retry_after_s.to_string()));
         reply.headers.extend(ratelimit_headers(v));
         reply
@@ -84,6 +109,7 @@ impl Reply {
     /// A JSON reply with the trace id header.
     pub fn json(status: u16, body: String, trace_id: &str) -> Self {
         Reply {
+            reason: default_reason(status),
             status,
             headers: vec![
                 ("content-type", "application/json".to_string()),
@@ -102,6 +128,21 @@ pub fn ratelimit_headers(v: &crate::ratelimit::Verdict) -> [(&'static str, Strin
         ("x-ratelimit-remaining", v.remaining.to_string()),
         ("x-ratelimit-reset", v.reset_s.to_string()),
     ]
+}
+
+fn default_reason(status: u16) -> &'static str {
+    match status {
+        200 => "ok",
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "route_not_found",
+        405 => "method_not_allowed",
+        429 => "rate_limited",
+        500 => "internal_error",
+        503 => "store_unavailable",
+        _ => "error",
+    }
 }
 
 /// The standard reason phrase used as the `error` field.
@@ -145,6 +186,13 @@ pub enum Endpoint {
     },
     /// Revoke every token of this user issued before now.
     RevokeUser(String),
+    /// The stored log records of one trace id.
+    LogsByTrace(String),
+    /// A user's most recent stored log records.
+    LogsByUser {
+        user_id: String,
+        limit: u32,
+    },
 }
 
 /// The decision plus what the rest of the request's life needs to know.
@@ -211,8 +259,14 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
     };
     let trace_id = outcome.trace.trace_id.as_str();
 
-    if let Some(endpoint) = cfg.revocation.as_ref().and_then(|rv| rv.endpoint(path)) {
-        match endpoint_decision(cfg, endpoint, method, headers, now) {
+    let endpoint = if cfg.logs_query_path.as_deref() == Some(path) {
+        Some(EndpointPath::Logs)
+    } else {
+        cfg.revocation.as_ref().and_then(|rv| rv.endpoint(path))
+    };
+    if let Some(endpoint) = endpoint {
+        let query = full_path.split_once('?').map(|(_, q)| q).unwrap_or("");
+        match endpoint_decision(cfg, endpoint, method, query, headers, now) {
             Ok((endpoint, identity, token)) => {
                 outcome.identity = Some(identity);
                 outcome.token = Some(token);
@@ -257,8 +311,8 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
                     identity = Some(id);
                     bearer = Some(token);
                 }
-                Err((status, message)) => {
-                    outcome.action = Action::Reply(Reply::error(status, &message, trace_id));
+                Err(deny) => {
+                    outcome.action = Action::Reply(deny.reply(trace_id));
                     return outcome;
                 }
             }
@@ -294,24 +348,35 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
 }
 
 /// Bearer extraction and verification.
-fn verified_token(
-    cfg: &Config,
-    headers: &[HeaderPair],
-    now: i64,
-) -> Result<(Identity, String), (u16, String)> {
-    let token = bearer_token(headers).map_err(|m| (401, m.to_string()))?;
-    let verifier = cfg
-        .verifier
-        .as_ref()
-        .ok_or((401, "Invalid token: no verifier configured".to_string()))?;
-    let id = verifier
-        .verify(token, now)
-        .map_err(|e| (401, format!("Invalid token: {e}")))?;
+fn verified_token(cfg: &Config, headers: &[HeaderPair], now: i64) -> Result<(Identity, String), Deny> {
+    let token = bearer_token(headers).map_err(|m| Deny {
+        status: 401,
+        message: m.to_string(),
+        reason: if m == MSG_AUTH_MISSING {
+            REASON_MISSING
+        } else {
+            REASON_FORMAT
+        },
+    })?;
+    let verifier = cfg.verifier.as_ref().ok_or(Deny {
+        status: 401,
+        message: "Invalid token: no verifier configured".to_string(),
+        reason: "no_verifier",
+    })?;
+    let id = verifier.verify(token, now).map_err(|e| Deny {
+        status: 401,
+        message: format!("Invalid token: {e}"),
+        reason: e.code(),
+    })?;
     Ok((id, token.to_string()))
 }
 
-fn role_error(role: &str, what: &str) -> (u16, String) {
-    (403, format!("Role '{role}' is not allowed to access {what}"))
+fn role_error(role: &str, what: &str) -> Deny {
+    Deny {
+        status: 403,
+        message: format!("Role '{role}' is not allowed to access {what}"),
+        reason: REASON_ROLE,
+    }
 }
 
 fn authenticate(
@@ -319,12 +384,45 @@ fn authenticate(
     route: &Route,
     headers: &[HeaderPair],
     now: i64,
-) -> Result<(Identity, String), (u16, String)> {
+) -> Result<(Identity, String), Deny> {
     let (id, token) = verified_token(cfg, headers, now)?;
     if !route.roles.is_empty() && !route.roles.contains(&id.role) {
         return Err(role_error(&id.role, &format!("route '{}'", route.name)));
     }
     Ok((id, token))
+}
+
+/// `?trace_id=<id>` or `?user_id=<id>[&limit=<n>]`.
+fn logs_query(query: &str, max: u32) -> Result<Endpoint, Reply> {
+    let mut trace = None;
+    let mut user = None;
+    let mut limit = max;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "trace_id" => trace = Some(v),
+            "user_id" => user = Some(v),
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| Reply::error(400, &format!("limit must be 1 to {max}"), ""))?
+            }
+            _ => {}
+        }
+    }
+    let valid = |v: &str| crate::revocation::valid_user_id(v);
+    match (trace, user) {
+        (Some(t), None) if valid(t) => Ok(Endpoint::LogsByTrace(t.to_string())),
+        (None, Some(u)) if valid(u) => Ok(Endpoint::LogsByUser {
+            user_id: u.to_string(),
+            limit,
+        }),
+        (Some(_), Some(_)) => Err(Reply::error(400, "Give trace_id or user_id, not both", "")),
+        (None, None) => Err(Reply::error(400, "trace_id or user_id is required", "")),
+        _ => Err(Reply::error(400, "Invalid trace_id or user_id", "")),
+    }
 }
 
 /// Checks a request to a gateway-answered endpoint: POST, a valid token, and the endpoint's own
@@ -333,20 +431,37 @@ fn endpoint_decision(
     cfg: &Config,
     endpoint: EndpointPath,
     method: &str,
+    query: &str,
     headers: &[HeaderPair],
     now: i64,
 ) -> Result<(Endpoint, Identity, String), Reply> {
-    if method != "POST" {
+    let expected = if endpoint == EndpointPath::Logs {
+        "GET"
+    } else {
+        "POST"
+    };
+    if method != expected {
         let mut reply = Reply::error(405, &format!("Method {method} not allowed"), "");
-        reply.headers.push(("allow", "POST".to_string()));
+        reply.headers.push(("allow", expected.to_string()));
         return Err(reply);
     }
-    let fail = |(status, message): (u16, String)| Reply::error(status, &message, "");
-    let (id, token) = verified_token(cfg, headers, now).map_err(fail)?;
+    let (id, token) = verified_token(cfg, headers, now).map_err(|d| d.reply(""))?;
+    if endpoint == EndpointPath::Logs {
+        let store = cfg
+            .logs
+            .store
+            .as_ref()
+            .ok_or_else(|| Reply::error(404, MSG_ROUTE_NOT_FOUND, ""))?;
+        if !store.query_roles.contains(&id.role) {
+            return Err(role_error(&id.role, "request logs").reply(""));
+        }
+        return logs_query(query, store.user_records).map(|e| (e, id, token));
+    }
     let Some(rv) = cfg.revocation.as_ref() else {
         return Err(Reply::error(404, MSG_ROUTE_NOT_FOUND, ""));
     };
     let endpoint = match endpoint {
+        EndpointPath::Logs => return Err(Reply::error(404, MSG_ROUTE_NOT_FOUND, "")),
         EndpointPath::Logout => Endpoint::Logout,
         EndpointPath::Refresh => {
             let refresh = rv.refresh.as_ref();
@@ -373,7 +488,7 @@ fn endpoint_decision(
         }
         EndpointPath::RevokeUser(user) => {
             if !rv.revoke_roles.contains(&id.role) {
-                return Err(fail(role_error(&id.role, "user revocation")));
+                return Err(role_error(&id.role, "user revocation").reply(""));
             }
             if !crate::revocation::valid_user_id(&user) {
                 return Err(Reply::error(400, "Invalid user id", ""));

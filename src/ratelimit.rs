@@ -214,6 +214,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Reason code for logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Kind::Ip => "rate_limited_ip",
+            Kind::User => "rate_limited_user",
+            Kind::Route => "rate_limited_route",
+        }
+    }
+
     /// The word that starts the 429 message, as in the reference ("API rate limit exceeded").
     pub fn label(self) -> &'static str {
         match self {

@@ -2,7 +2,8 @@
 //! [`crate::policy::decide`], then forward (mutating headers), reply, or consult the revocation
 //! store through webdis. Nothing here decides; every pause ends in a resume or a reply.
 
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +12,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
+use crate::access_log::{self, Record};
 use crate::canary::{self, Sticky};
 use crate::config::{Config, Revocation};
 use crate::jwt::Identity;
@@ -31,6 +33,39 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
+thread_local! {
+    /// Records waiting to be written to the log store (this VM's).
+    static LOG_BUFFER: RefCell<VecDeque<StoredRecord>> = const { RefCell::new(VecDeque::new()) };
+    /// Counters defined on first use (per route and outcome, per auth failure reason).
+    static LAZY_COUNTERS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+}
+
+struct StoredRecord {
+    trace_id: String,
+    user_id: Option<String>,
+    json: String,
+}
+
+fn inc_named(name: &str) {
+    let id = LAZY_COUNTERS.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some(id) = c.get(name) {
+            return Some(*id);
+        }
+        let id = hostcalls::define_metric(MetricType::Counter, name).ok()?;
+        c.insert(name.to_string(), id);
+        Some(id)
+    });
+    if let Some(id) = id {
+        Metrics::inc(id);
+    }
+}
+
+/// Metric-name-safe form of a route name.
+fn metric_part(s: &str) -> String {
+    s.replace(['-', '.'], "_")
+}
+
 /// Counter ids (Envoy stats `wasmcustom.<name>`).
 struct Metrics {
     lookups: u32,
@@ -45,6 +80,10 @@ struct Metrics {
     rl_sync_errors: u32,
     /// Per canary route: [stable, canary] request counters.
     canary: HashMap<String, [u32; 2]>,
+    duration: u32,
+    log_stored: u32,
+    log_dropped: u32,
+    log_errors: u32,
 }
 
 fn kind_index(kind: Kind) -> usize {
@@ -120,10 +159,15 @@ impl Metrics {
             ],
             rl_contended: counter("gateway_ratelimit_contended_total")?,
             rl_sync_errors: counter("gateway_ratelimit_sync_errors_total")?,
+            duration: hostcalls::define_metric(MetricType::Histogram, "gateway_request_duration_ms")
+                .map_err(|s| format!("define_metric gateway_request_duration_ms: {s:?}"))?,
+            log_stored: counter("gateway_log_records_stored_total")?,
+            log_dropped: counter("gateway_log_records_dropped_total")?,
+            log_errors: counter("gateway_log_store_errors_total")?,
             canary: {
                 let mut m = HashMap::new();
                 for r in cfg.routes.iter().filter(|r| r.canary.is_some()) {
-                    let base = r.name.replace(['-', '.'], "_");
+                    let base = metric_part(&r.name);
                     m.insert(
                         r.name.clone(),
                         [
@@ -152,10 +196,25 @@ struct Root {
     last_totals: HashMap<String, u64>,
     /// Outstanding INCRBY calls: token id -> (route, delta sent).
     syncing: HashMap<u32, (String, u64)>,
+    /// Outstanding log-store writes.
+    log_calls: HashSet<u32>,
+    last_flush_ms: u64,
+    last_sync_ms: u64,
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, _: usize, body_size: usize, _: usize) {
+        if self.log_calls.remove(&token_id) {
+            let (status, body) = call_response(body_size);
+            if let Some(m) = &self.metrics {
+                Metrics::inc(if access_log::write_ok(status, &body) {
+                    m.log_stored
+                } else {
+                    m.log_errors
+                });
+            }
+            return;
+        }
         let Some((route, delta)) = self.syncing.remove(&token_id) else {
             return;
         };
@@ -209,12 +268,98 @@ impl RootContext for Root {
         true
     }
 
-    /// Leader VM only: send each cluster-wide route's local consumption to Redis.
+    /// Every VM flushes its buffered log records; the leader VM also syncs cluster-wide limits.
     fn on_tick(&mut self) {
         let Some(config) = self.config.clone() else { return };
-        let Some(sync) = config.rate_limits.sync.as_ref() else {
-            return;
+        let now = now_ms();
+        if let Some(store) = &config.logs.store {
+            if now.saturating_sub(self.last_flush_ms) >= store.flush_interval_ms {
+                self.last_flush_ms = now;
+                self.flush_logs(store);
+            }
+        }
+        if let Some(sync) = &config.rate_limits.sync {
+            if now.saturating_sub(self.last_sync_ms) >= sync.interval_ms {
+                self.last_sync_ms = now;
+                self.sync_limits(&config, sync);
+            }
+        }
+    }
+
+    fn on_configure(&mut self, _: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            Ok(None) => Vec::new(),
+            Err(status) => {
+                error!("gateway filter: cannot read plugin configuration: {status:?}");
+                return false;
+            }
         };
+        let cfg = match Config::from_json(&bytes) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                error!("gateway filter: invalid configuration: {e}");
+                return false;
+            }
+        };
+        let metrics = match Metrics::define(&cfg) {
+            Ok(m) => m,
+            Err(e) => {
+                error!("gateway filter: {e}");
+                return false;
+            }
+        };
+        info!(
+            "gateway filter configured: {} routes, jwt {}, revocation {}, log store {}",
+            cfg.routes.len(),
+            if cfg.verifier.is_some() { "on" } else { "off" },
+            if cfg.revocation.is_some() { "on" } else { "off" },
+            if cfg.logs.store.is_some() { "on" } else { "off" },
+        );
+        create_rate_limit_keys(&cfg);
+        // One tick drives both timers: the log flush (every VM) and the limit sync (the leader).
+        let cluster_wide = cfg
+            .routes
+            .iter()
+            .filter_map(|r| r.limits.as_ref())
+            .any(|l| l.cluster_wide);
+        let sync_ms = cfg
+            .rate_limits
+            .sync
+            .as_ref()
+            .filter(|_| cluster_wide)
+            .map(|s| s.interval_ms);
+        let flush_ms = cfg.logs.store.as_ref().map(|s| s.flush_interval_ms);
+        if let Some(tick) = [sync_ms, flush_ms].into_iter().flatten().min() {
+            let _ = hostcalls::set_tick_period(Duration::from_millis(tick));
+        }
+        self.config = Some(Rc::new(cfg));
+        self.metrics = Some(Rc::new(metrics));
+        true
+    }
+
+    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Request {
+            config: self.config.clone()?,
+            metrics: self.metrics.clone()?,
+            started: None,
+            trace_id: None,
+            pending: None,
+            rate_limit: None,
+            record: None,
+            decision: Cell::new("allowed"),
+            status: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl Root {
+    /// Leader VM only: send each cluster-wide route's local consumption to Redis.
+    fn sync_limits(&mut self, config: &Config, sync: &crate::config::SyncSettings) {
         if !cluster::elect(
             &HostStore,
             self.vm_id,
@@ -260,65 +405,110 @@ impl RootContext for Root {
         }
     }
 
-    fn on_configure(&mut self, _: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-            Ok(Some(b)) => b,
-            Ok(None) => Vec::new(),
-            Err(status) => {
-                error!("gateway filter: cannot read plugin configuration: {status:?}");
-                return false;
-            }
-        };
-        let cfg = match Config::from_json(&bytes) {
-            Ok(cfg) => cfg,
-            Err(e) => {
-                error!("gateway filter: invalid configuration: {e}");
-                return false;
-            }
-        };
-        let metrics = match Metrics::define(&cfg) {
-            Ok(m) => m,
-            Err(e) => {
-                error!("gateway filter: {e}");
-                return false;
-            }
-        };
-        info!(
-            "gateway filter configured: {} routes, jwt {}, revocation {}",
-            cfg.routes.len(),
-            if cfg.verifier.is_some() { "on" } else { "off" },
-            if cfg.revocation.is_some() { "on" } else { "off" },
-        );
-        create_rate_limit_keys(&cfg);
-        if let Some(sync) = &cfg.rate_limits.sync {
-            if cfg
-                .routes
-                .iter()
-                .filter_map(|r| r.limits.as_ref())
-                .any(|l| l.cluster_wide)
-            {
-                let _ = hostcalls::set_tick_period(Duration::from_millis(sync.interval_ms));
+    /// Writes up to [`FLUSH_BATCH`] buffered records: each appended to its trace's list and
+    /// prepended to its user's list (trimmed to the configured count); keys expire with the
+    /// retention.
+    fn flush_logs(&mut self, store: &crate::config::LogStoreSettings) {
+        if self.log_calls.len() > MAX_LOG_CALLS_IN_FLIGHT {
+            return; // webdis is slow: keep the records buffered
+        }
+        let batch: Vec<StoredRecord> = LOG_BUFFER.with(|b| {
+            let mut b = b.borrow_mut();
+            let n = b.len().min(FLUSH_BATCH);
+            b.drain(..n).collect()
+        });
+        let mut users: Vec<String> = Vec::new();
+        for r in &batch {
+            let key = access_log::trace_key(&r.trace_id);
+            self.store_call(
+                store,
+                "PUT",
+                &access_log::append_path(&key),
+                Some(r.json.as_bytes()),
+            );
+            self.store_call(
+                store,
+                "GET",
+                &access_log::expire_path(&key, store.retention_seconds),
+                None,
+            );
+            if let Some(user) = &r.user_id {
+                let key = access_log::user_key(user);
+                self.store_call(
+                    store,
+                    "PUT",
+                    &access_log::prepend_path(&key),
+                    Some(r.json.as_bytes()),
+                );
+                if !users.contains(user) {
+                    users.push(user.clone());
+                }
             }
         }
-        self.config = Some(Rc::new(cfg));
-        self.metrics = Some(Rc::new(metrics));
-        true
+        for user in users {
+            let key = access_log::user_key(&user);
+            self.store_call(
+                store,
+                "GET",
+                &access_log::trim_path(&key, store.user_records),
+                None,
+            );
+            self.store_call(
+                store,
+                "GET",
+                &access_log::expire_path(&key, store.retention_seconds),
+                None,
+            );
+        }
     }
 
-    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request {
-            config: self.config.clone()?,
-            metrics: self.metrics.clone()?,
-            started: None,
-            trace_id: None,
-            pending: None,
-            rate_limit: None,
-        }))
+    fn store_call(
+        &mut self,
+        store: &crate::config::LogStoreSettings,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) {
+        let call = hostcalls::dispatch_http_call(
+            &store.cluster,
+            vec![
+                (":method", method),
+                (":path", path),
+                (":authority", &store.cluster),
+            ],
+            body,
+            vec![],
+            Duration::from_millis(store.timeout_ms),
+        );
+        match call {
+            Ok(token_id) => {
+                self.log_calls.insert(token_id);
+            }
+            Err(status) => {
+                if let Some(m) = &self.metrics {
+                    Metrics::inc(m.log_errors);
+                }
+                warn!("log store dispatch failed: {status:?}");
+            }
+        }
     }
+}
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
+/// Records written per VM per flush, and the cap on outstanding log-store calls.
+const FLUSH_BATCH: usize = 200;
+const MAX_LOG_CALLS_IN_FLIGHT: usize = 1000;
+
+/// `:status` and body of the current HTTP call response.
+fn call_response(body_size: usize) -> (Option<u16>, Vec<u8>) {
+    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u16>().ok()));
+    let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+        Ok(Some(b)) => b,
+        _ => Vec::new(),
+    };
+    (status, body)
 }
 
 /// What happens once the caller's token is known not to be revoked.
@@ -349,6 +539,11 @@ enum Pending {
         token_id: u32,
         on_ok: Reply,
     },
+    Query {
+        token_id: u32,
+        label: &'static str,
+        id: String,
+    },
 }
 
 /// Whether the request continues now or stays paused (a reply was sent or a call is out).
@@ -365,14 +560,19 @@ struct Request {
     pending: Option<Pending>,
     /// The binding bucket's verdict, for the `X-RateLimit-*` response headers.
     rate_limit: Option<Verdict>,
+    /// The request's log record, completed in `on_log`.
+    record: Option<Record>,
+    /// Why the gateway answered itself (the reason of the last local reply); `allowed` otherwise.
+    decision: Cell<&'static str>,
+    status: Option<u16>,
 }
 
 impl Context for Request {
     fn on_http_call_response(&mut self, token_id: u32, _: usize, body_size: usize, _: usize) {
         let matches = match &self.pending {
-            Some(Pending::Check { token_id: t, .. }) | Some(Pending::Write { token_id: t, .. }) => {
-                *t == token_id
-            }
+            Some(Pending::Check { token_id: t, .. })
+            | Some(Pending::Write { token_id: t, .. })
+            | Some(Pending::Query { token_id: t, .. }) => *t == token_id,
             None => false,
         };
         if !matches {
@@ -381,15 +581,21 @@ impl Context for Request {
         let Some(pending) = self.pending.take() else {
             return;
         };
-        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u16>().ok()));
-        let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-            Ok(Some(b)) => b,
-            _ => Vec::new(),
-        };
+        let (status, body) = call_response(body_size);
         let flow = match pending {
+            Pending::Query { label, id, .. } => match access_log::parse_range(status, &body) {
+                Ok(records) if records.is_empty() => self.error(404, "No log records found"),
+                Ok(records) => {
+                    let body = serde_json::json!({ label: id, "count": records.len(), "records": records });
+                    self.reply(self.json(body));
+                    Flow::Paused
+                }
+                Err(e) => {
+                    Metrics::inc(self.metrics.log_errors);
+                    warn!("log store query failed: {e}");
+                    self.error(503, "Log store unavailable")
+                }
+            },
             Pending::Check {
                 then,
                 caller,
@@ -466,6 +672,68 @@ fn random_bytes() -> [u8; RANDOM_BYTES] {
         }
     }
     buf
+}
+
+/// The request's record as far as the request head tells.
+fn new_record(
+    headers: &[policy::HeaderPair],
+    start: SystemTime,
+    trace_id: &str,
+    client_ip: Option<&str>,
+    identity: &Option<Identity>,
+    route: Option<&str>,
+) -> Record {
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    };
+    let full_path = value(":path").unwrap_or("");
+    let (path, query) = full_path.split_once('?').unwrap_or((full_path, ""));
+    Record {
+        timestamp_ms: start
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
+            .unwrap_or(0),
+        trace_id: trace_id.to_string(),
+        method: value(":method").unwrap_or("").to_string(),
+        path: path.to_string(),
+        query_params: access_log::query_params(query),
+        client_ip: client_ip.map(str::to_string),
+        user_agent: value("user-agent").map(str::to_string),
+        user_id: identity.as_ref().and_then(|i| i.user_id.clone()),
+        route: route.map(str::to_string),
+        upstream_service: route.map(str::to_string),
+        canary: None,
+        status: 0,
+        duration_ms: 0.0,
+        decision: "allowed".to_string(),
+    }
+}
+
+/// The outcome class of a decision, for the per-route request counters.
+fn outcome(decision: &str) -> &'static str {
+    match decision {
+        "allowed" | "ok" => "allowed",
+        "revoked" => "revoked",
+        "role" | "forbidden" => "forbidden",
+        "route_not_found" => "not_found",
+        "method_not_allowed" => "method_not_allowed",
+        "store_unavailable" => "store_unavailable",
+        "bad_request" => "bad_request",
+        d if d.starts_with("rate_limited") => "rate_limited",
+        d if is_auth_failure(d) => "unauthorized",
+        _ => "error",
+    }
+}
+
+fn is_auth_failure(decision: &str) -> bool {
+    decision == policy::REASON_MISSING
+        || decision == policy::REASON_FORMAT
+        || decision == policy::REASON_ROLE
+        || decision == "revoked"
+        || crate::jwt::TokenError::CODES.contains(&decision)
 }
 
 /// Applies the decided request-header changes; the request continues.
@@ -556,6 +824,7 @@ impl Request {
     }
 
     fn reply(&self, reply: Reply) {
+        self.decision.set(reply.reason);
         let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         if let Err(status) =
             hostcalls::send_http_response(u32::from(reply.status), headers, Some(reply.body.as_bytes()))
@@ -575,7 +844,10 @@ impl Request {
 
     fn revoked(&self) -> Flow {
         Metrics::inc(self.metrics.revoked);
-        self.error(401, MSG_REVOKED)
+        let mut reply = Reply::error(401, MSG_REVOKED, self.trace_id());
+        reply.reason = "revoked";
+        self.reply(reply);
+        Flow::Paused
     }
 
     fn dispatch(&self, rv: &Revocation, path: &str) -> Result<u32, StoreError> {
@@ -666,6 +938,46 @@ impl Request {
 
     fn write(&mut self, endpoint: Endpoint, caller: Caller) -> Flow {
         let config = Rc::clone(&self.config);
+        let query = match &endpoint {
+            Endpoint::LogsByTrace(id) => Some(("trace_id", id.clone(), access_log::trace_key(id), u32::MAX)),
+            Endpoint::LogsByUser { user_id, limit } => {
+                Some(("user_id", user_id.clone(), access_log::user_key(user_id), *limit))
+            }
+            _ => None,
+        };
+        if let Some((label, id, key, limit)) = query {
+            let Some(store) = config.logs.store.as_ref() else {
+                return self.error(404, policy::MSG_ROUTE_NOT_FOUND);
+            };
+            let count = if limit == u32::MAX {
+                store.user_records.max(100)
+            } else {
+                limit
+            };
+            let path = access_log::range_path(&key, count);
+            let call = hostcalls::dispatch_http_call(
+                &store.cluster,
+                vec![
+                    (":method", "GET"),
+                    (":path", &path),
+                    (":authority", &store.cluster),
+                ],
+                None,
+                vec![],
+                Duration::from_millis(store.timeout_ms),
+            );
+            return match call {
+                Ok(token_id) => {
+                    self.pending = Some(Pending::Query { token_id, label, id });
+                    Flow::Paused
+                }
+                Err(e) => {
+                    Metrics::inc(self.metrics.log_errors);
+                    warn!("log store query dispatch failed: {e:?}");
+                    self.error(503, "Log store unavailable")
+                }
+            };
+        }
         let Some(rv) = config.revocation.as_ref() else {
             return self.error(404, policy::MSG_ROUTE_NOT_FOUND);
         };
@@ -685,6 +997,10 @@ impl Request {
         };
         let remaining = caller.identity.expires_at.saturating_sub(now_s);
         let (path, on_ok) = match endpoint {
+            // Answered above.
+            Endpoint::LogsByTrace(_) | Endpoint::LogsByUser { .. } => {
+                return self.error(404, policy::MSG_ROUTE_NOT_FOUND);
+            }
             Endpoint::Logout => {
                 blacklist_locally(&caller.token);
                 (
@@ -771,11 +1087,21 @@ impl HttpContext for Request {
         let needs_ip = matched.is_some_and(|r| {
             r.limits.is_some() || r.canary.as_ref().is_some_and(|c| c.sticky == Sticky::ClientIp)
         });
-        let ip = if forwarding && needs_ip {
+        let ip = if (forwarding && needs_ip) || config.logs.enabled || config.logs.store.is_some() {
             client_ip(&config, &headers)
         } else {
             None
         };
+        if config.logs.enabled || config.logs.store.is_some() {
+            self.record = Some(new_record(
+                &headers,
+                start,
+                self.trace_id(),
+                ip.as_deref(),
+                &identity,
+                route.as_deref(),
+            ));
+        }
         let user = identity.as_ref().and_then(|i| i.user_id.as_deref());
         if let (Some(limits), true) = (matched.and_then(|r| r.limits.as_ref()), forwarding) {
             if let Err(reply) = self.rate_limit(limits, user, ip.as_deref()) {
@@ -792,6 +1118,12 @@ impl HttpContext for Request {
                 if let Some([stable, canary]) = self.metrics.canary.get(&route.name) {
                     Metrics::inc(if to_canary { *canary } else { *stable });
                 }
+                if let Some(record) = self.record.as_mut() {
+                    record.canary = Some(to_canary);
+                    if to_canary {
+                        record.upstream_service = Some(format!("{}-canary", route.name));
+                    }
+                }
             }
         }
         let then = match action {
@@ -805,6 +1137,9 @@ impl HttpContext for Request {
         let flow = match (then, config.revocation.as_ref(), identity, token) {
             (then, Some(rv), Some(identity), Some(token)) => self.check(rv, then, Caller { identity, token }),
             (Then::Forward { remove, set }, ..) => forward(&remove, &set),
+            (then @ Then::Endpoint(_), None, Some(identity), Some(token)) => {
+                self.proceed(then, Caller { identity, token })
+            }
             (Then::Endpoint(_), ..) => self.error(404, policy::MSG_ROUTE_NOT_FOUND),
         };
         match flow {
@@ -813,7 +1148,60 @@ impl HttpContext for Request {
         }
     }
 
+    fn on_log(&mut self) {
+        let Some(mut record) = self.record.take() else {
+            return;
+        };
+        let status = self.status.unwrap_or(0);
+        let duration_ms = self
+            .started
+            .map(|s| now().duration_since(s).unwrap_or(Duration::ZERO).as_secs_f64() * 1000.0)
+            .unwrap_or(0.0);
+        record.status = status;
+        record.duration_ms = duration_ms;
+        record.decision = self.decision.get().to_string();
+        let _ = hostcalls::record_metric(self.metrics.duration, duration_ms.round() as u64);
+        let route = metric_part(record.route.as_deref().unwrap_or("none"));
+        inc_named(&format!(
+            "gateway_requests_{route}_{}_total",
+            outcome(&record.decision)
+        ));
+        if is_auth_failure(&record.decision) {
+            inc_named(&format!("gateway_auth_failures_{}_total", record.decision));
+        }
+        let json = record.to_json();
+        if self.config.logs.enabled {
+            match access_log::level(status) {
+                access_log::Level::Error => error!("{json}"),
+                access_log::Level::Warn => warn!("{json}"),
+                access_log::Level::Info => info!("{json}"),
+            }
+        }
+        if let Some(store) = &self.config.logs.store {
+            let stored = StoredRecord {
+                trace_id: record.trace_id,
+                user_id: record.user_id,
+                json,
+            };
+            let pushed = LOG_BUFFER.with(|b| {
+                let mut b = b.borrow_mut();
+                if b.len() >= store.buffer as usize {
+                    return false;
+                }
+                b.push_back(stored);
+                true
+            });
+            if !pushed {
+                Metrics::inc(self.metrics.log_dropped);
+            }
+        }
+    }
+
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        self.status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u16>().ok()));
         if let Some(v) = &self.rate_limit {
             for (name, value) in policy::ratelimit_headers(v) {
                 let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));

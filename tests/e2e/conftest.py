@@ -38,6 +38,7 @@ def gateway_file(ports, dead_port, webdis_port=None, **revocation):
     if webdis_port:
         f["webdis"] = f"http://127.0.0.1:{webdis_port}"
         f["revocation"] = dict(revocation)
+        f["logs"] = {"store": {"flush_interval": 0.2}}
     return f
 
 

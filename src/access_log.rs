@@ -1,0 +1,186 @@
+//! Request logs: one structured JSON record per request (what the reference logs in its REQUEST
+//! and RESPONSE lines, plus route, canary and the gateway's decision), its log level, and the
+//! webdis paths that keep records in Redis and read them back. No host calls here.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::revocation::{command_path, StoreError};
+
+/// One request, as logged and stored. Tokens and secrets are never part of it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Record {
+    /// Unix milliseconds when the request arrived.
+    pub timestamp_ms: u64,
+    pub trace_id: String,
+    pub method: String,
+    pub path: String,
+    pub query_params: BTreeMap<String, String>,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub user_id: Option<String>,
+    pub route: Option<String>,
+    /// The Envoy cluster the request went to (`<route>-canary` for the canary).
+    pub upstream_service: Option<String>,
+    pub canary: Option<bool>,
+    pub status: u16,
+    pub duration_ms: f64,
+    /// `allowed`, or why the gateway answered itself (`expired`, `role`, `rate_limited_ip`,
+    /// `revoked`, `store_unavailable`, `route_not_found`, ...).
+    pub decision: String,
+}
+
+/// The reference's levels: error for 5xx, warning for 4xx, info otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+pub fn level(status: u16) -> Level {
+    match status {
+        500.. => Level::Error,
+        400..=499 => Level::Warn,
+        _ => Level::Info,
+    }
+}
+
+/// Splits `a=1&b=2` (last value wins, as a Python dict would keep; values stay percent-encoded).
+pub fn query_params(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+impl Record {
+    /// The JSON line, rounded to 2 decimals like the reference's `duration_ms`.
+    pub fn to_json(&self) -> String {
+        let mut r = self.clone();
+        r.duration_ms = (r.duration_ms * 100.0).round() / 100.0;
+        serde_json::to_string(&r).unwrap_or_default()
+    }
+}
+
+pub fn trace_key(trace_id: &str) -> String {
+    format!("gateway:log:trace:{trace_id}")
+}
+
+pub fn user_key(user_id: &str) -> String {
+    format!("gateway:log:user:{user_id}")
+}
+
+/// `RPUSH <key>` with the record as the PUT body (webdis appends the body as the last argument).
+pub fn append_path(key: &str) -> String {
+    command_path("RPUSH", &[key])
+}
+
+/// `LPUSH <key>` (newest first), record as the PUT body.
+pub fn prepend_path(key: &str) -> String {
+    command_path("LPUSH", &[key])
+}
+
+pub fn trim_path(key: &str, keep: u32) -> String {
+    command_path("LTRIM", &[key, "0", &keep.saturating_sub(1).to_string()])
+}
+
+pub fn expire_path(key: &str, seconds: u64) -> String {
+    command_path("EXPIRE", &[key, &seconds.to_string()])
+}
+
+pub fn range_path(key: &str, count: u32) -> String {
+    command_path("LRANGE", &[key, "0", &count.saturating_sub(1).to_string()])
+}
+
+/// Parses `{"LRANGE": ["<json>", ...]}` into records (unparseable entries are skipped).
+pub fn parse_range(status: Option<u16>, body: &[u8]) -> Result<Vec<serde_json::Value>, StoreError> {
+    match status {
+        None => return Err(StoreError::NoResponse),
+        Some(200) => {}
+        Some(s) => return Err(StoreError::Status(s)),
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| StoreError::BadReply("not JSON"))?;
+    let items = v
+        .get("LRANGE")
+        .and_then(serde_json::Value::as_array)
+        .ok_or(StoreError::BadReply("no LRANGE array"))?;
+    Ok(items
+        .iter()
+        .filter_map(|i| i.as_str())
+        .filter_map(|s| serde_json::from_str(s).ok())
+        .collect())
+}
+
+/// Whether a webdis write answered 200 with its command key (`{"RPUSH": 3}` and the like).
+pub fn write_ok(status: Option<u16>, body: &[u8]) -> bool {
+    status == Some(200)
+        && serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.as_object().map(|o| o.values().all(|x| !matches!(x, serde_json::Value::Array(a) if a.first() == Some(&serde_json::Value::Bool(false))))))
+            .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_follow_the_reference() {
+        assert_eq!(level(200), Level::Info);
+        assert_eq!(level(302), Level::Info);
+        assert_eq!(level(401), Level::Warn);
+        assert_eq!(level(429), Level::Warn);
+        assert_eq!(level(503), Level::Error);
+    }
+
+    #[test]
+    fn record_json_has_every_field() {
+        let r = Record {
+            timestamp_ms: 1,
+            trace_id: "t".into(),
+            method: "GET".into(),
+            path: "/api/v1/users/1".into(),
+            query_params: query_params("a=1&b=&c&a=2"),
+            client_ip: Some("127.0.0.1".into()),
+            user_agent: Some("curl".into()),
+            user_id: Some("u".into()),
+            route: Some("users".into()),
+            upstream_service: Some("users".into()),
+            canary: Some(false),
+            status: 200,
+            duration_ms: 1.23456,
+            decision: "allowed".into(),
+        };
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["query_params"], serde_json::json!({"a": "2", "b": "", "c": ""}));
+        assert_eq!(v["duration_ms"], 1.23);
+        assert_eq!(v["decision"], "allowed");
+        assert_eq!(v["canary"], false);
+        assert_eq!(v.as_object().unwrap().len(), 14);
+    }
+
+    #[test]
+    fn store_paths_and_replies() {
+        assert_eq!(
+            append_path(&trace_key("ab-1")),
+            "/RPUSH/gateway%3Alog%3Atrace%3Aab-1.json"
+        );
+        assert_eq!(trim_path("k", 100), "/LTRIM/k/0/99.json");
+        assert_eq!(range_path("k", 5), "/LRANGE/k/0/4.json");
+        let body = br#"{"LRANGE":["{\"trace_id\":\"x\"}","garbage"]}"#;
+        let records = parse_range(Some(200), body).unwrap();
+        assert_eq!(records, vec![serde_json::json!({"trace_id": "x"})]);
+        assert!(parse_range(Some(200), b"nope").is_err());
+        assert!(parse_range(None, b"").is_err());
+        assert!(write_ok(Some(200), br#"{"RPUSH":1}"#));
+        assert!(write_ok(Some(200), br#"{"LTRIM":[true,"OK"]}"#));
+        assert!(!write_ok(Some(200), br#"{"LTRIM":[false,"ERR"]}"#));
+        assert!(!write_ok(Some(403), b""));
+    }
+}
