@@ -8,13 +8,14 @@ RENDER   := target/release/gateway-render
 WASM_OPT_FLAGS := -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
 
-.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean compose-config
+.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean compose-config bench
 
 help:
 	@echo "make run    build everything and start the demo stack (Envoy :8000, admin :9901, demo services)"
 	@echo "make test   unit tests, then end-to-end tests against real Envoy"
 	@echo "make lint   cargo fmt --check and clippy (host and wasm32) with -D warnings"
 	@echo "make build  the optimised filter ($(WASM)) and the renderer ($(RENDER))"
+	@echo "make bench  cost per request against plain Envoy and Envoy's native filters (writes the README table)"
 
 deps:
 	@scripts/bootstrap.sh
@@ -60,3 +61,7 @@ clean:
 compose-config: build
 	JWT_SECRET=$${JWT_SECRET:-demo-secret-change-me-demo-secret-change-me} \
 	  $(RENDER) --wasm /etc/gateway/gateway_filter.wasm --out build/envoy.compose.yaml
+
+bench: build
+	@scripts/bootstrap.sh bench
+	.venv/bin/python bench/bench.py

@@ -9,10 +9,14 @@ ENVOY_VERSION=1.40.0
 PYTEST_VERSION=9.2.0
 # command -> Debian package
 declare -A DEBS=([wasm-opt]=binaryen [curl]=curl [redis-server]=redis-server [redis-cli]=redis-tools [webdis]=webdis)
+if [ "${1:-}" = "bench" ]; then
+  DEBS[wrk]=wrk
+  DEBS[nginx]=nginx-light
+fi
 
 missing=()
 for cmd in "${!DEBS[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${DEBS[$cmd]}")
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${DEBS[$cmd]}")
 done
 if ((${#missing[@]})); then
   echo "bootstrap: installing Debian packages: ${missing[*]}"

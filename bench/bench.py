@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""`make bench`: the cost per request of the gateway filter against plain Envoy and Envoy's
+native filters, measured in one run on this machine.
+
+Systems (each an Envoy with --concurrency 1 in front of one nginx returning a small JSON body):
+  A        the router alone
+  B        native jwt_authn (HS256, inline JWKS with an oct key, claims to headers),
+           local_ratelimit (never reached) and a header mutation
+  C        this filter, full policy: JWT, revocation with its 1 s cache (webdis + Redis), the
+           three buckets (never reached), canary decision, trace ids, the JSON log line
+  C-jwt    this filter, JWT and trace ids only
+  C-nocache  full policy with the revocation cache off (a webdis call per request)
+
+Rounds are interleaved (A B C ... A B C ...); wrk keeps connections alive at fixed concurrency
+and every request carries a valid token. Per system: Envoy CPU microseconds per request
+(utime+stime from /proc over each run / completed requests), requests per second, p50 and p99
+latency, peak RSS (VmHWM) and the error count (any non-2xx fails the run). Medians over rounds.
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+RENDER = ROOT / "target" / "release" / "gateway-render"
+WASM = ROOT / "build" / "gateway_filter.wasm"
+SECRET = "bench-secret-bench-secret-bench-secret"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+README = ROOT / "README.md"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open")
+
+
+def b64url(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def hs256(claims):
+    h = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    p = b64url(json.dumps(claims).encode())
+    sig = hmac.new(SECRET.encode(), f"{h}.{p}".encode(), hashlib.sha256).digest()
+    return f"{h}.{p}.{b64url(sig)}"
+
+
+def cpu_ticks(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def peak_rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def socket_address(port):
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def static_cluster(name, port):
+    return {"name": name, "type": "STATIC", "load_assignment": {"cluster_name": name, "endpoints": [
+        {"lb_endpoints": [{"endpoint": {"address": socket_address(port)}}]}]}}
+
+
+def plain_bootstrap(port, admin, upstream, filters, route_extra=None):
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
+    route.update(route_extra or {})
+    return {
+        "admin": {"address": socket_address(admin)},
+        "static_resources": {
+            "listeners": [{"name": "l", "address": socket_address(port), "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "bench",
+                    "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
+                    "http_filters": filters + [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                }}]}]}],
+            "clusters": [static_cluster("upstream", upstream)],
+        },
+    }
+
+
+def native_filters():
+    jwks = json.dumps({"keys": [{"kty": "oct", "alg": "HS256", "k": b64url(SECRET.encode())}]})
+    return [
+        {"name": "envoy.filters.http.jwt_authn", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"gw": {
+                "local_jwks": {"inline_string": jwks},
+                "forward": True,
+                "claim_to_headers": [{"header_name": "x-user-id", "claim_name": "sub"},
+                                     {"header_name": "x-user-name", "claim_name": "name"},
+                                     {"header_name": "x-user-role", "claim_name": "role"}],
+            }},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "gw"}}],
+        }},
+        {"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "rl",
+            "token_bucket": {"max_tokens": 1000000000, "tokens_per_fill": 1000000000, "fill_interval": "1s"},
+            "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "rl_on"},
+            "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "rl_enf"},
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+        }},
+        {"name": "envoy.filters.http.header_mutation", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [
+                {"append": {"header": {"key": "x-gateway", "value": "envoy-native"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
+        }},
+    ]
+
+
+def gateway_file(upstream, webdis, full=True, cache_ttl=1.0):
+    up = f"http://127.0.0.1:{upstream}"
+    route = {"name": "bench", "prefix": "/bench", "upstream": up, "methods": ["GET"], "auth_required": True}
+    f = {"gateway": {"prefix": "/api/v1", "cors": {"enabled": False}},
+         "jwt": {"secret_env": "JWT_SECRET"}, "routes": [route], "logs": {"enabled": full}}
+    if full:
+        big = {"max_calls": 1000000000, "period": 1}
+        route["rate_limit"] = dict(big, per_user=big, per_ip=big)
+        route["canary"] = {"upstream": up, "percent": 10, "users": ["someone-else"], "header": "X-Canary"}
+        f["webdis"] = f"http://127.0.0.1:{webdis}"
+        f["revocation"] = {"cache_ttl": cache_ttl}
+    return f
+
+
+class Proc:
+    def __init__(self, args, log, env=None):
+        self.log = open(log, "w")
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+        self.log.close()
+
+
+class System:
+    def __init__(self, name, bootstrap, tmp):
+        self.name = name
+        self.port = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        cfg = tmp / f"{name}.json"
+        cfg.write_text(json.dumps(bootstrap))
+        self.proc = Proc([str(ENVOY), "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart", "-l", "warn"],
+                         tmp / f"{name}.log")
+        wait_port(self.port)
+        self.runs = []
+
+    @property
+    def pid(self):
+        return self.proc.p.pid
+
+
+def wrk(port, path, token, seconds, connections):
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", f"Authorization: Bearer {token}",
+            f"http://127.0.0.1:{port}{path}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    err = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, errors.groups())) if errors else 0)
+
+    def pct(p):
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        v, unit = float(m.group(1)), m.group(2)
+        return v * {"us": 1, "ms": 1000, "s": 1_000_000}[unit]
+    return {"rps": rps, "total": total, "errors": err, "p50": pct(50), "p99": pct(99)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--no-readme", action="store_true")
+    args = ap.parse_args()
+
+    for tool in ("wrk", "nginx", "redis-server", "webdis"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            sys.exit(f"bench: {tool} is missing (make bench installs it)")
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    procs = []
+    systems = []
+    try:
+        nginx_port = free_port()
+        (tmp / "nginx.conf").write_text(f"""
+worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err warn;
+events {{ worker_connections 1024; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{nginx_port};
+    location / {{ default_type application/json; return 200 '{{"service":"bench","ok":true}}'; }} }} }}
+""")
+        procs.append(Proc(["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], tmp / "nginx.log"))
+        redis_port, webdis_port = free_port(), free_port()
+        procs.append(Proc(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no"], tmp / "redis.log"))
+        wd = json.loads((ROOT / "config" / "webdis.json").read_text())
+        wd.update(redis_port=redis_port, http_port=webdis_port, logfile=str(tmp / "webdis.log"))
+        (tmp / "webdis.json").write_text(json.dumps(wd))
+        procs.append(Proc(["webdis", str(tmp / "webdis.json")], tmp / "webdis.out"))
+        for port in (nginx_port, redis_port, webdis_port):
+            wait_port(port)
+
+        specs = []
+        pa, aa = free_port(), free_port()
+        specs.append(("A", plain_bootstrap(pa, aa, nginx_port, [])))
+        pb, ab = free_port(), free_port()
+        specs.append(("B", plain_bootstrap(pb, ab, nginx_port, native_filters())))
+        for name, gw in [("C", gateway_file(nginx_port, webdis_port)),
+                         ("C-jwt", gateway_file(nginx_port, webdis_port, full=False)),
+                         ("C-nocache", gateway_file(nginx_port, webdis_port, cache_ttl=0))]:
+            port, admin = free_port(), free_port()
+            gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin})
+            specs.append((name, render_to_json(gw, tmp, name)))
+        for name, bootstrap in specs:
+            systems.append(System(name, bootstrap, tmp))
+
+        now = int(time.time())
+        token = hs256({"sub": "bench-user", "name": "bench", "role": "user", "iat": now, "exp": now + 86400})
+        path = "/api/v1/bench/item?q=1"
+        for s in systems:  # warm-up, and a check that every system answers 200
+            r = wrk(s.port, path, token, 1, args.connections)
+            if r["errors"] or r["total"] == 0:
+                sys.exit(f"bench: {s.name} answered errors during warm-up; see {tmp}/{s.name}.log")
+        for rnd in range(args.rounds):
+            for s in systems:
+                before = cpu_ticks(s.pid)
+                r = wrk(s.port, path, token, args.seconds, args.connections)
+                ticks = cpu_ticks(s.pid) - before
+                r["cpu_us"] = ticks / CLK_TCK * 1e6 / max(r["total"], 1)
+                s.runs.append(r)
+                print(f"round {rnd + 1} {s.name:10} {r['rps']:9.0f} rps  {r['cpu_us']:6.1f} us/req  "
+                      f"p50 {r['p50']:7.0f} us  p99 {r['p99']:7.0f} us  errors {r['errors']}", flush=True)
+        rows = []
+        for s in systems:
+            med = {k: statistics.median(r[k] for r in s.runs) for k in ("rps", "cpu_us", "p50", "p99")}
+            med["errors"] = sum(r["errors"] for r in s.runs)
+            med["rss"] = peak_rss_mb(s.pid)
+            rows.append((s.name, med))
+        table = report(rows, args)
+        print()
+        print(table)
+        errors = sum(m["errors"] for _, m in rows)
+        if not args.no_readme:
+            write_readme(table)
+        if errors:
+            sys.exit(f"bench: {errors} non-2xx responses or socket errors")
+    finally:
+        for s in systems:
+            s.proc.stop()
+        for p in procs:
+            p.stop()
+
+
+def render_to_json(gw, tmp, name):
+    """Renders a gateway file with gateway-render (JSON output) and loads it."""
+    g = tmp / f"{name}.gateway.yaml"
+    g.write_text(json.dumps(gw))
+    out = tmp / f"{name}.envoy.yaml"
+    env = dict(os.environ, JWT_SECRET=SECRET)
+    subprocess.run([str(RENDER), "--config", str(g), "--wasm", str(WASM), "--out", str(out), "--json"],
+                   env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())
+
+
+def report(rows, args):
+    base = dict(rows)
+    a, b = base["A"], base["B"]
+    wasm = WASM.stat().st_size
+    lines = [
+        f"Envoy 1.40 `--concurrency 1`, nginx upstream, wrk `-t1 -c{args.connections}` keep-alive, "
+        f"{args.rounds} interleaved rounds of {args.seconds} s, medians; every request carries a valid HS256 token. "
+        f"`.wasm` {wasm:,} bytes.",
+        "",
+        "| system | CPU µs/req | ×A | ×B | req/s | ×A | p50 µs | p99 µs | peak RSS MB | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in rows:
+        lines.append(
+            f"| {name} | {m['cpu_us']:.1f} | {m['cpu_us'] / a['cpu_us']:.2f} | {m['cpu_us'] / b['cpu_us']:.2f} | "
+            f"{m['rps']:.0f} | {m['rps'] / a['rps']:.2f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['rss']:.1f} | {m['errors']} |")
+    c = base["C"]
+    lines += ["", "Targets for C (full policy): "
+              f"CPU ≤ 1.40×A: {c['cpu_us'] / a['cpu_us']:.2f} {'met' if c['cpu_us'] <= 1.4 * a['cpu_us'] else 'MISSED'}; "
+              f"req/s ≥ 0.70×A: {c['rps'] / a['rps']:.2f} {'met' if c['rps'] >= 0.7 * a['rps'] else 'MISSED'}; "
+              f"RSS ≤ A + 30 MB: +{c['rss'] - a['rss']:.1f} MB {'met' if c['rss'] <= a['rss'] + 30 else 'MISSED'}; "
+              f".wasm ≤ 300 KB: {wasm / 1024:.0f} KiB {'met' if wasm <= 300 * 1024 else 'MISSED'}."]
+    return "\n".join(lines)
+
+
+def write_readme(table):
+    text = README.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        README.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+        print(f"\nREADME.md updated")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    main()
