@@ -2,6 +2,8 @@
 //! HMAC signature, then check `exp` (required), `nbf`, `iat`, `iss` and `aud` against an
 //! injected clock. Keys are built once at configure time.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 
 use jwt_compact::alg::{Hs256, Hs256Key, Hs384, Hs384Key, Hs512, Hs512Key};
@@ -191,7 +193,20 @@ pub struct Verifier {
     issuer: Option<String>,
     audience: Option<String>,
     clock_skew: i64,
+    /// Tokens whose signature and claims were verified, with what the time checks need; a hit
+    /// skips the HMAC and the JSON parsing (the time checks run again on every use).
+    cache: RefCell<HashMap<String, Verified>>,
 }
+
+#[derive(Debug, Clone)]
+struct Verified {
+    identity: Identity,
+    not_before: Option<i64>,
+}
+
+/// Verified tokens remembered per VM, and the longest token worth remembering.
+pub const TOKEN_CACHE_ENTRIES: usize = 1024;
+const TOKEN_CACHE_MAX_LEN: usize = 2048;
 
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -218,6 +233,7 @@ impl Verifier {
             issuer,
             audience,
             clock_skew: i64::try_from(clock_skew_seconds).unwrap_or(i64::MAX),
+            cache: RefCell::new(HashMap::new()),
         }
     }
 
@@ -261,6 +277,53 @@ impl Verifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLarge);
         }
+        let cached = self.cache.borrow().get(token).cloned();
+        if let Some(v) = cached {
+            let checked = self.check_times(v.identity.expires_at, v.not_before, v.identity.issued_at, now);
+            if checked.is_err() {
+                self.cache.borrow_mut().remove(token);
+            }
+            return checked.map(|()| v.identity);
+        }
+        let (identity, not_before) = self.verify_uncached(token, now)?;
+        if token.len() <= TOKEN_CACHE_MAX_LEN {
+            let mut cache = self.cache.borrow_mut();
+            if cache.len() >= TOKEN_CACHE_ENTRIES {
+                // Bounded: drop an arbitrary entry (HashMap order), never grow.
+                if let Some(k) = cache.keys().next().cloned() {
+                    cache.remove(&k);
+                }
+            }
+            cache.insert(
+                token.to_string(),
+                Verified {
+                    identity: identity.clone(),
+                    not_before,
+                },
+            );
+        }
+        Ok(identity)
+    }
+
+    fn check_times(&self, exp: i64, nbf: Option<i64>, iat: Option<i64>, now: i64) -> Result<(), TokenError> {
+        let skew = self.clock_skew;
+        if now > exp.saturating_add(skew) {
+            return Err(TokenError::Expired);
+        }
+        if let Some(nbf) = nbf {
+            if now < nbf.saturating_sub(skew) {
+                return Err(TokenError::NotYetValid);
+            }
+        }
+        if let Some(iat) = iat {
+            if now < iat.saturating_sub(skew) {
+                return Err(TokenError::IssuedInFuture);
+            }
+        }
+        Ok(())
+    }
+
+    fn verify_uncached(&self, token: &str, now: i64) -> Result<(Identity, Option<i64>), TokenError> {
         let untrusted = UntrustedToken::new(token).map_err(|_| TokenError::Malformed)?;
         let alg = untrusted.algorithm();
         let key = self
@@ -273,29 +336,18 @@ impl Verifier {
             ValidationError::AlgorithmMismatch { .. } => TokenError::AlgorithmNotAllowed,
             _ => TokenError::BadSignature,
         })?;
-        self.check_claims(verified.claims(), now)
+        let claims = verified.claims();
+        let nbf = claims.not_before.map(|t| t.timestamp());
+        self.check_claims(claims, now).map(|id| (id, nbf))
     }
 
     fn check_claims(&self, claims: &Claims<TokenClaims>, now: i64) -> Result<Identity, TokenError> {
-        let skew = self.clock_skew;
         let exp = claims
             .expiration
             .map(|t| t.timestamp())
             .ok_or(TokenError::MissingExpiration)?;
-        if now > exp.saturating_add(skew) {
-            return Err(TokenError::Expired);
-        }
-        if let Some(nbf) = claims.not_before.map(|t| t.timestamp()) {
-            if now < nbf.saturating_sub(skew) {
-                return Err(TokenError::NotYetValid);
-            }
-        }
         let iat = claims.issued_at.map(|t| t.timestamp());
-        if let Some(iat) = iat {
-            if now < iat.saturating_sub(skew) {
-                return Err(TokenError::IssuedInFuture);
-            }
-        }
+        self.check_times(exp, claims.not_before.map(|t| t.timestamp()), iat, now)?;
         let c = &claims.custom;
         if let Some(expected) = &self.issuer {
             if c.iss.as_ref() != Some(expected) {
@@ -482,6 +534,29 @@ pub(crate) mod tests {
         for (what, token, expected) in cases {
             assert_eq!(v.verify(&token, NOW), Err(expected), "{what}");
         }
+    }
+
+    #[test]
+    fn cached_tokens_still_expire_and_stay_bounded() {
+        let v = Verifier::new(&[Algorithm::Hs256], SECRET, None, None, 0);
+        let t = hs256(serde_json::json!({"sub": "u", "exp": NOW + 10, "nbf": NOW - 5}));
+        assert!(v.verify(&t, NOW).is_ok());
+        assert!(v.verify(&t, NOW).is_ok(), "served from the cache");
+        assert_eq!(
+            v.verify(&t, NOW + 11),
+            Err(TokenError::Expired),
+            "time checks run on hits"
+        );
+        assert_eq!(v.verify(&t, NOW - 6), Err(TokenError::NotYetValid));
+        // A tampered copy never matches a cached entry.
+        let mut tampered = t.clone();
+        tampered.push('A');
+        assert!(v.verify(&tampered, NOW).is_err());
+        for i in 0..(TOKEN_CACHE_ENTRIES + 50) {
+            let t = hs256(serde_json::json!({"sub": format!("u{i}"), "exp": NOW + 10}));
+            assert!(v.verify(&t, NOW).is_ok());
+        }
+        assert!(v.cache.borrow().len() <= TOKEN_CACHE_ENTRIES);
     }
 
     #[test]

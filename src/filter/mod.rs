@@ -346,7 +346,8 @@ impl RootContext for Root {
             trace_id: None,
             pending: None,
             rate_limit: None,
-            record: None,
+            head: None,
+            route: None,
             decision: Cell::new("allowed"),
             status: None,
         }))
@@ -560,8 +561,10 @@ struct Request {
     pending: Option<Pending>,
     /// The binding bucket's verdict, for the `X-RateLimit-*` response headers.
     rate_limit: Option<Verdict>,
-    /// The request's log record, completed in `on_log`.
-    record: Option<Record>,
+    /// What the log record needs from the request head (kept, not copied; built in `on_log`).
+    head: Option<Head>,
+    /// The matched route, for metrics and logs.
+    route: Option<String>,
     /// Why the gateway answered itself (the reason of the last local reply); `allowed` otherwise.
     decision: Cell<&'static str>,
     status: Option<u16>,
@@ -658,6 +661,27 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+thread_local! {
+    /// Trace and span ids need uniqueness, not secrecy: a PRNG seeded once per VM from the host
+    /// saves a `random_get` host call per request.
+    static FAST_RNG: RefCell<Option<fastrand::Rng>> = const { RefCell::new(None) };
+}
+
+fn fast_random() -> [u8; RANDOM_BYTES] {
+    FAST_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        let rng = r.get_or_insert_with(|| {
+            let seed = random_bytes();
+            let mut s = [0u8; 8];
+            s.copy_from_slice(seed.get(..8).unwrap_or(&[9u8; 8]));
+            fastrand::Rng::with_seed(u64::from_le_bytes(s))
+        });
+        let mut buf = [0u8; RANDOM_BYTES];
+        rng.fill(&mut buf);
+        buf
+    })
+}
+
 fn random_bytes() -> [u8; RANDOM_BYTES] {
     let mut buf = [0u8; RANDOM_BYTES];
     if let Err(e) = getrandom::fill(&mut buf) {
@@ -674,23 +698,38 @@ fn random_bytes() -> [u8; RANDOM_BYTES] {
     buf
 }
 
-/// The request's record as far as the request head tells.
-fn new_record(
-    headers: &[policy::HeaderPair],
-    start: SystemTime,
-    trace_id: &str,
-    client_ip: Option<&str>,
-    identity: &Option<Identity>,
-    route: Option<&str>,
-) -> Record {
+/// What the log record needs from the request head.
+struct Head {
+    headers: Vec<policy::HeaderPair>,
+    client_ip: Option<String>,
+    user_id: Option<String>,
+    canary: Option<bool>,
+}
+
+/// Whether Envoy prints wasm log lines of this level (its level can change at runtime).
+fn envoy_logs(level: access_log::Level) -> bool {
+    let wanted = match level {
+        access_log::Level::Info => LogLevel::Info,
+        access_log::Level::Warn => LogLevel::Warn,
+        access_log::Level::Error => LogLevel::Error,
+    };
+    hostcalls::get_log_level().map_or(true, |current| current as u32 <= wanted as u32)
+}
+
+/// The request's log record from its head.
+fn new_record(head: &Head, start: SystemTime, trace_id: &str, route: Option<&str>) -> Record {
     let value = |name: &str| {
-        headers
+        head.headers
             .iter()
             .find(|(k, _)| k == name)
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     };
     let full_path = value(":path").unwrap_or("");
     let (path, query) = full_path.split_once('?').unwrap_or((full_path, ""));
+    let upstream = match (route, head.canary) {
+        (Some(r), Some(true)) => Some(format!("{r}-canary")),
+        (r, _) => r.map(str::to_string),
+    };
     Record {
         timestamp_ms: start
             .duration_since(UNIX_EPOCH)
@@ -700,15 +739,15 @@ fn new_record(
         method: value(":method").unwrap_or("").to_string(),
         path: path.to_string(),
         query_params: access_log::query_params(query),
-        client_ip: client_ip.map(str::to_string),
+        client_ip: head.client_ip.clone(),
         user_agent: value("user-agent").map(str::to_string),
-        user_id: identity.as_ref().and_then(|i| i.user_id.clone()),
+        user_id: head.user_id.clone(),
         route: route.map(str::to_string),
-        upstream_service: route.map(str::to_string),
-        canary: None,
+        upstream_service: upstream,
+        canary: head.canary,
         status: 0,
         duration_ms: 0.0,
-        decision: "allowed".to_string(),
+        decision: String::new(),
     }
 }
 
@@ -1078,7 +1117,7 @@ impl HttpContext for Request {
             identity,
             token,
             route,
-        } = policy::decide(&config, &headers, unix_seconds(start), &random_bytes());
+        } = policy::decide(&config, &headers, unix_seconds(start), &fast_random());
         self.trace_id = Some(trace.trace_id);
         let matched = route
             .as_deref()
@@ -1092,16 +1131,7 @@ impl HttpContext for Request {
         } else {
             None
         };
-        if config.logs.enabled || config.logs.store.is_some() {
-            self.record = Some(new_record(
-                &headers,
-                start,
-                self.trace_id(),
-                ip.as_deref(),
-                &identity,
-                route.as_deref(),
-            ));
-        }
+        let log_head = config.logs.enabled || config.logs.store.is_some();
         let user = identity.as_ref().and_then(|i| i.user_id.as_deref());
         if let (Some(limits), true) = (matched.and_then(|r| r.limits.as_ref()), forwarding) {
             if let Err(reply) = self.rate_limit(limits, user, ip.as_deref()) {
@@ -1110,6 +1140,7 @@ impl HttpContext for Request {
             }
         }
         let mut action = action;
+        let mut canary_choice = None;
         if let (Some(route), policy::Action::Forward { set, .. }) = (matched, &mut action) {
             if let Some(settings) = &route.canary {
                 let (to_canary, headers_to_set) =
@@ -1118,13 +1149,17 @@ impl HttpContext for Request {
                 if let Some([stable, canary]) = self.metrics.canary.get(&route.name) {
                     Metrics::inc(if to_canary { *canary } else { *stable });
                 }
-                if let Some(record) = self.record.as_mut() {
-                    record.canary = Some(to_canary);
-                    if to_canary {
-                        record.upstream_service = Some(format!("{}-canary", route.name));
-                    }
-                }
+                canary_choice = Some(to_canary);
             }
+        }
+        self.route = route.clone();
+        if log_head {
+            self.head = Some(Head {
+                user_id: identity.as_ref().and_then(|i| i.user_id.clone()),
+                client_ip: ip,
+                canary: canary_choice,
+                headers,
+            });
         }
         let then = match action {
             policy::Action::Reply(reply) => {
@@ -1149,35 +1184,41 @@ impl HttpContext for Request {
     }
 
     fn on_log(&mut self) {
-        let Some(mut record) = self.record.take() else {
-            return;
-        };
         let status = self.status.unwrap_or(0);
-        let duration_ms = self
-            .started
-            .map(|s| now().duration_since(s).unwrap_or(Duration::ZERO).as_secs_f64() * 1000.0)
-            .unwrap_or(0.0);
+        let started = self.started.unwrap_or(UNIX_EPOCH);
+        let duration_ms = now()
+            .duration_since(started)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64()
+            * 1000.0;
+        let decision = self.decision.get();
+        let _ = hostcalls::record_metric(self.metrics.duration, duration_ms.round() as u64);
+        let route = metric_part(self.route.as_deref().unwrap_or("none"));
+        inc_named(&format!("gateway_requests_{route}_{}_total", outcome(decision)));
+        if is_auth_failure(decision) {
+            inc_named(&format!("gateway_auth_failures_{decision}_total"));
+        }
+        let Some(head) = self.head.take() else { return };
+        let level = access_log::level(status);
+        let store = self.config.logs.store.as_ref();
+        // Build the line only if Envoy will print it or the store wants it.
+        let print = self.config.logs.enabled && envoy_logs(level);
+        if !print && store.is_none() {
+            return;
+        }
+        let mut record = new_record(&head, started, self.trace_id(), self.route.as_deref());
         record.status = status;
         record.duration_ms = duration_ms;
-        record.decision = self.decision.get().to_string();
-        let _ = hostcalls::record_metric(self.metrics.duration, duration_ms.round() as u64);
-        let route = metric_part(record.route.as_deref().unwrap_or("none"));
-        inc_named(&format!(
-            "gateway_requests_{route}_{}_total",
-            outcome(&record.decision)
-        ));
-        if is_auth_failure(&record.decision) {
-            inc_named(&format!("gateway_auth_failures_{}_total", record.decision));
-        }
+        record.decision = decision.to_string();
         let json = record.to_json();
-        if self.config.logs.enabled {
-            match access_log::level(status) {
+        if print {
+            match level {
                 access_log::Level::Error => error!("{json}"),
                 access_log::Level::Warn => warn!("{json}"),
                 access_log::Level::Info => info!("{json}"),
             }
         }
-        if let Some(store) = &self.config.logs.store {
+        if let Some(store) = store {
             let stored = StoredRecord {
                 trace_id: record.trace_id,
                 user_id: record.user_id,
