@@ -2,10 +2,13 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-WASM_RAW := target/wasm32-wasip1/release/gateway_filter.wasm
+# release (size-optimised, the default) or release-fast (opt-level 3)
+WASM_PROFILE ?= release
+WASM_RAW := target/wasm32-wasip1/$(WASM_PROFILE)/gateway_filter.wasm
 WASM     := build/gateway_filter.wasm
 RENDER   := target/release/gateway-render
-WASM_OPT_FLAGS := -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
+WASM_OPT_LEVEL := $(if $(filter release-fast,$(WASM_PROFILE)),-O3,-Oz)
+WASM_OPT_FLAGS := $(WASM_OPT_LEVEL) --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
 
 .PHONY: help deps build wasm render unit e2e test run lint fmt validate clean compose-config bench
@@ -21,7 +24,7 @@ deps:
 	@scripts/bootstrap.sh
 
 wasm: deps
-	cargo build --release --target wasm32-wasip1 -p gateway-filter
+	cargo build --profile $(WASM_PROFILE) --target wasm32-wasip1 -p gateway-filter
 	@mkdir -p build
 	wasm-opt $(WASM_OPT_FLAGS) $(WASM_RAW) -o $(WASM)
 	@echo "filter: $(WASM) $$(stat -c %s $(WASM)) bytes (unoptimised $$(stat -c %s $(WASM_RAW)))"

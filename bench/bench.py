@@ -207,11 +207,12 @@ def wrk(port, path, token, seconds, connections):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated systems to run besides A (for profiling)")
+    ap.add_argument("--compare-wasm", default="", help="another .wasm: adds C-alt and C-jwt-alt systems")
     args = ap.parse_args()
 
     for tool in ("wrk", "nginx", "redis-server", "webdis"):
@@ -251,6 +252,12 @@ http {{ access_log off; keepalive_requests 1000000;
             port, admin = free_port(), free_port()
             gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin})
             specs.append((name, render_to_json(gw, tmp, name)))
+        if args.compare_wasm:
+            for name, gw in [("C-alt", gateway_file(nginx_port, webdis_port)),
+                             ("C-jwt-alt", gateway_file(nginx_port, webdis_port, full=False))]:
+                port, admin = free_port(), free_port()
+                gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin})
+                specs.append((name, render_to_json(gw, tmp, name, Path(args.compare_wasm).resolve())))
         only = {n for n in args.only.split(",") if n}
         for name, bootstrap in specs:
             if not only or name in only or name in ("A", "B"):
@@ -282,7 +289,7 @@ http {{ access_log off; keepalive_requests 1000000;
         print()
         print(table)
         errors = sum(m["errors"] for _, m in rows)
-        if not args.no_readme and not args.only:
+        if not args.no_readme and not args.only and not args.compare_wasm:
             write_readme(table)
         if errors:
             sys.exit(f"bench: {errors} non-2xx responses or socket errors")
@@ -293,13 +300,13 @@ http {{ access_log off; keepalive_requests 1000000;
             p.stop()
 
 
-def render_to_json(gw, tmp, name):
+def render_to_json(gw, tmp, name, wasm=WASM):
     """Renders a gateway file with gateway-render (JSON output) and loads it."""
     g = tmp / f"{name}.gateway.yaml"
     g.write_text(json.dumps(gw))
     out = tmp / f"{name}.envoy.yaml"
     env = dict(os.environ, JWT_SECRET=SECRET)
-    subprocess.run([str(RENDER), "--config", str(g), "--wasm", str(WASM), "--out", str(out), "--json"],
+    subprocess.run([str(RENDER), "--config", str(g), "--wasm", str(wasm), "--out", str(out), "--json"],
                    env=env, check=True, capture_output=True, text=True)
     return json.loads(out.read_text())
 

@@ -255,7 +255,11 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
         route: None,
         identity: None,
         token: None,
-        action: Action::Reply(Reply::error(404, MSG_ROUTE_NOT_FOUND, "")),
+        // Placeholder, always replaced below (cheap: no body is built on the hot path).
+        action: Action::Forward {
+            remove: Vec::new(),
+            set: Vec::new(),
+        },
     };
     let trace_id = outcome.trace.trace_id.as_str();
 
@@ -321,10 +325,16 @@ pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RAND
 
     let mut remove: Vec<String> = Vec::new();
     for (name, _) in headers {
-        let lower = name.to_ascii_lowercase();
-        let internal = lower == crate::canary::ROUTE_HEADER;
-        if (internal || lower.starts_with(IDENTITY_HEADER_PREFIX)) && !remove.contains(&lower) {
-            remove.push(lower);
+        // Names come lower-case from Envoy; compare without allocating.
+        let internal = name.eq_ignore_ascii_case(crate::canary::ROUTE_HEADER);
+        let identity = name
+            .get(..IDENTITY_HEADER_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(IDENTITY_HEADER_PREFIX));
+        if internal || identity {
+            let lower = name.to_ascii_lowercase();
+            if !remove.contains(&lower) {
+                remove.push(lower);
+            }
         }
     }
     let mut set: Vec<(&'static str, String)> = vec![
