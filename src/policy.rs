@@ -145,6 +145,14 @@ fn default_reason(status: u16) -> &'static str {
     }
 }
 
+/// `X-Response-Time` as the reference writes it (`12.34ms`), with integer arithmetic (no float
+/// formatting code in the module).
+pub fn response_time(elapsed: std::time::Duration) -> String {
+    let us = elapsed.as_micros();
+    let hundredths = (us + 5) / 10; // round to 0.01 ms
+    format!("{}.{:02}ms", hundredths / 100, hundredths % 100)
+}
+
 /// The standard reason phrase used as the `error` field.
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
@@ -771,6 +779,15 @@ mod tests {
             o.action,
             Action::Endpoint(Endpoint::Refresh { ttl_seconds: 1800 })
         );
+    }
+
+    #[test]
+    fn response_time_format() {
+        use std::time::Duration;
+        assert_eq!(response_time(Duration::from_micros(0)), "0.00ms");
+        assert_eq!(response_time(Duration::from_micros(1234)), "1.23ms");
+        assert_eq!(response_time(Duration::from_micros(1235)), "1.24ms");
+        assert_eq!(response_time(Duration::from_micros(99_999)), "100.00ms");
     }
 
     #[test]

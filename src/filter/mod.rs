@@ -1252,15 +1252,11 @@ impl HttpContext for Request {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, HEADER_TRACE_ID, Some(id));
         }
         if let Some(start) = self.started {
-            let ms = now()
-                .duration_since(start)
-                .unwrap_or(Duration::ZERO)
-                .as_secs_f64()
-                * 1000.0;
+            let elapsed = now().duration_since(start).unwrap_or(Duration::ZERO);
             let _ = hostcalls::set_map_value(
                 MapType::HttpResponseHeaders,
                 HEADER_RESPONSE_TIME,
-                Some(&format!("{ms:.2}ms")),
+                Some(&policy::response_time(elapsed)),
             );
         }
         Action::Continue
