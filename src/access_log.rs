@@ -117,6 +117,17 @@ pub fn parse_range(status: Option<u16>, body: &[u8]) -> Result<Vec<serde_json::V
         .collect())
 }
 
+/// Sorts records by `timestamp_ms`, newest first (stable for equal times).
+pub fn newest_first(records: &mut [serde_json::Value]) {
+    records.sort_by_key(|r| {
+        std::cmp::Reverse(
+            r.get("timestamp_ms")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+        )
+    });
+}
+
 /// Whether a webdis write answered 200 with its command key (`{"RPUSH": 3}` and the like).
 pub fn write_ok(status: Option<u16>, body: &[u8]) -> bool {
     status == Some(200)
@@ -178,6 +189,14 @@ mod tests {
         assert_eq!(records, vec![serde_json::json!({"trace_id": "x"})]);
         assert!(parse_range(Some(200), b"nope").is_err());
         assert!(parse_range(None, b"").is_err());
+        let mut rs = vec![
+            serde_json::json!({"timestamp_ms": 1, "n": "a"}),
+            serde_json::json!({"timestamp_ms": 3, "n": "b"}),
+            serde_json::json!({"n": "c"}),
+        ];
+        newest_first(&mut rs);
+        let order: Vec<&str> = rs.iter().map(|r| r["n"].as_str().unwrap()).collect();
+        assert_eq!(order, ["b", "a", "c"]);
         assert!(write_ok(Some(200), br#"{"RPUSH":1}"#));
         assert!(write_ok(Some(200), br#"{"LTRIM":[true,"OK"]}"#));
         assert!(!write_ok(Some(200), br#"{"LTRIM":[false,"ERR"]}"#));

@@ -35,6 +35,7 @@ enum Pending {
         token_id: u32,
         label: &'static str,
         id: String,
+        limit: u32,
     },
 }
 
@@ -77,9 +78,11 @@ impl Context for Request {
         };
         let (status, body) = call_response(body_size);
         let flow = match pending {
-            Pending::Query { label, id, .. } => match access_log::parse_range(status, &body) {
+            Pending::Query { label, id, limit, .. } => match access_log::parse_range(status, &body) {
                 Ok(records) if records.is_empty() => self.error(404, "No log records found"),
-                Ok(records) => {
+                Ok(mut records) => {
+                    access_log::newest_first(&mut records);
+                    records.truncate(limit as usize);
                     let body = serde_json::json!({ label: id, "count": records.len(), "records": records });
                     self.reply(self.json(body));
                     Flow::Paused
@@ -436,12 +439,9 @@ impl Request {
             let Some(store) = config.logs.store.as_ref() else {
                 return self.error(404, policy::MSG_ROUTE_NOT_FOUND);
             };
-            let count = if limit == u32::MAX {
-                store.user_records.max(100)
-            } else {
-                limit
-            };
-            let path = access_log::range_path(&key, count);
+            // Fetch the whole (bounded) list: workers flush independently, so list order is
+            // flush order; the reply is sorted by request time before the limit applies.
+            let path = access_log::range_path(&key, store.user_records.max(100));
             let call = hostcalls::dispatch_http_call(
                 &store.cluster,
                 vec![
@@ -455,7 +455,12 @@ impl Request {
             );
             return match call {
                 Ok(token_id) => {
-                    self.pending = Some(Pending::Query { token_id, label, id });
+                    self.pending = Some(Pending::Query {
+                        token_id,
+                        label,
+                        id,
+                        limit,
+                    });
                     Flow::Paused
                 }
                 Err(e) => {
