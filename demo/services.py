@@ -2,7 +2,8 @@
 """Demo upstream services for the gateway.
 
 Every echo service answers any method and path with
-{"service", "version", "method", "path", "headers"} (headers = the request headers it received).
+{"service", "version", "method", "path", "headers", "body_bytes"} (headers = the request headers
+it received, body_bytes = the size of the body it received).
 A `delay_ms=N` query parameter makes it wait N ms first (for timeout demos and tests).
 
 The auth service also serves POST /api/v1/auth/login like the reference gateway: admin/123456
@@ -82,7 +83,7 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str):
                 k = k.lower()
                 headers[k] = f"{headers[k]}, {v}" if k in headers else v
             self._send(200, {"service": service, "version": version, "method": self.command,
-                             "path": self.path, "headers": headers})
+                             "path": self.path, "headers": headers, "body_bytes": len(body)})
 
         def _login(self, body: bytes):
             try:

@@ -1,5 +1,6 @@
 """Revocation end-to-end: real Envoy, real webdis, real Redis."""
 
+import json
 import time
 import uuid
 
@@ -207,3 +208,14 @@ def test_cache_off_asks_every_time(services, webdis):
         assert counter(g, "gateway_revocation_cache_hits_total") == 0
     finally:
         g.stop()
+
+
+def test_request_body_survives_the_revocation_pause(gw):
+    """A POST whose headers wait for the webdis lookup still reaches the upstream with its body."""
+    _, tok = user_token()  # never seen: the lookup is a real callout
+    body = {"item": "x" * 50_000, "qty": 3}
+    r = gw.request("POST", "/api/v1/orders", bearer(tok), body=body)
+    assert r.status == 200, r
+    echo = r.json()
+    assert echo["method"] == "POST"
+    assert echo["body_bytes"] == len(json.dumps(body).encode())
