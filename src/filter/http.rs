@@ -60,6 +60,8 @@ pub(super) struct Request {
     /// Why the gateway answered itself (the reason of the last local reply); `allowed` otherwise.
     decision: Cell<&'static str>,
     status: Option<u16>,
+    /// Time from the request headers to the response headers.
+    elapsed: Option<Duration>,
 }
 
 impl Context for Request {
@@ -260,6 +262,7 @@ impl Request {
             route: None,
             decision: Cell::new("allowed"),
             status: None,
+            elapsed: None,
         }
     }
 
@@ -639,9 +642,10 @@ impl HttpContext for Request {
     fn on_log(&mut self) {
         let status = self.status.unwrap_or(0);
         let started = self.started.unwrap_or(UNIX_EPOCH);
-        let duration_ms = now()
-            .duration_since(started)
-            .unwrap_or(Duration::ZERO)
+        // Time to the response headers (measured there, saving a clock call), else to now.
+        let duration_ms = self
+            .elapsed
+            .unwrap_or_else(|| now().duration_since(started).unwrap_or(Duration::ZERO))
             .as_secs_f64()
             * 1000.0;
         let decision = self.decision.get();
@@ -692,7 +696,9 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
-        self.status = status_of(MapType::HttpResponseHeaders);
+        if self.head.is_some() {
+            self.status = status_of(MapType::HttpResponseHeaders);
+        }
         if let Some(v) = &self.rate_limit {
             for (name, value) in policy::ratelimit_headers(v) {
                 let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
@@ -703,6 +709,7 @@ impl HttpContext for Request {
         }
         if let Some(start) = self.started {
             let elapsed = now().duration_since(start).unwrap_or(Duration::ZERO);
+            self.elapsed = Some(elapsed);
             let _ = hostcalls::set_map_value(
                 MapType::HttpResponseHeaders,
                 HEADER_RESPONSE_TIME,

@@ -18,6 +18,7 @@ pub(super) struct Root {
     log_calls: HashSet<u32>,
     last_flush_ms: u64,
     last_sync_ms: u64,
+    last_counters_ms: u64,
 }
 
 impl Context for Root {
@@ -83,6 +84,10 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(config) = self.config.clone() else { return };
         let now = now_ms();
+        if now.saturating_sub(self.last_counters_ms) >= COUNTER_FLUSH_MS {
+            self.last_counters_ms = now;
+            flush_counters();
+        }
         if let Some(store) = &config.logs.store {
             if now.saturating_sub(self.last_flush_ms) >= store.flush_interval_ms {
                 self.last_flush_ms = now;
@@ -141,9 +146,13 @@ impl RootContext for Root {
             .filter(|_| cluster_wide)
             .map(|s| s.interval_ms);
         let flush_ms = cfg.logs.store.as_ref().map(|s| s.flush_interval_ms);
-        if let Some(tick) = [sync_ms, flush_ms].into_iter().flatten().min() {
-            let _ = hostcalls::set_tick_period(Duration::from_millis(tick));
-        }
+        // One timer in every VM: counters, the log flush, the limit sync (leader only).
+        let tick = [sync_ms, flush_ms, Some(COUNTER_FLUSH_MS)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(COUNTER_FLUSH_MS);
+        let _ = hostcalls::set_tick_period(Duration::from_millis(tick));
         self.config = Some(Rc::new(cfg));
         self.metrics = Some(Rc::new(metrics));
         true
