@@ -155,7 +155,20 @@ fn envoy_logs(level: access_log::Level) -> bool {
         access_log::Level::Warn => LogLevel::Warn,
         access_log::Level::Error => LogLevel::Error,
     };
-    hostcalls::get_log_level().map_or(true, |current| current as u32 <= wanted as u32)
+    let current = ENVOY_LOG_LEVEL.with(|l| match l.get() {
+        Some(level) => level,
+        None => {
+            let level = hostcalls::get_log_level().unwrap_or(LogLevel::Trace);
+            l.set(Some(level));
+            level
+        }
+    });
+    current as u32 <= wanted as u32
+}
+
+thread_local! {
+    /// Envoy's level for wasm logs, read once and then refreshed by the VM's timer.
+    pub(super) static ENVOY_LOG_LEVEL: Cell<Option<LogLevel>> = const { Cell::new(None) };
 }
 
 /// The request's log record from its head.

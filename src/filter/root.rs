@@ -87,6 +87,8 @@ impl RootContext for Root {
         if now.saturating_sub(self.last_counters_ms) >= COUNTER_FLUSH_MS {
             self.last_counters_ms = now;
             flush_counters();
+            // Envoy's log level can change at runtime (admin /logging): re-read it here, not per request.
+            super::http::ENVOY_LOG_LEVEL.with(|l| l.set(hostcalls::get_log_level().ok()));
         }
         if let Some(store) = &config.logs.store {
             if now.saturating_sub(self.last_flush_ms) >= store.flush_interval_ms {
