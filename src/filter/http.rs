@@ -357,14 +357,8 @@ impl Request {
     }
 
     fn dispatch(&self, rv: &Revocation, path: &str) -> Result<u32, StoreError> {
-        hostcalls::dispatch_http_call(
-            &rv.cluster,
-            vec![(":method", "GET"), (":path", path), (":authority", &rv.cluster)],
-            None,
-            vec![],
-            Duration::from_millis(rv.timeout_ms),
-        )
-        .map_err(|s| StoreError::Dispatch(format!("{s:?}")))
+        webdis_call(&rv.cluster, "GET", path, None, rv.timeout_ms)
+            .map_err(|s| StoreError::Dispatch(format!("{s:?}")))
     }
 
     /// Local ban table, then the cache, then one MGET through webdis.
@@ -458,17 +452,7 @@ impl Request {
             // Fetch the whole (bounded) list: workers flush independently, so list order is
             // flush order; the reply is sorted by request time before the limit applies.
             let path = access_log::range_path(&key, store.user_records.max(100));
-            let call = hostcalls::dispatch_http_call(
-                &store.cluster,
-                vec![
-                    (":method", "GET"),
-                    (":path", &path),
-                    (":authority", &store.cluster),
-                ],
-                None,
-                vec![],
-                Duration::from_millis(store.timeout_ms),
-            );
+            let call = webdis_call(&store.cluster, "GET", &path, None, store.timeout_ms);
             return match call {
                 Ok(token_id) => {
                     self.pending = Some(Pending::Query {

@@ -209,6 +209,24 @@ fn flush_counters() {
     }
 }
 
+/// The one way this filter calls webdis: `method` + `path` to the Envoy cluster `cluster` (also
+/// the `:authority`), with an optional body (webdis appends a PUT body as the last argument).
+fn webdis_call(
+    cluster: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout_ms: u64,
+) -> Result<u32, proxy_wasm::types::Status> {
+    hostcalls::dispatch_http_call(
+        cluster,
+        vec![(":method", method), (":path", path), (":authority", cluster)],
+        body,
+        vec![],
+        Duration::from_millis(timeout_ms),
+    )
+}
+
 /// The `:status` of a header map, if it is a number.
 fn status_of(map: MapType) -> Option<u16> {
     hostcalls::get_map_value_bytes(map, ":status")

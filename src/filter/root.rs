@@ -194,17 +194,7 @@ impl Root {
             }
             let delta = cluster::take_all(&HostStore, &limits.pending_key);
             let path = cluster::incrby_path(&limits.name, delta);
-            let call = hostcalls::dispatch_http_call(
-                &sync.cluster,
-                vec![
-                    (":method", "GET"),
-                    (":path", &path),
-                    (":authority", &sync.cluster),
-                ],
-                None,
-                vec![],
-                Duration::from_millis(sync.timeout_ms),
-            );
+            let call = webdis_call(&sync.cluster, "GET", &path, None, sync.timeout_ms);
             match call {
                 Ok(token_id) => {
                     self.syncing.insert(token_id, (limits.name.clone(), delta));
@@ -284,17 +274,7 @@ impl Root {
         path: &str,
         body: Option<&[u8]>,
     ) {
-        let call = hostcalls::dispatch_http_call(
-            &store.cluster,
-            vec![
-                (":method", method),
-                (":path", path),
-                (":authority", &store.cluster),
-            ],
-            body,
-            vec![],
-            Duration::from_millis(store.timeout_ms),
-        );
+        let call = webdis_call(&store.cluster, method, path, body, store.timeout_ms);
         match call {
             Ok(token_id) => {
                 self.log_calls.insert(token_id);
