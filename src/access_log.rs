@@ -1,12 +1,150 @@
 //! Request logs: one structured JSON record per request (what the reference logs in its REQUEST
 //! and RESPONSE lines, plus route, canary and the gateway's decision), its log level, and the
-//! webdis paths that keep records in Redis and read them back. No host calls here.
+//! webdis paths that keep records in Redis and read them back. This duty owns its settings
+//! (`logs:` in the gateway file) and their compiled form. No host calls here.
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::revocation::{command_path, StoreError};
+use crate::error::{check_path_prefix, check_range, check_roles, seconds_to_ms, ConfigError};
+use crate::webdis::{command_path, json_reply, StoreError};
+
+/// `logs:`: the per-request JSON line and the optional store behind the query endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Emit one JSON line per request through Envoy's log.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Keep records in Redis (through webdis) for the query endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<LogStoreSettings>,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store: None,
+        }
+    }
+}
+
+/// `logs.store`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogStoreSettings {
+    /// Seconds records are kept.
+    #[serde(default = "default_retention")]
+    pub retention: u64,
+    /// Most recent records kept per user.
+    #[serde(default = "default_user_records")]
+    pub user_records: u32,
+    /// Relative to the gateway prefix.
+    #[serde(default = "default_query_path")]
+    pub query_path: String,
+    #[serde(default = "default_query_roles")]
+    pub query_roles: Vec<String>,
+    /// Records waiting to be written, per VM; beyond it new records are dropped (counted).
+    #[serde(default = "default_buffer")]
+    pub buffer: u32,
+    /// Seconds between writes of buffered records.
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: f64,
+    /// Timeout of one store call, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout: f64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_retention() -> u64 {
+    86_400
+}
+fn default_user_records() -> u32 {
+    100
+}
+fn default_query_path() -> String {
+    "/admin/logs".to_string()
+}
+fn default_query_roles() -> Vec<String> {
+    vec!["admin".to_string()]
+}
+fn default_buffer() -> u32 {
+    1000
+}
+fn default_flush_interval() -> f64 {
+    1.0
+}
+fn default_timeout() -> f64 {
+    0.5
+}
+
+/// Validated log settings.
+#[derive(Debug, Clone)]
+pub struct Logs {
+    pub enabled: bool,
+    pub store: Option<LogStore>,
+}
+
+/// Validated log store settings.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    pub cluster: String,
+    pub retention_seconds: u64,
+    pub user_records: u32,
+    /// Full path of the query endpoint (gateway prefix included).
+    pub query_path: String,
+    pub query_roles: Vec<String>,
+    pub buffer: u32,
+    pub flush_interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl LogSettings {
+    /// `prefix` is the gateway prefix, `cluster` the webdis cluster (needed by the store).
+    /// Field names in errors are relative to `logs`.
+    pub fn compile(&self, prefix: &str, cluster: Option<&str>) -> Result<Logs, ConfigError> {
+        let store = match &self.store {
+            None => None,
+            Some(st) => {
+                let cluster = cluster.ok_or_else(|| {
+                    ConfigError::new(
+                        "store",
+                        "the log store needs webdis (the `webdis` address in the gateway file)",
+                    )
+                })?;
+                check_path_prefix("store.query_path", &st.query_path, false)?;
+                if st.query_roles.is_empty() {
+                    return Err(ConfigError::new(
+                        "store.query_roles",
+                        "must name at least one role",
+                    ));
+                }
+                check_roles("store.query_roles", &st.query_roles)?;
+                check_range("store.retention", st.retention, 1, 365 * 86_400)?;
+                check_range("store.user_records", st.user_records, 1, 10_000)?;
+                check_range("store.buffer", st.buffer, 1, 100_000)?;
+                Some(LogStore {
+                    cluster: cluster.to_string(),
+                    retention_seconds: st.retention,
+                    user_records: st.user_records,
+                    query_path: format!("{prefix}{}", st.query_path),
+                    query_roles: st.query_roles.clone(),
+                    buffer: st.buffer,
+                    flush_interval_ms: seconds_to_ms("store.flush_interval", st.flush_interval, 0.05, 60.0)?,
+                    timeout_ms: seconds_to_ms("store.timeout", st.timeout, 0.001, 60.0)?,
+                })
+            }
+        };
+        Ok(Logs {
+            enabled: self.enabled,
+            store,
+        })
+    }
+}
 
 /// One request, as logged and stored. Tokens and secrets are never part of it.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -100,12 +238,7 @@ pub fn range_path(key: &str, count: u32) -> String {
 
 /// Parses `{"LRANGE": ["<json>", ...]}` into records (unparseable entries are skipped).
 pub fn parse_range(status: Option<u16>, body: &[u8]) -> Result<Vec<serde_json::Value>, StoreError> {
-    match status {
-        None => return Err(StoreError::NoResponse),
-        Some(200) => {}
-        Some(s) => return Err(StoreError::Status(s)),
-    }
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| StoreError::BadReply("not JSON"))?;
+    let v = json_reply(status, body)?;
     let items = v
         .get("LRANGE")
         .and_then(serde_json::Value::as_array)

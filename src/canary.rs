@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::ConfigError;
+use crate::headers::{self, HeaderPair};
+
 /// Internal header Envoy's canary route matches on. Clients cannot set it: it is removed from
 /// every request before the decision is written.
 pub const ROUTE_HEADER: &str = "x-gateway-canary";
@@ -38,6 +41,40 @@ pub struct CanarySettings {
     pub header: Option<String>,
     #[serde(default, skip_serializing_if = "is_default_sticky")]
     pub sticky: Sticky,
+}
+
+impl CanarySettings {
+    /// Validates the rules and lower-cases the override header. Field names in errors are
+    /// relative to `routes[i].canary`.
+    pub fn compile(&self) -> Result<CanarySettings, ConfigError> {
+        if self.percent > 100 {
+            return Err(ConfigError::new("percent", "must be 0 to 100"));
+        }
+        let header = match &self.header {
+            Some(h) if !headers::is_name(h) => {
+                return Err(ConfigError::new("header", format!("{h:?} is not a header name")));
+            }
+            Some(h) if h.eq_ignore_ascii_case(ROUTE_HEADER) => {
+                return Err(ConfigError::new(
+                    "header",
+                    "must not be the internal routing header",
+                ));
+            }
+            h => h.as_ref().map(|h| h.to_ascii_lowercase()),
+        };
+        for (i, u) in self.users.iter().enumerate() {
+            if u.is_empty() || !headers::is_safe_value(u) {
+                return Err(ConfigError::new(
+                    format!("users[{i}]"),
+                    "must be a non-empty user id",
+                ));
+            }
+        }
+        Ok(CanarySettings {
+            header,
+            ..self.clone()
+        })
+    }
 }
 
 impl TryFrom<String> for Sticky {
@@ -121,20 +158,15 @@ pub fn choose(s: &CanarySettings, input: &Inputs<'_>) -> bool {
 /// user and the client address. Returns the request headers to set.
 pub fn route_headers(
     s: &CanarySettings,
-    headers: &[crate::policy::HeaderPair],
+    request: &[HeaderPair],
     user_id: Option<&str>,
     client_ip: Option<&str>,
 ) -> (bool, Vec<(&'static str, String)>) {
-    let value = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-    };
+    let value = |name: &str| headers::get_str(request, name);
     let header_present = s
         .header
         .as_deref()
-        .is_some_and(|h| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(h)));
+        .is_some_and(|h| headers::get(request, h).is_some());
     let sticky_key = match (&s.sticky, user_id) {
         (_, Some(_)) | (Sticky::None, None) => None,
         (Sticky::ClientIp, None) => client_ip,
@@ -271,7 +303,7 @@ mod tests {
     fn headers_for_a_request() {
         let mut s = settings(40);
         s.sticky = Sticky::Cookie("sid".into());
-        let h = |pairs: &[(&str, &str)]| -> Vec<crate::policy::HeaderPair> {
+        let h = |pairs: &[(&str, &str)]| -> Vec<HeaderPair> {
             pairs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))

@@ -1,16 +1,120 @@
 //! JWT verification: parse, check the algorithm against the configured allow-list, verify the
 //! HMAC signature, then check `exp` (required), `nbf`, `iat`, `iss` and `aud` against an
-//! injected clock. Keys are built once at configure time.
+//! injected clock. This duty owns its settings (`jwt:` in the gateway file), their defaults and
+//! validation, and the compiled [`Verifier`]; keys are built once at configure time. Verified
+//! tokens are remembered in a per-VM [`TokenCache`], runtime state kept apart from the settings.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 
 use jwt_compact::alg::{Hs256, Hs256Key, Hs384, Hs384Key, Hs512, Hs512Key};
 use jwt_compact::{AlgorithmExt, Claims, Token, UntrustedToken, ValidationError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::is_safe_header_value;
+use crate::error::ConfigError;
+use crate::headers::is_safe_value as is_safe_header_value;
+
+/// Default clock skew accepted on `exp`, `nbf` and `iat`, in seconds.
+pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 60;
+
+/// Largest accepted clock skew (one day): anything larger is a configuration mistake.
+pub const MAX_CLOCK_SKEW_SECONDS: u64 = 86_400;
+
+/// `jwt:`: how tokens are verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSettings {
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// The HMAC secret inline (prefer `secret_env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Name of the environment variable holding the secret, read by the renderer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Seconds of tolerance on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew: u64,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["HS256".to_string()]
+}
+
+fn default_clock_skew() -> u64 {
+    DEFAULT_CLOCK_SKEW_SECONDS
+}
+
+impl JwtSettings {
+    /// Replaces `secret_env` by the secret it names, looked up through `env`.
+    pub fn resolve_secret(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        match (&self.secret, &self.secret_env) {
+            (Some(_), Some(_)) => Err(ConfigError::new("", "set either secret or secret_env, not both")),
+            (None, None) => Err(ConfigError::new("secret_env", "set secret_env (or secret)")),
+            (Some(_), None) => Ok(()),
+            (None, Some(var)) => {
+                let value = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                    ConfigError::new("secret_env", format!("environment variable {var} is not set"))
+                })?;
+                self.secret = Some(value);
+                self.secret_env = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// Validates the settings and builds the verifier. Field names in errors are relative to `jwt`.
+    pub fn compile(&self) -> Result<Verifier, ConfigError> {
+        let secret = match (&self.secret, &self.secret_env) {
+            (Some(s), _) if !s.is_empty() => s,
+            (_, Some(var)) => {
+                return Err(ConfigError::new(
+                    "secret_env",
+                    format!("{var} must be resolved into secret before the filter gets its configuration"),
+                ))
+            }
+            _ => return Err(ConfigError::new("secret", "must not be empty")),
+        };
+        if self.algorithms.is_empty() {
+            return Err(ConfigError::new("algorithms", "must list at least one algorithm"));
+        }
+        let mut algorithms = Vec::with_capacity(self.algorithms.len());
+        for (i, name) in self.algorithms.iter().enumerate() {
+            let alg = Algorithm::from_name(name).ok_or_else(|| {
+                ConfigError::new(
+                    format!("algorithms[{i}]"),
+                    format!("unsupported algorithm {name:?} (expected HS256, HS384 or HS512)"),
+                )
+            })?;
+            if !algorithms.contains(&alg) {
+                algorithms.push(alg);
+            }
+        }
+        if self.clock_skew > MAX_CLOCK_SKEW_SECONDS {
+            return Err(ConfigError::new(
+                "clock_skew",
+                format!("must be at most {MAX_CLOCK_SKEW_SECONDS}"),
+            ));
+        }
+        if self.issuer.as_deref() == Some("") {
+            return Err(ConfigError::new("issuer", "must not be empty when set"));
+        }
+        if self.audience.as_deref() == Some("") {
+            return Err(ConfigError::new("audience", "must not be empty when set"));
+        }
+        Ok(Verifier::new(
+            &algorithms,
+            secret.as_bytes(),
+            self.issuer.clone(),
+            self.audience.clone(),
+            self.clock_skew,
+        ))
+    }
+}
 
 /// Longest token accepted; anything larger is refused before any parsing.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
@@ -193,9 +297,58 @@ pub struct Verifier {
     issuer: Option<String>,
     audience: Option<String>,
     clock_skew: i64,
-    /// Tokens whose signature and claims were verified, with what the time checks need; a hit
-    /// skips the HMAC and the JSON parsing (the time checks run again on every use).
-    cache: RefCell<HashMap<String, Verified>>,
+}
+
+/// Tokens whose signature and claims were verified, with what the time checks need; a hit skips
+/// the HMAC and the JSON parsing (the time checks run again on every use). One per VM, bounded.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    entries: HashMap<String, Verified>,
+}
+
+impl TokenCache {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Verifies `token` at `now` through the cache.
+    pub fn verify(&mut self, verifier: &Verifier, token: &str, now: i64) -> Result<Identity, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::TooLarge);
+        }
+        if let Some(v) = self.entries.get(token) {
+            let checked =
+                verifier.check_times(v.identity.expires_at, v.not_before, v.identity.issued_at, now);
+            return match checked {
+                Ok(()) => Ok(v.identity.clone()),
+                Err(e) => {
+                    self.entries.remove(token);
+                    Err(e)
+                }
+            };
+        }
+        let (identity, not_before) = verifier.verify_uncached(token, now)?;
+        if token.len() <= TOKEN_CACHE_MAX_LEN {
+            if self.entries.len() >= TOKEN_CACHE_ENTRIES {
+                // Bounded: drop an arbitrary entry (HashMap order), never grow.
+                if let Some(k) = self.entries.keys().next().cloned() {
+                    self.entries.remove(&k);
+                }
+            }
+            self.entries.insert(
+                token.to_string(),
+                Verified {
+                    identity: identity.clone(),
+                    not_before,
+                },
+            );
+        }
+        Ok(identity)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -233,7 +386,6 @@ impl Verifier {
             issuer,
             audience,
             clock_skew: i64::try_from(clock_skew_seconds).unwrap_or(i64::MAX),
-            cache: RefCell::new(HashMap::new()),
         }
     }
 
@@ -272,37 +424,12 @@ impl Verifier {
         signed.map_err(|e| e.to_string())
     }
 
-    /// Verifies `token` at unix time `now` (seconds).
+    /// Verifies `token` at unix time `now` (seconds), without a cache.
     pub fn verify(&self, token: &str, now: i64) -> Result<Identity, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLarge);
         }
-        let cached = self.cache.borrow().get(token).cloned();
-        if let Some(v) = cached {
-            let checked = self.check_times(v.identity.expires_at, v.not_before, v.identity.issued_at, now);
-            if checked.is_err() {
-                self.cache.borrow_mut().remove(token);
-            }
-            return checked.map(|()| v.identity);
-        }
-        let (identity, not_before) = self.verify_uncached(token, now)?;
-        if token.len() <= TOKEN_CACHE_MAX_LEN {
-            let mut cache = self.cache.borrow_mut();
-            if cache.len() >= TOKEN_CACHE_ENTRIES {
-                // Bounded: drop an arbitrary entry (HashMap order), never grow.
-                if let Some(k) = cache.keys().next().cloned() {
-                    cache.remove(&k);
-                }
-            }
-            cache.insert(
-                token.to_string(),
-                Verified {
-                    identity: identity.clone(),
-                    not_before,
-                },
-            );
-        }
-        Ok(identity)
+        self.verify_uncached(token, now).map(|(id, _)| id)
     }
 
     fn check_times(&self, exp: i64, nbf: Option<i64>, iat: Option<i64>, now: i64) -> Result<(), TokenError> {
@@ -539,24 +666,27 @@ pub(crate) mod tests {
     #[test]
     fn cached_tokens_still_expire_and_stay_bounded() {
         let v = Verifier::new(&[Algorithm::Hs256], SECRET, None, None, 0);
+        let mut c = TokenCache::default();
         let t = hs256(serde_json::json!({"sub": "u", "exp": NOW + 10, "nbf": NOW - 5}));
-        assert!(v.verify(&t, NOW).is_ok());
-        assert!(v.verify(&t, NOW).is_ok(), "served from the cache");
+        assert!(c.verify(&v, &t, NOW).is_ok());
+        assert_eq!(c.len(), 1);
+        assert!(c.verify(&v, &t, NOW).is_ok(), "served from the cache");
         assert_eq!(
-            v.verify(&t, NOW + 11),
+            c.verify(&v, &t, NOW + 11),
             Err(TokenError::Expired),
             "time checks run on hits"
         );
-        assert_eq!(v.verify(&t, NOW - 6), Err(TokenError::NotYetValid));
+        assert!(c.verify(&v, &t, NOW).is_ok());
+        assert_eq!(c.verify(&v, &t, NOW - 6), Err(TokenError::NotYetValid));
         // A tampered copy never matches a cached entry.
         let mut tampered = t.clone();
         tampered.push('A');
-        assert!(v.verify(&tampered, NOW).is_err());
+        assert!(c.verify(&v, &tampered, NOW).is_err());
         for i in 0..(TOKEN_CACHE_ENTRIES + 50) {
             let t = hs256(serde_json::json!({"sub": format!("u{i}"), "exp": NOW + 10}));
-            assert!(v.verify(&t, NOW).is_ok());
+            assert!(c.verify(&v, &t, NOW).is_ok());
         }
-        assert!(v.cache.borrow().len() <= TOKEN_CACHE_ENTRIES);
+        assert!(c.len() <= TOKEN_CACHE_ENTRIES);
     }
 
     #[test]

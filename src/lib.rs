@@ -1,19 +1,31 @@
 //! API-gateway policy filter for Envoy (proxy-wasm).
 //!
-//! Every decision lives in plain Rust modules with no proxy-wasm types ([`config`], [`jwt`],
-//! [`trace`], [`policy`], and the gateway-file model in [`gateway`]); they are unit-tested
-//! natively. The `filter` module is the thin glue that makes host calls; it is only compiled for
-//! `wasm32`.
+//! Layers, each importing only the ones above it:
+//! - leaves: [`error`] (configuration errors), [`headers`], [`webdis`] (the Redis-over-HTTP
+//!   codec), [`reply`], [`trace`];
+//! - duties, each owning its settings, defaults, validation and compiled form: [`jwt`],
+//!   [`revocation`], [`ratelimit`], [`canary`], [`access_log`];
+//! - [`config`]: the filter's configuration, composed of the duties' settings, plus the routes;
+//! - [`policy`]: the pure decision of each phase; [`host`]: the proxy as a trait;
+//! - [`pipeline`]: the orchestrator, running the phases in order through the [`host::Host`];
+//! - `filter` (wasm32 only): the glue that implements the host with proxy-wasm calls.
+//!
+//! Everything but the glue is plain Rust and runs natively under `cargo test`.
 
 pub mod access_log;
 pub mod canary;
 pub mod config;
-pub mod gateway;
+pub mod error;
+pub mod headers;
+pub mod host;
 pub mod jwt;
+pub mod pipeline;
 pub mod policy;
 pub mod ratelimit;
+pub mod reply;
 pub mod revocation;
 pub mod trace;
+pub mod webdis;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;
@@ -23,12 +35,14 @@ mod filter;
 #[cfg(all(target_arch = "wasm32", feature = "bench-exports"))]
 mod bench_exports {
     use crate::config::Config;
+    use crate::jwt::TokenCache;
 
-    /// Runs `policy::decide` `n` times on a fixed request with a cached token; returns a checksum.
+    /// Runs the classification and authentication phases `n` times on a fixed request with a
+    /// cached token; returns a checksum.
     #[no_mangle]
     pub extern "C" fn gw_bench_decide(n: u32) -> u32 {
         let Ok(cfg) = Config::from_json(
-            br#"{"prefix":"/api/v1","jwt":{"secret":"bench-secret-bench-secret-bench-secret"},"routes":[{"name":"bench","prefix":"/bench","methods":["GET"],"auth_required":true}]}"#,
+            br#"{"gateway":{"prefix":"/api/v1"},"jwt":{"secret":"bench-secret-bench-secret-bench-secret"},"routes":[{"name":"bench","prefix":"/bench","methods":["GET"],"auth_required":true}]}"#,
         ) else {
             return 0;
         };
@@ -40,10 +54,16 @@ mod bench_exports {
             ("authorization".into(), format!("Bearer {token}").into_bytes()),
             ("user-agent".into(), b"wrk".to_vec()),
         ];
+        let mut cache = TokenCache::default();
         let mut sum = 0u32;
         for _ in 0..n {
-            let o = crate::policy::decide(&cfg, &headers, 1_800_000_000, &[7u8; 24]);
-            sum = sum.wrapping_add(o.trace.trace_id.len() as u32);
+            let c = crate::policy::classify(&cfg, &headers, &[7u8; 24]);
+            if let (Ok(crate::policy::Target::Route(i)), Some(route)) = (&c.target, cfg.routes.first()) {
+                let ok =
+                    crate::policy::authenticate(&cfg, &mut cache, route, &headers, 1_800_000_000, "").is_ok();
+                sum = sum.wrapping_add(u32::from(ok) + *i as u32);
+            }
+            sum = sum.wrapping_add(c.trace.trace_id.len() as u32);
         }
         sum
     }

@@ -1,12 +1,16 @@
-//! The request decision: route match, method check, JWT auth, roles, identity and trace headers.
-//! Pure: takes the request head, the clock and random bytes; returns what the glue must do.
+//! The pure decisions of the request path, one per phase, in the order the orchestrator
+//! (`pipeline`) runs them: which route or gateway endpoint a request is for and
+//! whether its method is allowed ([`classify`]); who the caller is and whether the route lets
+//! them in ([`authenticate`]); what a gateway endpoint is asked to do ([`endpoint`]); and the
+//! request headers to strip and set before it goes upstream ([`forward_headers`]). No host calls.
 
-use crate::config::{Config, EndpointPath, Route, DEFAULT_TOKEN_TTL_SECONDS};
-use crate::jwt::Identity;
-use crate::trace::{trace_context, TraceContext, RANDOM_BYTES};
+use crate::config::{Config, Route};
+use crate::headers::{self, HeaderPair};
+use crate::jwt::{Identity, TokenCache};
+use crate::reply::Reply;
+use crate::revocation::{EndpointPath, DEFAULT_TOKEN_TTL_SECONDS};
+use crate::trace::{trace_context, TraceContext, HEADER_TRACEPARENT, HEADER_TRACE_ID, RANDOM_BYTES};
 
-pub const HEADER_TRACE_ID: &str = "x-trace-id";
-pub const HEADER_TRACEPARENT: &str = "traceparent";
 pub const HEADER_GATEWAY: &str = "x-gateway";
 pub const HEADER_USER_ID: &str = "x-user-id";
 pub const HEADER_USER_NAME: &str = "x-user-name";
@@ -18,173 +22,41 @@ pub const MSG_AUTH_MISSING: &str = "Authorization header missing";
 pub const MSG_AUTH_FORMAT: &str = "Invalid authorization format. Expected: Bearer <token>";
 pub const MSG_ROUTE_NOT_FOUND: &str = "Route not found";
 
-/// A header as the host hands it over: the name is ASCII, the value raw bytes (clients may send
-/// bytes that are not UTF-8).
-pub type HeaderPair = (String, Vec<u8>);
-
-/// A local reply the glue sends instead of forwarding.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: String,
-    /// Why the gateway answered, machine-readable (logs and metrics): e.g. `expired`, `role`,
-    /// `route_not_found`, `rate_limited_user`.
-    pub reason: &'static str,
-}
-
 /// Authentication reasons besides the token errors ([`crate::jwt::TokenError::code`]).
 pub const REASON_MISSING: &str = "missing_authorization";
 pub const REASON_FORMAT: &str = "bad_authorization_format";
 pub const REASON_ROLE: &str = "role";
 
-/// A refusal before it becomes a reply.
-#[derive(Debug)]
-struct Deny {
-    status: u16,
-    message: String,
-    reason: &'static str,
-}
-
-impl Deny {
-    fn reply(self, trace_id: &str) -> Reply {
-        let mut r = Reply::error(self.status, &self.message, trace_id);
-        r.reason = self.reason;
-        r
-    }
-}
-
-impl Reply {
-    /// A JSON error reply: `{"error": ..., "message": ..., "trace_id": ...}`.
-    pub fn error(status: u16, message: &str, trace_id: &str) -> Self {
-        let body = serde_json::json!({
-            "error": reason_phrase(status),
-            "message": message,
-            "trace_id": trace_id,
-        });
-        Self::json(status, body.to_string(), trace_id)
-    }
-
-    /// 429 with `retry_after`, `Retry-After` and the `X-RateLimit-*` headers.
-    pub fn too_many(
-        kind: crate::ratelimit::Kind,
-        v: &crate::ratelimit::Verdict,
-        period_s: u64,
-        trace_id: &str,
-    ) -> Self {
-        let message = format!(
-            "{} rate limit exceeded: {} calls per {}s",
-            kind.label(),
-            v.limit,
-            period_s
-        );
-        let body = serde_json::json!({
-            "error": reason_phrase(429),
-            "message": message,
-            "retry_after": v.retry_after_s,
-            "trace_id": trace_id,
-        });
-        let mut reply = Self::json(429, body.to_string(), trace_id);
-        reply.reason = kind.reason();
-        reply.headers.push(("retry-after", v.retry_after_s.to_string()));
-        reply.headers.extend(ratelimit_headers(v));
-        reply
-    }
-
-    /// Fills in the trace id of an error reply built before it was known.
-    pub fn set_trace_id(&mut self, trace_id: &str) {
-        if let Ok(mut body) = serde_json::from_str::<serde_json::Value>(&self.body) {
-            if let Some(obj) = body.as_object_mut() {
-                obj.insert("trace_id".into(), trace_id.into());
-                self.body = body.to_string();
-            }
-        }
-        for (name, value) in &mut self.headers {
-            if *name == HEADER_TRACE_ID {
-                *value = trace_id.to_string();
-            }
-        }
-    }
-
-    /// A JSON reply with the trace id header.
-    pub fn json(status: u16, body: String, trace_id: &str) -> Self {
-        Reply {
-            reason: default_reason(status),
-            status,
-            headers: vec![
-                ("content-type", "application/json".to_string()),
-                (HEADER_TRACE_ID, trace_id.to_string()),
-            ],
-            body,
-        }
-    }
-}
-
-/// `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the bucket is full), as Envoy's
-/// `enable_x_ratelimit_headers` names them.
-pub fn ratelimit_headers(v: &crate::ratelimit::Verdict) -> [(&'static str, String); 3] {
-    [
-        ("x-ratelimit-limit", v.limit.to_string()),
-        ("x-ratelimit-remaining", v.remaining.to_string()),
-        ("x-ratelimit-reset", v.reset_s.to_string()),
-    ]
-}
-
-fn default_reason(status: u16) -> &'static str {
-    match status {
-        200 => "ok",
-        400 => "bad_request",
-        401 => "unauthorized",
-        403 => "forbidden",
-        404 => "route_not_found",
-        405 => "method_not_allowed",
-        429 => "rate_limited",
-        500 => "internal_error",
-        503 => "store_unavailable",
-        _ => "error",
-    }
-}
-
-/// `X-Response-Time` as the reference writes it (`12.34ms`), with integer arithmetic (no float
-/// formatting code in the module).
-pub fn response_time(elapsed: std::time::Duration) -> String {
-    let us = elapsed.as_micros();
-    let hundredths = (us + 5) / 10; // round to 0.01 ms
-    format!("{}.{:02}ms", hundredths / 100, hundredths % 100)
-}
-
-/// The standard reason phrase used as the `error` field.
-pub fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    }
-}
-
-/// What to do with the request.
+/// What a request is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Send it upstream after removing and setting these request headers.
-    Forward {
-        remove: Vec<String>,
-        set: Vec<(&'static str, String)>,
+pub enum Target {
+    /// A gateway route (index into [`Config::routes`]).
+    Route(usize),
+    /// An endpoint the gateway answers itself, with the route its path sits under (whose per-IP
+    /// and per-user limits apply to it).
+    Endpoint {
+        path: EndpointKind,
+        under: Option<usize>,
     },
-    /// Answer it locally.
-    Reply(Reply),
-    /// A gateway-answered endpoint; the caller's token is valid (revocation still to check).
-    Endpoint(Endpoint),
+    /// A path outside the prefix that Envoy answers (the health path).
+    Passthrough,
 }
 
-/// Endpoints the gateway answers itself (they need the revocation store).
+/// Which gateway endpoint a path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointKind {
+    Logs,
+    Revocation(EndpointPath),
+}
+
+/// The first phase's result: the request's trace identity and what it is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified {
+    pub trace: TraceContext,
+    pub target: Result<Target, Reply>,
+}
+
+/// Endpoints the gateway answers itself, with what each needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     Logout,
@@ -203,33 +75,88 @@ pub enum Endpoint {
     },
 }
 
-/// The decision plus what the rest of the request's life needs to know.
+/// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    pub trace: TraceContext,
-    /// Name of the matched route, if any.
-    pub route: Option<String>,
-    pub identity: Option<Identity>,
-    /// The verified bearer token, when there is one.
-    pub token: Option<String>,
-    pub action: Action,
+pub struct Caller {
+    pub identity: Identity,
+    pub token: String,
 }
 
-fn header<'a>(headers: &'a [HeaderPair], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_slice())
+/// Phase 1: trace identity, then route and method (or the gateway endpoint the path names).
+pub fn classify(cfg: &Config, request: &[HeaderPair], random: &[u8; RANDOM_BYTES]) -> Classified {
+    let trace = trace_context(
+        headers::get_str(request, HEADER_TRACE_ID),
+        headers::get_str(request, HEADER_TRACEPARENT),
+        random,
+    );
+    let target = target(cfg, request).map_err(|reply| with_trace_id(reply, &trace.trace_id));
+    Classified { trace, target }
 }
 
-fn header_str<'a>(headers: &'a [HeaderPair], name: &str) -> Option<&'a str> {
-    header(headers, name).and_then(|v| std::str::from_utf8(v).ok())
+/// Fills in the trace id of a reply built before it was known (body and header).
+fn with_trace_id(mut reply: Reply, trace_id: &str) -> Reply {
+    if let Some((_, v)) = reply.headers.iter_mut().find(|(k, _)| *k == HEADER_TRACE_ID) {
+        *v = trace_id.to_string();
+    }
+    if let Ok(mut body) = serde_json::from_str::<serde_json::Value>(&reply.body) {
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("trace_id".into(), trace_id.into());
+            reply.body = body.to_string();
+        }
+    }
+    reply
+}
+
+fn method_not_allowed(method: &str, allow: &str) -> Reply {
+    let mut reply = Reply::error(405, &format!("Method {method} not allowed"), "");
+    reply.headers.push(("allow", allow.to_string()));
+    reply
+}
+
+fn target(cfg: &Config, request: &[HeaderPair]) -> Result<Target, Reply> {
+    let method = headers::get_str(request, ":method").unwrap_or("");
+    let full_path = headers::get_str(request, ":path").unwrap_or("");
+    let path = full_path.split(['?', '#']).next().unwrap_or("");
+    let endpoint = if cfg.logs.store.as_ref().is_some_and(|s| s.query_path == path) {
+        Some(EndpointKind::Logs)
+    } else {
+        cfg.revocation
+            .as_ref()
+            .and_then(|rv| rv.endpoint(path))
+            .map(EndpointKind::Revocation)
+    };
+    let route_index = |path: &str| cfg.routes.iter().position(|r| r.matches(path));
+    if let Some(kind) = endpoint {
+        let expected = if kind == EndpointKind::Logs { "GET" } else { "POST" };
+        if method != expected {
+            return Err(method_not_allowed(method, expected));
+        }
+        return Ok(Target::Endpoint {
+            path: kind,
+            under: route_index(path),
+        });
+    }
+    if cfg.under_prefix(path) {
+        let i = route_index(path).ok_or_else(|| Reply::error(404, MSG_ROUTE_NOT_FOUND, ""))?;
+        let route = cfg
+            .routes
+            .get(i)
+            .ok_or_else(|| Reply::error(404, MSG_ROUTE_NOT_FOUND, ""))?;
+        if !route.allows_method(method) {
+            return Err(method_not_allowed(method, &route.allow));
+        }
+        return Ok(Target::Route(i));
+    }
+    if cfg.passthrough_paths.iter().any(|p| p == path) {
+        return Ok(Target::Passthrough);
+    }
+    Err(Reply::error(404, MSG_ROUTE_NOT_FOUND, ""))
 }
 
 /// Extracts the bearer token the way the reference does: exactly one `Authorization` header,
 /// exactly two space-separated parts, the first `bearer` in any case.
-fn bearer_token(headers: &[HeaderPair]) -> Result<&str, &'static str> {
-    let mut values = headers
+fn bearer_token(request: &[HeaderPair]) -> Result<&str, &'static str> {
+    let mut values = request
         .iter()
         .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
         .map(|(_, v)| v);
@@ -247,174 +174,77 @@ fn bearer_token(headers: &[HeaderPair]) -> Result<&str, &'static str> {
     }
 }
 
-/// Decides what happens to a request. `now` is unix seconds.
-pub fn decide(cfg: &Config, headers: &[HeaderPair], now: i64, random: &[u8; RANDOM_BYTES]) -> Outcome {
-    let trace = trace_context(
-        header_str(headers, HEADER_TRACE_ID),
-        header_str(headers, HEADER_TRACEPARENT),
-        random,
-    );
-    let method = header_str(headers, ":method").unwrap_or("");
-    let full_path = header_str(headers, ":path").unwrap_or("");
-    let path = full_path.split(['?', '#']).next().unwrap_or("");
-
-    let mut outcome = Outcome {
-        trace,
-        route: None,
-        identity: None,
-        token: None,
-        // Placeholder, always replaced below (cheap: no body is built on the hot path).
-        action: Action::Forward {
-            remove: Vec::new(),
-            set: Vec::new(),
-        },
-    };
-    let trace_id = outcome.trace.trace_id.as_str();
-
-    let endpoint = if cfg.logs_query_path.as_deref() == Some(path) {
-        Some(EndpointPath::Logs)
-    } else {
-        cfg.revocation.as_ref().and_then(|rv| rv.endpoint(path))
-    };
-    if let Some(endpoint) = endpoint {
-        let query = full_path.split_once('?').map(|(_, q)| q).unwrap_or("");
-        match endpoint_decision(cfg, endpoint, method, query, headers, now) {
-            Ok((endpoint, identity, token)) => {
-                outcome.identity = Some(identity);
-                outcome.token = Some(token);
-                outcome.action = Action::Endpoint(endpoint);
-            }
-            Err(mut reply) => {
-                reply.set_trace_id(trace_id);
-                outcome.action = Action::Reply(reply);
-            }
-        }
-        return outcome;
-    }
-
-    let route: Option<&Route> = if cfg.under_prefix(path) {
-        match cfg.route_for(path) {
-            Some(r) => Some(r),
-            None => {
-                outcome.action = Action::Reply(Reply::error(404, MSG_ROUTE_NOT_FOUND, trace_id));
-                return outcome;
-            }
-        }
-    } else if cfg.passthrough_paths.iter().any(|p| p == path) {
-        None
-    } else {
-        outcome.action = Action::Reply(Reply::error(404, MSG_ROUTE_NOT_FOUND, trace_id));
-        return outcome;
-    };
-
-    let mut identity = None;
-    let mut bearer = None;
-    if let Some(route) = route {
-        outcome.route = Some(route.name.clone());
-        if !route.allows_method(method) {
-            let mut reply = Reply::error(405, &format!("Method {method} not allowed"), trace_id);
-            reply.headers.push(("allow", route.allow.clone()));
-            outcome.action = Action::Reply(reply);
-            return outcome;
-        }
-        if route.auth_required {
-            match authenticate(cfg, route, headers, now) {
-                Ok((id, token)) => {
-                    identity = Some(id);
-                    bearer = Some(token);
-                }
-                Err(deny) => {
-                    outcome.action = Action::Reply(deny.reply(trace_id));
-                    return outcome;
-                }
-            }
-        }
-    }
-
-    let mut remove: Vec<String> = Vec::new();
-    for (name, _) in headers {
-        // Names come lower-case from Envoy; compare without allocating.
-        let internal = name.eq_ignore_ascii_case(crate::canary::ROUTE_HEADER);
-        let identity = name
-            .get(..IDENTITY_HEADER_PREFIX.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(IDENTITY_HEADER_PREFIX));
-        if internal || identity {
-            let lower = name.to_ascii_lowercase();
-            if !remove.contains(&lower) {
-                remove.push(lower);
-            }
-        }
-    }
-    let mut set: Vec<(&'static str, String)> = vec![
-        (HEADER_TRACE_ID, outcome.trace.trace_id.clone()),
-        (HEADER_TRACEPARENT, outcome.trace.traceparent.clone()),
-        (HEADER_GATEWAY, cfg.gateway_name.clone()),
-    ];
-    if let Some(id) = &identity {
-        if let Some(sub) = &id.user_id {
-            set.push((HEADER_USER_ID, sub.clone()));
-        }
-        if let Some(name) = &id.user_name {
-            set.push((HEADER_USER_NAME, name.clone()));
-        }
-        set.push((HEADER_USER_ROLE, id.role.clone()));
-    }
-    outcome.identity = identity;
-    outcome.token = bearer;
-    outcome.action = Action::Forward { remove, set };
-    outcome
-}
-
-/// Bearer extraction and verification.
-fn verified_token(cfg: &Config, headers: &[HeaderPair], now: i64) -> Result<(Identity, String), Deny> {
-    let token = bearer_token(headers).map_err(|m| Deny {
-        status: 401,
-        message: m.to_string(),
-        reason: if m == MSG_AUTH_MISSING {
+/// Bearer extraction and verification (through the VM's verified-token cache).
+pub fn verified_caller(
+    cfg: &Config,
+    cache: &mut TokenCache,
+    request: &[HeaderPair],
+    now: i64,
+    trace_id: &str,
+) -> Result<Caller, Reply> {
+    let token = bearer_token(request).map_err(|m| {
+        let reason = if m == MSG_AUTH_MISSING {
             REASON_MISSING
         } else {
             REASON_FORMAT
-        },
+        };
+        Reply::refusal(401, m, reason, trace_id)
     })?;
-    let verifier = cfg.verifier.as_ref().ok_or(Deny {
-        status: 401,
-        message: "Invalid token: no verifier configured".to_string(),
-        reason: "no_verifier",
+    let verifier = cfg.verifier.as_ref().ok_or_else(|| {
+        Reply::refusal(
+            401,
+            "Invalid token: no verifier configured",
+            "no_verifier",
+            trace_id,
+        )
     })?;
-    let id = verifier.verify(token, now).map_err(|e| Deny {
-        status: 401,
-        message: format!("Invalid token: {e}"),
-        reason: e.code(),
-    })?;
-    Ok((id, token.to_string()))
+    let identity = cache
+        .verify(verifier, token, now)
+        .map_err(|e| Reply::refusal(401, &format!("Invalid token: {e}"), e.code(), trace_id))?;
+    Ok(Caller {
+        identity,
+        token: token.to_string(),
+    })
 }
 
-fn role_error(role: &str, what: &str) -> Deny {
-    Deny {
-        status: 403,
-        message: format!("Role '{role}' is not allowed to access {what}"),
-        reason: REASON_ROLE,
-    }
+fn role_error(role: &str, what: &str, trace_id: &str) -> Reply {
+    Reply::refusal(
+        403,
+        &format!("Role '{role}' is not allowed to access {what}"),
+        REASON_ROLE,
+        trace_id,
+    )
 }
 
-fn authenticate(
+/// Phase 3 for a route: the caller, when the route requires one, with the route's roles checked.
+pub fn authenticate(
     cfg: &Config,
+    cache: &mut TokenCache,
     route: &Route,
-    headers: &[HeaderPair],
+    request: &[HeaderPair],
     now: i64,
-) -> Result<(Identity, String), Deny> {
-    let (id, token) = verified_token(cfg, headers, now)?;
-    if !route.roles.is_empty() && !route.roles.contains(&id.role) {
-        return Err(role_error(&id.role, &format!("route '{}'", route.name)));
+    trace_id: &str,
+) -> Result<Option<Caller>, Reply> {
+    if !route.auth_required {
+        return Ok(None);
     }
-    Ok((id, token))
+    let caller = verified_caller(cfg, cache, request, now, trace_id)?;
+    if !route.roles.is_empty() && !route.roles.contains(&caller.identity.role) {
+        return Err(role_error(
+            &caller.identity.role,
+            &format!("route '{}'", route.name),
+            trace_id,
+        ));
+    }
+    Ok(Some(caller))
 }
 
 /// `?trace_id=<id>` or `?user_id=<id>[&limit=<n>]`.
-fn logs_query(query: &str, max: u32) -> Result<Endpoint, Reply> {
+fn logs_query(query: &str, max: u32, trace_id: &str) -> Result<Endpoint, Reply> {
     let mut trace = None;
     let mut user = None;
     let mut limit = max;
+    let bad = |m: &str| Reply::error(400, m, trace_id);
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
@@ -425,7 +255,7 @@ fn logs_query(query: &str, max: u32) -> Result<Endpoint, Reply> {
                     .parse::<u32>()
                     .ok()
                     .filter(|n| (1..=max).contains(n))
-                    .ok_or_else(|| Reply::error(400, &format!("limit must be 1 to {max}"), ""))?
+                    .ok_or_else(|| bad(&format!("limit must be 1 to {max}")))?
             }
             _ => {}
         }
@@ -437,84 +267,126 @@ fn logs_query(query: &str, max: u32) -> Result<Endpoint, Reply> {
             user_id: u.to_string(),
             limit,
         }),
-        (Some(_), Some(_)) => Err(Reply::error(400, "Give trace_id or user_id, not both", "")),
-        (None, None) => Err(Reply::error(400, "trace_id or user_id is required", "")),
-        _ => Err(Reply::error(400, "Invalid trace_id or user_id", "")),
+        (Some(_), Some(_)) => Err(bad("Give trace_id or user_id, not both")),
+        (None, None) => Err(bad("trace_id or user_id is required")),
+        _ => Err(bad("Invalid trace_id or user_id")),
     }
 }
 
-/// Checks a request to a gateway-answered endpoint: POST, a valid token, and the endpoint's own
-/// conditions. The error reply gets its trace id from the caller.
-fn endpoint_decision(
+/// Phase 3 for a gateway endpoint: what the (authenticated) caller asks for, with the
+/// endpoint's own conditions (roles, refresh window, a valid user id or query).
+pub fn endpoint(
     cfg: &Config,
-    endpoint: EndpointPath,
-    method: &str,
-    query: &str,
-    headers: &[HeaderPair],
+    kind: &EndpointKind,
+    caller: &Caller,
+    request: &[HeaderPair],
     now: i64,
-) -> Result<(Endpoint, Identity, String), Reply> {
-    let expected = if endpoint == EndpointPath::Logs {
-        "GET"
-    } else {
-        "POST"
-    };
-    if method != expected {
-        let mut reply = Reply::error(405, &format!("Method {method} not allowed"), "");
-        reply.headers.push(("allow", expected.to_string()));
-        return Err(reply);
-    }
-    let (id, token) = verified_token(cfg, headers, now).map_err(|d| d.reply(""))?;
-    if endpoint == EndpointPath::Logs {
-        let store = cfg
-            .logs
-            .store
-            .as_ref()
-            .ok_or_else(|| Reply::error(404, MSG_ROUTE_NOT_FOUND, ""))?;
-        if !store.query_roles.contains(&id.role) {
-            return Err(role_error(&id.role, "request logs").reply(""));
+    trace_id: &str,
+) -> Result<Endpoint, Reply> {
+    let id = &caller.identity;
+    let not_found = || Reply::error(404, MSG_ROUTE_NOT_FOUND, trace_id);
+    match kind {
+        EndpointKind::Logs => {
+            let store = cfg.logs.store.as_ref().ok_or_else(not_found)?;
+            if !store.query_roles.contains(&id.role) {
+                return Err(role_error(&id.role, "request logs", trace_id));
+            }
+            let full_path = headers::get_str(request, ":path").unwrap_or("");
+            let query = full_path.split_once('?').map(|(_, q)| q).unwrap_or("");
+            logs_query(query, store.user_records, trace_id)
         }
-        return logs_query(query, store.user_records).map(|e| (e, id, token));
-    }
-    let Some(rv) = cfg.revocation.as_ref() else {
-        return Err(Reply::error(404, MSG_ROUTE_NOT_FOUND, ""));
-    };
-    let endpoint = match endpoint {
-        EndpointPath::Logs => return Err(Reply::error(404, MSG_ROUTE_NOT_FOUND, "")),
-        EndpointPath::Logout => Endpoint::Logout,
-        EndpointPath::Refresh => {
-            let refresh = rv.refresh.as_ref();
-            let remaining = id.expires_at.saturating_sub(now);
-            if let Some(window) = refresh.and_then(|r| r.window_seconds) {
-                if remaining > i64::try_from(window).unwrap_or(i64::MAX) {
-                    return Err(Reply::error(
-                        400,
-                        &format!("Token can only be refreshed in its last {window} seconds"),
-                        "",
-                    ));
+        EndpointKind::Revocation(path) => {
+            let rv = cfg.revocation.as_ref().ok_or_else(not_found)?;
+            match path {
+                EndpointPath::Logout => Ok(Endpoint::Logout),
+                EndpointPath::Refresh => {
+                    let refresh = rv.refresh.as_ref();
+                    let remaining = id.expires_at.saturating_sub(now);
+                    if let Some(window) = refresh.and_then(|r| r.window_seconds) {
+                        if remaining > i64::try_from(window).unwrap_or(i64::MAX) {
+                            return Err(Reply::error(
+                                400,
+                                &format!("Token can only be refreshed in its last {window} seconds"),
+                                trace_id,
+                            ));
+                        }
+                    }
+                    let lifetime = id
+                        .issued_at
+                        .map(|iat| id.expires_at.saturating_sub(iat))
+                        .filter(|l| *l > 0);
+                    let ttl = refresh
+                        .and_then(|r| r.token_ttl_seconds)
+                        .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
+                        .or(lifetime)
+                        .unwrap_or(DEFAULT_TOKEN_TTL_SECONDS as i64);
+                    Ok(Endpoint::Refresh { ttl_seconds: ttl })
+                }
+                EndpointPath::RevokeUser(user) => {
+                    if !rv.revoke_roles.contains(&id.role) {
+                        return Err(role_error(&id.role, "user revocation", trace_id));
+                    }
+                    if !crate::revocation::valid_user_id(user) {
+                        return Err(Reply::error(400, "Invalid user id", trace_id));
+                    }
+                    Ok(Endpoint::RevokeUser(user.clone()))
                 }
             }
-            let lifetime = id
-                .issued_at
-                .map(|iat| id.expires_at.saturating_sub(iat))
-                .filter(|l| *l > 0);
-            let ttl = refresh
-                .and_then(|r| r.token_ttl_seconds)
-                .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
-                .or(lifetime)
-                .unwrap_or(DEFAULT_TOKEN_TTL_SECONDS as i64);
-            Endpoint::Refresh { ttl_seconds: ttl }
         }
-        EndpointPath::RevokeUser(user) => {
-            if !rv.revoke_roles.contains(&id.role) {
-                return Err(role_error(&id.role, "user revocation").reply(""));
+    }
+}
+
+/// Request-header changes before a request goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Forward {
+    pub remove: Vec<String>,
+    pub set: Vec<(&'static str, String)>,
+}
+
+/// Phase 6 (after limits and canary): strip every client-sent identity header and the internal
+/// canary header; set the trace headers, `X-Gateway` and the caller's identity.
+pub fn forward_headers(
+    cfg: &Config,
+    request: &[HeaderPair],
+    trace: &TraceContext,
+    identity: Option<&Identity>,
+) -> Forward {
+    let mut remove: Vec<String> = Vec::new();
+    for (name, _) in request {
+        // Names come lower-case from Envoy; compare without allocating.
+        let internal = name.eq_ignore_ascii_case(crate::canary::ROUTE_HEADER);
+        let spoofed = name
+            .get(..IDENTITY_HEADER_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(IDENTITY_HEADER_PREFIX));
+        if internal || spoofed {
+            let lower = name.to_ascii_lowercase();
+            if !remove.contains(&lower) {
+                remove.push(lower);
             }
-            if !crate::revocation::valid_user_id(&user) {
-                return Err(Reply::error(400, "Invalid user id", ""));
-            }
-            Endpoint::RevokeUser(user)
         }
-    };
-    Ok((endpoint, id, token))
+    }
+    let mut set: Vec<(&'static str, String)> = vec![
+        (HEADER_TRACE_ID, trace.trace_id.clone()),
+        (HEADER_TRACEPARENT, trace.traceparent.clone()),
+        (HEADER_GATEWAY, cfg.gateway_name.clone()),
+    ];
+    if let Some(id) = identity {
+        if let Some(sub) = &id.user_id {
+            set.push((HEADER_USER_ID, sub.clone()));
+        }
+        if let Some(name) = &id.user_name {
+            set.push((HEADER_USER_NAME, name.clone()));
+        }
+        set.push((HEADER_USER_ROLE, id.role.clone()));
+    }
+    Forward { remove, set }
+}
+
+/// `X-Response-Time` as the reference writes it (`12.34ms`), with integer arithmetic (no float
+/// formatting code in the module).
+pub fn response_time(elapsed_us: u64) -> String {
+    let hundredths = (elapsed_us + 5) / 10; // round to 0.01 ms
+    format!("{}.{:02}ms", hundredths / 100, hundredths % 100)
 }
 
 #[cfg(test)]
@@ -526,24 +398,19 @@ mod tests {
     const RND: [u8; RANDOM_BYTES] = [7; RANDOM_BYTES];
 
     fn cfg() -> Config {
-        cfg_with(serde_json::Value::Null)
-    }
-
-    fn cfg_with(revocation: serde_json::Value) -> Config {
-        let mut v = serde_json::json!({
-            "prefix": "/api/v1",
-            "gateway_name": "gw-test",
+        let v = serde_json::json!({
+            "gateway": {"prefix": "/api/v1", "name": "gw-test"},
             "passthrough_paths": ["/health"],
+            "webdis_cluster": "webdis",
             "jwt": {"secret": String::from_utf8(SECRET.to_vec()).unwrap()},
+            "revocation": {"refresh": {"window": 600, "token_ttl": 60}},
             "routes": [
                 {"name": "users", "prefix": "/users", "methods": ["GET", "POST"], "auth_required": true},
                 {"name": "products", "prefix": "/products", "methods": ["GET"], "auth_required": false},
-                {"name": "admin", "prefix": "/admin", "methods": ["GET"], "auth_required": true, "roles": ["admin"]}
+                {"name": "admin", "prefix": "/admin", "methods": ["GET"], "auth_required": true, "roles": ["admin"]},
+                {"name": "auth", "prefix": "/auth", "methods": ["POST"], "auth_required": false}
             ]
         });
-        if !revocation.is_null() {
-            v["revocation"] = revocation;
-        }
         Config::from_json(v.to_string().as_bytes()).unwrap()
     }
 
@@ -562,68 +429,73 @@ mod tests {
         h
     }
 
-    fn reply(o: &Outcome) -> &Reply {
-        match &o.action {
-            Action::Reply(r) => r,
-            other => panic!("expected a reply, got {other:?}"),
-        }
-    }
-
-    fn forward(o: &Outcome) -> (&Vec<String>, &Vec<(&'static str, String)>) {
-        match &o.action {
-            Action::Forward { remove, set } => (remove, set),
-            other => panic!("expected forward, got {other:?}"),
-        }
-    }
-
     fn body(r: &Reply) -> serde_json::Value {
         serde_json::from_str(&r.body).unwrap()
     }
 
-    #[test]
-    fn public_route_forwards_with_trace_and_strips_identity_headers() {
-        let h = req(
-            "GET",
-            "/api/v1/products/1?x=1",
-            &[
-                ("x-user-id", "spoof"),
-                ("X-User-Role", "admin"),
-                ("x-user-anything", "1"),
-                ("x-gateway-canary", "1"),
-            ],
-        );
-        let o = decide(&cfg(), &h, NOW, &RND);
-        let (remove, set) = forward(&o);
-        assert_eq!(
-            remove,
-            &vec!["x-user-id", "x-user-role", "x-user-anything", "x-gateway-canary"]
-        );
-        assert_eq!(o.route.as_deref(), Some("products"));
-        assert!(set.iter().any(|(k, v)| *k == "x-gateway" && v == "gw-test"));
-        assert!(set
-            .iter()
-            .any(|(k, v)| *k == "x-trace-id" && *v == o.trace.trace_id));
-        assert!(!set.iter().any(|(k, _)| k.starts_with("x-user-")));
+    fn route_name(c: &Config, t: &Target) -> String {
+        match t {
+            Target::Route(i) => c.routes[*i].name.clone(),
+            other => panic!("expected a route, got {other:?}"),
+        }
     }
 
     #[test]
-    fn authenticated_route_injects_identity() {
-        let h = req(
-            "GET",
-            "/api/v1/users/123",
-            &[("authorization", &format!("Bearer {}", token("user")))],
+    fn classify_routes_endpoints_and_refusals() {
+        let c = cfg();
+        let t = classify(&c, &req("GET", "/api/v1/users/1?x=1", &[]), &RND);
+        assert_eq!(route_name(&c, &t.target.unwrap()), "users");
+        let t = classify(&c, &req("POST", "/api/v1/auth/logout", &[]), &RND)
+            .target
+            .unwrap();
+        let auth = c.routes.iter().position(|r| r.name == "auth");
+        assert_eq!(
+            t,
+            Target::Endpoint {
+                path: EndpointKind::Revocation(EndpointPath::Logout),
+                under: auth
+            },
+            "an endpoint knows the route it sits under"
         );
-        let o = decide(&cfg(), &h, NOW, &RND);
-        let (_, set) = forward(&o);
-        let get = |name: &str| set.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str());
-        assert_eq!(get("x-user-id"), Some("user-001"));
-        assert_eq!(get("x-user-name"), Some("admin"));
-        assert_eq!(get("x-user-role"), Some("user"));
+        assert_eq!(
+            classify(&c, &req("GET", "/health", &[]), &RND).target,
+            Ok(Target::Passthrough)
+        );
+        for (m, p, status) in [
+            ("GET", "/api/v1/nope", 404),
+            ("GET", "/elsewhere", 404),
+            ("DELETE", "/api/v1/products/1", 405),
+            ("GET", "/api/v1/auth/logout", 405),
+        ] {
+            let cl = classify(&c, &req(m, p, &[]), &RND);
+            let r = cl.target.unwrap_err();
+            assert_eq!(r.status, status, "{m} {p}");
+            assert_eq!(body(&r)["trace_id"], cl.trace.trace_id.as_str());
+            assert!(r.headers.contains(&("x-trace-id", cl.trace.trace_id.clone())));
+        }
+        let r = classify(&c, &req("DELETE", "/api/v1/products/1", &[]), &RND)
+            .target
+            .unwrap_err();
+        assert!(r.headers.contains(&("allow", "GET".to_string())));
+        assert_eq!(
+            classify(&c, &[], &RND).target.unwrap_err().status,
+            404,
+            "no pseudo headers"
+        );
+    }
+
+    #[test]
+    fn incoming_trace_id_is_kept_and_appears_in_errors() {
+        let id = "0af7651916cd43dd8448eb211c80319c";
+        let cl = classify(&cfg(), &req("GET", "/api/v1/nope", &[("x-trace-id", id)]), &RND);
+        assert_eq!(cl.trace.trace_id, id);
+        assert_eq!(body(&cl.target.unwrap_err())["trace_id"], id);
     }
 
     #[test]
     fn auth_errors_match_the_reference_messages() {
         let c = cfg();
+        let users = c.routes.iter().find(|r| r.name == "users").unwrap();
         type Case<'a> = (Vec<(&'a str, String)>, u16, &'a str);
         let cases: Vec<Case> = vec![
             (vec![], 401, MSG_AUTH_MISSING),
@@ -651,162 +523,151 @@ mod tests {
         ];
         for (extra, status, message) in cases {
             let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let o = decide(&c, &req("GET", "/api/v1/users/1", &extra), NOW, &RND);
+            let h = req("GET", "/api/v1/users/1", &extra);
+            let got = authenticate(&c, &mut TokenCache::default(), users, &h, NOW, "t-1");
             if status == 200 {
-                forward(&o);
+                assert_eq!(
+                    got.unwrap().unwrap().identity.user_id.as_deref(),
+                    Some("user-001")
+                );
                 continue;
             }
-            let r = reply(&o);
+            let r = got.unwrap_err();
             assert_eq!(r.status, status, "{extra:?}");
-            let b = body(r);
+            let b = body(&r);
             assert_eq!(b["message"], message);
             assert_eq!(b["error"], "Unauthorized");
-            assert_eq!(b["trace_id"], o.trace.trace_id.as_str());
+            assert_eq!(b["trace_id"], "t-1");
         }
-    }
-
-    #[test]
-    fn non_utf8_authorization_is_a_format_error() {
         let mut h = req("GET", "/api/v1/users/1", &[]);
         h.push(("authorization".into(), b"Bearer \xff\xfe".to_vec()));
-        let o = decide(&cfg(), &h, NOW, &RND);
-        assert_eq!(body(reply(&o))["message"], MSG_AUTH_FORMAT);
+        let r = authenticate(&c, &mut TokenCache::default(), users, &h, NOW, "").unwrap_err();
+        assert_eq!(body(&r)["message"], MSG_AUTH_FORMAT);
     }
 
     #[test]
     fn roles_are_enforced() {
         let c = cfg();
-        let user = decide(
-            &c,
-            &req(
+        let admin = c.routes.iter().find(|r| r.name == "admin").unwrap();
+        let h = |role: &str| {
+            req(
                 "GET",
                 "/api/v1/admin/x",
-                &[("authorization", &format!("Bearer {}", token("user")))],
-            ),
-            NOW,
-            &RND,
-        );
-        let r = reply(&user);
-        assert_eq!(r.status, 403);
-        assert_eq!(body(r)["error"], "Forbidden");
-        let admin = decide(
-            &c,
-            &req(
-                "GET",
-                "/api/v1/admin/x",
-                &[("authorization", &format!("Bearer {}", token("admin")))],
-            ),
-            NOW,
-            &RND,
-        );
-        forward(&admin);
-    }
-
-    #[test]
-    fn unknown_paths_and_methods() {
-        let c = cfg();
-        let r = decide(&c, &req("GET", "/api/v1/nope", &[]), NOW, &RND);
-        assert_eq!(reply(&r).status, 404);
-        assert_eq!(body(reply(&r))["message"], MSG_ROUTE_NOT_FOUND);
-        let r = decide(&c, &req("GET", "/elsewhere", &[]), NOW, &RND);
-        assert_eq!(reply(&r).status, 404);
-        let r = decide(&c, &req("DELETE", "/api/v1/products/1", &[]), NOW, &RND);
-        let rep = reply(&r);
-        assert_eq!(rep.status, 405);
-        assert!(rep.headers.contains(&("allow", "GET".to_string())));
-        let r = decide(&c, &req("GET", "/health", &[]), NOW, &RND);
-        forward(&r);
-        let r = decide(&c, &[], NOW, &RND);
-        assert_eq!(reply(&r).status, 404, "no pseudo headers at all");
-    }
-
-    #[test]
-    fn gateway_endpoints() {
-        let c = cfg_with(serde_json::json!({"refresh": {"window_seconds": 600, "token_ttl_seconds": 60}}));
-        let auth = |role: &str| format!("Bearer {}", token(role));
-        let endpoint = |method: &str, path: &str, role: &str| {
-            decide(
-                &c,
-                &req(method, path, &[("authorization", &auth(role))]),
-                NOW,
-                &RND,
+                &[("authorization", &format!("Bearer {}", token(role)))],
             )
         };
-        let o = endpoint("POST", "/api/v1/auth/logout", "user");
-        assert_eq!(o.action, Action::Endpoint(Endpoint::Logout));
-        assert_eq!(o.token.as_deref(), Some(token("user").as_str()));
-        let o = endpoint("GET", "/api/v1/auth/logout", "user");
-        assert_eq!(reply(&o).status, 405);
-        assert_eq!(body(reply(&o))["trace_id"], o.trace.trace_id.as_str());
-        // The token expires in 1800 s: outside the 600 s refresh window.
-        let o = endpoint("POST", "/api/v1/auth/refresh", "user");
-        assert_eq!(reply(&o).status, 400);
-        let o = decide(
-            &c,
-            &req(
-                "POST",
-                "/api/v1/auth/refresh",
-                &[("authorization", &auth("user"))],
-            ),
-            NOW + 1300,
-            &RND,
-        );
-        assert_eq!(o.action, Action::Endpoint(Endpoint::Refresh { ttl_seconds: 60 }));
-        let o = endpoint("POST", "/api/v1/admin/users/user-9/revoke", "admin");
-        assert_eq!(o.action, Action::Endpoint(Endpoint::RevokeUser("user-9".into())));
-        let o = endpoint("POST", "/api/v1/admin/users/user-9/revoke", "user");
-        assert_eq!(reply(&o).status, 403);
-        let o = endpoint("POST", "/api/v1/admin/users/a%20b/revoke", "admin");
-        assert_eq!(reply(&o).status, 400);
-        let o = decide(&c, &req("POST", "/api/v1/auth/logout", &[]), NOW, &RND);
-        assert_eq!(body(reply(&o))["message"], MSG_AUTH_MISSING);
+        let r = authenticate(&c, &mut TokenCache::default(), admin, &h("user"), NOW, "").unwrap_err();
+        assert_eq!((r.status, r.reason), (403, REASON_ROLE));
+        assert_eq!(body(&r)["error"], "Forbidden");
+        assert!(authenticate(&c, &mut TokenCache::default(), admin, &h("admin"), NOW, "").is_ok());
     }
 
     #[test]
-    fn refresh_keeps_the_token_lifetime_by_default() {
-        let c = cfg_with(serde_json::json!({}));
-        let o = decide(
-            &c,
-            &req(
-                "POST",
-                "/api/v1/auth/refresh",
-                &[("authorization", &format!("Bearer {}", token("user")))],
+    fn endpoints() {
+        let c = cfg();
+        let caller = |role: &str| Caller {
+            identity: crate::jwt::Verifier::new(&[crate::jwt::Algorithm::Hs256], SECRET, None, None, 60)
+                .verify(&token(role), NOW)
+                .unwrap(),
+            token: token(role),
+        };
+        let rv = |p: EndpointPath| EndpointKind::Revocation(p);
+        let h = req("POST", "/x", &[]);
+        assert_eq!(
+            endpoint(&c, &rv(EndpointPath::Logout), &caller("user"), &h, NOW, ""),
+            Ok(Endpoint::Logout)
+        );
+        // The token expires in 1800 s: outside the 600 s refresh window.
+        let r = endpoint(&c, &rv(EndpointPath::Refresh), &caller("user"), &h, NOW, "").unwrap_err();
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            endpoint(
+                &c,
+                &rv(EndpointPath::Refresh),
+                &caller("user"),
+                &h,
+                NOW + 1300,
+                ""
             ),
-            NOW,
-            &RND,
+            Ok(Endpoint::Refresh { ttl_seconds: 60 })
+        );
+        let ban = |u: &str| rv(EndpointPath::RevokeUser(u.to_string()));
+        assert_eq!(
+            endpoint(&c, &ban("user-9"), &caller("admin"), &h, NOW, ""),
+            Ok(Endpoint::RevokeUser("user-9".into()))
         );
         assert_eq!(
-            o.action,
-            Action::Endpoint(Endpoint::Refresh { ttl_seconds: 1800 })
+            endpoint(&c, &ban("user-9"), &caller("user"), &h, NOW, "")
+                .unwrap_err()
+                .status,
+            403
         );
+        assert_eq!(
+            endpoint(&c, &ban("a%20b"), &caller("admin"), &h, NOW, "")
+                .unwrap_err()
+                .status,
+            400
+        );
+        let r = endpoint(&c, &EndpointKind::Logs, &caller("admin"), &h, NOW, "").unwrap_err();
+        assert_eq!(r.status, 404, "no log store configured");
+    }
+
+    #[test]
+    fn logs_queries() {
+        assert_eq!(
+            logs_query("trace_id=abc", 100, ""),
+            Ok(Endpoint::LogsByTrace("abc".into()))
+        );
+        assert_eq!(
+            logs_query("user_id=u1&limit=5", 100, ""),
+            Ok(Endpoint::LogsByUser {
+                user_id: "u1".into(),
+                limit: 5
+            })
+        );
+        for bad in [
+            "",
+            "limit=0&user_id=u",
+            "trace_id=a&user_id=b",
+            "user_id=a/b",
+            "limit=x&user_id=u",
+        ] {
+            assert_eq!(logs_query(bad, 100, "").unwrap_err().status, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn forward_strips_identity_and_internal_headers() {
+        let c = cfg();
+        let h = req(
+            "GET",
+            "/api/v1/products/1",
+            &[
+                ("x-user-id", "spoof"),
+                ("X-User-Role", "admin"),
+                ("x-user-anything", "1"),
+                ("x-gateway-canary", "1"),
+            ],
+        );
+        let cl = classify(&c, &h, &RND);
+        let f = forward_headers(&c, &h, &cl.trace, None);
+        assert_eq!(
+            f.remove,
+            vec!["x-user-id", "x-user-role", "x-user-anything", "x-gateway-canary"]
+        );
+        assert!(f.set.iter().any(|(k, v)| *k == "x-gateway" && v == "gw-test"));
+        assert!(f
+            .set
+            .iter()
+            .any(|(k, v)| *k == "x-trace-id" && *v == cl.trace.trace_id));
+        assert!(!f.set.iter().any(|(k, _)| k.starts_with("x-user-")));
     }
 
     #[test]
     fn response_time_format() {
-        use std::time::Duration;
-        assert_eq!(response_time(Duration::from_micros(0)), "0.00ms");
-        assert_eq!(response_time(Duration::from_micros(1234)), "1.23ms");
-        assert_eq!(response_time(Duration::from_micros(1235)), "1.24ms");
-        assert_eq!(response_time(Duration::from_micros(99_999)), "100.00ms");
-    }
-
-    #[test]
-    fn method_check_comes_before_auth() {
-        let o = decide(&cfg(), &req("DELETE", "/api/v1/users/1", &[]), NOW, &RND);
-        assert_eq!(reply(&o).status, 405);
-    }
-
-    #[test]
-    fn incoming_trace_id_is_kept_and_appears_in_errors() {
-        let id = "0af7651916cd43dd8448eb211c80319c";
-        let o = decide(
-            &cfg(),
-            &req("GET", "/api/v1/users/1", &[("x-trace-id", id)]),
-            NOW,
-            &RND,
-        );
-        assert_eq!(o.trace.trace_id, id);
-        assert_eq!(body(reply(&o))["trace_id"], id);
-        assert!(reply(&o).headers.contains(&("x-trace-id", id.to_string())));
+        assert_eq!(response_time(0), "0.00ms");
+        assert_eq!(response_time(1234), "1.23ms");
+        assert_eq!(response_time(1235), "1.24ms");
+        assert_eq!(response_time(99_999), "100.00ms");
     }
 }

@@ -1,6 +1,7 @@
-//! Token revocation kept in Redis, reached through webdis: the keys (compatible with the
-//! reference gateway), the webdis request paths, parsing of webdis replies, the decision, and the
-//! bounded local cache kept in proxy-wasm shared data. No host calls here.
+//! Token revocation kept in Redis, reached through webdis: the settings (`revocation:` in the
+//! gateway file) and their compiled form, the keys (compatible with the reference gateway), the
+//! webdis request paths and the parsing of their replies, the decision, and the bounded local
+//! cache kept in proxy-wasm shared data. No host calls here.
 //!
 //! Keys: `token:blacklist:<token>` (written at logout/refresh, TTL = the token's remaining life)
 //! and `user:revoked_before:<sub>` (unix seconds; a ban revokes every token with an older `iat`).
@@ -8,6 +9,10 @@
 use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
+
+use crate::error::{at, check_name, check_path_prefix, check_range, seconds_to_ms, ConfigError};
+pub use crate::webdis::StoreError;
+use crate::webdis::{command_path, json_reply};
 
 pub const BLACKLIST_PREFIX: &str = "token:blacklist:";
 pub const BAN_PREFIX: &str = "user:revoked_before:";
@@ -26,41 +31,211 @@ pub enum FailureMode {
     Allow,
 }
 
-/// Percent-encodes one webdis argument: everything but `A-Z a-z 0-9 - _ ~` (so `.` and `/`
-/// cannot be taken for a format extension or an argument separator).
-pub fn encode_arg(arg: &str) -> String {
-    let mut out = String::with_capacity(arg.len() + 8);
-    for b in arg.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(
-                char::from_digit(u32::from(b >> 4), 16)
-                    .unwrap_or('0')
-                    .to_ascii_uppercase(),
-            );
-            out.push(
-                char::from_digit(u32::from(b & 0x0f), 16)
-                    .unwrap_or('0')
-                    .to_ascii_uppercase(),
-            );
-        }
-    }
-    out
+/// `revocation:`: logout, refresh and bans kept in Redis, reached through webdis. Paths are
+/// relative to the gateway prefix; an empty path disables that endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationSettings {
+    /// Callout timeout, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout: f64,
+    /// Seconds an answer is reused from shared data; 0 asks webdis every time.
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl: f64,
+    /// Number of shared-data cache slots (the memory bound).
+    #[serde(default = "default_cache_slots")]
+    pub cache_slots: u32,
+    /// `deny` (503) or `allow` (let through, counted) when webdis/Redis fails.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// Seconds a ban (`user:revoked_before:<sub>`) lives: at least the longest token lifetime.
+    #[serde(default = "default_ban_ttl")]
+    pub ban_ttl: u64,
+    #[serde(default = "default_logout_path")]
+    pub logout_path: String,
+    #[serde(default = "default_revoke_user_path")]
+    pub revoke_user_path: String,
+    #[serde(default = "default_revoke_roles")]
+    pub revoke_roles: Vec<String>,
+    #[serde(default)]
+    pub refresh: RefreshSettings,
 }
 
-/// A webdis command path: `/CMD/arg1/arg2.json` (the explicit `.json` fixes the reply format).
-pub fn command_path(command: &str, args: &[&str]) -> String {
-    let mut p = String::with_capacity(64);
-    p.push('/');
-    p.push_str(command);
-    for a in args {
-        p.push('/');
-        p.push_str(&encode_arg(a));
+/// `revocation.refresh`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshSettings {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_refresh_path")]
+    pub path: String,
+    /// Only tokens expiring within this many seconds may be refreshed; none = any valid token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+    /// Lifetime of the new token in seconds; none = the old token's lifetime (`exp - iat`, else
+    /// [`DEFAULT_TOKEN_TTL_SECONDS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ttl: Option<u64>,
+}
+
+impl Default for RefreshSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: default_refresh_path(),
+            window: None,
+            token_ttl: None,
+        }
     }
-    p.push_str(".json");
-    p
+}
+
+fn default_timeout() -> f64 {
+    0.2
+}
+fn default_cache_ttl() -> f64 {
+    1.0
+}
+fn default_cache_slots() -> u32 {
+    4096
+}
+fn default_ban_ttl() -> u64 {
+    86_400
+}
+fn default_logout_path() -> String {
+    "/auth/logout".to_string()
+}
+fn default_revoke_user_path() -> String {
+    "/admin/users/{id}/revoke".to_string()
+}
+fn default_revoke_roles() -> Vec<String> {
+    vec!["admin".to_string()]
+}
+fn default_refresh_path() -> String {
+    "/auth/refresh".to_string()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Token lifetime used by refresh when neither the settings nor the old token say (the
+/// reference's 30 minutes).
+pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 1800;
+
+/// Validated revocation settings with full paths.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    /// Envoy cluster of the webdis sidecar.
+    pub cluster: String,
+    pub timeout_ms: u64,
+    pub cache_ttl_ms: u64,
+    pub cache_slots: u32,
+    pub failure_mode: FailureMode,
+    pub ban_ttl_seconds: u64,
+    pub logout_path: Option<String>,
+    pub refresh: Option<Refresh>,
+    /// The revoke-user path split around `{id}`.
+    pub revoke_user: Option<(String, String)>,
+    pub revoke_roles: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Refresh {
+    pub path: String,
+    pub window_seconds: Option<u64>,
+    pub token_ttl_seconds: Option<u64>,
+}
+
+/// A gateway-answered revocation endpoint a path may name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointPath {
+    Logout,
+    Refresh,
+    RevokeUser(String),
+}
+
+impl Revocation {
+    pub fn endpoint(&self, path: &str) -> Option<EndpointPath> {
+        if self.logout_path.as_deref() == Some(path) {
+            return Some(EndpointPath::Logout);
+        }
+        if self.refresh.as_ref().is_some_and(|r| r.path == path) {
+            return Some(EndpointPath::Refresh);
+        }
+        let (head, tail) = self.revoke_user.as_ref()?;
+        let id = path.strip_prefix(head.as_str())?.strip_suffix(tail.as_str())?;
+        (!id.contains('/')).then(|| EndpointPath::RevokeUser(id.to_string()))
+    }
+}
+
+impl RevocationSettings {
+    /// Validates the settings; `prefix` is the gateway prefix, `cluster` the webdis cluster.
+    /// Field names in errors are relative to `revocation`.
+    pub fn compile(&self, prefix: &str, cluster: &str) -> Result<Revocation, ConfigError> {
+        check_name("webdis_cluster", cluster)?;
+        let timeout_ms = seconds_to_ms("timeout", self.timeout, 0.001, 60.0)?;
+        let cache_ttl_ms = seconds_to_ms("cache_ttl", self.cache_ttl, 0.0, 3600.0)?;
+        check_range("cache_slots", self.cache_slots, 1, 1_000_000)?;
+        check_range("ban_ttl", self.ban_ttl, 1, 365 * 86_400)?;
+        let full = |field: &str, p: &str| -> Result<Option<String>, ConfigError> {
+            if p.is_empty() {
+                return Ok(None);
+            }
+            check_path_prefix(field, p, false)?;
+            Ok(Some(format!("{prefix}{p}")))
+        };
+        let logout_path = full("logout_path", &self.logout_path)?;
+        let refresh = if self.refresh.enabled {
+            let path = full("refresh.path", &self.refresh.path)?
+                .ok_or_else(|| ConfigError::new("refresh.path", "must not be empty when enabled"))?;
+            if self.refresh.token_ttl == Some(0) {
+                return Err(ConfigError::new("refresh.token_ttl", "must be positive"));
+            }
+            Some(Refresh {
+                path,
+                window_seconds: self.refresh.window,
+                token_ttl_seconds: self.refresh.token_ttl,
+            })
+        } else {
+            None
+        };
+        let revoke_user = if self.revoke_user_path.is_empty() {
+            None
+        } else {
+            let field = "revoke_user_path";
+            let (head, tail) = self
+                .revoke_user_path
+                .split_once("/{id}")
+                .ok_or_else(|| ConfigError::new(field, "must contain a /{id} segment"))?;
+            if tail.contains("{id}") || !(tail.is_empty() || tail.starts_with('/')) {
+                return Err(ConfigError::new(field, "must contain exactly one /{id} segment"));
+            }
+            check_path_prefix(field, &format!("{head}{tail}"), false)?;
+            Some((format!("{prefix}{head}/"), tail.to_string()))
+        };
+        if revoke_user.is_some() && self.revoke_roles.is_empty() {
+            return Err(ConfigError::new("revoke_roles", "must name at least one role"));
+        }
+        crate::error::check_roles("revoke_roles", &self.revoke_roles)?;
+        let paths = [logout_path.as_deref(), refresh.as_ref().map(|r| r.path.as_str())];
+        if paths[0].is_some() && paths[0] == paths[1] {
+            return Err(ConfigError::new(
+                at("refresh", "path"),
+                "must differ from logout_path",
+            ));
+        }
+        Ok(Revocation {
+            cluster: cluster.to_string(),
+            timeout_ms,
+            cache_ttl_ms,
+            cache_slots: self.cache_slots,
+            failure_mode: self.failure_mode,
+            ban_ttl_seconds: self.ban_ttl,
+            logout_path,
+            refresh,
+            revoke_user,
+            revoke_roles: self.revoke_roles.clone(),
+        })
+    }
 }
 
 pub fn blacklist_key(token: &str) -> String {
@@ -111,40 +286,9 @@ impl Lookup {
     }
 }
 
-/// Why a store reply was not usable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreError {
-    /// The call could not be made (unknown cluster, ...).
-    Dispatch(String),
-    /// No `:status`: timeout or connection failure.
-    NoResponse,
-    Status(u16),
-    BadReply(&'static str),
-}
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Dispatch(s) => write!(f, "dispatch failed: {s}"),
-            Self::NoResponse => f.write_str("no response (timeout or connection failure)"),
-            Self::Status(s) => write!(f, "status {s}"),
-            Self::BadReply(why) => write!(f, "unparseable reply: {why}"),
-        }
-    }
-}
-
-fn check_status(status: Option<u16>) -> Result<(), StoreError> {
-    match status {
-        None => Err(StoreError::NoResponse),
-        Some(200) => Ok(()),
-        Some(s) => Err(StoreError::Status(s)),
-    }
-}
-
 /// Parses webdis's `{"MGET": ["1", null]}` reply to [`lookup_path`].
 pub fn parse_lookup(status: Option<u16>, body: &[u8], with_user: bool) -> Result<Lookup, StoreError> {
-    check_status(status)?;
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| StoreError::BadReply("not JSON"))?;
+    let v = json_reply(status, body)?;
     let items = v
         .get("MGET")
         .and_then(|m| m.as_array())
@@ -175,8 +319,7 @@ pub fn parse_lookup(status: Option<u16>, body: &[u8], with_user: bool) -> Result
 
 /// Parses webdis's `{"SETEX": [true, "OK"]}`.
 pub fn parse_setex(status: Option<u16>, body: &[u8]) -> Result<(), StoreError> {
-    check_status(status)?;
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| StoreError::BadReply("not JSON"))?;
+    let v = json_reply(status, body)?;
     match v.get("SETEX").and_then(|r| r.as_array()).map(Vec::as_slice) {
         Some([serde_json::Value::Bool(true), serde_json::Value::String(ok)]) if ok == "OK" => Ok(()),
         _ => Err(StoreError::BadReply("SETEX did not answer OK")),

@@ -2,6 +2,10 @@
 //! `traceparent`, else generate a UUIDv4; always emit a `traceparent` whose trace-id is the same
 //! 128 bits. Randomness is injected so the logic is deterministic under test.
 
+/// Trace headers: the id the reference uses, and the W3C context.
+pub const HEADER_TRACE_ID: &str = "x-trace-id";
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+
 /// Random bytes one request needs: 16 for a UUID, 8 for the span id.
 pub const RANDOM_BYTES: usize = 24;
 

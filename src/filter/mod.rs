@@ -1,109 +1,47 @@
-//! Glue between the proxy-wasm host and the pure decision code: read the request head, call
-//! [`crate::policy::decide`], then forward (mutating headers), reply, or consult the revocation
-//! store through webdis. Nothing here decides; every pause ends in a resume or a reply.
-//!
-//! `root` holds the per-VM context (configuration, timers for the log flush and the cluster
-//! sync); `http` the per-request context; this file the host helpers both use.
+//! The glue: proxy-wasm contexts that hand every callback to the VM's
+//! [`crate::pipeline::Gateway`], and [`WasmHost`], the [`Host`] made of proxy-wasm host calls.
+//! Nothing here decides.
 
-mod http;
-mod root;
-
-use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
-use log::{error, info, warn};
+use log::{error, info};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, Status};
 
-use crate::access_log::{self, Record};
-use crate::canary::{self, Sticky};
-use crate::config::{Config, Revocation};
-use crate::jwt::Identity;
-use crate::policy::{self, Endpoint, Outcome, Reply, HEADER_TRACE_ID};
-use crate::ratelimit::{self, cluster, Kind, SharedStore, Update, Verdict};
-use crate::revocation::{self as rv, CacheEntry, FailureMode, Lookup, Slot, StoreError};
-use crate::trace::{uuid_v4, RANDOM_BYTES};
-
-const HEADER_RESPONSE_TIME: &str = "x-response-time";
-const MSG_REVOKED: &str = "Token has been revoked";
-const MSG_STORE_DOWN: &str = "Revocation service unavailable";
+use crate::config::Config;
+use crate::headers::HeaderPair;
+use crate::host::{Callout, Host, LogLevel, MetricKind};
+use crate::pipeline::{self, Gateway};
+use crate::ratelimit::SharedStore;
+use crate::reply::Reply;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
     std::panic::set_hook(Box::new(|info| {
-        let _ = hostcalls::log(LogLevel::Critical, &format!("panic: {info}"));
+        let _ = hostcalls::log(proxy_wasm::types::LogLevel::Critical, &format!("panic: {info}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Root::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root { id, gateway: None }) });
 }}
 
-thread_local! {
-    /// Records waiting to be written to the log store (this VM's).
-    static LOG_BUFFER: RefCell<VecDeque<StoredRecord>> = const { RefCell::new(VecDeque::new()) };
-    /// Counters defined on first use (per route and outcome, per auth failure reason).
-    static LAZY_COUNTERS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
-}
+/// The proxy-wasm host. Request-scoped calls act on the effective context.
+struct WasmHost;
 
-struct StoredRecord {
-    trace_id: String,
-    user_id: Option<String>,
-    json: String,
-}
-
-fn inc_named(name: &str) {
-    let id = LAZY_COUNTERS.with(|c| {
-        let mut c = c.borrow_mut();
-        if let Some(id) = c.get(name) {
-            return Some(*id);
-        }
-        let id = hostcalls::define_metric(MetricType::Counter, name).ok()?;
-        c.insert(name.to_string(), id);
-        Some(id)
-    });
-    if let Some(id) = id {
-        Metrics::inc(id);
+fn wasm_level(level: LogLevel) -> proxy_wasm::types::LogLevel {
+    use proxy_wasm::types::LogLevel as L;
+    match level {
+        LogLevel::Trace => L::Trace,
+        LogLevel::Debug => L::Debug,
+        LogLevel::Info => L::Info,
+        LogLevel::Warn => L::Warn,
+        LogLevel::Error => L::Error,
+        LogLevel::Critical => L::Critical,
     }
 }
 
-/// Metric-name-safe form of a route name.
-fn metric_part(s: &str) -> String {
-    s.replace(['-', '.'], "_")
-}
-
-/// Counter ids (Envoy stats `wasmcustom.<name>`).
-struct Metrics {
-    lookups: u32,
-    cache_hits: u32,
-    revoked: u32,
-    store_errors: u32,
-    allowed_on_error: u32,
-    /// Allowed / limited per kind: IP, user, route.
-    rl_allowed: [u32; 3],
-    rl_limited: [u32; 3],
-    rl_contended: u32,
-    rl_sync_errors: u32,
-    /// Per canary route: [stable, canary] request counters.
-    canary: HashMap<String, [u32; 2]>,
-    duration: u32,
-    log_stored: u32,
-    log_dropped: u32,
-    log_errors: u32,
-}
-
-fn kind_index(kind: Kind) -> usize {
-    match kind {
-        Kind::Ip => 0,
-        Kind::User => 1,
-        Kind::Route => 2,
-    }
-}
-
-/// Shared data as the rate limiter's store.
-struct HostStore;
-
-impl SharedStore for HostStore {
+impl SharedStore for WasmHost {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         match hostcalls::get_shared_data(key) {
             Ok((Some(bytes), cas)) => Some((bytes, cas.unwrap_or(0))),
@@ -114,117 +52,10 @@ impl SharedStore for HostStore {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
         match hostcalls::set_shared_data(key, Some(value), cas) {
             Ok(()) => Ok(()),
-            Err(proxy_wasm::types::Status::CasMismatch) => Err(true),
+            Err(Status::CasMismatch) => Err(true),
             Err(_) => Err(false),
         }
     }
-}
-
-/// Creates every rate-limit key up front, so request-time updates are CAS on existing keys.
-fn create_rate_limit_keys(cfg: &Config) {
-    let mut any = false;
-    for limits in cfg.routes.iter().filter_map(|r| r.limits.as_ref()) {
-        ratelimit::ensure_key(&HostStore, &limits.route_key);
-        if limits.cluster_wide {
-            ratelimit::ensure_key(&HostStore, &limits.pending_key);
-            ratelimit::ensure_key(&HostStore, cluster::LEADER_KEY);
-        }
-        any = true;
-    }
-    if any {
-        let s = &cfg.rate_limits;
-        for (kind, slots) in [("i", s.ip_slots), ("u", s.user_slots)] {
-            for i in 0..u64::from(slots) {
-                ratelimit::ensure_key(&HostStore, &ratelimit::slot_key_at(kind, i));
-            }
-        }
-    }
-}
-
-impl Metrics {
-    fn define(cfg: &Config) -> Result<Self, String> {
-        let counter = |name: &str| {
-            hostcalls::define_metric(MetricType::Counter, name)
-                .map_err(|s| format!("define_metric {name}: {s:?}"))
-        };
-        Ok(Metrics {
-            lookups: counter("gateway_revocation_lookups_total")?,
-            cache_hits: counter("gateway_revocation_cache_hits_total")?,
-            revoked: counter("gateway_revocation_revoked_total")?,
-            store_errors: counter("gateway_revocation_store_errors_total")?,
-            allowed_on_error: counter("gateway_revocation_allowed_on_error_total")?,
-            rl_allowed: [
-                counter("gateway_ratelimit_ip_allowed_total")?,
-                counter("gateway_ratelimit_user_allowed_total")?,
-                counter("gateway_ratelimit_route_allowed_total")?,
-            ],
-            rl_limited: [
-                counter("gateway_ratelimit_ip_limited_total")?,
-                counter("gateway_ratelimit_user_limited_total")?,
-                counter("gateway_ratelimit_route_limited_total")?,
-            ],
-            rl_contended: counter("gateway_ratelimit_contended_total")?,
-            rl_sync_errors: counter("gateway_ratelimit_sync_errors_total")?,
-            duration: hostcalls::define_metric(MetricType::Histogram, "gateway_request_duration_ms")
-                .map_err(|s| format!("define_metric gateway_request_duration_ms: {s:?}"))?,
-            log_stored: counter("gateway_log_records_stored_total")?,
-            log_dropped: counter("gateway_log_records_dropped_total")?,
-            log_errors: counter("gateway_log_store_errors_total")?,
-            canary: {
-                let mut m = HashMap::new();
-                for r in cfg.routes.iter().filter(|r| r.canary.is_some()) {
-                    let base = metric_part(&r.name);
-                    m.insert(
-                        r.name.clone(),
-                        [
-                            counter(&format!("gateway_canary_{base}_stable_total"))?,
-                            counter(&format!("gateway_canary_{base}_canary_total"))?,
-                        ],
-                    );
-                }
-                m
-            },
-        })
-    }
-
-    /// Counts locally; [`flush_counters`] hands the totals to the host on the VM's timer. A host
-    /// call per counter per request was a large part of the filter's cost (make bench).
-    fn inc(id: u32) {
-        PENDING_COUNTS.with(|c| *c.borrow_mut().entry(id).or_insert(0) += 1);
-    }
-}
-
-thread_local! {
-    /// Counter increments not yet handed to the host (this VM's).
-    static PENDING_COUNTS: RefCell<HashMap<u32, i64>> = RefCell::new(HashMap::new());
-}
-
-/// How often each VM hands its counts to Envoy's stats (Envoy itself flushes stats every 5 s).
-const COUNTER_FLUSH_MS: u64 = 1000;
-
-fn flush_counters() {
-    let pending: Vec<(u32, i64)> = PENDING_COUNTS.with(|c| c.borrow_mut().drain().collect());
-    for (id, n) in pending {
-        let _ = hostcalls::increment_metric(id, n);
-    }
-}
-
-/// The one way this filter calls webdis: `method` + `path` to the Envoy cluster `cluster` (also
-/// the `:authority`), with an optional body (webdis appends a PUT body as the last argument).
-fn webdis_call(
-    cluster: &str,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-    timeout_ms: u64,
-) -> Result<u32, proxy_wasm::types::Status> {
-    hostcalls::dispatch_http_call(
-        cluster,
-        vec![(":method", method), (":path", path), (":authority", cluster)],
-        body,
-        vec![],
-        Duration::from_millis(timeout_ms),
-    )
 }
 
 /// The `:status` of a header map, if it is a number.
@@ -235,70 +66,270 @@ fn status_of(map: MapType) -> Option<u16> {
         .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u16>().ok()))
 }
 
-/// `:status` and body of the current HTTP call response.
-fn call_response(body_size: usize) -> (Option<u16>, Vec<u8>) {
-    let status = status_of(MapType::HttpCallResponseHeaders);
-    let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-        Ok(Some(b)) => b,
-        _ => Vec::new(),
-    };
-    (status, body)
-}
+impl Host for WasmHost {
+    fn now_ms(&mut self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
 
-fn now() -> SystemTime {
-    hostcalls::get_current_time().unwrap_or(UNIX_EPOCH)
-}
-
-fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn now_ms() -> u64 {
-    now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-thread_local! {
-    /// Trace and span ids need uniqueness, not secrecy: a PRNG seeded once per VM from the host
-    /// saves a `random_get` host call per request.
-    static FAST_RNG: RefCell<Option<fastrand::Rng>> = const { RefCell::new(None) };
-}
-
-fn fast_random() -> [u8; RANDOM_BYTES] {
-    FAST_RNG.with(|r| {
-        let mut r = r.borrow_mut();
-        let rng = r.get_or_insert_with(|| {
-            let seed = random_bytes();
-            let mut s = [0u8; 8];
-            s.copy_from_slice(seed.get(..8).unwrap_or(&[9u8; 8]));
-            fastrand::Rng::with_seed(u64::from_le_bytes(s))
-        });
-        let mut buf = [0u8; RANDOM_BYTES];
-        rng.fill(&mut buf);
-        buf
-    })
-}
-
-fn random_bytes() -> [u8; RANDOM_BYTES] {
-    let mut buf = [0u8; RANDOM_BYTES];
-    if let Err(e) = getrandom::fill(&mut buf) {
-        // Fall back to the clock: ids only need to be unique-ish, never secret.
-        warn!("getrandom failed: {e}");
-        let nanos = now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_nanos();
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8);
+    fn random_bytes(&mut self, buf: &mut [u8]) {
+        if getrandom::fill(buf).is_err() {
+            // Fall back to the clock: ids only need to be unique-ish, never secret.
+            let nanos = hostcalls::get_current_time()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .unwrap_or(Duration::ZERO)
+                .as_nanos();
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8);
+            }
         }
     }
-    buf
+
+    fn request_headers(&mut self) -> Option<Vec<HeaderPair>> {
+        // Bytes, not strings: the SDK's `get_map` panics on values that are not UTF-8.
+        hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+    }
+
+    fn set_response_header(&mut self, name: &str, value: &str) {
+        let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+    }
+
+    fn response_status(&mut self) -> Option<u16> {
+        status_of(MapType::HttpResponseHeaders)
+    }
+
+    fn source_address(&mut self) -> Option<String> {
+        hostcalls::get_property(vec!["source", "address"])
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+    }
+
+    fn clear_route_cache(&mut self) {
+        let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+    }
+
+    fn send_reply(&mut self, reply: &Reply) {
+        let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if let Err(status) =
+            hostcalls::send_http_response(u32::from(reply.status), headers, Some(reply.body.as_bytes()))
+        {
+            error!("send_http_response failed: {status:?}");
+        }
+    }
+
+    fn resume(&mut self) {
+        let _ = hostcalls::resume_http_request();
+    }
+
+    fn switch_to(&mut self, context_id: u32) -> bool {
+        hostcalls::set_effective_context(context_id).is_ok()
+    }
+
+    fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, String> {
+        hostcalls::dispatch_http_call(
+            call.cluster,
+            vec![
+                (":method", call.method),
+                (":path", call.path),
+                (":authority", call.cluster),
+            ],
+            call.body,
+            vec![],
+            Duration::from_millis(call.timeout_ms),
+        )
+        .map_err(|s| format!("{s:?}"))
+    }
+
+    fn call_response(&mut self, body_size: usize) -> (Option<u16>, Vec<u8>) {
+        let status = status_of(MapType::HttpCallResponseHeaders);
+        let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+            Ok(Some(b)) => b,
+            _ => Vec::new(),
+        };
+        (status, body)
+    }
+
+    fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
+        let kind = match kind {
+            MetricKind::Counter => MetricType::Counter,
+            MetricKind::Histogram => MetricType::Histogram,
+        };
+        hostcalls::define_metric(kind, name).ok()
+    }
+
+    fn increment_metric(&mut self, id: u32, by: i64) {
+        let _ = hostcalls::increment_metric(id, by);
+    }
+
+    fn record_metric(&mut self, id: u32, value: u64) {
+        let _ = hostcalls::record_metric(id, value);
+    }
+
+    fn log_level(&mut self) -> LogLevel {
+        use proxy_wasm::types::LogLevel as L;
+        match hostcalls::get_log_level() {
+            Ok(L::Trace) | Err(_) => LogLevel::Trace,
+            Ok(L::Debug) => LogLevel::Debug,
+            Ok(L::Info) => LogLevel::Info,
+            Ok(L::Warn) => LogLevel::Warn,
+            Ok(L::Error) => LogLevel::Error,
+            Ok(L::Critical) => LogLevel::Critical,
+        }
+    }
+
+    fn log(&mut self, level: LogLevel, message: &str) {
+        let _ = hostcalls::log(wasm_level(level), message);
+    }
 }
 
-fn shared(key: &str) -> Option<Vec<u8>> {
-    hostcalls::get_shared_data(key).ok().and_then(|(bytes, _)| bytes)
+type Shared = Rc<RefCell<Gateway>>;
+
+/// Runs `f` on the gateway unless it is already borrowed (a host call re-entered the module:
+/// Envoy defers replies and resumes, so this does not happen; if it did, skipping is safer than
+/// a panic that kills the VM).
+fn with<R>(gw: &Shared, default: R, f: impl FnOnce(&mut Gateway, &mut WasmHost) -> R) -> R {
+    match gw.try_borrow_mut() {
+        Ok(mut g) => f(&mut g, &mut WasmHost),
+        Err(_) => {
+            error!("gateway state busy (re-entrant callback): skipped");
+            default
+        }
+    }
+}
+
+/// The root context: configuration, and the VM's timer.
+struct Root {
+    id: u32,
+    gateway: Option<Shared>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _: usize, body_size: usize, _: usize) {
+        if let Some(gw) = &self.gateway {
+            let id = self.id;
+            with(gw, (), |g, h| g.on_call_response(id, token_id, body_size, h));
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _: usize) -> bool {
+        info!("gateway filter {} starting", env!("CARGO_PKG_VERSION"));
+        true
+    }
+
+    fn on_configure(&mut self, _: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            Ok(None) => Vec::new(),
+            Err(status) => {
+                error!("gateway filter: cannot read plugin configuration: {status:?}");
+                return false;
+            }
+        };
+        let cfg = match Config::from_json(&bytes) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                error!("gateway filter: invalid configuration: {e}");
+                return false;
+            }
+        };
+        info!(
+            "gateway filter configured: {} routes, jwt {}, revocation {}, log store {}",
+            cfg.routes.len(),
+            if cfg.verifier.is_some() { "on" } else { "off" },
+            if cfg.revocation.is_some() { "on" } else { "off" },
+            if cfg.logs.store.is_some() { "on" } else { "off" },
+        );
+        let gateway = match Gateway::new(cfg, &mut WasmHost) {
+            Ok(g) => g,
+            Err(e) => {
+                error!("gateway filter: {e}");
+                return false;
+            }
+        };
+        // One timer in every VM: counters, the log flush, the limit sync (leader only), and
+        // lookups whose owner left.
+        let _ = hostcalls::set_tick_period(Duration::from_millis(gateway.tick_period_ms()));
+        self.gateway = Some(Rc::new(RefCell::new(gateway)));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(gw) = &self.gateway {
+            let id = self.id;
+            with(gw, (), |g, h| g.on_tick(id, h));
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Request {
+            id: context_id,
+            gateway: self.gateway.clone()?,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// The per-request context: every callback goes to the gateway with this context's id.
+struct Request {
+    id: u32,
+    gateway: Shared,
+}
+
+impl Context for Request {
+    fn on_http_call_response(&mut self, token_id: u32, _: usize, body_size: usize, _: usize) {
+        let id = self.id;
+        with(&self.gateway, (), |g, h| {
+            g.on_call_response(id, token_id, body_size, h)
+        });
+    }
+}
+
+/// The context is deleted (after `on_log`, or without it): drop whatever state it left.
+impl Drop for Request {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.gateway.try_borrow_mut() {
+            g.on_done(self.id);
+        }
+    }
+}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let id = self.id;
+        let Ok(mut g) = self.gateway.try_borrow_mut() else {
+            // Fail closed, never forward unchecked.
+            error!("gateway state busy (re-entrant callback): refused");
+            WasmHost.send_reply(&Reply::error(503, "Gateway busy", ""));
+            return Action::Pause;
+        };
+        match g.on_request_headers(id, &mut WasmHost) {
+            pipeline::Action::Continue => Action::Continue,
+            pipeline::Action::Pause => Action::Pause,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        let id = self.id;
+        with(&self.gateway, (), |g, h| g.on_response_headers(id, h));
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let id = self.id;
+        with(&self.gateway, (), |g, h| g.on_log(id, h));
+    }
 }

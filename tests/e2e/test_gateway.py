@@ -281,9 +281,11 @@ def test_bad_gateway_file_fails_naming_the_field(tmp_path, yaml_text, expected):
 
 def test_filter_refuses_a_bad_json_configuration(gw, tmp_path):
     text = gw.envoy_yaml.read_text()
-    assert '"methods":["GET","POST","PUT","DELETE"]' in text
+    # The filter's JSON is embedded as a quoted YAML string.
+    good = '\\"methods\\":[\\"GET\\",\\"POST\\",\\"PUT\\",\\"DELETE\\"]'
+    assert good in text
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace('"methods":["GET","POST","PUT","DELETE"]', '"methods":["GTE"]', 1))
+    bad.write_text(text.replace(good, '\\"methods\\":[\\"GTE\\"]', 1))
     v = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(bad), "--disable-hot-restart", "-l", "info"],
                        capture_output=True, text=True)
     out = v.stdout + v.stderr

@@ -2,9 +2,9 @@
 //! (its JSON configuration embedded) and the router; one route per prefix; one cluster per route.
 
 use gateway_filter::canary::ROUTE_HEADER;
-use gateway_filter::config::{Config, FilterConfig};
-use gateway_filter::gateway::{Endpoint, FailurePolicy, GatewayFile, LbPolicy, RouteEndpoints};
 use serde_json::{json, Value};
+
+use crate::gateway::{Endpoint, FailurePolicy, GatewayFile, LbPolicy, WEBDIS_CLUSTER};
 
 /// Where the filter's `.wasm` lives, as Envoy will see it.
 pub struct RenderOptions<'a> {
@@ -39,16 +39,11 @@ fn json_error(error: &str, message: &str) -> Value {
 }
 
 /// The bootstrap as a JSON value (serialized to YAML by the caller).
-pub fn bootstrap(
-    file: &GatewayFile,
-    filter: &FilterConfig,
-    endpoints: &[RouteEndpoints],
-    opts: &RenderOptions,
-) -> Result<Value, String> {
+pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, String> {
     let g = &file.gateway;
-    let filter_json = serde_json::to_string(filter).map_err(|e| e.to_string())?;
+    let filter_json = serde_json::to_string(&file.filter).map_err(|e| e.to_string())?;
     // Route order must match the filter's: most specific prefix first.
-    let validated = Config::try_from(filter.clone()).map_err(|e| e.to_string())?;
+    let validated = &file.config;
 
     let mut routes: Vec<Value> = Vec::new();
     for vr in &validated.routes {
@@ -67,7 +62,7 @@ pub fn bootstrap(
                 "num_retries": r.retry,
             });
         }
-        if r.canary.is_some() {
+        if r.endpoints.canary.is_some() {
             // Matched first when the filter has chosen the canary; the internal header goes no further.
             let mut canary_match = matcher.clone();
             canary_match["headers"] = json!([{"name": ROUTE_HEADER, "string_match": {"exact": "1"}}]);
@@ -181,11 +176,15 @@ pub fn bootstrap(
     let cb = &g.circuit_breaker;
     let od = &g.outlier_detection;
     let mut clusters: Vec<Value> = Vec::new();
-    let sets = file.routes.iter().zip(endpoints).flat_map(|(r, eps)| {
-        let stable = Some((r, r.name.clone(), &eps.stable));
-        let canary = eps.canary.as_ref().map(|c| (r, canary_cluster(&r.name), c));
-        stable.into_iter().chain(canary)
-    });
+    let sets = file
+        .routes
+        .iter()
+        .map(|r| (r, &r.endpoints))
+        .flat_map(|(r, eps)| {
+            let stable = Some((r, r.name.clone(), &eps.stable));
+            let canary = eps.canary.as_ref().map(|c| (r, canary_cluster(&r.name), c));
+            stable.into_iter().chain(canary)
+        });
     for (r, name, eps) in sets {
         let lb_endpoints: Vec<Value> = eps
             .iter()
@@ -221,10 +220,13 @@ pub fn bootstrap(
         clusters.push(cluster);
     }
 
-    if let Some(webdis) = &file.webdis {
-        let ep = gateway_filter::gateway::parse_upstream("webdis", webdis).map_err(|e| e.to_string())?;
-        let timeout = file.revocation.as_ref().map_or(0.2, |rv| rv.timeout);
-        let cluster = gateway_filter::config::default_webdis_cluster();
+    if let Some(ep) = &file.webdis {
+        let timeout = file
+            .config
+            .revocation
+            .as_ref()
+            .map_or(0.2, |rv| rv.timeout_ms as f64 / 1000.0);
+        let cluster = WEBDIS_CLUSTER;
         clusters.push(json!({
             "name": cluster,
             "type": if ep.is_ip() { "STATIC" } else { "STRICT_DNS" },
@@ -258,12 +260,8 @@ mod tests {
     use super::*;
 
     fn render(yaml: &str) -> Value {
-        let file: GatewayFile = serde_yaml::from_str(yaml).unwrap();
-        let eps = file.validate_envoy_side().unwrap();
-        let fc = file
-            .filter_config(&|_| Some("secret-secret-secret".into()))
-            .unwrap();
-        bootstrap(&file, &fc, &eps, &RenderOptions { wasm_path: "/x.wasm" }).unwrap()
+        let file = GatewayFile::parse(yaml, &|_| Some("secret-secret-secret".into())).unwrap();
+        bootstrap(&file, &RenderOptions { wasm_path: "/x.wasm" }).unwrap()
     }
 
     const YAML: &str = r#"
@@ -347,10 +345,13 @@ routes:
         );
         let wasm = &filters[1]["typed_config"]["config"];
         assert_eq!(wasm["failure_policy"], "FAIL_RELOAD");
-        let embedded: FilterConfig =
+        let embedded: gateway_filter::config::FilterConfig =
             serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
         assert_eq!(embedded.routes.len(), 3);
-        assert_eq!(embedded.jwt.unwrap().secret, "secret-secret-secret");
+        assert_eq!(
+            embedded.jwt.unwrap().secret.as_deref(),
+            Some("secret-secret-secret")
+        );
         assert_eq!(v["admin"]["address"]["socket_address"]["port_value"], 9901);
     }
 

@@ -1,0 +1,307 @@
+//! What the orchestrator needs from the proxy, as one trait: request and response headers,
+//! local replies, pause and resume, shared data, HTTP callouts, time, randomness, metrics and
+//! logs. The proxy-wasm glue (`filter/`) implements it with host calls; [`fake::FakeHost`]
+//! implements it in memory so the whole request path runs natively in tests, and counts every
+//! call so tests can pin the number of host calls per request path.
+
+use crate::headers::HeaderPair;
+use crate::ratelimit::SharedStore;
+use crate::reply::Reply;
+
+/// Log levels, as proxy-wasm orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Critical,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Histogram,
+}
+
+/// One HTTP call to a cluster (webdis).
+#[derive(Debug, Clone, Copy)]
+pub struct Callout<'a> {
+    pub cluster: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub body: Option<&'a [u8]>,
+    pub timeout_ms: u64,
+}
+
+/// The proxy, as the orchestrator sees it. Request-scoped calls act on the current (effective)
+/// context; [`Host::switch_to`] changes it.
+pub trait Host: SharedStore {
+    /// Unix time, milliseconds.
+    fn now_ms(&mut self) -> u64;
+    fn random_bytes(&mut self, buf: &mut [u8]);
+
+    fn request_headers(&mut self) -> Option<Vec<HeaderPair>>;
+    /// Sets (`Some`) or removes (`None`) a request header.
+    fn set_request_header(&mut self, name: &str, value: Option<&str>);
+    fn set_response_header(&mut self, name: &str, value: &str);
+    fn response_status(&mut self) -> Option<u16>;
+    /// The downstream peer, `ip:port`.
+    fn source_address(&mut self) -> Option<String>;
+    /// Asks Envoy to match the route again after a header it routes on changed.
+    fn clear_route_cache(&mut self);
+    fn send_reply(&mut self, reply: &Reply);
+    /// Lets a paused request continue.
+    fn resume(&mut self);
+    /// Makes another request's context the current one; false if it is gone.
+    fn switch_to(&mut self, context_id: u32) -> bool;
+
+    /// Dispatches a call; its answer arrives later with the returned token id.
+    fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, String>;
+    /// `:status` and body of the call response being delivered.
+    fn call_response(&mut self, body_size: usize) -> (Option<u16>, Vec<u8>);
+
+    fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32>;
+    fn increment_metric(&mut self, id: u32, by: i64);
+    fn record_metric(&mut self, id: u32, value: u64);
+
+    /// The proxy's current level for this module's logs.
+    fn log_level(&mut self) -> LogLevel;
+    fn log(&mut self, level: LogLevel, message: &str);
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! An in-memory host: shared data, headers per context, callouts that tests answer, metrics
+    //! by name, and a count of every call.
+
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// What the host did to one request.
+    #[derive(Debug, Default, Clone)]
+    pub struct FakeRequest {
+        pub headers: Vec<HeaderPair>,
+        pub response_headers: Vec<(String, String)>,
+        pub response_status: Option<u16>,
+        pub reply: Option<Reply>,
+        pub resumed: u32,
+        pub route_cache_cleared: u32,
+    }
+
+    impl FakeRequest {
+        pub fn header(&self, name: &str) -> Option<&str> {
+            crate::headers::get_str(&self.headers, name)
+        }
+        pub fn response_header(&self, name: &str) -> Option<&str> {
+            self.response_headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct Dispatched {
+        pub token_id: u32,
+        /// The context the call was dispatched from (the one the answer is delivered to).
+        pub context: u32,
+        pub cluster: String,
+        pub method: String,
+        pub path: String,
+        pub body: Option<Vec<u8>>,
+    }
+
+    #[derive(Default)]
+    pub struct FakeHost {
+        pub now_ms: u64,
+        pub current: u32,
+        pub requests: HashMap<u32, FakeRequest>,
+        pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        pub dispatched: Vec<Dispatched>,
+        pub fail_dispatch: bool,
+        next_token: u32,
+        /// The answer `call_response` returns while a response is delivered.
+        pub answer: (Option<u16>, Vec<u8>),
+        pub metric_names: Vec<(String, MetricKind)>,
+        pub metric_values: HashMap<u32, i64>,
+        pub logs: Vec<(LogLevel, String)>,
+        pub level: Option<LogLevel>,
+        pub peer: Option<String>,
+        /// Every host call, and the ones of shared data (they go through `&self`).
+        calls: Cell<u32>,
+        /// Contexts that are gone (`switch_to` fails).
+        pub gone: Vec<u32>,
+    }
+
+    impl FakeHost {
+        pub fn new(now_ms: u64) -> Self {
+            Self {
+                now_ms,
+                peer: Some("10.0.0.1:5555".to_string()),
+                next_token: 100,
+                ..Self::default()
+            }
+        }
+
+        fn tick(&self) {
+            self.calls.set(self.calls.get() + 1);
+        }
+
+        pub fn host_calls(&self) -> u32 {
+            self.calls.get()
+        }
+
+        pub fn reset_calls(&self) {
+            self.calls.set(0);
+        }
+
+        pub fn req(&self, ctx: u32) -> &FakeRequest {
+            static EMPTY: std::sync::OnceLock<FakeRequest> = std::sync::OnceLock::new();
+            self.requests
+                .get(&ctx)
+                .unwrap_or_else(|| EMPTY.get_or_init(FakeRequest::default))
+        }
+
+        fn cur(&mut self) -> &mut FakeRequest {
+            self.requests.entry(self.current).or_default()
+        }
+
+        /// A metric's value by name (counters as flushed to the host).
+        pub fn metric(&self, name: &str) -> i64 {
+            self.metric_names
+                .iter()
+                .position(|(n, _)| n == name)
+                .and_then(|i| self.metric_values.get(&(i as u32 + 1)).copied())
+                .unwrap_or(0)
+        }
+    }
+
+    impl SharedStore for FakeHost {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.tick();
+            self.shared.borrow().get(key).cloned()
+        }
+
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
+            self.tick();
+            let mut m = self.shared.borrow_mut();
+            let next = match (m.get(key), cas) {
+                (Some((_, current)), Some(c)) if *current != c => return Err(true),
+                (Some((_, current)), _) => current + 1,
+                (None, _) => 1,
+            };
+            m.insert(key.to_string(), (value.to_vec(), next));
+            Ok(())
+        }
+    }
+
+    impl Host for FakeHost {
+        fn now_ms(&mut self) -> u64 {
+            self.tick();
+            self.now_ms
+        }
+        fn random_bytes(&mut self, buf: &mut [u8]) {
+            self.tick();
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+            }
+        }
+        fn request_headers(&mut self) -> Option<Vec<HeaderPair>> {
+            self.tick();
+            Some(self.cur().headers.clone())
+        }
+        fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+            self.tick();
+            let r = self.cur();
+            r.headers.retain(|(k, _)| k != name);
+            if let Some(v) = value {
+                r.headers.push((name.to_string(), v.as_bytes().to_vec()));
+            }
+        }
+        fn set_response_header(&mut self, name: &str, value: &str) {
+            self.tick();
+            let r = self.cur();
+            r.response_headers.retain(|(k, _)| k != name);
+            r.response_headers.push((name.to_string(), value.to_string()));
+        }
+        fn response_status(&mut self) -> Option<u16> {
+            self.tick();
+            self.cur().response_status
+        }
+        fn source_address(&mut self) -> Option<String> {
+            self.tick();
+            self.peer.clone()
+        }
+        fn clear_route_cache(&mut self) {
+            self.tick();
+            self.cur().route_cache_cleared += 1;
+        }
+        fn send_reply(&mut self, reply: &Reply) {
+            self.tick();
+            let r = self.cur();
+            r.response_status = Some(reply.status);
+            r.reply = Some(reply.clone());
+        }
+        fn resume(&mut self) {
+            self.tick();
+            self.cur().resumed += 1;
+        }
+        fn switch_to(&mut self, context_id: u32) -> bool {
+            self.tick();
+            if self.gone.contains(&context_id) {
+                return false;
+            }
+            self.current = context_id;
+            true
+        }
+        fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, String> {
+            self.tick();
+            if self.fail_dispatch {
+                return Err("BadArgument".to_string());
+            }
+            self.next_token += 1;
+            self.dispatched.push(Dispatched {
+                token_id: self.next_token,
+                context: self.current,
+                cluster: call.cluster.to_string(),
+                method: call.method.to_string(),
+                path: call.path.to_string(),
+                body: call.body.map(<[u8]>::to_vec),
+            });
+            Ok(self.next_token)
+        }
+        fn call_response(&mut self, _body_size: usize) -> (Option<u16>, Vec<u8>) {
+            self.tick();
+            self.answer.clone()
+        }
+        fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
+            self.tick();
+            if let Some(i) = self.metric_names.iter().position(|(n, _)| n == name) {
+                return Some(i as u32 + 1);
+            }
+            self.metric_names.push((name.to_string(), kind));
+            Some(self.metric_names.len() as u32)
+        }
+        fn increment_metric(&mut self, id: u32, by: i64) {
+            self.tick();
+            *self.metric_values.entry(id).or_insert(0) += by;
+        }
+        fn record_metric(&mut self, id: u32, value: u64) {
+            self.tick();
+            self.metric_values
+                .insert(id, i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        fn log_level(&mut self) -> LogLevel {
+            self.tick();
+            self.level.unwrap_or(LogLevel::Info)
+        }
+        fn log(&mut self, level: LogLevel, message: &str) {
+            self.tick();
+            self.logs.push((level, message.to_string()));
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! The whole request path through the in-memory host: order of checks, pause and resume on a
+//! callout, the gateway's endpoints, failure modes, coalesced lookups, and the number of host
+//! calls per request path.
+
+use super::*;
+use crate::host::fake::{FakeHost, FakeRequest};
+use crate::jwt::tests::{forge, SECRET};
+
+const NOW_S: i64 = 1_800_000_000;
+const ROOT: u32 = 1;
+const CLEAN: &str = r#"{"MGET":[null,null]}"#;
+const BLACKLISTED: &str = r#"{"MGET":["1",null]}"#;
+const SETEX_OK: &str = r#"{"SETEX":[true,"OK"]}"#;
+
+fn base() -> serde_json::Value {
+    serde_json::json!({
+        "gateway": {"prefix": "/api/v1", "name": "gw-test"},
+        "passthrough_paths": ["/health"],
+        "webdis_cluster": "webdis",
+        "jwt": {"secret": String::from_utf8(SECRET.to_vec()).unwrap()},
+        "revocation": {},
+        "logs": {"enabled": false},
+        "routes": [
+            {"name": "users", "prefix": "/users", "methods": ["GET"],
+             "rate_limit": {"max_calls": 100, "per_user": {"max_calls": 1}}},
+            {"name": "open", "prefix": "/open", "auth_required": false},
+            {"name": "products", "prefix": "/products", "auth_required": false,
+             "rate_limit": {"max_calls": 100}},
+            {"name": "orders", "prefix": "/orders", "methods": ["GET"],
+             "canary": {"users": ["user-001"], "header": "X-Canary"}},
+            {"name": "auth", "prefix": "/auth", "methods": ["POST"], "auth_required": false,
+             "rate_limit": {"max_calls": 10, "per_user": {"max_calls": 1}}},
+            {"name": "plain", "prefix": "/plain"}
+        ]
+    })
+}
+
+fn token_for(sub: &str, jti: &str) -> String {
+    let payload = serde_json::json!({"sub": sub, "name": "n", "role": "user", "iat": NOW_S, "exp": NOW_S + 1800, "jti": jti});
+    forge(r#"{"alg":"HS256","typ":"JWT"}"#, &payload.to_string(), SECRET)
+}
+
+fn token() -> String {
+    token_for("user-001", "a")
+}
+
+struct T {
+    gw: Gateway,
+    host: FakeHost,
+}
+
+impl T {
+    fn new(v: serde_json::Value) -> T {
+        let cfg = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let mut host = FakeHost::new(NOW_S as u64 * 1000);
+        host.current = ROOT;
+        let gw = Gateway::new(cfg, &mut host).unwrap();
+        T { gw, host }
+    }
+
+    fn default() -> T {
+        T::new(base())
+    }
+
+    /// A request arrives on context `ctx`.
+    fn send(&mut self, ctx: u32, method: &str, path: &str, token: Option<&str>) -> Action {
+        let mut headers = vec![
+            (":method".to_string(), method.as_bytes().to_vec()),
+            (":path".to_string(), path.as_bytes().to_vec()),
+            (":authority".to_string(), b"gw".to_vec()),
+        ];
+        if let Some(t) = token {
+            headers.push(("authorization".to_string(), format!("Bearer {t}").into_bytes()));
+        }
+        self.send_headers(ctx, headers)
+    }
+
+    fn send_headers(&mut self, ctx: u32, headers: Vec<HeaderPair>) -> Action {
+        self.host.requests.insert(
+            ctx,
+            FakeRequest {
+                headers,
+                ..FakeRequest::default()
+            },
+        );
+        self.host.current = ctx;
+        self.gw.on_request_headers(ctx, &mut self.host)
+    }
+
+    /// Webdis answers call `token_id`, delivered to the context that dispatched it.
+    fn answer(&mut self, token_id: u32, status: Option<u16>, body: &str) {
+        let context = self
+            .host
+            .dispatched
+            .iter()
+            .find(|d| d.token_id == token_id)
+            .map(|d| d.context)
+            .unwrap();
+        self.host.current = context;
+        self.host.answer = (status, body.as_bytes().to_vec());
+        self.gw
+            .on_call_response(context, token_id, body.len(), &mut self.host);
+    }
+
+    fn answer_last(&mut self, status: Option<u16>, body: &str) {
+        let token_id = self.host.dispatched.last().unwrap().token_id;
+        self.answer(token_id, status, body);
+    }
+
+    /// The response goes back and the stream ends.
+    fn finish(&mut self, ctx: u32) {
+        self.host.current = ctx;
+        let status = self.req(ctx).reply.as_ref().map_or(200, |r| r.status);
+        self.host.requests.entry(ctx).or_default().response_status = Some(status);
+        self.gw.on_response_headers(ctx, &mut self.host);
+        self.gw.on_log(ctx, &mut self.host);
+    }
+
+    fn req(&self, ctx: u32) -> &FakeRequest {
+        self.host.req(ctx)
+    }
+
+    fn status(&self, ctx: u32) -> u16 {
+        self.req(ctx).reply.as_ref().map_or(200, |r| r.status)
+    }
+
+    fn reason(&self, ctx: u32) -> &'static str {
+        self.req(ctx).reply.as_ref().map_or("allowed", |r| r.reason)
+    }
+
+    fn calls(&self) -> usize {
+        self.host.dispatched.len()
+    }
+
+    fn tick(&mut self) {
+        self.host.current = ROOT;
+        self.gw.on_tick(ROOT, &mut self.host);
+    }
+
+    fn metric(&mut self, name: &str) -> i64 {
+        self.host.now_ms += COUNTER_FLUSH_MS;
+        self.tick();
+        self.host.metric(name)
+    }
+
+    /// A full request that needs no callout; returns its status.
+    fn get(&mut self, ctx: u32, path: &str, token: Option<&str>) -> u16 {
+        self.send(ctx, "GET", path, token);
+        let status = self.status(ctx);
+        self.finish(ctx);
+        status
+    }
+}
+
+#[test]
+fn public_request_is_forwarded_with_trace_headers_and_no_spoofed_identity() {
+    let mut t = T::default();
+    let mut h = vec![
+        (":method".to_string(), b"GET".to_vec()),
+        (":path".to_string(), b"/api/v1/open/1".to_vec()),
+        ("x-user-id".to_string(), b"spoof".to_vec()),
+    ];
+    h.push(("x-gateway-canary".to_string(), b"1".to_vec()));
+    assert_eq!(t.send_headers(2, h), Action::Continue);
+    let r = t.req(2);
+    assert_eq!(r.header("x-user-id"), None);
+    assert_eq!(r.header("x-gateway-canary"), None);
+    assert_eq!(r.header("x-gateway"), Some("gw-test"));
+    assert!(r.header("x-trace-id").is_some());
+    t.finish(2);
+    assert!(t.req(2).response_header("x-response-time").is_some());
+    assert_eq!(t.calls(), 0);
+}
+
+#[test]
+fn authenticated_request_waits_for_the_lookup_then_carries_the_identity() {
+    let mut t = T::default();
+    assert_eq!(t.send(2, "GET", "/api/v1/plain/1", Some(&token())), Action::Pause);
+    assert_eq!(t.calls(), 1);
+    assert!(t.host.dispatched[0]
+        .path
+        .starts_with("/MGET/token%3Ablacklist%3A"));
+    assert_eq!(
+        t.req(2).header("x-user-id"),
+        None,
+        "nothing forwarded before the answer"
+    );
+    t.answer_last(Some(200), CLEAN);
+    let r = t.req(2);
+    assert_eq!(r.resumed, 1);
+    assert_eq!(r.header("x-user-id"), Some("user-001"));
+    assert_eq!(r.header("x-user-role"), Some("user"));
+    // The answer is cached: the next request with the token makes no call.
+    assert_eq!(
+        t.send(3, "GET", "/api/v1/plain/1", Some(&token())),
+        Action::Continue
+    );
+    assert_eq!(t.calls(), 1);
+}
+
+#[test]
+fn a_revoked_token_charges_no_user_or_route_bucket_and_moves_no_canary_counter() {
+    let mut t = T::default();
+    let stolen = token_for("user-001", "stolen");
+    t.send(2, "GET", "/api/v1/users/1", Some(&stolen));
+    t.answer_last(Some(200), BLACKLISTED);
+    assert_eq!((t.status(2), t.reason(2)), (401, "revoked"));
+    t.finish(2);
+    t.send(3, "GET", "/api/v1/orders/1", Some(&stolen));
+    assert_eq!(t.reason(3), "revoked", "cached");
+    t.finish(3);
+    // The real user (limit 1 per second) still has their whole budget.
+    let real = token();
+    t.send(4, "GET", "/api/v1/users/1", Some(&real));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(4), 200);
+    assert_eq!(t.req(4).header("x-user-id"), Some("user-001"));
+    assert_eq!(t.metric("gateway_ratelimit_user_allowed_total"), 1);
+    assert_eq!(t.metric("gateway_ratelimit_route_allowed_total"), 1);
+    assert_eq!(t.metric("gateway_canary_orders_canary_total"), 0);
+    assert_eq!(t.metric("gateway_canary_orders_stable_total"), 0);
+    assert_eq!(t.metric("gateway_revocation_revoked_total"), 2);
+}
+
+#[test]
+fn the_per_ip_bucket_comes_before_authentication() {
+    let mut v = base();
+    v["routes"][0]["rate_limit"]["per_ip"] = serde_json::json!({"max_calls": 1});
+    let mut t = T::new(v);
+    assert_eq!(t.get(2, "/api/v1/users/1", None), 401);
+    // The unauthenticated request spent the address's budget: the next is shed before the
+    // verifier and the store.
+    t.send(3, "GET", "/api/v1/users/1", Some(&token()));
+    assert_eq!((t.status(3), t.reason(3)), (429, "rate_limited_ip"));
+    assert_eq!(t.calls(), 0, "no lookup for a shed request");
+    assert_eq!(t.metric("gateway_ratelimit_user_allowed_total"), 0);
+    assert_eq!(t.metric("gateway_ratelimit_route_allowed_total"), 0);
+}
+
+#[test]
+fn a_refused_token_charges_no_user_or_route_bucket() {
+    let mut t = T::default();
+    assert_eq!(t.get(2, "/api/v1/users/1", Some("garbage")), 401);
+    assert_eq!(t.metric("gateway_ratelimit_ip_allowed_total"), 1);
+    assert_eq!(t.metric("gateway_ratelimit_user_allowed_total"), 0);
+    assert_eq!(t.metric("gateway_ratelimit_route_allowed_total"), 0);
+}
+
+#[test]
+fn the_user_bucket_applies_after_revocation() {
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/users/1", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(2), 200);
+    assert_eq!(t.send(3, "GET", "/api/v1/users/1", Some(&token())), Action::Pause);
+    assert_eq!(
+        (t.status(3), t.reason(3)),
+        (429, "rate_limited_user"),
+        "one call per second for this user"
+    );
+    let reply = t.req(3).reply.clone().unwrap();
+    assert!(reply.headers.iter().any(|(k, v)| *k == "retry-after" && v == "1"));
+}
+
+#[test]
+fn gateway_endpoints_pass_the_limits_of_the_route_they_sit_under() {
+    let mut t = T::default();
+    // `/api/v1/auth/refresh` sits under the `auth` route: one call per second per user.
+    t.send(2, "POST", "/api/v1/auth/refresh", Some(&token()));
+    t.answer_last(Some(200), CLEAN); // lookup
+    t.answer_last(Some(200), SETEX_OK); // blacklist the old token
+    assert_eq!(t.status(2), 200);
+    let calls = t.calls();
+    let other = token_for("user-001", "b");
+    t.send(3, "POST", "/api/v1/auth/refresh", Some(&other));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!((t.status(3), t.reason(3)), (429, "rate_limited_user"));
+    assert_eq!(t.calls(), calls + 1, "refused before any write: no token minted");
+    // Per IP too.
+    let mut v = base();
+    v["routes"][4]["rate_limit"]["per_ip"] = serde_json::json!({"max_calls": 1});
+    let mut t = T::new(v);
+    t.send(2, "POST", "/api/v1/auth/logout", Some("garbage"));
+    t.send(3, "POST", "/api/v1/auth/logout", Some(&token()));
+    assert_eq!((t.status(3), t.reason(3)), (429, "rate_limited_ip"));
+}
+
+#[test]
+fn logout_replies_only_after_the_store_confirmed() {
+    let mut t = T::default();
+    t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    assert!(t.req(2).reply.is_none(), "no reply before the write is confirmed");
+    assert!(t.host.dispatched.last().unwrap().path.starts_with("/SETEX/"));
+    t.answer_last(Some(200), SETEX_OK);
+    assert_eq!(t.status(2), 200);
+    t.finish(2);
+    // This instance knows at once, without asking the store.
+    let calls = t.calls();
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    assert_eq!(t.reason(3), "revoked");
+    assert_eq!(t.calls(), calls);
+}
+
+#[test]
+fn a_failed_write_says_so_and_changes_nothing_locally() {
+    for failure in [Some(500), None] {
+        let mut v = base();
+        v["revocation"] = serde_json::json!({"cache_ttl": 0});
+        let mut t = T::new(v);
+        t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
+        t.answer_last(Some(200), CLEAN);
+        t.answer_last(failure, "");
+        assert_eq!(t.status(2), 503);
+        let body: serde_json::Value = serde_json::from_str(&t.req(2).reply.as_ref().unwrap().body).unwrap();
+        assert_eq!(body["message"], MSG_WRITE_FAILED);
+        // The token still works here, as it does everywhere else.
+        t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+        t.answer_last(Some(200), CLEAN);
+        assert_eq!(t.status(3), 200);
+        assert_eq!(t.req(3).header("x-user-id"), Some("user-001"));
+    }
+    // A refresh whose write fails hands out no token.
+    let mut t = T::default();
+    t.send(2, "POST", "/api/v1/auth/refresh", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), r#"{"SETEX":[false,"ERR"]}"#);
+    assert_eq!(t.status(2), 503);
+    assert!(!t.req(2).reply.as_ref().unwrap().body.contains("access_token"));
+    // A ban that was not recorded is not applied locally either.
+    let admin = forge(
+        r#"{"alg":"HS256"}"#,
+        &serde_json::json!({"sub": "root", "role": "admin", "iat": NOW_S, "exp": NOW_S + 60}).to_string(),
+        SECRET,
+    );
+    let mut t = T::default();
+    t.send(2, "POST", "/api/v1/admin/users/user-001/revoke", Some(&admin));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(503), "");
+    assert_eq!(t.status(2), 503);
+    t.host.now_ms += 1;
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(3), 200);
+}
+
+#[test]
+fn concurrent_lookups_of_one_token_are_coalesced() {
+    let mut t = T::default();
+    for ctx in 2..=5 {
+        assert_eq!(
+            t.send(ctx, "GET", "/api/v1/plain/1", Some(&token())),
+            Action::Pause
+        );
+    }
+    t.send(6, "GET", "/api/v1/plain/1", Some(&token_for("user-002", "x")));
+    assert_eq!(t.calls(), 2, "one lookup per token");
+    let first = t.host.dispatched[0].token_id;
+    t.answer(first, Some(200), CLEAN);
+    for ctx in 2..=5 {
+        assert_eq!(t.req(ctx).resumed, 1, "context {ctx} resumed once");
+        assert_eq!(t.req(ctx).header("x-user-id"), Some("user-001"));
+    }
+    assert_eq!(t.req(6).resumed, 0, "another token's request still waits");
+    assert_eq!(
+        t.host.current, 2,
+        "back on the context the answer was delivered to"
+    );
+    assert_eq!(t.metric("gateway_revocation_coalesced_total"), 3);
+    assert_eq!(t.metric("gateway_revocation_lookups_total"), 2);
+}
+
+#[test]
+fn coalesced_requests_share_a_revoked_or_failed_answer() {
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    t.answer_last(Some(200), BLACKLISTED);
+    assert_eq!((t.reason(2), t.reason(3)), ("revoked", "revoked"));
+    assert_eq!((t.req(2).resumed, t.req(3).resumed), (0, 0));
+
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    t.answer_last(None, "");
+    assert_eq!((t.status(2), t.status(3)), (503, 503), "deny mode");
+
+    let mut v = base();
+    v["revocation"] = serde_json::json!({"failure_mode": "allow"});
+    let mut t = T::new(v);
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    t.answer_last(Some(200), "<html>");
+    assert_eq!((t.req(2).resumed, t.req(3).resumed), (1, 1), "allow mode");
+    assert_eq!(t.metric("gateway_revocation_allowed_on_error_total"), 2);
+}
+
+#[test]
+fn waiters_get_a_new_lookup_when_the_owner_leaves() {
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    t.send(4, "GET", "/api/v1/plain/1", Some(&token()));
+    let lost = t.host.dispatched[0].token_id;
+    // The first client disconnects: its call is cancelled with it.
+    t.gw.on_done(2);
+    t.host.gone.push(2);
+    t.tick();
+    assert_eq!(t.calls(), 2, "the timer dispatched again, from the root context");
+    assert_eq!(t.host.dispatched[1].context, ROOT);
+    t.answer(lost, Some(200), CLEAN); // a late answer to the lost call is ignored
+    assert_eq!(t.req(3).resumed, 0);
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!((t.req(3).resumed, t.req(4).resumed), (1, 1));
+    assert_eq!(t.host.current, ROOT);
+    // A waiter that leaves is simply dropped.
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    t.gw.on_log(3, &mut t.host);
+    t.host.gone.push(3);
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!((t.req(2).resumed, t.req(3).resumed), (1, 0));
+}
+
+#[test]
+fn endpoints_do_their_own_lookup() {
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    t.send(3, "POST", "/api/v1/auth/logout", Some(&token()));
+    assert_eq!(
+        t.calls(),
+        2,
+        "the endpoint's write must come from its own callback"
+    );
+    assert_eq!(t.host.dispatched[1].context, 3);
+}
+
+#[test]
+fn canary_routing_after_every_check() {
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/orders/1", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    let r = t.req(2);
+    assert_eq!(
+        r.header("x-gateway-canary"),
+        Some("1"),
+        "user-001 is a canary user"
+    );
+    assert_eq!(r.header("x-canary"), Some("true"));
+    assert_eq!(r.route_cache_cleared, 1);
+    t.finish(2);
+    t.send(3, "GET", "/api/v1/orders/1", Some(&token_for("user-002", "c")));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.req(3).header("x-gateway-canary"), None);
+    assert_eq!(t.req(3).header("x-canary"), Some("false"));
+    assert_eq!(t.metric("gateway_canary_orders_canary_total"), 1);
+    assert_eq!(t.metric("gateway_canary_orders_stable_total"), 1);
+}
+
+#[test]
+fn per_route_outcomes_and_auth_failures_are_counted() {
+    let mut t = T::default();
+    t.get(2, "/api/v1/open/x", None);
+    t.get(3, "/api/v1/plain/x", None);
+    t.get(4, "/api/v1/nope", None);
+    assert_eq!(t.metric("gateway_requests_open_allowed_total"), 1);
+    assert_eq!(t.metric("gateway_requests_plain_unauthorized_total"), 1);
+    assert_eq!(t.metric("gateway_requests_none_not_found_total"), 1);
+    assert_eq!(t.metric("gateway_auth_failures_missing_authorization_total"), 1);
+}
+
+#[test]
+fn log_lines_follow_the_hosts_level() {
+    let mut v = base();
+    v["logs"] = serde_json::json!({"enabled": true});
+    let mut t = T::new(v);
+    t.get(2, "/api/v1/open/x?a=1", None);
+    let (level, line) = t.host.logs.last().cloned().unwrap();
+    assert_eq!(level, LogLevel::Info);
+    let rec: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(rec["path"], "/api/v1/open/x");
+    assert_eq!(rec["route"], "open");
+    assert_eq!(rec["status"], 200);
+    t.host.level = Some(LogLevel::Warn);
+    t.tick();
+    let n = t.host.logs.len();
+    t.get(3, "/api/v1/open/x", None);
+    assert_eq!(
+        t.host.logs.len(),
+        n,
+        "info lines are not built when the host prints warnings only"
+    );
+    t.get(4, "/api/v1/nope", None);
+    assert_eq!(t.host.logs.len(), n + 1);
+}
+
+/// Host calls of one request from its headers to the end of its stream (`on_log`).
+fn host_calls(t: &mut T, ctx: u32, path: &str, token: Option<&str>, answer: Option<&str>) -> u32 {
+    t.host.reset_calls();
+    t.send(ctx, "GET", path, token);
+    if let Some(body) = answer {
+        t.answer_last(Some(200), body);
+    }
+    t.finish(ctx);
+    t.host.host_calls()
+}
+
+/// The number of host calls of each request path, pinned: a change that adds calls on the hot
+/// path fails here and must update the figure on purpose (README "Per-request cost").
+#[test]
+fn host_calls_per_request_path_are_pinned() {
+    let mut v = base();
+    v["revocation"] = serde_json::json!({"cache_ttl": 60});
+    v["routes"][0]["rate_limit"]["per_user"] = serde_json::json!({"max_calls": 100});
+    let mut t = T::new(v);
+    // Warm up: lazy counters defined, the host's log level read, the token's answer cached.
+    host_calls(&mut t, 90, "/api/v1/open/1", None, None);
+    host_calls(&mut t, 91, "/api/v1/plain/1", Some(&token()), Some(CLEAN));
+    host_calls(&mut t, 92, "/api/v1/products/1", None, None);
+    host_calls(&mut t, 93, "/api/v1/orders/1", Some(&token()), None);
+    host_calls(&mut t, 94, "/api/v1/users/1", Some(&token()), None);
+    let other = token_for("user-004", "m");
+
+    let pins = [
+        ("public", host_calls(&mut t, 2, "/api/v1/open/1", None, None), 9),
+        (
+            "public, rate limited (IP, route)",
+            host_calls(&mut t, 3, "/api/v1/products/1", None, None),
+            17,
+        ),
+        (
+            "authenticated, revocation cache miss (request + answer)",
+            host_calls(&mut t, 4, "/api/v1/plain/1", Some(&other), Some(CLEAN)),
+            19,
+        ),
+        (
+            "authenticated, revocation cache hit",
+            host_calls(&mut t, 5, "/api/v1/plain/1", Some(&token()), None),
+            14,
+        ),
+        (
+            "canary, cache hit",
+            host_calls(&mut t, 6, "/api/v1/orders/1", Some(&token()), None),
+            17,
+        ),
+        (
+            "full policy: limits (IP, user, route), cache hit",
+            host_calls(&mut t, 7, "/api/v1/users/1", Some(&token()), None),
+            24,
+        ),
+    ];
+    let got: Vec<(&str, u32)> = pins.iter().map(|(n, got, _)| (*n, *got)).collect();
+    let want: Vec<(&str, u32)> = pins.iter().map(|(n, _, want)| (*n, *want)).collect();
+    assert_eq!(got, want);
+}

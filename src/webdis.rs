@@ -1,0 +1,90 @@
+//! The webdis codec every caller of Redis shares (revocation, the log store, cluster-wide rate
+//! limits): command paths with percent-encoded arguments, and the checks on a reply. No host
+//! calls here; the orchestrator dispatches and hands the reply back.
+
+/// Percent-encodes one webdis argument: everything but `A-Z a-z 0-9 - _ ~` (so `.` and `/`
+/// cannot be taken for a format extension or an argument separator).
+pub fn encode_arg(arg: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(arg.len() + 8);
+    for b in arg.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX.get(usize::from(b >> 4)).copied().unwrap_or(b'0')));
+            out.push(char::from(
+                HEX.get(usize::from(b & 0x0f)).copied().unwrap_or(b'0'),
+            ));
+        }
+    }
+    out
+}
+
+/// A webdis command path: `/CMD/arg1/arg2.json` (the explicit `.json` fixes the reply format).
+pub fn command_path(command: &str, args: &[&str]) -> String {
+    let mut p = String::with_capacity(64);
+    p.push('/');
+    p.push_str(command);
+    for a in args {
+        p.push('/');
+        p.push_str(&encode_arg(a));
+    }
+    p.push_str(".json");
+    p
+}
+
+/// Why a store reply was not usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The call could not be made (unknown cluster, ...).
+    Dispatch(String),
+    /// No `:status`: timeout or connection failure.
+    NoResponse,
+    Status(u16),
+    BadReply(&'static str),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dispatch(s) => write!(f, "dispatch failed: {s}"),
+            Self::NoResponse => f.write_str("no response (timeout or connection failure)"),
+            Self::Status(s) => write!(f, "status {s}"),
+            Self::BadReply(why) => write!(f, "unparseable reply: {why}"),
+        }
+    }
+}
+
+/// A 200 reply whose body is JSON.
+pub fn json_reply(status: Option<u16>, body: &[u8]) -> Result<serde_json::Value, StoreError> {
+    match status {
+        None => return Err(StoreError::NoResponse),
+        Some(200) => {}
+        Some(s) => return Err(StoreError::Status(s)),
+    }
+    serde_json::from_slice(body).map_err(|_| StoreError::BadReply("not JSON"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_cannot_escape_their_segment() {
+        assert_eq!(encode_arg("a.b/c d%"), "a%2Eb%2Fc%20d%25");
+        assert_eq!(encode_arg("é"), "%C3%A9");
+        assert_eq!(command_path("GET", &["k/1"]), "/GET/k%2F1.json");
+    }
+
+    #[test]
+    fn replies() {
+        assert_eq!(json_reply(None, b""), Err(StoreError::NoResponse));
+        assert_eq!(json_reply(Some(403), b"{}"), Err(StoreError::Status(403)));
+        assert_eq!(
+            json_reply(Some(200), b"<html>"),
+            Err(StoreError::BadReply("not JSON"))
+        );
+        assert!(json_reply(Some(200), b"{\"GET\":null}").is_ok());
+    }
+}

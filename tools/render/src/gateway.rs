@@ -1,0 +1,832 @@
+//! The gateway file (`config/gateway.yaml`): the user's single source of truth, in the shape of
+//! the reference `routes.yaml`. It is the filter's configuration plus what only Envoy needs;
+//! this module splits the two. The filter's part is deserialized into the filter's own settings
+//! types (each duty owns its fields, defaults and validation) and compiled once by the filter's
+//! own code; the Envoy part (listener, admin, CORS, circuit breaking, upstreams, timeouts,
+//! retries, load balancing, the webdis address) is modelled and validated here.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use gateway_filter::config::{Config, FilterConfig};
+use gateway_filter::error::{check_name, ConfigError, KNOWN_METHODS};
+
+/// The Envoy cluster the webdis address becomes.
+pub const WEBDIS_CLUSTER: &str = "webdis";
+
+/// Keys of `gateway:` that only Envoy uses (the rest is the filter's: prefix, name, rate_limit).
+const ENVOY_GATEWAY_KEYS: [&str; 9] = [
+    "port",
+    "address",
+    "admin",
+    "health_path",
+    "cors",
+    "circuit_breaker",
+    "outlier_detection",
+    "connect_timeout",
+    "failure_policy",
+];
+/// Keys of `routes[]` that only Envoy uses (besides `canary.upstream`).
+const ENVOY_ROUTE_KEYS: [&str; 4] = ["upstream", "timeout", "retry", "lb_policy"];
+
+/// `gateway:`, Envoy's part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_address")]
+    pub address: String,
+    #[serde(default)]
+    pub admin: Admin,
+    /// Answered by Envoy itself, outside the gateway prefix.
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+    #[serde(default)]
+    pub cors: Cors,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+    /// Upstream connect timeout, seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: f64,
+    /// What Envoy does if the filter's VM fails: `reload` (fail closed, then restart the VM),
+    /// `closed` (fail closed for good) or `open` (skip the filter: bypasses auth).
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+}
+
+/// `routes[]`, Envoy's part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteUpstream {
+    pub upstream: Upstreams,
+    /// Upstream request timeout, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout: f64,
+    /// Retries on connect failure or reset; 0 means none.
+    #[serde(default)]
+    pub retry: u32,
+    #[serde(default)]
+    pub lb_policy: LbPolicy,
+    /// `canary.upstream`: the canary endpoint set (the route's `upstream` is the stable one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_upstream: Option<Upstreams>,
+}
+
+/// One route's Envoy side, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvoyRoute {
+    pub name: String,
+    pub timeout: f64,
+    pub retry: u32,
+    pub lb_policy: LbPolicy,
+    pub endpoints: RouteEndpoints,
+}
+
+/// The whole gateway file, split and validated.
+#[derive(Debug)]
+pub struct GatewayFile {
+    pub gateway: Gateway,
+    /// In file order.
+    pub routes: Vec<EnvoyRoute>,
+    pub webdis: Option<Endpoint>,
+    /// The filter's configuration (secret resolved), as it is sent to Envoy.
+    pub filter: FilterConfig,
+    /// The same, compiled by the filter's own code (route order, limits).
+    pub config: Config,
+}
+
+fn typed<T: serde::de::DeserializeOwned>(field: &str, value: Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let full = match (field.is_empty(), path.as_str()) {
+            (_, ".") => field.to_string(),
+            (true, p) => p.to_string(),
+            (false, p) if p.starts_with('[') => format!("{field}{p}"),
+            (false, p) => format!("{field}.{p}"),
+        };
+        ConfigError::new(full, inner)
+    })
+}
+
+fn object(field: &str, value: Option<Value>) -> Result<Map<String, Value>, ConfigError> {
+    match value {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => Ok(m),
+        Some(_) => Err(ConfigError::new(field, "must be a mapping")),
+    }
+}
+
+/// Moves `keys` out of `from` into a new mapping.
+fn take(from: &mut Map<String, Value>, keys: &[&str]) -> Map<String, Value> {
+    keys.iter()
+        .filter_map(|k| from.remove(*k).map(|v| (k.to_string(), v)))
+        .collect()
+}
+
+impl GatewayFile {
+    /// Parses the YAML text, resolves the JWT secret through `env`, and validates both sides.
+    /// Errors name the field and the line it is on.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let located = crate::located::Located::parse(text).map_err(|e| ConfigError::new("", e))?;
+        let value = located.value.clone();
+        Self::from_value(value, env).map_err(|e| match located.line(&e.field) {
+            Some(line) if !e.field.is_empty() => {
+                ConfigError::new(e.field, format!("{} at line {line}", e.message))
+            }
+            _ => e,
+        })
+    }
+
+    pub fn from_value(value: Value, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut root = object("", Some(value))?;
+        let mut gateway = object("gateway", root.remove("gateway"))?;
+        let envoy_gateway: Gateway =
+            typed("gateway", Value::Object(take(&mut gateway, &ENVOY_GATEWAY_KEYS)))?;
+        let webdis = match root.remove("webdis") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(url)) => Some(parse_upstream("webdis", &url)?),
+            Some(_) => return Err(ConfigError::new("webdis", "must be an http://host:port address")),
+        };
+        let mut upstreams = Vec::new();
+        if let Some(Value::Array(routes)) = root.get_mut("routes") {
+            for (i, route) in routes.iter_mut().enumerate() {
+                let field = format!("routes[{i}]");
+                let Value::Object(route) = route else {
+                    return Err(ConfigError::new(field, "must be a mapping"));
+                };
+                let mut envoy = take(route, &ENVOY_ROUTE_KEYS);
+                if let Some(Value::Object(canary)) = route.get_mut("canary") {
+                    if let Some(up) = canary.remove("upstream") {
+                        envoy.insert("canary_upstream".into(), up);
+                    }
+                }
+                let upstream: RouteUpstream = typed(&field, Value::Object(envoy)).map_err(|e| {
+                    ConfigError::new(e.field.replace("canary_upstream", "canary.upstream"), e.message)
+                })?;
+                upstreams.push(upstream);
+            }
+        }
+        root.insert("gateway".into(), Value::Object(gateway));
+        root.insert(
+            "passthrough_paths".into(),
+            Value::Array(vec![Value::String(envoy_gateway.health_path.clone())]),
+        );
+        if webdis.is_some() {
+            root.insert("webdis_cluster".into(), Value::String(WEBDIS_CLUSTER.into()));
+        }
+        let mut filter: FilterConfig = typed("", Value::Object(root)).map_err(|e| {
+            // `gateway` and `routes[i]` are shared with Envoy: the filter's list of expected
+            // fields would mislead there.
+            let shared = e.field.starts_with("gateway.") && e.field.matches('.').count() == 1
+                || e.field.starts_with("routes[") && !e.field.contains('.')
+                || e.field.starts_with("routes[") && e.field.matches('.').count() == 1;
+            match e.message.split_once(", expected") {
+                Some((head, _)) if shared && head.starts_with("unknown field") => {
+                    ConfigError::new(e.field, head)
+                }
+                _ => e,
+            }
+        })?;
+        if let Some(jwt) = filter.jwt.as_mut() {
+            jwt.resolve_secret(env).map_err(|e| e.under("jwt"))?;
+        }
+        let config = Config::try_from(filter.clone()).map_err(|e| {
+            if e.field.starts_with("passthrough_paths") {
+                ConfigError::new("gateway.health_path", e.message)
+            } else {
+                e
+            }
+        })?;
+        let routes = validate_envoy_side(&envoy_gateway, &filter, upstreams, webdis.is_some())?;
+        Ok(GatewayFile {
+            gateway: envoy_gateway,
+            routes,
+            webdis,
+            filter,
+            config,
+        })
+    }
+}
+
+/// Checks everything the filter does not see (upstreams, timeouts, listener, Envoy settings).
+fn validate_envoy_side(
+    g: &Gateway,
+    filter: &FilterConfig,
+    upstreams: Vec<RouteUpstream>,
+    webdis: bool,
+) -> Result<Vec<EnvoyRoute>, ConfigError> {
+    if g.port != 0 && g.port == g.admin.port {
+        return Err(ConfigError::new(
+            "gateway.admin.port",
+            "must differ from gateway.port",
+        ));
+    }
+    for (f, a) in [
+        ("gateway.address", &g.address),
+        ("gateway.admin.address", &g.admin.address),
+    ] {
+        if a.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::new(f, format!("{a:?} is not an IP address")));
+        }
+    }
+    check_seconds("gateway.connect_timeout", g.connect_timeout, 60.0)?;
+    if g.cors.enabled {
+        if g.cors.allow_origins.is_empty() {
+            return Err(ConfigError::new(
+                "gateway.cors.allow_origins",
+                "must list at least one origin (or *)",
+            ));
+        }
+        for (i, m) in g.cors.allow_methods.iter().enumerate() {
+            if !KNOWN_METHODS.contains(&m.to_ascii_uppercase().as_str()) {
+                return Err(ConfigError::new(
+                    format!("gateway.cors.allow_methods[{i}]"),
+                    format!("unknown method {m:?}"),
+                ));
+            }
+        }
+    }
+    let od = &g.outlier_detection;
+    if od.enabled && (od.consecutive_5xx == 0 || od.interval == 0 || od.base_ejection_time == 0) {
+        return Err(ConfigError::new(
+            "gateway.outlier_detection",
+            "consecutive_5xx, interval and base_ejection_time must be positive",
+        ));
+    }
+    if od.max_ejection_percent > 100 {
+        return Err(ConfigError::new(
+            "gateway.outlier_detection.max_ejection_percent",
+            "must be at most 100",
+        ));
+    }
+    if webdis && filter.routes.iter().any(|r| r.name == WEBDIS_CLUSTER) {
+        return Err(ConfigError::new(
+            "webdis",
+            "a route named \"webdis\" clashes with the webdis cluster",
+        ));
+    }
+    let mut all = Vec::with_capacity(upstreams.len());
+    for (i, (r, up)) in filter.routes.iter().zip(upstreams).enumerate() {
+        check_name(&format!("routes[{i}].name"), &r.name)?;
+        check_seconds(&format!("routes[{i}].timeout"), up.timeout, 3600.0)?;
+        if up.retry > 10 {
+            return Err(ConfigError::new(
+                format!("routes[{i}].retry"),
+                "must be at most 10",
+            ));
+        }
+        let stable = parse_upstreams(&format!("routes[{i}].upstream"), &up.upstream)?;
+        let canary = match (&r.canary, &up.canary_upstream) {
+            (Some(_), Some(c)) => Some(parse_upstreams(&format!("routes[{i}].canary.upstream"), c)?),
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    format!("routes[{i}].canary.upstream"),
+                    "is required (the canary endpoint set)",
+                ))
+            }
+            (None, _) => None,
+        };
+        if r.canary.is_some()
+            && filter
+                .routes
+                .iter()
+                .any(|o| o.name == format!("{}-canary", r.name))
+        {
+            return Err(ConfigError::new(
+                format!("routes[{i}].canary"),
+                "clashes with a route named <name>-canary",
+            ));
+        }
+        all.push(EnvoyRoute {
+            name: r.name.clone(),
+            timeout: up.timeout,
+            retry: up.retry,
+            lb_policy: up.lb_policy,
+            endpoints: RouteEndpoints { stable, canary },
+        });
+    }
+    Ok(all)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+    #[serde(default = "default_admin_port")]
+    pub port: u16,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            address: default_admin_address(),
+            port: default_admin_port(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cors {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Exact origins, or `*` for any.
+    #[serde(default = "default_any")]
+    pub allow_origins: Vec<String>,
+    #[serde(default = "default_cors_methods")]
+    pub allow_methods: Vec<String>,
+    #[serde(default = "default_cors_headers")]
+    pub allow_headers: Vec<String>,
+    #[serde(default = "default_cors_expose")]
+    pub expose_headers: Vec<String>,
+    #[serde(default = "default_true")]
+    pub allow_credentials: bool,
+    #[serde(default = "default_cors_max_age")]
+    pub max_age: u32,
+}
+
+impl Default for Cors {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allow_origins: default_any(),
+            allow_methods: default_cors_methods(),
+            allow_headers: default_cors_headers(),
+            expose_headers: default_cors_expose(),
+            allow_credentials: true,
+            max_age: default_cors_max_age(),
+        }
+    }
+}
+
+/// Envoy cluster circuit-breaker thresholds, applied to every upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    #[serde(default = "default_1024")]
+    pub max_connections: u32,
+    #[serde(default = "default_1024")]
+    pub max_pending_requests: u32,
+    #[serde(default = "default_1024")]
+    pub max_requests: u32,
+    #[serde(default = "default_3")]
+    pub max_retries: u32,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+        }
+    }
+}
+
+/// Envoy outlier detection (passive health checking), applied to every upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_5")]
+    pub consecutive_5xx: u32,
+    /// Seconds between ejection sweeps.
+    #[serde(default = "default_10")]
+    pub interval: u32,
+    /// Seconds a host stays ejected (times the number of ejections).
+    #[serde(default = "default_30")]
+    pub base_ejection_time: u32,
+    #[serde(default = "default_50")]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_5xx: 5,
+            interval: 10,
+            base_ejection_time: 30,
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    #[default]
+    Reload,
+    Closed,
+    Open,
+}
+
+/// One upstream address or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Upstreams {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Upstreams {
+    pub fn urls(&self) -> Vec<&str> {
+        match self {
+            Upstreams::One(u) => vec![u.as_str()],
+            Upstreams::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// The parsed endpoint sets of one route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEndpoints {
+    pub stable: Vec<Endpoint>,
+    pub canary: Option<Vec<Endpoint>>,
+}
+
+fn parse_upstreams(field: &str, upstream: &Upstreams) -> Result<Vec<Endpoint>, ConfigError> {
+    let urls = upstream.urls();
+    if urls.is_empty() {
+        return Err(ConfigError::new(field, "must name at least one address"));
+    }
+    let mut endpoints = Vec::with_capacity(urls.len());
+    for (j, u) in urls.iter().enumerate() {
+        let f = match upstream {
+            Upstreams::One(_) => field.to_string(),
+            Upstreams::Many(_) => format!("{field}[{j}]"),
+        };
+        endpoints.push(parse_upstream(&f, u)?);
+    }
+    let first_kind = endpoints.first().map(Endpoint::is_ip);
+    if endpoints.iter().any(|e| Some(e.is_ip()) != first_kind) {
+        return Err(ConfigError::new(field, "mixes IP addresses and host names"));
+    }
+    Ok(endpoints)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+/// A parsed `http://host:port` upstream address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// Whether the host is an IP literal (a STATIC cluster) rather than a DNS name.
+    pub fn is_ip(&self) -> bool {
+        self.host.parse::<std::net::IpAddr>().is_ok()
+    }
+}
+
+fn default_port() -> u16 {
+    8000
+}
+fn default_address() -> String {
+    "0.0.0.0".to_string()
+}
+fn default_admin_address() -> String {
+    "127.0.0.1".to_string()
+}
+fn default_admin_port() -> u16 {
+    9901
+}
+fn default_health_path() -> String {
+    "/health".to_string()
+}
+fn default_connect_timeout() -> f64 {
+    1.0
+}
+fn default_timeout() -> f64 {
+    5.0
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_any() -> Vec<String> {
+    vec!["*".to_string()]
+}
+fn default_cors_methods() -> Vec<String> {
+    ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_cors_headers() -> Vec<String> {
+    ["Authorization", "Content-Type", "X-Trace-ID", "X-Canary"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_cors_expose() -> Vec<String> {
+    ["X-Trace-ID", "X-Response-Time"].map(String::from).to_vec()
+}
+fn default_cors_max_age() -> u32 {
+    600
+}
+fn default_1024() -> u32 {
+    1024
+}
+fn default_3() -> u32 {
+    3
+}
+fn default_5() -> u32 {
+    5
+}
+fn default_10() -> u32 {
+    10
+}
+fn default_30() -> u32 {
+    30
+}
+fn default_50() -> u32 {
+    50
+}
+
+/// Parses `http://host[:port][/]`.
+pub fn parse_upstream(field: &str, url: &str) -> Result<Endpoint, ConfigError> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        ConfigError::new(
+            field,
+            format!("{url:?} must start with http:// (TLS upstreams are not supported yet)"),
+        )
+    })?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '@', '?', '#', ' ']) {
+        return Err(ConfigError::new(
+            field,
+            format!("{url:?} must be http://host:port with no path"),
+        ));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| ConfigError::new(field, format!("{url:?} has an unterminated IPv6 address")))?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => 80,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| ConfigError::new(field, format!("{url:?} has an invalid port")))?,
+    };
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'))
+    {
+        return Err(ConfigError::new(field, format!("{url:?} has an invalid host")));
+    }
+    Ok(Endpoint {
+        host: host.to_string(),
+        port,
+    })
+}
+
+fn check_seconds(field: &str, value: f64, max: f64) -> Result<(), ConfigError> {
+    if !(value.is_finite() && value > 0.0 && value <= max) {
+        return Err(ConfigError::new(
+            field,
+            format!("must be a number of seconds in (0, {max}]"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Value {
+        serde_json::json!({
+            "gateway": {"port": 8000, "prefix": "/api/v1"},
+            "jwt": {"secret_env": "JWT_SECRET"},
+            "routes": [
+                {"name": "user-service", "prefix": "/users", "upstream": "http://127.0.0.1:8001",
+                 "methods": ["GET", "POST"], "auth_required": true,
+                 "rate_limit": {"enabled": true, "max_calls": 100, "period": 1}, "timeout": 5, "retry": 2},
+                {"name": "product-service", "prefix": "/products",
+                 "upstream": ["http://10.0.0.1:8003", "http://10.0.0.2:8003/"], "auth_required": false}
+            ]
+        })
+    }
+
+    fn env(var: &str) -> Option<String> {
+        (var == "JWT_SECRET").then(|| "from-env-secret".to_string())
+    }
+
+    fn parse(v: Value) -> Result<GatewayFile, ConfigError> {
+        GatewayFile::from_value(v, &env)
+    }
+
+    #[test]
+    fn splits_the_file_and_resolves_the_secret() {
+        let g = parse(sample()).unwrap();
+        assert_eq!(g.filter.gateway.prefix, "/api/v1");
+        assert_eq!(g.filter.passthrough_paths, vec!["/health"]);
+        let jwt = g.filter.jwt.as_ref().unwrap();
+        assert_eq!(jwt.secret.as_deref(), Some("from-env-secret"));
+        assert_eq!(jwt.secret_env, None);
+        assert_eq!(jwt.clock_skew, 60);
+        assert_eq!(g.filter.routes.len(), 2);
+        assert!(!g.filter.routes[1].auth_required);
+        assert_eq!(
+            g.routes[0].endpoints.stable,
+            vec![Endpoint {
+                host: "127.0.0.1".into(),
+                port: 8001
+            }]
+        );
+        assert_eq!(g.routes[1].endpoints.stable.len(), 2);
+        assert_eq!(g.routes[0].retry, 2);
+        // The filter's JSON carries nothing only Envoy needs.
+        let json = serde_json::to_value(&g.filter).unwrap();
+        assert!(json["routes"][0].get("upstream").is_none());
+        assert!(json["gateway"].get("port").is_none());
+    }
+
+    #[test]
+    fn upstream_parsing() {
+        let ok = |u: &str| parse_upstream("f", u).unwrap();
+        assert_eq!(
+            ok("http://user-service:8001"),
+            Endpoint {
+                host: "user-service".into(),
+                port: 8001
+            }
+        );
+        assert_eq!(
+            ok("http://svc"),
+            Endpoint {
+                host: "svc".into(),
+                port: 80
+            }
+        );
+        assert_eq!(
+            ok("http://[::1]:81"),
+            Endpoint {
+                host: "::1".into(),
+                port: 81
+            }
+        );
+        assert!(!ok("http://svc:1").is_ip());
+        assert!(ok("http://[::1]:81").is_ip());
+        for bad in [
+            "https://a:1",
+            "a:1",
+            "http://",
+            "http://a:0",
+            "http://a:99999",
+            "http://a:1/path",
+            "http://u@a:1",
+            "http://a b:1",
+        ] {
+            assert!(parse_upstream("routes[0].upstream", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rejections_name_the_gateway_field() {
+        type Mutate = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Mutate, &str)> = vec![
+            (
+                Box::new(|v| v["gateway"]["prefix"] = "api".into()),
+                "gateway.prefix: must start with '/'",
+            ),
+            (
+                Box::new(|v| v["jwt"]["secret_env"] = "NOPE".into()),
+                "jwt.secret_env: environment variable NOPE is not set",
+            ),
+            (
+                Box::new(|v| v["jwt"]["secret"] = "x".into()),
+                "jwt: set either secret or secret_env",
+            ),
+            (
+                Box::new(|v| v["jwt"]["clock_skew"] = 10_000_000.into()),
+                "jwt.clock_skew: must be at most",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["methods"][0] = "FETCH".into()),
+                "routes[0].methods[0]: unknown method",
+            ),
+            (
+                Box::new(|v| v["gateway"]["name"] = "a\nb".into()),
+                "gateway.name: must be",
+            ),
+            (
+                Box::new(|v| v["gateway"]["prot"] = 1.into()),
+                "gateway.prot: unknown field `prot`",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["upstreams"] = 1.into()),
+                "routes[0].upstreams: unknown field `upstreams`",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["rate_limit"]["max_calls"] = "many".into()),
+                "routes[0].rate_limit.max_calls: invalid type",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["rate_limit"]["max_calls"] = 0.into()),
+                "routes[0].rate_limit.max_calls: must be 1 to",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["rate_limit"]["period"] = 0.into()),
+                "routes[0].rate_limit.period: must be 1 to 86400",
+            ),
+            (
+                Box::new(|v| v["gateway"]["rate_limit"] = serde_json::json!({"sync_interval": 0})),
+                "gateway.rate_limit.sync_interval: must be 0.05 to 60 seconds",
+            ),
+            (
+                Box::new(|v| v["revocation"] = serde_json::json!({})),
+                "revocation: needs webdis",
+            ),
+            (
+                Box::new(|v| {
+                    v["webdis"] = "http://127.0.0.1:7379".into();
+                    v["revocation"] = serde_json::json!({"cache_ttl": -1});
+                }),
+                "revocation.cache_ttl: must be 0 to 3600 seconds",
+            ),
+            (
+                Box::new(|v| {
+                    v["webdis"] = "http://127.0.0.1:7379".into();
+                    v["logs"] = serde_json::json!({"store": {"retention": 0}});
+                }),
+                "logs.store.retention: must be 1 to",
+            ),
+            (
+                Box::new(|v| v["gateway"]["health_path"] = "health".into()),
+                "gateway.health_path: must start with '/'",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["timeout"] = 0.into()),
+                "routes[0].timeout: must be a number of seconds",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["retry"] = 11.into()),
+                "routes[0].retry: must be at most 10",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["upstream"] = "https://x:1".into()),
+                "routes[0].upstream: \"https://x:1\" must start with http://",
+            ),
+            (
+                Box::new(|v| v["routes"][1]["upstream"][1] = "http://x:0".into()),
+                "routes[1].upstream[1]: \"http://x:0\" has an invalid port",
+            ),
+            (
+                Box::new(|v| v["routes"][1]["upstream"][1] = "http://name:1".into()),
+                "routes[1].upstream: mixes IP addresses and host names",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["canary"] = serde_json::json!({"percent": 5})),
+                "routes[0].canary.upstream: is required",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["canary"] = serde_json::json!({"upstream": 5})),
+                "routes[0].canary.upstream",
+            ),
+            (
+                Box::new(|v| v["gateway"]["admin"] = serde_json::json!({"port": 8000, "address": "0.0.0.0"})),
+                "gateway.admin.port: must differ",
+            ),
+            (
+                Box::new(|v| v["gateway"]["address"] = "localhost".into()),
+                "gateway.address: \"localhost\" is not an IP address",
+            ),
+            (
+                Box::new(|v| v["webdis"] = "https://x:1".into()),
+                "webdis: \"https://x:1\" must start with http://",
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut v = sample();
+            mutate(&mut v);
+            let err = parse(v).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?}, got {err:?}");
+        }
+    }
+}
