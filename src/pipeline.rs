@@ -1175,7 +1175,7 @@ impl Gateway {
     /// limit sync (leader only), and new lookups for waiters whose lookup lost its owner.
     pub fn on_tick(&mut self, ctx: u32, host: &mut dyn Host) {
         let now = host.now_ms();
-        if now.saturating_sub(self.last_counters_ms) >= COUNTER_FLUSH_MS {
+        if self.due(now, self.last_counters_ms, COUNTER_FLUSH_MS) {
             self.last_counters_ms = now;
             let mut pending: Vec<(u32, i64)> = self.counts.drain().collect();
             pending.sort_unstable();
@@ -1187,18 +1187,25 @@ impl Gateway {
         }
         let config = Rc::clone(&self.config);
         if let Some(store) = &config.logs.store {
-            if now.saturating_sub(self.last_flush_ms) >= store.flush_interval_ms {
+            if self.due(now, self.last_flush_ms, store.flush_interval_ms) {
                 self.last_flush_ms = now;
                 self.flush_logs(store, host);
             }
         }
         if let Some(sync) = &config.rate_limits.sync {
-            if now.saturating_sub(self.last_sync_ms) >= sync.interval_ms {
+            if self.due(now, self.last_sync_ms, sync.interval_ms) {
                 self.last_sync_ms = now;
                 self.sync_limits(&config, sync, now, host);
             }
         }
         self.adopt_orphans(ctx, host);
+    }
+
+    /// Whether a job run every `period_ms` is due: ticks come every `tick_period_ms` with some
+    /// jitter, so half a tick of slack keeps a job whose period equals the tick from skipping
+    /// every other tick.
+    fn due(&self, now: u64, last: u64, period_ms: u64) -> bool {
+        now.saturating_add(self.tick_period_ms() / 2) >= last.saturating_add(period_ms)
     }
 
     /// Dispatches a new lookup, from the root context, for waiters whose lookup's owner left.
@@ -1284,14 +1291,20 @@ impl Gateway {
                         },
                     );
                 }
-                Err(e) => {
-                    let id = self.metrics.rl_sync_errors;
-                    self.inc(id);
-                    host.log(LogLevel::Warn, &format!("rate limit sync dispatch failed: {e}"));
-                    cluster::add(host, &limits.pending_key, delta);
-                }
+                Err(e) => self.sync_failed(limits, delta, &format!("dispatch failed: {e}"), host),
             }
         }
+    }
+
+    /// A sync did not land: count it, and put the consumption back for the next one.
+    fn sync_failed(&mut self, limits: &RouteLimits, delta: u64, why: &str, host: &mut dyn Host) {
+        let id = self.metrics.rl_sync_errors;
+        self.inc(id);
+        host.log(
+            LogLevel::Warn,
+            &format!("rate limit sync of {} failed: {why}", limits.name),
+        );
+        cluster::add(host, &limits.pending_key, delta);
     }
 
     fn sync_answered(
@@ -1325,12 +1338,7 @@ impl Gateway {
                     others,
                 );
             }
-            Err(e) => {
-                let id = self.metrics.rl_sync_errors;
-                self.inc(id);
-                host.log(LogLevel::Warn, &format!("rate limit sync of {route} failed: {e}"));
-                cluster::add(host, &limits.pending_key, delta);
-            }
+            Err(e) => self.sync_failed(limits, delta, &e.to_string(), host),
         }
     }
 

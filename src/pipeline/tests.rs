@@ -554,3 +554,22 @@ fn host_calls_per_request_path_are_pinned() {
     let want: Vec<(&str, u32)> = pins.iter().map(|(n, _, want)| (*n, *want)).collect();
     assert_eq!(got, want);
 }
+
+#[test]
+fn counters_reach_the_host_on_every_tick_despite_jitter() {
+    let mut t = T::default();
+    t.tick();
+    t.get(2, "/api/v1/open/1", None);
+    // Ticks every 1000 ms, this one a millisecond early: the counters still go out.
+    t.host.now_ms += 999;
+    t.tick();
+    assert_eq!(t.host.metric("gateway_requests_open_allowed_total"), 1);
+    t.get(3, "/api/v1/open/1", None);
+    t.host.now_ms += 400;
+    t.tick();
+    assert_eq!(
+        t.host.metric("gateway_requests_open_allowed_total"),
+        1,
+        "not twice a period"
+    );
+}

@@ -35,12 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout=15.0, what="condition"):
+def wait_for(predicate, timeout=15.0, what="condition", interval=0.05):
+    """The one way tests wait: poll a condition until it holds, or fail naming it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.05)
+        time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what}")
 
 
@@ -188,6 +189,24 @@ class Gateway:
             out[k] = v
         return out
 
+    def counter(self, name) -> int:
+        """A filter counter as Envoy reports it (`wasmcustom.<name>`)."""
+        return int(self.stats(name).get(f"wasmcustom.{name}", "0"))
+
+    def settled(self, *names) -> dict:
+        """The counters once nothing is pending: every VM hands its counts to Envoy once a
+        second, so two equal reads 1.5 s apart mean every earlier request has been counted.
+        Use it to take a baseline and to read a final value."""
+        last = {}
+
+        def stable():
+            nonlocal last
+            now = {n: self.counter(n) for n in names}
+            same, last = now == last, now
+            return same
+        wait_for(stable, timeout=15, what=f"counters {names} to settle", interval=1.5)
+        return last
+
     def alive(self):
         return self.proc.poll() is None
 
@@ -230,17 +249,21 @@ class Redis:
 
 
 class Webdis:
-    """webdis from config/webdis.json (ports and log file changed) in front of a Redis."""
+    """webdis from config/webdis.json (ports and log file changed) in front of a Redis;
+    `disabled` lists commands to refuse besides the shipped ACL."""
 
-    def __init__(self, redis_port, port=None):
+    def __init__(self, redis_port, port=None, disabled=()):
         self.port = port or free_port()
         self.redis_port = redis_port
+        self.disabled = list(disabled)
         self.dir = Path(tempfile.mkdtemp(prefix="gw-webdis-"))
         self.start()
 
     def start(self):
         cfg = json.loads((ROOT / "config" / "webdis.json").read_text())
         cfg.update(redis_port=self.redis_port, http_port=self.port, logfile=str(self.dir / "webdis.log"))
+        if self.disabled:
+            cfg["acl"].append({"disabled": self.disabled})
         path = self.dir / "webdis.json"
         path.write_text(json.dumps(cfg))
         self.proc = subprocess.Popen(["webdis", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -276,3 +299,59 @@ class GarbageServer:
 
     def stop(self):
         self.server.shutdown()
+
+
+class DelayProxy:
+    """A TCP relay that holds each request from Envoy for `delay` seconds before passing it to
+    the real webdis, and counts the webdis commands it sees: it widens the window in which
+    concurrent requests overlap, and measures the calls on the wire."""
+
+    def __init__(self, target_port, delay):
+        import socketserver
+        import threading
+
+        self.commands = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Relay(socketserver.BaseRequestHandler):
+            def handle(self):
+                upstream = socket.create_connection(("127.0.0.1", target_port))
+                done = threading.Event()
+
+                def back():
+                    try:
+                        while (data := upstream.recv(65536)):
+                            self.request.sendall(data)
+                    except OSError:
+                        pass
+                    done.set()
+                threading.Thread(target=back, daemon=True).start()
+                try:
+                    while (data := self.request.recv(65536)):
+                        for line in data.split(b"\r\n"):
+                            if line[:4] in (b"GET ", b"PUT ") and b" HTTP/" in line:
+                                with proxy.lock:
+                                    proxy.commands.append(line.split(b" ")[1].split(b"/")[1].decode())
+                        time.sleep(delay)
+                        upstream.sendall(data)
+                except OSError:
+                    pass
+                upstream.close()
+                done.wait(1)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Relay)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self, command):
+        with self.lock:
+            return self.commands.count(command)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
