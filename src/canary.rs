@@ -2,7 +2,7 @@
 //! present → canary; the user is listed → canary; `int(md5(user_id).hexdigest(), 16) % 100 <
 //! percent` → canary; otherwise stable. Requests without a user use the route's stickiness key
 //! (client address, a cookie or a header) in the percentage rule, or go to stable.
-//! The glue writes [`ROUTE_HEADER`] (Envoy routes on it) and `X-Canary: true|false`.
+//! The orchestrator writes [`ROUTE_HEADER`] (Envoy routes on it) and `X-Canary: true|false`.
 
 use serde::{Deserialize, Serialize};
 

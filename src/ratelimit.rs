@@ -1,6 +1,6 @@
 //! Token buckets in proxy-wasm shared data, exact across workers: bucket arithmetic with an
 //! injected clock, a fixed-size encoding, and a bounded compare-and-swap loop over a
-//! [`SharedStore`] (the glue implements it with shared data; tests with a map).
+//! [`SharedStore`] (the host implements it with shared data; tests with a map).
 //!
 //! Memory is bounded by construction: route buckets have one key each; per-user and per-IP
 //! buckets live in a fixed number of slot keys created at configure time (so every update is a

@@ -4,7 +4,7 @@
 
 use crate::trace::HEADER_TRACE_ID;
 
-/// A local reply the glue sends instead of forwarding.
+/// A local reply the gateway sends instead of forwarding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
