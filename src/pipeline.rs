@@ -153,6 +153,9 @@ enum Next {
 struct Write {
     on_ok: Reply,
     effect: Effect,
+    /// For a blacklist write (`SET NX`): the reply when another request blacklisted the token
+    /// first (`None`: the same as `on_ok`).
+    on_lost: Option<Reply>,
 }
 
 #[derive(Debug)]
@@ -771,19 +774,28 @@ impl Gateway {
         };
         let now_ms = req.clock_ms;
         let now_s = unix_seconds(now_ms);
-        let remaining = caller.identity.expires_at.saturating_sub(now_s);
+        // Blacklisted for as long as any check would accept the token: until `exp` plus the
+        // clock skew the verifier allows.
+        let skew = config.verifier.as_ref().map_or(0, |v| v.clock_skew());
+        let keep = caller
+            .identity
+            .expires_at
+            .saturating_add(skew)
+            .saturating_sub(now_s)
+            .saturating_add(1);
         let (path, write) = match endpoint {
             Endpoint::LogsByTrace(_) | Endpoint::LogsByUser { .. } => {
                 return self.error(req, 404, policy::MSG_ROUTE_NOT_FOUND, host);
             }
             Endpoint::Logout => (
-                rv::setex_path(&rv::blacklist_key(&caller.token), remaining, "1"),
+                rv::blacklist_path(&caller.token, keep),
                 Write {
                     on_ok: Reply::ok(
                         &serde_json::json!({"message": "Logged out successfully"}),
                         &trace_id,
                     ),
                     effect: Effect::Blacklist(caller.token.clone()),
+                    on_lost: None,
                 },
             ),
             Endpoint::Refresh { ttl_seconds } => {
@@ -801,13 +813,15 @@ impl Gateway {
                     }
                 };
                 (
-                    rv::setex_path(&rv::blacklist_key(&caller.token), remaining, "1"),
+                    rv::blacklist_path(&caller.token, keep),
                     Write {
                         on_ok: Reply::ok(
                             &serde_json::json!({"access_token": new_token, "token_type": "bearer"}),
                             &trace_id,
                         ),
                         effect: Effect::Blacklist(caller.token.clone()),
+                        // A concurrent refresh of the same token won: this one mints nothing.
+                        on_lost: Some(Reply::refusal(401, MSG_REVOKED, "revoked", &trace_id)),
                     },
                 )
             }
@@ -818,13 +832,14 @@ impl Gateway {
                     Write {
                         on_ok: Reply::ok(
                             &serde_json::json!({
-                                "message": format!("All tokens of user {user} issued before now are revoked"),
+                                "message": format!("All tokens of user {user} issued up to now are revoked"),
                                 "user_id": user,
                                 "revoked_before": now_s,
                             }),
                             &trace_id,
                         ),
                         effect: Effect::Ban { user, since_s: now_s },
+                        on_lost: None,
                     },
                 )
             }
@@ -987,12 +1002,19 @@ impl Gateway {
         body: &[u8],
         host: &mut dyn Host,
     ) -> Flow {
-        if let Err(e) = rv::parse_setex(status, body) {
-            let id = self.metrics.store_errors;
-            self.inc(id);
-            host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
-            return self.error(req, 503, MSG_WRITE_FAILED, host);
-        }
+        let outcome = match write.effect {
+            Effect::Blacklist(_) => rv::parse_set_nx(status, body),
+            Effect::Ban { .. } => rv::parse_setex(status, body).map(|()| true),
+        };
+        let won = match outcome {
+            Ok(won) => won,
+            Err(e) => {
+                let id = self.metrics.store_errors;
+                self.inc(id);
+                host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
+                return self.error(req, 503, MSG_WRITE_FAILED, host);
+            }
+        };
         // Confirmed: now this instance applies it too (at once, without waiting for its cache).
         let config = Rc::clone(&self.config);
         if let Some(rv) = config.revocation.as_ref() {
@@ -1017,7 +1039,11 @@ impl Gateway {
                 }
             }
         }
-        self.reply(req, write.on_ok, host)
+        let reply = match (won, write.on_lost) {
+            (false, Some(lost)) => lost,
+            _ => write.on_ok,
+        };
+        self.reply(req, reply, host)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -300,6 +300,16 @@ pub fn endpoint(
             match path {
                 EndpointPath::Logout => Ok(Endpoint::Logout),
                 EndpointPath::Refresh => {
+                    // The verifier's clock skew lets a token be used a little past `exp`; it
+                    // never buys a new one.
+                    if now >= id.expires_at {
+                        return Err(Reply::refusal(
+                            401,
+                            "Invalid token: token has expired",
+                            "expired",
+                            trace_id,
+                        ));
+                    }
                     let refresh = rv.refresh.as_ref();
                     let remaining = id.expires_at.saturating_sub(now);
                     if let Some(window) = refresh.and_then(|r| r.window_seconds) {

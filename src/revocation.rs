@@ -260,6 +260,35 @@ pub fn setex_path(key: &str, ttl_seconds: i64, value: &str) -> String {
     command_path("SETEX", &[key, &ttl_seconds.max(1).to_string(), value])
 }
 
+/// `SET token:blacklist:<token> 1 EX ttl NX`: blacklists the token only if nobody did yet, so
+/// of concurrent refreshes (or logouts) of one token exactly one wins.
+pub fn blacklist_path(token: &str, ttl_seconds: i64) -> String {
+    command_path(
+        "SET",
+        &[
+            &blacklist_key(token),
+            "1",
+            "EX",
+            &ttl_seconds.max(1).to_string(),
+            "NX",
+        ],
+    )
+}
+
+/// Parses the reply to [`blacklist_path`]: `{"SET": [true, "OK"]}` (this call blacklisted the
+/// token) or `{"SET": null}` (it already was).
+pub fn parse_set_nx(status: Option<u16>, body: &[u8]) -> Result<bool, StoreError> {
+    let v = json_reply(status, body)?;
+    match v.get("SET") {
+        Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Array(a)) => match a.as_slice() {
+            [serde_json::Value::Bool(true), serde_json::Value::String(ok)] if ok == "OK" => Ok(true),
+            _ => Err(StoreError::BadReply("SET did not answer OK")),
+        },
+        _ => Err(StoreError::BadReply("no SET reply")),
+    }
+}
+
 /// What Redis knows about one token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lookup {
@@ -274,12 +303,13 @@ impl Lookup {
         revoked_before: None,
     };
 
-    /// Revoked if blacklisted, or banned after the token was issued (a token without `iat`
-    /// counts as issued before any ban).
+    /// Revoked if blacklisted, or banned in or after the second the token was issued: `iat`
+    /// has whole seconds, so a token issued earlier in the ban's second (a refresh racing the
+    /// ban) counts as older. A token without `iat` counts as issued before any ban.
     pub fn revokes(&self, issued_at: Option<i64>) -> bool {
         self.blacklisted
             || match (self.revoked_before, issued_at) {
-                (Some(before), Some(iat)) => iat < before,
+                (Some(before), Some(iat)) => iat <= before,
                 (Some(_), None) => true,
                 (None, _) => false,
             }
@@ -486,6 +516,19 @@ mod tests {
     }
 
     #[test]
+    fn set_nx_paths_and_replies() {
+        assert_eq!(
+            blacklist_path("a.b", 0),
+            "/SET/token%3Ablacklist%3Aa%2Eb/1/EX/1/NX.json"
+        );
+        assert_eq!(parse_set_nx(Some(200), br#"{"SET":[true,"OK"]}"#), Ok(true));
+        assert_eq!(parse_set_nx(Some(200), br#"{"SET":null}"#), Ok(false));
+        assert!(parse_set_nx(Some(200), br#"{"SET":[false,"ERR"]}"#).is_err());
+        assert!(parse_set_nx(Some(200), br#"{"SETEX":null}"#).is_err());
+        assert!(parse_set_nx(None, b"").is_err());
+    }
+
+    #[test]
     fn setex_replies() {
         assert_eq!(parse_setex(Some(200), br#"{"SETEX":[true,"OK"]}"#), Ok(()));
         assert!(parse_setex(Some(200), br#"{"SETEX":[false,"ERR invalid expire time"]}"#).is_err());
@@ -500,10 +543,8 @@ mod tests {
             revoked_before: Some(100),
         };
         assert!(ban.revokes(Some(99)));
-        assert!(
-            !ban.revokes(Some(100)),
-            "issued in the ban's second or later: valid"
-        );
+        assert!(ban.revokes(Some(100)), "issued in the ban's second: revoked");
+        assert!(!ban.revokes(Some(101)), "issued after the ban's second: valid");
         assert!(ban.revokes(None));
         assert!(!Lookup::CLEAN.revokes(None));
         assert!(Lookup {

@@ -10,7 +10,8 @@ const NOW_S: i64 = 1_800_000_000;
 const ROOT: u32 = 1;
 const CLEAN: &str = r#"{"MGET":[null,null]}"#;
 const BLACKLISTED: &str = r#"{"MGET":["1",null]}"#;
-const SETEX_OK: &str = r#"{"SETEX":[true,"OK"]}"#;
+const SET_OK: &str = r#"{"SET":[true,"OK"]}"#;
+const SET_LOST: &str = r#"{"SET":null}"#;
 
 fn base() -> serde_json::Value {
     serde_json::json!({
@@ -268,7 +269,7 @@ fn gateway_endpoints_pass_the_limits_of_the_route_they_sit_under() {
     // `/api/v1/auth/refresh` sits under the `auth` route: one call per second per user.
     t.send(2, "POST", "/api/v1/auth/refresh", Some(&token()));
     t.answer_last(Some(200), CLEAN); // lookup
-    t.answer_last(Some(200), SETEX_OK); // blacklist the old token
+    t.answer_last(Some(200), SET_OK); // blacklist the old token
     assert_eq!(t.status(2), 200);
     let calls = t.calls();
     let other = token_for("user-001", "b");
@@ -291,8 +292,8 @@ fn logout_replies_only_after_the_store_confirmed() {
     t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
     t.answer_last(Some(200), CLEAN);
     assert!(t.req(2).reply.is_none(), "no reply before the write is confirmed");
-    assert!(t.host.dispatched.last().unwrap().path.starts_with("/SETEX/"));
-    t.answer_last(Some(200), SETEX_OK);
+    assert!(t.host.dispatched.last().unwrap().path.starts_with("/SET/"));
+    t.answer_last(Some(200), SET_OK);
     assert_eq!(t.status(2), 200);
     t.finish(2);
     // This instance knows at once, without asking the store.
@@ -324,7 +325,7 @@ fn a_failed_write_says_so_and_changes_nothing_locally() {
     let mut t = T::default();
     t.send(2, "POST", "/api/v1/auth/refresh", Some(&token()));
     t.answer_last(Some(200), CLEAN);
-    t.answer_last(Some(200), r#"{"SETEX":[false,"ERR"]}"#);
+    t.answer_last(Some(200), r#"{"SET":[false,"ERR"]}"#);
     assert_eq!(t.status(2), 503);
     assert!(!t.req(2).reply.as_ref().unwrap().body.contains("access_token"));
     // A ban that was not recorded is not applied locally either.
@@ -572,4 +573,81 @@ fn counters_reach_the_host_on_every_tick_despite_jitter() {
         1,
         "not twice a period"
     );
+}
+
+#[test]
+fn a_logged_out_token_stays_blacklisted_while_any_check_would_accept_it() {
+    let mut t = T::default();
+    t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    // exp is 1800 s away and the verifier allows 60 s of skew past it.
+    let path = t.host.dispatched.last().unwrap().path.clone();
+    assert!(path.ends_with("/1/EX/1861/NX.json"), "{path}");
+}
+
+#[test]
+fn refresh_refuses_a_token_past_exp_even_within_the_clock_skew() {
+    let mut t = T::default();
+    let payload = serde_json::json!({"sub": "u-9", "role": "user", "iat": NOW_S - 100, "exp": NOW_S - 10});
+    let late = forge(r#"{"alg":"HS256"}"#, &payload.to_string(), SECRET);
+    assert_eq!(
+        t.get(2, "/api/v1/plain/1", Some(&late)),
+        200,
+        "accepted within the skew"
+    );
+    t.send(3, "POST", "/api/v1/auth/refresh", Some(&late));
+    assert_eq!((t.status(3), t.reason(3)), (401, "expired"));
+    assert!(
+        !t.host.dispatched.iter().any(|d| d.path.starts_with("/SET/")),
+        "nothing written"
+    );
+}
+
+#[test]
+fn of_concurrent_refreshes_of_one_token_exactly_one_mints() {
+    let mut v = base();
+    v["routes"][4]["rate_limit"]["per_user"] = serde_json::json!({"max_calls": 10});
+    let mut t = T::new(v);
+    let tok = token_for("user-007", "r");
+    t.send(2, "POST", "/api/v1/auth/refresh", Some(&tok));
+    t.send(3, "POST", "/api/v1/auth/refresh", Some(&tok));
+    let lookups: Vec<u32> = t.host.dispatched.iter().map(|d| d.token_id).collect();
+    assert_eq!(lookups.len(), 2, "endpoints look up for themselves");
+    for id in lookups {
+        t.answer(id, Some(200), CLEAN);
+    }
+    let writes: Vec<u32> = t.host.dispatched.iter().skip(2).map(|d| d.token_id).collect();
+    assert_eq!(writes.len(), 2);
+    t.answer(writes[0], Some(200), SET_OK);
+    t.answer(writes[1], Some(200), SET_LOST);
+    assert_eq!(t.status(2), 200);
+    assert!(t.req(2).reply.as_ref().unwrap().body.contains("access_token"));
+    assert_eq!((t.status(3), t.reason(3)), (401, "revoked"));
+    assert!(!t.req(3).reply.as_ref().unwrap().body.contains("access_token"));
+}
+
+#[test]
+fn a_ban_revokes_tokens_issued_in_its_second() {
+    let admin = forge(
+        r#"{"alg":"HS256"}"#,
+        &serde_json::json!({"sub": "root", "role": "admin", "iat": NOW_S - 5, "exp": NOW_S + 60}).to_string(),
+        SECRET,
+    );
+    let mut t = T::default();
+    t.send(2, "POST", "/api/v1/admin/users/user-001/revoke", Some(&admin));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), r#"{"SETEX":[true,"OK"]}"#);
+    assert_eq!(t.status(2), 200);
+    // `token()` was issued at NOW_S, the ban's second: refused at once, from the local table.
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    assert_eq!(t.reason(3), "revoked");
+    let later = {
+        let payload =
+            serde_json::json!({"sub": "user-001", "role": "user", "iat": NOW_S + 1, "exp": NOW_S + 600});
+        forge(r#"{"alg":"HS256"}"#, &payload.to_string(), SECRET)
+    };
+    t.host.now_ms += 1000;
+    t.send(4, "GET", "/api/v1/plain/1", Some(&later));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(4), 200, "issued after the ban's second");
 }

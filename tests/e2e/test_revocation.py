@@ -25,7 +25,7 @@ def post(gw, path, tok=None):
     return gw.request("POST", path, bearer(tok) if tok else [])
 
 
-def test_logout_then_reuse_is_401_and_key_has_remaining_lifetime(gw, redis):
+def test_logout_then_reuse_is_401_and_key_outlives_the_token(gw, redis):
     _, tok = user_token(ttl=600)
     assert gw.get("/api/v1/users/1", bearer(tok)).status == 200
     r = post(gw, "/api/v1/auth/logout", tok)
@@ -35,7 +35,7 @@ def test_logout_then_reuse_is_401_and_key_has_remaining_lifetime(gw, redis):
     assert r.status == 401 and r.json()["message"] == REVOKED, r
     assert redis.cli("GET", f"token:blacklist:{tok}") == "1"
     ttl = int(redis.cli("TTL", f"token:blacklist:{tok}"))
-    assert 590 <= ttl <= 600, ttl
+    assert 650 <= ttl <= 661, f"remaining lifetime (600 s) + clock skew (60 s): {ttl}"
     # Logging out twice: the token is already revoked.
     assert post(gw, "/api/v1/auth/logout", tok).status == 401
 
