@@ -17,6 +17,7 @@ use crate::headers;
 use crate::jwt::{JwtSettings, Verifier};
 use crate::ratelimit::{RateLimitSettings, RateLimits, RouteLimits, RouteRateLimit};
 use crate::revocation::{Revocation, RevocationSettings};
+use crate::trace::TraceSettings;
 
 /// Default value of the `X-Gateway` header sent upstream.
 pub const DEFAULT_GATEWAY_NAME: &str = "envoy-wasm-gateway";
@@ -44,6 +45,8 @@ pub struct FilterConfig {
     pub revocation: Option<RevocationSettings>,
     #[serde(default)]
     pub logs: LogSettings,
+    #[serde(default)]
+    pub trace: TraceSettings,
 }
 
 /// The filter's part of `gateway:`.
@@ -146,6 +149,7 @@ pub struct Config {
     pub revocation: Option<Revocation>,
     pub rate_limits: RateLimits,
     pub logs: Logs,
+    pub trace: TraceSettings,
 }
 
 impl Config {
@@ -327,6 +331,7 @@ impl TryFrom<FilterConfig> for Config {
             revocation,
             rate_limits,
             logs,
+            trace: raw.trace,
         })
     }
 }

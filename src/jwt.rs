@@ -172,7 +172,10 @@ impl Key {
         }
     }
 
-    fn validate(&self, token: &UntrustedToken<'_>) -> Result<Token<TokenClaims>, ValidationError> {
+    fn validate(
+        &self,
+        token: &UntrustedToken<'_, ExtraHeader>,
+    ) -> Result<Token<TokenClaims, ExtraHeader>, ValidationError> {
         match self {
             Key::Hs256(k) => Hs256.validator::<TokenClaims>(k).validate(token),
             Key::Hs384(k) => Hs384.validator::<TokenClaims>(k).validate(token),
@@ -197,6 +200,14 @@ pub enum TokenError {
     WrongIssuer,
     WrongAudience,
     UnsafeClaim(&'static str),
+    CriticalHeader,
+}
+
+/// Header fields read besides `alg`/`kid`/`typ`.
+#[derive(Debug, Clone, Deserialize)]
+struct ExtraHeader {
+    #[serde(default)]
+    crit: Option<serde::de::IgnoredAny>,
 }
 
 impl TokenError {
@@ -215,11 +226,12 @@ impl TokenError {
             Self::WrongIssuer => "issuer",
             Self::WrongAudience => "audience",
             Self::UnsafeClaim(_) => "unsafe_claim",
+            Self::CriticalHeader => "crit",
         }
     }
 
     /// Every code, for defining metrics up front.
-    pub const CODES: [&'static str; 12] = [
+    pub const CODES: [&'static str; 13] = [
         "too_large",
         "malformed",
         "algorithm",
@@ -232,6 +244,7 @@ impl TokenError {
         "issuer",
         "audience",
         "unsafe_claim",
+        "crit",
     ];
 }
 
@@ -250,6 +263,7 @@ impl fmt::Display for TokenError {
             Self::WrongIssuer => f.write_str("invalid issuer"),
             Self::WrongAudience => f.write_str("invalid audience"),
             Self::UnsafeClaim(name) => write!(f, "claim {name} is not a valid header value"),
+            Self::CriticalHeader => f.write_str("unsupported critical header (crit)"),
         }
     }
 }
@@ -451,7 +465,11 @@ impl Verifier {
     }
 
     fn verify_uncached(&self, token: &str, now: i64) -> Result<(Identity, Option<i64>), TokenError> {
-        let untrusted = UntrustedToken::new(token).map_err(|_| TokenError::Malformed)?;
+        let untrusted = UntrustedToken::<ExtraHeader>::try_from(token).map_err(|_| TokenError::Malformed)?;
+        // RFC 7515 4.1.11: a recipient that does not understand a `crit` extension must refuse.
+        if untrusted.header().other_fields.crit.is_some() {
+            return Err(TokenError::CriticalHeader);
+        }
         let alg = untrusted.algorithm();
         let key = self
             .keys
@@ -581,6 +599,15 @@ pub(crate) mod tests {
                 "header not json",
                 forge("nope", r#"{"exp":1}"#, SECRET),
                 TokenError::Malformed,
+            ),
+            (
+                "unknown critical extension",
+                forge(
+                    r#"{"alg":"HS256","crit":["exp-ext"],"exp-ext":1}"#,
+                    &format!(r#"{{"exp":{exp}}}"#),
+                    SECRET,
+                ),
+                TokenError::CriticalHeader,
             ),
             (
                 "alg none",

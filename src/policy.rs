@@ -84,11 +84,14 @@ pub struct Caller {
 
 /// Phase 1: trace identity, then route and method (or the gateway endpoint the path names).
 pub fn classify(cfg: &Config, request: &[HeaderPair], random: &[u8; RANDOM_BYTES]) -> Classified {
-    let trace = trace_context(
-        headers::get_str(request, HEADER_TRACE_ID),
-        headers::get_str(request, HEADER_TRACEPARENT),
-        random,
-    );
+    let trusted = |name| {
+        if cfg.trace.trust_incoming {
+            headers::get_str(request, name)
+        } else {
+            None
+        }
+    };
+    let trace = trace_context(trusted(HEADER_TRACE_ID), trusted(HEADER_TRACEPARENT), random);
     let target = target(cfg, request).map_err(|reply| with_trace_id(reply, &trace.trace_id));
     Classified { trace, target }
 }
@@ -113,18 +116,48 @@ fn method_not_allowed(method: &str, allow: &str) -> Reply {
     reply
 }
 
+/// A path as an endpoint is recognised: `;` parameters dropped from every segment, `%2F`
+/// decoded, trailing `/` removed. Only used to recognise the gateway's own endpoints, so that
+/// `/auth/logout/` or `/auth/logout;x` logs out rather than reaching the upstream.
+fn endpoint_form(path: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !path.contains(';') && !path.contains('%') && (path.len() <= 1 || !path.ends_with('/'));
+    if plain {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let decoded = path.replace("%2F", "/").replace("%2f", "/");
+    let mut out = String::with_capacity(decoded.len());
+    for (i, segment) in decoded.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(""));
+    }
+    while out.len() > 1 && out.ends_with('/') {
+        out.pop();
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn endpoint_at(cfg: &Config, path: &str) -> Option<EndpointKind> {
+    if cfg
+        .logs
+        .store
+        .as_ref()
+        .is_some_and(|s| s.query_path.eq_ignore_ascii_case(path))
+    {
+        return Some(EndpointKind::Logs);
+    }
+    cfg.revocation
+        .as_ref()
+        .and_then(|rv| rv.endpoint(path))
+        .map(EndpointKind::Revocation)
+}
+
 fn target(cfg: &Config, request: &[HeaderPair]) -> Result<Target, Reply> {
     let method = headers::get_str(request, ":method").unwrap_or("");
     let full_path = headers::get_str(request, ":path").unwrap_or("");
     let path = full_path.split(['?', '#']).next().unwrap_or("");
-    let endpoint = if cfg.logs.store.as_ref().is_some_and(|s| s.query_path == path) {
-        Some(EndpointKind::Logs)
-    } else {
-        cfg.revocation
-            .as_ref()
-            .and_then(|rv| rv.endpoint(path))
-            .map(EndpointKind::Revocation)
-    };
+    let endpoint = endpoint_at(cfg, &endpoint_form(path));
     let route_index = |path: &str| cfg.routes.iter().position(|r| r.matches(path));
     if let Some(kind) = endpoint {
         let expected = if kind == EndpointKind::Logs { "GET" } else { "POST" };
@@ -363,12 +396,7 @@ pub fn forward_headers(
 ) -> Forward {
     let mut remove: Vec<String> = Vec::new();
     for (name, _) in request {
-        // Names come lower-case from Envoy; compare without allocating.
-        let internal = name.eq_ignore_ascii_case(crate::canary::ROUTE_HEADER);
-        let spoofed = name
-            .get(..IDENTITY_HEADER_PREFIX.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(IDENTITY_HEADER_PREFIX));
-        if internal || spoofed {
+        if is_client_forgery(name) {
             let lower = name.to_ascii_lowercase();
             if !remove.contains(&lower) {
                 remove.push(lower);
@@ -390,6 +418,31 @@ pub fn forward_headers(
         set.push((HEADER_USER_ROLE, id.role.clone()));
     }
     Forward { remove, set }
+}
+
+/// Headers a client must not send upstream: the identity headers (`X-User-*`), the gateway's
+/// own canary headers, and the address headers an upstream would take for the gateway's word
+/// (`X-Real-IP`, `Forwarded`, `X-Forwarded-Host`; Envoy itself writes `X-Forwarded-For`). `_`
+/// counts as `-`: WSGI and CGI upstreams read `X_User_Id` as `X-User-Id`. Compared without
+/// allocating (this runs for every header of every request).
+pub fn is_client_forgery(name: &str) -> bool {
+    fn starts(name: &str, prefix: &str) -> bool {
+        name.len() >= prefix.len()
+            && name
+                .bytes()
+                .zip(prefix.bytes())
+                .all(|(a, b)| (if a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == b)
+    }
+    starts(name, IDENTITY_HEADER_PREFIX)
+        || [
+            crate::canary::ROUTE_HEADER,
+            crate::canary::CANARY_HEADER,
+            "x-real-ip",
+            "forwarded",
+            "x-forwarded-host",
+        ]
+        .iter()
+        .any(|p| name.len() == p.len() && starts(name, p))
 }
 
 /// `X-Response-Time` as the reference writes it (`12.34ms`), with integer arithmetic (no float
@@ -483,6 +536,33 @@ mod tests {
             assert_eq!(body(&r)["trace_id"], cl.trace.trace_id.as_str());
             assert!(r.headers.contains(&("x-trace-id", cl.trace.trace_id.clone())));
         }
+        // Near misses of an endpoint's path are that endpoint, never the upstream's.
+        for near in [
+            "/api/v1/auth/logout/",
+            "/api/v1/auth/Logout",
+            "/api/v1/auth/logout;x=1",
+            "/api/v1/auth%2flogout",
+            "/api/v1/AUTH/logout//",
+        ] {
+            let t = classify(&c, &req("POST", near, &[]), &RND).target.unwrap();
+            assert!(
+                matches!(
+                    t,
+                    Target::Endpoint {
+                        path: EndpointKind::Revocation(EndpointPath::Logout),
+                        ..
+                    }
+                ),
+                "{near}: {t:?}"
+            );
+        }
+        let t = classify(&c, &req("POST", "/api/v1/admin/users/Bob;x/revoke/", &[]), &RND)
+            .target
+            .unwrap();
+        assert!(
+            matches!(&t, Target::Endpoint { path: EndpointKind::Revocation(EndpointPath::RevokeUser(u)), .. } if u == "Bob"),
+            "{t:?}"
+        );
         let r = classify(&c, &req("DELETE", "/api/v1/products/1", &[]), &RND)
             .target
             .unwrap_err();
@@ -500,6 +580,10 @@ mod tests {
         let cl = classify(&cfg(), &req("GET", "/api/v1/nope", &[("x-trace-id", id)]), &RND);
         assert_eq!(cl.trace.trace_id, id);
         assert_eq!(body(&cl.target.unwrap_err())["trace_id"], id);
+        let mut c = cfg();
+        c.trace.trust_incoming = false;
+        let cl = classify(&c, &req("GET", "/api/v1/nope", &[("x-trace-id", id)]), &RND);
+        assert_ne!(cl.trace.trace_id, id, "not trusted: a new id");
     }
 
     #[test]
@@ -665,6 +749,29 @@ mod tests {
             f.remove,
             vec!["x-user-id", "x-user-role", "x-user-anything", "x-gateway-canary"]
         );
+        for forged in [
+            "x_user_id",
+            "X_User_Role",
+            "x-user_role",
+            "X_USER-ID",
+            "x_gateway_canary",
+            "x-canary",
+            "X-Real-IP",
+            "forwarded",
+            "x_forwarded_host",
+        ] {
+            assert!(is_client_forgery(forged), "{forged}");
+        }
+        for fine in [
+            "x-use",
+            "x-userid",
+            "x-forwarded-for",
+            "x-forwarded-hostname",
+            "authorization",
+            "x_trace_id",
+        ] {
+            assert!(!is_client_forgery(fine), "{fine}");
+        }
         assert!(f.set.iter().any(|(k, v)| *k == "x-gateway" && v == "gw-test"));
         assert!(f
             .set

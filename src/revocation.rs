@@ -153,17 +153,43 @@ pub enum EndpointPath {
     RevokeUser(String),
 }
 
+/// `s` without `prefix`, compared ignoring ASCII case.
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| s.get(prefix.len()..))
+        .flatten()
+}
+
+/// `s` without `suffix`, compared ignoring ASCII case.
+fn strip_suffix_ci<'a>(s: &'a str, suffix: &str) -> Option<&'a str> {
+    let at = s.len().checked_sub(suffix.len())?;
+    let tail = s.get(at..)?;
+    tail.eq_ignore_ascii_case(suffix).then(|| s.get(..at)).flatten()
+}
+
 impl Revocation {
+    /// The endpoint a path names. Letter case is ignored (`/Auth/Logout` logs out: a request
+    /// that looks like a logout must never reach an upstream that answers success without
+    /// revoking); the user id keeps its case.
     pub fn endpoint(&self, path: &str) -> Option<EndpointPath> {
-        if self.logout_path.as_deref() == Some(path) {
+        if self
+            .logout_path
+            .as_deref()
+            .is_some_and(|p| p.eq_ignore_ascii_case(path))
+        {
             return Some(EndpointPath::Logout);
         }
-        if self.refresh.as_ref().is_some_and(|r| r.path == path) {
+        if self
+            .refresh
+            .as_ref()
+            .is_some_and(|r| r.path.eq_ignore_ascii_case(path))
+        {
             return Some(EndpointPath::Refresh);
         }
         let (head, tail) = self.revoke_user.as_ref()?;
-        let id = path.strip_prefix(head.as_str())?.strip_suffix(tail.as_str())?;
-        (!id.contains('/')).then(|| EndpointPath::RevokeUser(id.to_string()))
+        let id = strip_suffix_ci(strip_prefix_ci(path, head)?, tail)?;
+        (!id.is_empty() && !id.contains('/')).then(|| EndpointPath::RevokeUser(id.to_string()))
     }
 }
 

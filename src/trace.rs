@@ -6,6 +6,27 @@
 pub const HEADER_TRACE_ID: &str = "x-trace-id";
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 
+/// `trace:` in the gateway file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceSettings {
+    /// Keep a well-formed incoming `X-Trace-ID` / continue an incoming `traceparent` (the
+    /// reference keeps the caller's id). `false`: every request gets a new id, so clients cannot
+    /// choose the ids that logs are filed and queried under.
+    #[serde(default = "default_true")]
+    pub trust_incoming: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        Self { trust_incoming: true }
+    }
+}
+
 /// Random bytes one request needs: 16 for a UUID, 8 for the span id.
 pub const RANDOM_BYTES: usize = 24;
 

@@ -6,11 +6,12 @@ ECHO = ["user-service", "product-service", "order-service", "payment-service",
         "search-service", "comment-service", "admin-service", "slow-service"]
 
 
-def gateway_file(ports, dead_port, webdis_port=None, **revocation):
+def gateway_file(ports, dead_port, webdis_port=None, headers_with_underscores=None, limits=None, **revocation):
     def up(name):
         return f"http://127.0.0.1:{ports[name]}"
     f = {
-        "gateway": {"prefix": "/api/v1", "name": "e2e-gateway"},
+        "gateway": {"prefix": "/api/v1", "name": "e2e-gateway",
+                    "cors": {"allow_origins": ["https://app.example.com"]}},
         "jwt": {"algorithms": ["HS256"], "secret_env": "JWT_SECRET", "clock_skew": 60},
         "routes": [
             {"name": "user-service", "prefix": "/users", "upstream": up("user-service"),
@@ -35,6 +36,10 @@ def gateway_file(ports, dead_port, webdis_port=None, **revocation):
              "methods": ["GET"], "auth_required": False, "timeout": 2, "retry": 0},
         ],
     }
+    if headers_with_underscores:
+        f["gateway"]["headers_with_underscores"] = headers_with_underscores
+    if limits:
+        f["gateway"]["limits"] = limits
     if webdis_port:
         f["webdis"] = f"http://127.0.0.1:{webdis_port}"
         f["revocation"] = dict(revocation)

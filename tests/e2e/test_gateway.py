@@ -114,6 +114,13 @@ def test_cors_preflight_is_answered_by_envoy(gw):
     r = gw.get("/api/v1/products/1", [("Origin", "https://app.example.com")])
     assert r.header("access-control-allow-origin") == "https://app.example.com"
     assert "X-Trace-ID" in r.header("access-control-expose-headers")
+    # Only the configured origins: another site's origin is not reflected.
+    r = gw.request("OPTIONS", "/api/v1/users/1", [("Origin", "https://evil.example"),
+                                                  ("Access-Control-Request-Method", "POST")])
+    assert r.header("access-control-allow-origin") is None, r.headers
+    r = gw.get("/api/v1/products/1", [("Origin", "https://evil.example")])
+    assert r.header("access-control-allow-origin") is None
+    assert r.header("access-control-allow-credentials") is None
 
 
 # --- authentication ----------------------------------------------------------------------------

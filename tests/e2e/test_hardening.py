@@ -2,10 +2,14 @@
 named after it). Real Envoy, webdis and Redis."""
 
 import concurrent.futures
+import json
+import socket
+import subprocess
 import time
 import uuid
 
-from harness import bearer, forge, wait_for
+from conftest import gateway_file
+from harness import Gateway, bearer, forge, free_port, wait_for
 
 
 def user_token(sub=None, ttl=600, role="user", iat=None):
@@ -70,3 +74,119 @@ def test_finding_8_concurrent_refreshes_mint_one_token(gw):
         assert all(r.status == 401 for r in replies if r.status != 200), [r.status for r in replies]
         fresh = minted[0].json()["access_token"]
         assert gw.get("/api/v1/users/1", bearer(fresh)).status == 200
+
+
+def forged_identity(seen):
+    """Header names that spell an identity header with `_` for `-` (as WSGI reads them)."""
+    return {k: v for k, v in seen.items() if k.replace("_", "-").startswith("x-user-") and "_" in k}
+
+
+SPOOF = [("X_User_Id", "user-001"), ("X_User_Role", "admin"), ("X-User_Role", "admin"), ("X_User-Id", "user-001")]
+
+
+def test_finding_3_identity_cannot_be_spoofed_with_underscores(gw, services):
+    # Envoy drops headers with underscores (the rendered default).
+    seen = gw.get("/api/v1/products/1", SPOOF).json()["headers"]
+    assert forged_identity(seen) == {}, seen
+    _, tok = user_token(sub="user-002")
+    seen = gw.get("/api/v1/users/1", SPOOF + bearer(tok)).json()["headers"]
+    assert forged_identity(seen) == {} and seen["x-user-id"] == "user-002", seen
+    # Over HTTP/2 too.
+    out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", f"http://127.0.0.1:{gw.port}/api/v1/products/1",
+                          *sum((["-H", f"{k}: {v}"] for k, v in SPOOF), [])], capture_output=True, text=True, check=True)
+    assert forged_identity(json.loads(out.stdout)["headers"]) == {}, out.stdout
+    # Where underscores are allowed through Envoy (or the host is not ours), the filter strips them.
+    g = Gateway(gateway_file(services.ports, free_port(), headers_with_underscores="allow"))
+    try:
+        seen = g.get("/api/v1/products/1", SPOOF + [("X_Trace_Note", "kept")]).json()["headers"]
+        assert forged_identity(seen) == {}, seen
+        assert seen.get("x_trace_note") == "kept", "other underscore headers pass when allowed"
+    finally:
+        g.stop()
+
+
+def test_finding_4_a_slow_client_is_cut_off(services):
+    g = Gateway(gateway_file(services.ports, free_port(), limits={"request_headers_timeout": 1}))
+    try:
+        s = socket.create_connection(("127.0.0.1", g.port))
+        s.settimeout(5)
+        started = time.monotonic()
+        closed = False
+        head = b"GET /api/v1/products/1 HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 50
+        try:
+            for byte in head:
+                s.sendall(bytes([byte]))
+                time.sleep(0.1)
+        except OSError:
+            closed = True
+        if not closed:
+            reply = s.recv(4096)
+            closed = reply == b"" or reply.startswith(b"HTTP/1.1 408")
+        assert closed, "the connection outlived the request headers timeout"
+        assert time.monotonic() - started < 4
+        s.close()
+        assert g.get("/api/v1/products/1").status == 200
+    finally:
+        g.stop()
+
+
+def test_finding_9_one_address_cannot_spend_the_routes_budget(services):
+    """The shipped `auth` route: 10 per second, 3 per address."""
+    up = f"http://127.0.0.1:{services.ports['auth-service']}"
+    g = Gateway({"gateway": {"prefix": "/api/v1", "rate_limit": {"trusted_hops": 1}},
+                 "routes": [{"name": "auth", "prefix": "/auth", "upstream": up, "methods": ["POST"],
+                             "auth_required": False,
+                             "rate_limit": {"max_calls": 10, "period": 1, "per_ip": {"max_calls": 3, "period": 1}}}]})
+    try:
+        attacker = [("X-Forwarded-For", "198.51.100.1")]
+        statuses = [g.request("POST", "/api/v1/auth/login", attacker, body={"username": "x", "password": "y"}).status
+                    for _ in range(20)]
+        assert statuses.count(429) >= 15, statuses
+        victim = [("X-Forwarded-For", "198.51.100.2")]
+        r = g.request("POST", "/api/v1/auth/login", victim, body={"username": "admin", "password": "123456"})
+        assert r.status == 200, r
+    finally:
+        g.stop()
+
+
+def test_finding_11_near_miss_logout_paths_log_out(gw):
+    for path in ["/api/v1/auth/logout/", "/api/v1/auth/Logout", "/api/v1/auth/logout;x=1"]:
+        _, tok = user_token()
+        r = post(gw, path, tok)
+        assert r.status == 200 and r.json() == {"message": "Logged out successfully"}, (path, r)
+        assert gw.get("/api/v1/users/1", bearer(tok)).status == 401, path
+    _, tok = user_token()
+    r = post(gw, "/api/v1/auth/logout%2F", tok)
+    assert r.status == 400, r  # escaped slashes are rejected by Envoy
+    assert gw.get("/api/v1/users/1", bearer(tok)).status == 200
+
+
+def test_finding_12_escaped_slashes_are_rejected(gw):
+    for path in ["/api/v1/products/..%2fadmin/x", "/api/v1/products/..%2Fadmin", "/api/v1/products/a%5cb"]:
+        assert gw.get(path).status == 400, path
+
+
+def test_finding_13_lenient_pass_throughs_are_closed(gw, services):
+    # A `crit` header the gateway does not understand: refused (RFC 7515).
+    now = int(time.time())
+    crit = forge({"alg": "HS256", "crit": ["x-ext"], "x-ext": 1}, {"sub": "u", "iat": now, "exp": now + 60})
+    r = gw.get("/api/v1/users/1", bearer(crit))
+    assert r.status == 401 and r.json()["message"] == "Invalid token: unsupported critical header (crit)", r
+    # Address and canary headers are the gateway's to set, not the client's.
+    sent = [("X-Real-IP", "10.9.9.9"), ("Forwarded", "for=10.9.9.9"), ("X-Forwarded-Host", "evil.example"),
+            ("X-Canary", "true")]
+    seen = gw.get("/api/v1/products/1", sent).json()["headers"]
+    for name in ("x-real-ip", "forwarded", "x-forwarded-host", "x-canary"):
+        assert name not in seen, (name, seen)
+    # A client's trace id is kept by default (the reference does); `trace.trust_incoming: false`
+    # makes every id the gateway's own.
+    mine = "0af7651916cd43dd8448eb211c80319c"
+    assert gw.get("/api/v1/products/1", [("X-Trace-ID", mine)]).header("x-trace-id") == mine
+    f = gateway_file(services.ports, free_port())
+    f["trace"] = {"trust_incoming": False}
+    g = Gateway(f)
+    try:
+        r = g.get("/api/v1/products/1", [("X-Trace-ID", mine)])
+        assert r.header("x-trace-id") != mine and r.json()["headers"]["x-trace-id"] == r.header("x-trace-id")
+    finally:
+        g.stop()

@@ -4,7 +4,9 @@
 use gateway_filter::canary::ROUTE_HEADER;
 use serde_json::{json, Value};
 
-use crate::gateway::{Endpoint, FailurePolicy, GatewayFile, LbPolicy, WEBDIS_CLUSTER};
+use crate::gateway::{
+    Endpoint, EscapedSlashes, FailurePolicy, GatewayFile, LbPolicy, UnderscoreAction, WEBDIS_CLUSTER,
+};
 
 /// Where the filter's `.wasm` lives, as Envoy will see it.
 pub struct RenderOptions<'a> {
@@ -92,7 +94,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
 
     let mut vhost = json!({"name": "gateway", "domains": ["*"], "routes": routes});
     let mut http_filters: Vec<Value> = Vec::new();
-    if g.cors.enabled {
+    if g.cors.active() {
         let origins: Vec<Value> = g
             .cors
             .allow_origins
@@ -165,6 +167,27 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     let hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "gateway",
+        "request_headers_timeout": seconds(g.limits.request_headers_timeout),
+        "stream_idle_timeout": seconds(g.limits.stream_idle_timeout),
+        "max_request_headers_kb": g.limits.max_request_headers_kb,
+        "common_http_protocol_options": {
+            "idle_timeout": seconds(g.limits.idle_timeout),
+            "headers_with_underscores_action": match g.headers_with_underscores {
+                UnderscoreAction::Drop => "DROP_HEADER",
+                UnderscoreAction::Reject => "REJECT_REQUEST",
+                UnderscoreAction::Allow => "ALLOW",
+            },
+        },
+        "http2_protocol_options": {
+            "max_concurrent_streams": g.limits.http2_max_concurrent_streams,
+            "initial_stream_window_size": 65536,
+            "initial_connection_window_size": 1_048_576,
+        },
+        "path_with_escaped_slashes_action": match g.escaped_slashes {
+            EscapedSlashes::Reject => "REJECT_REQUEST",
+            EscapedSlashes::Redirect => "UNESCAPE_AND_REDIRECT",
+            EscapedSlashes::Keep => "KEEP_UNCHANGED",
+        },
         "normalize_path": true,
         "merge_slashes": true,
         "use_remote_address": true,
@@ -239,12 +262,35 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         }));
     }
 
+    for cluster in &mut clusters {
+        cluster["per_connection_buffer_limit_bytes"] = json!(g.limits.buffer_limit_bytes);
+    }
+    let overload = json!({
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {"name": "envoy.resource_monitors.fixed_heap", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                "max_heap_size_bytes": g.limits.max_heap_mb.saturating_mul(1 << 20)}},
+            {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": g.limits.max_connections}},
+        ],
+        "actions": [
+            {"name": "envoy.overload_actions.shrink_heap",
+             "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.95}}]},
+            {"name": "envoy.overload_actions.stop_accepting_requests",
+             "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.98}}]},
+        ],
+    });
+
     Ok(json!({
+        "overload_manager": overload,
         "admin": {"address": socket(&g.admin.address, g.admin.port)},
         "static_resources": {
             "listeners": [{
                 "name": LISTENER_NAME,
                 "address": socket(&g.address, g.port),
+                "per_connection_buffer_limit_bytes": g.limits.buffer_limit_bytes,
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": hcm,
@@ -265,7 +311,7 @@ mod tests {
     }
 
     const YAML: &str = r#"
-gateway: {port: 8000, prefix: /api/v1}
+gateway: {port: 8000, prefix: /api/v1, cors: {allow_origins: ["https://app.example"]}}
 jwt: {secret_env: JWT_SECRET}
 routes:
   - {name: users, prefix: /users, upstream: "http://127.0.0.1:8001", timeout: 5, retry: 2}
@@ -360,5 +406,52 @@ routes:
         assert_eq!(seconds(30.0), "30s");
         assert_eq!(seconds(0.25), "0.250s");
         assert_eq!(seconds(1.5), "1.500s");
+    }
+
+    #[test]
+    fn edge_hardening_is_rendered() {
+        let v = render(YAML);
+        let h = hcm(&v);
+        assert_eq!(h["request_headers_timeout"], "10s");
+        assert_eq!(h["stream_idle_timeout"], "60s");
+        assert_eq!(h["common_http_protocol_options"]["idle_timeout"], "300s");
+        assert_eq!(
+            h["common_http_protocol_options"]["headers_with_underscores_action"],
+            "DROP_HEADER"
+        );
+        assert_eq!(h["path_with_escaped_slashes_action"], "REJECT_REQUEST");
+        assert_eq!(h["http2_protocol_options"]["max_concurrent_streams"], 100);
+        let om = &v["overload_manager"];
+        assert_eq!(
+            om["resource_monitors"][1]["typed_config"]["max_active_downstream_connections"],
+            10_000
+        );
+        assert_eq!(
+            om["resource_monitors"][0]["typed_config"]["max_heap_size_bytes"],
+            1024u64 << 20
+        );
+        let listener = &v["static_resources"]["listeners"][0];
+        assert_eq!(listener["per_connection_buffer_limit_bytes"], 32_768);
+        let v = render(&YAML.replace(
+            "gateway: {port: 8000, prefix: /api/v1, cors: {allow_origins: [\"https://app.example\"]}}",
+            "gateway: {port: 8000, prefix: /api/v1, headers_with_underscores: reject, escaped_slashes: redirect,\n  limits: {request_headers_timeout: 1.5}}",
+        ));
+        let h = hcm(&v);
+        assert_eq!(h["request_headers_timeout"], "1.500s");
+        assert_eq!(
+            h["common_http_protocol_options"]["headers_with_underscores_action"],
+            "REJECT_REQUEST"
+        );
+        assert_eq!(h["path_with_escaped_slashes_action"], "UNESCAPE_AND_REDIRECT");
+        let filters: Vec<&str> = h["http_filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            !filters.contains(&"envoy.filters.http.cors"),
+            "no origins listed: no CORS"
+        );
     }
 }

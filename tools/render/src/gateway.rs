@@ -15,7 +15,7 @@ use gateway_filter::error::{check_name, ConfigError, KNOWN_METHODS};
 pub const WEBDIS_CLUSTER: &str = "webdis";
 
 /// Keys of `gateway:` that only Envoy uses (the rest is the filter's: prefix, name, rate_limit).
-const ENVOY_GATEWAY_KEYS: [&str; 9] = [
+const ENVOY_GATEWAY_KEYS: [&str; 12] = [
     "port",
     "address",
     "admin",
@@ -25,6 +25,9 @@ const ENVOY_GATEWAY_KEYS: [&str; 9] = [
     "outlier_detection",
     "connect_timeout",
     "failure_policy",
+    "limits",
+    "headers_with_underscores",
+    "escaped_slashes",
 ];
 /// Keys of `routes[]` that only Envoy uses (besides `canary.upstream`).
 const ENVOY_ROUTE_KEYS: [&str; 4] = ["upstream", "timeout", "retry", "lb_policy"];
@@ -55,6 +58,112 @@ pub struct Gateway {
     /// `closed` (fail closed for good) or `open` (skip the filter: bypasses auth).
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    /// Edge hardening: timeouts, connection and memory limits, HTTP/2 limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Request headers whose names contain `_` (upstreams such as WSGI read `X_User_Id` as
+    /// `X-User-Id`): `drop` them (default), `reject` the request (400), or `allow` them.
+    #[serde(default)]
+    pub headers_with_underscores: UnderscoreAction,
+    /// Paths with `%2F`/`%5C`: `reject` (400, default), `redirect` to the unescaped path, or
+    /// `keep` them as they are.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnderscoreAction {
+    #[default]
+    Drop,
+    Reject,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EscapedSlashes {
+    #[default]
+    Reject,
+    Redirect,
+    Keep,
+}
+
+/// `gateway.limits`: Envoy's edge-proxy hardening, with the values of its "configuring Envoy as
+/// an edge proxy" guidance where it gives one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Seconds for a client to send the whole request head (slow-header clients are cut off).
+    #[serde(default = "default_request_headers_timeout")]
+    pub request_headers_timeout: f64,
+    /// Seconds a connection may stay open with no request in flight.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: f64,
+    /// Seconds a request may see no activity (headers or body, either way).
+    #[serde(default = "default_stream_idle_timeout")]
+    pub stream_idle_timeout: f64,
+    /// Downstream connections across all listeners (overload manager); beyond it new
+    /// connections are refused.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u64,
+    /// Heap in MiB: at 95% Envoy shrinks its heap, at 98% it stops accepting requests.
+    #[serde(default = "default_max_heap_mb")]
+    pub max_heap_mb: u64,
+    #[serde(default = "default_max_request_headers_kb")]
+    pub max_request_headers_kb: u32,
+    /// Bytes buffered per connection (listener and upstream).
+    #[serde(default = "default_buffer_limit")]
+    pub buffer_limit_bytes: u32,
+    #[serde(default = "default_h2_streams")]
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_headers_timeout: default_request_headers_timeout(),
+            idle_timeout: default_idle_timeout(),
+            stream_idle_timeout: default_stream_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_heap_mb: default_max_heap_mb(),
+            max_request_headers_kb: default_max_request_headers_kb(),
+            buffer_limit_bytes: default_buffer_limit(),
+            http2_max_concurrent_streams: default_h2_streams(),
+        }
+    }
+}
+
+fn default_request_headers_timeout() -> f64 {
+    10.0
+}
+fn default_idle_timeout() -> f64 {
+    300.0
+}
+fn default_stream_idle_timeout() -> f64 {
+    60.0
+}
+fn default_max_connections() -> u64 {
+    10_000
+}
+fn default_max_heap_mb() -> u64 {
+    1024
+}
+fn default_max_request_headers_kb() -> u32 {
+    60
+}
+fn default_buffer_limit() -> u32 {
+    32_768
+}
+fn default_h2_streams() -> u32 {
+    100
+}
+
+impl Cors {
+    /// Whether Envoy's CORS filter is rendered.
+    pub fn active(&self) -> bool {
+        self.enabled && !self.allow_origins.is_empty()
+    }
 }
 
 /// `routes[]`, Envoy's part.
@@ -234,11 +343,47 @@ fn validate_envoy_side(
         }
     }
     check_seconds("gateway.connect_timeout", g.connect_timeout, 60.0)?;
-    if g.cors.enabled {
-        if g.cors.allow_origins.is_empty() {
+    let l = &g.limits;
+    check_seconds(
+        "gateway.limits.request_headers_timeout",
+        l.request_headers_timeout,
+        3600.0,
+    )?;
+    check_seconds("gateway.limits.idle_timeout", l.idle_timeout, 86_400.0)?;
+    check_seconds(
+        "gateway.limits.stream_idle_timeout",
+        l.stream_idle_timeout,
+        86_400.0,
+    )?;
+    for (field, value, min, max) in [
+        ("max_connections", l.max_connections, 1, 10_000_000),
+        ("max_heap_mb", l.max_heap_mb, 64, 1_048_576),
+        (
+            "max_request_headers_kb",
+            u64::from(l.max_request_headers_kb),
+            1,
+            8192,
+        ),
+        (
+            "buffer_limit_bytes",
+            u64::from(l.buffer_limit_bytes),
+            1024,
+            1 << 30,
+        ),
+        (
+            "http2_max_concurrent_streams",
+            u64::from(l.http2_max_concurrent_streams),
+            1,
+            1 << 31,
+        ),
+    ] {
+        gateway_filter::error::check_range(&format!("gateway.limits.{field}"), value, min, max)?;
+    }
+    if g.cors.active() {
+        if g.cors.allow_credentials && g.cors.allow_origins.iter().any(|o| o == "*") {
             return Err(ConfigError::new(
                 "gateway.cors.allow_origins",
-                "must list at least one origin (or *)",
+                "\"*\" with allow_credentials would let any site send credentialed requests: list the origins, or set allow_credentials: false",
             ));
         }
         for (i, m) in g.cors.allow_methods.iter().enumerate() {
@@ -335,8 +480,9 @@ impl Default for Admin {
 pub struct Cors {
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Exact origins, or `*` for any.
-    #[serde(default = "default_any")]
+    /// Exact origins allowed to call the gateway from a browser; none (the default) renders no
+    /// CORS filter. `*` allows any origin, and cannot be combined with `allow_credentials`.
+    #[serde(default)]
     pub allow_origins: Vec<String>,
     #[serde(default = "default_cors_methods")]
     pub allow_methods: Vec<String>,
@@ -354,7 +500,7 @@ impl Default for Cors {
     fn default() -> Self {
         Self {
             enabled: true,
-            allow_origins: default_any(),
+            allow_origins: Vec::new(),
             allow_methods: default_cors_methods(),
             allow_headers: default_cors_headers(),
             expose_headers: default_cors_expose(),
@@ -519,9 +665,6 @@ fn default_timeout() -> f64 {
 
 fn default_true() -> bool {
     true
-}
-fn default_any() -> Vec<String> {
-    vec!["*".to_string()]
 }
 fn default_cors_methods() -> Vec<String> {
     ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -820,6 +963,22 @@ mod tests {
             (
                 Box::new(|v| v["webdis"] = "https://x:1".into()),
                 "webdis: \"https://x:1\" must start with http://",
+            ),
+            (
+                Box::new(|v| v["gateway"]["cors"] = serde_json::json!({"allow_origins": ["*"]})),
+                "gateway.cors.allow_origins: \"*\" with allow_credentials",
+            ),
+            (
+                Box::new(|v| v["gateway"]["limits"] = serde_json::json!({"request_headers_timeout": 0})),
+                "gateway.limits.request_headers_timeout: must be a number of seconds",
+            ),
+            (
+                Box::new(|v| v["gateway"]["limits"] = serde_json::json!({"max_connections": 0})),
+                "gateway.limits.max_connections: must be 1 to",
+            ),
+            (
+                Box::new(|v| v["gateway"]["headers_with_underscores"] = "keep".into()),
+                "gateway.headers_with_underscores: unknown variant `keep`",
             ),
         ];
         for (mutate, expected) in cases {

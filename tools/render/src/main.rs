@@ -166,6 +166,16 @@ mod tests {
             .find(|r| r.name == "admin-service")
             .unwrap();
         assert_eq!(admin.roles, vec!["admin"]);
+        // One address must not be able to spend the login route's whole budget.
+        let auth = file
+            .config
+            .routes
+            .iter()
+            .find(|r| r.name == "auth-service")
+            .unwrap();
+        let limits = auth.limits.as_ref().unwrap();
+        assert!(limits.ip.limit.max_calls < limits.route.max_calls);
+        assert_eq!(limits.ip.scope, "auth-service", "a bucket per (route, address)");
     }
 
     #[test]
