@@ -60,7 +60,9 @@ cat <<TXT
 
 Gateway is up.
   Envoy + filter      http://127.0.0.1:8000   (routes under /api/v1, /health)
-  Envoy admin         http://127.0.0.1:9901   (stats: /stats, /stats/prometheus)
+  Envoy admin         unix socket build/envoy-admin.sock (mode 0600), e.g.
+                      curl --unix-socket build/envoy-admin.sock http://admin/stats
+  metrics             http://127.0.0.1:9901/stats/prometheus (and /ready; nothing else)
   Redis               127.0.0.1:${REDIS_PORT}     webdis http://127.0.0.1:${WEBDIS_PORT}
   user-service 8001   order-service 8002   product-service 8003   payment-service 8004
   auth-service 8005   search-service 8006  comment-service 8007   admin-service 8008

@@ -142,14 +142,22 @@ class Services:
 class Gateway:
     """Envoy with the filter, from a gateway file (a dict, rendered by gateway-render)."""
 
-    def __init__(self, gateway_file: dict, concurrency=2, env=None):
+    def __init__(self, gateway_file: dict, concurrency=2, env=None, admin_socket=False):
+        """`admin_socket`: the admin interface on a Unix socket in the gateway's directory, and
+        `admin_port` a metrics listener serving only /stats/prometheus and /ready."""
         require_build()
         self.dir = Path(tempfile.mkdtemp(prefix="gw-e2e-"))
         self.port = free_port()
         self.admin_port = free_port()
         gateway_file = json.loads(json.dumps(gateway_file))
-        gateway_file["gateway"].update(port=self.port, address="127.0.0.1",
-                                       admin={"address": "127.0.0.1", "port": self.admin_port})
+        if admin_socket:
+            self.admin_socket = self.dir / "admin.sock"
+            gateway_file["gateway"].update(port=self.port, address="127.0.0.1",
+                                           admin={"socket": str(self.admin_socket)},
+                                           metrics={"address": "127.0.0.1", "port": self.admin_port})
+        else:
+            gateway_file["gateway"].update(port=self.port, address="127.0.0.1",
+                                           admin={"address": "127.0.0.1", "port": self.admin_port})
         self.gateway_yaml = self.dir / "gateway.yaml"
         self.gateway_yaml.write_text(json.dumps(gateway_file, indent=1))  # JSON is YAML
         self.envoy_yaml = self.dir / "envoy.yaml"

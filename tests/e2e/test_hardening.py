@@ -3,13 +3,15 @@ named after it). Real Envoy, webdis and Redis."""
 
 import concurrent.futures
 import json
+import os
 import socket
+import stat
 import subprocess
 import time
 import uuid
 
 from conftest import gateway_file
-from harness import Gateway, bearer, forge, free_port, wait_for
+from harness import SECRET, Gateway, bearer, forge, free_port, request, wait_for
 
 
 def user_token(sub=None, ttl=600, role="user", iat=None):
@@ -188,5 +190,28 @@ def test_finding_13_lenient_pass_throughs_are_closed(gw, services):
     try:
         r = g.get("/api/v1/products/1", [("X-Trace-ID", mine)])
         assert r.header("x-trace-id") != mine and r.json()["headers"]["x-trace-id"] == r.header("x-trace-id")
+    finally:
+        g.stop()
+
+
+def test_finding_5_the_admin_interface_is_its_operators_alone(services):
+    g = Gateway(gateway_file(services.ports, free_port()), admin_socket=True)
+    try:
+        # Only the user Envoy runs as can open the admin socket, or read the rendered bootstrap.
+        assert stat.S_IMODE(os.stat(g.admin_socket).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(g.envoy_yaml).st_mode) == 0o600
+        out = subprocess.run(["curl", "-s", "--unix-socket", str(g.admin_socket), "http://admin/ready"],
+                             capture_output=True, text=True)
+        assert out.stdout.strip() == "LIVE"
+        # The metrics listener serves the scrape and readiness, nothing else of the admin.
+        g.get("/api/v1/products/1")
+        r = request(g.admin_port, "GET", "/stats/prometheus")
+        assert r.status == 200 and b"envoy_server_live" in r.body, r
+        assert request(g.admin_port, "GET", "/ready").status == 200
+        for method, path in [("GET", "/config_dump"), ("POST", "/logging?http=debug"), ("GET", "/stats"),
+                             ("POST", "/stats/prometheus"), ("GET", "/stats/prometheus/../config_dump")]:
+            r = request(g.admin_port, method, path)
+            assert r.status == 404 and b"secret" not in r.body, (method, path, r)
+        assert SECRET not in request(g.admin_port, "GET", "/stats/prometheus").body.decode()
     finally:
         g.stop()

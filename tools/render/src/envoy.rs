@@ -16,6 +16,8 @@ pub struct RenderOptions<'a> {
 /// Names used in the bootstrap, documented in the README.
 pub const PLUGIN_NAME: &str = "gateway";
 pub const LISTENER_NAME: &str = "gateway";
+/// The cluster the metrics listener reaches the admin interface through.
+pub const ADMIN_CLUSTER: &str = "envoy-admin";
 
 fn seconds(s: f64) -> String {
     // Envoy durations: up to nanosecond precision; keep it readable.
@@ -283,19 +285,59 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         ],
     });
 
+    // The admin interface: a Unix socket only Envoy's user can open (mode 0600), or TCP.
+    let admin_address = match &g.admin.socket {
+        Some(path) => json!({"pipe": {"path": path, "mode": 0o600}}),
+        None => socket(&g.admin.address, g.admin.port),
+    };
+    let mut listeners = vec![json!({
+        "name": LISTENER_NAME,
+        "address": socket(&g.address, g.port),
+        "per_connection_buffer_limit_bytes": g.limits.buffer_limit_bytes,
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": hcm,
+        }]}],
+    })];
+    if let Some(m) = &g.metrics {
+        clusters.push(json!({
+            "name": ADMIN_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": ADMIN_CLUSTER, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": admin_address.clone()}}
+            ]}]},
+        }));
+        let only = |path: &str| {
+            json!({"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+                   "route": {"cluster": ADMIN_CLUSTER, "timeout": "5s"}})
+        };
+        listeners.push(json!({
+            "name": "metrics",
+            "address": socket(&m.address, m.port),
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "metrics",
+                    "request_headers_timeout": "5s",
+                    "route_config": {"name": "metrics", "virtual_hosts": [{"name": "metrics", "domains": ["*"], "routes": [
+                        only("/stats/prometheus"),
+                        only("/ready"),
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+                    ]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                },
+            }]}],
+        }));
+    }
+
     Ok(json!({
         "overload_manager": overload,
-        "admin": {"address": socket(&g.admin.address, g.admin.port)},
+        "admin": {"address": admin_address},
         "static_resources": {
-            "listeners": [{
-                "name": LISTENER_NAME,
-                "address": socket(&g.address, g.port),
-                "per_connection_buffer_limit_bytes": g.limits.buffer_limit_bytes,
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
+            "listeners": listeners,
             "clusters": clusters,
         },
     }))
@@ -452,6 +494,32 @@ routes:
         assert!(
             !filters.contains(&"envoy.filters.http.cors"),
             "no origins listed: no CORS"
+        );
+    }
+
+    #[test]
+    fn admin_on_a_private_socket_and_a_metrics_listener() {
+        let v = render(&YAML.replace(
+            "gateway: {port: 8000, prefix: /api/v1,",
+            "gateway: {port: 8000, prefix: /api/v1, admin: {socket: /run/gw/admin.sock}, metrics: {port: 9902},",
+        ));
+        assert_eq!(v["admin"]["address"]["pipe"]["path"], "/run/gw/admin.sock");
+        assert_eq!(v["admin"]["address"]["pipe"]["mode"], 0o600);
+        let metrics = &v["static_resources"]["listeners"][1];
+        assert_eq!(metrics["address"]["socket_address"]["port_value"], 9902);
+        let routes = &metrics["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+            ["virtual_hosts"][0]["routes"];
+        assert_eq!(routes[0]["match"]["path"], "/stats/prometheus");
+        assert_eq!(
+            routes[2]["direct_response"]["status"], 404,
+            "nothing else of the admin interface"
+        );
+        let clusters = v["static_resources"]["clusters"].as_array().unwrap();
+        let admin = clusters.iter().find(|c| c["name"] == ADMIN_CLUSTER).unwrap();
+        assert_eq!(
+            admin["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]
+                ["path"],
+            "/run/gw/admin.sock"
         );
     }
 }

@@ -15,10 +15,11 @@ use gateway_filter::error::{check_name, ConfigError, KNOWN_METHODS};
 pub const WEBDIS_CLUSTER: &str = "webdis";
 
 /// Keys of `gateway:` that only Envoy uses (the rest is the filter's: prefix, name, rate_limit).
-const ENVOY_GATEWAY_KEYS: [&str; 12] = [
+const ENVOY_GATEWAY_KEYS: [&str; 13] = [
     "port",
     "address",
     "admin",
+    "metrics",
     "health_path",
     "cors",
     "circuit_breaker",
@@ -42,6 +43,8 @@ pub struct Gateway {
     pub address: String,
     #[serde(default)]
     pub admin: Admin,
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
     /// Answered by Envoy itself, outside the gateway prefix.
     #[serde(default = "default_health_path")]
     pub health_path: String,
@@ -328,11 +331,35 @@ fn validate_envoy_side(
     upstreams: Vec<RouteUpstream>,
     webdis: bool,
 ) -> Result<Vec<EnvoyRoute>, ConfigError> {
-    if g.port != 0 && g.port == g.admin.port {
+    if g.port != 0 && g.admin.socket.is_none() && g.port == g.admin.port {
         return Err(ConfigError::new(
             "gateway.admin.port",
             "must differ from gateway.port",
         ));
+    }
+    if let Some(path) = &g.admin.socket {
+        // sun_path holds 108 bytes with its terminator.
+        if path.is_empty() || path.len() > 100 || path.contains('\0') {
+            return Err(ConfigError::new(
+                "gateway.admin.socket",
+                "must be a path of 1 to 100 bytes",
+            ));
+        }
+    }
+    if let Some(m) = &g.metrics {
+        if m.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::new(
+                "gateway.metrics.address",
+                format!("{:?} is not an IP address", m.address),
+            ));
+        }
+        let admin_port = g.admin.socket.is_none().then_some(g.admin.port);
+        if m.port == 0 || m.port == g.port || Some(m.port) == admin_port {
+            return Err(ConfigError::new(
+                "gateway.metrics.port",
+                "must be set and differ from gateway.port and gateway.admin.port",
+            ));
+        }
     }
     for (f, a) in [
         ("gateway.address", &g.address),
@@ -408,6 +435,12 @@ fn validate_envoy_side(
             "must be at most 100",
         ));
     }
+    if g.metrics.is_some() && filter.routes.iter().any(|r| r.name == "envoy-admin") {
+        return Err(ConfigError::new(
+            "gateway.metrics",
+            "a route named \"envoy-admin\" clashes with the metrics listener's cluster",
+        ));
+    }
     if webdis && filter.routes.iter().any(|r| r.name == WEBDIS_CLUSTER) {
         return Err(ConfigError::new(
             "webdis",
@@ -457,9 +490,15 @@ fn validate_envoy_side(
     Ok(all)
 }
 
+/// `gateway.admin`: Envoy's admin interface. It shows the whole configuration (secrets
+/// included) and can change log levels, so `socket` (a Unix socket with mode 0600: only the
+/// user Envoy runs as can open it) is the safe choice; `address`/`port` is a TCP listener any
+/// local user can reach.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
     #[serde(default = "default_admin_address")]
     pub address: String,
     #[serde(default = "default_admin_port")]
@@ -469,10 +508,21 @@ pub struct Admin {
 impl Default for Admin {
     fn default() -> Self {
         Self {
+            socket: None,
             address: default_admin_address(),
             port: default_admin_port(),
         }
     }
+}
+
+/// `gateway.metrics`: a listener that serves only `GET /stats/prometheus` and `/ready` from the
+/// admin interface, for scrapers and health checks that must not see the rest of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

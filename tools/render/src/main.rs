@@ -64,6 +64,21 @@ fn load(path: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<
     GatewayFile::parse(text, env).map_err(|e| format!("{path}: {e}"))
 }
 
+/// Writes a rendered file readable by its owner only (0600): it holds the JWT secret.
+fn write_private(path: &str, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its mode on open: tighten it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(data)
+}
+
 fn run(args: &Args) -> Result<(), (u8, String)> {
     let text = std::fs::read_to_string(&args.config)
         .map_err(|e| (2, format!("cannot read {}: {e}", args.config)))?;
@@ -95,7 +110,9 @@ fn run(args: &Args) -> Result<(), (u8, String)> {
         }
     };
     match &args.out {
-        Some(path) => std::fs::write(path, output).map_err(|e| (2, format!("cannot write {path}: {e}")))?,
+        Some(path) => {
+            write_private(path, output.as_bytes()).map_err(|e| (2, format!("cannot write {path}: {e}")))?
+        }
         None => println!("{output}"),
     }
     Ok(())
