@@ -190,11 +190,31 @@ pub fn query_params(query: &str) -> BTreeMap<String, String> {
     query
         .split('&')
         .filter(|p| !p.is_empty())
+        .take(MAX_QUERY_PARAMS)
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (k.to_string(), v.to_string())
+            (clip(k, MAX_FIELD).to_string(), clip(v, MAX_FIELD).to_string())
         })
         .collect()
+}
+
+/// Bounds of a record's client-controlled fields, so that one record stays under about 4 KB
+/// whatever the request carries (a 50 KB `User-Agent` is stored as its first 256 bytes).
+pub const MAX_USER_AGENT: usize = 256;
+pub const MAX_PATH: usize = 1024;
+pub const MAX_FIELD: usize = 128;
+pub const MAX_QUERY_PARAMS: usize = 16;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("")
 }
 
 impl Record {
@@ -217,6 +237,15 @@ pub fn user_key(user_id: &str) -> String {
 /// `RPUSH <key>` with the record as the PUT body (webdis appends the body as the last argument).
 pub fn append_path(key: &str) -> String {
     command_path("RPUSH", &[key])
+}
+
+/// Records kept per trace (the newest): a client repeating one trace id cannot grow a list
+/// without bound.
+pub const TRACE_RECORDS: u32 = 100;
+
+/// `LTRIM <key> -keep -1`: keeps the newest `keep` records of an appended list.
+pub fn trim_tail_path(key: &str, keep: u32) -> String {
+    command_path("LTRIM", &[key, &format!("-{}", keep.max(1)), "-1"])
 }
 
 /// `LPUSH <key>` (newest first), record as the PUT body.

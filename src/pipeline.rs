@@ -73,6 +73,8 @@ struct Metrics {
     duration: u32,
     log_stored: u32,
     log_dropped: u32,
+    /// Dropped records by class: anonymous, authenticated.
+    log_dropped_class: [u32; 2],
     log_errors: u32,
 }
 
@@ -135,6 +137,10 @@ impl Metrics {
             duration: def(MetricKind::Histogram, "gateway_request_duration_ms")?,
             log_stored: def(c, "gateway_log_records_stored_total")?,
             log_dropped: def(c, "gateway_log_records_dropped_total")?,
+            log_dropped_class: [
+                def(c, "gateway_log_records_dropped_anonymous_total")?,
+                def(c, "gateway_log_records_dropped_authenticated_total")?,
+            ],
             log_errors: def(c, "gateway_log_store_errors_total")?,
             canary,
         })
@@ -1147,15 +1153,44 @@ impl Gateway {
             host.log(level, &json);
         }
         if let Some(store) = store {
-            if self.log_buffer.len() >= store.buffer as usize {
-                let id = self.metrics.log_dropped;
-                self.inc(id);
+            let stored = StoredRecord {
+                trace_id: record.trace_id,
+                user_id: record.user_id,
+                json,
+            };
+            self.buffer_record(stored, store.buffer as usize);
+        }
+    }
+
+    /// Queues a record for the store. Anonymous records may fill half the buffer; a record of an
+    /// authenticated caller may use all of it, pushing out the oldest anonymous one, so a flood
+    /// of anonymous noise cannot keep the requests of users and admins out of the audit log.
+    /// Drops are counted by class.
+    fn buffer_record(&mut self, record: StoredRecord, capacity: usize) {
+        let anonymous_cap = capacity / 2;
+        let dropped = if record.user_id.is_none() {
+            let anonymous = self.log_buffer.iter().filter(|r| r.user_id.is_none()).count();
+            if anonymous >= anonymous_cap || self.log_buffer.len() >= capacity {
+                Some(0)
             } else {
-                self.log_buffer.push_back(StoredRecord {
-                    trace_id: record.trace_id,
-                    user_id: record.user_id,
-                    json,
-                });
+                self.log_buffer.push_back(record);
+                None
+            }
+        } else if self.log_buffer.len() < capacity {
+            self.log_buffer.push_back(record);
+            None
+        } else if let Some(i) = self.log_buffer.iter().position(|r| r.user_id.is_none()) {
+            self.log_buffer.remove(i);
+            self.log_buffer.push_back(record);
+            Some(0)
+        } else {
+            Some(1)
+        };
+        if let Some(class) = dropped {
+            let total = self.metrics.log_dropped;
+            self.inc(total);
+            if let Some(id) = self.metrics.log_dropped_class.get(class).copied() {
+                self.inc(id);
             }
         }
     }
@@ -1390,6 +1425,13 @@ impl Gateway {
             self.store_call(
                 store,
                 "GET",
+                &access_log::trim_tail_path(&key, access_log::TRACE_RECORDS),
+                None,
+                host,
+            );
+            self.store_call(
+                store,
+                "GET",
                 &access_log::expire_path(&key, store.retention_seconds),
                 None,
                 host,
@@ -1483,11 +1525,12 @@ fn new_record(req: &Request, route: Option<&str>) -> Record {
     Record {
         timestamp_ms: req.started_ms,
         trace_id: req.trace.trace_id.clone(),
-        method: value(":method").unwrap_or("").to_string(),
-        path: path.to_string(),
+        method: access_log::clip(value(":method").unwrap_or(""), access_log::MAX_FIELD).to_string(),
+        path: access_log::clip(path, access_log::MAX_PATH).to_string(),
         query_params: access_log::query_params(query),
         client_ip: req.client_ip.clone(),
-        user_agent: value("user-agent").map(str::to_string),
+        user_agent: value("user-agent")
+            .map(|ua| access_log::clip(ua, access_log::MAX_USER_AGENT).to_string()),
         user_id: req.caller.as_ref().and_then(|c| c.identity.user_id.clone()),
         route: route.map(str::to_string),
         upstream_service: upstream,

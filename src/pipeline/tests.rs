@@ -651,3 +651,71 @@ fn a_ban_revokes_tokens_issued_in_its_second() {
     t.answer_last(Some(200), CLEAN);
     assert_eq!(t.status(4), 200, "issued after the ban's second");
 }
+
+#[test]
+fn log_records_are_bounded_and_anonymous_floods_cannot_crowd_out_users() {
+    let mut v = base();
+    v["logs"] = serde_json::json!({"enabled": false, "store": {"buffer": 10}});
+    let mut t = T::new(v);
+    // A huge User-Agent and query are stored clipped.
+    let mut h = vec![
+        (":method".to_string(), b"GET".to_vec()),
+        (
+            ":path".to_string(),
+            format!("/api/v1/open/x?{}", "a=b&".repeat(100)).into_bytes(),
+        ),
+        ("user-agent".to_string(), vec![b'u'; 50_000]),
+    ];
+    h.push((":authority".to_string(), b"gw".to_vec()));
+    t.send_headers(2, h);
+    t.finish(2);
+    assert!(
+        t.gw.log_buffer.iter().all(|r| r.json.len() < 4096),
+        "record bounded"
+    );
+    // Anonymous noise fills half the buffer, no more.
+    for ctx in 10..40 {
+        t.get(ctx, "/api/v1/nope", None);
+    }
+    assert_eq!(t.gw.log_buffer.len(), 5);
+    // Authenticated callers' records still get in: the free half, then in place of noise.
+    let ok = |t: &mut T, ctx: u32| {
+        t.send(ctx, "GET", "/api/v1/plain/1", Some(&token_for("user-001", "z")));
+        if t.req(ctx).reply.is_none() && t.req(ctx).resumed == 0 {
+            t.answer_last(Some(200), CLEAN);
+        }
+        t.finish(ctx);
+    };
+    for ctx in 50..62 {
+        ok(&mut t, ctx);
+    }
+    let users = t.gw.log_buffer.iter().filter(|r| r.user_id.is_some()).count();
+    assert_eq!((t.gw.log_buffer.len(), users), (10, 10));
+    // 26 refused at the anonymous cap, 5 pushed out by users; 2 users' records found no room.
+    assert_eq!(t.metric("gateway_log_records_dropped_anonymous_total"), 31);
+    assert_eq!(t.metric("gateway_log_records_dropped_authenticated_total"), 2);
+    assert_eq!(t.metric("gateway_log_records_dropped_total"), 33);
+}
+
+#[test]
+fn trace_lists_are_trimmed_in_the_store() {
+    let mut v = base();
+    v["logs"] = serde_json::json!({"enabled": false, "store": {}});
+    let mut t = T::new(v);
+    t.get(2, "/api/v1/open/x", None);
+    t.host.now_ms += 2000;
+    t.tick();
+    let paths: Vec<&str> = t.host.dispatched.iter().map(|d| d.path.as_str()).collect();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.starts_with("/RPUSH/gateway%3Alog%3Atrace%3A")),
+        "{paths:?}"
+    );
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.starts_with("/LTRIM/gateway%3Alog%3Atrace%3A") && p.ends_with("/-100/-1.json")),
+        "{paths:?}"
+    );
+}

@@ -215,3 +215,39 @@ def test_finding_5_the_admin_interface_is_its_operators_alone(services):
         assert SECRET not in request(g.admin_port, "GET", "/stats/prometheus").body.decode()
     finally:
         g.stop()
+
+
+def test_finding_6_log_records_are_bounded_and_redis_never_evicts(gw, redis):
+    assert redis.cli("CONFIG", "GET", "maxmemory-policy").split() == ["maxmemory-policy", "noeviction"]
+    assert int(redis.cli("CONFIG", "GET", "maxmemory").split()[1]) > 0
+    tid = str(uuid.uuid4())
+    huge = [("User-Agent", "u" * 50_000), ("X-Trace-ID", tid)]
+    for _ in range(150):  # one trace id, over and over
+        gw.get("/api/v1/nope", huge)
+    key = f"gateway:log:trace:{tid}"
+    wait_for(lambda: int(redis.cli("LLEN", key)) >= 100, timeout=10, what="the records stored")
+    wait_for(lambda: int(redis.cli("LLEN", key)) == 100, timeout=5, what="the trace list trimmed")
+    record = json.loads(redis.cli("LINDEX", key, "0"))
+    assert len(record["user_agent"]) == 256, len(record["user_agent"])
+    assert int(redis.cli("MEMORY", "USAGE", key)) < 150_000, "100 clipped records, not 150 x 50 KB"
+
+
+def test_finding_7_anonymous_floods_cannot_hide_authenticated_requests(services, webdis, redis):
+    f = gateway_file(services.ports, free_port(), webdis.port)
+    f["logs"] = {"store": {"buffer": 20, "flush_interval": 2}}
+    g = Gateway(f, concurrency=1)
+    try:
+        for _ in range(200):
+            g.get("/api/v1/nope")
+        tid = str(uuid.uuid4())
+        assert g.get("/api/v1/users/1", bearer(admin()) + [("X-Trace-ID", tid)]).status == 200
+        for _ in range(200):
+            g.get("/api/v1/nope")
+        wait_for(lambda: redis.cli("EXISTS", f"gateway:log:trace:{tid}") == "1", timeout=10,
+                 what="the admin's record stored despite the flood")
+        dropped = g.settled("gateway_log_records_dropped_anonymous_total",
+                            "gateway_log_records_dropped_authenticated_total")
+        assert dropped["gateway_log_records_dropped_anonymous_total"] > 300, dropped
+        assert dropped["gateway_log_records_dropped_authenticated_total"] == 0, dropped
+    finally:
+        g.stop()
