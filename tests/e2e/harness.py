@@ -242,6 +242,9 @@ class Redis:
     def __init__(self):
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gw-redis-"))
+        self.start()
+
+    def start(self):
         self.proc = subprocess.Popen(
             ["redis-server", str(ROOT / "config" / "redis.conf"), "--port", str(self.port), "--dir", str(self.dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -252,8 +255,10 @@ class Redis:
         return r.stdout.strip()
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        wait_for(lambda: not port_open(self.port), what="redis to stop")
 
 
 class Webdis:

@@ -1,0 +1,40 @@
+//! Any string as a bearer token: verified by every configured algorithm, through the cache, at
+//! a fixed time. Must never panic; a token the verifier accepts must carry header-safe claims.
+#![no_main]
+
+use gateway_filter::headers::is_safe_value;
+use gateway_filter::jwt::{Algorithm, TokenCache, Verifier};
+use libfuzzer_sys::fuzz_target;
+
+const NOW: i64 = 1_800_000_000;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(token) = std::str::from_utf8(data) else {
+        return;
+    };
+    let v = Verifier::new(
+        &[Algorithm::Hs256, Algorithm::Hs384, Algorithm::Hs512],
+        b"fuzz-secret-fuzz-secret-fuzz-secret",
+        Some("iss".into()),
+        None,
+        60,
+    );
+    let mut cache = TokenCache::default();
+    let first = cache.verify(&v, token, NOW);
+    let again = cache.verify(&v, token, NOW);
+    assert_eq!(first, again, "the cache answers as the verifier did");
+    if let Ok(id) = first {
+        for claim in [
+            id.user_id.as_deref(),
+            id.user_name.as_deref(),
+            Some(id.role.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            assert!(is_safe_value(claim));
+        }
+    }
+    let _ = v.verify(token, i64::MAX);
+    let _ = v.verify(token, i64::MIN);
+});

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make fuzz`: libFuzzer (cargo-fuzz, Rust nightly) on the filter's native logic. Each target runs
+# for FUZZ_SECONDS (default 45: about 3 minutes in all); a crash fails the run and leaves its
+# input under fuzz/artifacts/<target>/. Installs nightly and cargo-fuzz when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_EACH="${FUZZ_SECONDS:-45}"
+TARGETS="${FUZZ_TARGETS:-token config webdis_replies request}"
+
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+cargo +nightly fuzz --version >/dev/null 2>&1 || cargo +nightly install cargo-fuzz --locked
+
+cd fuzz
+for t in $TARGETS; do
+  mkdir -p "corpus/$t" "artifacts/$t"
+  # A copy of the committed seeds grows in target/; the seeds stay small.
+  work="../target/fuzz-corpus/$t"
+  mkdir -p "$work"
+  cp -n "corpus/$t"/* "$work"/ 2>/dev/null || true
+  echo "== $t (${SECONDS_EACH}s)"
+  cargo +nightly fuzz run "$t" "$work" -- -max_total_time="$SECONDS_EACH" -max_len=4096 \
+    -print_final_stats=1 2>&1 | grep -E "stat::number_of_executed_units|stat::average_exec_per_sec|ERROR|panicked|Done" || true
+  if ls "artifacts/$t"/crash-* >/dev/null 2>&1; then
+    echo "fuzz: $t found a crash: fuzz/artifacts/$t/" >&2
+    exit 1
+  fi
+done
