@@ -1415,36 +1415,17 @@ impl Gateway {
         let mut users: Vec<&str> = Vec::new();
         for r in &batch {
             let key = access_log::trace_key(&r.trace_id);
-            self.store_call(
-                store,
-                "PUT",
-                &access_log::append_path(&key),
-                Some(r.json.as_bytes()),
-                host,
-            );
-            self.store_call(
-                store,
-                "GET",
-                &access_log::trim_tail_path(&key, access_log::TRACE_RECORDS),
-                None,
-                host,
-            );
-            self.store_call(
-                store,
-                "GET",
-                &access_log::expire_path(&key, store.retention_seconds),
-                None,
-                host,
-            );
+            let json = Some(r.json.as_bytes());
+            self.store_call(store, "PUT", &access_log::append_path(&key), json, host);
+            for path in [
+                access_log::trim_tail_path(&key, access_log::TRACE_RECORDS),
+                access_log::expire_path(&key, store.retention_seconds),
+            ] {
+                self.store_call(store, "GET", &path, None, host);
+            }
             if let Some(user) = &r.user_id {
                 let key = access_log::user_key(user);
-                self.store_call(
-                    store,
-                    "PUT",
-                    &access_log::prepend_path(&key),
-                    Some(r.json.as_bytes()),
-                    host,
-                );
+                self.store_call(store, "PUT", &access_log::prepend_path(&key), json, host);
                 if !users.contains(&user.as_str()) {
                     users.push(user);
                 }
@@ -1452,20 +1433,12 @@ impl Gateway {
         }
         for user in users {
             let key = access_log::user_key(user);
-            self.store_call(
-                store,
-                "GET",
-                &access_log::trim_path(&key, store.user_records),
-                None,
-                host,
-            );
-            self.store_call(
-                store,
-                "GET",
-                &access_log::expire_path(&key, store.retention_seconds),
-                None,
-                host,
-            );
+            for path in [
+                access_log::trim_path(&key, store.user_records),
+                access_log::expire_path(&key, store.retention_seconds),
+            ] {
+                self.store_call(store, "GET", &path, None, host);
+            }
         }
     }
 

@@ -12,6 +12,8 @@ import threading
 import time
 import uuid
 
+import pytest
+
 from conftest import gateway_file
 from harness import Gateway, Redis, Webdis, bearer, forge, free_port, wait_for
 
@@ -55,69 +57,62 @@ def answered_within_bounds(r, elapsed):
         assert body["message"] == STORE_DOWN and body["trace_id"], body
 
 
-def test_webdis_frozen_then_thawed_under_load(services):
+@pytest.fixture
+def stack(services):
+    """A gateway with its own Redis and webdis, which the test may stop, freeze or restart."""
     redis = Redis()
     webdis = Webdis(redis.port)
     g = Gateway(gateway_file(services.ports, free_port(), webdis.port))
+    yield g, redis, webdis
+    g.stop()
+    if webdis.proc.poll() is None:
+        os.kill(webdis.proc.pid, signal.SIGCONT)
+    webdis.stop()
+    redis.stop()
+
+
+def test_webdis_frozen_then_thawed_under_load(stack):
+    g, _, webdis = stack
+    assert g.get("/api/v1/users/1", bearer(fresh_token())).status == 200
+    os.kill(webdis.proc.pid, signal.SIGSTOP)
     try:
-        assert g.get("/api/v1/users/1", bearer(fresh_token())).status == 200
-        os.kill(webdis.proc.pid, signal.SIGSTOP)
-        try:
-            seen = []
-            n = under_load(g, 3, lambda r, e: (answered_within_bounds(r, e), seen.append(r.status)))
-            assert n > 20 and set(seen) == {503}, (n, set(seen))
-        finally:
-            os.kill(webdis.proc.pid, signal.SIGCONT)
-        wait_for(lambda: g.get("/api/v1/users/1", bearer(fresh_token())).status == 200, timeout=5,
-                 what="service back after webdis thawed")
-        # Public routes never depended on it.
-        assert g.get("/api/v1/products/1").status == 200
-        assert g.alive()
-    finally:
-        g.stop()
-        webdis.stop()
-        redis.stop()
-
-
-def test_webdis_killed_under_load_then_restarted(services):
-    redis = Redis()
-    webdis = Webdis(redis.port)
-    g = Gateway(gateway_file(services.ports, free_port(), webdis.port))
-    try:
-        statuses = []
-
-        def kill_soon():
-            time.sleep(1)
-            webdis.stop()
-        threading.Thread(target=kill_soon).start()
-        under_load(g, 3, lambda r, e: (answered_within_bounds(r, e), statuses.append(r.status)))
-        assert 200 in statuses and 503 in statuses, set(statuses)
-        webdis.start()
-        wait_for(lambda: g.get("/api/v1/users/1", bearer(fresh_token())).status == 200, timeout=5,
-                 what="service back after webdis restarted")
-    finally:
-        g.stop()
-        webdis.stop()
-        redis.stop()
-
-
-def test_redis_killed_behind_a_live_webdis(services):
-    redis = Redis()
-    webdis = Webdis(redis.port)
-    g = Gateway(gateway_file(services.ports, free_port(), webdis.port))
-    try:
-        assert g.get("/api/v1/users/1", bearer(fresh_token())).status == 200
-        redis.stop()
         seen = []
-        under_load(g, 2, lambda r, e: (answered_within_bounds(r, e), seen.append(r.status)))
-        assert set(seen) == {503}, set(seen)
-        redis.start()
-        wait_for(lambda: g.get("/api/v1/users/1", bearer(fresh_token())).status == 200, timeout=10,
-                 what="service back after redis restarted")
+        n = under_load(g, 3, lambda r, e: (answered_within_bounds(r, e), seen.append(r.status)))
+        assert n > 20 and set(seen) == {503}, (n, set(seen))
     finally:
-        g.stop()
+        os.kill(webdis.proc.pid, signal.SIGCONT)
+    wait_for(lambda: g.get("/api/v1/users/1", bearer(fresh_token())).status == 200, timeout=5,
+             what="service back after webdis thawed")
+    # Public routes never depended on it.
+    assert g.get("/api/v1/products/1").status == 200
+    assert g.alive()
+
+
+def test_webdis_killed_under_load_then_restarted(stack):
+    g, _, webdis = stack
+    statuses = []
+
+    def kill_soon():
+        time.sleep(1)
         webdis.stop()
-        redis.stop()
+    threading.Thread(target=kill_soon).start()
+    under_load(g, 3, lambda r, e: (answered_within_bounds(r, e), statuses.append(r.status)))
+    assert 200 in statuses and 503 in statuses, set(statuses)
+    webdis.start()
+    wait_for(lambda: g.get("/api/v1/users/1", bearer(fresh_token())).status == 200, timeout=5,
+             what="service back after webdis restarted")
+
+
+def test_redis_killed_behind_a_live_webdis(stack):
+    g, redis, _ = stack
+    assert g.get("/api/v1/users/1", bearer(fresh_token())).status == 200
+    redis.stop()
+    seen = []
+    under_load(g, 2, lambda r, e: (answered_within_bounds(r, e), seen.append(r.status)))
+    assert set(seen) == {503}, set(seen)
+    redis.start()
+    wait_for(lambda: g.get("/api/v1/users/1", bearer(fresh_token())).status == 200, timeout=10,
+             what="service back after redis restarted")
 
 
 class ResettingServer:
