@@ -228,7 +228,12 @@ enum Call {
     Query {
         context: u32,
     },
-    LogWrite,
+    /// A log-store write; `then` are the commands to send once it is answered (the trim and
+    /// expiry of the list it pushed to: sent after the push, they run after it in Redis, even
+    /// though webdis serves calls on several connections in any order).
+    LogWrite {
+        then: Vec<String>,
+    },
     Sync {
         route: String,
         delta: u64,
@@ -915,14 +920,21 @@ impl Gateway {
                 };
                 gw.query_answered(req, label, &id, limit, status, &body, host)
             }),
-            Call::LogWrite => {
+            Call::LogWrite { then } => {
                 self.log_calls = self.log_calls.saturating_sub(1);
-                let id = if access_log::write_ok(status, &body) {
+                let ok = access_log::write_ok(status, &body);
+                let id = if ok {
                     self.metrics.log_stored
                 } else {
                     self.metrics.log_errors
                 };
                 self.inc(id);
+                let config = Rc::clone(&self.config);
+                if let Some(store) = config.logs.store.as_ref() {
+                    for path in then {
+                        self.store_call(store, "GET", &path, None, Vec::new(), host);
+                    }
+                }
             }
             Call::Sync { route, delta } => self.sync_answered(&route, delta, status, &body, host),
         }
@@ -1412,32 +1424,32 @@ impl Gateway {
         }
         let n = self.log_buffer.len().min(FLUSH_BATCH);
         let batch: Vec<StoredRecord> = self.log_buffer.drain(..n).collect();
-        let mut users: Vec<&str> = Vec::new();
-        for r in &batch {
+        // Each user's list is trimmed after the last of its records in this batch.
+        let last_of_user = |i: usize, user: &str| {
+            !batch
+                .iter()
+                .skip(i + 1)
+                .any(|later| later.user_id.as_deref() == Some(user))
+        };
+        for (i, r) in batch.iter().enumerate() {
             let key = access_log::trace_key(&r.trace_id);
             let json = Some(r.json.as_bytes());
-            self.store_call(store, "PUT", &access_log::append_path(&key), json, host);
-            for path in [
+            let then = vec![
                 access_log::trim_tail_path(&key, access_log::TRACE_RECORDS),
                 access_log::expire_path(&key, store.retention_seconds),
-            ] {
-                self.store_call(store, "GET", &path, None, host);
-            }
+            ];
+            self.store_call(store, "PUT", &access_log::append_path(&key), json, then, host);
             if let Some(user) = &r.user_id {
                 let key = access_log::user_key(user);
-                self.store_call(store, "PUT", &access_log::prepend_path(&key), json, host);
-                if !users.contains(&user.as_str()) {
-                    users.push(user);
-                }
-            }
-        }
-        for user in users {
-            let key = access_log::user_key(user);
-            for path in [
-                access_log::trim_path(&key, store.user_records),
-                access_log::expire_path(&key, store.retention_seconds),
-            ] {
-                self.store_call(store, "GET", &path, None, host);
+                let then = if last_of_user(i, user) {
+                    vec![
+                        access_log::trim_path(&key, store.user_records),
+                        access_log::expire_path(&key, store.retention_seconds),
+                    ]
+                } else {
+                    Vec::new()
+                };
+                self.store_call(store, "PUT", &access_log::prepend_path(&key), json, then, host);
             }
         }
     }
@@ -1448,6 +1460,7 @@ impl Gateway {
         method: &str,
         path: &str,
         body: Option<&[u8]>,
+        then: Vec<String>,
         host: &mut dyn Host,
     ) {
         let call = host.dispatch(Callout {
@@ -1459,7 +1472,7 @@ impl Gateway {
         });
         match call {
             Ok(token_id) => {
-                self.calls.insert(token_id, Call::LogWrite);
+                self.calls.insert(token_id, Call::LogWrite { then });
                 self.log_calls += 1;
             }
             Err(e) => {

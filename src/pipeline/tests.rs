@@ -705,17 +705,17 @@ fn trace_lists_are_trimmed_in_the_store() {
     t.get(2, "/api/v1/open/x", None);
     t.host.now_ms += 2000;
     t.tick();
-    let paths: Vec<&str> = t.host.dispatched.iter().map(|d| d.path.as_str()).collect();
+    let paths: Vec<String> = t.host.dispatched.iter().map(|d| d.path.clone()).collect();
+    assert_eq!(paths.len(), 1, "the trim waits for the push: {paths:?}");
     assert!(
-        paths
-            .iter()
-            .any(|p| p.starts_with("/RPUSH/gateway%3Alog%3Atrace%3A")),
+        paths[0].starts_with("/RPUSH/gateway%3Alog%3Atrace%3A"),
         "{paths:?}"
     );
+    t.answer_last(Some(200), r#"{"RPUSH":1}"#);
+    let paths: Vec<String> = t.host.dispatched.iter().map(|d| d.path.clone()).collect();
     assert!(
-        paths
-            .iter()
-            .any(|p| p.starts_with("/LTRIM/gateway%3Alog%3Atrace%3A") && p.ends_with("/-100/-1.json")),
+        paths[1].starts_with("/LTRIM/gateway%3Alog%3Atrace%3A") && paths[1].ends_with("/-100/-1.json"),
         "{paths:?}"
     );
+    assert!(paths[2].starts_with("/EXPIRE/"), "{paths:?}");
 }
