@@ -55,16 +55,16 @@ fmt:
 	cargo fmt --all
 
 validate: build
-	JWT_SECRET=$${JWT_SECRET:-validate-only-secret-validate-only} $(RENDER) --wasm $(CURDIR)/$(WASM) --out build/envoy.yaml
-	.venv/bin/envoy --mode validate -c build/envoy.yaml --disable-hot-restart -l warn
+	$(RENDER) --wasm $(CURDIR)/$(WASM) --out build/envoy.yaml
+	JWT_SECRET=$${JWT_SECRET:-validate-only-secret-validate-only} \
+	  .venv/bin/envoy --mode validate -c build/envoy.yaml --disable-hot-restart -l warn
 
 clean:
 	cargo clean
 	rm -rf build
 
 compose-config: build
-	JWT_SECRET=$${JWT_SECRET:-demo-secret-change-me-demo-secret-change-me} \
-	  $(RENDER) --wasm /etc/gateway/gateway_filter.wasm --out build/envoy.compose.yaml
+	$(RENDER) --wasm /etc/gateway/gateway_filter.wasm --out build/envoy.compose.yaml
 
 bench: build
 	@scripts/bootstrap.sh bench

@@ -179,7 +179,7 @@ class System:
         cfg = tmp / f"{name}.json"
         cfg.write_text(json.dumps(bootstrap))
         self.proc = Proc([str(ENVOY), "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart", "-l", "warn"],
-                         tmp / f"{name}.log")
+                         tmp / f"{name}.log", env=dict(os.environ, JWT_SECRET=SECRET))
         wait_port(self.port)
         self.runs = []
 

@@ -153,11 +153,20 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses and validates the JSON configuration handed to `on_configure`.
+    /// Parses and validates the JSON configuration handed to `on_configure`; secrets named by
+    /// `*_env` fields come from the process environment.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        Self::from_json_with_env(bytes, &|var| std::env::var(var).ok())
+    }
+
+    /// The same, with the environment given.
+    pub fn from_json_with_env(
+        bytes: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let raw: FilterConfig = serde_json::from_slice(bytes)
             .map_err(|e| ConfigError::new("", format!("invalid filter configuration JSON: {e}")))?;
-        Config::try_from(raw)
+        Config::compile(raw, env)
     }
 
     /// The route a path belongs to, if any.
@@ -247,10 +256,9 @@ fn compile_route(
     })
 }
 
-impl TryFrom<FilterConfig> for Config {
-    type Error = ConfigError;
-
-    fn try_from(raw: FilterConfig) -> Result<Self, ConfigError> {
+impl Config {
+    /// Validates and compiles the configuration; `env` resolves the `*_env` secrets.
+    pub fn compile(raw: FilterConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let g = &raw.gateway;
         check_path_prefix("gateway.prefix", &g.prefix, true)?;
         if g.name.is_empty() || !headers::is_safe_value(&g.name) {
@@ -286,7 +294,7 @@ impl TryFrom<FilterConfig> for Config {
         routes.sort_by_key(|r| std::cmp::Reverse(r.full_prefix.len()));
 
         let verifier = match &raw.jwt {
-            Some(jwt) => Some(jwt.compile().map_err(|e| e.under("jwt"))?),
+            Some(jwt) => Some(jwt.compile(env).map_err(|e| e.under("jwt"))?),
             None => None,
         };
         if verifier.is_none() {
@@ -464,9 +472,14 @@ mod tests {
                 "jwt.secret: must not be empty",
             ),
             (
-                "unresolved env",
-                Box::new(|v| v["jwt"] = serde_json::json!({"secret_env": "X"})),
-                "jwt.secret_env: X must be resolved",
+                "unset env",
+                Box::new(|v| v["jwt"] = serde_json::json!({"secret_env": "GW_TEST_UNSET_SECRET_VAR"})),
+                "jwt.secret_env: environment variable GW_TEST_UNSET_SECRET_VAR is not set",
+            ),
+            (
+                "both secrets",
+                Box::new(|v| v["jwt"]["secret_env"] = "X".into()),
+                "jwt: set either secret or secret_env, not both",
             ),
             (
                 "alg none",

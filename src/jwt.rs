@@ -29,7 +29,7 @@ pub struct JwtSettings {
     /// The HMAC secret inline (prefer `secret_env`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
-    /// Name of the environment variable holding the secret, read by the renderer.
+    /// Name of the environment variable holding the secret, read by the filter at start-up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_env: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,34 +50,26 @@ fn default_clock_skew() -> u64 {
 }
 
 impl JwtSettings {
-    /// Replaces `secret_env` by the secret it names, looked up through `env`.
-    pub fn resolve_secret(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        match (&self.secret, &self.secret_env) {
-            (Some(_), Some(_)) => Err(ConfigError::new("", "set either secret or secret_env, not both")),
-            (None, None) => Err(ConfigError::new("secret_env", "set secret_env (or secret)")),
-            (Some(_), None) => Ok(()),
+    /// Validates the settings and builds the verifier. The secret is `secret` inline, or the
+    /// environment variable `secret_env` names, looked up through `env` (in Envoy, the process
+    /// environment the filter sees through `vm_config.environment_variables.host_env_keys`), so
+    /// it never has to be written into Envoy's configuration. Field names in errors are
+    /// relative to `jwt`.
+    pub fn compile(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Verifier, ConfigError> {
+        let from_env;
+        let secret = match (&self.secret, &self.secret_env) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new("", "set either secret or secret_env, not both"));
+            }
+            (None, None) => return Err(ConfigError::new("secret_env", "set secret_env (or secret)")),
+            (Some(s), None) if s.is_empty() => return Err(ConfigError::new("secret", "must not be empty")),
+            (Some(s), None) => s,
             (None, Some(var)) => {
-                let value = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                from_env = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
                     ConfigError::new("secret_env", format!("environment variable {var} is not set"))
                 })?;
-                self.secret = Some(value);
-                self.secret_env = None;
-                Ok(())
+                &from_env
             }
-        }
-    }
-
-    /// Validates the settings and builds the verifier. Field names in errors are relative to `jwt`.
-    pub fn compile(&self) -> Result<Verifier, ConfigError> {
-        let secret = match (&self.secret, &self.secret_env) {
-            (Some(s), _) if !s.is_empty() => s,
-            (_, Some(var)) => {
-                return Err(ConfigError::new(
-                    "secret_env",
-                    format!("{var} must be resolved into secret before the filter gets its configuration"),
-                ))
-            }
-            _ => return Err(ConfigError::new("secret", "must not be empty")),
         };
         if self.algorithms.is_empty() {
             return Err(ConfigError::new("algorithms", "must list at least one algorithm"));

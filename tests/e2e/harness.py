@@ -168,7 +168,7 @@ class Gateway:
         self.proc = subprocess.Popen(
             [str(ENVOY), "-c", str(self.envoy_yaml), "--concurrency", str(concurrency),
              "--disable-hot-restart", "-l", "warn", "--component-log-level", "wasm:info"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env)  # the filter reads JWT_SECRET here
         try:
             wait_for(self._ready, timeout=20, what="envoy ready")
         except Exception:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from harness import ENVOY, ROOT, SECRET, b64url, bearer, forge, render, token
+from harness import ENVOY, ROOT, SECRET, b64url, bearer, forge, render, request, token
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -252,11 +252,10 @@ def test_expired_within_clock_skew_is_accepted(gw):
 
 def test_shipped_gateway_file_renders_and_envoy_validates_it(tmp_path):
     out = tmp_path / "envoy.yaml"
-    env = {"JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"}
-    r = render(ROOT / "config" / "gateway.yaml", out, env)
+    r = render(ROOT / "config" / "gateway.yaml", out, {"PATH": "/usr/bin:/bin"})  # no secret needed
     assert r.returncode == 0, r.stderr
     v = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(out), "--disable-hot-restart", "-l", "info"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env={"JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"})
     assert v.returncode == 0, v.stdout[-2000:] + v.stderr[-2000:]
     assert "gateway filter configured: 8 routes, jwt on" in v.stdout + v.stderr
 
@@ -272,8 +271,6 @@ def test_shipped_gateway_file_renders_and_envoy_validates_it(tmp_path):
      "routes[0].upstream: \"https://x:1\" must start with http://"),
     ("gateway: {}\nroutes:\n  - {name: a, prefix: /a, upstream: 'http://127.0.0.1:1', timeout: -1, auth_required: false}\n",
      "routes[0].timeout: must be a number of seconds"),
-    ("gateway: {}\njwt: {secret_env: E2E_UNSET_SECRET}\nroutes: []\n",
-     "jwt.secret_env: environment variable E2E_UNSET_SECRET is not set"),
     ("gateway: {}\nroutes:\n  - {name: a, prefix: /a, upstream: 'http://127.0.0.1:1'}\n",
      "routes[0].auth_required: a route requires auth but no jwt section is configured"),
 ])
@@ -298,3 +295,22 @@ def test_filter_refuses_a_bad_json_configuration(gw, tmp_path):
     out = v.stdout + v.stderr
     assert v.returncode != 0
     assert 'gateway filter: invalid configuration: routes[0].methods[0]: unknown method "GTE"' in out, out[-3000:]
+
+
+def test_the_secret_stays_out_of_envoys_configuration(gw, tmp_path):
+    """The filter reads JWT_SECRET from Envoy's environment (host_env_keys): neither the rendered
+    bootstrap nor /config_dump contains it, and rendering does not need it."""
+    assert SECRET not in gw.envoy_yaml.read_text()
+    dump = request(gw.admin_port, "GET", "/config_dump").body.decode()
+    assert "JWT_SECRET" in dump and SECRET not in dump
+    assert gw.get("/api/v1/users/1", bearer(token())).status == 200, "and tokens signed with it verify"
+    # Without the variable, the filter refuses to start and says why.
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("gateway: {}\njwt: {secret_env: E2E_UNSET_SECRET}\nroutes: []\n")
+    out = tmp_path / "envoy.yaml"
+    r = render(cfg, out, {"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    v = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(out), "--disable-hot-restart", "-l", "info"],
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert v.returncode != 0
+    assert "jwt.secret_env: environment variable E2E_UNSET_SECRET is not set" in v.stdout + v.stderr

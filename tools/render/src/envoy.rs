@@ -130,6 +130,23 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         FailurePolicy::Closed => "FAIL_CLOSED",
         FailurePolicy::Open => "FAIL_OPEN",
     };
+    let mut vm_config = json!({
+        "vm_id": PLUGIN_NAME,
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": opts.wasm_path}},
+    });
+    // Secrets named by `*_env` reach the filter from Envoy's own environment: only the
+    // variable's name is in the configuration (and in /config_dump).
+    let env_keys: Vec<&str> = file
+        .filter
+        .jwt
+        .as_ref()
+        .and_then(|j| j.secret_env.as_deref())
+        .into_iter()
+        .collect();
+    if !env_keys.is_empty() {
+        vm_config["environment_variables"] = json!({"host_env_keys": env_keys});
+    }
     http_filters.push(json!({
         "name": "envoy.filters.http.wasm",
         "typed_config": {
@@ -137,11 +154,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             "config": {
                 "name": PLUGIN_NAME,
                 "root_id": PLUGIN_NAME,
-                "vm_config": {
-                    "vm_id": PLUGIN_NAME,
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": opts.wasm_path}},
-                },
+                "vm_config": vm_config,
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": filter_json,
@@ -348,7 +361,7 @@ mod tests {
     use super::*;
 
     fn render(yaml: &str) -> Value {
-        let file = GatewayFile::parse(yaml, &|_| Some("secret-secret-secret".into())).unwrap();
+        let file = GatewayFile::parse(yaml).unwrap();
         bootstrap(&file, &RenderOptions { wasm_path: "/x.wasm" }).unwrap()
     }
 
@@ -436,9 +449,14 @@ routes:
         let embedded: gateway_filter::config::FilterConfig =
             serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
         assert_eq!(embedded.routes.len(), 3);
+        let jwt = embedded.jwt.unwrap();
         assert_eq!(
-            embedded.jwt.unwrap().secret.as_deref(),
-            Some("secret-secret-secret")
+            (jwt.secret, jwt.secret_env.as_deref()),
+            (None, Some("JWT_SECRET"))
+        );
+        assert_eq!(
+            wasm["vm_config"]["environment_variables"]["host_env_keys"][0],
+            "JWT_SECRET"
         );
         assert_eq!(v["admin"]["address"]["socket_address"]["port_value"], 9901);
     }

@@ -240,12 +240,13 @@ fn take(from: &mut Map<String, Value>, keys: &[&str]) -> Map<String, Value> {
 }
 
 impl GatewayFile {
-    /// Parses the YAML text, resolves the JWT secret through `env`, and validates both sides.
+    /// Parses the YAML text and validates both sides. Secrets are not needed: the filter reads
+    /// `secret_env` from Envoy's environment at start-up.
     /// Errors name the field and the line it is on.
-    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let located = crate::located::Located::parse(text).map_err(|e| ConfigError::new("", e))?;
         let value = located.value.clone();
-        Self::from_value(value, env).map_err(|e| match located.line(&e.field) {
+        Self::from_value(value).map_err(|e| match located.line(&e.field) {
             Some(line) if !e.field.is_empty() => {
                 ConfigError::new(e.field, format!("{} at line {line}", e.message))
             }
@@ -253,7 +254,7 @@ impl GatewayFile {
         })
     }
 
-    pub fn from_value(value: Value, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    pub fn from_value(value: Value) -> Result<Self, ConfigError> {
         let mut root = object("", Some(value))?;
         let mut gateway = object("gateway", root.remove("gateway"))?;
         let envoy_gateway: Gateway =
@@ -290,7 +291,7 @@ impl GatewayFile {
         if webdis.is_some() {
             root.insert("webdis_cluster".into(), Value::String(WEBDIS_CLUSTER.into()));
         }
-        let mut filter: FilterConfig = typed("", Value::Object(root)).map_err(|e| {
+        let filter: FilterConfig = typed("", Value::Object(root)).map_err(|e| {
             // `gateway` and `routes[i]` are shared with Envoy: the filter's list of expected
             // fields would mislead there.
             let shared = e.field.starts_with("gateway.") && e.field.matches('.').count() == 1
@@ -303,10 +304,10 @@ impl GatewayFile {
                 _ => e,
             }
         })?;
-        if let Some(jwt) = filter.jwt.as_mut() {
-            jwt.resolve_secret(env).map_err(|e| e.under("jwt"))?;
-        }
-        let config = Config::try_from(filter.clone()).map_err(|e| {
+        // The secret itself is not needed here: the filter reads `secret_env` from Envoy's
+        // environment at start-up. Everything else is validated by the filter's own code.
+        let placeholder = |_: &str| Some("render-time-placeholder-not-a-secret".to_string());
+        let config = Config::compile(filter.clone(), &placeholder).map_err(|e| {
             if e.field.starts_with("passthrough_paths") {
                 ConfigError::new("gateway.health_path", e.message)
             } else {
@@ -826,22 +827,22 @@ mod tests {
         })
     }
 
-    fn env(var: &str) -> Option<String> {
-        (var == "JWT_SECRET").then(|| "from-env-secret".to_string())
-    }
-
     fn parse(v: Value) -> Result<GatewayFile, ConfigError> {
-        GatewayFile::from_value(v, &env)
+        GatewayFile::from_value(v)
     }
 
     #[test]
-    fn splits_the_file_and_resolves_the_secret() {
+    fn splits_the_file_and_keeps_the_secret_out() {
         let g = parse(sample()).unwrap();
         assert_eq!(g.filter.gateway.prefix, "/api/v1");
         assert_eq!(g.filter.passthrough_paths, vec!["/health"]);
         let jwt = g.filter.jwt.as_ref().unwrap();
-        assert_eq!(jwt.secret.as_deref(), Some("from-env-secret"));
-        assert_eq!(jwt.secret_env, None);
+        assert_eq!(
+            jwt.secret, None,
+            "read by the filter from its environment, never rendered"
+        );
+        assert_eq!(jwt.secret_env.as_deref(), Some("JWT_SECRET"));
+
         assert_eq!(jwt.clock_skew, 60);
         assert_eq!(g.filter.routes.len(), 2);
         assert!(!g.filter.routes[1].auth_required);
@@ -907,10 +908,6 @@ mod tests {
             (
                 Box::new(|v| v["gateway"]["prefix"] = "api".into()),
                 "gateway.prefix: must start with '/'",
-            ),
-            (
-                Box::new(|v| v["jwt"]["secret_env"] = "NOPE".into()),
-                "jwt.secret_env: environment variable NOPE is not set",
             ),
             (
                 Box::new(|v| v["jwt"]["secret"] = "x".into()),

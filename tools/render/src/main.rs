@@ -60,11 +60,12 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// Parses and validates the gateway file; errors name the file and the field.
-fn load(path: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<GatewayFile, String> {
-    GatewayFile::parse(text, env).map_err(|e| format!("{path}: {e}"))
+fn load(path: &str, text: &str) -> Result<GatewayFile, String> {
+    GatewayFile::parse(text).map_err(|e| format!("{path}: {e}"))
 }
 
-/// Writes a rendered file readable by its owner only (0600): it holds the JWT secret.
+/// Writes a rendered file readable by its owner only (0600): it describes the whole gateway, and
+/// holds the JWT secret if the gateway file gives it inline.
 fn write_private(path: &str, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -82,8 +83,11 @@ fn write_private(path: &str, data: &[u8]) -> std::io::Result<()> {
 fn run(args: &Args) -> Result<(), (u8, String)> {
     let text = std::fs::read_to_string(&args.config)
         .map_err(|e| (2, format!("cannot read {}: {e}", args.config)))?;
-    let file = load(&args.config, &text, &|var| std::env::var(var).ok()).map_err(|e| (1, e))?;
+    let file = load(&args.config, &text).map_err(|e| (1, e))?;
     if let Some(secret) = file.filter.jwt.as_ref().and_then(|j| j.secret.as_ref()) {
+        eprintln!(
+            "warning: jwt.secret is written into Envoy's configuration (and /config_dump); use secret_env"
+        );
         if secret.len() < 32 {
             eprintln!(
                 "warning: the JWT secret is shorter than 32 bytes; use a long random secret in production"
@@ -139,22 +143,18 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
-    fn secret(_: &str) -> Option<String> {
-        Some("x".repeat(32))
-    }
-
     #[test]
     fn yaml_errors_name_the_field() {
         let text = "gateway:\n  port: 8000\nroutes:\n  - name: a\n    prefix: /a\n    upstream: http://127.0.0.1:1\n    methods: GET\n";
-        let err = load("g.yaml", text, &secret).unwrap_err();
+        let err = load("g.yaml", text).unwrap_err();
         assert!(
             err.starts_with("g.yaml: routes[0].methods: invalid type"),
             "{err}"
         );
         assert!(err.ends_with("at line 7"), "{err}");
-        let err = load("g.yaml", "gateway: {}\nroutez: []\n", &secret).unwrap_err();
+        let err = load("g.yaml", "gateway: {}\nroutez: []\n").unwrap_err();
         assert!(err.contains("unknown field `routez`"), "{err}");
-        let err = load("g.yaml", "gateway: {port: [}\n", &secret).unwrap_err();
+        let err = load("g.yaml", "gateway: {port: [}\n").unwrap_err();
         assert!(err.contains("line 1"), "syntax errors carry the line: {err}");
     }
 
@@ -162,7 +162,7 @@ mod tests {
     fn shipped_gateway_file_is_valid() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/gateway.yaml");
         let text = std::fs::read_to_string(path).unwrap();
-        let file = load(path, &text, &secret).unwrap();
+        let file = load(path, &text).unwrap();
         let names: Vec<&str> = file.filter.routes.iter().map(|r| r.name.as_str()).collect();
         for expected in [
             "user-service",
@@ -201,7 +201,9 @@ mod tests {
         let text = std::fs::read_to_string(path).unwrap();
         let doc: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
         let plugin = doc["spec"]["pluginConfig"].to_string();
-        let cfg = gateway_filter::config::Config::from_json(plugin.as_bytes()).unwrap();
+        let cfg =
+            gateway_filter::config::Config::from_json_with_env(plugin.as_bytes(), &|_| Some("s".repeat(32)))
+                .unwrap();
         assert_eq!(cfg.gateway_name, "istio-ingress");
         assert_eq!(cfg.routes.len(), 3);
     }
