@@ -56,7 +56,7 @@ fmt:
 
 validate: build
 	$(RENDER) --wasm $(CURDIR)/$(WASM) --out build/envoy.yaml
-	JWT_SECRET=$${JWT_SECRET:-validate-only-secret-validate-only} \
+	JWT_SECRET=$${JWT_SECRET:-validate-only-secret-validate-only} WEBDIS_AUTH=$${WEBDIS_AUTH:-validate:only} \
 	  .venv/bin/envoy --mode validate -c build/envoy.yaml --disable-hot-restart -l warn
 
 clean:

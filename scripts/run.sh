@@ -11,16 +11,25 @@ fi
 
 REDIS_PORT="${REDIS_PORT:-6379}"
 WEBDIS_PORT="${WEBDIS_PORT:-7379}"
+# Credentials of this run, unless given: the filter authenticates to webdis, webdis to Redis.
+random_secret() { python3 -c 'import secrets; print(secrets.token_hex(16))'; }
+export WEBDIS_AUTH="${WEBDIS_AUTH:-gateway:$(random_secret)}"
+REDIS_PASSWORD="${REDIS_PASSWORD:-$(random_secret)}"
 
 mkdir -p build
 # The gateway file names webdis at 7379; follow WEBDIS_PORT if it was overridden.
 sed "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:${WEBDIS_PORT}#" config/gateway.yaml > build/gateway.yaml
 target/release/gateway-render --config build/gateway.yaml --wasm "$PWD/build/gateway_filter.wasm" --out build/envoy.yaml
-python3 - "$REDIS_PORT" "$WEBDIS_PORT" <<'PY'
-import json, sys
+REDIS_PASSWORD="$REDIS_PASSWORD" python3 - "$REDIS_PORT" "$WEBDIS_PORT" <<'PY'
+import json, os, sys
 cfg = json.load(open("config/webdis.json"))
-cfg.update(redis_port=int(sys.argv[1]), http_port=int(sys.argv[2]))
-json.dump(cfg, open("build/webdis.json", "w"), indent=2)
+cfg.update(redis_port=int(sys.argv[1]), http_port=int(sys.argv[2]), redis_auth=os.environ["REDIS_PASSWORD"])
+for rule in cfg["acl"]:
+    if "enabled" in rule:
+        rule["http_basic_auth"] = os.environ["WEBDIS_AUTH"]
+fd = os.open("build/webdis.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+with os.fdopen(fd, "w") as f:
+    json.dump(cfg, f, indent=2)
 PY
 
 pids=()
@@ -32,7 +41,7 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-redis-server config/redis.conf --port "$REDIS_PORT" --dir "$PWD/build" &
+redis-server config/redis.conf --port "$REDIS_PORT" --dir "$PWD/build" --requirepass "$REDIS_PASSWORD" &
 pids+=($!)
 webdis build/webdis.json &
 pids+=($!)
@@ -49,7 +58,7 @@ pids+=($!)
 
 for _ in $(seq 1 100); do
   if curl -fs http://127.0.0.1:9901/ready >/dev/null 2>&1 && curl -fs -o /dev/null http://127.0.0.1:8000/health \
-     && curl -fs -o /dev/null "http://127.0.0.1:${WEBDIS_PORT}/PING"; then
+     && curl -fs -o /dev/null -u "$WEBDIS_AUTH" "http://127.0.0.1:${WEBDIS_PORT}/PING"; then
     break
   fi
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || { echo "a process exited during startup" >&2; exit 1; }; done
@@ -63,7 +72,8 @@ Gateway is up.
   Envoy admin         unix socket build/envoy-admin.sock (mode 0600), e.g.
                       curl --unix-socket build/envoy-admin.sock http://admin/stats
   metrics             http://127.0.0.1:9901/stats/prometheus (and /ready; nothing else)
-  Redis               127.0.0.1:${REDIS_PORT}     webdis http://127.0.0.1:${WEBDIS_PORT}
+  Redis               127.0.0.1:${REDIS_PORT} (password: REDIS_PASSWORD)
+  webdis              http://127.0.0.1:${WEBDIS_PORT} (HTTP basic: WEBDIS_AUTH=${WEBDIS_AUTH})
   user-service 8001   order-service 8002   product-service 8003   payment-service 8004
   auth-service 8005   search-service 8006  comment-service 8007   admin-service 8008
   order-service v2 (canary) 8009

@@ -35,6 +35,10 @@ pub struct FilterConfig {
     /// The Envoy cluster of the webdis sidecar (revocation, log store, cluster-wide limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webdis_cluster: Option<String>,
+    /// The environment variable holding webdis's HTTP basic credentials (`user:password`), read
+    /// by the filter at start-up and sent on every webdis call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webdis_auth_env: Option<String>,
     /// JWT verification; required when any route has `auth_required`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtSettings>,
@@ -150,6 +154,8 @@ pub struct Config {
     pub rate_limits: RateLimits,
     pub logs: Logs,
     pub trace: TraceSettings,
+    /// The `Authorization` value for webdis calls, when credentials are configured.
+    pub webdis_auth: Option<String>,
 }
 
 impl Config {
@@ -274,6 +280,18 @@ impl Config {
         if let Some(cluster) = webdis {
             check_name("webdis_cluster", cluster)?;
         }
+        let webdis_auth = match &raw.webdis_auth_env {
+            None => None,
+            Some(var) => {
+                let credentials = env(var).filter(|v| v.contains(':')).ok_or_else(|| {
+                    ConfigError::new(
+                        "webdis_auth_env",
+                        format!("environment variable {var} must hold user:password"),
+                    )
+                })?;
+                Some(crate::webdis::basic_auth(&credentials))
+            }
+        };
         let cluster_wide = raw
             .routes
             .iter()
@@ -340,6 +358,7 @@ impl Config {
             rate_limits,
             logs,
             trace: raw.trace,
+            webdis_auth,
         })
     }
 }

@@ -33,6 +33,8 @@ pub struct Callout<'a> {
     pub path: &'a str,
     pub body: Option<&'a [u8]>,
     pub timeout_ms: u64,
+    /// An `Authorization` header value (webdis's HTTP basic credentials).
+    pub authorization: Option<&'a str>,
 }
 
 /// The proxy, as the orchestrator sees it. Request-scoped calls act on the current (effective)
@@ -113,6 +115,7 @@ pub mod fake {
         pub method: String,
         pub path: String,
         pub body: Option<Vec<u8>>,
+        pub authorization: Option<String>,
     }
 
     #[derive(Default)]
@@ -271,6 +274,7 @@ pub mod fake {
                 method: call.method.to_string(),
                 path: call.path.to_string(),
                 body: call.body.map(<[u8]>::to_vec),
+                authorization: call.authorization.map(str::to_string),
             });
             Ok(self.next_token)
         }

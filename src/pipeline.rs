@@ -654,6 +654,7 @@ impl Gateway {
             path: &path,
             body: None,
             timeout_ms: rv.timeout_ms,
+            authorization: self.config.webdis_auth.as_deref(),
         })
         .map_err(StoreError::Dispatch)
     }
@@ -765,6 +766,7 @@ impl Gateway {
                 path: &path,
                 body: None,
                 timeout_ms: store.timeout_ms,
+                authorization: self.config.webdis_auth.as_deref(),
             });
             return match call {
                 Ok(token_id) => {
@@ -861,6 +863,7 @@ impl Gateway {
             path: &path,
             body: None,
             timeout_ms: rv.timeout_ms,
+            authorization: self.config.webdis_auth.as_deref(),
         });
         match call {
             Ok(token_id) => {
@@ -1353,6 +1356,7 @@ impl Gateway {
                 path: &path,
                 body: None,
                 timeout_ms: sync.timeout_ms,
+                authorization: self.config.webdis_auth.as_deref(),
             });
             match call {
                 Ok(token_id) => {
@@ -1469,6 +1473,7 @@ impl Gateway {
             path,
             body,
             timeout_ms: store.timeout_ms,
+            authorization: self.config.webdis_auth.as_deref(),
         });
         match call {
             Ok(token_id) => {

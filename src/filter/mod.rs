@@ -135,13 +135,17 @@ impl Host for WasmHost {
     }
 
     fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, String> {
+        let mut headers = vec![
+            (":method", call.method),
+            (":path", call.path),
+            (":authority", call.cluster),
+        ];
+        if let Some(value) = call.authorization {
+            headers.push(("authorization", value));
+        }
         hostcalls::dispatch_http_call(
             call.cluster,
-            vec![
-                (":method", call.method),
-                (":path", call.path),
-                (":authority", call.cluster),
-            ],
+            headers,
             call.body,
             vec![],
             Duration::from_millis(call.timeout_ms),

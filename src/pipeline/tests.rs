@@ -719,3 +719,31 @@ fn trace_lists_are_trimmed_in_the_store() {
     );
     assert!(paths[2].starts_with("/EXPIRE/"), "{paths:?}");
 }
+
+#[test]
+fn webdis_calls_carry_the_configured_credentials() {
+    let mut v = base();
+    v["webdis_auth_env"] = "GW_TEST_WEBDIS_AUTH".into();
+    let cfg = Config::from_json_with_env(v.to_string().as_bytes(), &|var| {
+        (var == "GW_TEST_WEBDIS_AUTH").then(|| "gateway:pw1".to_string())
+    })
+    .unwrap();
+    let mut host = FakeHost::new(NOW_S as u64 * 1000);
+    let mut t = T {
+        gw: Gateway::new(cfg, &mut host).unwrap(),
+        host,
+    };
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    assert_eq!(
+        t.host.dispatched[0].authorization.as_deref(),
+        Some("Basic Z2F0ZXdheTpwdzE=")
+    );
+    let missing = Config::from_json_with_env(v.to_string().as_bytes(), &|_| None).unwrap_err();
+    assert_eq!(
+        missing.to_string(),
+        "webdis_auth_env: environment variable GW_TEST_WEBDIS_AUTH must hold user:password"
+    );
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    assert_eq!(t.host.dispatched[0].authorization, None, "none configured");
+}

@@ -239,19 +239,24 @@ def render(gateway_yaml, out, env, check=False, extra=()):
 class Redis:
     """redis-server from config/redis.conf on a free port."""
 
-    def __init__(self):
+    def __init__(self, password=None):
         self.port = free_port()
+        self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="gw-redis-"))
         self.start()
 
     def start(self):
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen(
-            ["redis-server", str(ROOT / "config" / "redis.conf"), "--port", str(self.port), "--dir", str(self.dir)],
+            ["redis-server", str(ROOT / "config" / "redis.conf"), "--port", str(self.port), "--dir", str(self.dir),
+             *auth],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: port_open(self.port), what="redis")
 
     def cli(self, *args) -> str:
-        r = subprocess.run(["redis-cli", "-p", str(self.port), *map(str, args)], capture_output=True, text=True, check=True)
+        auth = ["--no-auth-warning", "-a", self.password] if self.password else []
+        r = subprocess.run(["redis-cli", "-p", str(self.port), *auth, *map(str, args)], capture_output=True, text=True,
+                           check=True)
         return r.stdout.strip()
 
     def stop(self):
@@ -265,10 +270,14 @@ class Webdis:
     """webdis from config/webdis.json (ports and log file changed) in front of a Redis;
     `disabled` lists commands to refuse besides the shipped ACL."""
 
-    def __init__(self, redis_port, port=None, disabled=()):
+    def __init__(self, redis_port, port=None, disabled=(), credentials=None, redis_password=None):
+        """`credentials` (`user:password`): the shipped command list only for callers that
+        present them (HTTP basic), nothing for anyone else."""
         self.port = port or free_port()
         self.redis_port = redis_port
         self.disabled = list(disabled)
+        self.credentials = credentials
+        self.redis_password = redis_password
         self.dir = Path(tempfile.mkdtemp(prefix="gw-webdis-"))
         self.start()
 
@@ -277,6 +286,12 @@ class Webdis:
         cfg.update(redis_port=self.redis_port, http_port=self.port, logfile=str(self.dir / "webdis.log"))
         if self.disabled:
             cfg["acl"].append({"disabled": self.disabled})
+        if self.credentials:
+            for rule in cfg["acl"]:
+                if "enabled" in rule:
+                    rule["http_basic_auth"] = self.credentials
+        if self.redis_password:
+            cfg["redis_auth"] = self.redis_password
         path = self.dir / "webdis.json"
         path.write_text(json.dumps(cfg))
         self.proc = subprocess.Popen(["webdis", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -255,7 +255,8 @@ def test_shipped_gateway_file_renders_and_envoy_validates_it(tmp_path):
     r = render(ROOT / "config" / "gateway.yaml", out, {"PATH": "/usr/bin:/bin"})  # no secret needed
     assert r.returncode == 0, r.stderr
     v = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(out), "--disable-hot-restart", "-l", "info"],
-                       capture_output=True, text=True, env={"JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"})
+                       capture_output=True, text=True,
+                       env={"JWT_SECRET": SECRET, "WEBDIS_AUTH": "gateway:pw", "PATH": "/usr/bin:/bin"})
     assert v.returncode == 0, v.stdout[-2000:] + v.stderr[-2000:]
     assert "gateway filter configured: 8 routes, jwt on" in v.stdout + v.stderr
 

@@ -11,7 +11,7 @@ import time
 import uuid
 
 from conftest import gateway_file
-from harness import SECRET, Gateway, bearer, forge, free_port, request, wait_for
+from harness import SECRET, Gateway, Redis, Webdis, bearer, forge, free_port, request, wait_for
 
 
 def user_token(sub=None, ttl=600, role="user", iat=None):
@@ -251,3 +251,39 @@ def test_finding_7_anonymous_floods_cannot_hide_authenticated_requests(services,
         assert dropped["gateway_log_records_dropped_authenticated_total"] == 0, dropped
     finally:
         g.stop()
+
+
+def test_finding_10_webdis_and_redis_demand_credentials(services):
+    """The filter authenticates to webdis (HTTP basic, credentials from Envoy's environment) and
+    webdis to Redis; nobody else can read or write revocation data through either."""
+    redis = Redis(password="redis-pw-" + uuid.uuid4().hex)
+    creds = "gateway:" + uuid.uuid4().hex
+    webdis = Webdis(redis.port, credentials=creds, redis_password=redis.password)
+    f = gateway_file(services.ports, free_port(), webdis.port)
+    f["webdis_auth_env"] = "E2E_WEBDIS_AUTH"
+    g = Gateway(f, env={"E2E_WEBDIS_AUTH": creds})
+    try:
+        _, tok = user_token()
+        assert gw_get(g, tok) == 200
+        assert post(g, "/api/v1/auth/logout", tok).status == 200
+        assert gw_get(g, tok) == 401
+        assert redis.cli("EXISTS", f"token:blacklist:{tok}") == "1"
+        # Without the credentials, webdis refuses reads and writes (re-enabling the token fails).
+        for path in [f"/SETEX/token%3Ablacklist%3A{tok}/1/0.json", f"/GET/token%3Ablacklist%3A{tok}.json",
+                     "/SET/user%3Arevoked_before%3Aroot/9999999999.json"]:
+            r = request(webdis.port, "GET", path)
+            assert r.status == 403, (path, r)
+            r = request(webdis.port, "GET", path, [("Authorization", "Basic Z2F0ZXdheTp3cm9uZw==")])
+            assert r.status == 403, (path, r)
+        # And Redis refuses a client without its password.
+        out = subprocess.run(["redis-cli", "-p", str(redis.port), "GET", "x"], capture_output=True, text=True)
+        assert "NOAUTH" in out.stdout + out.stderr
+        assert gw_get(g, tok) == 401
+    finally:
+        g.stop()
+        webdis.stop()
+        redis.stop()
+
+
+def gw_get(g, tok):
+    return g.get("/api/v1/users/1", bearer(tok)).status

@@ -137,13 +137,13 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     });
     // Secrets named by `*_env` reach the filter from Envoy's own environment: only the
     // variable's name is in the configuration (and in /config_dump).
-    let env_keys: Vec<&str> = file
-        .filter
-        .jwt
-        .as_ref()
-        .and_then(|j| j.secret_env.as_deref())
-        .into_iter()
-        .collect();
+    let env_keys: Vec<&str> = [
+        file.filter.jwt.as_ref().and_then(|j| j.secret_env.as_deref()),
+        file.filter.webdis_auth_env.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if !env_keys.is_empty() {
         vm_config["environment_variables"] = json!({"host_env_keys": env_keys});
     }

@@ -306,7 +306,7 @@ impl GatewayFile {
         })?;
         // The secret itself is not needed here: the filter reads `secret_env` from Envoy's
         // environment at start-up. Everything else is validated by the filter's own code.
-        let placeholder = |_: &str| Some("render-time-placeholder-not-a-secret".to_string());
+        let placeholder = |_: &str| Some("render-time:placeholder-not-a-secret".to_string());
         let config = Config::compile(filter.clone(), &placeholder).map_err(|e| {
             if e.field.starts_with("passthrough_paths") {
                 ConfigError::new("gateway.health_path", e.message)
