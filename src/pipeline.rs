@@ -648,15 +648,20 @@ impl Gateway {
         let id = self.metrics.lookups;
         self.inc(id);
         let path = rv::lookup_path(token, user);
+        self.revocation_call(rv, &path, host)
+            .map_err(StoreError::Dispatch)
+    }
+
+    /// One call to the revocation store (a lookup or a write).
+    fn revocation_call(&self, rv: &Revocation, path: &str, host: &mut dyn Host) -> Result<u32, String> {
         host.dispatch(Callout {
             cluster: &rv.cluster,
             method: "GET",
-            path: &path,
+            path,
             body: None,
             timeout_ms: rv.timeout_ms,
             authorization: self.config.webdis_auth.as_deref(),
         })
-        .map_err(StoreError::Dispatch)
     }
 
     fn revoked(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
@@ -857,15 +862,7 @@ impl Gateway {
                 )
             }
         };
-        let call = host.dispatch(Callout {
-            cluster: &rv.cluster,
-            method: "GET",
-            path: &path,
-            body: None,
-            timeout_ms: rv.timeout_ms,
-            authorization: self.config.webdis_auth.as_deref(),
-        });
-        match call {
+        match self.revocation_call(rv, &path, host) {
             Ok(token_id) => {
                 self.calls.insert(token_id, Call::Write { context: req.ctx });
                 req.stage = Stage::Write(write);
