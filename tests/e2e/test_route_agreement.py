@@ -9,6 +9,7 @@ Envoy's router and are fine: they fail closed."""
 import itertools
 import json
 import socket
+import subprocess
 import time
 
 from harness import Gateway, Services, forge
@@ -91,6 +92,22 @@ def test_the_filter_and_envoy_agree_on_the_route():
                     assert policy_of == served_by, (t, version, tok is not None, policy_of, served_by)
                     if served_by.endswith("admin") or served_by == "orders-items":
                         assert tok is not None, (t, "a protected service answered without a token")
+        # HTTP/2 (prior knowledge), the path exactly as written, for every target.
+        h2 = 0
+        for target in targets():
+            out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "--path-as-is", "-o", "-", "-D", "-",
+                                  "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{g.port}{target}"],
+                                 capture_output=True, text=True)
+            head, _, body = out.stdout.partition("\n\n")  # text mode: CRLF read as LF
+            if not head.startswith("HTTP/2 200"):
+                continue
+            h2 += 1
+            limit = next((line.split(":", 1)[1].strip() for line in head.split("\n")
+                          if line.lower().startswith("x-ratelimit-limit:")), None)
+            assert by_limit.get(limit) == json.loads(body)["service"], (target, "HTTP/2")
+        forwarded += h2
+        checked += len(list(targets()))
+        assert h2 > 100, h2
         assert checked > 5000 and forwarded > 500, (checked, forwarded)
         print(f"route agreement: {checked} requests, {forwarded} forwarded, 0 disagreements")
     finally:
