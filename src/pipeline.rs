@@ -270,6 +270,8 @@ pub struct Gateway {
     calls: HashMap<u32, Call>,
     inflight: HashMap<u64, Inflight>,
     log_buffer: VecDeque<StoredRecord>,
+    /// How many of the buffered records are anonymous (no user).
+    anonymous_buffered: usize,
     log_calls: usize,
     last_totals: HashMap<String, u64>,
     log_level: Option<LogLevel>,
@@ -306,6 +308,7 @@ impl Gateway {
             calls: HashMap::new(),
             inflight: HashMap::new(),
             log_buffer: VecDeque::new(),
+            anonymous_buffered: 0,
             log_calls: 0,
             last_totals: HashMap::new(),
             log_level: None,
@@ -1181,10 +1184,10 @@ impl Gateway {
     fn buffer_record(&mut self, record: StoredRecord, capacity: usize) {
         let anonymous_cap = capacity / 2;
         let dropped = if record.user_id.is_none() {
-            let anonymous = self.log_buffer.iter().filter(|r| r.user_id.is_none()).count();
-            if anonymous >= anonymous_cap || self.log_buffer.len() >= capacity {
+            if self.anonymous_buffered >= anonymous_cap || self.log_buffer.len() >= capacity {
                 Some(0)
             } else {
+                self.anonymous_buffered += 1;
                 self.log_buffer.push_back(record);
                 None
             }
@@ -1193,6 +1196,7 @@ impl Gateway {
             None
         } else if let Some(i) = self.log_buffer.iter().position(|r| r.user_id.is_none()) {
             self.log_buffer.remove(i);
+            self.anonymous_buffered = self.anonymous_buffered.saturating_sub(1);
             self.log_buffer.push_back(record);
             Some(0)
         } else {
@@ -1425,6 +1429,8 @@ impl Gateway {
         }
         let n = self.log_buffer.len().min(FLUSH_BATCH);
         let batch: Vec<StoredRecord> = self.log_buffer.drain(..n).collect();
+        let anonymous = batch.iter().filter(|r| r.user_id.is_none()).count();
+        self.anonymous_buffered = self.anonymous_buffered.saturating_sub(anonymous);
         // Each user's list is trimmed after the last of its records in this batch.
         let last_of_user = |i: usize, user: &str| {
             !batch

@@ -92,26 +92,12 @@ pub fn classify(cfg: &Config, request: &[HeaderPair], random: &[u8; RANDOM_BYTES
         }
     };
     let trace = trace_context(trusted(HEADER_TRACE_ID), trusted(HEADER_TRACEPARENT), random);
-    let target = target(cfg, request).map_err(|reply| with_trace_id(reply, &trace.trace_id));
+    let target = target(cfg, request, &trace.trace_id);
     Classified { trace, target }
 }
 
-/// Fills in the trace id of a reply built before it was known (body and header).
-fn with_trace_id(mut reply: Reply, trace_id: &str) -> Reply {
-    if let Some((_, v)) = reply.headers.iter_mut().find(|(k, _)| *k == HEADER_TRACE_ID) {
-        *v = trace_id.to_string();
-    }
-    if let Ok(mut body) = serde_json::from_str::<serde_json::Value>(&reply.body) {
-        if let Some(obj) = body.as_object_mut() {
-            obj.insert("trace_id".into(), trace_id.into());
-            reply.body = body.to_string();
-        }
-    }
-    reply
-}
-
-fn method_not_allowed(method: &str, allow: &str) -> Reply {
-    let mut reply = Reply::error(405, &format!("Method {method} not allowed"), "");
+fn method_not_allowed(method: &str, allow: &str, trace_id: &str) -> Reply {
+    let mut reply = Reply::error(405, &format!("Method {method} not allowed"), trace_id);
     reply.headers.push(("allow", allow.to_string()));
     reply
 }
@@ -153,7 +139,8 @@ fn endpoint_at(cfg: &Config, path: &str) -> Option<EndpointKind> {
         .map(EndpointKind::Revocation)
 }
 
-fn target(cfg: &Config, request: &[HeaderPair]) -> Result<Target, Reply> {
+fn target(cfg: &Config, request: &[HeaderPair], trace_id: &str) -> Result<Target, Reply> {
+    let not_found = || Reply::error(404, MSG_ROUTE_NOT_FOUND, trace_id);
     let method = headers::get_str(request, ":method").unwrap_or("");
     let full_path = headers::get_str(request, ":path").unwrap_or("");
     let path = full_path.split(['?', '#']).next().unwrap_or("");
@@ -162,7 +149,7 @@ fn target(cfg: &Config, request: &[HeaderPair]) -> Result<Target, Reply> {
     if let Some(kind) = endpoint {
         let expected = if kind == EndpointKind::Logs { "GET" } else { "POST" };
         if method != expected {
-            return Err(method_not_allowed(method, expected));
+            return Err(method_not_allowed(method, expected, trace_id));
         }
         return Ok(Target::Endpoint {
             path: kind,
@@ -170,20 +157,17 @@ fn target(cfg: &Config, request: &[HeaderPair]) -> Result<Target, Reply> {
         });
     }
     if cfg.under_prefix(path) {
-        let i = route_index(path).ok_or_else(|| Reply::error(404, MSG_ROUTE_NOT_FOUND, ""))?;
-        let route = cfg
-            .routes
-            .get(i)
-            .ok_or_else(|| Reply::error(404, MSG_ROUTE_NOT_FOUND, ""))?;
+        let i = route_index(path).ok_or_else(not_found)?;
+        let route = cfg.routes.get(i).ok_or_else(not_found)?;
         if !route.allows_method(method) {
-            return Err(method_not_allowed(method, &route.allow));
+            return Err(method_not_allowed(method, &route.allow, trace_id));
         }
         return Ok(Target::Route(i));
     }
     if cfg.passthrough_paths.iter().any(|p| p == path) {
         return Ok(Target::Passthrough);
     }
-    Err(Reply::error(404, MSG_ROUTE_NOT_FOUND, ""))
+    Err(not_found())
 }
 
 /// Extracts the bearer token the way the reference does: exactly one `Authorization` header,
