@@ -404,7 +404,7 @@ mod tests {
         );
         let admin = cfg.routes.iter().find(|r| r.name == "admin").unwrap();
         assert!(admin.auth_required, "reference default is auth_required: true");
-        assert_eq!(cfg.verifier.as_ref().unwrap().clock_skew(), 60);
+        assert_eq!(cfg.verifier.as_ref().unwrap().clock_skew(0), 60);
         assert!(cfg.logs.enabled);
     }
 
@@ -506,9 +506,14 @@ mod tests {
                 "jwt.algorithms[0]: unsupported algorithm \"none\"",
             ),
             (
-                "RS256",
+                "RS256 with a secret",
                 Box::new(|v| v["jwt"]["algorithms"] = serde_json::json!(["HS256", "RS256"])),
-                "jwt.algorithms[1]: unsupported algorithm \"RS256\"",
+                "jwt.algorithms: a secret signs only HS256",
+            ),
+            (
+                "unknown algorithm",
+                Box::new(|v| v["jwt"]["algorithms"] = serde_json::json!(["HS256", "none"])),
+                "jwt.algorithms[1]: unsupported algorithm \"none\"",
             ),
             (
                 "huge skew",

@@ -35,6 +35,8 @@ pub struct Callout<'a> {
     pub timeout_ms: u64,
     /// An `Authorization` header value (webdis's HTTP basic credentials).
     pub authorization: Option<&'a str>,
+    /// The `:authority` sent (default: the cluster name).
+    pub authority: Option<&'a str>,
 }
 
 /// The proxy, as the orchestrator sees it. Request-scoped calls act on the current (effective)
@@ -116,6 +118,7 @@ pub mod fake {
         pub path: String,
         pub body: Option<Vec<u8>>,
         pub authorization: Option<String>,
+        pub authority: String,
     }
 
     #[derive(Default)]
@@ -275,6 +278,7 @@ pub mod fake {
                 path: call.path.to_string(),
                 body: call.body.map(<[u8]>::to_vec),
                 authorization: call.authorization.map(str::to_string),
+                authority: call.authority.unwrap_or(call.cluster).to_string(),
             });
             Ok(self.next_token)
         }

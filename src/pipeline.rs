@@ -22,8 +22,8 @@ use crate::canary::{self, Sticky};
 use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
 use crate::host::{Callout, Host, LogLevel, MetricKind};
-use crate::jwt::TokenCache;
-use crate::policy::{self, Caller, Endpoint, Target};
+use crate::jwt::{KeySet, TokenCache};
+use crate::policy::{self, Caller, Endpoint, Refused, Target};
 use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SharedStore, SyncTarget, Update, Verdict};
 use crate::reply::Reply;
 use crate::revocation::{self as rv, CacheEntry, FailureMode, Lookup, Revocation, Slot, StoreError};
@@ -181,6 +181,8 @@ enum Stage {
     Revocation(Next),
     /// Waiting for the store to confirm an endpoint's write.
     Write(Write),
+    /// Waiting for signing keys its token needs (a fetch is out, here or in another VM).
+    Keys { target: Target, deadline_ms: u64 },
     /// Waiting for the log store's answer to a query.
     Query {
         label: &'static str,
@@ -238,6 +240,10 @@ enum Call {
         route: String,
         delta: u64,
     },
+    /// A JWKS fetch for issuer `issuer`.
+    Jwks {
+        issuer: usize,
+    },
 }
 
 /// A revocation lookup in flight, and the requests waiting for it.
@@ -278,6 +284,9 @@ pub struct Gateway {
     last_counters_ms: u64,
     last_flush_ms: u64,
     last_sync_ms: u64,
+    /// Fetched key sets by issuer index (what the verifier reads), and their fetch state.
+    key_sets: Vec<Option<Rc<KeySet>>>,
+    jwks: Vec<keys::JwksState>,
 }
 
 fn unix_seconds(ms: u64) -> i64 {
@@ -296,7 +305,7 @@ impl Gateway {
             w.copy_from_slice(s.get(..8).unwrap_or(&[1u8; 8]));
             u64::from_le_bytes(w)
         };
-        let gw = Gateway {
+        let mut gw = Gateway {
             config: Rc::new(config),
             metrics,
             counts: HashMap::new(),
@@ -315,7 +324,12 @@ impl Gateway {
             last_counters_ms: 0,
             last_flush_ms: 0,
             last_sync_ms: 0,
+            key_sets: Vec::new(),
+            jwks: Vec::new(),
         };
+        let issuers = gw.config.verifier.as_ref().map_or(0, |v| v.issuers().len());
+        gw.key_sets = vec![None; issuers];
+        gw.jwks = (0..issuers).map(|_| keys::JwksState::default()).collect();
         gw.create_rate_limit_keys(host);
         Ok(gw)
     }
@@ -329,7 +343,12 @@ impl Gateway {
         let cfg = &self.config;
         let sync = cfg.rate_limits.sync.as_ref().map(|s| s.interval_ms);
         let flush = cfg.logs.store.as_ref().map(|s| s.flush_interval_ms);
-        [sync, flush, Some(COUNTER_FLUSH_MS)]
+        let jwks = cfg
+            .verifier
+            .as_ref()
+            .and_then(|v| v.remotes().next())
+            .map(|_| keys::JWKS_TICK_MS);
+        [sync, flush, jwks, Some(COUNTER_FLUSH_MS)]
             .into_iter()
             .flatten()
             .min()
@@ -429,7 +448,6 @@ impl Gateway {
         host: &mut dyn Host,
     ) -> Flow {
         let now = unix_seconds(now_ms);
-        let trace_id = req.trace.trace_id.clone();
         match target {
             Target::Passthrough => {
                 self.note_client(req, config, None, host);
@@ -445,13 +463,8 @@ impl Gateway {
                 if let Err(reply) = self.charge_ip(req, route.limits.as_ref(), now_ms, host) {
                     return self.reply(req, reply, host);
                 }
-                // Phase 3: authentication and roles.
-                match policy::authenticate(config, &mut self.tokens, route, &req.headers, now, &trace_id) {
-                    Ok(caller) => req.caller = caller,
-                    Err(reply) => return self.reply(req, reply, host),
-                }
-                // Phase 4: revocation; phases 5 and 6 follow in `proceed`.
-                self.check_revocation(ctx, req, Next::Route, true, host)
+                // Phases 3 to 6.
+                self.authenticate(ctx, req, config, Target::Route(i), now, true, host)
             }
             Target::Endpoint { path, under } => {
                 req.route = under;
@@ -460,12 +473,76 @@ impl Gateway {
                 if let Err(reply) = self.charge_ip(req, route.and_then(|r| r.limits.as_ref()), now_ms, host) {
                     return self.reply(req, reply, host);
                 }
-                let caller =
-                    match policy::verified_caller(config, &mut self.tokens, &req.headers, now, &trace_id) {
-                        Ok(c) => c,
-                        Err(reply) => return self.reply(req, reply, host),
-                    };
-                let endpoint = match policy::endpoint(config, &path, &caller, &req.headers, now, &trace_id) {
+                self.authenticate(
+                    ctx,
+                    req,
+                    config,
+                    Target::Endpoint { path, under },
+                    now,
+                    true,
+                    host,
+                )
+            }
+        }
+    }
+
+    /// Phase 3 (authentication and roles) for a route or an endpoint, then phase 4
+    /// (revocation); phases 5 and 6 follow in `proceed`. `may_wait`: a token whose issuer's keys
+    /// the VM lacks may wait for a fetch (once).
+    #[allow(clippy::too_many_arguments)]
+    fn authenticate(
+        &mut self,
+        ctx: u32,
+        req: &mut Request,
+        config: &Config,
+        target: Target,
+        now: i64,
+        may_wait: bool,
+        host: &mut dyn Host,
+    ) -> Flow {
+        let trace_id = req.trace.trace_id.clone();
+        match target {
+            Target::Route(i) => {
+                let Some(route) = config.routes.get(i) else {
+                    return self.error(req, 404, policy::MSG_ROUTE_NOT_FOUND, host);
+                };
+                let decided = policy::authenticate(
+                    config,
+                    &mut self.tokens,
+                    &self.key_sets,
+                    route,
+                    &req.headers,
+                    now,
+                    &trace_id,
+                    may_wait,
+                );
+                match decided {
+                    Ok(caller) => req.caller = caller,
+                    Err(Refused::Reply(reply)) => return self.reply(req, reply, host),
+                    Err(Refused::AwaitKeys(issuer)) => {
+                        return self.await_keys(ctx, req, target, issuer, host)
+                    }
+                }
+                self.check_revocation(ctx, req, Next::Route, true, host)
+            }
+            Target::Endpoint { ref path, .. } => {
+                let decided = policy::verified_caller(
+                    config,
+                    &mut self.tokens,
+                    &self.key_sets,
+                    &req.headers,
+                    now,
+                    &trace_id,
+                    may_wait,
+                );
+                let caller = match decided {
+                    Ok(c) => c,
+                    Err(Refused::Reply(reply)) => return self.reply(req, reply, host),
+                    Err(Refused::AwaitKeys(issuer)) => {
+                        return self.await_keys(ctx, req, target, issuer, host)
+                    }
+                };
+                let endpoint = match policy::endpoint(config, path, &caller, &req.headers, now, &trace_id) {
                     Ok(e) => e,
                     Err(reply) => return self.reply(req, reply, host),
                 };
@@ -474,6 +551,7 @@ impl Gateway {
                 // come from their own callback.
                 self.check_revocation(ctx, req, Next::Endpoint(endpoint), false, host)
             }
+            Target::Passthrough => self.forward(req, host),
         }
     }
 
@@ -664,6 +742,7 @@ impl Gateway {
             body: None,
             timeout_ms: rv.timeout_ms,
             authorization: self.config.webdis_auth.as_deref(),
+            authority: None,
         })
     }
 
@@ -775,6 +854,7 @@ impl Gateway {
                 body: None,
                 timeout_ms: store.timeout_ms,
                 authorization: self.config.webdis_auth.as_deref(),
+                authority: None,
             });
             return match call {
                 Ok(token_id) => {
@@ -797,7 +877,10 @@ impl Gateway {
         let now_s = unix_seconds(now_ms);
         // Blacklisted for as long as any check would accept the token: until `exp` plus the
         // clock skew the verifier allows.
-        let skew = config.verifier.as_ref().map_or(0, |v| v.clock_skew());
+        let skew = config
+            .verifier
+            .as_ref()
+            .map_or(0, |v| v.clock_skew(caller.identity.issuer));
         let keep = caller
             .identity
             .expires_at
@@ -820,6 +903,19 @@ impl Gateway {
                 },
             ),
             Endpoint::Refresh { ttl_seconds } => {
+                let own = config
+                    .verifier
+                    .as_ref()
+                    .is_some_and(|v| v.can_issue(caller.identity.issuer));
+                if !own {
+                    let name = config
+                        .verifier
+                        .as_ref()
+                        .and_then(|v| v.issuer(caller.identity.issuer))
+                        .map_or("?", |i| i.name.as_str());
+                    let msg = format!("Tokens of issuer '{name}' are refreshed by their identity provider");
+                    return self.error(req, 400, &msg, host);
+                }
                 let jti = uuid_v4(self.rng.u128(..).to_le_bytes());
                 let issued = config
                     .verifier
@@ -899,8 +995,11 @@ impl Gateway {
         let Some(call) = self.calls.remove(&token_id) else {
             return;
         };
-        let (status, body) = host.call_response(body_size);
+        // A key set larger than the filter parses is not even read.
+        let oversized = matches!(call, Call::Jwks { .. }) && body_size > crate::jwt::keys::MAX_JWKS_BYTES;
+        let (status, body) = host.call_response(if oversized { 0 } else { body_size });
         match call {
+            Call::Jwks { issuer } => self.jwks_answered(ctx, issuer, status, &body, oversized, host),
             Call::Lookup { key, context } => {
                 let waiters = match key {
                     Some(key) => match self.inflight.remove(&key) {
@@ -1219,6 +1318,7 @@ impl Gateway {
     }
 
     fn forget(&mut self, ctx: u32) {
+        self.forget_key_waiter(ctx);
         let mut orphaned = Vec::new();
         for (key, inflight) in self.inflight.iter_mut() {
             inflight.waiters.retain(|w| *w != ctx);
@@ -1276,6 +1376,7 @@ impl Gateway {
             }
         }
         self.adopt_orphans(ctx, host);
+        self.jwks_tick(ctx, now, host);
     }
 
     /// Whether a job run every `period_ms` is due: ticks come every `tick_period_ms` with some
@@ -1358,6 +1459,7 @@ impl Gateway {
                 body: None,
                 timeout_ms: sync.timeout_ms,
                 authorization: self.config.webdis_auth.as_deref(),
+                authority: None,
             });
             match call {
                 Ok(token_id) => {
@@ -1477,6 +1579,7 @@ impl Gateway {
             body,
             timeout_ms: store.timeout_ms,
             authorization: self.config.webdis_auth.as_deref(),
+            authority: None,
         });
         match call {
             Ok(token_id) => {
@@ -1559,5 +1662,6 @@ fn is_auth_failure(decision: &str) -> bool {
         || crate::jwt::TokenError::CODES.contains(&decision)
 }
 
+mod keys;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 
 use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
-use crate::jwt::{Identity, TokenCache};
+use crate::jwt::{Identity, RemoteSets, TokenCache, TokenError};
 use crate::reply::Reply;
 use crate::revocation::{EndpointPath, DEFAULT_TOKEN_TTL_SECONDS};
 use crate::trace::{trace_context, TraceContext, HEADER_TRACEPARENT, HEADER_TRACE_ID, RANDOM_BYTES};
@@ -191,14 +191,35 @@ fn bearer_token(request: &[HeaderPair]) -> Result<&str, &'static str> {
     }
 }
 
-/// Bearer extraction and verification (through the VM's verified-token cache).
+/// Why a caller was not let in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The answer to send.
+    Reply(Reply),
+    /// The token needs keys of this issuer that the VM does not hold yet (an unknown `kid`, or
+    /// no key set yet): the orchestrator may fetch them and ask again with `may_wait` false.
+    AwaitKeys(usize),
+}
+
+impl From<Reply> for Refused {
+    fn from(r: Reply) -> Self {
+        Self::Reply(r)
+    }
+}
+
+/// Bearer extraction and verification (through the VM's verified-token cache, with the VM's
+/// fetched key sets). With `may_wait`, a token whose issuer's keys are missing is
+/// [`Refused::AwaitKeys`]; without, it is refused: 401 for an unknown `kid`, 503 when the
+/// issuer has no keys at all (the gateway cannot tell, not the token is bad).
 pub fn verified_caller(
     cfg: &Config,
     cache: &mut TokenCache,
+    remote: &RemoteSets,
     request: &[HeaderPair],
     now: i64,
     trace_id: &str,
-) -> Result<Caller, Reply> {
+    may_wait: bool,
+) -> Result<Caller, Refused> {
     let token = bearer_token(request).map_err(|m| {
         let reason = if m == MSG_AUTH_MISSING {
             REASON_MISSING
@@ -216,8 +237,25 @@ pub fn verified_caller(
         )
     })?;
     let identity = cache
-        .verify(verifier, token, now)
-        .map_err(|e| Reply::refusal(401, &format!("Invalid token: {e}"), e.code(), trace_id))?;
+        .verify_with(verifier, remote, token, now)
+        .map_err(|e| match e {
+            TokenError::UnknownKey(i) | TokenError::KeysUnavailable(i) if may_wait => Refused::AwaitKeys(i),
+            TokenError::KeysUnavailable(i) => {
+                let name = verifier.issuer(i).map_or("?", |s| s.name.as_str());
+                Refused::Reply(Reply::refusal(
+                    503,
+                    &format!("Signing keys of issuer '{name}' are not available; try again shortly"),
+                    e.code(),
+                    trace_id,
+                ))
+            }
+            e => Refused::Reply(Reply::refusal(
+                401,
+                &format!("Invalid token: {e}"),
+                e.code(),
+                trace_id,
+            )),
+        })?;
     Ok(Caller {
         identity,
         token: token.to_string(),
@@ -234,24 +272,27 @@ fn role_error(role: &str, what: &str, trace_id: &str) -> Reply {
 }
 
 /// Phase 3 for a route: the caller, when the route requires one, with the route's roles checked.
+#[allow(clippy::too_many_arguments)]
 pub fn authenticate(
     cfg: &Config,
     cache: &mut TokenCache,
+    remote: &RemoteSets,
     route: &Route,
     request: &[HeaderPair],
     now: i64,
     trace_id: &str,
-) -> Result<Option<Caller>, Reply> {
+    may_wait: bool,
+) -> Result<Option<Caller>, Refused> {
     if !route.auth_required {
         return Ok(None);
     }
-    let caller = verified_caller(cfg, cache, request, now, trace_id)?;
+    let caller = verified_caller(cfg, cache, remote, request, now, trace_id, may_wait)?;
     if !route.roles.is_empty() && !route.roles.contains(&caller.identity.role) {
-        return Err(role_error(
+        return Err(Refused::Reply(role_error(
             &caller.identity.role,
             &format!("route '{}'", route.name),
             trace_id,
-        ));
+        )));
     }
     Ok(Some(caller))
 }
@@ -476,6 +517,19 @@ mod tests {
         h
     }
 
+    fn auth(
+        c: &Config,
+        route: &Route,
+        h: &[HeaderPair],
+        now: i64,
+        trace: &str,
+    ) -> Result<Option<Caller>, Reply> {
+        authenticate(c, &mut TokenCache::default(), &[], route, h, now, trace, false).map_err(|r| match r {
+            Refused::Reply(r) => r,
+            Refused::AwaitKeys(i) => panic!("waits for keys of issuer {i}"),
+        })
+    }
+
     fn body(r: &Reply) -> serde_json::Value {
         serde_json::from_str(&r.body).unwrap()
     }
@@ -602,7 +656,7 @@ mod tests {
         for (extra, status, message) in cases {
             let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let h = req("GET", "/api/v1/users/1", &extra);
-            let got = authenticate(&c, &mut TokenCache::default(), users, &h, NOW, "t-1");
+            let got = auth(&c, users, &h, NOW, "t-1");
             if status == 200 {
                 assert_eq!(
                     got.unwrap().unwrap().identity.user_id.as_deref(),
@@ -619,7 +673,7 @@ mod tests {
         }
         let mut h = req("GET", "/api/v1/users/1", &[]);
         h.push(("authorization".into(), b"Bearer \xff\xfe".to_vec()));
-        let r = authenticate(&c, &mut TokenCache::default(), users, &h, NOW, "").unwrap_err();
+        let r = auth(&c, users, &h, NOW, "").unwrap_err();
         assert_eq!(body(&r)["message"], MSG_AUTH_FORMAT);
     }
 
@@ -634,10 +688,10 @@ mod tests {
                 &[("authorization", &format!("Bearer {}", token(role)))],
             )
         };
-        let r = authenticate(&c, &mut TokenCache::default(), admin, &h("user"), NOW, "").unwrap_err();
+        let r = auth(&c, admin, &h("user"), NOW, "").unwrap_err();
         assert_eq!((r.status, r.reason), (403, REASON_ROLE));
         assert_eq!(body(&r)["error"], "Forbidden");
-        assert!(authenticate(&c, &mut TokenCache::default(), admin, &h("admin"), NOW, "").is_ok());
+        assert!(auth(&c, admin, &h("admin"), NOW, "").is_ok());
     }
 
     #[test]

@@ -138,7 +138,7 @@ impl Host for WasmHost {
         let mut headers = vec![
             (":method", call.method),
             (":path", call.path),
-            (":authority", call.cluster),
+            (":authority", call.authority.unwrap_or(call.cluster)),
         ];
         if let Some(value) = call.authorization {
             headers.push(("authorization", value));

@@ -1,0 +1,367 @@
+//! Fetched signing keys (`remote_jwks`) in the orchestrator: keeping the VM's key sets in step
+//! with the shared copy, fetching when due or when a token names a `kid` the set lacks, and
+//! holding the requests that wait for a fetch. The decisions about who may fetch when are
+//! [`crate::jwt::remote::Lease`]'s; this is the host side.
+
+use std::rc::Rc;
+
+use super::{unix_seconds, Call, Flow, Gateway, Request, Stage};
+use crate::host::{Callout, Host, LogLevel};
+use crate::jwt::remote::{self, Lease, Remote};
+use crate::jwt::KeySet;
+use crate::policy::Target;
+
+/// Timer period while any issuer's keys are fetched: how soon a VM sees a set another VM
+/// fetched, and notices a waiter's deadline.
+pub const JWKS_TICK_MS: u64 = 250;
+
+/// Most requests one VM holds for one issuer's keys; more are answered at once.
+const MAX_WAITERS: usize = 1024;
+
+/// Slack added to a fetch's timeout in its lease, so a lease outlives its fetch.
+const LEASE_SLACK_MS: u64 = 1000;
+
+/// One issuer's fetch state in one VM.
+#[derive(Debug, Default)]
+pub struct JwksState {
+    /// When the held set was fetched (by any VM), unix ms.
+    fetched_at_ms: Option<u64>,
+    /// The shared copy's CAS the held set was parsed from.
+    seen_cas: Option<u32>,
+    /// This VM's fetch: its context and when to give up on its answer.
+    fetching: Option<(u32, u64)>,
+    /// Requests waiting for keys.
+    waiters: Vec<u32>,
+}
+
+/// Whether a fetch is out after an attempt to start one.
+#[derive(Debug, PartialEq, Eq)]
+enum Fetch {
+    /// Out (this VM's, or another VM's under the lease).
+    Out,
+    /// Not allowed now (rate limit, back-off) or the dispatch failed.
+    No,
+}
+
+impl Gateway {
+    fn remote(&self, issuer: usize) -> Option<(String, Remote)> {
+        let v = self.config.verifier.as_ref()?;
+        let i = v.issuer(issuer)?;
+        Some((i.name.clone(), i.remote()?.clone()))
+    }
+
+    /// Holds a request until `issuer`'s keys are fetched, or answers it now when no fetch can
+    /// help.
+    pub(super) fn await_keys(
+        &mut self,
+        ctx: u32,
+        req: &mut Request,
+        target: Target,
+        issuer: usize,
+        host: &mut dyn Host,
+    ) -> Flow {
+        let now_ms = host.now_ms();
+        req.clock_ms = now_ms;
+        let Some((name, remote)) = self.remote(issuer) else {
+            return self.retry_authentication(ctx, req, target, host);
+        };
+        // Another VM may have fetched a newer set already.
+        if self.adopt_shared(issuer, &name, host) {
+            return self.retry_authentication(ctx, req, target, host);
+        }
+        let waiting = self.jwks.get(issuer).map_or(0, |s| s.waiters.len());
+        if remote.max_wait_ms == 0 || waiting >= MAX_WAITERS {
+            return self.retry_authentication(ctx, req, target, host);
+        }
+        if self.start_fetch(ctx, issuer, &name, &remote, now_ms, true, host) == Fetch::No {
+            return self.retry_authentication(ctx, req, target, host);
+        }
+        if let Some(state) = self.jwks.get_mut(issuer) {
+            state.waiters.push(ctx);
+        }
+        req.stage = Stage::Keys {
+            target,
+            deadline_ms: now_ms.saturating_add(remote.max_wait_ms),
+        };
+        Flow::Paused
+    }
+
+    /// Authenticates again with the keys the VM holds now, without waiting.
+    fn retry_authentication(
+        &mut self,
+        ctx: u32,
+        req: &mut Request,
+        target: Target,
+        host: &mut dyn Host,
+    ) -> Flow {
+        let config = Rc::clone(&self.config);
+        let now = unix_seconds(req.clock_ms);
+        self.authenticate(ctx, req, &config, target, now, false, host)
+    }
+
+    /// Parses the shared copy of `issuer`'s set when it changed; true when the VM's set changed.
+    fn adopt_shared(&mut self, issuer: usize, name: &str, host: &mut dyn Host) -> bool {
+        let Some((value, cas)) = host.get(&remote::set_key(name)) else {
+            return false;
+        };
+        let Some(state) = self.jwks.get_mut(issuer) else {
+            return false;
+        };
+        if state.seen_cas == Some(cas) {
+            return false;
+        }
+        state.seen_cas = Some(cas);
+        // Only validated documents are stored; a bad one (another writer) is ignored.
+        let Some((at, doc)) = remote::decode_set(&value) else {
+            return false;
+        };
+        let Ok(set) = KeySet::parse(doc) else {
+            return false;
+        };
+        state.fetched_at_ms = Some(at);
+        if let Some(slot) = self.key_sets.get_mut(issuer) {
+            *slot = Some(Rc::new(set));
+        }
+        true
+    }
+
+    /// Starts a fetch of `issuer`'s keys from the current context if this VM may (it takes the
+    /// issuer's lease). `forced`: for a `kid` the set lacks.
+    #[allow(clippy::too_many_arguments)]
+    fn start_fetch(
+        &mut self,
+        ctx: u32,
+        issuer: usize,
+        name: &str,
+        remote: &Remote,
+        now_ms: u64,
+        forced: bool,
+        host: &mut dyn Host,
+    ) -> Fetch {
+        if self.jwks.get(issuer).is_some_and(|s| s.fetching.is_some()) {
+            return Fetch::Out;
+        }
+        let key = remote::lease_key(name);
+        let current = host.get(&key);
+        let lease = Lease::decode(current.as_ref().map(|(v, _)| v.as_slice()));
+        if lease.until_ms > now_ms {
+            // Another VM is fetching; its set reaches this VM through shared data.
+            return Fetch::Out;
+        }
+        let fetched_at = self.jwks.get(issuer).and_then(|s| s.fetched_at_ms);
+        if !lease.may_fetch(remote, now_ms, fetched_at, forced) {
+            return Fetch::No;
+        }
+        let taken = Lease {
+            until_ms: now_ms
+                .saturating_add(remote.timeout_ms)
+                .saturating_add(LEASE_SLACK_MS),
+            last_attempt_ms: now_ms,
+            failures: lease.failures,
+        };
+        if host
+            .set(&key, &taken.encode(), Some(current.map_or(0, |(_, cas)| cas)))
+            .is_err()
+        {
+            // Another VM took it first.
+            return Fetch::Out;
+        }
+        let call = host.dispatch(Callout {
+            cluster: &remote.cluster,
+            method: "GET",
+            path: &remote.path,
+            body: None,
+            timeout_ms: remote.timeout_ms,
+            authorization: None,
+            authority: Some(&remote.authority),
+        });
+        match call {
+            Ok(token_id) => {
+                self.calls.insert(token_id, Call::Jwks { issuer });
+                if let Some(state) = self.jwks.get_mut(issuer) {
+                    state.fetching = Some((ctx, taken.until_ms));
+                }
+                if forced {
+                    self.inc_named(
+                        &format!(
+                            "gateway_jwks_{}_unknown_kid_fetches_total",
+                            super::metric_part(name)
+                        ),
+                        host,
+                    );
+                }
+                Fetch::Out
+            }
+            Err(e) => {
+                self.fetch_failed(issuer, name, taken, &format!("dispatch failed: {e}"), host);
+                Fetch::No
+            }
+        }
+    }
+
+    fn fetch_failed(&mut self, issuer: usize, name: &str, lease: Lease, why: &str, host: &mut dyn Host) {
+        let released = Lease {
+            until_ms: 0,
+            last_attempt_ms: lease.last_attempt_ms,
+            failures: lease.failures.saturating_add(1),
+        };
+        let _ = host.set(&remote::lease_key(name), &released.encode(), None);
+        self.inc_named(
+            &format!("gateway_jwks_{}_fetch_errors_total", super::metric_part(name)),
+            host,
+        );
+        let kept = self.key_sets.get(issuer).is_some_and(Option::is_some);
+        let what = if kept {
+            "keeping the last good key set"
+        } else {
+            "no key set yet"
+        };
+        host.log(
+            LogLevel::Warn,
+            &format!("jwks fetch for issuer {name} failed ({why}); {what}"),
+        );
+    }
+
+    /// A fetch answered: store and adopt a good set, or count the failure; then let the
+    /// waiters try again.
+    pub(super) fn jwks_answered(
+        &mut self,
+        ctx: u32,
+        issuer: usize,
+        status: Option<u16>,
+        body: &[u8],
+        oversized: bool,
+        host: &mut dyn Host,
+    ) {
+        let Some((name, _)) = self.remote(issuer) else {
+            return;
+        };
+        if let Some(state) = self.jwks.get_mut(issuer) {
+            state.fetching = None;
+        }
+        let now_ms = host.now_ms();
+        let key = remote::lease_key(&name);
+        let lease = Lease::decode(host.get(&key).as_ref().map(|(v, _)| v.as_slice()));
+        let parsed = match status {
+            _ if oversized => Err(format!("larger than {} bytes", crate::jwt::keys::MAX_JWKS_BYTES)),
+            Some(200) => KeySet::parse(body),
+            Some(s) => Err(format!("HTTP {s}")),
+            None => Err("no answer (timeout or connection failure)".to_string()),
+        };
+        match parsed {
+            Ok(set) => {
+                let _ = host.set(&remote::set_key(&name), &remote::encode_set(now_ms, body), None);
+                let done = Lease {
+                    until_ms: 0,
+                    last_attempt_ms: lease.last_attempt_ms,
+                    failures: 0,
+                };
+                let _ = host.set(&key, &done.encode(), None);
+                host.log(
+                    LogLevel::Info,
+                    &format!(
+                        "jwks for issuer {name}: {} keys ({} skipped)",
+                        set.keys.len(),
+                        set.skipped
+                    ),
+                );
+                let seen = host.get(&remote::set_key(&name)).map(|(_, cas)| cas);
+                if let Some(state) = self.jwks.get_mut(issuer) {
+                    state.fetched_at_ms = Some(now_ms);
+                    state.seen_cas = seen;
+                }
+                if let Some(slot) = self.key_sets.get_mut(issuer) {
+                    *slot = Some(Rc::new(set));
+                }
+                self.inc_named(
+                    &format!("gateway_jwks_{}_fetches_total", super::metric_part(&name)),
+                    host,
+                );
+            }
+            Err(why) => self.fetch_failed(issuer, &name, lease, &why, host),
+        }
+        self.wake_key_waiters(ctx, issuer, now_ms, true, host);
+    }
+
+    /// Resumes `issuer`'s waiters: all of them, or those whose wait is over.
+    fn wake_key_waiters(&mut self, current: u32, issuer: usize, now_ms: u64, all: bool, host: &mut dyn Host) {
+        let waiters = match self.jwks.get_mut(issuer) {
+            Some(state) if !state.waiters.is_empty() => std::mem::take(&mut state.waiters),
+            _ => return,
+        };
+        let mut still = Vec::new();
+        for w in waiters {
+            let due = all
+                || self.requests.get(&w).is_none_or(
+                    |r| matches!(r.stage, Stage::Keys { deadline_ms, .. } if deadline_ms <= now_ms),
+                );
+            if !due {
+                still.push(w);
+                continue;
+            }
+            self.with_request(current, w, host, |gw, req, host| {
+                let Stage::Keys { target, .. } = std::mem::replace(&mut req.stage, Stage::Idle) else {
+                    return Flow::Paused;
+                };
+                req.clock_ms = now_ms;
+                gw.retry_authentication(req.ctx, req, target, host)
+            });
+        }
+        if let Some(state) = self.jwks.get_mut(issuer) {
+            state.waiters.extend(still);
+        }
+    }
+
+    pub(super) fn forget_key_waiter(&mut self, ctx: u32) {
+        let mut cancelled = Vec::new();
+        for (issuer, state) in self.jwks.iter_mut().enumerate() {
+            state.waiters.retain(|w| *w != ctx);
+            // Envoy cancels a gone stream's callouts: the lease runs out by itself.
+            if state.fetching.is_some_and(|(owner, _)| owner == ctx) {
+                state.fetching = None;
+                cancelled.push(issuer);
+            }
+        }
+        if !cancelled.is_empty() {
+            self.calls
+                .retain(|_, c| !matches!(c, Call::Jwks { issuer } if cancelled.contains(issuer)));
+        }
+    }
+
+    /// The timer: for each fetched issuer, take a newer shared copy, drop a set past
+    /// `max_stale`, fetch when due, and let waiters go whose wait is over (or whose keys came).
+    pub(super) fn jwks_tick(&mut self, ctx: u32, now_ms: u64, host: &mut dyn Host) {
+        let Some(verifier) = self.config.verifier.as_ref() else {
+            return;
+        };
+        let remotes: Vec<(usize, String, Remote)> = verifier
+            .remotes()
+            .map(|(i, iss, r)| (i, iss.name.clone(), r.clone()))
+            .collect();
+        for (issuer, name, remote) in remotes {
+            let changed = self.adopt_shared(issuer, &name, host);
+            let fetched_at = self.jwks.get(issuer).and_then(|s| s.fetched_at_ms);
+            if fetched_at.is_some_and(|at| now_ms > at.saturating_add(remote.max_stale_ms)) {
+                if let Some(slot) = self.key_sets.get_mut(issuer) {
+                    if slot.take().is_some() {
+                        host.log(
+                            LogLevel::Warn,
+                            &format!(
+                                "jwks for issuer {name}: last good set is older than max_stale; dropped"
+                            ),
+                        );
+                    }
+                }
+            }
+            if let Some(state) = self.jwks.get_mut(issuer) {
+                if state.fetching.is_some_and(|(_, until)| until <= now_ms) {
+                    state.fetching = None;
+                }
+            }
+            let fetch = self.start_fetch(ctx, issuer, &name, &remote, now_ms, false, host);
+            // Waiters go on when keys came, when their wait is over, or when no fetch is out
+            // any more (it failed somewhere).
+            self.wake_key_waiters(ctx, issuer, now_ms, changed || fetch == Fetch::No, host);
+        }
+    }
+}
