@@ -6,8 +6,12 @@
 //! a fetched JWKS, once per fetch: see [`remote`]). Verified tokens are remembered in a per-VM
 //! [`TokenCache`], runtime state kept apart from the settings.
 
+#[cfg(test)]
+mod issuer_tests;
 pub mod keys;
 pub mod remote;
+#[cfg(test)]
+pub(crate) mod testkeys;
 
 use std::collections::HashMap;
 use std::fmt;

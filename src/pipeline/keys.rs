@@ -31,7 +31,7 @@ pub struct JwksState {
     /// This VM's fetch: its context and when to give up on its answer.
     fetching: Option<(u32, u64)>,
     /// Requests waiting for keys.
-    waiters: Vec<u32>,
+    pub(super) waiters: Vec<u32>,
 }
 
 /// Whether a fetch is out after an attempt to start one.

@@ -747,3 +747,6 @@ fn webdis_calls_carry_the_configured_credentials() {
     t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
     assert_eq!(t.host.dispatched[0].authorization, None, "none configured");
 }
+
+#[path = "keys_tests.rs"]
+mod keys_tests;

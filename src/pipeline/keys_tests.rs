@@ -1,0 +1,215 @@
+//! Fetched signing keys through the in-memory host: the first fetch, requests held for it,
+//! rotation, the refetch rate limit, stale-while-error, and sharing between VMs.
+
+use serde_json::json;
+
+use super::*;
+use crate::jwt::testkeys::{jwk, jwks, sign};
+use crate::jwt::Algorithm;
+
+const IDP: &str = "http://127.0.0.1:8005";
+
+fn config() -> serde_json::Value {
+    let mut v = base();
+    v["revocation"] = serde_json::Value::Null;
+    v.as_object_mut().unwrap().remove("revocation");
+    v["jwt"]["issuers"] = json!([{
+        "name": "idp", "issuer": IDP, "algorithms": ["ES256", "EdDSA"],
+        "remote_jwks": {"uri": "http://127.0.0.1:8005/.well-known/jwks.json", "cluster": "jwks_idp",
+                        "refresh_interval": 5, "max_stale": 30, "min_refetch_interval": 1, "max_wait": 1}
+    }]);
+    v
+}
+
+fn idp_token(alg: Algorithm, kid: &str) -> String {
+    sign(
+        alg,
+        Some(kid),
+        json!({"sub": "user-9", "name": "kim", "role": "user", "iss": IDP, "iat": NOW_S, "exp": NOW_S + 1800}),
+    )
+}
+
+fn doc(kids: &[(Algorithm, &str)]) -> String {
+    jwks(&kids.iter().map(|(a, k)| jwk(*a, k, true)).collect::<Vec<_>>())
+}
+
+fn jwks_calls(t: &T) -> usize {
+    t.host
+        .dispatched
+        .iter()
+        .filter(|d| d.cluster == "jwks_idp")
+        .count()
+}
+
+#[test]
+fn the_first_request_waits_for_the_first_fetch_and_other_vms_share_it() {
+    let mut t = T::new(config());
+    let tok = idp_token(Algorithm::Es256, "ec-1");
+    assert_eq!(t.send(2, "GET", "/api/v1/plain/1", Some(&tok)), Action::Pause);
+    let call = t.host.dispatched.last().unwrap().clone();
+    assert_eq!(
+        (
+            call.cluster.as_str(),
+            call.authority.as_str(),
+            call.path.as_str(),
+            call.method.as_str()
+        ),
+        ("jwks_idp", "127.0.0.1:8005", "/.well-known/jwks.json", "GET")
+    );
+    // A second request joins the wait: no second fetch.
+    assert_eq!(t.send(3, "GET", "/api/v1/plain/1", Some(&tok)), Action::Pause);
+    assert_eq!(jwks_calls(&t), 1);
+    t.answer_last(Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
+    for ctx in [2, 3] {
+        assert_eq!((t.req(ctx).resumed, t.status(ctx)), (1, 200));
+        assert_eq!(t.req(ctx).header("x-user-id"), Some("user-9"));
+    }
+    // Another VM of the same Envoy takes the set from shared data: no fetch of its own.
+    let cfg = Config::from_json(config().to_string().as_bytes()).unwrap();
+    t.host.current = ROOT;
+    let mut other = Gateway::new(cfg, &mut t.host).unwrap();
+    other.on_tick(ROOT, &mut t.host);
+    t.host.requests.insert(
+        50,
+        crate::host::fake::FakeRequest {
+            headers: vec![
+                (":method".into(), b"GET".to_vec()),
+                (":path".into(), b"/api/v1/plain/1".to_vec()),
+                ("authorization".into(), format!("Bearer {tok}").into_bytes()),
+            ],
+            ..Default::default()
+        },
+    );
+    t.host.current = 50;
+    assert_eq!(other.on_request_headers(50, &mut t.host), Action::Continue);
+    assert_eq!(t.host.req(50).header("x-user-id"), Some("user-9"));
+    assert_eq!(jwks_calls(&t), 1);
+    // The reference's HS256 tokens never wait for anything.
+    assert_eq!(
+        t.send(4, "GET", "/api/v1/plain/1", Some(&token())),
+        Action::Continue
+    );
+}
+
+#[test]
+fn a_failed_first_fetch_is_a_503_and_retries_back_off() {
+    let mut t = T::new(config());
+    let tok = idp_token(Algorithm::Es256, "ec-1");
+    t.send(2, "GET", "/api/v1/plain/1", Some(&tok));
+    t.answer_last(Some(500), "oops");
+    assert_eq!((t.status(2), t.reason(2)), (503, "keys_unavailable"));
+    let body: serde_json::Value = serde_json::from_str(&t.req(2).reply.as_ref().unwrap().body).unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("issuer 'idp'"),
+        "{body}"
+    );
+    // At once again: no new fetch (rate limit), the same clear 503.
+    assert_eq!(t.send(3, "GET", "/api/v1/plain/1", Some(&tok)), Action::Pause);
+    assert_eq!((t.status(3), jwks_calls(&t)), (503, 1));
+    // The timer retries after the back-off; a garbage answer is a failure too, counted.
+    t.host.now_ms += 1_000;
+    t.tick();
+    assert_eq!(jwks_calls(&t), 2);
+    t.answer_last(Some(200), "{\"keys\": \"nope\"}");
+    t.host.now_ms += 1_000;
+    t.tick();
+    assert_eq!(jwks_calls(&t), 2, "second failure: wait two seconds");
+    t.host.now_ms += 1_000;
+    t.tick();
+    assert_eq!(jwks_calls(&t), 3);
+    t.answer_last(Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
+    assert_eq!(t.send(4, "GET", "/api/v1/plain/1", Some(&tok)), Action::Continue);
+    assert_eq!(t.metric("gateway_jwks_idp_fetch_errors_total"), 2);
+    assert_eq!(t.metric("gateway_jwks_idp_fetches_total"), 1);
+}
+
+#[test]
+fn a_rotated_key_is_fetched_on_first_use_and_refetches_are_rate_limited() {
+    let mut t = T::new(config());
+    t.tick();
+    t.answer_last(Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
+    // The provider rotates: a token signed with the new key arrives.
+    let new = idp_token(Algorithm::EdDsa, "ed-2");
+    t.host.now_ms += 1_000;
+    assert_eq!(t.send(2, "GET", "/api/v1/plain/1", Some(&new)), Action::Pause);
+    assert_eq!(jwks_calls(&t), 2);
+    t.answer_last(
+        Some(200),
+        &doc(&[(Algorithm::Es256, "ec-1"), (Algorithm::EdDsa, "ed-2")]),
+    );
+    assert_eq!((t.req(2).resumed, t.status(2)), (1, 200));
+    // A kid nobody publishes: one fetch per second at most, then 401.
+    let bogus = idp_token(Algorithm::EdDsa, "nope");
+    t.send(3, "GET", "/api/v1/plain/1", Some(&bogus));
+    assert_eq!(
+        (t.status(3), t.reason(3), jwks_calls(&t)),
+        (401, "unknown_kid", 2)
+    );
+    t.host.now_ms += 1_000;
+    t.send(4, "GET", "/api/v1/plain/1", Some(&bogus));
+    assert_eq!(jwks_calls(&t), 3);
+    t.answer_last(Some(200), &doc(&[(Algorithm::EdDsa, "ed-2")]));
+    assert_eq!((t.status(4), t.reason(4)), (401, "unknown_kid"));
+    // ec-1 was retired by that set: its tokens are refused now, even though one was accepted.
+    let old = idp_token(Algorithm::Es256, "ec-1");
+    t.send(5, "GET", "/api/v1/plain/1", Some(&old));
+    assert_eq!((t.status(5), t.reason(5)), (401, "unknown_kid"));
+}
+
+#[test]
+fn a_failing_provider_keeps_the_last_good_set_until_max_stale() {
+    let mut t = T::new(config());
+    t.tick();
+    t.answer_last(Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
+    let tok = idp_token(Algorithm::Es256, "ec-1");
+    for step in 1..=5 {
+        t.host.now_ms += 5_000;
+        t.tick();
+        if let Some(d) = t.host.dispatched.last() {
+            if d.cluster == "jwks_idp" && t.gw.calls.contains_key(&d.token_id) {
+                t.answer_last(None, "");
+            }
+        }
+        assert_eq!(
+            t.send(10 + step, "GET", "/api/v1/plain/1", Some(&tok)),
+            Action::Continue,
+            "after {step} x 5 s"
+        );
+    }
+    assert!(t.metric("gateway_jwks_idp_fetch_errors_total") >= 2);
+    // Past max_stale (30 s) the set is dropped: requests get a 503, not a 401.
+    t.host.now_ms += 10_000;
+    t.tick();
+    if t.gw.calls.values().any(|c| matches!(c, Call::Jwks { .. })) {
+        t.answer_last(None, "");
+    }
+    t.send(30, "GET", "/api/v1/plain/1", Some(&tok));
+    if t.req(30).reply.is_none() {
+        // It waits for a fetch that fails.
+        t.answer_last(Some(502), "");
+    }
+    assert_eq!((t.status(30), t.reason(30)), (503, "keys_unavailable"));
+}
+
+#[test]
+fn a_wait_ends_at_max_wait_and_an_oversized_answer_is_not_read() {
+    let mut t = T::new(config());
+    let tok = idp_token(Algorithm::Es256, "ec-1");
+    t.send(2, "GET", "/api/v1/plain/1", Some(&tok));
+    let fetch = t.host.dispatched.last().unwrap().token_id;
+    t.host.now_ms += 1_000;
+    t.tick();
+    assert_eq!((t.req(2).resumed, t.status(2)), (0, 503), "answered at max_wait");
+    // The answer, when it comes, is too large to read.
+    let context = t.host.dispatched.last().unwrap().context;
+    t.host.current = context;
+    t.host.answer = (Some(200), doc(&[(Algorithm::Es256, "ec-1")]).into_bytes());
+    t.gw.on_call_response(context, fetch, crate::jwt::keys::MAX_JWKS_BYTES + 1, &mut t.host);
+    assert!(t.gw.key_sets[1].is_none());
+    assert_eq!(t.metric("gateway_jwks_idp_fetch_errors_total"), 1);
+    // A request gone while it waited is forgotten.
+    t.host.now_ms += 2_000;
+    t.send(3, "GET", "/api/v1/plain/1", Some(&tok));
+    t.gw.on_done(3);
+    assert!(t.gw.jwks[1].waiters.is_empty());
+}
