@@ -7,8 +7,18 @@ it received, body_bytes = the size of the body it received).
 A `delay_ms=N` query parameter makes it wait N ms first (for timeout demos and tests).
 
 The auth service also serves POST /api/v1/auth/login like the reference gateway: admin/123456
-gets an HS256 token (sub user-001, name admin, role admin, 30-minute expiry); alice/alice123 gets
-one with role `user`. Other credentials: 401 JSON. The secret comes from JWT_SECRET.
+gets an HS256 token (sub user-001, name admin, role admin, 30-minute expiry, no `iss`);
+alice/alice123 gets one with role `user`. Other credentials: 401 JSON. The secret comes from
+JWT_SECRET.
+
+It is also a small identity provider. The same login body with "alg": "RS256", "ES256" or
+"EdDSA" returns a token signed by the provider's current key for that algorithm (header `kid`,
+claims `iss` = the issuer URL, default http://127.0.0.1:<port>). On the service port only (the
+gateway never routes these):
+    GET  /.well-known/jwks.json      the published public keys
+    POST /admin/rotate               a new current key per algorithm; the old ones stay published
+    POST /admin/rotate?retire=1      the same, then publish only the newest key per algorithm
+Keys are generated at start-up and live in memory only.
 
     services.py --echo user-service=8001 --echo order-service=8002:v1 --auth auth-service=8005
 """
@@ -26,6 +36,10 @@ import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 USERS = {
     "admin": ("123456", {"sub": "user-001", "name": "admin", "role": "admin"}),
@@ -46,7 +60,74 @@ def hs256_token(claims: dict, secret: str) -> str:
     return f"{header}.{payload}.{b64url(signature)}"
 
 
-def make_handler(service: str, version: str, is_auth: bool, secret: str):
+def int_b64(n: int, size: int = 0) -> str:
+    return b64url(n.to_bytes(size or (n.bit_length() + 7) // 8, "big"))
+
+
+class IdentityProvider:
+    """Signing keys per algorithm (newest last), rotated on request."""
+
+    ALGORITHMS = ("RS256", "ES256", "EdDSA")
+
+    def __init__(self, issuer: str):
+        self.issuer = issuer
+        self.lock = threading.Lock()
+        self.keys = {alg: [] for alg in self.ALGORITHMS}
+        self.generation = 0
+        self.rotate()
+
+    @staticmethod
+    def _new_key(alg: str):
+        if alg == "RS256":
+            return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if alg == "ES256":
+            return ec.generate_private_key(ec.SECP256R1())
+        return ed25519.Ed25519PrivateKey.generate()
+
+    def rotate(self, retire: bool = False):
+        with self.lock:
+            self.generation += 1
+            for alg, keys in self.keys.items():
+                kid = f"{alg.lower()}-{self.generation}-{uuid.uuid4().hex[:8]}"
+                keys.append((kid, self._new_key(alg)))
+                if retire:
+                    del keys[:-1]
+
+    def sign(self, alg: str, claims: dict) -> str:
+        with self.lock:
+            kid, key = self.keys[alg][-1]
+        header = b64url(json.dumps({"alg": alg, "typ": "JWT", "kid": kid}, separators=(",", ":")).encode())
+        payload = b64url(json.dumps(dict(claims, iss=self.issuer), separators=(",", ":")).encode())
+        signing_input = f"{header}.{payload}".encode()
+        if alg == "RS256":
+            signature = key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+        elif alg == "ES256":
+            r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+            signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        else:
+            signature = key.sign(signing_input)
+        return f"{header}.{payload}.{b64url(signature)}"
+
+    def jwks(self) -> dict:
+        out = []
+        with self.lock:
+            published = [(alg, kid, key) for alg, keys in self.keys.items() for kid, key in keys]
+        for alg, kid, key in published:
+            public = key.public_key()
+            if alg == "RS256":
+                n = public.public_numbers()
+                jwk = {"kty": "RSA", "n": int_b64(n.n), "e": int_b64(n.e)}
+            elif alg == "ES256":
+                n = public.public_numbers()
+                jwk = {"kty": "EC", "crv": "P-256", "x": int_b64(n.x, 32), "y": int_b64(n.y, 32)}
+            else:
+                raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+                jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}
+            out.append(dict(jwk, kid=kid, alg=alg, use="sig"))
+        return {"keys": out}
+
+
+def make_handler(service: str, version: str, is_auth: bool, secret: str, idp=None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "demo-service"
@@ -78,6 +159,13 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str):
                 time.sleep(min(int(delay), 60_000) / 1000)
             if is_auth and self.command == "POST" and url.path.rstrip("/").endswith("/auth/login"):
                 return self._login(body)
+            if idp is not None and self.command == "GET" and url.path == "/.well-known/jwks.json":
+                return self._send(200, idp.jwks())
+            if idp is not None and self.command == "POST" and url.path == "/admin/rotate":
+                retire = query.get("retire", ["0"])[0] not in ("", "0", "false")
+                idp.rotate(retire=retire)
+                return self._send(200, {"rotated": True, "retired": retire,
+                                        "kids": [k["kid"] for k in idp.jwks()["keys"]]})
             headers = {}
             for k, v in self.headers.items():
                 k = k.lower()
@@ -89,14 +177,19 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str):
             try:
                 data = json.loads(body or b"{}")
                 username, password = data.get("username"), data.get("password")
+                alg = data.get("alg", "HS256")
             except (ValueError, AttributeError):
                 return self._send(400, {"error": "Bad Request", "message": "Body must be a JSON object"})
+            if alg != "HS256" and (idp is None or alg not in idp.ALGORITHMS):
+                supported = ", ".join(("HS256",) + (idp.ALGORITHMS if idp else ()))
+                return self._send(400, {"error": "Bad Request", "message": f"alg must be one of {supported}"})
             user = USERS.get(username)
             if user is None or not hmac.compare_digest(str(password), user[0]):
                 return self._send(401, {"error": "Unauthorized", "message": "Invalid credentials"})
             now = int(time.time())
             claims = dict(user[1], iat=now, exp=now + TOKEN_MINUTES * 60, jti=str(uuid.uuid4()))
-            return self._send(200, {"access_token": hs256_token(claims, secret), "token_type": "bearer"})
+            token = hs256_token(claims, secret) if alg == "HS256" else idp.sign(alg, claims)
+            return self._send(200, {"access_token": token, "token_type": "bearer"})
 
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
@@ -116,6 +209,7 @@ def main() -> int:
     ap.add_argument("--bind", default="127.0.0.1")
     ap.add_argument("--echo", action="append", type=parse_spec, default=[], metavar="NAME=PORT[:VERSION]")
     ap.add_argument("--auth", type=parse_spec, metavar="NAME=PORT", help="the auth service (login + echo)")
+    ap.add_argument("--issuer", help="the identity provider's iss (default http://<bind>:<auth port>)")
     args = ap.parse_args()
 
     secret = os.environ.get("JWT_SECRET", "")
@@ -124,8 +218,10 @@ def main() -> int:
         return 2
     specs = [(s, False) for s in args.echo] + ([(args.auth, True)] if args.auth else [])
     servers = []
+    idp = IdentityProvider(args.issuer or f"http://{args.bind}:{args.auth[1]}") if args.auth else None
     for (name, port, version), is_auth in specs:
-        server = ThreadingHTTPServer((args.bind, port), make_handler(name, version, is_auth, secret))
+        handler = make_handler(name, version, is_auth, secret, idp if is_auth else None)
+        server = ThreadingHTTPServer((args.bind, port), handler)
         server.daemon_threads = True
         servers.append(server)
         threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -46,7 +46,7 @@ pids+=($!)
 webdis build/webdis.json &
 pids+=($!)
 
-python3 demo/services.py \
+.venv/bin/python demo/services.py \
   --echo user-service=8001 --echo order-service=8002 --echo product-service=8003 \
   --echo payment-service=8004 --echo search-service=8006 --echo comment-service=8007 \
   --echo admin-service=8008 --echo order-service=8009:v2 --auth auth-service=8005 &
@@ -89,6 +89,13 @@ Try:
   curl -s -X POST localhost:8000/api/v1/auth/refresh -H "Authorization: Bearer \$TOKEN"
   curl -s -X POST localhost:8000/api/v1/admin/users/user-002/revoke -H "Authorization: Bearer \$TOKEN"
   curl -s -X POST localhost:8000/api/v1/auth/logout -H "Authorization: Bearer \$TOKEN"   # then reuse it: 401
+
+  # An RS256 token from the demo identity provider (also "ES256", "EdDSA"), verified with its
+  # published keys (http://127.0.0.1:8005/.well-known/jwks.json, fetched every 5 s):
+  RS=\$(curl -s -X POST localhost:8000/api/v1/auth/login -H 'content-type: application/json' \\
+       -d '{"username":"alice","password":"alice123","alg":"RS256"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  curl -s localhost:8000/api/v1/users/123 -H "Authorization: Bearer \$RS"
+  curl -s -X POST localhost:8005/admin/rotate     # new keys: the next new token's kid is fetched at once
 
 Ctrl-C stops everything.
 TXT

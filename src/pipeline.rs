@@ -205,6 +205,8 @@ struct Request {
     caller: Option<Caller>,
     client_ip: Option<String>,
     stage: Stage,
+    /// When its wait for signing keys ends (set at its first wait; 0: the answer is final).
+    keys_deadline_ms: Option<u64>,
     /// The binding bucket's verdict, for the `X-RateLimit-*` response headers.
     verdict: Option<Verdict>,
     canary: Option<bool>,
@@ -421,6 +423,7 @@ impl Gateway {
             caller: None,
             client_ip: None,
             stage: Stage::Idle,
+            keys_deadline_ms: None,
             verdict: None,
             canary: None,
             decision: "allowed",

@@ -145,12 +145,15 @@ pub fn decode_set(value: &[u8]) -> Option<(u64, &[u8])> {
 }
 
 /// Who may fetch an issuer's keys, and when: `until_ms` while a fetch is out (its holder's
-/// deadline), the last attempt, and the failures since the last success.
+/// deadline), the last attempt, the failures since the last success, and the last fetch made
+/// for an unknown `kid` (those are rate-limited among themselves: a timed refresh just before a
+/// rotation must not stop the fetch that finds the new key).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Lease {
     pub until_ms: u64,
     pub last_attempt_ms: u64,
     pub failures: u32,
+    pub last_forced_ms: u64,
 }
 
 impl Lease {
@@ -158,22 +161,24 @@ impl Lease {
     pub fn decode(value: Option<&[u8]>) -> Self {
         let text = value.and_then(|v| std::str::from_utf8(v).ok()).unwrap_or("");
         let mut parts = text.split(' ').map(|p| p.parse::<u64>().ok());
-        match (
-            parts.next().flatten(),
-            parts.next().flatten(),
-            parts.next().flatten(),
-        ) {
-            (Some(until_ms), Some(last_attempt_ms), Some(failures)) => Self {
+        let mut next = || parts.next().flatten();
+        match (next(), next(), next(), next()) {
+            (Some(until_ms), Some(last_attempt_ms), Some(failures), Some(last_forced_ms)) => Self {
                 until_ms,
                 last_attempt_ms,
                 failures: u32::try_from(failures).unwrap_or(u32::MAX),
+                last_forced_ms,
             },
             _ => Self::default(),
         }
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        format!("{} {} {}", self.until_ms, self.last_attempt_ms, self.failures).into_bytes()
+        format!(
+            "{} {} {} {}",
+            self.until_ms, self.last_attempt_ms, self.failures, self.last_forced_ms
+        )
+        .into_bytes()
     }
 
     /// Delay after the last attempt before a timed fetch: none after a success, then doubling
@@ -195,10 +200,10 @@ impl Lease {
         if self.until_ms > now_ms {
             return false;
         }
-        let since = now_ms.saturating_sub(self.last_attempt_ms);
         if forced {
-            return since >= remote.refetch_ms;
+            return now_ms.saturating_sub(self.last_forced_ms) >= remote.refetch_ms;
         }
+        let since = now_ms.saturating_sub(self.last_attempt_ms);
         let due = fetched_at_ms.is_none_or(|at| now_ms >= at.saturating_add(remote.refresh_ms));
         due && since >= self.backoff_ms(remote)
     }
@@ -295,9 +300,10 @@ mod tests {
             until_ms: 5,
             last_attempt_ms: 4,
             failures: 2,
+            last_forced_ms: 3,
         };
         assert_eq!(Lease::decode(Some(&l.encode())), l);
-        assert_eq!(Lease::decode(Some(b"1 2")), Lease::default());
+        assert_eq!(Lease::decode(Some(b"1 2 3")), Lease::default());
         assert_eq!(Lease::decode(None), Lease::default());
     }
 
@@ -314,23 +320,32 @@ mod tests {
         let held = Lease {
             until_ms: 12_000,
             last_attempt_ms: 10_000,
-            failures: 0,
+            ..Lease::default()
         };
         assert!(!held.may_fetch(&r, 11_000, None, true), "someone is fetching");
         let recent = Lease {
-            until_ms: 0,
             last_attempt_ms: 10_500,
-            failures: 0,
+            last_forced_ms: 10_500,
+            ..Lease::default()
         };
         assert!(
             !recent.may_fetch(&r, 11_000, Some(10_500), true),
             "unknown kid: at most every second"
         );
         assert!(recent.may_fetch(&r, 11_500, Some(10_500), true));
+        let refreshed = Lease {
+            last_attempt_ms: 10_900,
+            last_forced_ms: 5_000,
+            ..Lease::default()
+        };
+        assert!(
+            refreshed.may_fetch(&r, 11_000, Some(10_900), true),
+            "a timed refresh just before does not hold back an unknown kid"
+        );
         let failing = Lease {
-            until_ms: 0,
             last_attempt_ms: 10_000,
             failures: 3,
+            ..Lease::default()
         };
         assert_eq!(failing.backoff_ms(&r), 4_000);
         assert!(!failing.may_fetch(&r, 13_000, None, false));

@@ -51,7 +51,8 @@ impl Gateway {
     }
 
     /// Holds a request until `issuer`'s keys are fetched, or answers it now when no fetch can
-    /// help.
+    /// help. A request waits up to `max_wait` from its first wait; within that time it may wait
+    /// again (when the fetch it joined had started before a rotation, say).
     pub(super) fn await_keys(
         &mut self,
         ctx: u32,
@@ -63,30 +64,33 @@ impl Gateway {
         let now_ms = host.now_ms();
         req.clock_ms = now_ms;
         let Some((name, remote)) = self.remote(issuer) else {
+            req.keys_deadline_ms = Some(0);
             return self.retry_authentication(ctx, req, target, host);
         };
+        let deadline_ms = *req
+            .keys_deadline_ms
+            .get_or_insert(now_ms.saturating_add(remote.max_wait_ms));
         // Another VM may have fetched a newer set already.
         if self.adopt_shared(issuer, &name, host) {
             return self.retry_authentication(ctx, req, target, host);
         }
         let waiting = self.jwks.get(issuer).map_or(0, |s| s.waiters.len());
-        if remote.max_wait_ms == 0 || waiting >= MAX_WAITERS {
-            return self.retry_authentication(ctx, req, target, host);
-        }
-        if self.start_fetch(ctx, issuer, &name, &remote, now_ms, true, host) == Fetch::No {
+        if now_ms >= deadline_ms
+            || waiting >= MAX_WAITERS
+            || self.start_fetch(ctx, issuer, &name, &remote, now_ms, true, host) == Fetch::No
+        {
+            req.keys_deadline_ms = Some(0);
             return self.retry_authentication(ctx, req, target, host);
         }
         if let Some(state) = self.jwks.get_mut(issuer) {
             state.waiters.push(ctx);
         }
-        req.stage = Stage::Keys {
-            target,
-            deadline_ms: now_ms.saturating_add(remote.max_wait_ms),
-        };
+        req.stage = Stage::Keys { target, deadline_ms };
         Flow::Paused
     }
 
-    /// Authenticates again with the keys the VM holds now, without waiting.
+    /// Authenticates again with the keys the VM holds now; it may wait again only before its
+    /// deadline.
     fn retry_authentication(
         &mut self,
         ctx: u32,
@@ -96,7 +100,8 @@ impl Gateway {
     ) -> Flow {
         let config = Rc::clone(&self.config);
         let now = unix_seconds(req.clock_ms);
-        self.authenticate(ctx, req, &config, target, now, false, host)
+        let may_wait = req.keys_deadline_ms.is_some_and(|d| req.clock_ms < d);
+        self.authenticate(ctx, req, &config, target, now, may_wait, host)
     }
 
     /// Parses the shared copy of `issuer`'s set when it changed; true when the VM's set changed.
@@ -158,6 +163,7 @@ impl Gateway {
                 .saturating_add(LEASE_SLACK_MS),
             last_attempt_ms: now_ms,
             failures: lease.failures,
+            last_forced_ms: if forced { now_ms } else { lease.last_forced_ms },
         };
         if host
             .set(&key, &taken.encode(), Some(current.map_or(0, |(_, cas)| cas)))
@@ -202,8 +208,8 @@ impl Gateway {
     fn fetch_failed(&mut self, issuer: usize, name: &str, lease: Lease, why: &str, host: &mut dyn Host) {
         let released = Lease {
             until_ms: 0,
-            last_attempt_ms: lease.last_attempt_ms,
             failures: lease.failures.saturating_add(1),
+            ..lease
         };
         let _ = host.set(&remote::lease_key(name), &released.encode(), None);
         self.inc_named(
@@ -253,12 +259,20 @@ impl Gateway {
                 let _ = host.set(&remote::set_key(&name), &remote::encode_set(now_ms, body), None);
                 let done = Lease {
                     until_ms: 0,
-                    last_attempt_ms: lease.last_attempt_ms,
                     failures: 0,
+                    ..lease
                 };
                 let _ = host.set(&key, &done.encode(), None);
+                // Logged when the published kids change (a rotation), not on every refresh.
+                let kids = |s: &KeySet| s.keys.iter().map(|k| k.kid.clone()).collect::<Vec<_>>();
+                let changed = self
+                    .key_sets
+                    .get(issuer)
+                    .and_then(Option::as_ref)
+                    .is_none_or(|old| kids(old) != kids(&set));
+                let level = if changed { LogLevel::Info } else { LogLevel::Debug };
                 host.log(
-                    LogLevel::Info,
+                    level,
                     &format!(
                         "jwks for issuer {name}: {} keys ({} skipped)",
                         set.keys.len(),

@@ -213,3 +213,27 @@ fn a_wait_ends_at_max_wait_and_an_oversized_answer_is_not_read() {
     t.gw.on_done(3);
     assert!(t.gw.jwks[1].waiters.is_empty());
 }
+
+#[test]
+fn a_request_that_joined_a_fetch_from_before_a_rotation_fetches_again() {
+    let mut t = T::new(config());
+    t.tick();
+    t.answer_last(Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
+    // The timed refresh goes out; the provider rotates; a token with the new kid arrives.
+    t.host.now_ms += 5_000;
+    t.tick();
+    assert_eq!(jwks_calls(&t), 2);
+    let refresh = t.host.dispatched.last().unwrap().token_id;
+    let new = idp_token(Algorithm::EdDsa, "ed-2");
+    assert_eq!(t.send(2, "GET", "/api/v1/plain/1", Some(&new)), Action::Pause);
+    assert_eq!(jwks_calls(&t), 2, "it joins the fetch in flight");
+    // That fetch brings the set from before the rotation: the request fetches again at once.
+    t.answer(refresh, Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
+    assert_eq!(t.req(2).reply, None);
+    assert_eq!(jwks_calls(&t), 3);
+    t.answer_last(
+        Some(200),
+        &doc(&[(Algorithm::Es256, "ec-1"), (Algorithm::EdDsa, "ed-2")]),
+    );
+    assert_eq!((t.req(2).resumed, t.status(2)), (1, 200));
+}

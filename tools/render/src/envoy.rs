@@ -2,6 +2,10 @@
 //! (its JSON configuration embedded) and the router; one route per prefix; one cluster per route.
 
 use gateway_filter::canary::ROUTE_HEADER;
+/// Where Debian-based images (Envoy's included) keep the system's CA certificates: an
+/// identity provider's key set over https is verified against them.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 use serde_json::{json, Value};
 
 use crate::gateway::{
@@ -137,13 +141,20 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     });
     // Secrets named by `*_env` reach the filter from Envoy's own environment: only the
     // variable's name is in the configuration (and in /config_dump).
-    let env_keys: Vec<&str> = [
+    let mut env_keys: Vec<&str> = [
         file.filter.jwt.as_ref().and_then(|j| j.secret_env.as_deref()),
         file.filter.webdis_auth_env.as_deref(),
     ]
     .into_iter()
     .flatten()
     .collect();
+    for issuer in file.filter.jwt.iter().flat_map(|j| j.issuers.iter()) {
+        if let Some(var) = issuer.secret_env.as_deref() {
+            if !env_keys.contains(&var) {
+                env_keys.push(var);
+            }
+        }
+    }
     if !env_keys.is_empty() {
         vm_config["environment_variables"] = json!({"host_env_keys": env_keys});
     }
@@ -275,6 +286,35 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_connections": 1024,
                 "max_pending_requests": 1024, "max_requests": 1024, "max_retries": 0}]},
         }));
+    }
+
+    for jwks in &file.jwks_clusters {
+        let ep = &jwks.endpoint;
+        let mut cluster = json!({
+            "name": jwks.name,
+            "type": if ep.is_ip() { "STATIC" } else { "STRICT_DNS" },
+            "dns_lookup_family": "V4_PREFERRED",
+            "connect_timeout": seconds(g.connect_timeout),
+            "load_assignment": {"cluster_name": jwks.name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": socket(&ep.host, ep.port)}}
+            ]}]},
+            "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_connections": 4,
+                "max_pending_requests": 16, "max_requests": 16, "max_retries": 0}]},
+        });
+        if jwks.tls {
+            cluster["transport_socket"] = json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "sni": ep.host,
+                    "common_tls_context": {"validation_context": {
+                        "trusted_ca": {"filename": SYSTEM_CA_BUNDLE},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": ep.host}}],
+                    }},
+                },
+            });
+        }
+        clusters.push(cluster);
     }
 
     for cluster in &mut clusters {
@@ -539,5 +579,74 @@ routes:
                 ["path"],
             "/run/gw/admin.sock"
         );
+    }
+
+    #[test]
+    fn identity_providers_get_clusters_and_secrets_stay_in_the_environment() {
+        let yaml = r#"
+gateway: {port: 8000, prefix: /api/v1}
+jwt:
+  secret_env: JWT_SECRET
+  issuers:
+    - name: demo-idp
+      issuer: http://127.0.0.1:8005
+      algorithms: [RS256, ES256, EdDSA]
+      remote_jwks: {uri: "http://127.0.0.1:8005/.well-known/jwks.json", refresh_interval: 5}
+    - name: corp
+      issuer: https://login.example.com/realms/corp
+      algorithms: [RS256]
+      remote_jwks: {uri: "https://login.example.com/realms/corp/protocol/openid-connect/certs"}
+    - name: partner
+      issuer: partner
+      algorithms: [HS512]
+      secret_env: PARTNER_SECRET
+    - name: mesh
+      issuer: mesh
+      algorithms: [ES256]
+      remote_jwks: {uri: "http://jwks.mesh:80/keys", cluster: "outbound.80._.jwks.mesh"}
+routes:
+  - {name: users, prefix: /users, upstream: "http://127.0.0.1:8001"}
+"#;
+        let v = render(yaml);
+        let clusters = v["static_resources"]["clusters"].as_array().unwrap();
+        let find = |name: &str| clusters.iter().find(|c| c["name"] == name).cloned();
+        let demo = find("jwks_demo-idp").unwrap();
+        assert_eq!(demo["type"], "STATIC");
+        assert_eq!(
+            demo["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"]["port_value"],
+            8005
+        );
+        assert!(demo.get("transport_socket").is_none());
+        let corp = find("jwks_corp").unwrap();
+        assert_eq!(corp["type"], "STRICT_DNS");
+        assert_eq!(
+            corp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"]["port_value"],
+            443
+        );
+        assert_eq!(
+            corp["transport_socket"]["typed_config"]["sni"],
+            "login.example.com"
+        );
+        assert!(find("jwks_mesh").is_none(), "a named cluster is the operator's");
+        let wasm = &hcm(&v)["http_filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "envoy.filters.http.wasm")
+            .unwrap()["typed_config"]["config"];
+        assert_eq!(
+            wasm["vm_config"]["environment_variables"]["host_env_keys"],
+            json!(["JWT_SECRET", "PARTNER_SECRET"])
+        );
+        let filter: Value = serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
+        let issuers = &filter["jwt"]["issuers"];
+        assert_eq!(issuers[0]["remote_jwks"]["cluster"], "jwks_demo-idp");
+        assert_eq!(issuers[3]["remote_jwks"]["cluster"], "outbound.80._.jwks.mesh");
+        // A route cannot take a key-set cluster's name.
+        let clash = yaml.replace("name: users", "name: jwks_corp");
+        let err = GatewayFile::parse(&clash).unwrap_err();
+        assert!(err.message.contains("clashes"), "{err:?}");
     }
 }

@@ -197,6 +197,18 @@ pub struct EnvoyRoute {
     pub endpoints: RouteEndpoints,
 }
 
+/// An Envoy cluster the renderer defines for an issuer's `remote_jwks.uri`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksCluster {
+    pub name: String,
+    pub endpoint: Endpoint,
+    /// `https://`: TLS to the provider, verified against the system's CA bundle, with SNI.
+    pub tls: bool,
+}
+
+/// Prefix of the clusters made for `remote_jwks.uri`s.
+pub const JWKS_CLUSTER_PREFIX: &str = "jwks_";
+
 /// The whole gateway file, split and validated.
 #[derive(Debug)]
 pub struct GatewayFile {
@@ -204,6 +216,8 @@ pub struct GatewayFile {
     /// In file order.
     pub routes: Vec<EnvoyRoute>,
     pub webdis: Option<Endpoint>,
+    /// Clusters for identity providers' key sets.
+    pub jwks_clusters: Vec<JwksCluster>,
     /// The filter's configuration (secret resolved), as it is sent to Envoy.
     pub filter: FilterConfig,
     /// The same, compiled by the filter's own code (route order, limits).
@@ -291,6 +305,7 @@ impl GatewayFile {
         if webdis.is_some() {
             root.insert("webdis_cluster".into(), Value::String(WEBDIS_CLUSTER.into()));
         }
+        let jwks_clusters = jwks_clusters(&mut root)?;
         let filter: FilterConfig = typed("", Value::Object(root)).map_err(|e| {
             // `gateway` and `routes[i]` are shared with Envoy: the filter's list of expected
             // fields would mislead there.
@@ -315,14 +330,75 @@ impl GatewayFile {
             }
         })?;
         let routes = validate_envoy_side(&envoy_gateway, &filter, upstreams, webdis.is_some())?;
+        if let Some(r) = filter
+            .routes
+            .iter()
+            .find(|r| jwks_clusters.iter().any(|c| c.name == r.name))
+        {
+            return Err(ConfigError::new(
+                "routes",
+                format!(
+                    "a route named {:?} clashes with an identity provider's key-set cluster",
+                    r.name
+                ),
+            ));
+        }
         Ok(GatewayFile {
             gateway: envoy_gateway,
             routes,
             webdis,
+            jwks_clusters,
             filter,
             config,
         })
     }
+}
+
+/// Defines a cluster for every `jwt.issuers[i].remote_jwks` that names no `cluster` of its own,
+/// and writes its name into the filter's configuration.
+fn jwks_clusters(root: &mut Map<String, Value>) -> Result<Vec<JwksCluster>, ConfigError> {
+    let mut out = Vec::new();
+    let Some(Value::Array(issuers)) = root.get_mut("jwt").and_then(|j| j.get_mut("issuers")) else {
+        return Ok(out);
+    };
+    for (i, issuer) in issuers.iter_mut().enumerate() {
+        let name = issuer
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let Some(Value::Object(remote)) = issuer.get_mut("remote_jwks") else {
+            continue;
+        };
+        if remote.get("cluster").is_some_and(|c| !c.is_null()) {
+            continue;
+        }
+        let field = format!("jwt.issuers[{i}].remote_jwks.uri");
+        let uri = remote
+            .get("uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ConfigError::new(&field, "must be an http(s)://host[:port]/path URL"))?;
+        let (authority, _) = gateway_filter::jwt::remote::split_uri(uri).ok_or_else(|| {
+            ConfigError::new(
+                &field,
+                format!("{uri:?} is not an http(s)://host[:port]/path URL"),
+            )
+        })?;
+        let tls = uri.starts_with("https://");
+        let mut endpoint = parse_upstream(&field, &format!("http://{authority}"))?;
+        if tls && !authority.contains(':') {
+            endpoint.port = 443;
+        }
+        let cluster = format!("{JWKS_CLUSTER_PREFIX}{name}");
+        check_name(&format!("jwt.issuers[{i}].name"), &name)?;
+        remote.insert("cluster".into(), Value::String(cluster.clone()));
+        out.push(JwksCluster {
+            name: cluster,
+            endpoint,
+            tls,
+        });
+    }
+    Ok(out)
 }
 
 /// Checks everything the filter does not see (upstreams, timeouts, listener, Envoy settings).

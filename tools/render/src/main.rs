@@ -84,6 +84,16 @@ fn run(args: &Args) -> Result<(), (u8, String)> {
     let text = std::fs::read_to_string(&args.config)
         .map_err(|e| (2, format!("cannot read {}: {e}", args.config)))?;
     let file = load(&args.config, &text).map_err(|e| (1, e))?;
+    let inline_issuers = file
+        .filter
+        .jwt
+        .iter()
+        .flat_map(|j| j.issuers.iter())
+        .filter(|i| i.secret.is_some())
+        .count();
+    if inline_issuers > 0 {
+        eprintln!("warning: jwt.issuers[].secret is written into Envoy's configuration (and /config_dump); use secret_env");
+    }
     if let Some(secret) = file.filter.jwt.as_ref().and_then(|j| j.secret.as_ref()) {
         eprintln!(
             "warning: jwt.secret is written into Envoy's configuration (and /config_dump); use secret_env"
