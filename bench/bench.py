@@ -10,6 +10,11 @@ Systems (each an Envoy with --concurrency 1 in front of one nginx returning a sm
            three buckets (never reached), canary decision, trace ids, the JSON log line
   C-jwt    this filter, JWT and trace ids only
   C-nocache  full policy with the revocation cache off (a webdis call per request)
+  K-*      JWT only, tokens of an identity provider (local JWKS): RS256, ES256 and EdDSA with
+           one token (verified once, then from the token cache), and RS256 with 10 000
+           distinct tokens in turn (almost every request a cache miss), its signature checked by
+           Envoy's verify_signature (K-rs256-distinct) or by the module's own code in V8
+           (K-rs256-distinct-wasm)
 
 Rounds are interleaved (A B C ... A B C ...); wrk keeps connections alive at fixed concurrency
 and every request carries a valid token. Per system: Envoy CPU microseconds per request
@@ -142,6 +147,42 @@ def native_filters():
     ]
 
 
+VECTORS = json.loads((ROOT / "bench" / "verify_vectors.json").read_text())
+
+
+class DistinctSigner:
+    """A fresh RSA key (made for this run, never stored) that signs distinct RS256 tokens."""
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric import rsa  # in the repository's .venv
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        n = self.key.public_key().public_numbers()
+        as_b64 = lambda i: b64url(i.to_bytes((i.bit_length() + 7) // 8, "big"))  # noqa: E731
+        self.jwk = {"kty": "RSA", "kid": "bench-distinct", "alg": "RS256", "n": as_b64(n.n), "e": as_b64(n.e)}
+
+    def write_tokens(self, n, path):
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+        now = int(time.time())
+        head = b64url(json.dumps({"alg": "RS256", "kid": "bench-distinct"}).encode())
+        with open(path, "w") as out:
+            for i in range(n):
+                body = b64url(json.dumps({"sub": f"u{i % 100}", "role": "user", "iss": "https://bench.example",
+                                          "iat": now, "exp": now + 86400, "jti": str(i)}).encode())
+                sig = self.key.sign(f"{head}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())
+                out.write(f"{head}.{body}.{b64url(sig)}\n")
+
+
+def keys_file(upstream, extra_jwk, host_verification=True):
+    """JWT only, with an identity provider whose keys are the bench vectors' (and one more)."""
+    f = gateway_file(upstream, None, full=False)
+    f["jwt"]["host_verification"] = host_verification
+    jwks = {"keys": VECTORS["jwks"]["keys"] + [extra_jwk]}
+    f["jwt"]["issuers"] = [{"name": "bench-idp", "issuer": "https://bench.example",
+                            "algorithms": ["RS256", "ES256", "EdDSA"], "local_jwks": jwks}]
+    return f
+
+
 def gateway_file(upstream, webdis, full=True, cache_ttl=1.0):
     up = f"http://127.0.0.1:{upstream}"
     route = {"name": "bench", "prefix": "/bench", "upstream": up, "methods": ["GET"], "auth_required": True}
@@ -188,8 +229,10 @@ class System:
         return self.proc.p.pid
 
 
-def wrk(port, path, token, seconds, connections):
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", f"Authorization: Bearer {token}",
+def wrk(port, path, token, seconds, connections, script=None):
+    """`token`: one token for every request; `script`: a wrk Lua script that sets its own."""
+    auth = ["-s", str(script)] if script else ["-H", f"Authorization: Bearer {token}"]
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *auth,
             f"http://127.0.0.1:{port}{path}"]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -252,6 +295,14 @@ http {{ access_log off; keepalive_requests 1000000;
             port, admin = free_port(), free_port()
             gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin})
             specs.append((name, render_to_json(gw, tmp, name)))
+        signer = DistinctSigner()
+        jwk = signer.jwk
+        for name, gw in [("K-rs256", keys_file(nginx_port, jwk)), ("K-es256", keys_file(nginx_port, jwk)),
+                         ("K-eddsa", keys_file(nginx_port, jwk)), ("K-rs256-distinct", keys_file(nginx_port, jwk)),
+                         ("K-rs256-distinct-wasm", keys_file(nginx_port, jwk, host_verification=False))]:
+            port, admin = free_port(), free_port()
+            gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin})
+            specs.append((name, render_to_json(gw, tmp, name)))
         if args.compare_wasm:
             for name, gw in [("C-alt", gateway_file(nginx_port, webdis_port)),
                              ("C-jwt-alt", gateway_file(nginx_port, webdis_port, full=False))]:
@@ -266,14 +317,32 @@ http {{ access_log off; keepalive_requests 1000000;
         now = int(time.time())
         token = hs256({"sub": "bench-user", "name": "bench", "role": "user", "iat": now, "exp": now + 86400})
         path = "/api/v1/bench/item?q=1"
+        tokens = {"K-rs256": VECTORS["tokens"]["RS256"], "K-es256": VECTORS["tokens"]["ES256"],
+                  "K-eddsa": VECTORS["tokens"]["EdDSA"]}
+        scripts = {}
+        if any(s.name.startswith("K-rs256-distinct") for s in systems):
+            signer.write_tokens(10_000, tmp / "tokens.txt")
+            (tmp / "distinct.lua").write_text(f"""
+local tokens = {{}}
+for line in io.lines("{tmp}/tokens.txt") do tokens[#tokens + 1] = line end
+local i = math.random(#tokens)
+request = function()
+  i = i % #tokens + 1
+  return wrk.format("GET", "{path}", {{["Authorization"] = "Bearer " .. tokens[i]}})
+end
+""")
+            scripts = {"K-rs256-distinct": tmp / "distinct.lua", "K-rs256-distinct-wasm": tmp / "distinct.lua"}
+
+        def run(s, seconds):
+            return wrk(s.port, path, tokens.get(s.name, token), seconds, args.connections, scripts.get(s.name))
         for s in systems:  # warm-up, and a check that every system answers 200
-            r = wrk(s.port, path, token, 1, args.connections)
+            r = run(s, 1)
             if r["errors"] or r["total"] == 0:
                 sys.exit(f"bench: {s.name} answered errors during warm-up; see {tmp}/{s.name}.log")
         for rnd in range(args.rounds):
             for s in systems:
                 before = cpu_ticks(s.pid)
-                r = wrk(s.port, path, token, args.seconds, args.connections)
+                r = run(s, args.seconds)
                 ticks = cpu_ticks(s.pid) - before
                 r["cpu_us"] = ticks / CLK_TCK * 1e6 / max(r["total"], 1)
                 s.runs.append(r)
@@ -317,7 +386,8 @@ def report(rows, args):
     wasm = WASM.stat().st_size
     lines = [
         f"Envoy 1.40 `--concurrency 1`, nginx upstream, wrk `-t1 -c{args.connections}` keep-alive, "
-        f"{args.rounds} interleaved rounds of {args.seconds} s, medians; every request carries a valid HS256 token. "
+        f"{args.rounds} interleaved rounds of {args.seconds} s, medians; every request carries a valid token "
+        f"(HS256 for A to C, the identity provider's for K-*). "
         f"`.wasm` {wasm:,} bytes.",
         "",
         "| system | CPU µs/req | ×A | ×B | req/s | ×A | p50 µs | p99 µs | peak RSS MB | errors |",

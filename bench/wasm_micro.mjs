@@ -12,7 +12,7 @@ for (const imp of WebAssembly.Module.imports(module)) {
   if (imp.kind === "function") imports[imp.module][imp.name] = () => 0;
 }
 const instance = new WebAssembly.Instance(module, imports);
-const { gw_bench_decide, _initialize } = instance.exports;
+const { gw_bench_decide, gw_bench_verify, _initialize } = instance.exports;
 if (_initialize) _initialize();
 if (!gw_bench_decide) throw new Error("build with --features bench-exports");
 
@@ -22,4 +22,16 @@ for (const n of [100000, 100000]) {
   const sum = gw_bench_decide(n);
   const us = Number(process.hrtime.bigint() - t) / 1000 / n;
   console.log(`decide in V8: ${us.toFixed(2)} us per call (checksum ${sum})`);
+}
+
+// One uncached verification per algorithm (parse, signature, claims), as a cache miss pays it.
+const algs = ["HS256", "RS256", "PS256", "ES256", "ES384", "EdDSA"];
+for (const [i, alg] of algs.entries()) {
+  gw_bench_verify(i, 20); // warm up
+  const n = alg.startsWith("HS") ? 20000 : 400;
+  const t = process.hrtime.bigint();
+  const ok = gw_bench_verify(i, n);
+  const us = Number(process.hrtime.bigint() - t) / 1000 / n;
+  if (ok !== n) throw new Error(`${alg}: ${ok} of ${n} verified`);
+  console.log(`verify ${alg} in V8: ${us.toFixed(1)} us per token (uncached)`);
 }

@@ -73,6 +73,10 @@ pub trait Host: SharedStore {
     /// The proxy's current level for this module's logs.
     fn log_level(&mut self) -> LogLevel;
     fn log(&mut self, level: LogLevel, message: &str);
+    /// The host's own signature check (Envoy's `verify_signature`): `(hash, spki_der,
+    /// signature, message)` → `Some(valid)`, or `None` where the host has none.
+    fn verify_signature(&mut self, hash: &str, spki: &[u8], signature: &[u8], message: &[u8])
+        -> Option<bool>;
 }
 
 #[cfg(test)]
@@ -141,6 +145,9 @@ pub mod fake {
         calls: Cell<u32>,
         /// Contexts that are gone (`switch_to` fails).
         pub gone: Vec<u32>,
+        /// The host's signature check (none by default, as on hosts without one).
+        pub native: Option<crate::jwt::native::HostCheckFn>,
+        pub native_calls: u32,
     }
 
     impl FakeHost {
@@ -310,6 +317,17 @@ pub mod fake {
         fn log(&mut self, level: LogLevel, message: &str) {
             self.tick();
             self.logs.push((level, message.to_string()));
+        }
+        fn verify_signature(
+            &mut self,
+            hash: &str,
+            spki: &[u8],
+            signature: &[u8],
+            message: &[u8],
+        ) -> Option<bool> {
+            self.tick();
+            self.native_calls += 1;
+            self.native.and_then(|f| f(hash, spki, signature, message))
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::canary::{self, Sticky};
 use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
 use crate::host::{Callout, Host, LogLevel, MetricKind};
-use crate::jwt::{KeySet, TokenCache};
+use crate::jwt::{KeyContext, KeySet, TokenCache};
 use crate::policy::{self, Caller, Endpoint, Refused, Target};
 use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SharedStore, SyncTarget, Update, Verdict};
 use crate::reply::Reply;
@@ -289,6 +289,8 @@ pub struct Gateway {
     /// Fetched key sets by issuer index (what the verifier reads), and their fetch state.
     key_sets: Vec<Option<Rc<KeySet>>>,
     jwks: Vec<keys::JwksState>,
+    /// Whether the host checks RSA/ECDSA signatures (probed once).
+    host_verifies: bool,
 }
 
 fn unix_seconds(ms: u64) -> i64 {
@@ -328,10 +330,24 @@ impl Gateway {
             last_sync_ms: 0,
             key_sets: Vec::new(),
             jwks: Vec::new(),
+            host_verifies: false,
         };
         let issuers = gw.config.verifier.as_ref().map_or(0, |v| v.issuers().len());
         gw.key_sets = vec![None; issuers];
         gw.jwks = (0..issuers).map(|_| keys::JwksState::default()).collect();
+        if let Some(v) = gw.config.verifier.as_ref().filter(|v| v.uses_public_keys()) {
+            gw.host_verifies = v.host_verification
+                && crate::jwt::native::probe::works(&mut |h, k, s, m| host.verify_signature(h, k, s, m));
+            let how = if gw.host_verifies {
+                "the host's verify_signature (RSA, ECDSA) and compiled-in code (PSS, EdDSA)"
+            } else {
+                "compiled-in code"
+            };
+            host.log(
+                LogLevel::Info,
+                &format!("public-key signatures are checked by {how}"),
+            );
+        }
         gw.create_rate_limit_keys(host);
         Ok(gw)
     }
@@ -509,10 +525,20 @@ impl Gateway {
                 let Some(route) = config.routes.get(i) else {
                     return self.error(req, 404, policy::MSG_ROUTE_NOT_FOUND, host);
                 };
+                let mut host_check =
+                    |h: &str, k: &[u8], s: &[u8], m: &[u8]| host.verify_signature(h, k, s, m);
+                let keys = KeyContext {
+                    remote: &self.key_sets,
+                    native: if self.host_verifies {
+                        Some(&mut host_check)
+                    } else {
+                        None
+                    },
+                };
                 let decided = policy::authenticate(
                     config,
                     &mut self.tokens,
-                    &self.key_sets,
+                    keys,
                     route,
                     &req.headers,
                     now,
@@ -529,10 +555,20 @@ impl Gateway {
                 self.check_revocation(ctx, req, Next::Route, true, host)
             }
             Target::Endpoint { ref path, .. } => {
+                let mut host_check =
+                    |h: &str, k: &[u8], s: &[u8], m: &[u8]| host.verify_signature(h, k, s, m);
+                let keys = KeyContext {
+                    remote: &self.key_sets,
+                    native: if self.host_verifies {
+                        Some(&mut host_check)
+                    } else {
+                        None
+                    },
+                };
                 let decided = policy::verified_caller(
                     config,
                     &mut self.tokens,
-                    &self.key_sets,
+                    keys,
                     &req.headers,
                     now,
                     &trace_id,

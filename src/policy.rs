@@ -6,7 +6,7 @@
 
 use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
-use crate::jwt::{Identity, RemoteSets, TokenCache, TokenError};
+use crate::jwt::{Identity, KeyContext, TokenCache, TokenError};
 use crate::reply::Reply;
 use crate::revocation::{EndpointPath, DEFAULT_TOKEN_TTL_SECONDS};
 use crate::trace::{trace_context, TraceContext, HEADER_TRACEPARENT, HEADER_TRACE_ID, RANDOM_BYTES};
@@ -208,13 +208,13 @@ impl From<Reply> for Refused {
 }
 
 /// Bearer extraction and verification (through the VM's verified-token cache, with the VM's
-/// fetched key sets). With `may_wait`, a token whose issuer's keys are missing is
+/// fetched key sets and the host's signature check). With `may_wait`, a token whose issuer's keys are missing is
 /// [`Refused::AwaitKeys`]; without, it is refused: 401 for an unknown `kid`, 503 when the
 /// issuer has no keys at all (the gateway cannot tell, not the token is bad).
 pub fn verified_caller(
     cfg: &Config,
     cache: &mut TokenCache,
-    remote: &RemoteSets,
+    keys: KeyContext<'_>,
     request: &[HeaderPair],
     now: i64,
     trace_id: &str,
@@ -237,7 +237,7 @@ pub fn verified_caller(
         )
     })?;
     let identity = cache
-        .verify_with(verifier, remote, token, now)
+        .verify_with(verifier, keys, token, now)
         .map_err(|e| match e {
             TokenError::UnknownKey(i) | TokenError::KeysUnavailable(i) if may_wait => Refused::AwaitKeys(i),
             TokenError::KeysUnavailable(i) => {
@@ -276,7 +276,7 @@ fn role_error(role: &str, what: &str, trace_id: &str) -> Reply {
 pub fn authenticate(
     cfg: &Config,
     cache: &mut TokenCache,
-    remote: &RemoteSets,
+    keys: KeyContext<'_>,
     route: &Route,
     request: &[HeaderPair],
     now: i64,
@@ -286,7 +286,7 @@ pub fn authenticate(
     if !route.auth_required {
         return Ok(None);
     }
-    let caller = verified_caller(cfg, cache, remote, request, now, trace_id, may_wait)?;
+    let caller = verified_caller(cfg, cache, keys, request, now, trace_id, may_wait)?;
     if !route.roles.is_empty() && !route.roles.contains(&caller.identity.role) {
         return Err(Refused::Reply(role_error(
             &caller.identity.role,
@@ -524,7 +524,17 @@ mod tests {
         now: i64,
         trace: &str,
     ) -> Result<Option<Caller>, Reply> {
-        authenticate(c, &mut TokenCache::default(), &[], route, h, now, trace, false).map_err(|r| match r {
+        authenticate(
+            c,
+            &mut TokenCache::default(),
+            KeyContext::remote(&[]),
+            route,
+            h,
+            now,
+            trace,
+            false,
+        )
+        .map_err(|r| match r {
             Refused::Reply(r) => r,
             Refused::AwaitKeys(i) => panic!("waits for keys of issuer {i}"),
         })

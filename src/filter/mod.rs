@@ -117,6 +117,22 @@ impl Host for WasmHost {
         let _ = hostcalls::call_foreign_function("clear_route_cache", None);
     }
 
+    fn verify_signature(
+        &mut self,
+        hash: &str,
+        spki: &[u8],
+        signature: &[u8],
+        message: &[u8],
+    ) -> Option<bool> {
+        use crate::jwt::native;
+        let args = native::encode_arguments(hash, spki, signature, message);
+        match hostcalls::call_foreign_function(native::FUNCTION, Some(&args)) {
+            Ok(Some(reply)) => native::decode_result(&reply),
+            Ok(None) => Some(false),
+            Err(_) => None,
+        }
+    }
+
     fn send_reply(&mut self, reply: &Reply) {
         let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         if let Err(status) =

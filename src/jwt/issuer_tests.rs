@@ -388,18 +388,18 @@ fn cached_tokens_of_a_fetched_key_go_when_the_key_goes() {
     let t = sign(Algorithm::Es256, Some("ec-1"), claims(json!({})));
     let mut cache = TokenCache::default();
     assert_eq!(
-        cache.verify_with(&v, &[None], &t, NOW),
+        cache.verify_with(&v, KeyContext::remote(&[None]), &t, NOW),
         Err(TokenError::KeysUnavailable(0))
     );
     let with_key = KeySet::parse(jwks(&[jwk(Algorithm::Es256, "ec-1", true)]).as_bytes()).unwrap();
     let sets = [Some(std::rc::Rc::new(with_key))];
-    assert!(cache.verify_with(&v, &sets, &t, NOW).is_ok());
+    assert!(cache.verify_with(&v, KeyContext::remote(&sets), &t, NOW).is_ok());
     assert_eq!(cache.len(), 1);
     // The key is retired: the cached token is not served from the cache any more.
     let rotated = KeySet::parse(jwks(&[jwk(Algorithm::EdDsa, "ed-2", true)]).as_bytes()).unwrap();
     let sets = [Some(std::rc::Rc::new(rotated))];
     assert_eq!(
-        cache.verify_with(&v, &sets, &t, NOW),
+        cache.verify_with(&v, KeyContext::remote(&sets), &t, NOW),
         Err(TokenError::UnknownKey(0))
     );
     assert!(cache.is_empty());
@@ -407,9 +407,74 @@ fn cached_tokens_of_a_fetched_key_go_when_the_key_goes() {
     let again = [Some(std::rc::Rc::new(
         KeySet::parse(jwks(&[jwk(Algorithm::Es256, "ec-1", true)]).as_bytes()).unwrap(),
     ))];
-    assert!(cache.verify_with(&v, &again, &t, NOW).is_ok());
+    assert!(cache.verify_with(&v, KeyContext::remote(&again), &t, NOW).is_ok());
     assert_eq!(
-        cache.verify_with(&v, &[None], &t, NOW),
+        cache.verify_with(&v, KeyContext::remote(&[None]), &t, NOW),
         Err(TokenError::KeysUnavailable(0))
     );
+}
+
+#[test]
+fn the_hosts_check_is_authoritative_where_it_applies() {
+    let v = verifier(&ALL_PUBLIC);
+    // A host that refuses everything: RS256 and ES256 tokens are refused, proving it was asked
+    // (with the SPKI, the hash and, for ECDSA, a DER signature); PS256 and EdDSA never reach it.
+    let mut asked = Vec::new();
+    let mut no = |hash: &str, spki: &[u8], sig: &[u8], _: &[u8]| {
+        asked.push((hash.to_string(), spki.first().copied(), sig.first().copied()));
+        Some(false)
+    };
+    for (alg, kid, refused) in [
+        (Algorithm::Rs256, "rsa-1", true),
+        (Algorithm::Rs512, "rsa-1", true),
+        (Algorithm::Es256, "ec-1", true),
+        (Algorithm::Es384, "ec384-1", true),
+        (Algorithm::Ps256, "rsa-1", false),
+        (Algorithm::EdDsa, "ed-1", false),
+    ] {
+        let t = sign(alg, Some(kid), claims(json!({})));
+        let got = v.verify_uncached(
+            &t,
+            KeyContext {
+                remote: &[],
+                native: Some(&mut no),
+            },
+            NOW,
+        );
+        assert_eq!(got.is_err(), refused, "{alg:?}");
+    }
+    assert_eq!(
+        asked.iter().map(|(h, _, _)| h.as_str()).collect::<Vec<_>>(),
+        ["sha256", "sha512", "sha256", "sha384"]
+    );
+    assert!(
+        asked.iter().all(|(_, spki, _)| *spki == Some(0x30)),
+        "DER SubjectPublicKeyInfo"
+    );
+    assert_eq!(asked[2].2, Some(0x30), "ECDSA signatures go to the host as DER");
+    // A host without the function (None): the compiled-in code decides.
+    let t = sign(Algorithm::Es256, Some("ec-1"), claims(json!({})));
+    assert!(v
+        .verify_uncached(
+            &t,
+            KeyContext {
+                remote: &[],
+                native: Some(&mut |_, _, _, _| None)
+            },
+            NOW
+        )
+        .is_ok());
+    // Turned off by configuration: never asked.
+    let mut off = verifier(&ALL_PUBLIC);
+    off.host_verification = false;
+    assert!(off
+        .verify_uncached(
+            &t,
+            KeyContext {
+                remote: &[],
+                native: Some(&mut |_, _, _, _| Some(false))
+            },
+            NOW
+        )
+        .is_ok());
 }

@@ -167,6 +167,8 @@ pub struct Key {
     /// The JWK's `alg`, when it declared one: then only that algorithm may use the key.
     pub alg: Option<Algorithm>,
     pub material: Material,
+    /// The key as DER SubjectPublicKeyInfo, for the host's own check (RSA and ECDSA keys).
+    pub spki: Option<Vec<u8>>,
 }
 
 impl Key {
@@ -346,29 +348,35 @@ impl RawJwk {
             Some(name) => Some(Algorithm::from_name(name)?),
             None => None,
         };
-        let material = match (self.kty.as_str(), self.crv.as_deref()) {
+        let (material, spki) = match (self.kty.as_str(), self.crv.as_deref()) {
             ("RSA", _) => {
                 let modulus = b64(&self.n)?;
                 let exponent = b64(&self.e)?;
                 if rsa_bits(&modulus) < MIN_RSA_BITS {
                     return None;
                 }
+                let spki = super::native::spki_rsa(&modulus, &exponent);
                 let jwk = JsonWebKey::Rsa {
                     modulus: Cow::Owned(modulus),
                     public_exponent: Cow::Owned(exponent),
                     private_parts: None,
                 };
-                Material::Rsa(RsaPublicKey::try_from(&jwk).ok()?)
+                (Material::Rsa(RsaPublicKey::try_from(&jwk).ok()?), Some(spki))
             }
-            ("EC", Some("P-256")) => Material::P256(
-                <Es256 as JwtAlgorithm>::VerifyingKey::from_slice(&sec1(&self.x, &self.y, 32)?).ok()?,
-            ),
+            ("EC", Some("P-256")) => {
+                let point = sec1(&self.x, &self.y, 32)?;
+                let key = <Es256 as JwtAlgorithm>::VerifyingKey::from_slice(&point).ok()?;
+                (Material::P256(key), Some(super::native::spki_ec(&point, false)))
+            }
             ("EC", Some("P-384")) => {
-                Material::P384(p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1(&self.x, &self.y, 48)?).ok()?)
+                let point = sec1(&self.x, &self.y, 48)?;
+                let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(&point).ok()?;
+                (Material::P384(key), Some(super::native::spki_ec(&point, true)))
             }
             ("OKP", Some("Ed25519")) => {
                 let x = b64(&self.x)?;
-                Material::Ed25519(<Ed25519 as JwtAlgorithm>::VerifyingKey::from_slice(&x).ok()?)
+                let key = <Ed25519 as JwtAlgorithm>::VerifyingKey::from_slice(&x).ok()?;
+                (Material::Ed25519(key), None)
             }
             // `oct` keys: a symmetric secret never comes from a key set (it would be public).
             _ => return None,
@@ -377,6 +385,7 @@ impl RawJwk {
             kid: self.kid,
             alg,
             material,
+            spki,
         };
         // A key whose declared algorithm is of another family (`"alg":"HS256"` on an RSA key).
         if let Some(a) = alg {

@@ -9,6 +9,7 @@
 #[cfg(test)]
 mod issuer_tests;
 pub mod keys;
+pub mod native;
 pub mod remote;
 #[cfg(test)]
 pub(crate) mod testkeys;
@@ -65,6 +66,14 @@ pub struct JwtSettings {
     pub claims: Option<ClaimSettings>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub issuers: Vec<IssuerSettings>,
+    /// Let the host check RSA and ECDSA signatures when it can (Envoy's `verify_signature`,
+    /// BoringSSL); the filter's own code is used otherwise, and always for PSS and EdDSA.
+    #[serde(default = "default_true")]
+    pub host_verification: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `jwt.issuers[]`: one token issuer and where its keys come from.
@@ -218,6 +227,7 @@ fn hmac_keys(algorithms: &[Algorithm], secret: &[u8]) -> Result<KeySet, ConfigEr
                 kid: None,
                 alg: Some(a),
                 material,
+                spki: None,
             })
         })
         .collect();
@@ -301,7 +311,9 @@ impl JwtSettings {
             }
             list.push(issuer);
         }
-        Ok(Verifier::from_issuers(list))
+        let mut verifier = Verifier::from_issuers(list);
+        verifier.host_verification = self.host_verification;
+        Ok(verifier)
     }
 }
 
@@ -542,6 +554,21 @@ pub struct Verifier {
     /// Whether any issuer declares an `iss`: then a token's `iss` must name one. In the
     /// single-secret form nobody does, and `iss` is not checked (as the reference gateway).
     routes_by_iss: bool,
+    /// Whether the host may check RSA/ECDSA signatures (when it can).
+    pub host_verification: bool,
+}
+
+/// What verification needs besides the token and the configuration: the VM's fetched key sets,
+/// and the host's signature check when it has one.
+pub struct KeyContext<'a> {
+    pub remote: &'a RemoteSets,
+    pub native: Option<native::NativeVerify<'a>>,
+}
+
+impl<'a> KeyContext<'a> {
+    pub fn remote(remote: &'a RemoteSets) -> Self {
+        Self { remote, native: None }
+    }
 }
 
 /// Tokens whose signature and claims were verified, with what the time checks need; a hit skips
@@ -563,14 +590,14 @@ impl TokenCache {
 
     /// Verifies `token` at `now` through the cache.
     pub fn verify(&mut self, verifier: &Verifier, token: &str, now: i64) -> Result<Identity, TokenError> {
-        self.verify_with(verifier, &[], token, now)
+        self.verify_with(verifier, KeyContext::remote(&[]), token, now)
     }
 
     /// Verifies `token` at `now` through the cache, with the VM's fetched key sets.
     pub fn verify_with(
         &mut self,
         verifier: &Verifier,
-        remote: &RemoteSets,
+        keys: KeyContext<'_>,
         token: &str,
         now: i64,
     ) -> Result<Identity, TokenError> {
@@ -578,7 +605,7 @@ impl TokenCache {
             return Err(TokenError::TooLarge);
         }
         if let Some(v) = self.entries.get(token) {
-            let checked = verifier.recheck(v, remote, now);
+            let checked = verifier.recheck(v, keys.remote, now);
             return match checked {
                 Ok(()) => Ok(v.identity.clone()),
                 Err(e) => {
@@ -586,13 +613,13 @@ impl TokenCache {
                     if matches!(e, TokenError::UnknownKey(_) | TokenError::KeysUnavailable(_)) {
                         // The key left the set: verify afresh (which reports the same, or
                         // finds the key under a new set).
-                        return self.verify_with(verifier, remote, token, now);
+                        return self.verify_with(verifier, keys, token, now);
                     }
                     Err(e)
                 }
             };
         }
-        let verified = verifier.verify_uncached(token, remote, now)?;
+        let verified = verifier.verify_uncached(token, keys, now)?;
         let identity = verified.identity.clone();
         if token.len() <= TOKEN_CACHE_MAX_LEN {
             if self.entries.len() >= TOKEN_CACHE_ENTRIES {
@@ -627,6 +654,40 @@ impl fmt::Debug for Verifier {
             .field("default", &self.default)
             .finish_non_exhaustive()
     }
+}
+
+/// One signature check: by the host when it can check this algorithm, else compiled-in.
+fn check_signature(
+    key: &Key,
+    alg: Algorithm,
+    message: &[u8],
+    signature: &[u8],
+    host: Option<&mut native::HostCheck<'_>>,
+) -> bool {
+    if let (Some(host), Some(spki), Some(hash)) = (host, key.spki.as_deref(), native::hash_for(alg)) {
+        let der;
+        let for_host = match alg.family() {
+            keys::Family::P256 | keys::Family::P384 => {
+                let width = if alg.family() == keys::Family::P256 {
+                    32
+                } else {
+                    48
+                };
+                match native::ecdsa_der(signature, width) {
+                    Some(d) => {
+                        der = d;
+                        der.as_slice()
+                    }
+                    None => return false,
+                }
+            }
+            _ => signature,
+        };
+        if let Some(valid) = host(hash, spki, for_host, message) {
+            return valid;
+        }
+    }
+    key.material.verify(alg, message, signature)
 }
 
 /// Follows a dotted claim name into nested objects.
@@ -685,6 +746,7 @@ impl Verifier {
                     kid: None,
                     alg: Some(a),
                     material,
+                    spki: None,
                 })
             })
             .collect();
@@ -707,6 +769,7 @@ impl Verifier {
             issuers,
             default,
             routes_by_iss,
+            host_verification: true,
         }
     }
 
@@ -716,6 +779,13 @@ impl Verifier {
 
     pub fn issuer(&self, index: usize) -> Option<&Issuer> {
         self.issuers.get(index)
+    }
+
+    /// Whether any issuer verifies with public keys (a JWKS).
+    pub fn uses_public_keys(&self) -> bool {
+        self.issuers
+            .iter()
+            .any(|i| !matches!(i.source, Source::Secret(_)))
     }
 
     /// Indexes and settings of the issuers whose keys are fetched.
@@ -781,7 +851,8 @@ impl Verifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLarge);
         }
-        self.verify_uncached(token, &[], now).map(|v| v.identity)
+        self.verify_uncached(token, KeyContext::remote(&[]), now)
+            .map(|v| v.identity)
     }
 
     fn check_times(
@@ -844,7 +915,14 @@ impl Verifier {
         }
     }
 
-    fn verify_uncached(&self, token: &str, remote: &RemoteSets, now: i64) -> Result<Verified, TokenError> {
+    /// Verifies `token` at `now` without the cache (with the host's check when given).
+    pub fn verify_uncached(
+        &self,
+        token: &str,
+        mut keys: KeyContext<'_>,
+        now: i64,
+    ) -> Result<Verified, TokenError> {
+        let remote = keys.remote;
         let untrusted = UntrustedToken::<ExtraHeader>::try_from(token).map_err(|_| TokenError::Malformed)?;
         let header = untrusted.header();
         // RFC 7515 4.1.11: a recipient that does not understand a `crit` extension must refuse.
@@ -882,10 +960,20 @@ impl Verifier {
             .rsplit_once('.')
             .map(|(m, _)| m.as_bytes())
             .ok_or(TokenError::Malformed)?;
-        let key = candidates
-            .into_iter()
-            .find(|k| k.material.verify(alg, message, signature))
-            .ok_or(TokenError::BadSignature)?;
+        let host = if self.host_verification {
+            keys.native.as_mut()
+        } else {
+            None
+        };
+        let key = match host {
+            Some(host) => candidates
+                .into_iter()
+                .find(|k| check_signature(k, alg, message, signature, Some(&mut **host))),
+            None => candidates
+                .into_iter()
+                .find(|k| check_signature(k, alg, message, signature, None)),
+        }
+        .ok_or(TokenError::BadSignature)?;
         let identity = self.check_claims(issuer, index, &claims, iss.as_deref(), now)?;
         Ok(Verified {
             identity,
