@@ -237,3 +237,30 @@ fn a_request_that_joined_a_fetch_from_before_a_rotation_fetches_again() {
     );
     assert_eq!((t.req(2).resumed, t.status(2)), (1, 200));
 }
+
+#[test]
+fn the_gateway_refreshes_only_tokens_it_can_sign() {
+    let mut v = config();
+    v["revocation"] = json!({});
+    let mut t = T::new(v);
+    t.tick();
+    t.answer_last(Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
+    let tok = idp_token(Algorithm::Es256, "ec-1");
+    t.send(2, "POST", "/api/v1/auth/refresh", Some(&tok));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(2), 400);
+    let body: serde_json::Value = serde_json::from_str(&t.req(2).reply.as_ref().unwrap().body).unwrap();
+    assert_eq!(
+        body["message"],
+        "Tokens of issuer 'idp' are refreshed by their identity provider"
+    );
+    assert!(
+        !t.host.dispatched.iter().any(|d| d.path.starts_with("/SET/")),
+        "nothing blacklisted"
+    );
+    // The reference's tokens still refresh.
+    t.send(3, "POST", "/api/v1/auth/refresh", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SET_OK);
+    assert_eq!(t.status(3), 200);
+}
