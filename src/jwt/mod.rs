@@ -573,13 +573,25 @@ impl<'a> KeyContext<'a> {
 
 /// Tokens whose signature and claims were verified, with what the time checks need; a hit skips
 /// the signature check and the JSON parsing (the time checks run again on every use, and a
-/// fetched key must still be published). One per VM, bounded.
+/// fetched key must still be published). One per VM, bounded. Entries are keyed by a 128-bit
+/// keyed hash of the token (two SipHash-1-3 with this VM's random keys), not the token: an
+/// identity-provider token is often over 1 KB, and nobody without the keys can aim a forged
+/// token at a cached one's key.
 #[derive(Debug, Default)]
 pub struct TokenCache {
-    entries: HashMap<String, Verified>,
+    entries: HashMap<u128, Verified>,
+    keys: (
+        std::collections::hash_map::RandomState,
+        std::collections::hash_map::RandomState,
+    ),
 }
 
 impl TokenCache {
+    fn key(&self, token: &str) -> u128 {
+        use std::hash::BuildHasher as _;
+        (u128::from(self.keys.0.hash_one(token)) << 64) | u128::from(self.keys.1.hash_one(token))
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -604,12 +616,13 @@ impl TokenCache {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLarge);
         }
-        if let Some(v) = self.entries.get(token) {
+        let key = self.key(token);
+        if let Some(v) = self.entries.get(&key) {
             let checked = verifier.recheck(v, keys.remote, now);
             return match checked {
                 Ok(()) => Ok(v.identity.clone()),
                 Err(e) => {
-                    self.entries.remove(token);
+                    self.entries.remove(&key);
                     if matches!(e, TokenError::UnknownKey(_) | TokenError::KeysUnavailable(_)) {
                         // The key left the set: verify afresh (which reports the same, or
                         // finds the key under a new set).
@@ -621,15 +634,13 @@ impl TokenCache {
         }
         let verified = verifier.verify_uncached(token, keys, now)?;
         let identity = verified.identity.clone();
-        if token.len() <= TOKEN_CACHE_MAX_LEN {
-            if self.entries.len() >= TOKEN_CACHE_ENTRIES {
-                // Bounded: drop an arbitrary entry (HashMap order), never grow.
-                if let Some(k) = self.entries.keys().next().cloned() {
-                    self.entries.remove(&k);
-                }
+        if self.entries.len() >= TOKEN_CACHE_ENTRIES {
+            // Bounded: drop an arbitrary entry (HashMap order), never grow.
+            if let Some(k) = self.entries.keys().next().copied() {
+                self.entries.remove(&k);
             }
-            self.entries.insert(token.to_string(), verified);
         }
+        self.entries.insert(key, verified);
         Ok(identity)
     }
 }
@@ -642,9 +653,8 @@ pub struct Verified {
     kid: Option<String>,
 }
 
-/// Verified tokens remembered per VM, and the longest token worth remembering.
+/// Verified tokens remembered per VM.
 pub const TOKEN_CACHE_ENTRIES: usize = 1024;
-const TOKEN_CACHE_MAX_LEN: usize = 4096;
 
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

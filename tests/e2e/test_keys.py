@@ -301,3 +301,48 @@ def test_no_secret_in_the_configuration_or_config_dump(idp_gw):
     assert "PARTNER_SECRET" in dump and "JWT_SECRET" in dump, "only the variables' names"
     assert PARTNER_SECRET not in dump and SECRET not in dump
     assert PARTNER_SECRET not in idp_gw.envoy_yaml.read_text()
+
+
+def test_every_algorithm_through_envoy(services):
+    """RS384, RS512, PS256, PS384, PS512, ES384 too (the demo provider signs RS256, ES256 and
+    EdDSA): in Envoy, RS*/ES* go to its verify_signature, PS* to the module's own code."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    ks = KeyServer()
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    pn = p384.public_key().public_numbers()
+    as_b64 = lambda i, size: b64url(i.to_bytes(size, "big"))  # noqa: E731
+    rsa_jwk = dict(ks.jwks()["keys"][0])
+    rsa_jwk.pop("alg")  # one RSA key for RS* and PS*
+    doc = {"keys": [rsa_jwk, {"kty": "EC", "crv": "P-384", "kid": "p384", "x": as_b64(pn.x, 48),
+                              "y": as_b64(pn.y, 48)}]}
+    algs = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES384"]
+    f = gateway_file(services.ports, free_port())
+    f["jwt"]["issuers"] = [{"name": "all", "issuer": TEST_ISS, "algorithms": algs, "local_jwks": doc}]
+    g = Gateway(f)
+    hashes_for = {"256": hashes.SHA256(), "384": hashes.SHA384(), "512": hashes.SHA512()}
+    try:
+        now = int(time.time())
+        claims = {"sub": "svc-9", "role": "user", "iss": TEST_ISS, "iat": now, "exp": now + 600}
+        for alg in algs:
+            h = hashes_for[alg[2:]]
+            head = {"alg": alg, "kid": "p384" if alg == "ES384" else ks.kid}
+            signing_input = (b64url(json.dumps(head).encode()) + "." + b64url(json.dumps(claims).encode())).encode()
+            if alg.startswith("RS"):
+                sig = ks.key.sign(signing_input, padding.PKCS1v15(), h)
+            elif alg.startswith("PS"):
+                sig = ks.key.sign(signing_input, padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size), h)
+            else:
+                r, s = decode_dss_signature(p384.sign(signing_input, ec.ECDSA(h)))
+                sig = r.to_bytes(48, "big") + s.to_bytes(48, "big")
+            tok = f"{signing_input.decode()}.{b64url(sig)}"
+            r = g.get("/api/v1/users/1", bearer(tok))
+            assert r.status == 200 and r.json()["headers"]["x-user-id"] == "svc-9", f"{alg}: {r}"
+            bad = tok[:-4] + ("AAAA" if not tok.endswith("AAAA") else "BBBB")
+            assert g.get("/api/v1/users/1", bearer(bad)).status == 401, alg
+        log = g.log_path.read_text()
+        assert "checked by the host's verify_signature" in log, "Envoy's check was found and used"
+    finally:
+        g.stop()
+        ks.stop()
