@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH="${FUZZ_SECONDS:-45}"
-TARGETS="${FUZZ_TARGETS:-token config webdis_replies request jwks}"
+TARGETS="${FUZZ_TARGETS:-token config webdis_replies request jwks gateway_file}"
 
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 cargo +nightly fuzz --version >/dev/null 2>&1 || cargo +nightly install cargo-fuzz --locked

@@ -8,16 +8,10 @@
 //! ```
 //! Exit status: 0 on success, 1 on an invalid gateway file, 2 on bad usage or I/O errors.
 
-// Indexing here is into JSON values this program builds itself, never into input.
-#![allow(clippy::indexing_slicing)]
-
-mod envoy;
-mod gateway;
-mod located;
-
 use std::process::ExitCode;
 
-use gateway::GatewayFile;
+use gateway_render::envoy;
+use gateway_render::gateway::GatewayFile;
 
 const USAGE: &str =
     "usage: gateway-render [--config FILE] (--wasm PATH [--out FILE] | --filter-config | --check)";
