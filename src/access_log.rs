@@ -55,6 +55,15 @@ pub struct LogStoreSettings {
     /// Timeout of one store call, seconds.
     #[serde(default = "default_timeout")]
     pub timeout: f64,
+    /// The webdis cluster of the log store when it is not the revocation store's: records in a
+    /// Redis of their own can never fill the one revocation writes to. (The renderer fills it
+    /// from `logs.store.webdis`.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// The environment variable holding that webdis's `user:password` (default: the
+    /// revocation webdis's credentials, `webdis_auth_env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_env: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -93,6 +102,8 @@ pub struct Logs {
 #[derive(Debug, Clone)]
 pub struct LogStore {
     pub cluster: String,
+    /// The `Authorization` value sent to that webdis.
+    pub authorization: Option<String>,
     pub retention_seconds: u64,
     pub user_records: u32,
     /// Full path of the query endpoint (gateway prefix included).
@@ -104,18 +115,39 @@ pub struct LogStore {
 }
 
 impl LogSettings {
-    /// `prefix` is the gateway prefix, `cluster` the webdis cluster (needed by the store).
+    /// `prefix` is the gateway prefix, `webdis` the revocation webdis's cluster and credentials
+    /// (the store's unless it names its own), `env` the process environment.
     /// Field names in errors are relative to `logs`.
-    pub fn compile(&self, prefix: &str, cluster: Option<&str>) -> Result<Logs, ConfigError> {
+    pub fn compile(
+        &self,
+        prefix: &str,
+        webdis: (Option<&str>, Option<&str>),
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Logs, ConfigError> {
         let store = match &self.store {
             None => None,
             Some(st) => {
-                let cluster = cluster.ok_or_else(|| {
+                if let Some(own) = &st.cluster {
+                    crate::error::check_name("store.cluster", own)?;
+                }
+                let cluster = st.cluster.as_deref().or(webdis.0).ok_or_else(|| {
                     ConfigError::new(
                         "store",
-                        "the log store needs webdis (the `webdis` address in the gateway file)",
+                        "the log store needs webdis (the `webdis` address in the gateway file, or logs.store.webdis)",
                     )
                 })?;
+                let authorization = match &st.auth_env {
+                    None => webdis.1.map(str::to_string),
+                    Some(var) => {
+                        let credentials = env(var).filter(|v| v.contains(':')).ok_or_else(|| {
+                            ConfigError::new(
+                                "store.auth_env",
+                                format!("environment variable {var} must hold user:password"),
+                            )
+                        })?;
+                        Some(crate::webdis::basic_auth(&credentials))
+                    }
+                };
                 check_path_prefix("store.query_path", &st.query_path, false)?;
                 if st.query_roles.is_empty() {
                     return Err(ConfigError::new(
@@ -129,6 +161,7 @@ impl LogSettings {
                 check_range("store.buffer", st.buffer, 1, 100_000)?;
                 Some(LogStore {
                     cluster: cluster.to_string(),
+                    authorization,
                     retention_seconds: st.retention,
                     user_records: st.user_records,
                     query_path: format!("{prefix}{}", st.query_path),

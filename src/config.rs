@@ -341,7 +341,10 @@ impl Config {
                 )
             }
         };
-        let logs = raw.logs.compile(&g.prefix, webdis).map_err(|e| e.under("logs"))?;
+        let logs = raw
+            .logs
+            .compile(&g.prefix, (webdis, webdis_auth.as_deref()), env)
+            .map_err(|e| e.under("logs"))?;
         if logs.store.is_some() && verifier.is_none() {
             return Err(ConfigError::new(
                 "logs.store",

@@ -892,7 +892,7 @@ impl Gateway {
                 path: &path,
                 body: None,
                 timeout_ms: store.timeout_ms,
-                authorization: self.config.webdis_auth.as_deref(),
+                authorization: store.authorization.as_deref(),
                 authority: None,
             });
             return match call {
@@ -1617,7 +1617,7 @@ impl Gateway {
             path,
             body,
             timeout_ms: store.timeout_ms,
-            authorization: self.config.webdis_auth.as_deref(),
+            authorization: store.authorization.as_deref(),
             authority: None,
         });
         match call {

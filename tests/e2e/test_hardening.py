@@ -287,3 +287,42 @@ def test_finding_10_webdis_and_redis_demand_credentials(services):
 
 def gw_get(g, tok):
     return g.get("/api/v1/users/1", bearer(tok)).status
+
+
+def test_finding_6_log_records_in_their_own_redis_cannot_block_revocation(services, webdis, redis):
+    """With `logs.store.webdis`, records go to a Redis of their own (own credentials from the
+    environment): filling it to `maxmemory` makes log writes fail (counted) and leaves
+    revocation writes, in the other Redis, working."""
+    log_redis = Redis(password="logs-pw-" + uuid.uuid4().hex)
+    creds = "logger:" + uuid.uuid4().hex
+    log_webdis = Webdis(log_redis.port, credentials=creds, redis_password=log_redis.password)
+    f = gateway_file(services.ports, free_port(), webdis.port)
+    f["logs"] = {"store": {"flush_interval": 0.2, "webdis": f"http://127.0.0.1:{log_webdis.port}",
+                           "auth_env": "E2E_LOG_WEBDIS_AUTH"}}
+    g = Gateway(f, env={"E2E_LOG_WEBDIS_AUTH": creds})
+    try:
+        tid = str(uuid.uuid4())
+        assert g.get("/api/v1/users/1", bearer(admin()) + [("X-Trace-ID", tid)]).status == 200
+        key = f"gateway:log:trace:{tid}"
+        wait_for(lambda: log_redis.cli("EXISTS", key) == "1", timeout=10, what="the record in the logs' Redis")
+        assert redis.cli("EXISTS", key) == "0", "not in the revocation Redis"
+        # The logs' Redis is full: log writes fail, revocation still works.
+        log_redis.cli("CONFIG", "SET", "maxmemory", "1")
+        errors = g.counter("gateway_log_store_errors_total")
+        for _ in range(20):
+            g.get("/api/v1/nope", [("User-Agent", "u" * 200)])
+        wait_for(lambda: g.counter("gateway_log_store_errors_total") > errors, timeout=10,
+                 what="failed log writes counted")
+        _, tok = user_token()
+        assert gw_get(g, tok) == 200
+        assert post(g, "/api/v1/auth/logout", tok).status == 200
+        assert gw_get(g, tok) == 401
+        assert redis.cli("EXISTS", f"token:blacklist:{tok}") == "1"
+        # The query endpoint reads the logs' store.
+        log_redis.cli("CONFIG", "SET", "maxmemory", "0")
+        r = g.get(f"/api/v1/admin/logs?trace_id={tid}", bearer(admin()))
+        assert r.status == 200 and r.json()["count"] >= 1, r
+    finally:
+        g.stop()
+        log_webdis.stop()
+        log_redis.stop()

@@ -9,7 +9,8 @@ const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 use serde_json::{json, Value};
 
 use crate::gateway::{
-    Endpoint, EscapedSlashes, FailurePolicy, GatewayFile, LbPolicy, UnderscoreAction, WEBDIS_CLUSTER,
+    Endpoint, EscapedSlashes, FailurePolicy, GatewayFile, LbPolicy, UnderscoreAction, LOG_WEBDIS_CLUSTER,
+    WEBDIS_CLUSTER,
 };
 
 /// Where the filter's `.wasm` lives, as Envoy will see it.
@@ -144,6 +145,11 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     let mut env_keys: Vec<&str> = [
         file.filter.jwt.as_ref().and_then(|j| j.secret_env.as_deref()),
         file.filter.webdis_auth_env.as_deref(),
+        file.filter
+            .logs
+            .store
+            .as_ref()
+            .and_then(|st| st.auth_env.as_deref()),
     ]
     .into_iter()
     .flatten()
@@ -269,13 +275,26 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         clusters.push(cluster);
     }
 
-    if let Some(ep) = &file.webdis {
-        let timeout = file
-            .config
-            .revocation
+    let log_store_timeout = file
+        .config
+        .logs
+        .store
+        .as_ref()
+        .map_or(0.5, |st| st.timeout_ms as f64 / 1000.0);
+    let webdis_clusters = [
+        file.webdis.as_ref().map(|ep| {
+            let timeout = file
+                .config
+                .revocation
+                .as_ref()
+                .map_or(0.2, |rv| rv.timeout_ms as f64 / 1000.0);
+            (WEBDIS_CLUSTER, ep, timeout)
+        }),
+        file.log_webdis
             .as_ref()
-            .map_or(0.2, |rv| rv.timeout_ms as f64 / 1000.0);
-        let cluster = WEBDIS_CLUSTER;
+            .map(|ep| (LOG_WEBDIS_CLUSTER, ep, log_store_timeout)),
+    ];
+    for (cluster, ep, timeout) in webdis_clusters.into_iter().flatten() {
         clusters.push(json!({
             "name": cluster,
             "type": if ep.is_ip() { "STATIC" } else { "STRICT_DNS" },

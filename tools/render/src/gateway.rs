@@ -14,6 +14,9 @@ use gateway_filter::error::{check_name, ConfigError, KNOWN_METHODS};
 /// The Envoy cluster the webdis address becomes.
 pub const WEBDIS_CLUSTER: &str = "webdis";
 
+/// The Envoy cluster of `logs.store.webdis`, the log store's own webdis.
+pub const LOG_WEBDIS_CLUSTER: &str = "webdis-logs";
+
 /// Keys of `gateway:` that only Envoy uses (the rest is the filter's: prefix, name, rate_limit).
 const ENVOY_GATEWAY_KEYS: [&str; 13] = [
     "port",
@@ -216,6 +219,8 @@ pub struct GatewayFile {
     /// In file order.
     pub routes: Vec<EnvoyRoute>,
     pub webdis: Option<Endpoint>,
+    /// The log store's own webdis (`logs.store.webdis`), when it has one.
+    pub log_webdis: Option<Endpoint>,
     /// Clusters for identity providers' key sets.
     pub jwks_clusters: Vec<JwksCluster>,
     /// The filter's configuration (secret resolved), as it is sent to Envoy.
@@ -306,6 +311,27 @@ impl GatewayFile {
             root.insert("webdis_cluster".into(), Value::String(WEBDIS_CLUSTER.into()));
         }
         let jwks_clusters = jwks_clusters(&mut root)?;
+        let log_webdis = match root
+            .get_mut("logs")
+            .and_then(|l| l.get_mut("store"))
+            .and_then(Value::as_object_mut)
+            .and_then(|st| st.remove("webdis"))
+        {
+            None | Some(Value::Null) => None,
+            Some(Value::String(url)) => {
+                let ep = parse_upstream("logs.store.webdis", &url)?;
+                if let Some(Value::Object(st)) = root.get_mut("logs").and_then(|l| l.get_mut("store")) {
+                    st.insert("cluster".into(), Value::String(LOG_WEBDIS_CLUSTER.into()));
+                }
+                Some(ep)
+            }
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "logs.store.webdis",
+                    "must be an http://host:port address",
+                ));
+            }
+        };
         let filter: FilterConfig = typed("", Value::Object(root)).map_err(|e| {
             // `gateway` and `routes[i]` are shared with Envoy: the filter's list of expected
             // fields would mislead there.
@@ -347,6 +373,7 @@ impl GatewayFile {
             gateway: envoy_gateway,
             routes,
             webdis,
+            log_webdis,
             jwks_clusters,
             filter,
             config,
@@ -516,6 +543,12 @@ fn validate_envoy_side(
         return Err(ConfigError::new(
             "gateway.metrics",
             "a route named \"envoy-admin\" clashes with the metrics listener's cluster",
+        ));
+    }
+    if filter.routes.iter().any(|r| r.name == LOG_WEBDIS_CLUSTER) {
+        return Err(ConfigError::new(
+            "routes",
+            "a route named \"webdis-logs\" clashes with the log store's webdis cluster",
         ));
     }
     if webdis && filter.routes.iter().any(|r| r.name == WEBDIS_CLUSTER) {
