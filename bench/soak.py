@@ -3,14 +3,18 @@
 policy (JWT, revocation through webdis and Redis with its cache, per-IP, per-user and per-route
 buckets, canary) takes REQUESTS requests (default one million), each from a new client address
 (`X-Forwarded-For`, one trusted hop) and with a new user's token, all on loopback. Envoy's RSS is
-sampled after every chunk; the figures go in the README. Not part of `make test` (about 5
-minutes); nothing is asserted about time, only that memory stays flat and nothing fails.
+sampled after every chunk. Then webdis is frozen (SIGSTOP) while 256 connections keep sending
+new users' requests: every one must be answered (503 at the revocation timeout), and the number
+of requests held and Envoy's memory must stay bounded. The figures go in the README. Not part of
+`make test` (about 15 minutes); nothing is asserted about time.
 
     .venv/bin/python bench/soak.py [--requests 1000000] [--chunk 30]
 """
 
 import argparse
 import base64
+import os
+import signal
 import hashlib
 import hmac
 import json
@@ -104,12 +108,29 @@ end
             samples.append((done, rss))
             print(f"{done:>9,} requests  RSS {rss / 1024:7.1f} MB  peak {hwm / 1024:7.1f} MB  "
                   f"non-2xx {non2xx.group(1) if non2xx else 0}", flush=True)
-        first_after_warmup = samples[min(1, len(samples) - 1)][1]
-        last = samples[-1][1]
-        print(f"\n{done:,} requests from {done:,} addresses and users: Envoy RSS {base_rss / 1024:.1f} MB "
-              f"at start, {first_after_warmup / 1024:.1f} MB after the first chunk, {last / 1024:.1f} MB at the end "
-              f"(peak {rss_kb(pid)[1] / 1024:.1f} MB); Redis used_memory "
-              f"{redis.cli('INFO', 'memory').split('used_memory_human:')[1].split()[0]}")
+        # webdis frozen: every request's lookup times out; none may hang, memory stays bounded.
+        os.kill(webdis.proc.pid, signal.SIGSTOP)
+        try:
+            out = subprocess.run(["wrk", "-t1", "-c256", "-d20s", "--timeout", "5s", "-s", str(script),
+                                  f"http://127.0.0.1:{gw.port}/api/v1/users/1", "--", str(done)],
+                                 capture_output=True, text=True, check=True).stdout
+        finally:
+            os.kill(webdis.proc.pid, signal.SIGCONT)
+        frozen_total = int(re.search(r"(\d+) requests in", out).group(1))
+        frozen_non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        timeouts = re.search(r"timeout (\d+)", out)
+        frozen_rss, frozen_hwm = rss_kb(pid)
+        print(f"webdis frozen, 256 connections for 20 s: {frozen_total:,} answered "
+              f"({frozen_non2xx.group(1) if frozen_non2xx else 0} non-2xx, client timeouts "
+              f"{timeouts.group(1) if timeouts else 0}); Envoy RSS {frozen_rss / 1024:.1f} MB, "
+              f"peak {frozen_hwm / 1024:.1f} MB", flush=True)
+        if samples:
+            first_after_warmup = samples[min(1, len(samples) - 1)][1]
+            print(f"\n{done:,} requests from {done:,} addresses and users: Envoy RSS {base_rss / 1024:.1f} MB "
+                  f"at start, {first_after_warmup / 1024:.1f} MB after the first chunk, "
+                  f"{samples[-1][1] / 1024:.1f} MB at the end of the flood, {frozen_rss / 1024:.1f} MB after "
+                  f"the frozen-webdis phase (peak {rss_kb(pid)[1] / 1024:.1f} MB); Redis used_memory "
+                  f"{redis.cli('INFO', 'memory').split('used_memory_human:')[1].split()[0]}")
     finally:
         gw.stop()
         webdis.stop()

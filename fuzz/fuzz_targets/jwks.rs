@@ -20,7 +20,10 @@ fn verifier(jwks: serde_json::Value) -> Option<Verifier> {
         "name": "fuzz", "issuer": "https://bench.example", "default": true,
         "algorithms": ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"],
         "local_jwks": jwks}]});
-    serde_json::from_value::<JwtSettings>(settings).ok()?.compile(&|_| None).ok()
+    serde_json::from_value::<JwtSettings>(settings)
+        .ok()?
+        .compile(&|_| None)
+        .ok()
 }
 
 fn check(v: &Verifier, token: &str) {
@@ -33,9 +36,13 @@ fn check(v: &Verifier, token: &str) {
         let _ = v.verify_uncached(token, keys, NOW);
     }
     if let Ok(id) = v.verify(token, NOW) {
-        for claim in [id.user_id.as_deref(), id.user_name.as_deref(), Some(id.role.as_str())]
-            .into_iter()
-            .flatten()
+        for claim in [
+            id.user_id.as_deref(),
+            id.user_name.as_deref(),
+            Some(id.role.as_str()),
+        ]
+        .into_iter()
+        .flatten()
         {
             assert!(is_safe_value(claim));
         }

@@ -4,19 +4,21 @@
 //! client address from `X-Forwarded-For`.
 #![no_main]
 
-use std::sync::OnceLock;
-
 use gateway_filter::config::Config;
-use gateway_filter::jwt::TokenCache;
+use gateway_filter::jwt::{KeyContext, TokenCache};
 use gateway_filter::policy::{self, Caller, Target};
 use gateway_filter::ratelimit;
 use libfuzzer_sys::fuzz_target;
 
 const NOW: i64 = 1_800_000_000;
 
-fn config() -> &'static Config {
-    static C: OnceLock<Config> = OnceLock::new();
-    C.get_or_init(|| {
+thread_local! {
+    // Per thread: the configuration holds `Rc`s (the filter is single-threaded per VM).
+    static CONFIG: Config = config();
+}
+
+fn config() -> Config {
+    {
         let v = serde_json::json!({
             "gateway": {"prefix": "/api/v1"},
             "passthrough_paths": ["/health"],
@@ -33,11 +35,12 @@ fn config() -> &'static Config {
             ]
         });
         Config::from_json(v.to_string().as_bytes()).expect("the fuzz configuration is valid")
-    })
+    }
 }
 
-fuzz_target!(|data: &[u8]| {
-    let cfg = config();
+fuzz_target!(|data: &[u8]| CONFIG.with(|cfg| run(cfg, data)));
+
+fn run(cfg: &Config, data: &[u8]) {
     let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
     for (i, line) in data.split(|b| *b == b'\n').enumerate() {
         match i {
@@ -56,9 +59,18 @@ fuzz_target!(|data: &[u8]| {
     let mut cache = TokenCache::default();
     let identity = match &classified.target {
         Ok(Target::Route(i)) => cfg.routes.get(*i).and_then(|route| {
-            policy::authenticate(cfg, &mut cache, route, &headers, NOW, "t")
-                .ok()
-                .flatten()
+            policy::authenticate(
+                cfg,
+                &mut cache,
+                KeyContext::remote(&[]),
+                route,
+                &headers,
+                NOW,
+                "t",
+                false,
+            )
+            .ok()
+            .flatten()
         }),
         Ok(Target::Endpoint { path, .. }) => {
             // Past authentication with a real identity, the endpoint's own conditions.
@@ -70,11 +82,21 @@ fuzz_target!(|data: &[u8]| {
                     jti: None,
                     expires_at: NOW + 100,
                     issued_at: Some(NOW - 100),
+                    issuer: 0,
                 },
                 token: "t".into(),
             };
             let _ = policy::endpoint(cfg, path, &caller, &headers, NOW, "t");
-            policy::verified_caller(cfg, &mut cache, &headers, NOW, "t").ok()
+            policy::verified_caller(
+                cfg,
+                &mut cache,
+                KeyContext::remote(&[]),
+                &headers,
+                NOW,
+                "t",
+                false,
+            )
+            .ok()
         }
         _ => None,
     };
@@ -89,4 +111,4 @@ fuzz_target!(|data: &[u8]| {
     }
     let xff = gateway_filter::headers::get_str(&headers, "x-forwarded-for");
     let _ = ratelimit::client_ip(Some("127.0.0.1:1"), xff, 2);
-});
+}
