@@ -478,3 +478,25 @@ fn the_hosts_check_is_authoritative_where_it_applies() {
         )
         .is_ok());
 }
+
+#[test]
+fn the_probe_needs_a_real_check() {
+    assert!(!native::probe::works(&mut |_, _, _, _| None), "no function");
+    assert!(
+        !native::probe::works(&mut |_, _, _, _| Some(true)),
+        "a host that says yes to everything"
+    );
+    // A host that really checks: the compiled-in RSA code stands in for BoringSSL.
+    use base64::Engine as _;
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(native::probe::MODULUS)
+        .unwrap();
+    let jwk = serde_json::json!({"kty": "RSA", "n": native::probe::MODULUS, "e": "AQAB"});
+    let set = KeySet::parse(serde_json::json!({"keys": [jwk]}).to_string().as_bytes()).unwrap();
+    let key = set.keys[0].material.clone();
+    let expected = native::spki_rsa(&n, &[1, 0, 1]);
+    assert!(native::probe::works(&mut |hash, spki, sig, msg| {
+        assert_eq!((hash, spki), ("sha256", expected.as_slice()));
+        Some(key.verify(Algorithm::Rs256, msg, sig))
+    }));
+}

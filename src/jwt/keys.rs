@@ -88,6 +88,17 @@ impl Algorithm {
         }
     }
 
+    /// The hash name Envoy's `verify_signature` needs for this algorithm, when the host can
+    /// check it (PKCS#1 v1.5 and ECDSA; not PSS, whose padding it does not take, nor EdDSA).
+    pub fn host_hash(self) -> Option<&'static str> {
+        match self {
+            Self::Rs256 | Self::Es256 => Some("sha256"),
+            Self::Rs384 | Self::Es384 => Some("sha384"),
+            Self::Rs512 => Some("sha512"),
+            _ => None,
+        }
+    }
+
     /// Every supported name, for error messages.
     pub fn names() -> String {
         Self::ALL.map(Self::name).join(", ")

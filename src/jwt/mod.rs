@@ -674,7 +674,7 @@ fn check_signature(
     signature: &[u8],
     host: Option<&mut native::HostCheck<'_>>,
 ) -> bool {
-    if let (Some(host), Some(spki), Some(hash)) = (host, key.spki.as_deref(), native::hash_for(alg)) {
+    if let (Some(host), Some(spki), Some(hash)) = (host, key.spki.as_deref(), alg.host_hash()) {
         let der;
         let for_host = match alg.family() {
             keys::Family::P256 | keys::Family::P384 => {
