@@ -64,6 +64,9 @@ pub struct LogStoreSettings {
     /// revocation webdis's credentials, `webdis_auth_env`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_env: Option<String>,
+    /// The `:authority` sent to the log store's own webdis (default: derived from `cluster`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -104,6 +107,8 @@ pub struct LogStore {
     pub cluster: String,
     /// The `Authorization` value sent to that webdis.
     pub authorization: Option<String>,
+    /// The `:authority` sent to it.
+    pub authority: String,
     pub retention_seconds: u64,
     pub user_records: u32,
     /// Full path of the query endpoint (gateway prefix included).
@@ -121,14 +126,17 @@ impl LogSettings {
     pub fn compile(
         &self,
         prefix: &str,
-        webdis: (Option<&str>, Option<&str>),
+        webdis: (Option<&str>, Option<&str>, Option<&str>),
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Logs, ConfigError> {
         let store = match &self.store {
             None => None,
             Some(st) => {
                 if let Some(own) = &st.cluster {
-                    crate::error::check_name("store.cluster", own)?;
+                    crate::error::check_upstream("store.cluster", own)?;
+                }
+                if let Some(a) = &st.authority {
+                    crate::error::check_authority("store.authority", a)?;
                 }
                 let cluster = st.cluster.as_deref().or(webdis.0).ok_or_else(|| {
                     ConfigError::new(
@@ -159,9 +167,16 @@ impl LogSettings {
                 check_range("store.retention", st.retention, 1, 365 * 86_400)?;
                 check_range("store.user_records", st.user_records, 1, 10_000)?;
                 check_range("store.buffer", st.buffer, 1, 100_000)?;
+                let authority = match (&st.authority, &st.cluster, webdis.2) {
+                    (Some(a), _, _) => a.clone(),
+                    (None, Some(own), _) => crate::error::default_authority(own),
+                    (None, None, Some(shared)) => shared.to_string(),
+                    (None, None, None) => crate::error::default_authority(cluster),
+                };
                 Some(LogStore {
                     cluster: cluster.to_string(),
                     authorization,
+                    authority,
                     retention_seconds: st.retention,
                     user_records: st.user_records,
                     query_path: format!("{prefix}{}", st.query_path),

@@ -35,6 +35,10 @@ pub struct FilterConfig {
     /// The Envoy cluster of the webdis sidecar (revocation, log store, cluster-wide limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webdis_cluster: Option<String>,
+    /// The `:authority` sent to webdis (default: derived from `webdis_cluster`, see
+    /// [`crate::error::default_authority`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webdis_authority: Option<String>,
     /// The environment variable holding webdis's HTTP basic credentials (`user:password`), read
     /// by the filter at start-up and sent on every webdis call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +160,8 @@ pub struct Config {
     pub trace: TraceSettings,
     /// The `Authorization` value for webdis calls, when credentials are configured.
     pub webdis_auth: Option<String>,
+    /// The `:authority` of webdis calls.
+    pub webdis_authority: Option<String>,
 }
 
 impl Config {
@@ -278,8 +284,16 @@ impl Config {
         }
         let webdis = raw.webdis_cluster.as_deref();
         if let Some(cluster) = webdis {
-            check_name("webdis_cluster", cluster)?;
+            crate::error::check_upstream("webdis_cluster", cluster)?;
         }
+        let webdis_authority = match (&raw.webdis_authority, webdis) {
+            (Some(a), _) => {
+                crate::error::check_authority("webdis_authority", a)?;
+                Some(a.clone())
+            }
+            (None, Some(cluster)) => Some(crate::error::default_authority(cluster)),
+            (None, None) => None,
+        };
         let webdis_auth = match &raw.webdis_auth_env {
             None => None,
             Some(var) => {
@@ -343,7 +357,11 @@ impl Config {
         };
         let logs = raw
             .logs
-            .compile(&g.prefix, (webdis, webdis_auth.as_deref()), env)
+            .compile(
+                &g.prefix,
+                (webdis, webdis_auth.as_deref(), webdis_authority.as_deref()),
+                env,
+            )
             .map_err(|e| e.under("logs"))?;
         if logs.store.is_some() && verifier.is_none() {
             return Err(ConfigError::new(
@@ -362,6 +380,7 @@ impl Config {
             logs,
             trace: raw.trace,
             webdis_auth,
+            webdis_authority,
         })
     }
 }
@@ -649,7 +668,15 @@ mod tests {
             (
                 "webdis name",
                 Box::new(|v| v["webdis_cluster"] = "a b".into()),
-                "webdis_cluster: \"a b\" may only contain",
+                "webdis_cluster: \"a b\" must be an Envoy cluster name or host:port",
+            ),
+            (
+                "webdis authority",
+                Box::new(|v| {
+                    v["webdis_cluster"] = "webdis".into();
+                    v["webdis_authority"] = "a/b".into();
+                }),
+                "webdis_authority: \"a/b\" is not a host[:port]",
             ),
         ];
         for (what, mutate, expected) in cases {
@@ -694,5 +721,39 @@ mod tests {
         v["routes"][3]["rate_limit"]["enabled"] = false.into();
         let cfg = parse(v).unwrap();
         assert!(cfg.route_for("/api/v1/products").unwrap().limits.is_none());
+    }
+
+    #[test]
+    fn callout_targets_take_the_forms_hosts_name_them() {
+        let with = |cluster: &str, authority: Option<&str>| {
+            let mut v = base();
+            v["webdis_cluster"] = cluster.into();
+            v["revocation"] = serde_json::json!({});
+            if let Some(a) = authority {
+                v["webdis_authority"] = a.into();
+            }
+            Config::from_json(v.to_string().as_bytes()).unwrap()
+        };
+        // Istio names its clusters direction|port|subset|fqdn and routes callouts by host.
+        let istio = with("outbound|7379||webdis.gateway.svc.cluster.local", None);
+        assert_eq!(
+            istio.revocation.as_ref().unwrap().cluster,
+            "outbound|7379||webdis.gateway.svc.cluster.local"
+        );
+        assert_eq!(
+            istio.webdis_authority.as_deref(),
+            Some("webdis.gateway.svc.cluster.local:7379")
+        );
+        // Kong and APISIX dispatch to host:port.
+        let kong = with("10.0.0.5:7379", None);
+        assert_eq!(kong.webdis_authority.as_deref(), Some("10.0.0.5:7379"));
+        // A plain Envoy cluster: its name, as before; or what the operator says.
+        assert_eq!(with("webdis", None).webdis_authority.as_deref(), Some("webdis"));
+        assert_eq!(
+            with("webdis", Some("redis-http.internal:80"))
+                .webdis_authority
+                .as_deref(),
+            Some("redis-http.internal:80")
+        );
     }
 }

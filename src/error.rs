@@ -114,6 +114,46 @@ pub fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A callout target: an Envoy cluster name in any form Envoy takes (Istio's
+/// `outbound|7379||webdis.gateway.svc.cluster.local` included), or `host:port` for hosts that
+/// dispatch by address (Kong, APISIX). Visible ASCII, 1 to 255 characters.
+pub fn check_upstream(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.len() > 255 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "{value:?} must be an Envoy cluster name or host:port (1 to 255 visible ASCII characters)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The `:authority` a callout to `upstream` sends unless one is configured: for Istio's
+/// `direction|port|subset|fqdn` cluster names `fqdn:port` (Istio routes by host), otherwise the
+/// upstream itself (a plain cluster name, or `host:port`).
+pub fn default_authority(upstream: &str) -> String {
+    let parts: Vec<&str> = upstream.split('|').collect();
+    match parts.as_slice() {
+        [_, port, _, fqdn] if !fqdn.is_empty() && !port.is_empty() => format!("{fqdn}:{port}"),
+        _ => upstream.to_string(),
+    }
+}
+
+/// An `:authority` value: `host[:port]` with letters, digits, `.`, `-`, `_`, `:`, `[`, `]`.
+pub fn check_authority(field: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 255
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(field, format!("{value:?} is not a host[:port]")))
+    }
+}
+
 /// Non-empty, header-safe role names.
 pub fn check_roles(field: &str, roles: &[String]) -> Result<(), ConfigError> {
     for (i, role) in roles.iter().enumerate() {

@@ -781,7 +781,7 @@ impl Gateway {
             body: None,
             timeout_ms: rv.timeout_ms,
             authorization: self.config.webdis_auth.as_deref(),
-            authority: None,
+            authority: self.config.webdis_authority.as_deref(),
         })
     }
 
@@ -893,7 +893,7 @@ impl Gateway {
                 body: None,
                 timeout_ms: store.timeout_ms,
                 authorization: store.authorization.as_deref(),
-                authority: None,
+                authority: Some(&store.authority),
             });
             return match call {
                 Ok(token_id) => {
@@ -1498,7 +1498,7 @@ impl Gateway {
                 body: None,
                 timeout_ms: sync.timeout_ms,
                 authorization: self.config.webdis_auth.as_deref(),
-                authority: None,
+                authority: self.config.webdis_authority.as_deref(),
             });
             match call {
                 Ok(token_id) => {
@@ -1618,7 +1618,7 @@ impl Gateway {
             body,
             timeout_ms: store.timeout_ms,
             authorization: store.authorization.as_deref(),
-            authority: None,
+            authority: Some(&store.authority),
         });
         match call {
             Ok(token_id) => {

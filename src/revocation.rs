@@ -10,7 +10,7 @@ use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{at, check_name, check_path_prefix, check_range, seconds_to_ms, ConfigError};
+use crate::error::{at, check_path_prefix, check_range, seconds_to_ms, ConfigError};
 pub use crate::webdis::StoreError;
 use crate::webdis::{command_path, json_reply};
 
@@ -197,7 +197,7 @@ impl RevocationSettings {
     /// Validates the settings; `prefix` is the gateway prefix, `cluster` the webdis cluster.
     /// Field names in errors are relative to `revocation`.
     pub fn compile(&self, prefix: &str, cluster: &str) -> Result<Revocation, ConfigError> {
-        check_name("webdis_cluster", cluster)?;
+        crate::error::check_upstream("webdis_cluster", cluster)?;
         let timeout_ms = seconds_to_ms("timeout", self.timeout, 0.001, 60.0)?;
         let cache_ttl_ms = seconds_to_ms("cache_ttl", self.cache_ttl, 0.0, 3600.0)?;
         check_range("cache_slots", self.cache_slots, 1, 1_000_000)?;

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{check_name, seconds_to_ms, ConfigError};
+use crate::error::{check_upstream, seconds_to_ms, ConfigError};
 
 /// `remote_jwks:`: where an issuer publishes its keys, and how often to look.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,7 +98,7 @@ impl RemoteJwksSettings {
             .cluster
             .clone()
             .ok_or_else(|| ConfigError::new("cluster", "name the Envoy cluster that reaches uri"))?;
-        check_name("cluster", &cluster)?;
+        check_upstream("cluster", &cluster)?;
         let refresh_ms = seconds_to_ms("refresh_interval", self.refresh_interval, 1.0, 86_400.0)?;
         let refetch_ms = seconds_to_ms("min_refetch_interval", self.min_refetch_interval, 0.1, 3_600.0)?;
         let max_stale_ms = seconds_to_ms("max_stale", self.max_stale, 0.0, 30.0 * 86_400.0)?;

@@ -748,5 +748,20 @@ fn webdis_calls_carry_the_configured_credentials() {
     assert_eq!(t.host.dispatched[0].authorization, None, "none configured");
 }
 
+#[test]
+fn webdis_calls_go_to_the_cluster_with_the_authority_the_host_routes_by() {
+    let mut v = base();
+    v["webdis_cluster"] = "outbound|7379||webdis.gateway.svc.cluster.local".into();
+    let mut t = T::new(v);
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    let call = t.host.dispatched.last().unwrap();
+    assert_eq!(call.cluster, "outbound|7379||webdis.gateway.svc.cluster.local");
+    assert_eq!(call.authority, "webdis.gateway.svc.cluster.local:7379");
+    // Without Istio's form the authority stays the cluster name, as Envoy clusters expect.
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    assert_eq!(t.host.dispatched.last().unwrap().authority, "webdis");
+}
+
 #[path = "keys_tests.rs"]
 mod keys_tests;
