@@ -142,9 +142,11 @@ class Services:
 class Gateway:
     """Envoy with the filter, from a gateway file (a dict, rendered by gateway-render)."""
 
-    def __init__(self, gateway_file: dict, concurrency=2, env=None, admin_socket=False):
+    def __init__(self, gateway_file: dict, concurrency=2, env=None, admin_socket=False, istio=None):
         """`admin_socket`: the admin interface on a Unix socket in the gateway's directory, and
-        `admin_port` a metrics listener serving only /stats/prometheus and /ready."""
+        `admin_port` a metrics listener serving only /stats/prometheus and /ready.
+        `istio`: a namespace; the bootstrap is then reshaped as istiod would send it (see
+        `istio_shape`)."""
         require_build()
         self.dir = Path(tempfile.mkdtemp(prefix="gw-e2e-"))
         self.port = free_port()
@@ -162,7 +164,14 @@ class Gateway:
         self.gateway_yaml.write_text(json.dumps(gateway_file, indent=1))  # JSON is YAML
         self.envoy_yaml = self.dir / "envoy.yaml"
         self.env = dict(os.environ, JWT_SECRET=SECRET, **(env or {}))
-        render(self.gateway_yaml, self.envoy_yaml, self.env, check=True)
+        if istio:
+            rendered = self.dir / "envoy.rendered.json"
+            render(self.gateway_yaml, rendered, self.env, check=True, extra=["--json"])
+            shaped = istio_shape(json.loads(rendered.read_text()), istio)
+            self.envoy_yaml.write_text(json.dumps(shaped, indent=1))
+            self.istio_clusters = {c["name"] for c in shaped["static_resources"]["clusters"]}
+        else:
+            render(self.gateway_yaml, self.envoy_yaml, self.env, check=True)
         self.log_path = self.dir / "envoy.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -226,6 +235,62 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+
+
+ISTIO_PLUGIN = "gateway-policy"
+
+
+def istio_shape(bootstrap: dict, namespace: str) -> dict:
+    """The rendered bootstrap as istiod would shape it for a gateway with our WasmPlugin: every
+    cluster (routes, canaries, webdis, key sets) named `outbound|<port>||<name>.<ns>.svc.cluster.local`,
+    the Wasm filter named `<ns>.<plugin>` with `root_id` = the plugin name and no `vm_id`, its
+    configuration a JSON string referring to those cluster names, `FAIL_CLOSED`; secrets stay
+    in the environment (`host_env_keys`)."""
+    b = json.loads(json.dumps(bootstrap))
+    renamed = {}
+    for c in b["static_resources"]["clusters"]:
+        if c["name"] == "envoy-admin":
+            continue
+        ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        new = f"outbound|{ep['port_value']}||{c['name']}.{namespace}.svc.cluster.local"
+        renamed[c["name"]] = new
+        c["name"] = new
+        c["load_assignment"]["cluster_name"] = new
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "cluster" and isinstance(v, str) and v in renamed:
+                    node[k] = renamed[v]
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    for listener in b["static_resources"]["listeners"]:
+        walk(listener.get("filter_chains", []))
+        for chain in listener.get("filter_chains", []):
+            for f in chain.get("filters", []):
+                for hf in f.get("typed_config", {}).get("http_filters", []):
+                    if hf["name"] != "envoy.filters.http.wasm":
+                        continue
+                    cfg = hf["typed_config"]["config"]
+                    cfg["name"] = f"{namespace}.{ISTIO_PLUGIN}"
+                    cfg["root_id"] = ISTIO_PLUGIN
+                    cfg["vm_config"].pop("vm_id", None)
+                    cfg["failure_policy"] = "FAIL_CLOSED"
+                    plugin = json.loads(cfg["configuration"]["value"])
+                    if "webdis_cluster" in plugin:
+                        plugin["webdis_cluster"] = renamed[plugin["webdis_cluster"]]
+                    store = plugin.get("logs", {}).get("store") or {}
+                    if store.get("cluster"):
+                        store["cluster"] = renamed[store["cluster"]]
+                    for issuer in plugin.get("jwt", {}).get("issuers", []):
+                        remote = issuer.get("remote_jwks")
+                        if remote and remote.get("cluster") in renamed:
+                            remote["cluster"] = renamed[remote["cluster"]]
+                    cfg["configuration"]["value"] = json.dumps(plugin)
+    return b
 
 
 def render(gateway_yaml, out, env, check=False, extra=()):

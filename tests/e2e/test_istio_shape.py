@@ -1,0 +1,94 @@
+"""The core cases against an Envoy shaped as istiod configures a gateway with our WasmPlugin:
+Istio cluster names (`outbound|port||fqdn`) for every service including webdis and the identity
+provider's key set, the plugin named `<namespace>.<name>` with `root_id` = the name, its
+configuration a JSON string, FAIL_CLOSED, the secret only in the environment."""
+import json
+import uuid
+
+import pytest
+
+from conftest import gateway_file
+from harness import SECRET, Gateway, Services, bearer, free_port, request, token, wait_for
+
+NS = "gateway"
+
+
+@pytest.fixture(scope="module")
+def canary_services():
+    s = Services(["order-service-v2"], auth=None, versions={"order-service-v2": "v2"})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def ig(services, webdis, redis, canary_services):
+    f = gateway_file(services.ports, free_port(), webdis.port)
+    auth = services.ports["auth-service"]
+    for r in f["routes"]:
+        if r["name"] == "order-service":
+            r["canary"] = {"upstream": f"http://127.0.0.1:{canary_services.ports['order-service-v2']}",
+                           "users": ["user-001"], "header": "X-Canary"}
+        if r["name"] == "comment-service":
+            r["rate_limit"] = {"max_calls": 1000, "per_user": {"max_calls": 2, "period": 60}}
+    f["jwt"]["issuers"] = [{
+        "name": "demo-idp", "issuer": f"http://127.0.0.1:{auth}", "algorithms": ["RS256", "ES256", "EdDSA"],
+        "remote_jwks": {"uri": f"http://127.0.0.1:{auth}/.well-known/jwks.json", "refresh_interval": 5}}]
+    g = Gateway(f, istio=NS)
+    yield g
+    g.stop()
+
+
+def test_the_bootstrap_is_shaped_as_istiod_sends_it(ig):
+    boot = json.loads(ig.envoy_yaml.read_text())
+    assert any(c.startswith("outbound|") and c.endswith("||webdis.gateway.svc.cluster.local")
+               for c in ig.istio_clusters)
+    assert all(c.startswith("outbound|") for c in ig.istio_clusters if c != "envoy-admin")
+    text = json.dumps(boot)
+    assert '"name": "gateway.gateway-policy"' in text and '"root_id": "gateway-policy"' in text
+    assert "FAIL_CLOSED" in text and SECRET not in text
+    dump = request(ig.admin_port, "GET", "/config_dump").body.decode()
+    assert SECRET not in dump
+
+
+def test_auth_and_identity(ig):
+    assert ig.get("/api/v1/users/1").status == 401
+    r = ig.get("/api/v1/users/1", bearer(token(sub="user-042", name="kim", role="user")))
+    assert r.status == 200, r
+    seen = r.json()["headers"]
+    assert (seen["x-user-id"], seen["x-user-name"], seen["x-user-role"]) == ("user-042", "kim", "user")
+    assert ig.get("/api/v1/admin/x", bearer(token(role="user"))).status == 403
+
+
+def test_revocation_through_webdis_by_its_istio_name(ig, redis):
+    tok = token(sub="user-077", jti=uuid.uuid4().hex)
+    assert ig.get("/api/v1/users/1", bearer(tok)).status == 200
+    assert ig.request("POST", "/api/v1/auth/logout", bearer(tok)).status == 200
+    assert redis.cli("EXISTS", f"token:blacklist:{tok}") == "1"
+    assert ig.get("/api/v1/users/1", bearer(tok)).status == 401
+
+
+def test_rate_limits(ig):
+    tok = token(sub=f"u-{uuid.uuid4().hex[:6]}")
+    codes = [ig.get("/api/v1/comments/1", bearer(tok)).status for _ in range(3)]
+    assert codes == [200, 200, 429], codes
+
+
+def test_canary(ig):
+    r = ig.get("/api/v1/orders/1", bearer(token(sub="user-001")))
+    assert r.status == 200 and r.json()["version"] == "v2", r
+    r = ig.get("/api/v1/orders/1", bearer(token(sub="user-900")))
+    assert r.status == 200 and r.json()["version"] == "v1", r
+
+
+def test_identity_provider_keys_through_an_istio_cluster(ig):
+    r = ig.request("POST", "/api/v1/auth/login", body={"username": "admin", "password": "123456", "alg": "ES256"})
+    tok = r.json()["access_token"]
+    wait_for(lambda: ig.get("/api/v1/users/1", bearer(tok)).status == 200, timeout=10, what="keys fetched")
+
+
+def test_logs_stored(ig, redis):
+    tid = str(uuid.uuid4())
+    assert ig.get("/api/v1/users/1", bearer(token()) + [("X-Trace-ID", tid)]).status == 200
+    wait_for(lambda: redis.cli("EXISTS", f"gateway:log:trace:{tid}") == "1", timeout=10, what="record stored")
+    record = json.loads(redis.cli("LINDEX", f"gateway:log:trace:{tid}", "0"))
+    assert record["status"] == 200 and record["user_id"] == "user-001"
