@@ -79,6 +79,36 @@ pub trait Host: SharedStore {
         -> Option<bool>;
 }
 
+/// Shared data of this VM alone, for hosts that have none (APISIX's wasm-nginx-module answers
+/// every shared-data call with an error): buckets, the revocation cache and the ban table then
+/// work per VM (per worker) instead of per proxy. Same CAS rules as proxy-wasm's shared data.
+#[derive(Debug, Default)]
+pub struct LocalStore {
+    map: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
+}
+
+/// Keys beyond which a [`LocalStore`] refuses new ones (existing keys still update): the filter's
+/// own keys are bounded by its slots, so this only stops a runaway.
+const LOCAL_STORE_MAX_KEYS: usize = 200_000;
+
+impl SharedStore for LocalStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.map.borrow().get(key).cloned()
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
+        let mut m = self.map.borrow_mut();
+        let next = match (m.get(key), cas) {
+            (Some((_, current)), Some(c)) if c != 0 && *current != c => return Err(true),
+            (Some((_, current)), _) => current.wrapping_add(1).max(1),
+            (None, _) if m.len() >= LOCAL_STORE_MAX_KEYS => return Err(false),
+            (None, _) => 1,
+        };
+        m.insert(key.to_string(), (value.to_vec(), next));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 pub mod fake {
     //! An in-memory host: shared data, headers per context, callouts that tests answer, metrics
@@ -145,6 +175,8 @@ pub mod fake {
         calls: Cell<u32>,
         /// Contexts that are gone (`switch_to` fails).
         pub gone: Vec<u32>,
+        /// A host without shared data: every get finds nothing, every set fails.
+        pub no_shared_data: bool,
         /// The host's signature check (none by default, as on hosts without one).
         pub native: Option<crate::jwt::native::HostCheckFn>,
         pub native_calls: u32,
@@ -196,11 +228,17 @@ pub mod fake {
     impl SharedStore for FakeHost {
         fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
             self.tick();
+            if self.no_shared_data {
+                return None;
+            }
             self.shared.borrow().get(key).cloned()
         }
 
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
             self.tick();
+            if self.no_shared_data {
+                return Err(false);
+            }
             let mut m = self.shared.borrow_mut();
             let next = match (m.get(key), cas) {
                 (Some((_, current)), Some(c)) if *current != c => return Err(true),

@@ -21,7 +21,7 @@ use crate::access_log::{self, LogStore, Record};
 use crate::canary::{self, Sticky};
 use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
-use crate::host::{Callout, Host, LogLevel, MetricKind};
+use crate::host::{Callout, Host, LocalStore, LogLevel, MetricKind};
 use crate::jwt::{KeyContext, KeySet, TokenCache};
 use crate::policy::{self, Caller, Endpoint, Refused, Target};
 use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SharedStore, SyncTarget, Update, Verdict};
@@ -291,7 +291,22 @@ pub struct Gateway {
     jwks: Vec<keys::JwksState>,
     /// Whether the host checks RSA/ECDSA signatures (probed once).
     host_verifies: bool,
+    /// This VM's own store, where the host has no shared data (probed once).
+    local: Option<LocalStore>,
+    /// Whether the host runs timers (false: nothing periodic happens; see [`Gateway::started`]).
+    timers: bool,
 }
+
+/// Shared data: the host's, or this VM's own where the host has none.
+fn shared<'a>(local: &'a Option<LocalStore>, host: &'a dyn Host) -> &'a dyn SharedStore {
+    match local {
+        Some(store) => store,
+        None => host,
+    }
+}
+
+/// The key the start-up probe writes to find out whether the host has shared data.
+const PROBE_KEY: &str = "gw:probe";
 
 fn unix_seconds(ms: u64) -> i64 {
     i64::try_from(ms / 1000).unwrap_or(i64::MAX)
@@ -331,7 +346,13 @@ impl Gateway {
             key_sets: Vec::new(),
             jwks: Vec::new(),
             host_verifies: false,
+            local: None,
+            timers: true,
         };
+        let probe = host.set(PROBE_KEY, b"1", None).is_ok() && host.get(PROBE_KEY).is_some();
+        if !probe {
+            gw.local = Some(LocalStore::default());
+        }
         let issuers = gw.config.verifier.as_ref().map_or(0, |v| v.issuers().len());
         gw.key_sets = vec![None; issuers];
         gw.jwks = (0..issuers).map(|_| keys::JwksState::default()).collect();
@@ -348,7 +369,7 @@ impl Gateway {
                 &format!("public-key signatures are checked by {how}"),
             );
         }
-        gw.create_rate_limit_keys(host);
+        gw.create_rate_limit_keys(shared(&gw.local, host));
         Ok(gw)
     }
 
@@ -629,13 +650,19 @@ impl Gateway {
         host: &mut dyn Host,
     ) -> Result<(), Reply> {
         let idx = kind_index(check.kind);
-        match ratelimit::consume(host, &check.key, check.fingerprint, &check.limit, now_ms) {
+        match ratelimit::consume(
+            shared(&self.local, host),
+            &check.key,
+            check.fingerprint,
+            &check.limit,
+            now_ms,
+        ) {
             Update::Done(v) if v.allowed => {
                 if let Some(id) = self.metrics.rl_allowed.get(idx).copied() {
                     self.inc(id);
                 }
                 if check.kind == Kind::Route && limits.cluster_wide {
-                    cluster::add(host, &limits.pending_key, 1);
+                    cluster::add(shared(&self.local, host), &limits.pending_key, 1);
                 }
                 if req.verdict.is_none_or(|b| v.remaining < b.remaining) {
                     req.verdict = Some(v);
@@ -701,7 +728,7 @@ impl Gateway {
         let issued_at = caller.identity.issued_at;
         if let Some(sub) = &caller.identity.user_id {
             let ban_slot = Slot::of("u", sub, rv.cache_slots);
-            let stored = host.get(&ban_slot.ban_key()).map(|(b, _)| b);
+            let stored = shared(&self.local, host).get(&ban_slot.ban_key()).map(|(b, _)| b);
             if let Some(before) = rv::local_ban(stored.as_deref(), &ban_slot, now_ms) {
                 let ban = Lookup {
                     blacklisted: false,
@@ -714,7 +741,7 @@ impl Gateway {
         }
         let slot = Slot::of("t", &caller.token, rv.cache_slots);
         if rv.cache_ttl_ms > 0 {
-            let stored = host.get(&slot.cache_key()).map(|(b, _)| b);
+            let stored = shared(&self.local, host).get(&slot.cache_key()).map(|(b, _)| b);
             if let Some(lookup) = CacheEntry::fresh(stored.as_deref(), &slot, now_ms, rv.cache_ttl_ms) {
                 let id = self.metrics.cache_hits;
                 self.inc(id);
@@ -1134,7 +1161,7 @@ impl Gateway {
                     stored_at_ms: now_ms,
                     lookup: *lookup,
                 };
-                let _ = host.set(&slot.cache_key(), &entry.encode(), None);
+                let _ = shared(&self.local, host).set(&slot.cache_key(), &entry.encode(), None);
             }
         }
         for &w in waiters {
@@ -1189,12 +1216,16 @@ impl Gateway {
                             revoked_before: None,
                         },
                     };
-                    let _ = host.set(&slot.cache_key(), &entry.encode(), None);
+                    let _ = shared(&self.local, host).set(&slot.cache_key(), &entry.encode(), None);
                 }
                 Effect::Ban { user, since_s } => {
                     let slot = Slot::of("u", user, rv.cache_slots);
                     let expires = now_ms.saturating_add(rv.ban_ttl_seconds.saturating_mul(1000));
-                    let _ = host.set(&slot.ban_key(), &rv::ban_entry(&slot, *since_s, expires), None);
+                    let _ = shared(&self.local, host).set(
+                        &slot.ban_key(),
+                        &rv::ban_entry(&slot, *since_s, expires),
+                        None,
+                    );
                 }
             }
         }
@@ -1285,7 +1316,8 @@ impl Gateway {
         if is_auth_failure(decision) {
             self.inc_named(&format!("gateway_auth_failures_{decision}_total"), host);
         }
-        let store = config.logs.store.as_ref();
+        // Records are written by the timer: without timers there is no log store.
+        let store = config.logs.store.as_ref().filter(|_| self.timers);
         let status = req.status.unwrap_or(0);
         let level = match access_log::level(status) {
             access_log::Level::Error => LogLevel::Error,
@@ -1351,9 +1383,48 @@ impl Gateway {
 
     /// The context is gone (also after `on_log`): drop its state. A lookup it dispatched will
     /// not be answered; its waiters get a new one on the next tick.
-    pub fn on_done(&mut self, ctx: u32) {
-        self.requests.remove(&ctx);
+    /// The context is deleted. A request still here was never logged: the host has no `on_log`
+    /// (APISIX), so it is logged now.
+    pub fn on_done(&mut self, ctx: u32, host: &mut dyn Host) {
+        if self.requests.contains_key(&ctx) {
+            self.on_log(ctx, host);
+        }
         self.forget(ctx);
+    }
+
+    /// Start-up is over: `timers` says whether the host took the tick period. Logs one line
+    /// with what the host offers and what is degraded for want of it.
+    pub fn started(&mut self, timers: bool, host: &mut dyn Host) {
+        self.timers = timers;
+        let cfg = Rc::clone(&self.config);
+        let mut degraded: Vec<&str> = Vec::new();
+        if self.local.is_some() {
+            degraded.push("no shared data: rate limits, the revocation cache and bans are per worker");
+        }
+        if !timers {
+            degraded.push("no timers: counters not reported, no log store, no cluster-wide sync, key sets fetched only when a token needs them");
+        }
+        let public_keys = cfg.verifier.as_ref().is_some_and(|v| v.uses_public_keys());
+        if public_keys && !self.host_verifies {
+            degraded.push("no verify_signature: RSA and ECDSA checked by the module's own code");
+        }
+        let line = format!(
+            "host offers: shared data {}, timers {}, verify_signature {}; {}",
+            if self.local.is_none() { "yes" } else { "no" },
+            if timers { "yes" } else { "no" },
+            if self.host_verifies { "yes" } else { "no" },
+            if degraded.is_empty() {
+                "nothing degraded".to_string()
+            } else {
+                format!("degraded: {}", degraded.join("; "))
+            }
+        );
+        let level = if degraded.is_empty() {
+            LogLevel::Info
+        } else {
+            LogLevel::Warn
+        };
+        host.log(level, &line);
     }
 
     fn forget(&mut self, ctx: u32) {
@@ -1473,7 +1544,12 @@ impl Gateway {
 
     /// Leader VM only: send each cluster-wide route's local consumption to Redis.
     fn sync_limits(&mut self, config: &Config, sync: &SyncTarget, now: u64, host: &mut dyn Host) {
-        if !cluster::elect(host, self.vm_id, now, sync.interval_ms.saturating_mul(3)) {
+        if !cluster::elect(
+            shared(&self.local, host),
+            self.vm_id,
+            now,
+            sync.interval_ms.saturating_mul(3),
+        ) {
             return;
         }
         for limits in config
@@ -1489,7 +1565,7 @@ impl Gateway {
             if busy {
                 continue; // the previous sync of this route is still out
             }
-            let delta = cluster::take_all(host, &limits.pending_key);
+            let delta = cluster::take_all(shared(&self.local, host), &limits.pending_key);
             let path = cluster::incrby_path(&limits.name, delta);
             let call = host.dispatch(Callout {
                 cluster: &sync.cluster,
@@ -1523,7 +1599,7 @@ impl Gateway {
             LogLevel::Warn,
             &format!("rate limit sync of {} failed: {why}", limits.name),
         );
-        cluster::add(host, &limits.pending_key, delta);
+        cluster::add(shared(&self.local, host), &limits.pending_key, delta);
     }
 
     fn sync_answered(

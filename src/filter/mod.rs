@@ -277,9 +277,11 @@ impl RootContext for Root {
                 return false;
             }
         };
-        // One timer in every VM: counters, the log flush, the limit sync (leader only), and
-        // lookups whose owner left.
-        let _ = hostcalls::set_tick_period(Duration::from_millis(gateway.tick_period_ms()));
+        // One timer in every VM: counters, the log flush, the limit sync (leader only), key
+        // sets, and lookups whose owner left. A host without timers degrades (logged once).
+        let mut gateway = gateway;
+        let timers = hostcalls::set_tick_period(Duration::from_millis(gateway.tick_period_ms())).is_ok();
+        gateway.started(timers, &mut WasmHost);
         self.gateway = Some(Rc::new(RefCell::new(gateway)));
         true
     }
@@ -322,7 +324,7 @@ impl Context for Request {
 impl Drop for Request {
     fn drop(&mut self) {
         if let Ok(mut g) = self.gateway.try_borrow_mut() {
-            g.on_done(self.id);
+            g.on_done(self.id, &mut WasmHost);
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 
-use super::{unix_seconds, Call, Flow, Gateway, Request, Stage};
+use super::{shared, unix_seconds, Call, Flow, Gateway, Request, Stage};
 use crate::host::{Callout, Host, LogLevel};
 use crate::jwt::remote::{self, Lease, Remote};
 use crate::jwt::KeySet;
@@ -106,7 +106,7 @@ impl Gateway {
 
     /// Parses the shared copy of `issuer`'s set when it changed; true when the VM's set changed.
     fn adopt_shared(&mut self, issuer: usize, name: &str, host: &mut dyn Host) -> bool {
-        let Some((value, cas)) = host.get(&remote::set_key(name)) else {
+        let Some((value, cas)) = shared(&self.local, host).get(&remote::set_key(name)) else {
             return false;
         };
         let Some(state) = self.jwks.get_mut(issuer) else {
@@ -147,7 +147,7 @@ impl Gateway {
             return Fetch::Out;
         }
         let key = remote::lease_key(name);
-        let current = host.get(&key);
+        let current = shared(&self.local, host).get(&key);
         let lease = Lease::decode(current.as_ref().map(|(v, _)| v.as_slice()));
         if lease.until_ms > now_ms {
             // Another VM is fetching; its set reaches this VM through shared data.
@@ -211,7 +211,7 @@ impl Gateway {
             failures: lease.failures.saturating_add(1),
             ..lease
         };
-        let _ = host.set(&remote::lease_key(name), &released.encode(), None);
+        let _ = shared(&self.local, host).set(&remote::lease_key(name), &released.encode(), None);
         self.inc_named(
             &format!("gateway_jwks_{}_fetch_errors_total", super::metric_part(name)),
             host,
@@ -247,7 +247,12 @@ impl Gateway {
         }
         let now_ms = host.now_ms();
         let key = remote::lease_key(&name);
-        let lease = Lease::decode(host.get(&key).as_ref().map(|(v, _)| v.as_slice()));
+        let lease = Lease::decode(
+            shared(&self.local, host)
+                .get(&key)
+                .as_ref()
+                .map(|(v, _)| v.as_slice()),
+        );
         let parsed = match status {
             _ if oversized => Err(format!("larger than {} bytes", crate::jwt::keys::MAX_JWKS_BYTES)),
             Some(200) => KeySet::parse(body),
@@ -256,13 +261,17 @@ impl Gateway {
         };
         match parsed {
             Ok(set) => {
-                let _ = host.set(&remote::set_key(&name), &remote::encode_set(now_ms, body), None);
+                let _ = shared(&self.local, host).set(
+                    &remote::set_key(&name),
+                    &remote::encode_set(now_ms, body),
+                    None,
+                );
                 let done = Lease {
                     until_ms: 0,
                     failures: 0,
                     ..lease
                 };
-                let _ = host.set(&key, &done.encode(), None);
+                let _ = shared(&self.local, host).set(&key, &done.encode(), None);
                 // Logged when the published kids change (a rotation), not on every refresh.
                 let kids = |s: &KeySet| s.keys.iter().map(|k| k.kid.clone()).collect::<Vec<_>>();
                 let changed = self
@@ -279,7 +288,9 @@ impl Gateway {
                         set.skipped
                     ),
                 );
-                let seen = host.get(&remote::set_key(&name)).map(|(_, cas)| cas);
+                let seen = shared(&self.local, host)
+                    .get(&remote::set_key(&name))
+                    .map(|(_, cas)| cas);
                 if let Some(state) = self.jwks.get_mut(issuer) {
                     state.fetched_at_ms = Some(now_ms);
                     state.seen_cas = seen;

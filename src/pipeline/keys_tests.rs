@@ -210,7 +210,7 @@ fn a_wait_ends_at_max_wait_and_an_oversized_answer_is_not_read() {
     // A request gone while it waited is forgotten.
     t.host.now_ms += 2_000;
     t.send(3, "GET", "/api/v1/plain/1", Some(&tok));
-    t.gw.on_done(3);
+    t.gw.on_done(3, &mut t.host);
     assert!(t.gw.jwks[1].waiters.is_empty());
 }
 

@@ -404,7 +404,7 @@ fn waiters_get_a_new_lookup_when_the_owner_leaves() {
     t.send(4, "GET", "/api/v1/plain/1", Some(&token()));
     let lost = t.host.dispatched[0].token_id;
     // The first client disconnects: its call is cancelled with it.
-    t.gw.on_done(2);
+    t.gw.on_done(2, &mut t.host);
     t.host.gone.push(2);
     t.tick();
     assert_eq!(t.calls(), 2, "the timer dispatched again, from the root context");
@@ -761,6 +761,91 @@ fn webdis_calls_go_to_the_cluster_with_the_authority_the_host_routes_by() {
     let mut t = T::default();
     t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
     assert_eq!(t.host.dispatched.last().unwrap().authority, "webdis");
+}
+
+fn host_line(t: &T) -> String {
+    t.host
+        .logs
+        .iter()
+        .find(|(_, l)| l.starts_with("host offers"))
+        .map(|(_, l)| l.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn on_envoy_nothing_is_degraded_and_the_line_says_so() {
+    let mut t = T::default();
+    t.gw.started(true, &mut t.host);
+    assert_eq!(
+        host_line(&t),
+        "host offers: shared data yes, timers yes, verify_signature no; nothing degraded"
+    );
+}
+
+#[test]
+fn without_shared_data_limits_and_the_revocation_cache_work_per_vm() {
+    // APISIX answers every shared-data call with an error.
+    let cfg = Config::from_json(base().to_string().as_bytes()).unwrap();
+    let mut host = FakeHost::new(NOW_S as u64 * 1000);
+    host.current = ROOT;
+    host.no_shared_data = true;
+    let gw = Gateway::new(cfg, &mut host).unwrap();
+    let mut t = T { gw, host };
+    t.gw.started(true, &mut t.host);
+    assert!(host_line(&t).contains("shared data no"), "{}", host_line(&t));
+    assert!(host_line(&t).contains("rate limits, the revocation cache and bans are per worker"));
+    // users: one request per second per user.
+    t.send(2, "GET", "/api/v1/users/1", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(2), 200);
+    let calls = t.calls();
+    t.send(3, "GET", "/api/v1/users/1", Some(&token()));
+    assert_eq!(
+        t.calls(),
+        calls,
+        "the revocation answer was cached, in the VM's own store"
+    );
+    assert_eq!((t.status(3), t.reason(3)), (429, "rate_limited_user"));
+    assert!(
+        t.host.shared.borrow().is_empty(),
+        "nothing reached the host's (missing) shared data"
+    );
+}
+
+#[test]
+fn without_timers_there_is_no_log_store_and_it_is_said() {
+    let mut v = base();
+    v["logs"] = serde_json::json!({"enabled": true, "store": {}});
+    let mut t = T::new(v);
+    t.gw.started(false, &mut t.host);
+    let line = host_line(&t);
+    assert!(
+        line.contains("timers no") && line.contains("no log store"),
+        "{line}"
+    );
+    t.send(2, "GET", "/api/v1/open/1", None);
+    t.finish(2);
+    assert!(
+        t.gw.log_buffer.is_empty(),
+        "no record waits for a flush that never comes"
+    );
+}
+
+#[test]
+fn without_on_log_the_request_is_logged_when_its_context_goes() {
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/open/1", None);
+    t.host.current = 2;
+    t.host.requests.entry(2).or_default().response_status = Some(200);
+    t.gw.on_response_headers(2, &mut t.host);
+    // No on_log (APISIX): the context is deleted.
+    t.gw.on_done(2, &mut t.host);
+    assert_eq!(t.metric("gateway_requests_open_allowed_total"), 1);
+    // With on_log (Envoy) it is logged once, not twice.
+    t.send(3, "GET", "/api/v1/open/1", None);
+    t.finish(3);
+    t.gw.on_done(3, &mut t.host);
+    assert_eq!(t.metric("gateway_requests_open_allowed_total"), 2);
 }
 
 #[path = "keys_tests.rs"]
