@@ -11,7 +11,7 @@ WASM_OPT_LEVEL := $(if $(filter release-fast,$(WASM_PROFILE)),-O3,-Oz)
 WASM_OPT_FLAGS := $(WASM_OPT_LEVEL) --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
 
-.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean compose-config bench fuzz soak oci
+.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean compose-config bench fuzz soak oci compose-test
 
 help:
 	@echo "make run    build everything and start the demo stack (Envoy :8000, admin :9901, demo services)"
@@ -66,7 +66,15 @@ clean:
 	rm -rf build
 
 compose-config: build
-	$(RENDER) --wasm /etc/gateway/gateway_filter.wasm --out build/envoy.compose.yaml
+	@mkdir -p build/compose
+	cp $(WASM) build/compose/gateway_filter.wasm
+	sed -e 's#admin: {socket: build/envoy-admin.sock}#admin: {socket: /tmp/envoy-admin.sock}#' config/gateway.yaml > build/compose/gateway.yaml
+	$(RENDER) --config build/compose/gateway.yaml --wasm /etc/gateway/gateway_filter.wasm --out build/compose/envoy.yaml
+	python3 -c 'import json; c = json.load(open("config/webdis.json")); c.update(redis_auth="__REDIS_PASSWORD__", logfile="/tmp/webdis.log"); [r.update(http_basic_auth="__WEBDIS_AUTH__") for r in c["acl"] if "enabled" in r]; json.dump(c, open("build/compose/webdis.template.json", "w"), indent=2)'
+	chmod a+r build/compose/*
+
+compose-test: compose-config
+	scripts/compose_test.sh
 
 bench: build
 	@scripts/bootstrap.sh bench
