@@ -86,9 +86,11 @@ fn kind_index(kind: Kind) -> usize {
     }
 }
 
-/// Metric-name-safe form of a route name.
+/// A name inside a metric name: `.` separates Envoy's stat name segments, so it becomes `_`;
+/// `-` stays (route names keep their spelling, and become the `route` label in Prometheus
+/// through the rendered `stats_tags`).
 fn metric_part(s: &str) -> String {
-    s.replace(['-', '.'], "_")
+    s.replace('.', "_")
 }
 
 impl Metrics {

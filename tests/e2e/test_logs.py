@@ -108,7 +108,7 @@ def test_query_errors(gw):
 
 
 def test_metrics_move_as_requests_say(gw):
-    names = ["gateway_requests_product_service_allowed_total", "gateway_requests_user_service_unauthorized_total",
+    names = ["gateway_requests_product-service_allowed_total", "gateway_requests_user-service_unauthorized_total",
              "gateway_auth_failures_expired_total", "gateway_auth_failures_missing_authorization_total",
              "gateway_requests_none_not_found_total"]
     gw.get("/api/v1/products/1")  # make sure every counter exists

@@ -2,9 +2,6 @@
 //! (its JSON configuration embedded) and the router; one route per prefix; one cluster per route.
 
 use gateway_filter::canary::ROUTE_HEADER;
-/// Where Debian-based images (Envoy's included) keep the system's CA certificates: an
-/// identity provider's key set over https is verified against them.
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 use serde_json::{json, Value};
 
@@ -12,6 +9,57 @@ use crate::gateway::{
     Endpoint, EscapedSlashes, FailurePolicy, GatewayFile, LbPolicy, UnderscoreAction, LOG_WEBDIS_CLUSTER,
     WEBDIS_CLUSTER,
 };
+
+/// The filter's outcomes, as the last part of `gateway_requests_<route>_<outcome>_total`.
+const OUTCOMES: &str =
+    "allowed|revoked|forbidden|not_found|method_not_allowed|store_unavailable|bad_request|rate_limited|unauthorized|error";
+
+/// Tag extraction for the filter's metrics: the route, outcome, reason, scope... baked into each
+/// stat name become Prometheus labels of one family per measure
+/// (`gateway_requests_total{route="user-service",outcome="allowed"}`), while `/stats` keeps the
+/// plain names. Each regex's first group is cut from the name; its inner group is the value.
+fn stats_tags() -> Value {
+    let tag = |name: &str, regex: String| json!({"tag_name": name, "regex": regex});
+    json!([
+        tag(
+            "route",
+            format!(r"^wasmcustom\.gateway_requests_((.+?)_)(?:{OUTCOMES})_total$")
+        ),
+        tag(
+            "outcome",
+            format!(r"^wasmcustom\.gateway_requests_.+?_(({OUTCOMES})_)total$")
+        ),
+        tag(
+            "reason",
+            r"^wasmcustom\.gateway_auth_failures_((.+)_)total$".to_string()
+        ),
+        tag(
+            "scope",
+            r"^wasmcustom\.gateway_ratelimit_((ip|user|route)_)(?:allowed|limited)_total$".to_string()
+        ),
+        tag(
+            "decision",
+            r"^wasmcustom\.gateway_ratelimit_(?:ip|user|route)_((allowed|limited)_)total$".to_string()
+        ),
+        tag(
+            "route",
+            r"^wasmcustom\.gateway_canary_((.+)_)(?:stable|canary)_total$".to_string()
+        ),
+        tag(
+            "target",
+            r"^wasmcustom\.gateway_canary_.+_((stable|canary)_)total$".to_string()
+        ),
+        tag(
+            "issuer",
+            r"^wasmcustom\.gateway_jwks_((.+?)_)(?:fetches|fetch_errors|unknown_kid_fetches)_total$"
+                .to_string()
+        ),
+    ])
+}
+
+/// Where Debian-based images (Envoy's included) keep the system's CA certificates: an
+/// identity provider's key set over https is verified against them.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Where the filter's `.wasm` lives, as Envoy will see it.
 pub struct RenderOptions<'a> {
@@ -407,6 +455,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
 
     Ok(json!({
         "overload_manager": overload,
+        "stats_config": {"stats_tags": stats_tags()},
         "admin": {"address": admin_address},
         "static_resources": {
             "listeners": listeners,
