@@ -11,7 +11,7 @@ WASM_OPT_LEVEL := $(if $(filter release-fast,$(WASM_PROFILE)),-O3,-Oz)
 WASM_OPT_FLAGS := $(WASM_OPT_LEVEL) --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
 
-.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean compose-config bench fuzz soak oci compose-test
+.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean compose-config bench fuzz soak oci compose-test reload
 
 help:
 	@echo "make run    build everything and start the demo stack (Envoy :8000, admin :9901, demo services)"
@@ -19,6 +19,7 @@ help:
 	@echo "make lint   cargo fmt --check and clippy (host and wasm32) with -D warnings"
 	@echo "make build  the optimised filter ($(WASM)) and the renderer ($(RENDER))"
 	@echo "make bench  cost per request against plain Envoy and Envoy's native filters (writes the README table)"
+	@echo "make reload apply an edited config/gateway.yaml to the running \`make run\` Envoy (validated first; no restart)"
 	@echo "make oci    the module as an OCI image archive Istio can pull (build/gateway-filter.oci.tar)"
 	@echo "make soak   memory under a million distinct client addresses and users (about 5 minutes)"
 	@echo "make fuzz   libFuzzer on tokens, the configuration, webdis replies and request heads (FUZZ_SECONDS each)"
@@ -79,6 +80,13 @@ compose-test: compose-config
 bench: build
 	@scripts/bootstrap.sh bench
 	.venv/bin/python bench/bench.py
+
+# Renders config/gateway.yaml into build/xds, the files `make run`'s Envoy watches: validated
+# first (an invalid file is refused with the field and line, and nothing changes), then swapped
+# in atomically. WEBDIS_PORT moves webdis as in `make run`.
+reload: render
+	@sed "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:$${WEBDIS_PORT:-7379}#" config/gateway.yaml > build/gateway.next.yaml
+	$(RENDER) --config build/gateway.next.yaml --wasm $(CURDIR)/$(WASM) --xds $(CURDIR)/build/xds
 
 oci: wasm
 	python3 scripts/oci.py

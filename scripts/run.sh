@@ -19,7 +19,10 @@ REDIS_PASSWORD="${REDIS_PASSWORD:-$(random_secret)}"
 mkdir -p build
 # The gateway file names webdis at 7379; follow WEBDIS_PORT if it was overridden.
 sed "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:${WEBDIS_PORT}#" config/gateway.yaml > build/gateway.yaml
-target/release/gateway-render --config build/gateway.yaml --wasm "$PWD/build/gateway_filter.wasm" --out build/envoy.yaml
+# Listener, routes, clusters and the filter's configuration as filesystem-xDS files in build/xds:
+# `make reload` applies an edited config/gateway.yaml to the running Envoy without a restart.
+target/release/gateway-render --config build/gateway.yaml --wasm "$PWD/build/gateway_filter.wasm" \
+  --xds "$PWD/build/xds" --out build/envoy.yaml
 REDIS_PASSWORD="$REDIS_PASSWORD" python3 - "$REDIS_PORT" "$WEBDIS_PORT" <<'PY'
 import json, os, sys
 cfg = json.load(open("config/webdis.json"))
@@ -96,6 +99,9 @@ Try:
        -d '{"username":"alice","password":"alice123","alg":"RS256"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -s localhost:8000/api/v1/users/123 -H "Authorization: Bearer \$RS"
   curl -s -X POST localhost:8005/admin/rotate     # new keys: the next new token's kid is fetched at once
+
+  # Edit config/gateway.yaml (a route, a limit, a canary percentage), then, in another shell:
+  make reload                                     # validated, then applied live: no restart, no dropped connection
 
 Ctrl-C stops everything.
 TXT

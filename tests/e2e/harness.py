@@ -142,11 +142,12 @@ class Services:
 class Gateway:
     """Envoy with the filter, from a gateway file (a dict, rendered by gateway-render)."""
 
-    def __init__(self, gateway_file: dict, concurrency=2, env=None, admin_socket=False, istio=None):
+    def __init__(self, gateway_file: dict, concurrency=2, env=None, admin_socket=False, istio=None, xds=False):
         """`admin_socket`: the admin interface on a Unix socket in the gateway's directory, and
         `admin_port` a metrics listener serving only /stats/prometheus and /ready.
         `istio`: a namespace; the bootstrap is then reshaped as istiod would send it (see
-        `istio_shape`)."""
+        `istio_shape`). `xds`: listener, routes, clusters and the filter's configuration as
+        filesystem-xDS files (`gateway-render --xds`), so `reload` can change them live."""
         require_build()
         self.dir = Path(tempfile.mkdtemp(prefix="gw-e2e-"))
         self.port = free_port()
@@ -170,8 +171,13 @@ class Gateway:
             shaped = istio_shape(json.loads(rendered.read_text()), istio)
             self.envoy_yaml.write_text(json.dumps(shaped, indent=1))
             self.istio_clusters = {c["name"] for c in shaped["static_resources"]["clusters"]}
+        elif xds:
+            self.xds_dir = self.dir / "xds"
+            render(self.gateway_yaml, self.envoy_yaml, self.env, check=True, extra=["--xds", str(self.xds_dir)])
         else:
             render(self.gateway_yaml, self.envoy_yaml, self.env, check=True)
+        self.ports_overrides = {k: gateway_file["gateway"][k] for k in ("port", "address", "admin", "metrics")
+                                if k in gateway_file["gateway"]}
         self.log_path = self.dir / "envoy.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -183,6 +189,17 @@ class Gateway:
         except Exception:
             self.stop()
             raise RuntimeError("envoy did not start:\n" + self.log_path.read_text()[-3000:])
+
+    def reload(self, gateway_file: dict):
+        """Renders a new version of the gateway file into the running Envoy's xDS files (the
+        listener address and admin kept). Returns the renderer's result; on an error nothing is
+        swapped."""
+        f = json.loads(json.dumps(gateway_file))
+        f["gateway"].update(self.ports_overrides)
+        path = self.dir / "gateway.next.yaml"
+        path.write_text(json.dumps(f, indent=1))
+        args = [str(RENDER), "--config", str(path), "--wasm", str(WASM), "--xds", str(self.xds_dir)]
+        return subprocess.run(args, env=self.env, capture_output=True, text=True)
 
     def _ready(self):
         if self.proc.poll() is not None:
