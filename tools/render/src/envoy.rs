@@ -469,12 +469,15 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
 /// and the listener (unchanged from one version to the next, so no connection is drained).
 pub const XDS_FILES: [&str; 4] = ["cds.json", "rds.json", "ecds.json", "lds.json"];
 
+/// The static bootstrap of the xDS form, and the files (name, resource) it reads.
+pub type Xds = (Value, Vec<(&'static str, Value)>);
+
 /// Splits a rendered bootstrap into a static bootstrap that reads the gateway's listener and
 /// clusters from files in `dir` (LDS, CDS), the listener's routes from RDS and the filter's
 /// configuration from extension config discovery (ECDS), plus those files: a new version of the
 /// gateway file then reaches a running Envoy by swapping the files, without a restart. The
 /// admin interface, the metrics listener and its cluster stay static.
-pub fn xds(bootstrap: &Value, dir: &str) -> Result<(Value, Vec<(&'static str, Value)>), String> {
+pub fn xds(bootstrap: &Value, dir: &str) -> Result<Xds, String> {
     let source = |file: &str| {
         json!({"path_config_source": {"path": format!("{dir}/{file}"), "watched_directory": {"path": dir}},
                "resource_api_version": "V3"})
