@@ -10,6 +10,9 @@ Systems (each an Envoy with --concurrency 1 in front of one nginx returning a sm
            three buckets (never reached), canary decision, trace ids, the JSON log line
   C-jwt    this filter, JWT and trace ids only
   C-nocache  full policy with the revocation cache off (a webdis call per request)
+  R        the reference Python gateway as the tutorial builds it (bench/reference_gateway.py:
+           FastAPI, httpx, python-jose, Redis with the Lua sliding window, one uvicorn worker),
+           in its own virtualenv (.venv-bench); its CPU is uvicorn's
   K-*      JWT only, tokens of an identity provider (local JWKS): RS256, ES256 and EdDSA with
            one token (verified once, then from the token cache), and RS256 with 10 000
            distinct tokens in turn (almost every request a cache miss), its signature checked by
@@ -213,6 +216,25 @@ class Proc:
         self.log.close()
 
 
+class ReferenceSystem:
+    """System R: the Python gateway under uvicorn, one worker."""
+
+    def __init__(self, tmp, upstream, redis_port):
+        self.name = "R"
+        self.port = free_port()
+        env = dict(os.environ, JWT_SECRET=SECRET, UPSTREAM=f"http://127.0.0.1:{upstream}",
+                   REDIS_URL=f"redis://127.0.0.1:{redis_port}", PYTHONPATH=str(ROOT / "bench"))
+        self.proc = Proc([str(ROOT / ".venv-bench" / "bin" / "uvicorn"), "reference_gateway:app", "--host", "127.0.0.1",
+                          "--port", str(self.port), "--workers", "1", "--no-access-log", "--log-level", "warning"],
+                         tmp / "R.log", env=env)
+        wait_port(self.port)
+        self.runs = []
+
+    @property
+    def pid(self):
+        return self.proc.p.pid
+
+
 class System:
     def __init__(self, name, bootstrap, tmp):
         self.name = name
@@ -313,6 +335,8 @@ http {{ access_log off; keepalive_requests 1000000;
         for name, bootstrap in specs:
             if not only or name in only or name in ("A", "B"):
                 systems.append(System(name, bootstrap, tmp))
+        if (not only or "R" in only) and (ROOT / ".venv-bench" / "bin" / "uvicorn").exists():
+            systems.append(ReferenceSystem(tmp, nginx_port, redis_port))
 
         now = int(time.time())
         token = hs256({"sub": "bench-user", "name": "bench", "role": "user", "iat": now, "exp": now + 86400})
@@ -398,6 +422,10 @@ def report(rows, args):
             f"| {name} | {m['cpu_us']:.1f} | {m['cpu_us'] / a['cpu_us']:.2f} | {m['cpu_us'] / b['cpu_us']:.2f} | "
             f"{m['rps']:.0f} | {m['rps'] / a['rps']:.2f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['rss']:.1f} | {m['errors']} |")
     c = base.get("C")
+    r = base.get("R")
+    if c is not None and r is not None:
+        lines += ["", f"C serves {c['rps'] / r['rps']:.1f}× the requests per second of R, the reference Python gateway "
+                      f"(target ≥ 40×: {'met' if c['rps'] >= 40 * r['rps'] else 'MISSED'}); R's CPU is its uvicorn process."]
     if c is None:
         return "\n".join(lines)
     lines += ["", "Targets for C (full policy): "

@@ -17,6 +17,8 @@ if [ "${1:-}" = "bench" ]; then
   DEBS[wrk]=wrk
   DEBS[nginx]=nginx-light
 fi
+# The bench's reference Python gateway (system R), in its own virtualenv.
+BENCH_PY="fastapi==0.165.0 uvicorn==0.54.0 httpx==0.28.1 python-jose==3.5.0 redis==8.1.0"
 
 missing=()
 for cmd in "${!DEBS[@]}"; do
@@ -45,4 +47,12 @@ if [ "$(cat .venv/.extras 2>/dev/null)" != "$PY_EXTRAS" ]; then
   # shellcheck disable=SC2086
   .venv/bin/pip install -q --disable-pip-version-check $PY_EXTRAS
   echo "$PY_EXTRAS" > .venv/.extras
+fi
+
+if [ "${1:-}" = "bench" ] && [ "$(cat .venv-bench/.pins 2>/dev/null)" != "$BENCH_PY" ]; then
+  echo "bootstrap: installing the reference gateway's packages into .venv-bench"
+  python3 -m venv .venv-bench
+  # shellcheck disable=SC2086
+  .venv-bench/bin/pip install -q --disable-pip-version-check $BENCH_PY
+  echo "$BENCH_PY" > .venv-bench/.pins
 fi
