@@ -146,15 +146,7 @@ impl LogSettings {
                 })?;
                 let authorization = match &st.auth_env {
                     None => webdis.1.map(str::to_string),
-                    Some(var) => {
-                        let credentials = env(var).filter(|v| v.contains(':')).ok_or_else(|| {
-                            ConfigError::new(
-                                "store.auth_env",
-                                format!("environment variable {var} must hold user:password"),
-                            )
-                        })?;
-                        Some(crate::webdis::basic_auth(&credentials))
-                    }
+                    Some(var) => Some(crate::webdis::auth_from_env("store.auth_env", var, env)?),
                 };
                 check_path_prefix("store.query_path", &st.query_path, false)?;
                 if st.query_roles.is_empty() {

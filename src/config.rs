@@ -296,15 +296,7 @@ impl Config {
         };
         let webdis_auth = match &raw.webdis_auth_env {
             None => None,
-            Some(var) => {
-                let credentials = env(var).filter(|v| v.contains(':')).ok_or_else(|| {
-                    ConfigError::new(
-                        "webdis_auth_env",
-                        format!("environment variable {var} must hold user:password"),
-                    )
-                })?;
-                Some(crate::webdis::basic_auth(&credentials))
-            }
+            Some(var) => Some(crate::webdis::auth_from_env("webdis_auth_env", var, env)?),
         };
         let cluster_wide = raw
             .routes

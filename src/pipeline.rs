@@ -307,6 +307,21 @@ fn shared<'a>(local: &'a Option<LocalStore>, host: &'a dyn Host) -> &'a dyn Shar
     }
 }
 
+/// Runs `f` with what verification needs: the VM's fetched key sets and, when the host checks
+/// signatures, that check.
+fn with_keys<R>(
+    key_sets: &[Option<Rc<KeySet>>],
+    host_verifies: bool,
+    host: &mut dyn Host,
+    f: impl FnOnce(KeyContext<'_>) -> R,
+) -> R {
+    let mut check = |h: &str, k: &[u8], s: &[u8], m: &[u8]| host.verify_signature(h, k, s, m);
+    f(KeyContext {
+        remote: key_sets,
+        native: if host_verifies { Some(&mut check) } else { None },
+    })
+}
+
 /// The key the start-up probe writes to find out whether the host has shared data.
 const PROBE_KEY: &str = "gw:probe";
 
@@ -548,26 +563,18 @@ impl Gateway {
                 let Some(route) = config.routes.get(i) else {
                     return self.error(req, 404, policy::MSG_ROUTE_NOT_FOUND, host);
                 };
-                let mut host_check =
-                    |h: &str, k: &[u8], s: &[u8], m: &[u8]| host.verify_signature(h, k, s, m);
-                let keys = KeyContext {
-                    remote: &self.key_sets,
-                    native: if self.host_verifies {
-                        Some(&mut host_check)
-                    } else {
-                        None
-                    },
-                };
-                let decided = policy::authenticate(
-                    config,
-                    &mut self.tokens,
-                    keys,
-                    route,
-                    &req.headers,
-                    now,
-                    &trace_id,
-                    may_wait,
-                );
+                let decided = with_keys(&self.key_sets, self.host_verifies, host, |keys| {
+                    policy::authenticate(
+                        config,
+                        &mut self.tokens,
+                        keys,
+                        route,
+                        &req.headers,
+                        now,
+                        &trace_id,
+                        may_wait,
+                    )
+                });
                 match decided {
                     Ok(caller) => req.caller = caller,
                     Err(Refused::Reply(reply)) => return self.reply(req, reply, host),
@@ -578,25 +585,17 @@ impl Gateway {
                 self.check_revocation(ctx, req, Next::Route, true, host)
             }
             Target::Endpoint { ref path, .. } => {
-                let mut host_check =
-                    |h: &str, k: &[u8], s: &[u8], m: &[u8]| host.verify_signature(h, k, s, m);
-                let keys = KeyContext {
-                    remote: &self.key_sets,
-                    native: if self.host_verifies {
-                        Some(&mut host_check)
-                    } else {
-                        None
-                    },
-                };
-                let decided = policy::verified_caller(
-                    config,
-                    &mut self.tokens,
-                    keys,
-                    &req.headers,
-                    now,
-                    &trace_id,
-                    may_wait,
-                );
+                let decided = with_keys(&self.key_sets, self.host_verifies, host, |keys| {
+                    policy::verified_caller(
+                        config,
+                        &mut self.tokens,
+                        keys,
+                        &req.headers,
+                        now,
+                        &trace_id,
+                        may_wait,
+                    )
+                });
                 let caller = match decided {
                     Ok(c) => c,
                     Err(Refused::Reply(reply)) => return self.reply(req, reply, host),

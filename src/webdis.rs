@@ -37,6 +37,22 @@ pub fn command_path(command: &str, args: &[&str]) -> String {
 /// The `Authorization` value for webdis's HTTP basic authentication (`user:password`). Built
 /// once at configure time; standard base64 written out here costs a few hundred bytes of
 /// module, the `base64` crate about 6 KB.
+/// The `Authorization` value for the `user:password` held by environment variable `var`
+/// (looked up through `env`); `field` names the setting in the error.
+pub fn auth_from_env(
+    field: &str,
+    var: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, crate::error::ConfigError> {
+    let credentials = env(var).filter(|v| v.contains(':')).ok_or_else(|| {
+        crate::error::ConfigError::new(
+            field,
+            format!("environment variable {var} must hold user:password"),
+        )
+    })?;
+    Ok(basic_auth(&credentials))
+}
+
 pub fn basic_auth(credentials: &str) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let char_at = |n: u32| char::from(ALPHABET.get((n & 63) as usize).copied().unwrap_or(b'='));

@@ -749,17 +749,8 @@ impl Verifier {
         audience: Option<String>,
         clock_skew_seconds: u64,
     ) -> Self {
-        let keys = algorithms
-            .iter()
-            .filter_map(|&a| {
-                Material::hmac(a, secret).map(|material| Key {
-                    kid: None,
-                    alg: Some(a),
-                    material,
-                    spki: None,
-                })
-            })
-            .collect();
+        // Tests and fuzzing build it with HMAC algorithms only; anything else gives no key.
+        let keys = hmac_keys(algorithms, secret).unwrap_or_default();
         Self::from_issuers(vec![Issuer {
             name: DEFAULT_ISSUER_NAME.to_string(),
             iss: issuer,
@@ -768,7 +759,7 @@ impl Verifier {
             algorithms: algorithms.to_vec(),
             clock_skew: i64::try_from(clock_skew_seconds).unwrap_or(i64::MAX),
             claims: ClaimSettings::default(),
-            source: Source::Secret(KeySet::from_keys(keys)),
+            source: Source::Secret(keys),
         }])
     }
 
