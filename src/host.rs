@@ -50,6 +50,13 @@ pub trait Host: SharedStore {
     /// Sets (`Some`) or removes (`None`) a request header.
     fn set_request_header(&mut self, name: &str, value: Option<&str>);
     fn set_response_header(&mut self, name: &str, value: &str);
+    /// Replaces the whole request header map with one call (`false`: the host refused, nothing
+    /// changed; the caller then writes header by header).
+    fn replace_request_headers(&mut self, headers: &[(&str, &[u8])]) -> bool;
+    /// The whole response header map, read with one call.
+    fn response_headers(&mut self) -> Option<Vec<HeaderPair>>;
+    /// Replaces the whole response header map with one call (`false`: refused, nothing changed).
+    fn replace_response_headers(&mut self, headers: &[(&str, &[u8])]) -> bool;
     fn response_status(&mut self) -> Option<u16>;
     /// The downstream peer, `ip:port`.
     fn source_address(&mut self) -> Option<String>;
@@ -173,8 +180,11 @@ pub mod fake {
         pub peer: Option<String>,
         /// Every host call, and the ones of shared data (they go through `&self`).
         calls: Cell<u32>,
+        call_log: RefCell<Vec<&'static str>>,
         /// Contexts that are gone (`switch_to` fails).
         pub gone: Vec<u32>,
+        /// A host that refuses whole-map header writes (they must fall back to single writes).
+        pub no_map_writes: bool,
         /// A host without shared data: every get finds nothing, every set fails.
         pub no_shared_data: bool,
         /// The host's signature check (none by default, as on hosts without one).
@@ -196,12 +206,23 @@ pub mod fake {
             self.calls.set(self.calls.get() + 1);
         }
 
+        fn call(&self, name: &'static str) {
+            self.tick();
+            self.call_log.borrow_mut().push(name);
+        }
+
+        /// The names of the host calls since the last [`FakeHost::reset_calls`].
+        pub fn call_names(&self) -> Vec<&'static str> {
+            self.call_log.borrow().clone()
+        }
+
         pub fn host_calls(&self) -> u32 {
             self.calls.get()
         }
 
         pub fn reset_calls(&self) {
             self.calls.set(0);
+            self.call_log.borrow_mut().clear();
         }
 
         pub fn req(&self, ctx: u32) -> &FakeRequest {
@@ -227,7 +248,7 @@ pub mod fake {
 
     impl SharedStore for FakeHost {
         fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-            self.tick();
+            self.call("get");
             if self.no_shared_data {
                 return None;
             }
@@ -235,7 +256,7 @@ pub mod fake {
         }
 
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
-            self.tick();
+            self.call("set");
             if self.no_shared_data {
                 return Err(false);
             }
@@ -252,21 +273,21 @@ pub mod fake {
 
     impl Host for FakeHost {
         fn now_ms(&mut self) -> u64 {
-            self.tick();
+            self.call("now_ms");
             self.now_ms
         }
         fn random_bytes(&mut self, buf: &mut [u8]) {
-            self.tick();
+            self.call("random_bytes");
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = (i as u8).wrapping_mul(31).wrapping_add(7);
             }
         }
         fn request_headers(&mut self) -> Option<Vec<HeaderPair>> {
-            self.tick();
+            self.call("request_headers");
             Some(self.cur().headers.clone())
         }
         fn set_request_header(&mut self, name: &str, value: Option<&str>) {
-            self.tick();
+            self.call("set_request_header");
             let r = self.cur();
             r.headers.retain(|(k, _)| k != name);
             if let Some(v) = value {
@@ -274,35 +295,70 @@ pub mod fake {
             }
         }
         fn set_response_header(&mut self, name: &str, value: &str) {
-            self.tick();
+            self.call("set_response_header");
             let r = self.cur();
             r.response_headers.retain(|(k, _)| k != name);
             r.response_headers.push((name.to_string(), value.to_string()));
         }
+        fn replace_request_headers(&mut self, headers: &[(&str, &[u8])]) -> bool {
+            self.call("replace_request_headers");
+            if self.no_map_writes {
+                return false;
+            }
+            self.cur().headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect();
+            true
+        }
+        fn response_headers(&mut self) -> Option<Vec<HeaderPair>> {
+            self.call("response_headers");
+            let r = self.cur();
+            let mut all: Vec<HeaderPair> = Vec::new();
+            if let Some(status) = r.response_status {
+                all.push((":status".to_string(), status.to_string().into_bytes()));
+            }
+            all.extend(
+                r.response_headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_bytes().to_vec())),
+            );
+            Some(all)
+        }
+        fn replace_response_headers(&mut self, headers: &[(&str, &[u8])]) -> bool {
+            self.call("replace_response_headers");
+            if self.no_map_writes {
+                return false;
+            }
+            let r = self.cur();
+            r.response_headers = headers
+                .iter()
+                .filter(|(k, _)| *k != ":status")
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v).into_owned()))
+                .collect();
+            true
+        }
         fn response_status(&mut self) -> Option<u16> {
-            self.tick();
+            self.call("response_status");
             self.cur().response_status
         }
         fn source_address(&mut self) -> Option<String> {
-            self.tick();
+            self.call("source_address");
             self.peer.clone()
         }
         fn clear_route_cache(&mut self) {
-            self.tick();
+            self.call("clear_route_cache");
             self.cur().route_cache_cleared += 1;
         }
         fn send_reply(&mut self, reply: &Reply) {
-            self.tick();
+            self.call("send_reply");
             let r = self.cur();
             r.response_status = Some(reply.status);
             r.reply = Some(reply.clone());
         }
         fn resume(&mut self) {
-            self.tick();
+            self.call("resume");
             self.cur().resumed += 1;
         }
         fn switch_to(&mut self, context_id: u32) -> bool {
-            self.tick();
+            self.call("switch_to");
             if self.gone.contains(&context_id) {
                 return false;
             }
@@ -310,7 +366,7 @@ pub mod fake {
             true
         }
         fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, String> {
-            self.tick();
+            self.call("dispatch");
             if self.fail_dispatch {
                 return Err("BadArgument".to_string());
             }
@@ -328,11 +384,11 @@ pub mod fake {
             Ok(self.next_token)
         }
         fn call_response(&mut self, _body_size: usize) -> (Option<u16>, Vec<u8>) {
-            self.tick();
+            self.call("call_response");
             self.answer.clone()
         }
         fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
-            self.tick();
+            self.call("define_metric");
             if let Some(i) = self.metric_names.iter().position(|(n, _)| n == name) {
                 return Some(i as u32 + 1);
             }
@@ -340,20 +396,20 @@ pub mod fake {
             Some(self.metric_names.len() as u32)
         }
         fn increment_metric(&mut self, id: u32, by: i64) {
-            self.tick();
+            self.call("increment_metric");
             *self.metric_values.entry(id).or_insert(0) += by;
         }
         fn record_metric(&mut self, id: u32, value: u64) {
-            self.tick();
+            self.call("record_metric");
             self.metric_values
                 .insert(id, i64::try_from(value).unwrap_or(i64::MAX));
         }
         fn log_level(&mut self) -> LogLevel {
-            self.tick();
+            self.call("log_level");
             self.level.unwrap_or(LogLevel::Info)
         }
         fn log(&mut self, level: LogLevel, message: &str) {
-            self.tick();
+            self.call("log");
             self.logs.push((level, message.to_string()));
         }
         fn verify_signature(
@@ -363,7 +419,7 @@ pub mod fake {
             signature: &[u8],
             message: &[u8],
         ) -> Option<bool> {
-            self.tick();
+            self.call("verify_signature");
             self.native_calls += 1;
             self.native.and_then(|f| f(hash, spki, signature, message))
         }

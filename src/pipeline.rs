@@ -24,7 +24,10 @@ use crate::headers::{self, HeaderPair};
 use crate::host::{Callout, Host, LocalStore, LogLevel, MetricKind};
 use crate::jwt::{KeyContext, KeySet, TokenCache};
 use crate::policy::{self, Caller, Endpoint, Refused, Target};
-use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SharedStore, SyncTarget, Update, Verdict};
+use crate::ratelimit::lease::Leases;
+use crate::ratelimit::{
+    self, cluster, Check, Kind, RouteLimits, SharedStore, SyncTarget, Taken, Update, Verdict,
+};
 use crate::reply::Reply;
 use crate::revocation::{self as rv, CacheEntry, FailureMode, Lookup, Revocation, Slot, StoreError};
 use crate::trace::{uuid_v4, TraceContext, HEADER_TRACE_ID, RANDOM_BYTES};
@@ -214,6 +217,8 @@ struct Request {
     canary: Option<bool>,
     /// `allowed`, or the reason of the gateway's own reply.
     decision: &'static str,
+    /// The filter answered the request itself.
+    replied: bool,
     status: Option<u16>,
     /// Time from the request headers to the response headers.
     elapsed_us: Option<u64>,
@@ -275,6 +280,10 @@ pub struct Gateway {
     named: HashMap<String, u32>,
     tokens: TokenCache,
     rng: fastrand::Rng,
+    /// Tokens this VM took from busy shared buckets and spends locally.
+    leases: Leases,
+    /// Tokens this VM found not revoked, while no revocation was recorded since.
+    clean: rv::CleanMemo,
     vm_id: u64,
     requests: HashMap<u32, Request>,
     calls: HashMap<u32, Call>,
@@ -348,6 +357,8 @@ impl Gateway {
             named: HashMap::new(),
             tokens: TokenCache::default(),
             rng: fastrand::Rng::with_seed(word(a)),
+            leases: Leases::default(),
+            clean: rv::CleanMemo::default(),
             vm_id: word(b).max(1),
             requests: HashMap::new(),
             calls: HashMap::new(),
@@ -481,6 +492,7 @@ impl Gateway {
             verdict: None,
             canary: None,
             decision: "allowed",
+            replied: false,
             status: None,
             elapsed_us: None,
         };
@@ -651,19 +663,43 @@ impl Gateway {
         host: &mut dyn Host,
     ) -> Result<(), Reply> {
         let idx = kind_index(check.kind);
-        match ratelimit::consume(
-            shared(&self.local, host),
-            &check.key,
-            check.fingerprint,
-            &check.limit,
-            now_ms,
-        ) {
+        // A live lease answers without touching shared data; else take a batch (one token for
+        // limits too small to lease) and keep the rest.
+        let batch = ratelimit::lease::batch(&check.limit);
+        let leased = if batch > 1 {
+            self.leases
+                .spend(&check.key, check.fingerprint, &check.limit, now_ms)
+        } else {
+            None
+        };
+        let (update, taken) = match leased {
+            Some(v) => (Update::Done(v), 0),
+            None => match ratelimit::consume_n(
+                shared(&self.local, host),
+                &check.key,
+                check.fingerprint,
+                &check.limit,
+                now_ms,
+                batch,
+            ) {
+                Taken::Done(v, taken) => {
+                    if batch > 1 {
+                        self.leases
+                            .hold(&check.key, check.fingerprint, &check.limit, now_ms, taken, &v);
+                    }
+                    (Update::Done(v), taken)
+                }
+                Taken::GaveUp { conflicts } => (Update::GaveUp { conflicts }, 0),
+            },
+        };
+        match update {
             Update::Done(v) if v.allowed => {
                 if let Some(id) = self.metrics.rl_allowed.get(idx).copied() {
                     self.inc(id);
                 }
-                if check.kind == Kind::Route && limits.cluster_wide {
-                    cluster::add(shared(&self.local, host), &limits.pending_key, 1);
+                // Cluster-wide routes count what left the shared bucket (a whole batch at once).
+                if check.kind == Kind::Route && limits.cluster_wide && taken > 0 {
+                    cluster::add(shared(&self.local, host), &limits.pending_key, taken);
                 }
                 if req.verdict.is_none_or(|b| v.remaining < b.remaining) {
                     req.verdict = Some(v);
@@ -727,6 +763,20 @@ impl Gateway {
         };
         let now_ms = req.clock_ms;
         let issued_at = caller.identity.issued_at;
+        let slot = Slot::of("t", &caller.token, rv.cache_slots);
+        // This VM's memo of a clean answer holds while no revocation was recorded since (the
+        // epoch is the CAS of one shared key every local revocation write touches): one read.
+        let epoch = if rv.cache_ttl_ms > 0 {
+            let epoch = shared(&self.local, host).get(rv::EPOCH_KEY).map(|(_, cas)| cas);
+            if self.clean.holds(slot.fingerprint, epoch, now_ms) {
+                let id = self.metrics.cache_hits;
+                self.inc(id);
+                return self.proceed(req, next, host);
+            }
+            Some(epoch)
+        } else {
+            None
+        };
         if let Some(sub) = &caller.identity.user_id {
             let ban_slot = Slot::of("u", sub, rv.cache_slots);
             let stored = shared(&self.local, host).get(&ban_slot.ban_key()).map(|(b, _)| b);
@@ -740,15 +790,16 @@ impl Gateway {
                 }
             }
         }
-        let slot = Slot::of("t", &caller.token, rv.cache_slots);
-        if rv.cache_ttl_ms > 0 {
+        if let Some(epoch) = epoch {
             let stored = shared(&self.local, host).get(&slot.cache_key()).map(|(b, _)| b);
-            if let Some(lookup) = CacheEntry::fresh(stored.as_deref(), &slot, now_ms, rv.cache_ttl_ms) {
+            if let Some(entry) = CacheEntry::fresh_entry(stored.as_deref(), &slot, now_ms, rv.cache_ttl_ms) {
                 let id = self.metrics.cache_hits;
                 self.inc(id);
-                return if lookup.revokes(issued_at) {
+                return if entry.lookup.revokes(issued_at) {
                     self.revoked(req, host)
                 } else {
+                    let until = entry.stored_at_ms.saturating_add(rv.cache_ttl_ms);
+                    self.clean.remember(slot.fingerprint, epoch, until);
                     self.proceed(req, next, host)
                 };
             }
@@ -882,7 +933,7 @@ impl Gateway {
                         req.canary = Some(to_canary);
                     }
                 }
-                apply(&forward, host);
+                apply(&forward, &req.headers, host);
                 Flow::Continue
             }
         }
@@ -891,7 +942,7 @@ impl Gateway {
     /// Forwards a request that no route check applies to (the passthrough paths).
     fn forward(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
         let forward = policy::forward_headers(&self.config, &req.headers, &req.trace, None);
-        apply(&forward, host);
+        apply(&forward, &req.headers, host);
         Flow::Continue
     }
 
@@ -1046,6 +1097,7 @@ impl Gateway {
     fn reply(&mut self, req: &mut Request, reply: Reply, host: &mut dyn Host) -> Flow {
         req.decision = reply.reason;
         req.stage = Stage::Idle;
+        req.replied = true;
         host.send_reply(&reply);
         Flow::Paused
     }
@@ -1163,6 +1215,9 @@ impl Gateway {
                     lookup: *lookup,
                 };
                 let _ = shared(&self.local, host).set(&slot.cache_key(), &entry.encode(), None);
+                if lookup.blacklisted || lookup.revoked_before.is_some() {
+                    rv::bump_epoch(shared(&self.local, host));
+                }
             }
         }
         for &w in waiters {
@@ -1229,6 +1284,8 @@ impl Gateway {
                     );
                 }
             }
+            // After the entry: every VM's memo of clean answers is void from here on.
+            rv::bump_epoch(shared(&self.local, host));
         }
         let reply = match (won, write.on_lost) {
             (false, Some(lost)) => lost,
@@ -1273,19 +1330,46 @@ impl Gateway {
         let Some(req) = self.requests.get_mut(&ctx) else {
             return;
         };
-        if logs {
-            req.status = host.response_status();
-        }
-        if let Some(v) = &req.verdict {
-            for (name, value) in ratelimit::headers(v) {
-                host.set_response_header(name, &value);
-            }
-        }
-        host.set_response_header(HEADER_TRACE_ID, &req.trace.trace_id);
         let now_ms = host.now_ms();
         let elapsed_us = now_ms.saturating_sub(req.started_ms).saturating_mul(1000);
         req.elapsed_us = Some(elapsed_us);
-        host.set_response_header(HEADER_RESPONSE_TIME, &policy::response_time(elapsed_us));
+        let mut writes: Vec<(&'static str, String)> = Vec::with_capacity(5);
+        if let Some(v) = &req.verdict {
+            writes.extend(ratelimit::headers(v));
+        }
+        // Where the proxy adds the trace header, the filter's own replies still set it: Envoy
+        // may add its copy (from the request's header, which a refused request never got) to a
+        // local reply too, and a set leaves exactly one value, the chosen id.
+        if self.config.trace.response_header || req.replied {
+            writes.push((HEADER_TRACE_ID, req.trace.trace_id.clone()));
+        }
+        writes.push((HEADER_RESPONSE_TIME, policy::response_time(elapsed_us)));
+        // Read the map (and the status with it) and write it back whole when that takes fewer
+        // calls than a status read and one write per header.
+        if writes.len() + usize::from(logs) > 2 {
+            if let Some(current) = host.response_headers() {
+                if logs {
+                    req.status = headers::get_str(&current, ":status").and_then(|s| s.parse().ok());
+                }
+                let mut all: Vec<(&str, &[u8])> = Vec::with_capacity(current.len() + writes.len());
+                all.extend(
+                    current
+                        .iter()
+                        .filter(|(name, _)| !writes.iter().any(|(w, _)| name.eq_ignore_ascii_case(w)))
+                        .map(|(name, value)| (name.as_str(), value.as_slice())),
+                );
+                all.extend(writes.iter().map(|(name, value)| (*name, value.as_bytes())));
+                if host.replace_response_headers(&all) {
+                    return;
+                }
+            }
+        }
+        if logs && req.status.is_none() {
+            req.status = host.response_status();
+        }
+        for (name, value) in &writes {
+            host.set_response_header(name, value);
+        }
     }
 
     /// The stream ended: metrics, the log line and record.
@@ -1711,13 +1795,29 @@ impl Gateway {
     }
 }
 
-/// Applies the decided request-header changes.
-fn apply(forward: &policy::Forward, host: &mut dyn Host) {
-    for name in &forward.remove {
-        host.set_request_header(name, None);
-    }
-    for (name, value) in &forward.set {
-        host.set_request_header(name, Some(value));
+/// Applies the decided request-header changes: the request's headers without the removed and
+/// replaced names, then the set ones, written as one whole-map call (order and repeated headers
+/// kept, values as bytes). A host that refuses whole-map writes gets them one by one.
+fn apply(forward: &policy::Forward, request: &[HeaderPair], host: &mut dyn Host) {
+    let replaced = |name: &str| {
+        forward.remove.iter().any(|r| r.eq_ignore_ascii_case(name))
+            || forward.set.iter().any(|(s, _)| s.eq_ignore_ascii_case(name))
+    };
+    let mut all: Vec<(&str, &[u8])> = Vec::with_capacity(request.len() + forward.set.len());
+    all.extend(
+        request
+            .iter()
+            .filter(|(name, _)| !replaced(name))
+            .map(|(name, value)| (name.as_str(), value.as_slice())),
+    );
+    all.extend(forward.set.iter().map(|(name, value)| (*name, value.as_bytes())));
+    if !host.replace_request_headers(&all) {
+        for name in &forward.remove {
+            host.set_request_header(name, None);
+        }
+        for (name, value) in &forward.set {
+            host.set_request_header(name, Some(value));
+        }
     }
     if forward.set.iter().any(|(name, _)| *name == canary::ROUTE_HEADER) {
         // Envoy 1.40 re-resolves the route after a header edit by itself; newer versions need

@@ -354,6 +354,19 @@ fn ceil_s(ms: u64) -> u64 {
 /// Takes one token from `current` (or a fresh full bucket when the slot is empty, unreadable or
 /// held by another fingerprint). Returns the bucket to store and the verdict.
 pub fn take(current: Option<Bucket>, fingerprint: u64, limit: &Limit, now_ms: u64) -> (Bucket, Verdict) {
+    let (b, v, _) = take_n(current, fingerprint, limit, now_ms, 1);
+    (b, v)
+}
+
+/// Takes up to `n` tokens (at least one, or none and a refusal). Returns the bucket to store,
+/// the verdict of the first token, and how many were taken.
+pub fn take_n(
+    current: Option<Bucket>,
+    fingerprint: u64,
+    limit: &Limit,
+    now_ms: u64,
+    n: u64,
+) -> (Bucket, Verdict, u64) {
     let cap = limit.capacity_milli();
     let mut b = match current {
         Some(b) if b.fingerprint == fingerprint => b,
@@ -364,21 +377,28 @@ pub fn take(current: Option<Bucket>, fingerprint: u64, limit: &Limit, now_ms: u6
     if now_ms > b.last_ms {
         b.last_ms = now_ms;
     }
-    let allowed = tokens >= SCALE;
-    let left = if allowed { tokens - SCALE } else { tokens };
+    let taken = u64::try_from(tokens / SCALE).unwrap_or(u64::MAX).min(n.max(1));
+    let allowed = taken > 0;
+    let left = tokens - u128::from(taken) * SCALE;
     b.tokens_milli = u64::try_from(left).unwrap_or(u64::MAX);
+    // The first token's view: the other taken tokens still count as remaining.
+    let after_first = if allowed {
+        left + u128::from(taken - 1) * SCALE
+    } else {
+        left
+    };
     let verdict = Verdict {
         allowed,
         limit: limit.max_calls,
-        remaining: u64::try_from(left / SCALE).unwrap_or(u64::MAX),
+        remaining: u64::try_from(after_first / SCALE).unwrap_or(u64::MAX),
         retry_after_s: if allowed {
             0
         } else {
             ceil_s(limit.time_for(SCALE - left)).max(1)
         },
-        reset_s: ceil_s(limit.time_for(cap - left)),
+        reset_s: ceil_s(limit.time_for(cap - after_first)),
     };
-    (b, verdict)
+    (b, verdict, taken)
 }
 
 /// The shared-data operations the limiter needs.
@@ -403,20 +423,163 @@ pub enum Update {
 /// Takes a token from the bucket at `key` with compare-and-swap, retrying on conflicts.
 /// The key must already exist (see [`ensure_key`]); a missing key is created unconditionally.
 pub fn consume(store: &dyn SharedStore, key: &str, fingerprint: u64, limit: &Limit, now_ms: u64) -> Update {
+    match consume_n(store, key, fingerprint, limit, now_ms, 1) {
+        Taken::Done(v, _) => Update::Done(v),
+        Taken::GaveUp { conflicts } => Update::GaveUp { conflicts },
+    }
+}
+
+/// [`consume`] for up to `n` tokens at once: the verdict of the first and how many were taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    Done(Verdict, u64),
+    GaveUp { conflicts: u32 },
+}
+
+pub fn consume_n(
+    store: &dyn SharedStore,
+    key: &str,
+    fingerprint: u64,
+    limit: &Limit,
+    now_ms: u64,
+    n: u64,
+) -> Taken {
     let mut conflicts = 0;
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (current, cas) = match store.get(key) {
             Some((bytes, cas)) => (Bucket::decode(&bytes), Some(cas)),
             None => (None, None),
         };
-        let (next, verdict) = take(current, fingerprint, limit, now_ms);
+        let (next, verdict, taken) = take_n(current, fingerprint, limit, now_ms, n);
         match store.set(key, &next.encode(), cas) {
-            Ok(()) => return Update::Done(verdict),
+            Ok(()) => return Taken::Done(verdict, taken),
             Err(true) => conflicts += 1,
-            Err(false) => return Update::GaveUp { conflicts },
+            Err(false) => return Taken::GaveUp { conflicts },
         }
     }
-    Update::GaveUp { conflicts }
+    Taken::GaveUp { conflicts }
+}
+
+/// Bucket leases: a VM takes a small batch of tokens from a shared bucket with one CAS and spends
+/// them locally, so a busy bucket costs shared-data traffic once per batch instead of once per
+/// request.
+///
+/// Bounds, for a bucket of capacity `C` (`max_calls`) and `V` VMs (Envoy workers):
+/// - a batch is `C / 100` tokens, at most [`LEASE_MAX_BATCH`]; limits below
+///   [`LEASE_MIN_CAPACITY`] calls take one token at a time and stay exact;
+/// - tokens leave the shared bucket before they are spent, so no VM spends a token the bucket did
+///   not have; a leased token is spent within [`LEASE_MS`] of leaving it or dropped. Over any
+///   window an exact bucket admits `A` requests, the leased one admits at most
+///   `A + V × (batch − 1)` (the tokens other VMs held when the window opened), and at least
+///   `A − V × (batch − 1)` per lease lifetime (tokens stranded in other VMs' leases).
+pub mod lease {
+    use std::collections::HashMap;
+
+    use super::{Limit, Verdict};
+
+    /// Limits below this many calls per period are never leased.
+    pub const LEASE_MIN_CAPACITY: u64 = 200;
+    pub const LEASE_MAX_BATCH: u64 = 32;
+    /// How long a leased token may be spent after it left the shared bucket.
+    pub const LEASE_MS: u64 = 1000;
+    /// Leases held per VM; past it, expired ones are dropped, then all (they are only a cache of
+    /// tokens already taken, so dropping one under-admits at most its batch).
+    pub const MAX_LEASES: usize = 4096;
+
+    /// Tokens to take from the shared bucket for one request under `limit`.
+    pub fn batch(limit: &Limit) -> u64 {
+        if limit.max_calls < LEASE_MIN_CAPACITY {
+            1
+        } else {
+            (limit.max_calls / 100).clamp(1, LEASE_MAX_BATCH)
+        }
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    struct Held {
+        fingerprint: u64,
+        /// Tokens left to spend.
+        tokens: u64,
+        /// Whole tokens the shared bucket had left when the lease was taken.
+        shared_remaining: u64,
+        taken_ms: u64,
+        limit: Limit,
+    }
+
+    /// The leases one VM holds, by bucket key.
+    #[derive(Debug, Default)]
+    pub struct Leases {
+        held: HashMap<String, Held>,
+    }
+
+    impl Leases {
+        /// Spends one leased token of the bucket at `key`, if this VM holds a live one.
+        pub fn spend(&mut self, key: &str, fingerprint: u64, limit: &Limit, now_ms: u64) -> Option<Verdict> {
+            let h = self.held.get_mut(key)?;
+            let live = h.fingerprint == fingerprint
+                && h.limit == *limit
+                && h.tokens > 0
+                && now_ms >= h.taken_ms
+                && now_ms - h.taken_ms < LEASE_MS;
+            if !live {
+                self.held.remove(key);
+                return None;
+            }
+            h.tokens -= 1;
+            let remaining = h.shared_remaining + h.tokens;
+            let missing = limit.max_calls.saturating_sub(remaining);
+            Some(Verdict {
+                allowed: true,
+                limit: limit.max_calls,
+                remaining,
+                retry_after_s: 0,
+                reset_s: super::ceil_s(limit.time_for(u128::from(missing) * super::SCALE)),
+            })
+        }
+
+        /// Records the tokens of a batch beyond the one spent now. `verdict` is the first
+        /// token's (its `remaining` counts the leased tokens).
+        pub fn hold(
+            &mut self,
+            key: &str,
+            fingerprint: u64,
+            limit: &Limit,
+            now_ms: u64,
+            taken: u64,
+            verdict: &Verdict,
+        ) {
+            if taken <= 1 {
+                self.held.remove(key);
+                return;
+            }
+            if self.held.len() >= MAX_LEASES && !self.held.contains_key(key) {
+                self.held
+                    .retain(|_, h| now_ms >= h.taken_ms && now_ms - h.taken_ms < LEASE_MS);
+                if self.held.len() >= MAX_LEASES {
+                    self.held.clear();
+                }
+            }
+            let tokens = taken - 1;
+            self.held.insert(
+                key.to_string(),
+                Held {
+                    fingerprint,
+                    tokens,
+                    shared_remaining: verdict.remaining.saturating_sub(tokens),
+                    taken_ms: now_ms,
+                    limit: *limit,
+                },
+            );
+        }
+
+        pub fn len(&self) -> usize {
+            self.held.len()
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.held.is_empty()
+        }
+    }
 }
 
 /// Creates `key` with an empty slot value if it does not exist yet (done at configure time, so
@@ -723,6 +886,87 @@ mod tests {
                 conflicts: MAX_CAS_ATTEMPTS
             }
         );
+    }
+
+    /// Leases never spend a token the shared bucket did not have, and strand at most
+    /// `V × (batch − 1)` tokens: two VMs alternating on one bucket of 1 000 calls per second
+    /// (batch 10), at one instant and then across the lease lifetime.
+    #[test]
+    fn leases_stay_within_the_stated_bounds() {
+        use super::lease::{batch, Leases, LEASE_MS};
+        let limit = Limit {
+            max_calls: 1000,
+            period_ms: 1000,
+        };
+        assert_eq!(batch(&limit), 10);
+        assert_eq!(
+            batch(&Limit {
+                max_calls: 199,
+                period_ms: 1000
+            }),
+            1,
+            "small limits stay exact"
+        );
+        let store = FakeStore::default();
+        ensure_key(&store, "k");
+        let mut vms = [Leases::default(), Leases::default()];
+        let charge = |vms: &mut [Leases; 2], vm: usize, now: u64| -> bool {
+            if let Some(v) = vms[vm].spend("k", 5, &limit, now) {
+                return v.allowed;
+            }
+            match consume_n(&store, "k", 5, &limit, now, batch(&limit)) {
+                Taken::Done(v, taken) => {
+                    vms[vm].hold("k", 5, &limit, now, taken, &v);
+                    v.allowed
+                }
+                Taken::GaveUp { .. } => panic!("no contention here"),
+            }
+        };
+        // At one instant: never more than the capacity, at most 2 × 9 fewer.
+        let admitted = (0..3000).filter(|i| charge(&mut vms, i % 2, 0)).count() as u64;
+        assert!((1000 - 2 * 9..=1000).contains(&admitted), "{admitted}");
+        // Tokens leased at t = 0 and spent just before their lease ends, on top of a window that
+        // opens then: at most 2 × 9 over what an exact bucket admits in that window (refill
+        // alone over 999 ms is 999).
+        let mut vms = [Leases::default(), Leases::default()];
+        let store2 = FakeStore::default();
+        ensure_key(&store2, "k");
+        let take = |vms: &mut [Leases; 2], vm: usize, now: u64| -> bool {
+            if let Some(v) = vms[vm].spend("k", 5, &limit, now) {
+                return v.allowed;
+            }
+            match consume_n(&store2, "k", 5, &limit, now, batch(&limit)) {
+                Taken::Done(v, taken) => {
+                    vms[vm].hold("k", 5, &limit, now, taken, &v);
+                    v.allowed
+                }
+                Taken::GaveUp { .. } => false,
+            }
+        };
+        // At t = 0 the second VM leases a batch and keeps 9 tokens; the first drains the rest.
+        assert!(take(&mut vms, 1, 0));
+        while take(&mut vms, 0, 0) {}
+        // The window [1 ms, 999 ms]: an exact bucket admits the refill, 999 at most.
+        let in_window = (0..5000u64)
+            .filter(|i| take(&mut vms, (i % 2) as usize, 1 + i * 998 / 4999))
+            .count() as u64;
+        assert!(in_window <= 999 + 2 * 9, "{in_window}");
+        assert!(in_window >= 999 - 2 * 9, "{in_window}");
+        // After the lease lifetime nothing leased earlier is spent.
+        let mut late = Leases::default();
+        let v = Verdict {
+            allowed: true,
+            limit: 1000,
+            remaining: 500,
+            retry_after_s: 0,
+            reset_s: 1,
+        };
+        late.hold("k", 5, &limit, 0, 10, &v);
+        assert!(late.spend("k", 5, &limit, LEASE_MS - 1).is_some());
+        assert!(late.spend("k", 5, &limit, LEASE_MS).is_none());
+        // Another fingerprint (a slot taken over) or another limit (reload) ignores the lease.
+        late.hold("k", 5, &limit, 0, 10, &v);
+        assert!(late.spend("k", 6, &limit, 1).is_none());
     }
 
     #[test]

@@ -45,6 +45,8 @@ impl SharedStore for WasmHost {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         match hostcalls::get_shared_data(key) {
             Ok((Some(bytes), cas)) => Some((bytes, cas.unwrap_or(0))),
+            // The SDK reads an empty value as none: the key exists all the same.
+            Ok((None, Some(cas))) => Some((Vec::new(), cas)),
             _ => None,
         }
     }
@@ -100,6 +102,18 @@ impl Host for WasmHost {
 
     fn set_response_header(&mut self, name: &str, value: &str) {
         let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+    }
+
+    fn replace_request_headers(&mut self, headers: &[(&str, &[u8])]) -> bool {
+        hostcalls::set_map_bytes(MapType::HttpRequestHeaders, headers.to_vec()).is_ok()
+    }
+
+    fn response_headers(&mut self) -> Option<Vec<HeaderPair>> {
+        hostcalls::get_map_bytes(MapType::HttpResponseHeaders).ok()
+    }
+
+    fn replace_response_headers(&mut self, headers: &[(&str, &[u8])]) -> bool {
+        hostcalls::set_map_bytes(MapType::HttpResponseHeaders, headers.to_vec()).is_ok()
     }
 
     fn response_status(&mut self) -> Option<u16> {

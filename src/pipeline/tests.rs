@@ -507,53 +507,238 @@ fn host_calls(t: &mut T, ctx: u32, path: &str, token: Option<&str>, answer: Opti
     t.host.host_calls()
 }
 
-/// The number of host calls of each request path, pinned: a change that adds calls on the hot
-/// path fails here and must update the figure on purpose (README "Per-request cost").
-#[test]
-fn host_calls_per_request_path_are_pinned() {
+/// The gateway file of the pinned paths: small limits (exact, one token at a time) on
+/// `users`, and `big` with limits large enough to lease.
+fn pinned_config() -> serde_json::Value {
     let mut v = base();
     v["revocation"] = serde_json::json!({"cache_ttl": 60});
+    // As rendered for Envoy: the virtual host adds the response `X-Trace-ID` (on other hosts
+    // the filter writes it: one call more where no limit applies).
+    v["trace"] = serde_json::json!({"response_header": false});
     v["routes"][0]["rate_limit"]["per_user"] = serde_json::json!({"max_calls": 100});
-    let mut t = T::new(v);
-    // Warm up: lazy counters defined, the host's log level read, the token's answer cached.
+    let big = serde_json::json!({"max_calls": 100000});
+    v["routes"].as_array_mut().unwrap().push(serde_json::json!({
+        "name": "big", "prefix": "/big", "methods": ["GET"],
+        "rate_limit": {"max_calls": 100000, "per_user": big, "per_ip": big},
+        "canary": {"users": ["someone-else"], "header": "X-Canary"}
+    }));
+    v
+}
+
+/// The number of host calls of each request path, pinned: a change that adds calls on the hot
+/// path fails here and must update the figure on purpose (README "Per-request cost";
+/// `make bench` prints this table).
+#[test]
+fn host_calls_per_request_path_are_pinned() {
+    let mut t = T::new(pinned_config());
+    // Warm up: lazy counters defined, the host's log level read, the token's answer cached,
+    // leases taken.
     host_calls(&mut t, 90, "/api/v1/open/1", None, None);
     host_calls(&mut t, 91, "/api/v1/plain/1", Some(&token()), Some(CLEAN));
     host_calls(&mut t, 92, "/api/v1/products/1", None, None);
     host_calls(&mut t, 93, "/api/v1/orders/1", Some(&token()), None);
     host_calls(&mut t, 94, "/api/v1/users/1", Some(&token()), None);
+    host_calls(&mut t, 95, "/api/v1/big/1", Some(&token()), None);
+    host_calls(&mut t, 96, "/api/v1/big/1", Some(&token()), None);
     let other = token_for("user-004", "m");
 
-    let pins = [
-        ("public", host_calls(&mut t, 2, "/api/v1/open/1", None, None), 9),
-        (
-            "public, rate limited (IP, route)",
-            host_calls(&mut t, 3, "/api/v1/products/1", None, None),
-            17,
-        ),
-        (
-            "authenticated, revocation cache miss (request + answer)",
-            host_calls(&mut t, 4, "/api/v1/plain/1", Some(&other), Some(CLEAN)),
-            19,
-        ),
-        (
-            "authenticated, revocation cache hit",
-            host_calls(&mut t, 5, "/api/v1/plain/1", Some(&token()), None),
-            14,
-        ),
-        (
-            "canary, cache hit",
-            host_calls(&mut t, 6, "/api/v1/orders/1", Some(&token()), None),
-            17,
-        ),
-        (
-            "full policy: limits (IP, user, route), cache hit",
-            host_calls(&mut t, 7, "/api/v1/users/1", Some(&token()), None),
-            24,
-        ),
-    ];
-    let got: Vec<(&str, u32)> = pins.iter().map(|(n, got, _)| (*n, *got)).collect();
-    let want: Vec<(&str, u32)> = pins.iter().map(|(n, _, want)| (*n, *want)).collect();
+    let got: Vec<(&str, u32)> = PINNED_PATHS
+        .iter()
+        .enumerate()
+        .map(|(i, (name, path, who, answer, _))| {
+            let token = match who {
+                Some("other") => Some(other.clone()),
+                Some(_) => Some(token()),
+                None => None,
+            };
+            (
+                *name,
+                host_calls(&mut t, 2 + i as u32, path, token.as_deref(), *answer),
+            )
+        })
+        .collect();
+    let want: Vec<(&str, u32)> = PINNED_PATHS.iter().map(|(n, .., want)| (*n, *want)).collect();
     assert_eq!(got, want);
+}
+
+type Pinned = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    u32,
+);
+
+/// (path name, request path, token, webdis answer, host calls).
+const PINNED_PATHS: [Pinned; 7] = [
+    ("public", "/api/v1/open/1", None, None, 6),
+    (
+        "public, exact limits (IP, route)",
+        "/api/v1/products/1",
+        None,
+        None,
+        10,
+    ),
+    (
+        "authenticated, revocation cache miss (request + answer)",
+        "/api/v1/plain/1",
+        Some("other"),
+        Some(CLEAN),
+        14,
+    ),
+    (
+        "authenticated, revocation cache hit",
+        "/api/v1/plain/1",
+        Some("mine"),
+        None,
+        7,
+    ),
+    ("canary, cache hit", "/api/v1/orders/1", Some("mine"), None, 8),
+    (
+        "exact limits (IP, user, route), cache hit",
+        "/api/v1/users/1",
+        Some("mine"),
+        None,
+        13,
+    ),
+    (
+        "full policy: leased limits (IP, user, route), canary, cache hit",
+        "/api/v1/big/1",
+        Some("mine"),
+        None,
+        9,
+    ),
+];
+
+/// The same requests through a host that takes whole-map header writes and one that refuses
+/// them (written header by header): identical request and response headers, byte for byte,
+/// with repeated headers, a non-UTF-8 value, spoofed identity, pseudo-headers and a canary.
+#[test]
+fn whole_map_writes_change_exactly_what_single_writes_change() {
+    let run = |no_map_writes: bool| {
+        let mut t = T::new(pinned_config());
+        t.host.no_map_writes = no_map_writes;
+        let mut outcomes = Vec::new();
+        for (ctx, path) in [
+            (2, "/api/v1/orders/1"),
+            (3, "/api/v1/big/1"),
+            (4, "/api/v1/open/1"),
+        ] {
+            let headers = vec![
+                (":method".to_string(), b"GET".to_vec()),
+                (":path".to_string(), path.as_bytes().to_vec()),
+                (":authority".to_string(), b"gw".to_vec()),
+                (
+                    "authorization".to_string(),
+                    format!("Bearer {}", token()).into_bytes(),
+                ),
+                ("x-user-id".to_string(), b"spoof".to_vec()),
+                // Envoy hands names over lowercased.
+                ("x_user_role".to_string(), b"admin".to_vec()),
+                ("cookie".to_string(), b"a=1".to_vec()),
+                ("cookie".to_string(), b"b=2".to_vec()),
+                ("x-binary".to_string(), vec![0xff, 0xfe, b'a']),
+                ("x-canary".to_string(), b"1".to_vec()),
+                ("x-gateway-canary".to_string(), b"1".to_vec()),
+            ];
+            t.send_headers(ctx, headers);
+            if t.host.dispatched.len() > outcomes.len() {
+                t.answer_last(Some(200), CLEAN);
+            }
+            t.finish(ctx);
+            let r = t.req(ctx).clone();
+            let mut response = r.response_headers.clone();
+            response.sort();
+            outcomes.push((r.headers, response, r.route_cache_cleared));
+        }
+        outcomes
+    };
+    let whole = run(false);
+    let single = run(true);
+    assert_eq!(whole, single);
+    let (headers, _, cleared) = &whole[0];
+    assert_eq!(*cleared, 1, "the canary header makes Envoy route again");
+    let get = |name: &str| {
+        headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(get("cookie"), vec![b"a=1".to_vec(), b"b=2".to_vec()]);
+    assert_eq!(get("x-binary"), vec![vec![0xff, 0xfe, b'a']]);
+    assert_eq!(get("x-user-id"), vec![b"user-001".to_vec()]);
+    assert_eq!(get("x_user_role"), Vec::<Vec<u8>>::new());
+    assert_eq!(get(":path"), vec![b"/api/v1/orders/1".to_vec()]);
+}
+
+/// A busy bucket costs shared data once per batch: with limits of 100 000 calls, a batch is 32
+/// tokens (1% of the capacity, at most 32).
+#[test]
+fn leased_buckets_touch_shared_data_once_per_batch() {
+    let mut t = T::new(pinned_config());
+    let shared_calls = |t: &T| {
+        t.host
+            .call_names()
+            .iter()
+            .filter(|n| **n == "get" || **n == "set")
+            .count()
+    };
+    // The first request takes three batches (IP, user, route) and reads the revocation state.
+    t.host.reset_calls();
+    t.send(2, "GET", "/api/v1/big/1", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.finish(2);
+    let first = shared_calls(&t);
+    let mut later = Vec::new();
+    for ctx in 3..40 {
+        t.host.reset_calls();
+        t.get(ctx, "/api/v1/big/1", Some(&token()));
+        later.push(shared_calls(&t));
+    }
+    assert!(first >= 6, "{first}");
+    // The second request reads the ban table and the cache once (then remembers the token is
+    // clean); 31 leased tokens per bucket, then a new batch: the epoch read every request, plus
+    // six reads and writes when the batches run out.
+    assert_eq!(later[0], 3, "{later:?}");
+    assert!(later[1..31].iter().all(|&n| n == 1), "{later:?}");
+    assert_eq!(later[31], 7, "{later:?}");
+    let remaining: u64 = t
+        .req(39)
+        .response_header("x-ratelimit-remaining")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (100_000 - 39 - 3 * 31..100_000).contains(&remaining),
+        "{remaining}"
+    );
+}
+
+/// Another VM's revocation voids this VM's memo of clean tokens at once.
+#[test]
+fn a_revocation_in_one_vm_reaches_the_memo_of_another_at_once() {
+    let mut t = T::new(pinned_config());
+    let cfg = Config::from_json(pinned_config().to_string().as_bytes()).unwrap();
+    t.host.current = ROOT;
+    let mut other = Gateway::new(cfg, &mut t.host).unwrap();
+    // This VM learns the token is clean, and remembers it (one shared read per request).
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.finish(2);
+    assert_eq!(t.get(3, "/api/v1/plain/1", Some(&token())), 200);
+    assert_eq!(t.get(4, "/api/v1/plain/1", Some(&token())), 200);
+    // The other VM logs the token out.
+    std::mem::swap(&mut t.gw, &mut other);
+    t.send(5, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), SET_OK);
+    assert_eq!(t.status(5), 200);
+    t.finish(5);
+    std::mem::swap(&mut t.gw, &mut other);
+    let calls = t.calls();
+    t.send(6, "GET", "/api/v1/plain/1", Some(&token()));
+    assert_eq!(t.reason(6), "revoked");
+    assert_eq!(t.calls(), calls, "known from shared data, no lookup");
 }
 
 #[test]
