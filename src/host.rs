@@ -50,13 +50,6 @@ pub trait Host: SharedStore {
     /// Sets (`Some`) or removes (`None`) a request header.
     fn set_request_header(&mut self, name: &str, value: Option<&str>);
     fn set_response_header(&mut self, name: &str, value: &str);
-    /// Replaces the whole request header map with one call (`false`: the host refused, nothing
-    /// changed; the caller then writes header by header).
-    fn replace_request_headers(&mut self, headers: &[(&str, &[u8])]) -> bool;
-    /// The whole response header map, read with one call.
-    fn response_headers(&mut self) -> Option<Vec<HeaderPair>>;
-    /// Replaces the whole response header map with one call (`false`: refused, nothing changed).
-    fn replace_response_headers(&mut self, headers: &[(&str, &[u8])]) -> bool;
     fn response_status(&mut self) -> Option<u16>;
     /// The downstream peer, `ip:port`.
     fn source_address(&mut self) -> Option<String>;
@@ -183,8 +176,6 @@ pub mod fake {
         call_log: RefCell<Vec<&'static str>>,
         /// Contexts that are gone (`switch_to` fails).
         pub gone: Vec<u32>,
-        /// A host that refuses whole-map header writes (they must fall back to single writes).
-        pub no_map_writes: bool,
         /// A host without shared data: every get finds nothing, every set fails.
         pub no_shared_data: bool,
         /// The host's signature check (none by default, as on hosts without one).
@@ -299,41 +290,6 @@ pub mod fake {
             let r = self.cur();
             r.response_headers.retain(|(k, _)| k != name);
             r.response_headers.push((name.to_string(), value.to_string()));
-        }
-        fn replace_request_headers(&mut self, headers: &[(&str, &[u8])]) -> bool {
-            self.call("replace_request_headers");
-            if self.no_map_writes {
-                return false;
-            }
-            self.cur().headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect();
-            true
-        }
-        fn response_headers(&mut self) -> Option<Vec<HeaderPair>> {
-            self.call("response_headers");
-            let r = self.cur();
-            let mut all: Vec<HeaderPair> = Vec::new();
-            if let Some(status) = r.response_status {
-                all.push((":status".to_string(), status.to_string().into_bytes()));
-            }
-            all.extend(
-                r.response_headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_bytes().to_vec())),
-            );
-            Some(all)
-        }
-        fn replace_response_headers(&mut self, headers: &[(&str, &[u8])]) -> bool {
-            self.call("replace_response_headers");
-            if self.no_map_writes {
-                return false;
-            }
-            let r = self.cur();
-            r.response_headers = headers
-                .iter()
-                .filter(|(k, _)| *k != ":status")
-                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v).into_owned()))
-                .collect();
-            true
         }
         fn response_status(&mut self) -> Option<u16> {
             self.call("response_status");

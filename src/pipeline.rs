@@ -217,8 +217,6 @@ struct Request {
     canary: Option<bool>,
     /// `allowed`, or the reason of the gateway's own reply.
     decision: &'static str,
-    /// The filter answered the request itself.
-    replied: bool,
     status: Option<u16>,
     /// Time from the request headers to the response headers.
     elapsed_us: Option<u64>,
@@ -492,7 +490,6 @@ impl Gateway {
             verdict: None,
             canary: None,
             decision: "allowed",
-            replied: false,
             status: None,
             elapsed_us: None,
         };
@@ -933,7 +930,7 @@ impl Gateway {
                         req.canary = Some(to_canary);
                     }
                 }
-                apply(&forward, &req.headers, host);
+                apply(&forward, host);
                 Flow::Continue
             }
         }
@@ -942,7 +939,7 @@ impl Gateway {
     /// Forwards a request that no route check applies to (the passthrough paths).
     fn forward(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
         let forward = policy::forward_headers(&self.config, &req.headers, &req.trace, None);
-        apply(&forward, &req.headers, host);
+        apply(&forward, host);
         Flow::Continue
     }
 
@@ -1097,7 +1094,6 @@ impl Gateway {
     fn reply(&mut self, req: &mut Request, reply: Reply, host: &mut dyn Host) -> Flow {
         req.decision = reply.reason;
         req.stage = Stage::Idle;
-        req.replied = true;
         host.send_reply(&reply);
         Flow::Paused
     }
@@ -1330,46 +1326,19 @@ impl Gateway {
         let Some(req) = self.requests.get_mut(&ctx) else {
             return;
         };
+        if logs {
+            req.status = host.response_status();
+        }
+        if let Some(v) = &req.verdict {
+            for (name, value) in ratelimit::headers(v) {
+                host.set_response_header(name, &value);
+            }
+        }
+        host.set_response_header(HEADER_TRACE_ID, &req.trace.trace_id);
         let now_ms = host.now_ms();
         let elapsed_us = now_ms.saturating_sub(req.started_ms).saturating_mul(1000);
         req.elapsed_us = Some(elapsed_us);
-        let mut writes: Vec<(&'static str, String)> = Vec::with_capacity(5);
-        if let Some(v) = &req.verdict {
-            writes.extend(ratelimit::headers(v));
-        }
-        // Where the proxy adds the trace header, the filter's own replies still set it: Envoy
-        // may add its copy (from the request's header, which a refused request never got) to a
-        // local reply too, and a set leaves exactly one value, the chosen id.
-        if self.config.trace.response_header || req.replied {
-            writes.push((HEADER_TRACE_ID, req.trace.trace_id.clone()));
-        }
-        writes.push((HEADER_RESPONSE_TIME, policy::response_time(elapsed_us)));
-        // Read the map (and the status with it) and write it back whole when that takes fewer
-        // calls than a status read and one write per header.
-        if writes.len() + usize::from(logs) > 2 {
-            if let Some(current) = host.response_headers() {
-                if logs {
-                    req.status = headers::get_str(&current, ":status").and_then(|s| s.parse().ok());
-                }
-                let mut all: Vec<(&str, &[u8])> = Vec::with_capacity(current.len() + writes.len());
-                all.extend(
-                    current
-                        .iter()
-                        .filter(|(name, _)| !writes.iter().any(|(w, _)| name.eq_ignore_ascii_case(w)))
-                        .map(|(name, value)| (name.as_str(), value.as_slice())),
-                );
-                all.extend(writes.iter().map(|(name, value)| (*name, value.as_bytes())));
-                if host.replace_response_headers(&all) {
-                    return;
-                }
-            }
-        }
-        if logs && req.status.is_none() {
-            req.status = host.response_status();
-        }
-        for (name, value) in &writes {
-            host.set_response_header(name, value);
-        }
+        host.set_response_header(HEADER_RESPONSE_TIME, &policy::response_time(elapsed_us));
     }
 
     /// The stream ended: metrics, the log line and record.
@@ -1795,29 +1764,15 @@ impl Gateway {
     }
 }
 
-/// Applies the decided request-header changes: the request's headers without the removed and
-/// replaced names, then the set ones, written as one whole-map call (order and repeated headers
-/// kept, values as bytes). A host that refuses whole-map writes gets them one by one.
-fn apply(forward: &policy::Forward, request: &[HeaderPair], host: &mut dyn Host) {
-    let replaced = |name: &str| {
-        forward.remove.iter().any(|r| r.eq_ignore_ascii_case(name))
-            || forward.set.iter().any(|(s, _)| s.eq_ignore_ascii_case(name))
-    };
-    let mut all: Vec<(&str, &[u8])> = Vec::with_capacity(request.len() + forward.set.len());
-    all.extend(
-        request
-            .iter()
-            .filter(|(name, _)| !replaced(name))
-            .map(|(name, value)| (name.as_str(), value.as_slice())),
-    );
-    all.extend(forward.set.iter().map(|(name, value)| (*name, value.as_bytes())));
-    if !host.replace_request_headers(&all) {
-        for name in &forward.remove {
-            host.set_request_header(name, None);
-        }
-        for (name, value) in &forward.set {
-            host.set_request_header(name, Some(value));
-        }
+/// Applies the decided request-header changes, one write per header: a whole-map write
+/// (`proxy_set_header_map_pairs`) makes fewer host calls but measured slower in Envoy (it removes
+/// and re-adds every header; README "Per-request cost").
+fn apply(forward: &policy::Forward, host: &mut dyn Host) {
+    for name in &forward.remove {
+        host.set_request_header(name, None);
+    }
+    for (name, value) in &forward.set {
+        host.set_request_header(name, Some(value));
     }
     if forward.set.iter().any(|(name, _)| *name == canary::ROUTE_HEADER) {
         // Envoy 1.40 re-resolves the route after a header edit by itself; newer versions need

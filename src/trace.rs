@@ -15,12 +15,6 @@ pub struct TraceSettings {
     /// choose the ids that logs are filed and queried under.
     #[serde(default = "default_true")]
     pub trust_incoming: bool,
-    /// The filter writes `X-Trace-ID` on every response. `false` when the proxy's configuration
-    /// adds it (the rendered Envoy configuration does, with `%REQ(x-trace-id)%` on the virtual
-    /// host, which also covers Envoy's own local replies): one host call less per request. The
-    /// filter's own replies always carry it.
-    #[serde(default = "default_true")]
-    pub response_header: bool,
 }
 
 fn default_true() -> bool {
@@ -29,10 +23,7 @@ fn default_true() -> bool {
 
 impl Default for TraceSettings {
     fn default() -> Self {
-        Self {
-            trust_incoming: true,
-            response_header: true,
-        }
+        Self { trust_incoming: true }
     }
 }
 

@@ -104,18 +104,6 @@ impl Host for WasmHost {
         let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
     }
 
-    fn replace_request_headers(&mut self, headers: &[(&str, &[u8])]) -> bool {
-        hostcalls::set_map_bytes(MapType::HttpRequestHeaders, headers.to_vec()).is_ok()
-    }
-
-    fn response_headers(&mut self) -> Option<Vec<HeaderPair>> {
-        hostcalls::get_map_bytes(MapType::HttpResponseHeaders).ok()
-    }
-
-    fn replace_response_headers(&mut self, headers: &[(&str, &[u8])]) -> bool {
-        hostcalls::set_map_bytes(MapType::HttpResponseHeaders, headers.to_vec()).is_ok()
-    }
-
     fn response_status(&mut self) -> Option<u16> {
         status_of(MapType::HttpResponseHeaders)
     }

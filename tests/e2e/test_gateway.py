@@ -324,9 +324,8 @@ def test_the_secret_stays_out_of_envoys_configuration(gw, tmp_path):
     ("/api/v1/users/1", 401),      # the filter's own reply
 ])
 def test_every_response_carries_exactly_one_trace_id(gw, path, status):
-    """The rendered virtual host adds the response X-Trace-ID (%REQ(x-trace-id)%, the id the
-    filter chose); the filter's own replies carry it themselves. Either way: one value, the
-    request's."""
+    """Upstream answers, Envoy's own local replies and direct responses, and the filter's own
+    replies all carry one X-Trace-ID, the request's."""
     tid = "1af76519-16cd-43dd-8448-eb211c80319c"
     r = gw.get(path, [("X-Trace-ID", tid)])
     assert r.status == status, r
@@ -338,8 +337,8 @@ def test_every_response_carries_exactly_one_trace_id(gw, path, status):
 
 @pytest.mark.parametrize("path", ["/api/v1/users/1", "/api/v1/nope", "/api/v1/products/1"])
 def test_a_replaced_trace_id_is_the_only_one_in_the_response(gw, path):
-    """A malformed incoming id is replaced; Envoy's copy of the request header must not leak the
-    client's value next to the chosen one, on the filter's own replies either."""
+    """A malformed incoming id is replaced: the client's value never comes back beside the chosen
+    one, on the filter's own replies either."""
     r = gw.get(path, [("X-Trace-ID", "not-a-trace-id")])
     values = [v for k, v in r.headers if k == "x-trace-id"]
     assert len(values) == 1 and UUID.match(values[0]), r.headers

@@ -98,10 +98,7 @@ fn json_error(error: &str, message: &str) -> Value {
 /// The bootstrap as a JSON value (serialized to YAML by the caller).
 pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, String> {
     let g = &file.gateway;
-    // Envoy adds the response `X-Trace-ID` (virtual host below), so the filter need not.
-    let mut filter = file.filter.clone();
-    filter.trace.response_header = false;
-    let filter_json = serde_json::to_string(&filter).map_err(|e| e.to_string())?;
+    let filter_json = serde_json::to_string(&file.filter).map_err(|e| e.to_string())?;
     // Route order must match the filter's: most specific prefix first.
     let validated = &file.config;
 
@@ -150,17 +147,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
     }));
 
-    // The trace id the filter chose (or kept), on every response the router sends, its own
-    // local replies (upstream unreachable, timeouts) and direct responses included.
-    let mut vhost = json!({
-        "name": "gateway",
-        "domains": ["*"],
-        "routes": routes,
-        "response_headers_to_add": [{
-            "header": {"key": "x-trace-id", "value": "%REQ(x-trace-id)%"},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-        }],
-    });
+    let mut vhost = json!({"name": "gateway", "domains": ["*"], "routes": routes});
     let mut http_filters: Vec<Value> = Vec::new();
     if g.cors.active() {
         let origins: Vec<Value> = g
