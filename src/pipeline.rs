@@ -25,9 +25,7 @@ use crate::host::{Callout, Host, LocalStore, LogLevel, MetricKind};
 use crate::jwt::{KeyContext, KeySet, TokenCache};
 use crate::policy::{self, Caller, Endpoint, Refused, Target};
 use crate::ratelimit::lease::Leases;
-use crate::ratelimit::{
-    self, cluster, Check, Kind, RouteLimits, SharedStore, SyncTarget, Taken, Update, Verdict,
-};
+use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SharedStore, SyncTarget, Update, Verdict};
 use crate::reply::Reply;
 use crate::revocation::{self as rv, CacheEntry, FailureMode, Lookup, Revocation, Slot, StoreError};
 use crate::trace::{uuid_v4, TraceContext, HEADER_TRACE_ID, RANDOM_BYTES};
@@ -671,23 +669,16 @@ impl Gateway {
         };
         let (update, taken) = match leased {
             Some(v) => (Update::Done(v), 0),
-            None => match ratelimit::consume_n(
-                shared(&self.local, host),
-                &check.key,
-                check.fingerprint,
-                &check.limit,
-                now_ms,
-                batch,
-            ) {
-                Taken::Done(v, taken) => {
-                    if batch > 1 {
-                        self.leases
-                            .hold(&check.key, check.fingerprint, &check.limit, now_ms, taken, &v);
-                    }
-                    (Update::Done(v), taken)
+            None => {
+                let store = shared(&self.local, host);
+                let (update, taken) =
+                    ratelimit::consume(store, &check.key, check.fingerprint, &check.limit, now_ms, batch);
+                if let (Update::Done(v), true) = (&update, batch > 1) {
+                    self.leases
+                        .hold(&check.key, check.fingerprint, &check.limit, now_ms, taken, v);
                 }
-                Taken::GaveUp { conflicts } => (Update::GaveUp { conflicts }, 0),
-            },
+                (update, taken)
+            }
         };
         match update {
             Update::Done(v) if v.allowed => {
@@ -789,7 +780,7 @@ impl Gateway {
         }
         if let Some(epoch) = epoch {
             let stored = shared(&self.local, host).get(&slot.cache_key()).map(|(b, _)| b);
-            if let Some(entry) = CacheEntry::fresh_entry(stored.as_deref(), &slot, now_ms, rv.cache_ttl_ms) {
+            if let Some(entry) = CacheEntry::fresh(stored.as_deref(), &slot, now_ms, rv.cache_ttl_ms) {
                 let id = self.metrics.cache_hits;
                 self.inc(id);
                 return if entry.lookup.revokes(issued_at) {

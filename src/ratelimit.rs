@@ -420,30 +420,18 @@ pub enum Update {
     },
 }
 
-/// Takes a token from the bucket at `key` with compare-and-swap, retrying on conflicts.
-/// The key must already exist (see [`ensure_key`]); a missing key is created unconditionally.
-pub fn consume(store: &dyn SharedStore, key: &str, fingerprint: u64, limit: &Limit, now_ms: u64) -> Update {
-    match consume_n(store, key, fingerprint, limit, now_ms, 1) {
-        Taken::Done(v, _) => Update::Done(v),
-        Taken::GaveUp { conflicts } => Update::GaveUp { conflicts },
-    }
-}
-
-/// [`consume`] for up to `n` tokens at once: the verdict of the first and how many were taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Taken {
-    Done(Verdict, u64),
-    GaveUp { conflicts: u32 },
-}
-
-pub fn consume_n(
+/// Takes up to `n` tokens (at least one, or a refusal) from the bucket at `key` with
+/// compare-and-swap, retrying on conflicts: the first token's verdict, and how many were taken
+/// (none when the update gave up). The key must already exist (see [`ensure_key`]); a missing key
+/// is created unconditionally.
+pub fn consume(
     store: &dyn SharedStore,
     key: &str,
     fingerprint: u64,
     limit: &Limit,
     now_ms: u64,
     n: u64,
-) -> Taken {
+) -> (Update, u64) {
     let mut conflicts = 0;
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (current, cas) = match store.get(key) {
@@ -452,12 +440,12 @@ pub fn consume_n(
         };
         let (next, verdict, taken) = take_n(current, fingerprint, limit, now_ms, n);
         match store.set(key, &next.encode(), cas) {
-            Ok(()) => return Taken::Done(verdict, taken),
+            Ok(()) => return (Update::Done(verdict), taken),
             Err(true) => conflicts += 1,
-            Err(false) => return Taken::GaveUp { conflicts },
+            Err(false) => return (Update::GaveUp { conflicts }, 0),
         }
     }
-    Taken::GaveUp { conflicts }
+    (Update::GaveUp { conflicts }, 0)
 }
 
 /// Bucket leases: a VM takes a small batch of tokens from a shared bucket with one CAS and spends
@@ -570,14 +558,6 @@ pub mod lease {
                     limit: *limit,
                 },
             );
-        }
-
-        pub fn len(&self) -> usize {
-            self.held.len()
-        }
-
-        pub fn is_empty(&self) -> bool {
-            self.held.is_empty()
         }
     }
 }
@@ -868,7 +848,7 @@ mod tests {
         *store.conflicts_to_inject.borrow_mut() = 3;
         let mut allowed = 0;
         for _ in 0..25 {
-            if let Update::Done(v) = consume(&store, "k", 5, &L, 0) {
+            if let Update::Done(v) = consume(&store, "k", 5, &L, 0, 1).0 {
                 allowed += u32::from(v.allowed);
             }
         }
@@ -881,7 +861,7 @@ mod tests {
         ensure_key(&store, "k");
         *store.conflicts_to_inject.borrow_mut() = 1000;
         assert_eq!(
-            consume(&store, "k", 5, &L, 0),
+            consume(&store, "k", 5, &L, 0, 1).0,
             Update::GaveUp {
                 conflicts: MAX_CAS_ATTEMPTS
             }
@@ -914,12 +894,12 @@ mod tests {
             if let Some(v) = vms[vm].spend("k", 5, &limit, now) {
                 return v.allowed;
             }
-            match consume_n(&store, "k", 5, &limit, now, batch(&limit)) {
-                Taken::Done(v, taken) => {
+            match consume(&store, "k", 5, &limit, now, batch(&limit)) {
+                (Update::Done(v), taken) => {
                     vms[vm].hold("k", 5, &limit, now, taken, &v);
                     v.allowed
                 }
-                Taken::GaveUp { .. } => panic!("no contention here"),
+                (Update::GaveUp { .. }, _) => panic!("no contention here"),
             }
         };
         // At one instant: never more than the capacity, at most 2 × 9 fewer.
@@ -935,12 +915,12 @@ mod tests {
             if let Some(v) = vms[vm].spend("k", 5, &limit, now) {
                 return v.allowed;
             }
-            match consume_n(&store2, "k", 5, &limit, now, batch(&limit)) {
-                Taken::Done(v, taken) => {
+            match consume(&store2, "k", 5, &limit, now, batch(&limit)) {
+                (Update::Done(v), taken) => {
                     vms[vm].hold("k", 5, &limit, now, taken, &v);
                     v.allowed
                 }
-                Taken::GaveUp { .. } => false,
+                (Update::GaveUp { .. }, _) => false,
             }
         };
         // At t = 0 the second VM leases a batch and keeps 9 tokens; the first drains the rest.
@@ -973,7 +953,7 @@ mod tests {
     fn ensure_key_never_resets_a_bucket() {
         let store = FakeStore::default();
         ensure_key(&store, "k");
-        consume(&store, "k", 5, &L, 0);
+        consume(&store, "k", 5, &L, 0, 1);
         ensure_key(&store, "k");
         let (bytes, _) = store.get("k").unwrap();
         assert_eq!(Bucket::decode(&bytes).unwrap().tokens_milli, 9_000);
@@ -1004,7 +984,7 @@ mod tests {
         use super::cluster::drain;
         let store = FakeStore::default();
         ensure_key(&store, "r");
-        consume(&store, "r", 9, &L, 0); // 9 left
+        consume(&store, "r", 9, &L, 0, 1); // 9 left
         assert!(drain(&store, "r", 9, &L, 0, 5));
         let (bytes, _) = store.get("r").unwrap();
         assert_eq!(Bucket::decode(&bytes).unwrap().tokens_milli, 4_000);

@@ -458,13 +458,8 @@ impl CacheEntry {
         })
     }
 
-    /// The cached lookup if this entry is for `slot` and younger than `ttl_ms`.
-    pub fn fresh(bytes: Option<&[u8]>, slot: &Slot, now_ms: u64, ttl_ms: u64) -> Option<Lookup> {
-        Self::fresh_entry(bytes, slot, now_ms, ttl_ms).map(|e| e.lookup)
-    }
-
-    /// [`CacheEntry::fresh`], with the time it was stored.
-    pub fn fresh_entry(bytes: Option<&[u8]>, slot: &Slot, now_ms: u64, ttl_ms: u64) -> Option<CacheEntry> {
+    /// The entry if it is for `slot` and younger than `ttl_ms`.
+    pub fn fresh(bytes: Option<&[u8]>, slot: &Slot, now_ms: u64, ttl_ms: u64) -> Option<CacheEntry> {
         let e = CacheEntry::decode(bytes?)?;
         (e.fingerprint == slot.fingerprint && now_ms.saturating_sub(e.stored_at_ms) < ttl_ms).then_some(e)
     }
@@ -636,22 +631,22 @@ mod tests {
         let bytes = entry.encode();
         assert_eq!(CacheEntry::decode(&bytes), Some(entry));
         assert_eq!(
-            CacheEntry::fresh(Some(&bytes), &slot, 1_999, 1_000),
+            CacheEntry::fresh(Some(&bytes), &slot, 1_999, 1_000).map(|e| e.lookup),
             Some(entry.lookup)
         );
         assert_eq!(
-            CacheEntry::fresh(Some(&bytes), &slot, 2_000, 1_000),
+            CacheEntry::fresh(Some(&bytes), &slot, 2_000, 1_000).map(|e| e.lookup),
             None,
             "expired"
         );
         assert_eq!(
-            CacheEntry::fresh(Some(&bytes), &slot, 1_000, 0),
+            CacheEntry::fresh(Some(&bytes), &slot, 1_000, 0).map(|e| e.lookup),
             None,
             "ttl 0 never hits"
         );
         let other = Slot::of("t", "token-b", 16);
         assert_eq!(
-            CacheEntry::fresh(Some(&bytes), &other, 1_500, 1_000),
+            CacheEntry::fresh(Some(&bytes), &other, 1_500, 1_000).map(|e| e.lookup),
             None,
             "other fingerprint"
         );
