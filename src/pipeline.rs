@@ -162,9 +162,12 @@ enum Next {
 struct Write {
     on_ok: Reply,
     effect: Effect,
-    /// For a blacklist write (`SET NX`): the reply when another request blacklisted the token
+    /// For a revoking write (`SET NX`): the reply when another request revoked the token
     /// first (`None`: the same as `on_ok`).
     on_lost: Option<Reply>,
+    /// The deciding write (`SET token:revoked:<id> NX`), sent once the first one (the
+    /// reference's `token:blacklist:<token>`) is confirmed.
+    then: Option<String>,
 }
 
 #[derive(Debug)]
@@ -258,6 +261,7 @@ struct Inflight {
     owner: Option<u32>,
     user: Option<String>,
     token: String,
+    revocation_id: String,
     waiters: Vec<u32>,
 }
 
@@ -283,6 +287,8 @@ pub struct Gateway {
     vm_id: u64,
     requests: HashMap<u32, Request>,
     calls: HashMap<u32, Call>,
+    /// The nonce each outstanding webdis call's reply must carry (see [`crate::webdis::nonce_path`]).
+    nonces: HashMap<u32, u64>,
     inflight: HashMap<u64, Inflight>,
     log_buffer: VecDeque<StoredRecord>,
     /// How many of the buffered records are anonymous (no user).
@@ -358,6 +364,7 @@ impl Gateway {
             vm_id: word(b).max(1),
             requests: HashMap::new(),
             calls: HashMap::new(),
+            nonces: HashMap::new(),
             inflight: HashMap::new(),
             log_buffer: VecDeque::new(),
             anonymous_buffered: 0,
@@ -750,11 +757,14 @@ impl Gateway {
             return self.proceed(req, next, host);
         };
         let now_ms = req.clock_ms;
-        let issued_at = caller.identity.issued_at;
+        let issued_at = caller.identity.authenticated_at();
         let slot = Slot::of("t", &caller.token, rv.cache_slots);
+        // The gateway's endpoints (logout, refresh, bans) ask the store itself, never a cached
+        // answer: a refresh must not mint from a lineage banned on another gateway a moment ago.
+        let cached = rv.cache_ttl_ms > 0 && matches!(next, Next::Route);
         // This VM's memo of a clean answer holds while no revocation was recorded since (the
         // epoch is the CAS of one shared key every local revocation write touches): one read.
-        let epoch = if rv.cache_ttl_ms > 0 {
+        let epoch = if cached {
             let epoch = shared(&self.local, host).get(rv::EPOCH_KEY).map(|(_, cas)| cas);
             if self.clean.holds(slot.fingerprint, epoch, now_ms) {
                 let id = self.metrics.cache_hits;
@@ -803,7 +813,8 @@ impl Gateway {
         }
         let user = caller.identity.user_id.clone();
         let token = caller.token.clone();
-        match self.dispatch_lookup(rv, &token, user.as_deref(), host) {
+        let revocation_id = caller.identity.revocation_id.clone();
+        match self.dispatch_lookup(rv, &token, &revocation_id, user.as_deref(), host) {
             Ok(token_id) => {
                 let key = coalesce.then_some(slot.fingerprint);
                 self.calls.insert(token_id, Call::Lookup { key, context: ctx });
@@ -814,6 +825,7 @@ impl Gateway {
                             owner: Some(ctx),
                             user,
                             token,
+                            revocation_id,
                             waiters: vec![ctx],
                         },
                     );
@@ -829,27 +841,41 @@ impl Gateway {
         &mut self,
         rv: &Revocation,
         token: &str,
+        revocation_id: &str,
         user: Option<&str>,
         host: &mut dyn Host,
     ) -> Result<u32, StoreError> {
         let id = self.metrics.lookups;
         self.inc(id);
-        let path = rv::lookup_path(token, user);
+        let path = rv::lookup_path(token, revocation_id, user);
         self.revocation_call(rv, &path, host)
             .map_err(StoreError::Dispatch)
     }
 
     /// One call to the revocation store (a lookup or a write).
-    fn revocation_call(&self, rv: &Revocation, path: &str, host: &mut dyn Host) -> Result<u32, String> {
-        host.dispatch(Callout {
-            cluster: &rv.cluster,
-            method: "GET",
-            path,
-            body: None,
-            timeout_ms: rv.timeout_ms,
-            authorization: self.config.webdis_auth.as_deref(),
-            authority: self.config.webdis_authority.as_deref(),
-        })
+    fn revocation_call(&mut self, rv: &Revocation, path: &str, host: &mut dyn Host) -> Result<u32, String> {
+        let config = Rc::clone(&self.config);
+        self.webdis_call(
+            Callout {
+                cluster: &rv.cluster,
+                method: "GET",
+                path,
+                body: None,
+                timeout_ms: rv.timeout_ms,
+                authorization: config.webdis_auth.as_deref(),
+                authority: config.webdis_authority.as_deref(),
+            },
+            host,
+        )
+    }
+
+    /// Dispatches a webdis command with a fresh nonce its reply must echo.
+    fn webdis_call(&mut self, call: Callout<'_>, host: &mut dyn Host) -> Result<u32, String> {
+        let nonce = self.rng.u64(..);
+        let path = crate::webdis::nonce_path(call.path, nonce);
+        let token_id = host.dispatch(Callout { path: &path, ..call })?;
+        self.nonces.insert(token_id, nonce);
+        Ok(token_id)
     }
 
     fn revoked(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
@@ -953,15 +979,18 @@ impl Gateway {
             // Fetch the whole (bounded) list: workers flush independently, so list order is
             // flush order; the reply is sorted by request time before the limit applies.
             let path = access_log::range_path(&key, store.user_records.max(100));
-            let call = host.dispatch(Callout {
-                cluster: &store.cluster,
-                method: "GET",
-                path: &path,
-                body: None,
-                timeout_ms: store.timeout_ms,
-                authorization: store.authorization.as_deref(),
-                authority: Some(&store.authority),
-            });
+            let call = self.webdis_call(
+                Callout {
+                    cluster: &store.cluster,
+                    method: "GET",
+                    path: &path,
+                    body: None,
+                    timeout_ms: store.timeout_ms,
+                    authorization: store.authorization.as_deref(),
+                    authority: Some(&store.authority),
+                },
+                host,
+            );
             return match call {
                 Ok(token_id) => {
                     self.calls.insert(token_id, Call::Query { context: req.ctx });
@@ -1006,6 +1035,7 @@ impl Gateway {
                     ),
                     effect: Effect::Blacklist(caller.token.clone()),
                     on_lost: None,
+                    then: Some(rv::revoke_path(&caller.identity.revocation_id, keep)),
                 },
             ),
             Endpoint::Refresh { ttl_seconds } => {
@@ -1043,8 +1073,10 @@ impl Gateway {
                             &trace_id,
                         ),
                         effect: Effect::Blacklist(caller.token.clone()),
-                        // A concurrent refresh of the same token won: this one mints nothing.
+                        // A concurrent refresh of the same token (or of a twin) won: this one
+                        // mints nothing.
                         on_lost: Some(Reply::refusal(401, MSG_REVOKED, "revoked", &trace_id)),
+                        then: Some(rv::revoke_path(&caller.identity.revocation_id, keep)),
                     },
                 )
             }
@@ -1063,6 +1095,7 @@ impl Gateway {
                         ),
                         effect: Effect::Ban { user, since_s: now_s },
                         on_lost: None,
+                        then: None,
                     },
                 )
             }
@@ -1103,7 +1136,24 @@ impl Gateway {
         };
         // A key set larger than the filter parses is not even read.
         let oversized = matches!(call, Call::Jwks { .. }) && body_size > crate::jwt::keys::MAX_JWKS_BYTES;
-        let (status, body) = host.call_response(if oversized { 0 } else { body_size });
+        let (mut status, mut body) = host.call_response(if oversized { 0 } else { body_size });
+        if let Some(nonce) = self.nonces.remove(&token_id) {
+            if status == Some(200) {
+                match crate::webdis::unwrap_reply(nonce, &body) {
+                    Some(inner) => body = inner.to_vec(),
+                    None => {
+                        // Another call's reply: as good as none.
+                        host.log(
+                            LogLevel::Warn,
+                            "webdis reply without this call's nonce (a reply for another call): treated as a store failure",
+                        );
+                        self.inc_named("gateway_store_misrouted_replies_total", host);
+                        status = None;
+                        body.clear();
+                    }
+                }
+            }
+        }
         match call {
             Call::Jwks { issuer } => self.jwks_answered(ctx, issuer, status, &body, oversized, host),
             Call::Lookup { key, context } => {
@@ -1213,7 +1263,7 @@ impl Gateway {
                     return Flow::Paused;
                 };
                 req.clock_ms = now_ms;
-                let issued_at = req.caller.as_ref().and_then(|c| c.identity.issued_at);
+                let issued_at = req.caller.as_ref().and_then(|c| c.identity.authenticated_at());
                 match &result {
                     Ok(lookup) if lookup.revokes(issued_at) => gw.revoked(req, host),
                     Ok(_) => gw.proceed(req, next, host),
@@ -1226,11 +1276,36 @@ impl Gateway {
     fn write_answered(
         &mut self,
         req: &mut Request,
-        write: Write,
+        mut write: Write,
         status: Option<u16>,
         body: &[u8],
         host: &mut dyn Host,
     ) -> Flow {
+        if let Some(then) = write.then.take() {
+            // The reference's key is written; now the deciding write.
+            let sent = match rv::parse_setex(status, body) {
+                Ok(()) => match self.config.revocation.clone() {
+                    Some(rv) => self
+                        .revocation_call(&rv, &then, host)
+                        .map_err(StoreError::Dispatch),
+                    None => Err(StoreError::Dispatch("no revocation store".to_string())),
+                },
+                Err(e) => Err(e),
+            };
+            return match sent {
+                Ok(token_id) => {
+                    self.calls.insert(token_id, Call::Write { context: req.ctx });
+                    req.stage = Stage::Write(write);
+                    Flow::Paused
+                }
+                Err(e) => {
+                    let id = self.metrics.store_errors;
+                    self.inc(id);
+                    host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
+                    self.error(req, 503, MSG_WRITE_FAILED, host)
+                }
+            };
+        }
         let outcome = match write.effect {
             Effect::Blacklist(_) => rv::parse_set_nx(status, body),
             Effect::Ban { .. } => rv::parse_setex(status, body).map(|()| true),
@@ -1485,6 +1560,8 @@ impl Gateway {
         if !orphaned.is_empty() {
             self.calls
                 .retain(|_, call| !matches!(call, Call::Lookup { key: Some(k), .. } if orphaned.contains(k)));
+            let calls = &self.calls;
+            self.nonces.retain(|id, _| calls.contains_key(id));
         }
         self.inflight
             .retain(|_, i| !(i.owner.is_none() && i.waiters.is_empty()));
@@ -1554,11 +1631,14 @@ impl Gateway {
             .map(|(k, _)| *k)
             .collect();
         for key in orphans {
-            let Some((token, user)) = self.inflight.get(&key).map(|i| (i.token.clone(), i.user.clone()))
+            let Some((token, id, user)) = self
+                .inflight
+                .get(&key)
+                .map(|i| (i.token.clone(), i.revocation_id.clone(), i.user.clone()))
             else {
                 continue;
             };
-            match self.dispatch_lookup(rv, &token, user.as_deref(), host) {
+            match self.dispatch_lookup(rv, &token, &id, user.as_deref(), host) {
                 Ok(token_id) => {
                     self.calls.insert(
                         token_id,
@@ -1612,15 +1692,18 @@ impl Gateway {
             }
             let delta = cluster::take_all(shared(&self.local, host), &limits.pending_key);
             let path = cluster::incrby_path(&limits.name, delta);
-            let call = host.dispatch(Callout {
-                cluster: &sync.cluster,
-                method: "GET",
-                path: &path,
-                body: None,
-                timeout_ms: sync.timeout_ms,
-                authorization: self.config.webdis_auth.as_deref(),
-                authority: self.config.webdis_authority.as_deref(),
-            });
+            let call = self.webdis_call(
+                Callout {
+                    cluster: &sync.cluster,
+                    method: "GET",
+                    path: &path,
+                    body: None,
+                    timeout_ms: sync.timeout_ms,
+                    authorization: config.webdis_auth.as_deref(),
+                    authority: config.webdis_authority.as_deref(),
+                },
+                host,
+            );
             match call {
                 Ok(token_id) => {
                     self.calls.insert(
@@ -1732,15 +1815,18 @@ impl Gateway {
         then: Vec<String>,
         host: &mut dyn Host,
     ) {
-        let call = host.dispatch(Callout {
-            cluster: &store.cluster,
-            method,
-            path,
-            body,
-            timeout_ms: store.timeout_ms,
-            authorization: store.authorization.as_deref(),
-            authority: Some(&store.authority),
-        });
+        let call = self.webdis_call(
+            Callout {
+                cluster: &store.cluster,
+                method,
+                path,
+                body,
+                timeout_ms: store.timeout_ms,
+                authorization: store.authorization.as_deref(),
+                authority: Some(&store.authority),
+            },
+            host,
+        );
         match call {
             Ok(token_id) => {
                 self.calls.insert(token_id, Call::LogWrite { then });

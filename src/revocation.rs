@@ -3,8 +3,11 @@
 //! webdis request paths and the parsing of their replies, the decision, and the bounded local
 //! cache kept in proxy-wasm shared data. No host calls here.
 //!
-//! Keys: `token:blacklist:<token>` (written at logout/refresh, TTL = the token's remaining life)
-//! and `user:revoked_before:<sub>` (unix seconds; a ban revokes every token with an older `iat`).
+//! Keys: `token:revoked:<id>` (written at logout/refresh, TTL = the token's remaining life; `id`
+//! is [`crate::jwt::Identity::revocation_id`], the hash of what the signature signs, so every
+//! encoding of one signed token is revoked at once), `token:blacklist:<token>` (the reference's
+//! key: written too, and honoured when other services write it) and `user:revoked_before:<sub>`
+//! (unix seconds; a ban revokes every token whose lineage authenticated before it).
 
 use std::hash::{Hash, Hasher};
 
@@ -15,6 +18,7 @@ pub use crate::webdis::StoreError;
 use crate::webdis::{command_path, json_reply};
 
 pub const BLACKLIST_PREFIX: &str = "token:blacklist:";
+pub const REVOKED_PREFIX: &str = "token:revoked:";
 pub const BAN_PREFIX: &str = "user:revoked_before:";
 /// Shared-data key prefixes of the local cache (token answers) and the local ban table.
 pub const CACHE_KEY_PREFIX: &str = "gw:rv:";
@@ -268,16 +272,22 @@ pub fn blacklist_key(token: &str) -> String {
     format!("{BLACKLIST_PREFIX}{token}")
 }
 
+pub fn revoked_key(revocation_id: &str) -> String {
+    format!("{REVOKED_PREFIX}{revocation_id}")
+}
+
 pub fn ban_key(user_id: &str) -> String {
     format!("{BAN_PREFIX}{user_id}")
 }
 
-/// The one lookup per request: `MGET token:blacklist:<token> [user:revoked_before:<sub>]`.
-pub fn lookup_path(token: &str, user_id: Option<&str>) -> String {
+/// The one lookup per request: `MGET token:blacklist:<token> token:revoked:<id>
+/// [user:revoked_before:<sub>]`.
+pub fn lookup_path(token: &str, revocation_id: &str, user_id: Option<&str>) -> String {
     let k1 = blacklist_key(token);
+    let k2 = revoked_key(revocation_id);
     match user_id {
-        Some(sub) => command_path("MGET", &[&k1, &ban_key(sub)]),
-        None => command_path("MGET", &[&k1]),
+        Some(sub) => command_path("MGET", &[&k1, &k2, &ban_key(sub)]),
+        None => command_path("MGET", &[&k1, &k2]),
     }
 }
 
@@ -286,13 +296,14 @@ pub fn setex_path(key: &str, ttl_seconds: i64, value: &str) -> String {
     command_path("SETEX", &[key, &ttl_seconds.max(1).to_string(), value])
 }
 
-/// `SET token:blacklist:<token> 1 EX ttl NX`: blacklists the token only if nobody did yet, so
-/// of concurrent refreshes (or logouts) of one token exactly one wins.
-pub fn blacklist_path(token: &str, ttl_seconds: i64) -> String {
+/// `SET token:revoked:<id> 1 EX ttl NX`: revokes the signed token (every encoding of it) only
+/// if nobody did yet, so of concurrent refreshes (or logouts) of one token, or of its twins,
+/// exactly one wins.
+pub fn revoke_path(revocation_id: &str, ttl_seconds: i64) -> String {
     command_path(
         "SET",
         &[
-            &blacklist_key(token),
+            &revoked_key(revocation_id),
             "1",
             "EX",
             &ttl_seconds.max(1).to_string(),
@@ -301,8 +312,13 @@ pub fn blacklist_path(token: &str, ttl_seconds: i64) -> String {
     )
 }
 
-/// Parses the reply to [`blacklist_path`]: `{"SET": [true, "OK"]}` (this call blacklisted the
-/// token) or `{"SET": null}` (it already was).
+/// `SETEX token:blacklist:<token> ttl 1`: the reference's key, for services that read it.
+pub fn blacklist_path(token: &str, ttl_seconds: i64) -> String {
+    setex_path(&blacklist_key(token), ttl_seconds, "1")
+}
+
+/// Parses the reply to [`revoke_path`]: `{"SET": [true, "OK"]}` (this call revoked the token)
+/// or `{"SET": null}` (it already was).
 pub fn parse_set_nx(status: Option<u16>, body: &[u8]) -> Result<bool, StoreError> {
     let v = json_reply(status, body)?;
     match v.get("SET") {
@@ -329,36 +345,40 @@ impl Lookup {
         revoked_before: None,
     };
 
-    /// Revoked if blacklisted, or banned in or after the second the token was issued: `iat`
-    /// has whole seconds, so a token issued earlier in the ban's second (a refresh racing the
-    /// ban) counts as older. A token without `iat` counts as issued before any ban.
-    pub fn revokes(&self, issued_at: Option<i64>) -> bool {
+    /// Revoked if blacklisted, or banned in or after the second the token's lineage
+    /// authenticated (`authenticated_at`: the earliest of `auth_time` and `iat`, whole seconds,
+    /// so a token issued earlier in the ban's second counts as older). A token without either
+    /// counts as issued before any ban.
+    pub fn revokes(&self, authenticated_at: Option<i64>) -> bool {
         self.blacklisted
-            || match (self.revoked_before, issued_at) {
-                (Some(before), Some(iat)) => iat <= before,
+            || match (self.revoked_before, authenticated_at) {
+                (Some(before), Some(at)) => at <= before,
                 (Some(_), None) => true,
                 (None, _) => false,
             }
     }
 }
 
-/// Parses webdis's `{"MGET": ["1", null]}` reply to [`lookup_path`].
+/// Parses webdis's `{"MGET": [null, "1", null]}` reply to [`lookup_path`].
 pub fn parse_lookup(status: Option<u16>, body: &[u8], with_user: bool) -> Result<Lookup, StoreError> {
     let v = json_reply(status, body)?;
     let items = v
         .get("MGET")
         .and_then(|m| m.as_array())
         .ok_or(StoreError::BadReply("no MGET array"))?;
-    let expected = if with_user { 2 } else { 1 };
+    let expected = if with_user { 3 } else { 2 };
     if items.len() != expected {
         return Err(StoreError::BadReply("wrong number of values"));
     }
-    let blacklisted = match items.first() {
-        Some(serde_json::Value::Null) => false,
-        Some(serde_json::Value::String(_)) => true,
-        _ => return Err(StoreError::BadReply("blacklist value is not a string")),
-    };
-    let revoked_before = match items.get(1) {
+    let mut blacklisted = false;
+    for item in items.iter().take(2) {
+        match item {
+            serde_json::Value::Null => {}
+            serde_json::Value::String(_) => blacklisted = true,
+            _ => return Err(StoreError::BadReply("blacklist value is not a string")),
+        }
+    }
+    let revoked_before = match items.get(2) {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(s)) => Some(
             s.trim()
@@ -540,10 +560,13 @@ mod tests {
     #[test]
     fn paths_encode_every_argument() {
         assert_eq!(
-            lookup_path("aa.bb-cc_dd", Some("user/1 x")),
-            "/MGET/token%3Ablacklist%3Aaa%2Ebb-cc_dd/user%3Arevoked_before%3Auser%2F1%20x.json"
+            lookup_path("aa.bb-cc_dd", "Xy-_", Some("user/1 x")),
+            "/MGET/token%3Ablacklist%3Aaa%2Ebb-cc_dd/token%3Arevoked%3AXy-_/user%3Arevoked_before%3Auser%2F1%20x.json"
         );
-        assert_eq!(lookup_path("t", None), "/MGET/token%3Ablacklist%3At.json");
+        assert_eq!(
+            lookup_path("t", "r", None),
+            "/MGET/token%3Ablacklist%3At/token%3Arevoked%3Ar.json"
+        );
         assert_eq!(setex_path("k", 0, "1"), "/SETEX/k/1/1.json", "TTL is at least 1");
         assert_eq!(setex_path("k", 90, "v"), "/SETEX/k/90/v.json");
     }
@@ -551,24 +574,29 @@ mod tests {
     #[test]
     fn lookup_replies() {
         let ok = |b: &str, u| parse_lookup(Some(200), b.as_bytes(), u);
-        assert_eq!(ok(r#"{"MGET":[null,null]}"#, true), Ok(Lookup::CLEAN));
-        assert!(ok(r#"{"MGET":["1",null]}"#, true).unwrap().blacklisted);
+        assert_eq!(ok(r#"{"MGET":[null,null,null]}"#, true), Ok(Lookup::CLEAN));
+        assert!(ok(r#"{"MGET":["1",null,null]}"#, true).unwrap().blacklisted);
+        assert!(
+            ok(r#"{"MGET":[null,"1",null]}"#, true).unwrap().blacklisted,
+            "revoked by its signing input (a twin of a logged-out token)"
+        );
         assert_eq!(
-            ok(r#"{"MGET":[null,"1700000000"]}"#, true)
+            ok(r#"{"MGET":[null,null,"1700000000"]}"#, true)
                 .unwrap()
                 .revoked_before,
             Some(1_700_000_000)
         );
-        assert_eq!(ok(r#"{"MGET":[null]}"#, false), Ok(Lookup::CLEAN));
+        assert_eq!(ok(r#"{"MGET":[null,null]}"#, false), Ok(Lookup::CLEAN));
         for bad in [
             "",
             "garbage",
             "[]",
             r#"{"GET":null}"#,
-            r#"{"MGET":[null]}"#,
-            r#"{"MGET":[1,null]}"#,
-            r#"{"MGET":[null,"soon"]}"#,
-            r#"{"MGET":[null,5]}"#,
+            r#"{"MGET":[null,null]}"#,
+            r#"{"MGET":[1,null,null]}"#,
+            r#"{"MGET":[null,2,null]}"#,
+            r#"{"MGET":[null,null,"soon"]}"#,
+            r#"{"MGET":[null,null,5]}"#,
             r#"{"MGET":"x"}"#,
         ] {
             assert!(matches!(ok(bad, true), Err(StoreError::BadReply(_))), "{bad:?}");
@@ -579,9 +607,10 @@ mod tests {
 
     #[test]
     fn set_nx_paths_and_replies() {
+        assert_eq!(revoke_path("a-b", 0), "/SET/token%3Arevoked%3Aa-b/1/EX/1/NX.json");
         assert_eq!(
-            blacklist_path("a.b", 0),
-            "/SET/token%3Ablacklist%3Aa%2Eb/1/EX/1/NX.json"
+            blacklist_path("a.b", 90),
+            "/SETEX/token%3Ablacklist%3Aa%2Eb/90/1.json"
         );
         assert_eq!(parse_set_nx(Some(200), br#"{"SET":[true,"OK"]}"#), Ok(true));
         assert_eq!(parse_set_nx(Some(200), br#"{"SET":null}"#), Ok(false));

@@ -34,6 +34,25 @@ pub fn command_path(command: &str, args: &[&str]) -> String {
     p
 }
 
+/// `path` with this call's nonce as webdis's JSONP callback: webdis wraps the reply as
+/// `n<nonce>(<json>)`, formatting wrapper and content from the same command. A reply that
+/// does not carry the nonce belongs to another call (webdis before 0.1.20 can write a reply to
+/// a new client that reused the socket number of a client that went away) and is refused.
+pub fn nonce_path(path: &str, nonce: u64) -> String {
+    format!("{path}?jsonp=n{nonce:016x}")
+}
+
+/// The JSON inside a reply to a [`nonce_path`] call, or `None` when the reply is not this
+/// call's (another nonce, or no wrapper).
+pub fn unwrap_reply(nonce: u64, body: &[u8]) -> Option<&[u8]> {
+    let prefix = format!("n{nonce:016x}(");
+    let rest = body.strip_prefix(prefix.as_bytes())?;
+    let end = rest.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    let rest = rest.get(..=end)?;
+    let rest = rest.strip_suffix(b";").unwrap_or(rest);
+    rest.strip_suffix(b")")
+}
+
 /// The `Authorization` value for webdis's HTTP basic authentication (`user:password`). Built
 /// once at configure time; standard base64 written out here costs a few hundred bytes of
 /// module, the `base64` crate about 6 KB.
@@ -109,6 +128,34 @@ mod tests {
         assert_eq!(encode_arg("a.b/c d%"), "a%2Eb%2Fc%20d%25");
         assert_eq!(encode_arg("é"), "%C3%A9");
         assert_eq!(command_path("GET", &["k/1"]), "/GET/k%2F1.json");
+    }
+
+    #[test]
+    fn replies_must_carry_their_nonce() {
+        assert_eq!(
+            nonce_path("/GET/k.json", 0xab),
+            "/GET/k.json?jsonp=n00000000000000ab"
+        );
+        let n = 0x0123_4567_89ab_cdef;
+        assert_eq!(
+            unwrap_reply(n, b"n0123456789abcdef({\"GET\":null});\n"),
+            Some(&b"{\"GET\":null}"[..])
+        );
+        assert_eq!(unwrap_reply(n, b"n0123456789abcdef({})"), Some(&b"{}"[..]));
+        for other in [
+            &b"n0123456789abcdee({\"GET\":null});"[..],
+            b"{\"GET\":null}",
+            b"n0123456789abcdef(",
+            b"",
+            b"n0123456789abcdef({}",
+        ] {
+            assert_eq!(
+                unwrap_reply(n, other),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
     }
 
     #[test]

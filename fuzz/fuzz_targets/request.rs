@@ -82,7 +82,9 @@ fn run(cfg: &Config, data: &[u8]) {
                     jti: None,
                     expires_at: NOW + 100,
                     issued_at: Some(NOW - 100),
+                    auth_time: None,
                     issuer: 0,
+                    revocation_id: "r".into(),
                 },
                 token: "t".into(),
             };

@@ -500,3 +500,64 @@ fn the_probe_needs_a_real_check() {
         Some(key.verify(Algorithm::Rs256, msg, sig))
     }));
 }
+
+/// The ECDSA twin of an ES256 token: `(r, n - s)` is a second valid signature over the same
+/// signing input.
+pub(crate) fn es256_twin(token: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xbc,
+        0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+    ];
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let mut sig = B64.decode(sig).unwrap();
+    let s = sig.split_off(32);
+    let mut twin = [0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let d = i16::from(N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        twin[i] = (d + if d < 0 { 256 } else { 0 }) as u8;
+    }
+    sig.extend_from_slice(&twin);
+    format!("{input}.{}", B64.encode(sig))
+}
+
+#[test]
+fn every_encoding_of_one_signed_token_has_one_revocation_id() {
+    let v = verifier(&["ES256"]);
+    let t = sign(Algorithm::Es256, Some("ec-1"), claims(json!({"jti": "j-1"})));
+    let twin = es256_twin(&t);
+    assert_ne!(t, twin, "a different token string");
+    let (a, b) = (v.verify(&t, NOW).unwrap(), v.verify(&twin, NOW).unwrap());
+    assert_eq!(a.revocation_id, b.revocation_id, "revoked together");
+    assert_eq!(
+        a.revocation_id,
+        revocation_id(t.rsplit_once('.').unwrap().0.as_bytes())
+    );
+    // Another token of the same user has another one.
+    let other = sign(Algorithm::Es256, Some("ec-1"), claims(json!({"jti": "j-2"})));
+    assert_ne!(v.verify(&other, NOW).unwrap().revocation_id, a.revocation_id);
+}
+
+#[test]
+fn auth_time_must_be_a_number() {
+    let v = verifier(&["ES256"]);
+    let t = sign(
+        Algorithm::Es256,
+        Some("ec-1"),
+        claims(json!({"auth_time": NOW - 50})),
+    );
+    let id = v.verify(&t, NOW).unwrap();
+    assert_eq!(
+        (id.auth_time, id.authenticated_at()),
+        (Some(NOW - 50), Some(NOW - 50))
+    );
+    let bad = sign(
+        Algorithm::Es256,
+        Some("ec-1"),
+        claims(json!({"auth_time": "yesterday"})),
+    );
+    assert_eq!(v.verify(&bad, NOW), Err(TokenError::InvalidClaims));
+}

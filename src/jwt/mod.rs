@@ -7,7 +7,7 @@
 //! [`TokenCache`], runtime state kept apart from the settings.
 
 #[cfg(test)]
-mod issuer_tests;
+pub(crate) mod issuer_tests;
 pub mod keys;
 pub mod native;
 pub mod remote;
@@ -539,8 +539,35 @@ pub struct Identity {
     pub expires_at: i64,
     /// `iat`, unix seconds, when present.
     pub issued_at: Option<i64>,
+    /// `auth_time` (OIDC: when the user authenticated), unix seconds, when present. Tokens the
+    /// gateway mints by refresh carry the original one on, so a ban reaches every token of a
+    /// lineage that began before it.
+    pub auth_time: Option<i64>,
     /// Index of the issuer that signed the token.
     pub issuer: usize,
+    /// What revocation is keyed by: the SHA-256 of the signing input (`header.payload`, what
+    /// the signature signs), base64url. Every valid encoding of one signed token (an ECDSA
+    /// signature's `(r, n - s)` twin, another base64 spelling of the signature) has the same
+    /// one, so a logout cannot be undone by re-encoding the token.
+    pub revocation_id: String,
+}
+
+impl Identity {
+    /// The time a ban is compared with: the earliest of `auth_time` and `iat` (a token without
+    /// either counts as older than any ban).
+    pub fn authenticated_at(&self) -> Option<i64> {
+        match (self.auth_time, self.issued_at) {
+            (Some(a), Some(i)) => Some(a.min(i)),
+            (a, i) => a.or(i),
+        }
+    }
+}
+
+/// [`Identity::revocation_id`] of a token's signing input.
+pub fn revocation_id(signing_input: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(signing_input))
 }
 
 /// The key sets of issuers whose keys are fetched, by issuer index (`None`: none yet). Runtime
@@ -827,6 +854,9 @@ impl Verifier {
         }
         custom.insert("role".into(), id.role.clone().into());
         custom.insert("jti".into(), jti.into());
+        // The lineage's authentication time: a ban compares with it, so refreshing cannot
+        // outrun a ban (a token without `iat` counts as authenticated at 0, before any ban).
+        custom.insert("auth_time".into(), id.authenticated_at().unwrap_or(0).into());
         if let Some(iss) = &issuer.iss {
             custom.insert("iss".into(), iss.clone().into());
         }
@@ -975,7 +1005,8 @@ impl Verifier {
                 .find(|k| check_signature(k, alg, message, signature, None)),
         }
         .ok_or(TokenError::BadSignature)?;
-        let identity = self.check_claims(issuer, index, &claims, iss.as_deref(), now)?;
+        let mut identity = self.check_claims(issuer, index, &claims, iss.as_deref(), now)?;
+        identity.revocation_id = revocation_id(message);
         Ok(Verified {
             identity,
             not_before: claims.not_before.map(|t| t.timestamp()),
@@ -1029,6 +1060,11 @@ impl Verifier {
         if jti.as_deref().is_some_and(|j| !is_safe_header_value(j)) {
             return Err(TokenError::UnsafeClaim("jti"));
         }
+        let auth_time = match c.get("auth_time") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(n.as_i64().ok_or(TokenError::InvalidClaims)?),
+            Some(_) => return Err(TokenError::InvalidClaims),
+        };
         let map = &issuer.claims;
         Ok(Identity {
             user_id: claim_text(c, &map.user_id, "sub")?,
@@ -1037,7 +1073,9 @@ impl Verifier {
             jti,
             expires_at: exp,
             issued_at: iat,
+            auth_time,
             issuer: index,
+            revocation_id: String::new(),
         })
     }
 }
@@ -1284,7 +1322,9 @@ pub(crate) mod tests {
             jti: Some("old".into()),
             expires_at: NOW + 5,
             issued_at: Some(NOW - 100),
+            auth_time: None,
             issuer: 0,
+            revocation_id: String::new(),
         };
         let t = v.issue(&old, NOW, 1800, "new-jti").unwrap();
         let id = v.verify(&t, NOW).unwrap();
@@ -1293,6 +1333,16 @@ pub(crate) mod tests {
         assert_eq!(id.role, "admin");
         assert_eq!(id.jti.as_deref(), Some("new-jti"));
         assert_eq!((id.issued_at, id.expires_at), (Some(NOW), NOW + 1800));
+        // The lineage keeps the first authentication time through any number of refreshes.
+        assert_eq!(id.auth_time, Some(NOW - 100));
+        assert_eq!(id.authenticated_at(), Some(NOW - 100));
+        let again = v
+            .verify(&v.issue(&id, NOW + 10, 1800, "third").unwrap(), NOW + 10)
+            .unwrap();
+        assert_eq!(again.authenticated_at(), Some(NOW - 100));
+        let signing_input = t.rsplit_once('.').unwrap().0;
+        assert_eq!(id.revocation_id, revocation_id(signing_input.as_bytes()));
+        assert_eq!(id.revocation_id.len(), 43);
     }
 
     #[test]

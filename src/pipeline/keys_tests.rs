@@ -261,6 +261,7 @@ fn the_gateway_refreshes_only_tokens_it_can_sign() {
     // The reference's tokens still refresh.
     t.send(3, "POST", "/api/v1/auth/refresh", Some(&token()));
     t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
     t.answer_last(Some(200), SET_OK);
     assert_eq!(t.status(3), 200);
 }

@@ -8,8 +8,9 @@ use crate::jwt::tests::{forge, SECRET};
 
 const NOW_S: i64 = 1_800_000_000;
 const ROOT: u32 = 1;
-const CLEAN: &str = r#"{"MGET":[null,null]}"#;
-const BLACKLISTED: &str = r#"{"MGET":["1",null]}"#;
+const CLEAN: &str = r#"{"MGET":[null,null,null]}"#;
+const BLACKLISTED: &str = r#"{"MGET":["1",null,null]}"#;
+const SETEX_OK: &str = r#"{"SETEX":[true,"OK"]}"#;
 const SET_OK: &str = r#"{"SET":[true,"OK"]}"#;
 const SET_LOST: &str = r#"{"SET":null}"#;
 
@@ -88,8 +89,25 @@ impl T {
         self.gw.on_request_headers(ctx, &mut self.host)
     }
 
-    /// Webdis answers call `token_id`, delivered to the context that dispatched it.
+    /// Webdis answers call `token_id`, delivered to the context that dispatched it: as webdis
+    /// does, a 200 reply is wrapped in the call's JSONP callback (its nonce).
     fn answer(&mut self, token_id: u32, status: Option<u16>, body: &str) {
+        let path = self
+            .host
+            .dispatched
+            .iter()
+            .find(|d| d.token_id == token_id)
+            .map(|d| d.path.clone())
+            .unwrap();
+        let wrapped = match path.split_once("?jsonp=") {
+            Some((_, cb)) if status == Some(200) => format!("{cb}({body});"),
+            _ => body.to_string(),
+        };
+        self.answer_raw(token_id, status, &wrapped);
+    }
+
+    /// Call `token_id` gets exactly `body` (a reply webdis meant for another call, say).
+    fn answer_raw(&mut self, token_id: u32, status: Option<u16>, body: &str) {
         let context = self
             .host
             .dispatched
@@ -269,7 +287,8 @@ fn gateway_endpoints_pass_the_limits_of_the_route_they_sit_under() {
     // `/api/v1/auth/refresh` sits under the `auth` route: one call per second per user.
     t.send(2, "POST", "/api/v1/auth/refresh", Some(&token()));
     t.answer_last(Some(200), CLEAN); // lookup
-    t.answer_last(Some(200), SET_OK); // blacklist the old token
+    t.answer_last(Some(200), SETEX_OK); // the reference's blacklist key
+    t.answer_last(Some(200), SET_OK); // revoke the old token
     assert_eq!(t.status(2), 200);
     let calls = t.calls();
     let other = token_for("user-001", "b");
@@ -292,7 +311,25 @@ fn logout_replies_only_after_the_store_confirmed() {
     t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
     t.answer_last(Some(200), CLEAN);
     assert!(t.req(2).reply.is_none(), "no reply before the write is confirmed");
-    assert!(t.host.dispatched.last().unwrap().path.starts_with("/SET/"));
+    assert!(t
+        .host
+        .dispatched
+        .last()
+        .unwrap()
+        .path
+        .starts_with("/SETEX/token%3Ablacklist%3A"));
+    t.answer_last(Some(200), SETEX_OK);
+    assert!(
+        t.req(2).reply.is_none(),
+        "no reply before the deciding write is confirmed"
+    );
+    assert!(t
+        .host
+        .dispatched
+        .last()
+        .unwrap()
+        .path
+        .starts_with("/SET/token%3Arevoked%3A"));
     t.answer_last(Some(200), SET_OK);
     assert_eq!(t.status(2), 200);
     t.finish(2);
@@ -325,6 +362,7 @@ fn a_failed_write_says_so_and_changes_nothing_locally() {
     let mut t = T::default();
     t.send(2, "POST", "/api/v1/auth/refresh", Some(&token()));
     t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
     t.answer_last(Some(200), r#"{"SET":[false,"ERR"]}"#);
     assert_eq!(t.status(2), 503);
     assert!(!t.req(2).reply.as_ref().unwrap().body.contains("access_token"));
@@ -668,6 +706,8 @@ fn a_revocation_in_one_vm_reaches_the_memo_of_another_at_once() {
     // The other VM logs the token out.
     std::mem::swap(&mut t.gw, &mut other);
     t.send(5, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
     t.answer_last(Some(200), SET_OK);
     assert_eq!(t.status(5), 200);
     t.finish(5);
@@ -704,7 +744,10 @@ fn a_logged_out_token_stays_blacklisted_while_any_check_would_accept_it() {
     t.answer_last(Some(200), CLEAN);
     // exp is 1800 s away and the verifier allows 60 s of skew past it.
     let path = t.host.dispatched.last().unwrap().path.clone();
-    assert!(path.ends_with("/1/EX/1861/NX.json"), "{path}");
+    assert!(path.contains("/1861/1.json?jsonp="), "{path}");
+    t.answer_last(Some(200), SETEX_OK);
+    let path = t.host.dispatched.last().unwrap().path.clone();
+    assert!(path.contains("/1/EX/1861/NX.json?jsonp="), "{path}");
 }
 
 #[test]
@@ -739,6 +782,11 @@ fn of_concurrent_refreshes_of_one_token_exactly_one_mints() {
         t.answer(id, Some(200), CLEAN);
     }
     let writes: Vec<u32> = t.host.dispatched.iter().skip(2).map(|d| d.token_id).collect();
+    assert_eq!(writes.len(), 2);
+    for id in writes {
+        t.answer(id, Some(200), SETEX_OK);
+    }
+    let writes: Vec<u32> = t.host.dispatched.iter().skip(4).map(|d| d.token_id).collect();
     assert_eq!(writes.len(), 2);
     t.answer(writes[0], Some(200), SET_OK);
     t.answer(writes[1], Some(200), SET_LOST);
@@ -836,7 +884,7 @@ fn trace_lists_are_trimmed_in_the_store() {
     t.answer_last(Some(200), r#"{"RPUSH":1}"#);
     let paths: Vec<String> = t.host.dispatched.iter().map(|d| d.path.clone()).collect();
     assert!(
-        paths[1].starts_with("/LTRIM/gateway%3Alog%3Atrace%3A") && paths[1].ends_with("/-100/-1.json"),
+        paths[1].starts_with("/LTRIM/gateway%3Alog%3Atrace%3A") && paths[1].contains("/-100/-1.json?jsonp="),
         "{paths:?}"
     );
     assert!(paths[2].starts_with("/EXPIRE/"), "{paths:?}");
@@ -972,3 +1020,108 @@ fn without_on_log_the_request_is_logged_when_its_context_goes() {
 
 #[path = "keys_tests.rs"]
 mod keys_tests;
+
+/// Finding 1 of the second outside attack: a logged-out ES256 token revived as its twin
+/// (`s` -> `n - s`). Revocation is keyed by the signing input, so the twin's lookup asks for
+/// the key its logout wrote.
+#[test]
+fn a_logged_out_token_stays_revoked_in_every_encoding() {
+    use crate::jwt::testkeys::{jwk, jwks, sign};
+    let mut v = base();
+    v["jwt"]["issuers"] = serde_json::json!([{
+        "name": "idp", "issuer": "https://idp.example.com", "algorithms": ["ES256"],
+        "local_jwks": serde_json::from_str::<serde_json::Value>(&jwks(&[jwk(crate::jwt::Algorithm::Es256, "ec-1", true)])).unwrap(),
+    }]);
+    let mut t = T::new(v);
+    let claims = serde_json::json!({"sub": "user-009", "role": "user", "iss": "https://idp.example.com",
+                                    "iat": NOW_S, "exp": NOW_S + 600});
+    let es = sign(crate::jwt::Algorithm::Es256, Some("ec-1"), claims);
+    let twin = crate::jwt::issuer_tests::es256_twin(&es);
+    t.send(2, "POST", "/api/v1/auth/logout", Some(&es));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    let written = t.host.dispatched.last().unwrap().path.clone();
+    let key = written
+        .strip_prefix("/SET/")
+        .and_then(|p| p.split('/').next())
+        .unwrap()
+        .to_string();
+    assert!(key.starts_with("token%3Arevoked%3A"), "{written}");
+    t.answer_last(Some(200), SET_OK);
+    assert_eq!(t.status(2), 200);
+    t.finish(2);
+    // The twin is a token this instance never saw: it asks the store, for the same key.
+    t.send(3, "GET", "/api/v1/plain/1", Some(&twin));
+    let lookup = t.host.dispatched.last().unwrap().path.clone();
+    assert!(lookup.starts_with("/MGET/"), "{lookup}");
+    assert!(lookup.contains(&format!("/{key}/")), "{lookup} asks for {key}");
+    t.answer_last(Some(200), r#"{"MGET":[null,"1",null]}"#);
+    assert_eq!((t.status(3), t.reason(3)), (401, "revoked"));
+}
+
+/// Finding 2: a refresh on a gateway whose cache called the token clean a moment ago minted a
+/// token after a ban made elsewhere. The endpoints ask the store, and a minted token carries
+/// its lineage's authentication time, which a later ban reaches.
+#[test]
+fn a_ban_cannot_be_outrun_by_refreshing() {
+    let mut t = T::default();
+    let old = {
+        let payload =
+            serde_json::json!({"sub": "user-001", "role": "user", "iat": NOW_S - 100, "exp": NOW_S + 1800});
+        forge(r#"{"alg":"HS256","typ":"JWT"}"#, &payload.to_string(), SECRET)
+    };
+    // The cache holds a clean answer for the token...
+    t.send(2, "GET", "/api/v1/plain/1", Some(&old));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(2), 200);
+    t.finish(2);
+    // ... when another gateway bans the user; the refresh here still asks the store.
+    t.host.now_ms += 300;
+    let before = t.calls();
+    t.send(3, "POST", "/api/v1/auth/refresh", Some(&old));
+    assert_eq!(t.calls(), before + 1, "the refresh looked the token up itself");
+    t.answer_last(Some(200), &format!(r#"{{"MGET":[null,null,"{}"]}}"#, NOW_S));
+    assert_eq!((t.status(3), t.reason(3)), (401, "revoked"));
+    t.finish(3);
+
+    // A refresh that won before a ban: the new token is issued after the ban's second, but
+    // its lineage began before it, so the ban reaches it.
+    let mut t = T::default();
+    t.send(2, "POST", "/api/v1/auth/refresh", Some(&old));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.answer_last(Some(200), SET_OK);
+    let body: serde_json::Value = serde_json::from_str(&t.req(2).reply.as_ref().unwrap().body).unwrap();
+    let fresh = body["access_token"].as_str().unwrap().to_string();
+    t.finish(2);
+    t.host.now_ms += 5_000;
+    t.send(3, "GET", "/api/v1/plain/1", Some(&fresh));
+    // Banned at NOW_S + 2: after the new token's iat (NOW_S), but it descends from a login
+    // at NOW_S - 100.
+    t.answer_last(Some(200), &format!(r#"{{"MGET":[null,null,"{}"]}}"#, NOW_S + 2));
+    assert_eq!((t.status(3), t.reason(3)), (401, "revoked"));
+}
+
+/// Finding 6: webdis can hand one call's reply to another. Every call carries a nonce the
+/// reply must echo; a reply without it is a store failure, never an answer.
+#[test]
+fn a_reply_meant_for_another_call_is_a_store_failure() {
+    let mut t = T::default();
+    let revoked = token_for("user-003", "x");
+    t.send(2, "GET", "/api/v1/plain/1", Some(&revoked));
+    let path = t.host.dispatched.last().unwrap().path.clone();
+    assert!(path.contains(".json?jsonp=n"), "{path}");
+    // Another request's clean answer arrives with that request's nonce.
+    let token_id = t.host.dispatched.last().unwrap().token_id;
+    t.answer_raw(
+        token_id,
+        Some(200),
+        r#"n0000000000000001({"MGET":[null,null,null]});"#,
+    );
+    assert_eq!((t.status(2), t.reason(2)), (503, "store_unavailable"));
+    assert_eq!(t.metric("gateway_store_misrouted_replies_total"), 1);
+    // An unwrapped reply is refused too.
+    t.send(3, "GET", "/api/v1/plain/1", Some(&revoked));
+    t.answer_raw(t.host.dispatched.last().unwrap().token_id, Some(200), CLEAN);
+    assert_eq!(t.status(3), 503);
+}
