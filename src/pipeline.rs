@@ -172,7 +172,7 @@ struct Write {
 
 #[derive(Debug)]
 enum Effect {
-    /// Cache the token as blacklisted.
+    /// Cache the token (its revocation id) as revoked.
     Blacklist(String),
     /// Record a ban in the local ban table.
     Ban { user: String, since_s: i64 },
@@ -758,7 +758,9 @@ impl Gateway {
         };
         let now_ms = req.clock_ms;
         let issued_at = caller.identity.authenticated_at();
-        let slot = Slot::of("t", &caller.token, rv.cache_slots);
+        // Cached by what the signature signs: every encoding of one signed token shares one
+        // answer, so a logout here reaches a twin that was cached as clean a moment ago.
+        let slot = Slot::of("t", &caller.identity.revocation_id, rv.cache_slots);
         // The gateway's endpoints (logout, refresh, bans) ask the store itself, never a cached
         // answer: a refresh must not mint from a lineage banned on another gateway a moment ago.
         let cached = rv.cache_ttl_ms > 0 && matches!(next, Next::Route);
@@ -1033,7 +1035,7 @@ impl Gateway {
                         &serde_json::json!({"message": "Logged out successfully"}),
                         &trace_id,
                     ),
-                    effect: Effect::Blacklist(caller.token.clone()),
+                    effect: Effect::Blacklist(caller.identity.revocation_id.clone()),
                     on_lost: None,
                     then: Some(rv::revoke_path(&caller.identity.revocation_id, keep)),
                 },
@@ -1072,7 +1074,7 @@ impl Gateway {
                             &serde_json::json!({"access_token": new_token, "token_type": "bearer"}),
                             &trace_id,
                         ),
-                        effect: Effect::Blacklist(caller.token.clone()),
+                        effect: Effect::Blacklist(caller.identity.revocation_id.clone()),
                         // A concurrent refresh of the same token (or of a twin) won: this one
                         // mints nothing.
                         on_lost: Some(Reply::refusal(401, MSG_REVOKED, "revoked", &trace_id)),
@@ -1240,7 +1242,9 @@ impl Gateway {
         let with_user = first
             .and_then(|r| r.caller.as_ref())
             .is_some_and(|c| c.identity.user_id.is_some());
-        let token = first.and_then(|r| r.caller.as_ref()).map(|c| c.token.clone());
+        let token = first
+            .and_then(|r| r.caller.as_ref())
+            .map(|c| c.identity.revocation_id.clone());
         let result = rv::parse_lookup(status, body, with_user);
         let now_ms = host.now_ms();
         if let (Ok(lookup), Some(token)) = (&result, token) {

@@ -1050,7 +1050,13 @@ fn a_logged_out_token_stays_revoked_in_every_encoding() {
     t.answer_last(Some(200), SET_OK);
     assert_eq!(t.status(2), 200);
     t.finish(2);
-    // The twin is a token this instance never saw: it asks the store, for the same key.
+    // This instance knows at once: the twin shares the logged-out token's cache entry.
+    let calls = t.calls();
+    t.send(4, "GET", "/api/v1/plain/1", Some(&twin));
+    assert_eq!((t.status(4), t.reason(4), t.calls()), (401, "revoked", calls));
+    t.finish(4);
+    // Once that entry is old (or on another gateway), it asks the store, for the same key.
+    t.host.now_ms += 2_000;
     t.send(3, "GET", "/api/v1/plain/1", Some(&twin));
     let lookup = t.host.dispatched.last().unwrap().path.clone();
     assert!(lookup.starts_with("/MGET/"), "{lookup}");

@@ -1,0 +1,172 @@
+"""Regression tests for the second outside attack (issue: revocation that cannot be undone):
+real Envoy, real webdis and Redis, two gateways on one store where the finding needs them."""
+import base64
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import gateway_file
+from harness import Gateway, Redis, Webdis, bearer, forge, free_port, wait_for
+
+REVOKED = "Token has been revoked"
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def b64d(s):
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def b64e(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def es256_twin(tok):
+    """The same signing input with the signature (r, n - s): a second valid ES256 token."""
+    head, payload, sig = tok.split(".")
+    raw = b64d(sig)
+    r, s = raw[:32], int.from_bytes(raw[32:], "big")
+    return f"{head}.{payload}.{b64e(r + (P256_N - s).to_bytes(32, 'big'))}"
+
+
+def user_token(sub=None, iat_offset=0, ttl=600, role="user"):
+    sub = sub or f"u-{uuid.uuid4().hex[:8]}"
+    now = int(time.time()) + iat_offset
+    return sub, forge({"alg": "HS256", "typ": "JWT"},
+                      {"sub": sub, "name": "n", "role": role, "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex})
+
+
+def post(gw, path, tok):
+    return gw.request("POST", path, bearer(tok))
+
+
+@pytest.fixture(scope="module")
+def store():
+    r = Redis()
+    w = Webdis(r.port)
+    yield r, w
+    w.stop()
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(services, store):
+    """Two gateways rendered from one file on one Redis, the demo identity provider trusted."""
+    _, w = store
+    f = gateway_file(services.ports, free_port(), w.port)
+    auth = services.ports["auth-service"]
+    f["jwt"]["issuers"] = [
+        {"name": "demo-idp", "issuer": f"http://127.0.0.1:{auth}", "algorithms": ["RS256", "ES256", "EdDSA"],
+         "remote_jwks": {"uri": f"http://127.0.0.1:{auth}/.well-known/jwks.json", "refresh_interval": 5}},
+    ]
+    a, b = Gateway(f), Gateway(f)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_a_logged_out_es256_token_does_not_revive_as_its_twin(pair, store):
+    redis, _ = store
+    a, b = pair
+    r = a.request("POST", "/api/v1/auth/login", body={"username": "alice", "password": "alice123", "alg": "ES256"})
+    tok = r.json()["access_token"]
+    twin = es256_twin(tok)
+    assert twin != tok
+    assert a.get("/api/v1/users/1", bearer(twin)).status == 200, "the twin is a valid token"
+    assert post(a, "/api/v1/auth/logout", tok).status == 200
+    for gw in (a, b):
+        for t in (tok, twin):
+            r = gw.get("/api/v1/users/1", bearer(t))
+            assert r.status == 401 and r.json()["message"] == REVOKED, (gw.port, t == twin, r)
+    # Logging the twin out again is refused as revoked; a refresh of either mints nothing.
+    assert post(b, "/api/v1/auth/logout", twin).status == 401
+    # The keys: the reference's (by token string) and the one by signing input.
+    signing_input = tok.rsplit(".", 1)[0].encode()
+    rid = b64e(hashlib.sha256(signing_input).digest())
+    assert redis.cli("GET", f"token:revoked:{rid}") == "1"
+    assert redis.cli("GET", f"token:blacklist:{tok}") == "1"
+
+
+def test_a_ban_is_not_outrun_by_a_refresh_on_another_gateway(pair, store):
+    a, b = pair
+    admin = user_token(sub="admin-1", role="admin")[1]
+    sub, old = user_token(iat_offset=-10)
+    assert a.get("/api/v1/users/1", bearer(old)).status == 200  # A's cache: clean
+    assert post(b, f"/api/v1/admin/users/{sub}/revoke", admin).status == 200
+    # At once, within A's cache time: the refresh asks the store, not A's cache.
+    r = post(a, "/api/v1/auth/refresh", old)
+    assert r.status == 401 and r.json()["message"] == REVOKED, r
+
+
+def test_a_token_refreshed_from_a_banned_lineage_stays_banned(pair, store):
+    redis, _ = store
+    a, b = pair
+    sub, old = user_token(iat_offset=-100)
+    r = post(a, "/api/v1/auth/refresh", old)
+    assert r.status == 200, r
+    fresh = r.json()["access_token"]
+    claims = json.loads(b64d(fresh.split(".")[1]))
+    assert claims["auth_time"] == json.loads(b64d(old.split(".")[1]))["iat"]
+    assert a.get("/api/v1/users/1", bearer(fresh)).status == 200
+    # A ban from before the refresh but after the login (another gateway's, straight into Redis):
+    # the new token's iat is later than the ban, its lineage is not.
+    redis.cli("SETEX", f"user:revoked_before:{sub}", 600, claims["iat"] - 50)
+
+    def refused():
+        return all(gw.get("/api/v1/users/1", bearer(fresh)).status == 401 for gw in (a, b))
+    wait_for(refused, timeout=5, what="the ban to reach the refreshed token")
+
+
+def test_webdis_replies_for_other_calls_are_never_taken_as_answers(services):
+    """Freeze webdis (SIGSTOP) while lookups time out, resume it (SIGCONT), then many
+    concurrent lookups: no revoked token may pass. webdis before 0.1.20 can write a reply to a
+    new client that reused a gone client's socket; the nonce catches it."""
+    redis = Redis()
+    w = Webdis(redis.port)
+    f = gateway_file(services.ports, free_port(), w.port, cache_ttl=0, timeout=0.2)
+    gw = Gateway(f)
+    try:
+        revoked = [user_token()[1] for _ in range(40)]
+        clean = [user_token()[1] for _ in range(40)]
+        for t in revoked:
+            redis.cli("SETEX", f"token:blacklist:{t}", 600, 1)
+        passed, statuses = [], {}
+        lock = threading.Lock()
+
+        def hit(tok, bad):
+            try:
+                s = gw.get("/api/v1/users/1", bearer(tok)).status
+            except OSError:
+                s = 0
+            with lock:
+                statuses[s] = statuses.get(s, 0) + 1
+                if bad and s == 200:
+                    passed.append(tok)
+
+        def burst(n):
+            ts = [threading.Thread(target=hit, args=((revoked if i % 2 else clean)[i % 40], i % 2 == 1))
+                  for i in range(n)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        for _ in range(4):
+            os.kill(w.proc.pid, signal.SIGSTOP)
+            burst(60)  # every lookup times out: 503
+            os.kill(w.proc.pid, signal.SIGCONT)
+            burst(120)
+        assert passed == [], f"revoked tokens let through: {len(passed)} ({statuses})"
+        assert statuses.get(200, 0) > 0, statuses
+    finally:
+        try:
+            os.kill(w.proc.pid, signal.SIGCONT)
+        except OSError:
+            pass
+        gw.stop()
+        w.stop()
+        redis.stop()
