@@ -41,6 +41,8 @@ pub const COUNTER_FLUSH_MS: u64 = 1000;
 /// Records written per VM per flush, and the cap on outstanding log-store calls.
 const FLUSH_BATCH: usize = 200;
 const MAX_LOG_CALLS_IN_FLIGHT: usize = 1000;
+/// The largest webdis reply read (a log query of 100 clipped records is under 0.5 MB).
+const MAX_STORE_REPLY_BYTES: usize = 4 << 20;
 
 /// What the host should do with the request after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1136,9 +1138,20 @@ impl Gateway {
         let Some(call) = self.calls.remove(&token_id) else {
             return;
         };
-        // A key set larger than the filter parses is not even read.
-        let oversized = matches!(call, Call::Jwks { .. }) && body_size > crate::jwt::keys::MAX_JWKS_BYTES;
+        // An answer larger than the filter parses is not even read (its size comes first).
+        let limit = match call {
+            Call::Jwks { .. } => crate::jwt::keys::MAX_JWKS_BYTES,
+            _ => MAX_STORE_REPLY_BYTES,
+        };
+        let oversized = body_size > limit;
         let (mut status, mut body) = host.call_response(if oversized { 0 } else { body_size });
+        if oversized && !matches!(call, Call::Jwks { .. }) {
+            host.log(
+                LogLevel::Warn,
+                &format!("store reply of {body_size} bytes not read (limit {limit}): treated as a failure"),
+            );
+            status = None;
+        }
         if let Some(nonce) = self.nonces.remove(&token_id) {
             if status == Some(200) {
                 match crate::webdis::unwrap_reply(nonce, &body) {
@@ -1416,7 +1429,7 @@ impl Gateway {
         let Some(req) = self.requests.remove(&ctx) else {
             return;
         };
-        self.forget(ctx);
+        self.forget(ctx, host);
         let elapsed_us = match req.elapsed_us {
             Some(us) => us,
             None => host.now_ms().saturating_sub(req.started_ms).saturating_mul(1000),
@@ -1513,7 +1526,7 @@ impl Gateway {
         if self.requests.contains_key(&ctx) {
             self.on_log(ctx, host);
         }
-        self.forget(ctx);
+        self.forget(ctx, host);
     }
 
     /// Start-up is over: `timers` says whether the host took the tick period. Logs one line
@@ -1551,8 +1564,8 @@ impl Gateway {
         host.log(level, &line);
     }
 
-    fn forget(&mut self, ctx: u32) {
-        self.forget_key_waiter(ctx);
+    fn forget(&mut self, ctx: u32, host: &mut dyn Host) {
+        self.forget_key_waiter(ctx, host);
         let mut orphaned = Vec::new();
         for (key, inflight) in self.inflight.iter_mut() {
             inflight.waiters.retain(|w| *w != ctx);

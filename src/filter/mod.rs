@@ -172,10 +172,15 @@ impl Host for WasmHost {
     }
 
     fn call_response(&mut self, body_size: usize) -> (Option<u16>, Vec<u8>) {
-        let status = status_of(MapType::HttpCallResponseHeaders);
-        let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-            Ok(Some(b)) => b,
-            _ => Vec::new(),
+        // Through the raw ABI: the SDK's wrappers panic on a status they do not expect (Envoy
+        // answers BadArgument for a call whose response overflowed its buffer), and a panic
+        // kills the VM. Here any unexpected status is simply "no answer".
+        let status = raw::call_response_header(":status")
+            .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u16>().ok()));
+        let body = if body_size == 0 {
+            Vec::new()
+        } else {
+            raw::call_response_body(body_size).unwrap_or_default()
         };
         (status, body)
     }
@@ -355,5 +360,74 @@ impl HttpContext for Request {
     fn on_log(&mut self) {
         let id = self.id;
         with(&self.gateway, (), |g, h| g.on_log(id, h));
+    }
+}
+
+/// The two reads of a callout's answer, declared from the proxy-wasm ABI (0.2.1) so that every
+/// status the host returns is handled. The only `unsafe` of the glue.
+mod raw {
+    use std::ptr::null_mut;
+
+    /// `MapType::HttpCallResponseHeaders` and `BufferType::HttpCallResponseBody` of the ABI.
+    const CALL_RESPONSE_HEADERS: u32 = 6;
+    const CALL_RESPONSE_BODY: u32 = 4;
+    const STATUS_OK: u32 = 0;
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
+        fn proxy_get_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            max_size: usize,
+            return_buffer_data: *mut *mut u8,
+            return_buffer_size: *mut usize,
+        ) -> u32;
+    }
+
+    /// Takes ownership of what the host wrote: it allocated `size` bytes through the module's
+    /// exported allocator (`proxy_on_memory_allocate`, the SDK's `Vec` allocation), as the SDK
+    /// itself assumes.
+    fn take(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
+        if status != STATUS_OK {
+            return None;
+        }
+        if data.is_null() {
+            return Some(Vec::new());
+        }
+        // SAFETY: on Ok the host returned a buffer of exactly `size` bytes allocated by this
+        // module's allocator, which it hands over to us (the SDK does the same).
+        Some(unsafe { Vec::from_raw_parts(data, size, size) })
+    }
+
+    pub fn call_response_header(name: &str) -> Option<Vec<u8>> {
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the key pointer and length describe a live &str; the out-pointers are valid
+        // locals the host writes to.
+        let status = unsafe {
+            proxy_get_header_map_value(
+                CALL_RESPONSE_HEADERS,
+                name.as_ptr(),
+                name.len(),
+                &mut data,
+                &mut size,
+            )
+        };
+        take(status, data, size)
+    }
+
+    pub fn call_response_body(max: usize) -> Option<Vec<u8>> {
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the out-pointers are valid locals the host writes to.
+        let status = unsafe { proxy_get_buffer_bytes(CALL_RESPONSE_BODY, 0, max, &mut data, &mut size) };
+        take(status, data, size)
     }
 }

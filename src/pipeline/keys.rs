@@ -28,8 +28,12 @@ pub struct JwksState {
     fetched_at_ms: Option<u64>,
     /// The shared copy's CAS the held set was parsed from.
     seen_cas: Option<u32>,
-    /// This VM's fetch: its context and when to give up on its answer.
+    /// This VM's fetch: its context and when to give up on its answer (its lease's end).
     fetching: Option<(u32, u64)>,
+    /// A fetch for a `kid` the set lacks is wanted but could not go out from a request (it was
+    /// cancelled with its request, or the forced-fetch rate limit held it): the timer sends it
+    /// from the root context, which no client can cancel, as soon as the rate limit allows.
+    wanted: bool,
     /// Requests waiting for keys.
     pub(super) waiters: Vec<u32>,
 }
@@ -39,8 +43,10 @@ pub struct JwksState {
 enum Fetch {
     /// Out (this VM's, or another VM's under the lease).
     Out,
-    /// Not allowed now (rate limit, back-off) or the dispatch failed.
+    /// Not allowed now (back-off, or nothing to fetch) or the dispatch failed.
     No,
+    /// A forced fetch the rate limit allows from this time on (unix ms).
+    Later(u64),
 }
 
 impl Gateway {
@@ -75,10 +81,24 @@ impl Gateway {
             return self.retry_authentication(ctx, req, target, host);
         }
         let waiting = self.jwks.get(issuer).map_or(0, |s| s.waiters.len());
-        if now_ms >= deadline_ms
-            || waiting >= MAX_WAITERS
-            || self.start_fetch(ctx, issuer, &name, &remote, now_ms, true, host) == Fetch::No
-        {
+        let fetch = if now_ms >= deadline_ms || waiting >= MAX_WAITERS {
+            Fetch::No
+        } else {
+            self.start_fetch(ctx, issuer, &name, &remote, now_ms, true, host)
+        };
+        let wait = match fetch {
+            Fetch::Out => true,
+            // A key rotated in right after another unknown-kid fetch: held for the next fetch
+            // the rate limit allows, when that comes within this request's wait.
+            Fetch::Later(at) if at <= deadline_ms => {
+                if let Some(state) = self.jwks.get_mut(issuer) {
+                    state.wanted = true;
+                }
+                true
+            }
+            Fetch::Later(_) | Fetch::No => false,
+        };
+        if !wait {
             req.keys_deadline_ms = Some(0);
             return self.retry_authentication(ctx, req, target, host);
         }
@@ -155,7 +175,13 @@ impl Gateway {
         }
         let fetched_at = self.jwks.get(issuer).and_then(|s| s.fetched_at_ms);
         if !lease.may_fetch(remote, now_ms, fetched_at, forced) {
-            return Fetch::No;
+            // Held for later only while the provider answers (a failing one is not asked
+            // more often than its back-off).
+            return if forced && lease.failures == 0 && lease.until_ms <= now_ms {
+                Fetch::Later(lease.last_forced_ms.saturating_add(remote.refetch_ms))
+            } else {
+                Fetch::No
+            };
         }
         let taken = Lease {
             until_ms: now_ms
@@ -186,6 +212,9 @@ impl Gateway {
                 self.calls.insert(token_id, Call::Jwks { issuer });
                 if let Some(state) = self.jwks.get_mut(issuer) {
                     state.fetching = Some((ctx, taken.until_ms));
+                    if forced {
+                        state.wanted = false;
+                    }
                 }
                 if forced {
                     self.inc_named(
@@ -337,19 +366,41 @@ impl Gateway {
         }
     }
 
-    pub(super) fn forget_key_waiter(&mut self, ctx: u32) {
+    /// A request is gone. A fetch it sent went with it (Envoy cancels a gone stream's
+    /// callouts): its lease is released at once, so neither the timed refresh nor another
+    /// request waits for it, and the fetch is wanted from the root context (next tick), so a
+    /// client that resets its requests cannot keep the set from being fetched.
+    pub(super) fn forget_key_waiter(&mut self, ctx: u32, host: &mut dyn Host) {
         let mut cancelled = Vec::new();
         for (issuer, state) in self.jwks.iter_mut().enumerate() {
             state.waiters.retain(|w| *w != ctx);
-            // Envoy cancels a gone stream's callouts: the lease runs out by itself.
-            if state.fetching.is_some_and(|(owner, _)| owner == ctx) {
-                state.fetching = None;
-                cancelled.push(issuer);
+            if let Some((owner, until)) = state.fetching {
+                if owner == ctx {
+                    state.fetching = None;
+                    state.wanted = true;
+                    cancelled.push((issuer, until));
+                }
             }
         }
-        if !cancelled.is_empty() {
-            self.calls
-                .retain(|_, c| !matches!(c, Call::Jwks { issuer } if cancelled.contains(issuer)));
+        if cancelled.is_empty() {
+            return;
+        }
+        self.calls
+            .retain(|_, c| !matches!(c, Call::Jwks { issuer } if cancelled.iter().any(|(i, _)| i == issuer)));
+        for (issuer, until) in cancelled {
+            let Some((name, _)) = self.remote(issuer) else {
+                continue;
+            };
+            let key = remote::lease_key(&name);
+            let store = shared(&self.local, host);
+            if let Some((value, cas)) = store.get(&key) {
+                let lease = Lease::decode(Some(&value));
+                // Only our own lease (another VM may hold a newer one).
+                if lease.until_ms == until {
+                    let released = Lease { until_ms: 0, ..lease };
+                    let _ = store.set(&key, &released.encode(), Some(cas));
+                }
+            }
         }
     }
 
@@ -383,7 +434,19 @@ impl Gateway {
                     state.fetching = None;
                 }
             }
-            let fetch = self.start_fetch(ctx, issuer, &name, &remote, now_ms, false, host);
+            // A fetch for an unknown kid that a request could not keep (or had to leave for
+            // later) goes out from here, the root context.
+            let wanted = self.jwks.get(issuer).is_some_and(|s| s.wanted);
+            let forced = if wanted {
+                self.start_fetch(ctx, issuer, &name, &remote, now_ms, true, host)
+            } else {
+                Fetch::No
+            };
+            let fetch = if forced == Fetch::Out {
+                Fetch::Out
+            } else {
+                self.start_fetch(ctx, issuer, &name, &remote, now_ms, false, host)
+            };
             // Waiters go on when keys came, when their wait is over, or when no fetch is out
             // any more (it failed somewhere).
             self.wake_key_waiters(ctx, issuer, now_ms, changed || fetch == Fetch::No, host);

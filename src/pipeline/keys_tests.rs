@@ -138,21 +138,25 @@ fn a_rotated_key_is_fetched_on_first_use_and_refetches_are_rate_limited() {
         &doc(&[(Algorithm::Es256, "ec-1"), (Algorithm::EdDsa, "ed-2")]),
     );
     assert_eq!((t.req(2).resumed, t.status(2)), (1, 200));
-    // A kid nobody publishes: one fetch per second at most, then 401.
+    // A kid nobody publishes: one fetch per second at most. Requests wait for the next one
+    // the rate limit allows (within max_wait), which the timer sends; then 401.
     let bogus = idp_token(Algorithm::EdDsa, "nope");
-    t.send(3, "GET", "/api/v1/plain/1", Some(&bogus));
-    assert_eq!(
-        (t.status(3), t.reason(3), jwks_calls(&t)),
-        (401, "unknown_kid", 2)
-    );
+    assert_eq!(t.send(3, "GET", "/api/v1/plain/1", Some(&bogus)), Action::Pause);
+    assert_eq!(t.send(4, "GET", "/api/v1/plain/1", Some(&bogus)), Action::Pause);
+    assert_eq!(jwks_calls(&t), 2, "not at once: the rate limit");
     t.host.now_ms += 1_000;
-    t.send(4, "GET", "/api/v1/plain/1", Some(&bogus));
-    assert_eq!(jwks_calls(&t), 3);
+    t.tick();
+    assert_eq!(jwks_calls(&t), 3, "one fetch for both");
     t.answer_last(Some(200), &doc(&[(Algorithm::EdDsa, "ed-2")]));
-    assert_eq!((t.status(4), t.reason(4)), (401, "unknown_kid"));
+    for ctx in [3, 4] {
+        assert_eq!((t.status(ctx), t.reason(ctx)), (401, "unknown_kid"));
+    }
     // ec-1 was retired by that set: its tokens are refused now, even though one was accepted.
     let old = idp_token(Algorithm::Es256, "ec-1");
     t.send(5, "GET", "/api/v1/plain/1", Some(&old));
+    t.host.now_ms += 1_000;
+    t.tick();
+    t.answer_last(Some(200), &doc(&[(Algorithm::EdDsa, "ed-2")]));
     assert_eq!((t.status(5), t.reason(5)), (401, "unknown_kid"));
 }
 
@@ -264,4 +268,91 @@ fn the_gateway_refreshes_only_tokens_it_can_sign() {
     t.answer_last(Some(200), SETEX_OK);
     t.answer_last(Some(200), SET_OK);
     assert_eq!(t.status(3), 200);
+}
+
+/// Finding 4 of the second outside attack: a client that resets each request carrying an
+/// unknown kid cancelled every fetch with it, each leaving its lease, and the timed refresh
+/// never ran (a retired key stayed accepted). A cancelled fetch releases its lease and goes out
+/// again from the root context on the next tick, which no client can cancel.
+#[test]
+fn a_client_reset_cannot_cancel_the_key_fetch() {
+    let mut t = T::new(config());
+    t.tick();
+    t.answer_last(Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
+    assert_eq!(jwks_calls(&t), 1);
+    t.host.now_ms += 1_500;
+    let tok = idp_token(Algorithm::Es256, "ec-2");
+    assert_eq!(t.send(2, "GET", "/api/v1/plain/1", Some(&tok)), Action::Pause);
+    assert_eq!(jwks_calls(&t), 2);
+    assert_eq!(
+        t.host.dispatched.last().unwrap().context,
+        2,
+        "sent from the request"
+    );
+    // The client resets: the request is gone, and its callout with it.
+    t.host.gone.push(2);
+    t.gw.on_done(2, &mut t.host);
+    // The next tick sends it again, from the root context (subject to the refetch limit).
+    t.host.now_ms += 1_000;
+    t.tick();
+    assert_eq!(
+        jwks_calls(&t),
+        3,
+        "fetched again at once, not after the lease ran out"
+    );
+    let last = t.host.dispatched.last().unwrap().clone();
+    assert_eq!(last.context, ROOT, "owned by the root context");
+    // Requests that come and go meanwhile do not touch it.
+    let tok3 = idp_token(Algorithm::Es256, "ec-3");
+    t.send(3, "GET", "/api/v1/plain/1", Some(&tok3));
+    t.host.gone.push(3);
+    t.gw.on_done(3, &mut t.host);
+    t.answer(last.token_id, Some(200), &doc(&[(Algorithm::Es256, "ec-2")]));
+    assert_eq!(t.get(4, "/api/v1/plain/1", Some(&tok)), 200, "the new key is in");
+    let retired = idp_token(Algorithm::Es256, "ec-1");
+    assert_eq!(t.send(5, "GET", "/api/v1/plain/1", Some(&retired)), Action::Pause);
+    assert!(t.req(5).resumed == 0, "the retired key is out: never forwarded");
+}
+
+/// Finding 4, related: a key rotated in right after another unknown-kid fetch was refused at
+/// once; it is held until the next fetch the rate limit allows, within `max_wait`.
+#[test]
+fn a_kid_rotated_in_right_after_a_fetch_waits_for_the_next_allowed_one() {
+    let mut v = config();
+    v["jwt"]["issuers"][0]["remote_jwks"]["max_wait"] = json!(2);
+    let mut t = T::new(v);
+    t.tick();
+    t.answer_last(Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
+    t.host.now_ms += 1_500;
+    // An unknown kid: fetched at once, and that set does not have the next one yet.
+    t.send(
+        2,
+        "GET",
+        "/api/v1/plain/1",
+        Some(&idp_token(Algorithm::Es256, "ec-2")),
+    );
+    t.answer_last(
+        Some(200),
+        &doc(&[(Algorithm::Es256, "ec-1"), (Algorithm::Es256, "ec-2")]),
+    );
+    assert_eq!(t.status(2), 200);
+    // 100 ms later a token with a kid rotated in since: the rate limit allows the next forced
+    // fetch in 900 ms, within max_wait, so it waits.
+    t.host.now_ms += 100;
+    let calls = jwks_calls(&t);
+    let tok = idp_token(Algorithm::Es256, "ec-3");
+    assert_eq!(t.send(3, "GET", "/api/v1/plain/1", Some(&tok)), Action::Pause);
+    assert!(t.req(3).reply.is_none(), "held, not refused");
+    assert_eq!(jwks_calls(&t), calls);
+    t.host.now_ms += 500;
+    t.tick();
+    assert_eq!(jwks_calls(&t), calls, "not before the rate limit allows");
+    t.host.now_ms += 500;
+    t.tick();
+    assert_eq!(jwks_calls(&t), calls + 1, "the timer fetches it");
+    t.answer_last(
+        Some(200),
+        &doc(&[(Algorithm::Es256, "ec-2"), (Algorithm::Es256, "ec-3")]),
+    );
+    assert_eq!((t.req(3).resumed, t.status(3)), (1, 200));
 }

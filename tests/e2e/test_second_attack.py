@@ -170,3 +170,46 @@ def test_webdis_replies_for_other_calls_are_never_taken_as_answers(services):
         gw.stop()
         w.stop()
         redis.stop()
+
+
+def test_a_huge_key_set_does_not_crash_the_vm(services):
+    """A key server answering 70 MiB (over Envoy's async-client buffer): the fetch fails, the
+    VM lives, and unrelated HS256 traffic is served throughout."""
+    import http.server
+    body = b'{"keys":[' + b" " * (70 << 20) + b"]}"
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:
+                pass
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    f = gateway_file(services.ports, free_port())
+    f["jwt"]["issuers"] = [{"name": "huge", "issuer": "https://huge.example", "algorithms": ["RS256"],
+                            "remote_jwks": {"uri": f"http://127.0.0.1:{server.server_address[1]}/jwks",
+                                            "refresh_interval": 1, "min_refetch_interval": 0.5, "timeout": 3}}]
+    gw = Gateway(f)
+    try:
+        _, tok = user_token()
+        deadline = time.monotonic() + 5
+        statuses = set()
+        while time.monotonic() < deadline:
+            statuses.add(gw.get("/api/v1/users/1", bearer(tok)).status)
+            time.sleep(0.1)
+        assert statuses == {200}, statuses
+        log = gw.log_path.read_text()
+        assert "panicked" not in log and "unexpected status" not in log, log[-2000:]
+        assert gw.counter("gateway_jwks_huge_fetch_errors_total") >= 1 or "jwks fetch for issuer huge failed" in log
+    finally:
+        gw.stop()
+        server.shutdown()
