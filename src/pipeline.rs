@@ -211,6 +211,9 @@ struct Request {
     /// The route matched (or the one a gateway endpoint sits under).
     route: Option<usize>,
     caller: Option<Caller>,
+    /// The caller's token was found valid and not revoked (the request reached phase 5): only
+    /// then does its record count as authenticated in the log store.
+    cleared: bool,
     client_ip: Option<String>,
     stage: Stage,
     /// When its wait for signing keys ends (set at its first wait; 0: the answer is final).
@@ -491,6 +494,7 @@ impl Gateway {
             headers,
             route: None,
             caller: None,
+            cleared: false,
             client_ip: None,
             stage: Stage::Idle,
             keys_deadline_ms: None,
@@ -911,6 +915,7 @@ impl Gateway {
 
     /// Phases 5 and 6: the token is valid and not revoked.
     fn proceed(&mut self, req: &mut Request, next: Next, host: &mut dyn Host) -> Flow {
+        req.cleared = req.caller.is_some();
         let config = Rc::clone(&self.config);
         let route = req.route.and_then(|i| config.routes.get(i));
         let limits = route.and_then(|r| r.limits.as_ref());
@@ -1475,9 +1480,18 @@ impl Gateway {
             host.log(level, &json);
         }
         if let Some(store) = store {
+            // What the store keeps: requests that went upstream, and the gateway's answers to
+            // callers whose token was valid and not revoked. Refused anonymous requests
+            // (unrouted paths, missing, invalid or revoked tokens, per-IP limits) are counted
+            // and printed, never stored: they cannot fill the store or crowd out the records
+            // of authenticated callers.
+            if !req.cleared && decision != "allowed" {
+                self.inc_named("gateway_log_records_skipped_total", host);
+                return;
+            }
             let stored = StoredRecord {
                 trace_id: record.trace_id,
-                user_id: record.user_id,
+                user_id: record.user_id.filter(|_| req.cleared),
                 json,
             };
             self.buffer_record(stored, store.buffer as usize);
@@ -1804,7 +1818,9 @@ impl Gateway {
             let key = access_log::trace_key(&r.trace_id);
             let json = Some(r.json.as_bytes());
             let then = vec![
-                access_log::trim_tail_path(&key, access_log::TRACE_RECORDS),
+                // The first records of a trace stay: a client reusing someone's trace id
+                // can add to the list, not push their records out.
+                access_log::trim_path(&key, access_log::TRACE_RECORDS),
                 access_log::expire_path(&key, store.retention_seconds),
             ];
             self.store_call(store, "PUT", &access_log::append_path(&key), json, then, host);

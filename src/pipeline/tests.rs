@@ -843,9 +843,9 @@ fn log_records_are_bounded_and_anonymous_floods_cannot_crowd_out_users() {
         t.gw.log_buffer.iter().all(|r| r.json.len() < 4096),
         "record bounded"
     );
-    // Anonymous noise fills half the buffer, no more.
+    // Anonymous noise (forwarded public requests) fills half the buffer, no more.
     for ctx in 10..40 {
-        t.get(ctx, "/api/v1/nope", None);
+        t.get(ctx, "/api/v1/open/x", None);
     }
     assert_eq!(t.gw.log_buffer.len(), 5);
     // Authenticated callers' records still get in: the free half, then in place of noise.
@@ -884,7 +884,7 @@ fn trace_lists_are_trimmed_in_the_store() {
     t.answer_last(Some(200), r#"{"RPUSH":1}"#);
     let paths: Vec<String> = t.host.dispatched.iter().map(|d| d.path.clone()).collect();
     assert!(
-        paths[1].starts_with("/LTRIM/gateway%3Alog%3Atrace%3A") && paths[1].contains("/-100/-1.json?jsonp="),
+        paths[1].starts_with("/LTRIM/gateway%3Alog%3Atrace%3A") && paths[1].contains("/0/99.json?jsonp="),
         "{paths:?}"
     );
     assert!(paths[2].starts_with("/EXPIRE/"), "{paths:?}");
@@ -1130,4 +1130,47 @@ fn a_reply_meant_for_another_call_is_a_store_failure() {
     t.send(3, "GET", "/api/v1/plain/1", Some(&revoked));
     t.answer_raw(t.host.dispatched.last().unwrap().token_id, Some(200), CLEAN);
     assert_eq!(t.status(3), 503);
+}
+
+/// Findings 3 and 8: refused anonymous requests (unrouted paths, missing, invalid or revoked
+/// tokens) are counted, not stored; a revoked token's flood cannot crowd out the records of
+/// callers whose token is valid, and never lands in its user's list.
+#[test]
+fn refused_unauthenticated_requests_are_counted_not_stored() {
+    let mut v = base();
+    v["logs"] = serde_json::json!({"enabled": false, "store": {"buffer": 10}});
+    let mut t = T::new(v);
+    for ctx in 10..20 {
+        t.get(ctx, &format!("/api/v1/nope/{}", "x".repeat(1000)), None);
+    }
+    t.get(20, "/api/v1/plain/1", None);
+    t.get(21, "/api/v1/plain/1", Some("garbage"));
+    assert_eq!(t.gw.log_buffer.len(), 0, "nothing stored");
+    // Alice's revoked token, flooding.
+    let alice = token_for("alice", "old");
+    for ctx in 30..60 {
+        t.send(ctx, "GET", "/api/v1/plain/1", Some(&alice));
+        if t.req(ctx).reply.is_none() && t.req(ctx).resumed == 0 {
+            t.answer_last(Some(200), BLACKLISTED);
+        }
+        assert_eq!(t.reason(ctx), "revoked");
+        t.finish(ctx);
+    }
+    assert_eq!(t.gw.log_buffer.len(), 0, "revoked: not authenticated, not stored");
+    // An admin's requests are all kept.
+    for ctx in 60..70 {
+        t.send(ctx, "GET", "/api/v1/plain/1", Some(&token_for("root", "a")));
+        if t.req(ctx).reply.is_none() && t.req(ctx).resumed == 0 {
+            t.answer_last(Some(200), CLEAN);
+        }
+        t.finish(ctx);
+    }
+    assert_eq!(t.gw.log_buffer.len(), 10);
+    assert!(t
+        .gw
+        .log_buffer
+        .iter()
+        .all(|r| r.user_id.as_deref() == Some("root")));
+    assert_eq!(t.metric("gateway_log_records_skipped_total"), 42);
+    assert_eq!(t.metric("gateway_log_records_dropped_total"), 0);
 }
