@@ -71,7 +71,7 @@ compose-config: build
 	cp $(WASM) build/compose/gateway_filter.wasm
 	sed -e 's#admin: {socket: build/envoy-admin.sock}#admin: {socket: /tmp/envoy-admin.sock}#' config/gateway.yaml > build/compose/gateway.yaml
 	$(RENDER) --config build/compose/gateway.yaml --wasm /etc/gateway/gateway_filter.wasm --out build/compose/envoy.yaml
-	python3 -c 'import json; c = json.load(open("config/webdis.json")); c.update(redis_auth="__REDIS_PASSWORD__", logfile="/tmp/webdis.log"); [r.update(http_basic_auth="__WEBDIS_AUTH__") for r in c["acl"] if "enabled" in r]; json.dump(c, open("build/compose/webdis.template.json", "w"), indent=2)'
+	python3 -c 'import json; c = json.load(open("config/webdis.json")); c.update(redis_auth="__REDIS_PASSWORD__", logfile="/tmp/webdis.log"); [r.update(http_basic_auth="__WEBDIS_AUTH__") for r in c["acl"] if "enabled" in r]; json.dump(c, open("build/compose/webdis.template.json", "w"), indent=2); c.update(redis_port=6380, http_port=7380, logfile="/tmp/webdis-logs.log"); json.dump(c, open("build/compose/webdis-logs.template.json", "w"), indent=2)'
 	chmod a+r build/compose/*
 
 compose-test: compose-config
@@ -85,7 +85,8 @@ bench: build
 # first (an invalid file is refused with the field and line, and nothing changes), then swapped
 # in atomically. WEBDIS_PORT moves webdis as in `make run`.
 reload: render
-	@sed "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:$${WEBDIS_PORT:-7379}#" config/gateway.yaml > build/gateway.next.yaml
+	@sed -e "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:$${WEBDIS_PORT:-7379}#" \
+	  -e "s#^    webdis: http://127.0.0.1:7380#    webdis: http://127.0.0.1:$${LOG_WEBDIS_PORT:-7380}#" config/gateway.yaml > build/gateway.next.yaml
 	$(RENDER) --config build/gateway.next.yaml --wasm $(CURDIR)/$(WASM) --xds $(CURDIR)/build/xds
 
 oci: wasm

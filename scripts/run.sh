@@ -11,6 +11,9 @@ fi
 
 REDIS_PORT="${REDIS_PORT:-6379}"
 WEBDIS_PORT="${WEBDIS_PORT:-7379}"
+# The log store's own Redis and webdis (same credentials): records never fill the revocation store.
+LOG_REDIS_PORT="${LOG_REDIS_PORT:-6380}"
+LOG_WEBDIS_PORT="${LOG_WEBDIS_PORT:-7380}"
 # Credentials of this run, unless given: the filter authenticates to webdis, webdis to Redis.
 random_secret() { python3 -c 'import secrets; print(secrets.token_hex(16))'; }
 export WEBDIS_AUTH="${WEBDIS_AUTH:-gateway:$(random_secret)}"
@@ -18,21 +21,24 @@ REDIS_PASSWORD="${REDIS_PASSWORD:-$(random_secret)}"
 
 mkdir -p build
 # The gateway file names webdis at 7379; follow WEBDIS_PORT if it was overridden.
-sed "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:${WEBDIS_PORT}#" config/gateway.yaml > build/gateway.yaml
+sed -e "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:${WEBDIS_PORT}#" \
+    -e "s#^    webdis: http://127.0.0.1:7380#    webdis: http://127.0.0.1:${LOG_WEBDIS_PORT}#" config/gateway.yaml > build/gateway.yaml
 # Listener, routes, clusters and the filter's configuration as filesystem-xDS files in build/xds:
 # `make reload` applies an edited config/gateway.yaml to the running Envoy without a restart.
 target/release/gateway-render --config build/gateway.yaml --wasm "$PWD/build/gateway_filter.wasm" \
   --xds "$PWD/build/xds" --out build/envoy.yaml
-REDIS_PASSWORD="$REDIS_PASSWORD" python3 - "$REDIS_PORT" "$WEBDIS_PORT" <<'PY'
+REDIS_PASSWORD="$REDIS_PASSWORD" python3 - "$REDIS_PORT" "$WEBDIS_PORT" "$LOG_REDIS_PORT" "$LOG_WEBDIS_PORT" <<'PY'
 import json, os, sys
-cfg = json.load(open("config/webdis.json"))
-cfg.update(redis_port=int(sys.argv[1]), http_port=int(sys.argv[2]), redis_auth=os.environ["REDIS_PASSWORD"])
-for rule in cfg["acl"]:
-    if "enabled" in rule:
-        rule["http_basic_auth"] = os.environ["WEBDIS_AUTH"]
-fd = os.open("build/webdis.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-with os.fdopen(fd, "w") as f:
-    json.dump(cfg, f, indent=2)
+for name, redis_port, http_port in (("webdis", sys.argv[1], sys.argv[2]), ("webdis-logs", sys.argv[3], sys.argv[4])):
+    cfg = json.load(open("config/webdis.json"))
+    cfg.update(redis_port=int(redis_port), http_port=int(http_port), redis_auth=os.environ["REDIS_PASSWORD"],
+               logfile=f"build/{name}.log")
+    for rule in cfg["acl"]:
+        if "enabled" in rule:
+            rule["http_basic_auth"] = os.environ["WEBDIS_AUTH"]
+    fd = os.open(f"build/{name}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg, f, indent=2)
 PY
 
 pids=()
@@ -48,6 +54,11 @@ redis-server config/redis.conf --port "$REDIS_PORT" --dir "$PWD/build" --require
 pids+=($!)
 webdis build/webdis.json &
 pids+=($!)
+mkdir -p build/redis-logs
+redis-server config/redis.conf --port "$LOG_REDIS_PORT" --dir "$PWD/build/redis-logs" --requirepass "$REDIS_PASSWORD" &
+pids+=($!)
+webdis build/webdis-logs.json &
+pids+=($!)
 
 .venv/bin/python demo/services.py \
   --echo user-service=8001 --echo order-service=8002 --echo product-service=8003 \
@@ -61,7 +72,8 @@ pids+=($!)
 
 for _ in $(seq 1 100); do
   if curl -fs http://127.0.0.1:9901/ready >/dev/null 2>&1 && curl -fs -o /dev/null http://127.0.0.1:8000/health \
-     && curl -fs -o /dev/null -u "$WEBDIS_AUTH" "http://127.0.0.1:${WEBDIS_PORT}/PING"; then
+     && curl -fs -o /dev/null -u "$WEBDIS_AUTH" "http://127.0.0.1:${WEBDIS_PORT}/PING" \
+     && curl -fs -o /dev/null -u "$WEBDIS_AUTH" "http://127.0.0.1:${LOG_WEBDIS_PORT}/PING"; then
     break
   fi
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || { echo "a process exited during startup" >&2; exit 1; }; done
@@ -77,6 +89,7 @@ Gateway is up.
   metrics             http://127.0.0.1:9901/stats/prometheus (and /ready; nothing else)
   Redis               127.0.0.1:${REDIS_PORT} (password: REDIS_PASSWORD)
   webdis              http://127.0.0.1:${WEBDIS_PORT} (HTTP basic: WEBDIS_AUTH=${WEBDIS_AUTH})
+  log store           webdis http://127.0.0.1:${LOG_WEBDIS_PORT}, Redis 127.0.0.1:${LOG_REDIS_PORT} (same credentials)
   user-service 8001   order-service 8002   product-service 8003   payment-service 8004
   auth-service 8005   search-service 8006  comment-service 8007   admin-service 8008
   order-service v2 (canary) 8009
