@@ -18,9 +18,41 @@ pub fn get_str<'a>(headers: &'a [HeaderPair], name: &str) -> Option<&'a str> {
 }
 
 /// Whether a string may be sent as an HTTP header value: no control characters (CR, LF, NUL,
-/// DEL, C1 controls), no leading or trailing whitespace, bounded length.
+/// DEL, C1 controls), no invisible format characters (bidi overrides and isolates, zero-width
+/// characters, line and paragraph separators: they make an identity display as another), no
+/// leading or trailing whitespace, bounded length.
 pub fn is_safe_value(value: &str) -> bool {
-    value.len() <= 1024 && !value.chars().any(char::is_control) && value.trim() == value
+    value.len() <= 1024
+        && !value.chars().any(|c| c.is_control() || is_format_char(c))
+        && value.trim() == value
+}
+
+/// Unicode's format characters (general category Cf) and the line/paragraph separators.
+fn is_format_char(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x2028..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
 }
 
 /// Whether a string is a header name we accept in configuration: letters, digits, `-`, `_`.
@@ -48,6 +80,18 @@ mod tests {
         assert!(is_safe_value("admin"));
         assert!(!is_safe_value("a\r\nb"));
         assert!(!is_safe_value(" a"));
+        // Bidi overrides, isolates, zero-width and separators: refused (finding 10).
+        for c in [
+            '\u{202E}',
+            '\u{2066}',
+            '\u{200B}',
+            '\u{FEFF}',
+            '\u{2028}',
+            '\u{E0041}',
+        ] {
+            assert!(!is_safe_value(&format!("adm{c}in")), "{:X}", u32::from(c));
+        }
+        assert!(is_safe_value("Zoë Łukasz 山田"), "letters of any script are fine");
         assert!(is_name("X-Canary"));
         assert!(!is_name("x canary"));
     }

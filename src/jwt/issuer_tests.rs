@@ -561,3 +561,20 @@ fn auth_time_must_be_a_number() {
     );
     assert_eq!(v.verify(&bad, NOW), Err(TokenError::InvalidClaims));
 }
+
+/// Finding 12: an EdDSA token without `kid` against a set of 64 keys made the gateway try them
+/// all. At most MAX_KEYS_WITHOUT_KID are tried.
+#[test]
+fn a_token_without_kid_is_checked_against_a_bounded_number_of_keys() {
+    let mut keys: Vec<Value> = (0..64)
+        .map(|i| jwk(Algorithm::EdDsa, &format!("ed-{i}"), true))
+        .collect();
+    let set = KeySet::parse(jwks(&keys).as_bytes()).unwrap();
+    match set.lookup(Algorithm::EdDsa, None) {
+        keys::Lookup::Found(k) => assert_eq!(k.len(), keys::MAX_KEYS_WITHOUT_KID),
+        _ => panic!("keys expected"),
+    }
+    keys.truncate(2);
+    let set = KeySet::parse(jwks(&keys).as_bytes()).unwrap();
+    assert!(matches!(set.lookup(Algorithm::EdDsa, None), keys::Lookup::Found(k) if k.len() == 2));
+}

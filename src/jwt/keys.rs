@@ -195,6 +195,9 @@ pub const MAX_KEYS: usize = 64;
 /// RSA moduli below this many bits are refused (RFC 7518 3.3: 2048 or larger).
 pub const MIN_RSA_BITS: usize = 2048;
 
+/// Keys of one set a token without `kid` is checked against, at most.
+pub const MAX_KEYS_WITHOUT_KID: usize = 4;
+
 /// The usable keys of one JWKS.
 #[derive(Clone, Default)]
 pub struct KeySet {
@@ -237,7 +240,8 @@ impl KeySet {
         self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
     }
 
-    /// The keys that may check a token signed with `alg` and naming `kid`.
+    /// The keys that may check a token signed with `alg` and naming `kid` (without a `kid`,
+    /// the first [`MAX_KEYS_WITHOUT_KID`] that fit).
     pub fn lookup(&self, alg: Algorithm, kid: Option<&str>) -> Lookup<'_> {
         match kid {
             Some(kid) => {
@@ -257,7 +261,15 @@ impl KeySet {
                 }
             }
             None => {
-                let fitting: Vec<&Key> = self.keys.iter().filter(|k| k.fits(alg)).collect();
+                // Without a `kid`, at most MAX_KEYS_WITHOUT_KID keys are tried (in the set's
+                // order): a token cannot make the gateway check its signature against every key
+                // of a large set (finding 12).
+                let fitting: Vec<&Key> = self
+                    .keys
+                    .iter()
+                    .filter(|k| k.fits(alg))
+                    .take(MAX_KEYS_WITHOUT_KID)
+                    .collect();
                 if fitting.is_empty() {
                     Lookup::NoFittingKey
                 } else {
