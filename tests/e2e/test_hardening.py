@@ -223,7 +223,7 @@ def test_finding_6_log_records_are_bounded_and_redis_never_evicts(gw, redis):
     tid = str(uuid.uuid4())
     huge = [("User-Agent", "u" * 50_000), ("X-Trace-ID", tid)]
     for _ in range(150):  # one trace id, over and over
-        gw.get("/api/v1/nope", huge)
+        gw.get("/api/v1/products/1", huge)  # forwarded: stored
     key = f"gateway:log:trace:{tid}"
     wait_for(lambda: int(redis.cli("LLEN", key)) >= 100, timeout=10, what="the records stored")
     wait_for(lambda: int(redis.cli("LLEN", key)) == 100, timeout=5, what="the trace list trimmed")
@@ -238,11 +238,11 @@ def test_finding_7_anonymous_floods_cannot_hide_authenticated_requests(services,
     g = Gateway(f, concurrency=1)
     try:
         for _ in range(200):
-            g.get("/api/v1/nope")
+            g.get("/api/v1/products/1")
         tid = str(uuid.uuid4())
         assert g.get("/api/v1/users/1", bearer(admin()) + [("X-Trace-ID", tid)]).status == 200
         for _ in range(200):
-            g.get("/api/v1/nope")
+            g.get("/api/v1/products/1")
         wait_for(lambda: redis.cli("EXISTS", f"gateway:log:trace:{tid}") == "1", timeout=10,
                  what="the admin's record stored despite the flood")
         dropped = g.settled("gateway_log_records_dropped_anonymous_total",
@@ -310,7 +310,7 @@ def test_finding_6_log_records_in_their_own_redis_cannot_block_revocation(servic
         log_redis.cli("CONFIG", "SET", "maxmemory", "1")
         errors = g.counter("gateway_log_store_errors_total")
         for _ in range(20):
-            g.get("/api/v1/nope", [("User-Agent", "u" * 200)])
+            g.get("/api/v1/products/1", [("User-Agent", "u" * 200)])
         wait_for(lambda: g.counter("gateway_log_store_errors_total") > errors, timeout=10,
                  what="failed log writes counted")
         _, tok = user_token()

@@ -213,3 +213,22 @@ def test_a_huge_key_set_does_not_crash_the_vm(services):
     finally:
         gw.stop()
         server.shutdown()
+
+
+def test_unrouted_and_refused_anonymous_requests_cost_the_store_nothing(gw, redis):
+    """Finding 3: unrouted 404s with long paths and queries, and requests with revoked or
+    invalid tokens, are printed and counted, never stored."""
+    tid = str(uuid.uuid4())
+    before = gw.settled("gateway_log_records_skipped_total")["gateway_log_records_skipped_total"]
+    for i in range(50):
+        path = "/api/v1/nope/" + "x" * 1000 + "?" + "&".join(f"q{j}={'v' * 100}" for j in range(20))
+        assert gw.get(path, [("X-Trace-ID", tid)]).status == 404
+        assert gw.get("/api/v1/users/1", [("X-Trace-ID", tid), ("Authorization", "Bearer garbage")]).status == 401
+    # A forwarded request with the same trace id is stored: the store works.
+    assert gw.get("/api/v1/products/1", [("X-Trace-ID", tid)]).status == 200
+    key = f"gateway:log:trace:{tid}"
+    wait_for(lambda: redis.cli("LLEN", key) == "1", timeout=10, what="the one forwarded record")
+    after = gw.settled("gateway_log_records_skipped_total")["gateway_log_records_skipped_total"]
+    assert after - before == 100, (before, after)
+    time.sleep(1.5)
+    assert redis.cli("LLEN", key) == "1", "nothing else stored"
