@@ -1109,19 +1109,32 @@ impl Gateway {
                 )
             }
         };
-        match self.revocation_call(rv, &path, host) {
+        self.send_write(req, write, &path, host)
+    }
+
+    /// Sends one revocation write; the request waits for its confirmation.
+    fn send_write(&mut self, req: &mut Request, write: Write, path: &str, host: &mut dyn Host) -> Flow {
+        let config = Rc::clone(&self.config);
+        let sent = match config.revocation.as_ref() {
+            Some(rv) => self.revocation_call(rv, path, host),
+            None => Err("no revocation store".to_string()),
+        };
+        match sent {
             Ok(token_id) => {
                 self.calls.insert(token_id, Call::Write { context: req.ctx });
                 req.stage = Stage::Write(write);
                 Flow::Paused
             }
-            Err(e) => {
-                let id = self.metrics.store_errors;
-                self.inc(id);
-                host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
-                self.error(req, 503, MSG_WRITE_FAILED, host)
-            }
+            Err(e) => self.write_failed(req, &e, host),
         }
+    }
+
+    /// A revocation write that was not confirmed: 503, and nothing recorded here either.
+    fn write_failed(&mut self, req: &mut Request, e: &dyn std::fmt::Display, host: &mut dyn Host) -> Flow {
+        let id = self.metrics.store_errors;
+        self.inc(id);
+        host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
+        self.error(req, 503, MSG_WRITE_FAILED, host)
     }
 
     fn reply(&mut self, req: &mut Request, reply: Reply, host: &mut dyn Host) -> Flow {
@@ -1260,14 +1273,14 @@ impl Gateway {
         let with_user = first
             .and_then(|r| r.caller.as_ref())
             .is_some_and(|c| c.identity.user_id.is_some());
-        let token = first
+        let revocation_id = first
             .and_then(|r| r.caller.as_ref())
             .map(|c| c.identity.revocation_id.clone());
         let result = rv::parse_lookup(status, body, with_user);
         let now_ms = host.now_ms();
-        if let (Ok(lookup), Some(token)) = (&result, token) {
+        if let (Ok(lookup), Some(id)) = (&result, revocation_id) {
             if rv.cache_ttl_ms > 0 {
-                let slot = Slot::of("t", &token, rv.cache_slots);
+                let slot = Slot::of("t", &id, rv.cache_slots);
                 let entry = CacheEntry {
                     fingerprint: slot.fingerprint,
                     stored_at_ms: now_ms,
@@ -1305,27 +1318,9 @@ impl Gateway {
     ) -> Flow {
         if let Some(then) = write.then.take() {
             // The reference's key is written; now the deciding write.
-            let sent = match rv::parse_setex(status, body) {
-                Ok(()) => match self.config.revocation.clone() {
-                    Some(rv) => self
-                        .revocation_call(&rv, &then, host)
-                        .map_err(StoreError::Dispatch),
-                    None => Err(StoreError::Dispatch("no revocation store".to_string())),
-                },
-                Err(e) => Err(e),
-            };
-            return match sent {
-                Ok(token_id) => {
-                    self.calls.insert(token_id, Call::Write { context: req.ctx });
-                    req.stage = Stage::Write(write);
-                    Flow::Paused
-                }
-                Err(e) => {
-                    let id = self.metrics.store_errors;
-                    self.inc(id);
-                    host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
-                    self.error(req, 503, MSG_WRITE_FAILED, host)
-                }
+            return match rv::parse_setex(status, body) {
+                Ok(()) => self.send_write(req, write, &then, host),
+                Err(e) => self.write_failed(req, &e, host),
             };
         }
         let outcome = match write.effect {
@@ -1334,12 +1329,7 @@ impl Gateway {
         };
         let won = match outcome {
             Ok(won) => won,
-            Err(e) => {
-                let id = self.metrics.store_errors;
-                self.inc(id);
-                host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
-                return self.error(req, 503, MSG_WRITE_FAILED, host);
-            }
+            Err(e) => return self.write_failed(req, &e, host),
         };
         // Confirmed: now this instance applies it too (at once, without waiting for its cache).
         let config = Rc::clone(&self.config);
