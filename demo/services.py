@@ -157,7 +157,7 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str, idp=Non
             delay = query.get("delay_ms", ["0"])[0]
             if delay.isdigit():
                 time.sleep(min(int(delay), 60_000) / 1000)
-            if is_auth and self.command == "POST" and url.path.rstrip("/").endswith("/auth/login"):
+            if is_auth and self.command == "POST" and url.path.rstrip("/").split("/")[-2:] == ["auth", "login"]:
                 return self._login(body)
             if idp is not None and self.command == "GET" and url.path == "/.well-known/jwks.json":
                 return self._send(200, idp.jwks())
@@ -166,6 +166,11 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str, idp=Non
                 idp.rotate(retire=retire)
                 return self._send(200, {"rotated": True, "retired": retire,
                                         "kids": [k["kid"] for k in idp.jwks()["keys"]]})
+            if is_auth:
+                # The auth service serves its login (and the IdP's paths) and nothing else: a
+                # near-miss of a gateway endpoint (`/auth/logout.`, `/auth/logout%2e`) that Envoy
+                # forwards here is a 404, not an echo that looks like success.
+                return self._send(404, {"error": "Not Found", "message": f"No such endpoint: {url.path}"})
             headers = {}
             for k, v in self.headers.items():
                 k = k.lower()

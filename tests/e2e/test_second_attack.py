@@ -232,3 +232,19 @@ def test_unrouted_and_refused_anonymous_requests_cost_the_store_nothing(gw, redi
     assert after - before == 100, (before, after)
     time.sleep(1.5)
     assert redis.cli("LLEN", key) == "1", "nothing else stored"
+
+
+def test_near_miss_endpoint_paths_do_not_look_like_success(gw):
+    """Finding 13: paths next to the logout endpoint go to the auth service, which must not
+    answer 200 to anything (the client would believe it logged out)."""
+    for path in ["/api/v1/auth/logout.", "/api/v1/auth/logout%2e", "/api/v1/auth/logout%20",
+                 "/api/v1/auth/logout%3b", "/api/v1/auth/logout.json"]:
+        _, tok = user_token()
+        r = post(gw, path, tok)
+        if r.status == 200:
+            # Only the gateway's own endpoint may answer 200, and then the token is revoked.
+            assert r.json() == {"message": "Logged out successfully"}, (path, r)
+            assert gw.get("/api/v1/users/1", bearer(tok)).status == 401, path
+        else:
+            assert r.status in (400, 404), (path, r)
+            assert gw.get("/api/v1/users/1", bearer(tok)).status == 200, path
