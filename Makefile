@@ -7,6 +7,7 @@ WASM_PROFILE ?= release
 WASM_RAW := target/wasm32-wasip1/$(WASM_PROFILE)/gateway_filter.wasm
 WASM     := build/gateway_filter.wasm
 RENDER   := target/release/gateway-render
+ENVOY_ADMIN ?= build/envoy-admin.sock
 WASM_OPT_LEVEL := $(if $(filter release-fast,$(WASM_PROFILE)),-O3,-Oz)
 WASM_OPT_FLAGS := $(WASM_OPT_LEVEL) --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
@@ -83,11 +84,14 @@ bench: build
 
 # Renders config/gateway.yaml into build/xds, the files `make run`'s Envoy watches: validated
 # first (an invalid file is refused with the field and line, and nothing changes), then swapped
-# in atomically. WEBDIS_PORT moves webdis as in `make run`.
+# in atomically, and returns once Envoy reports every new version in force (its /config_dump; a
+# refused update exits 1). WEBDIS_PORT moves webdis as in `make run`; ENVOY_ADMIN is the admin
+# interface to ask (the Unix socket of the shipped file, or host:port).
 reload: render
 	@sed -e "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:$${WEBDIS_PORT:-7379}#" \
 	  -e "s#^    webdis: http://127.0.0.1:7380#    webdis: http://127.0.0.1:$${LOG_WEBDIS_PORT:-7380}#" config/gateway.yaml > build/gateway.next.yaml
-	$(RENDER) --config build/gateway.next.yaml --wasm $(CURDIR)/$(WASM) --xds $(CURDIR)/build/xds
+	python3 scripts/await_config.py --xds build/xds --admin $(ENVOY_ADMIN) -- \
+	  $(RENDER) --config build/gateway.next.yaml --wasm $(CURDIR)/$(WASM) --xds $(CURDIR)/build/xds
 
 oci: wasm
 	python3 scripts/oci.py

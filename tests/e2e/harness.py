@@ -190,15 +190,22 @@ class Gateway:
             self.stop()
             raise RuntimeError("envoy did not start:\n" + self.log_path.read_text()[-3000:])
 
-    def reload(self, gateway_file: dict):
+    def reload(self, gateway_file: dict, wait=False):
         """Renders a new version of the gateway file into the running Envoy's xDS files (the
         listener address and admin kept). Returns the renderer's result; on an error nothing is
-        swapped."""
+        swapped. `wait`: as `make reload`, through scripts/await_config.py, which returns once
+        Envoy reports the new versions in force (exit 1 if Envoy refused them)."""
         f = json.loads(json.dumps(gateway_file))
         f["gateway"].update(self.ports_overrides)
         path = self.dir / "gateway.next.yaml"
         path.write_text(json.dumps(f, indent=1))
         args = [str(RENDER), "--config", str(path), "--wasm", str(WASM), "--xds", str(self.xds_dir)]
+        return self.await_config(args) if wait else subprocess.run(args, env=self.env, capture_output=True, text=True)
+
+    def await_config(self, command=(), timeout=20):
+        """scripts/await_config.py: runs `command`, then waits for the xDS files in force."""
+        args = [sys.executable, str(ROOT / "scripts" / "await_config.py"), "--xds", str(self.xds_dir),
+                "--admin", f"127.0.0.1:{self.admin_port}", "--timeout", str(timeout), "--", *command]
         return subprocess.run(args, env=self.env, capture_output=True, text=True)
 
     def _ready(self):

@@ -248,3 +248,36 @@ def test_near_miss_endpoint_paths_do_not_look_like_success(gw):
         else:
             assert r.status in (400, 404), (path, r)
             assert gw.get("/api/v1/users/1", bearer(tok)).status == 200, path
+
+
+def test_reload_returns_once_the_new_version_is_in_force(services):
+    """Finding 14: after `make reload` (render, then scripts/await_config.py) returns, the very
+    next request runs the new version: the filter's configuration (ECDS) and the routes (RDS)."""
+    f = gateway_file(services.ports, free_port())
+    g = Gateway(f, xds=True)
+    try:
+        assert g.await_config().returncode == 0
+        anonymous_ok = False
+        for i in range(6):
+            anonymous_ok = not anonymous_ok
+            nxt = json.loads(json.dumps(f))
+            for r in nxt["routes"]:
+                if r["name"] == "user-service":
+                    r["auth_required"] = not anonymous_ok
+            nxt["routes"].append({"name": f"extra-{i}", "prefix": f"/extra{i}", "methods": ["GET"],
+                                  "upstream": f"http://127.0.0.1:{services.ports['search-service']}",
+                                  "auth_required": False})
+            r = g.reload(nxt, wait=True)
+            assert r.returncode == 0, r.stderr
+            assert g.get("/api/v1/users/1").status == (200 if anonymous_ok else 401), i
+            assert g.get(f"/api/v1/extra{i}/1").status == 200, i
+        # An update Envoy refuses is reported, not waited for until the timeout.
+        broken = g.xds_dir / ".rds.json.new"
+        broken.write_text(json.dumps({"version_info": "broken", "resources": [
+            {"@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "name": "gateway",
+             "virtual_hosts": [{"name": "x", "domains": []}]}]}))  # domains: at least one
+        started = time.monotonic()
+        w = g.await_config(["mv", str(broken), str(g.xds_dir / "rds.json")], timeout=15)
+        assert w.returncode == 1 and time.monotonic() - started < 10, (w.stdout, w.stderr)
+    finally:
+        g.stop()

@@ -526,28 +526,38 @@ pub fn xds(bootstrap: &Value, dir: &str) -> Result<Xds, String> {
         json!({ "resources": resources })
     };
     routes["@type"] = json!("type.googleapis.com/envoy.config.route.v3.RouteConfiguration");
-    Ok((
-        b,
-        vec![
-            (
-                "cds.json",
-                typed_resources("type.googleapis.com/envoy.config.cluster.v3.Cluster", dynamic),
-            ),
-            ("rds.json", json!({ "resources": [routes] })),
-            (
-                "ecds.json",
-                json!({"resources": [{"@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+    let mut files = vec![
+        (
+            "cds.json",
+            typed_resources("type.googleapis.com/envoy.config.cluster.v3.Cluster", dynamic),
+        ),
+        ("rds.json", json!({ "resources": [routes] })),
+        (
+            "ecds.json",
+            json!({"resources": [{"@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
                                       "name": PLUGIN_NAME, "typed_config": typed}]}),
+        ),
+        (
+            "lds.json",
+            typed_resources(
+                "type.googleapis.com/envoy.config.listener.v3.Listener",
+                vec![listener],
             ),
-            (
-                "lds.json",
-                typed_resources(
-                    "type.googleapis.com/envoy.config.listener.v3.Listener",
-                    vec![listener],
-                ),
-            ),
-        ],
-    ))
+        ),
+    ];
+    // Each file names its version (a digest of its resources): Envoy reports the version it
+    // has in force in `/config_dump`, which is how `make reload` knows when to return.
+    for (_, file) in &mut files {
+        file["version_info"] = json!(content_version(file));
+    }
+    Ok((b, files))
+}
+
+/// The first 16 hex digits of the SHA-256 of a value's JSON: equal content, equal version.
+pub fn content_version(value: &Value) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(value.to_string().as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -568,6 +578,29 @@ routes:
   - {name: order-items, prefix: /orders/items, upstream: "http://127.0.0.1:8009",
      canary: {upstream: "http://127.0.0.1:8010", percent: 10, users: [user-001], header: X-Canary}}
 "#;
+
+    #[test]
+    fn xds_files_name_their_content_version() {
+        let files = |yaml: &str| xds(&render(yaml), "/x").unwrap().1;
+        let version = |fs: &Vec<(&str, Value)>, name: &str| {
+            fs.iter().find(|(n, _)| *n == name).unwrap().1["version_info"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let (a, b) = (files(YAML), files(YAML));
+        let changed = files(&YAML.replace("timeout: 5, retry: 2", "timeout: 6, retry: 2"));
+        for name in ["lds.json", "cds.json", "rds.json", "ecds.json"] {
+            assert_eq!(version(&a, name).len(), 16, "{name}");
+            assert_eq!(
+                version(&a, name),
+                version(&b, name),
+                "{name}: same content, same version"
+            );
+        }
+        assert_ne!(version(&a, "rds.json"), version(&changed, "rds.json"));
+        assert_eq!(version(&a, "cds.json"), version(&changed, "cds.json"));
+    }
 
     fn hcm(v: &Value) -> &Value {
         &v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
