@@ -27,6 +27,29 @@ pub fn is_safe_value(value: &str) -> bool {
         && value.trim() == value
 }
 
+/// `%XX` escapes decoded (any other byte kept, `+` included); `None` for a malformed escape or
+/// a result that is not UTF-8. Used where a client names a user or a trace in a URL.
+pub fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_string());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Unicode's format characters (general category Cf) and the line/paragraph separators.
 fn is_format_char(c: char) -> bool {
     matches!(

@@ -125,17 +125,18 @@ fn endpoint_form(path: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn endpoint_at(cfg: &Config, path: &str) -> Option<EndpointKind> {
+    let form = endpoint_form(path);
     if cfg
         .logs
         .store
         .as_ref()
-        .is_some_and(|s| s.query_path.eq_ignore_ascii_case(path))
+        .is_some_and(|s| s.query_path.eq_ignore_ascii_case(&form))
     {
         return Some(EndpointKind::Logs);
     }
-    cfg.revocation
-        .as_ref()
-        .and_then(|rv| rv.endpoint(path))
+    let rv = cfg.revocation.as_ref()?;
+    rv.endpoint(&form)
+        .or_else(|| rv.revoke_user_at(path, |p| endpoint_form(p).into_owned()))
         .map(EndpointKind::Revocation)
 }
 
@@ -144,7 +145,7 @@ fn target(cfg: &Config, request: &[HeaderPair], trace_id: &str) -> Result<Target
     let method = headers::get_str(request, ":method").unwrap_or("");
     let full_path = headers::get_str(request, ":path").unwrap_or("");
     let path = full_path.split(['?', '#']).next().unwrap_or("");
-    let endpoint = endpoint_at(cfg, &endpoint_form(path));
+    let endpoint = endpoint_at(cfg, path);
     let route_index = |path: &str| cfg.routes.iter().position(|r| r.matches(path));
     if let Some(kind) = endpoint {
         let expected = if kind == EndpointKind::Logs { "GET" } else { "POST" };
@@ -297,7 +298,8 @@ pub fn authenticate(
     Ok(Some(caller))
 }
 
-/// `?trace_id=<id>` or `?user_id=<id>[&limit=<n>]`.
+/// `?trace_id=<id>` or `?user_id=<id>[&limit=<n>]`, the ids percent-decoded (`%7C` is `|`;
+/// `+` stays a plus).
 fn logs_query(query: &str, max: u32, trace_id: &str) -> Result<Endpoint, Reply> {
     let mut trace = None;
     let mut user = None;
@@ -306,8 +308,8 @@ fn logs_query(query: &str, max: u32, trace_id: &str) -> Result<Endpoint, Reply> 
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
-            "trace_id" => trace = Some(v),
-            "user_id" => user = Some(v),
+            "trace_id" => trace = Some(crate::headers::percent_decode(v).unwrap_or_default()),
+            "user_id" => user = Some(crate::headers::percent_decode(v).unwrap_or_default()),
             "limit" => {
                 limit = v
                     .parse::<u32>()
@@ -320,11 +322,8 @@ fn logs_query(query: &str, max: u32, trace_id: &str) -> Result<Endpoint, Reply> 
     }
     let valid = |v: &str| crate::revocation::valid_user_id(v);
     match (trace, user) {
-        (Some(t), None) if valid(t) => Ok(Endpoint::LogsByTrace(t.to_string())),
-        (None, Some(u)) if valid(u) => Ok(Endpoint::LogsByUser {
-            user_id: u.to_string(),
-            limit,
-        }),
+        (Some(t), None) if valid(&t) => Ok(Endpoint::LogsByTrace(t)),
+        (None, Some(u)) if valid(&u) => Ok(Endpoint::LogsByUser { user_id: u, limit }),
         (Some(_), Some(_)) => Err(bad("Give trace_id or user_id, not both")),
         (None, None) => Err(bad("trace_id or user_id is required")),
         _ => Err(bad("Invalid trace_id or user_id")),
@@ -608,9 +607,33 @@ mod tests {
             .target
             .unwrap();
         assert!(
-            matches!(&t, Target::Endpoint { path: EndpointKind::Revocation(EndpointPath::RevokeUser(u)), .. } if u == "Bob"),
+            matches!(&t, Target::Endpoint { path: EndpointKind::Revocation(EndpointPath::RevokeUser(u)), .. } if u == "Bob;x"),
             "{t:?}"
         );
+        // The id segment is taken as sent, then percent-decoded: any subject can be named, and
+        // `a;b` is the user `a;b`, never `a`. One that does not decode comes back empty (400).
+        for (path, want) in [
+            ("/api/v1/admin/users/a;b/revoke", "a;b"),
+            ("/api/v1/admin/users/auth0%7Cabc/revoke", "auth0|abc"),
+            ("/api/v1/admin/users/%E7%94%A8%E6%88%B7/revoke", "用户"),
+            ("/api/v1/admin/users/org%2F7/revoke", "org/7"),
+            ("/api/v1/ADMIN;v=1/users/x%20y/Revoke;z", "x y"),
+            ("/api/v1/admin/users/%ZZ/revoke", ""),
+        ] {
+            let t = classify(&c, &req("POST", path, &[]), &RND).target.unwrap();
+            assert!(
+                matches!(&t, Target::Endpoint { path: EndpointKind::Revocation(EndpointPath::RevokeUser(u)), .. } if u == want),
+                "{path}: {t:?}"
+            );
+        }
+        for other in [
+            "/api/v1/admin/users/x/revoked",
+            "/api/v1/admin/users/x/y/revoke",
+            "/api/v1/admin/userz/x/revoke",
+        ] {
+            let t = classify(&c, &req("GET", other, &[]), &RND).target;
+            assert!(!matches!(t, Ok(Target::Endpoint { .. })), "{other}: {t:?}");
+        }
         let r = classify(&c, &req("DELETE", "/api/v1/products/1", &[]), &RND)
             .target
             .unwrap_err();
@@ -745,7 +768,7 @@ mod tests {
             403
         );
         assert_eq!(
-            endpoint(&c, &ban("a%20b"), &caller("admin"), &h, NOW, "")
+            endpoint(&c, &ban("a\u{202e}b"), &caller("admin"), &h, NOW, "")
                 .unwrap_err()
                 .status,
             400
@@ -771,7 +794,9 @@ mod tests {
             "",
             "limit=0&user_id=u",
             "trace_id=a&user_id=b",
-            "user_id=a/b",
+            "user_id=%ZZ",
+            "user_id=a%00b",
+            "user_id=%E2%80%AEx",
             "limit=x&user_id=u",
         ] {
             assert_eq!(logs_query(bad, 100, "").unwrap_err().status, 400, "{bad}");

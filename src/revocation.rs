@@ -157,25 +157,10 @@ pub enum EndpointPath {
     RevokeUser(String),
 }
 
-/// `s` without `prefix`, compared ignoring ASCII case.
-fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| s.get(prefix.len()..))
-        .flatten()
-}
-
-/// `s` without `suffix`, compared ignoring ASCII case.
-fn strip_suffix_ci<'a>(s: &'a str, suffix: &str) -> Option<&'a str> {
-    let at = s.len().checked_sub(suffix.len())?;
-    let tail = s.get(at..)?;
-    tail.eq_ignore_ascii_case(suffix).then(|| s.get(..at)).flatten()
-}
-
 impl Revocation {
-    /// The endpoint a path names. Letter case is ignored (`/Auth/Logout` logs out: a request
-    /// that looks like a logout must never reach an upstream that answers success without
-    /// revoking); the user id keeps its case.
+    /// The logout or refresh endpoint a path names. Letter case is ignored (`/Auth/Logout`
+    /// logs out: a request that looks like a logout must never reach an upstream that answers
+    /// success without revoking).
     pub fn endpoint(&self, path: &str) -> Option<EndpointPath> {
         if self
             .logout_path
@@ -191,9 +176,30 @@ impl Revocation {
         {
             return Some(EndpointPath::Refresh);
         }
+        None
+    }
+
+    /// The user a path names as the revoke-user endpoint. `path` is the request's path (no
+    /// query) as Envoy forwarded it, `form` how a path is compared (see `policy`): the
+    /// segments around `{id}` are compared in that form, ignoring case; the id segment is taken
+    /// as sent and percent-decoded, so `a;b` bans `a;b` (never `a`) and `auth0%7Cx`,
+    /// `%E7%94%A8` or (where Envoy keeps escaped slashes) `org%2F7` name those subjects. A
+    /// segment that does not decode comes back empty, which the endpoint refuses (400).
+    pub fn revoke_user_at(&self, path: &str, form: impl Fn(&str) -> String) -> Option<EndpointPath> {
         let (head, tail) = self.revoke_user.as_ref()?;
-        let id = strip_suffix_ci(strip_prefix_ci(path, head)?, tail)?;
-        (!id.is_empty() && !id.contains('/')).then(|| EndpointPath::RevokeUser(id.to_string()))
+        // `head` ends with the `/` in front of the id.
+        let start = path
+            .match_indices('/')
+            .nth(head.matches('/').count().checked_sub(1)?)?
+            .0
+            + 1;
+        let rest = path.get(start..)?;
+        let (id, after) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let before = form(path.get(..start - 1)?);
+        let after = form(after);
+        let after = after.trim_end_matches('/');
+        (before.eq_ignore_ascii_case(head.trim_end_matches('/')) && after.eq_ignore_ascii_case(tail))
+            .then(|| EndpointPath::RevokeUser(crate::headers::percent_decode(id).unwrap_or_default()))
     }
 }
 
@@ -545,12 +551,11 @@ pub fn local_ban(bytes: Option<&[u8]>, slot: &Slot, now_ms: u64) -> Option<i64> 
 }
 
 /// Validates the `<id>` of `POST .../admin/users/<id>/revoke`.
+/// A user id the ban endpoint and the log query take: any subject a token may carry (a safe
+/// header value: no control or invisible format characters, no surrounding space, at most
+/// 1,024 bytes), not empty. `auth0|abc`, `org/7`, `a;b` and non-ASCII subjects are ids.
 pub fn valid_user_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 256
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b':' | b'+'))
+    !id.is_empty() && crate::headers::is_safe_value(id)
 }
 
 #[cfg(test)]
@@ -697,8 +702,12 @@ mod tests {
         assert!(valid_user_id("user-001"));
         assert!(valid_user_id("a.b@c"));
         assert!(!valid_user_id(""));
-        assert!(!valid_user_id("a/b"));
-        assert!(!valid_user_id("a b"));
-        assert!(!valid_user_id(&"x".repeat(300)));
+        for id in ["auth0|abc", "org/7", "a;b", "a b", "Zoë", "用户"] {
+            assert!(valid_user_id(id), "{id}");
+        }
+        for id in [" a", "a\u{0}", "a\u{202e}b", "a\nb"] {
+            assert!(!valid_user_id(id), "{id:?}");
+        }
+        assert!(!valid_user_id(&"x".repeat(1025)));
     }
 }

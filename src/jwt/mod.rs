@@ -1067,7 +1067,11 @@ impl Verifier {
         };
         let map = &issuer.claims;
         Ok(Identity {
-            user_id: claim_text(c, &map.user_id, "sub")?,
+            // An empty subject names nobody (and could not be banned): refused.
+            user_id: match claim_text(c, &map.user_id, "sub")? {
+                Some(s) if s.is_empty() => return Err(TokenError::InvalidClaims),
+                other => other,
+            },
             user_name: claim_text(c, &map.user_name, "name")?,
             role: claim_text(c, &map.role, "role")?.unwrap_or_else(|| DEFAULT_ROLE.to_string()),
             jti,
@@ -1218,6 +1222,11 @@ pub(crate) mod tests {
             (
                 "sub as number",
                 hs256(serde_json::json!({"exp": exp, "sub": 42})),
+                TokenError::InvalidClaims,
+            ),
+            (
+                "empty sub",
+                hs256(serde_json::json!({"exp": exp, "sub": ""})),
                 TokenError::InvalidClaims,
             ),
             (
