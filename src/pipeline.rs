@@ -309,6 +309,8 @@ pub struct Gateway {
     jwks: Vec<keys::JwksState>,
     /// Whether the host checks RSA/ECDSA signatures (probed once).
     host_verifies: bool,
+    /// The key of the per-IP and per-user slot hash, shared by every VM of the store.
+    slot_seed: ratelimit::SlotSeed,
     /// This VM's own store, where the host has no shared data (probed once).
     local: Option<LocalStore>,
     /// Whether the host runs timers (false: nothing periodic happens; see [`Gateway::started`]).
@@ -382,6 +384,7 @@ impl Gateway {
             key_sets: Vec::new(),
             jwks: Vec::new(),
             host_verifies: false,
+            slot_seed: ratelimit::SlotSeed::default(),
             local: None,
             timers: true,
         };
@@ -405,6 +408,9 @@ impl Gateway {
                 &format!("public-key signatures are checked by {how}"),
             );
         }
+        let mut fresh = [0u8; 16];
+        host.random_bytes(&mut fresh);
+        gw.slot_seed = ratelimit::SlotSeed::load_or_create(shared(&gw.local, host), fresh);
         gw.create_rate_limit_keys(shared(&gw.local, host));
         Ok(gw)
     }
@@ -744,7 +750,7 @@ impl Gateway {
         let (Some(limits), Some(ip)) = (limits, req.client_ip.clone()) else {
             return Ok(());
         };
-        let check = limits.ip_check(&self.config.rate_limits, &ip);
+        let check = limits.ip_check(&self.config.rate_limits, &self.slot_seed, &ip);
         self.charge(req, &check, limits, now_ms, host)
     }
 
@@ -922,7 +928,7 @@ impl Gateway {
         let now_ms = req.clock_ms;
         let user = req.caller.as_ref().and_then(|c| c.identity.user_id.clone());
         if let (Some(limits), Some(user)) = (limits, user.as_deref()) {
-            let check = limits.user_check(&config.rate_limits, user);
+            let check = limits.user_check(&config.rate_limits, &self.slot_seed, user);
             if let Err(reply) = self.charge(req, &check, limits, now_ms, host) {
                 return self.reply(req, reply, host);
             }

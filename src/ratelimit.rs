@@ -4,9 +4,11 @@
 //!
 //! Memory is bounded by construction: route buckets have one key each; per-user and per-IP
 //! buckets live in a fixed number of slot keys created at configure time (so every update is a
-//! CAS on an existing key: shared data creates missing keys unconditionally). A slot holds one
-//! client's bucket, tagged with a fingerprint; a client hashing to a slot held by another takes it
-//! over with a full bucket (eviction: the previous client starts afresh when it returns).
+//! CAS on an existing key: shared data creates missing keys unconditionally). The slot of a
+//! client is a keyed hash ([`SlotSeed`]), so clients cannot choose it. A per-user slot holds
+//! one user's bucket, tagged with a fingerprint; a user hashing to a slot held by another takes
+//! it over with a full bucket (eviction: the previous user starts afresh when it returns). A
+//! per-IP slot is one bucket shared by the addresses that hash to it.
 //!
 //! This duty owns its settings (`gateway.rate_limit` and `routes[].rate_limit` in the gateway
 //! file), their defaults and validation, and their compiled form ([`RateLimits`], [`RouteLimits`]).
@@ -585,6 +587,48 @@ pub fn route_key(route: &str) -> String {
     format!("gw:rl:r:{route}")
 }
 
+/// Key of the slot seed: 16 random bytes, written by the first VM that configures (Envoy's
+/// main thread, before any worker) and read by every VM of the store.
+pub const SEED_KEY: &str = "gw:rl:seed";
+
+/// The secret key of the slot hash. Which slot a client address or user lands in is a keyed
+/// SipHash of it: the same on every worker (one seed per shared-data store, kept across VM and
+/// configuration reloads), unknown to clients, so no client can pick addresses that share a
+/// slot with each other or with someone else.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotSeed(u64, u64);
+
+impl SlotSeed {
+    /// The store's seed; if there is none yet, `fresh` (random bytes) becomes it. Whatever the
+    /// store holds after the write is used, so VMs racing to create it agree.
+    pub fn load_or_create(store: &dyn SharedStore, fresh: [u8; 16]) -> SlotSeed {
+        let stored = || store.get(SEED_KEY).and_then(|(v, _)| SlotSeed::decode(&v));
+        if let Some(seed) = stored() {
+            return seed;
+        }
+        let _ = store.set(SEED_KEY, &fresh, None);
+        stored().unwrap_or_else(|| SlotSeed::decode(&fresh).unwrap_or_default())
+    }
+
+    fn decode(bytes: &[u8]) -> Option<SlotSeed> {
+        let k0: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+        let k1: [u8; 8] = bytes.get(8..16)?.try_into().ok()?;
+        (bytes.len() == 16).then(|| SlotSeed(u64::from_le_bytes(k0), u64::from_le_bytes(k1)))
+    }
+
+    /// The keyed hash of a bucket's identity.
+    pub fn hash(&self, parts: &[&str]) -> u64 {
+        // SipHash-2-4 with a key: std's `SipHasher` is deprecated only in favour of hashers
+        // that cannot take a key, which is the point here.
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new_with_keys(self.0, self.1);
+        for p in parts {
+            p.hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
 /// Key of a slot for per-user (`kind` = "u") or per-IP ("i") buckets.
 pub fn slot_key(kind: &str, fingerprint: u64, slots: u32) -> String {
     slot_key_at(kind, fingerprint % u64::from(slots.max(1)))
@@ -633,20 +677,24 @@ pub struct Check {
 }
 
 impl RouteLimits {
-    /// The per-IP bucket of `ip` under these limits.
-    pub fn ip_check(&self, global: &RateLimits, ip: &str) -> Check {
-        let fp = fingerprint(&["i", &self.ip.scope, ip]);
+    /// The per-IP bucket of `ip` under these limits. Addresses that share a slot share its
+    /// bucket (the fingerprint names the slot, not the address): taking a slot over would hand
+    /// a full bucket to whoever alternates two addresses of one slot.
+    pub fn ip_check(&self, global: &RateLimits, seed: &SlotSeed, ip: &str) -> Check {
+        let slots = u64::from(global.ip_slots.max(1));
+        let index = seed.hash(&["i", &self.ip.scope, ip]) % slots;
         Check {
             kind: Kind::Ip,
-            key: slot_key("i", fp, global.ip_slots),
-            fingerprint: fp,
+            key: slot_key_at("i", index),
+            fingerprint: fingerprint(&["i", &self.ip.scope, &index.to_string()]),
             limit: self.ip.limit,
         }
     }
 
-    /// The per-user bucket of `user` on this route.
-    pub fn user_check(&self, global: &RateLimits, user: &str) -> Check {
-        let fp = fingerprint(&["u", &self.user.scope, user]);
+    /// The per-user bucket of `user` on this route (users come from verified tokens: a user
+    /// who finds another in its slot takes the slot over, with a full bucket).
+    pub fn user_check(&self, global: &RateLimits, seed: &SlotSeed, user: &str) -> Check {
+        let fp = seed.hash(&["u", &self.user.scope, user]).max(1);
         Check {
             kind: Kind::User,
             key: slot_key("u", fp, global.user_slots),
@@ -839,6 +887,76 @@ mod tests {
             map.insert(key.to_string(), (value.to_vec(), *next));
             Ok(())
         }
+    }
+
+    fn ip_limits(ip_slots: u32) -> (RateLimits, RouteLimits) {
+        let global = RateLimitSettings {
+            per_ip: LimitSettings {
+                max_calls: 5,
+                period: 60,
+            },
+            ip_slots,
+            ..RateLimitSettings::default()
+        }
+        .compile(false, None)
+        .unwrap();
+        let route = serde_json::from_str::<RouteRateLimit>(r#"{"max_calls": 1000}"#).unwrap();
+        let limits = route.compile("r", &global).unwrap().unwrap();
+        (global, limits)
+    }
+
+    #[test]
+    fn every_vm_of_a_store_uses_the_first_seed() {
+        let store = FakeStore::default();
+        let first = SlotSeed::load_or_create(&store, [1; 16]);
+        let second = SlotSeed::load_or_create(&store, [2; 16]);
+        assert_eq!(first, second);
+        assert_eq!(first, SlotSeed::decode(&[1; 16]).unwrap());
+        // A value that is not a seed (16 bytes) is replaced.
+        let store = FakeStore::default();
+        store.set(SEED_KEY, b"junk", None).unwrap();
+        assert_eq!(
+            SlotSeed::load_or_create(&store, [3; 16]),
+            SlotSeed::decode(&[3; 16]).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_client_cannot_know_its_slot_and_addresses_of_one_slot_share_its_bucket() {
+        let (global, limits) = ip_limits(64);
+        let (a, b) = (SlotSeed(1, 2), SlotSeed(3, 4));
+        let ips: Vec<String> = (0..200).map(|i| format!("127.1.0.{i}")).collect();
+        let slots = |seed: &SlotSeed| -> Vec<String> {
+            ips.iter()
+                .map(|ip| limits.ip_check(&global, seed, ip).key)
+                .collect()
+        };
+        // Another seed, other slots: which addresses share a slot depends on the secret.
+        let same = slots(&a).iter().zip(slots(&b)).filter(|(x, y)| **x == *y).count();
+        assert!(
+            same < 20,
+            "{same} of 200 addresses kept their slot under another seed"
+        );
+        // Two addresses of one slot alternating: 5 calls a minute between them, not 5 each.
+        let (global, limits) = ip_limits(2);
+        let seed = SlotSeed(5, 6);
+        let first = limits.ip_check(&global, &seed, "127.1.0.40");
+        let twin = ips
+            .iter()
+            .filter(|ip| *ip != "127.1.0.40")
+            .map(|ip| limits.ip_check(&global, &seed, ip))
+            .find(|c| c.key == first.key)
+            .unwrap();
+        let store = FakeStore::default();
+        ensure_key(&store, &first.key);
+        let mut allowed = 0;
+        for i in 0..20 {
+            let c = if i % 2 == 0 { &first } else { &twin };
+            if let Update::Done(v) = consume(&store, &c.key, c.fingerprint, &c.limit, 1_000, 1).0 {
+                allowed += u32::from(v.allowed);
+            }
+        }
+        assert_eq!(allowed, 5);
     }
 
     #[test]
