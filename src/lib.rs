@@ -15,6 +15,7 @@
 pub mod access_log;
 pub mod canary;
 pub mod config;
+pub mod connlimit;
 pub mod error;
 pub mod headers;
 pub mod host;

@@ -8,10 +8,11 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use log::{error, info};
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, Status};
 
 use crate::config::Config;
+use crate::connlimit::{ConnectionLimit, Connections};
 use crate::headers::HeaderPair;
 use crate::host::{Callout, Host, LogLevel, MetricKind};
 use crate::pipeline::{self, Gateway};
@@ -23,7 +24,11 @@ proxy_wasm::main! {{
     std::panic::set_hook(Box::new(|info| {
         let _ = hostcalls::log(proxy_wasm::types::LogLevel::Critical, &format!("panic: {info}"));
     }));
-    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root { id, gateway: None }) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root {
+        id,
+        gateway: None,
+        connections: None,
+    }) });
 }}
 
 /// The proxy-wasm host. Request-scoped calls act on the effective context.
@@ -237,6 +242,8 @@ fn with<R>(gw: &Shared, default: R, f: impl FnOnce(&mut Gateway, &mut WasmHost) 
 struct Root {
     id: u32,
     gateway: Option<Shared>,
+    /// Set when this plugin is the network filter that caps connections per client.
+    connections: Option<Rc<Connections>>,
 }
 
 impl Context for Root {
@@ -263,6 +270,22 @@ impl RootContext for Root {
                 return false;
             }
         };
+        // The same module as a network filter: the per-client connection cap.
+        match ConnectionLimit::from_json(&bytes) {
+            Some(Ok(limit)) => {
+                info!(
+                    "gateway filter configured: at most {} connections per client",
+                    limit.max_per_client
+                );
+                self.connections = Some(Rc::new(Connections::new(limit, &mut WasmHost)));
+                return true;
+            }
+            Some(Err(e)) => {
+                error!("gateway filter: invalid configuration: {e}");
+                return false;
+            }
+            None => {}
+        }
         let cfg = match Config::from_json(&bytes) {
             Ok(cfg) => cfg,
             Err(e) => {
@@ -307,8 +330,49 @@ impl RootContext for Root {
         }))
     }
 
+    fn create_stream_context(&self, _: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Connection {
+            connections: self.connections.clone()?,
+            counted: None,
+        }))
+    }
+
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        Some(if self.connections.is_some() {
+            ContextType::StreamContext
+        } else {
+            ContextType::HttpContext
+        })
+    }
+}
+
+/// A downstream connection, for the per-client cap.
+struct Connection {
+    connections: Rc<Connections>,
+    /// The slot it is counted in, released when it closes.
+    counted: Option<String>,
+}
+
+impl Context for Connection {}
+
+impl StreamContext for Connection {
+    fn on_new_connection(&mut self) -> Action {
+        match self.connections.open(&mut WasmHost) {
+            Ok(counted) => {
+                self.counted = counted;
+                Action::Continue
+            }
+            Err(_) => {
+                let _ = hostcalls::close_downstream();
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_log(&mut self) {
+        if let Some(key) = self.counted.take() {
+            self.connections.close(&mut WasmHost, &key);
+        }
     }
 }
 

@@ -339,3 +339,89 @@ def test_addresses_sharing_a_slot_share_its_budget(services):
         assert statuses.count(200) == 5 and statuses.count(429) == 15, statuses
     finally:
         g.stop()
+
+
+def _connect(port, source):
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _get(port, source, path="/api/v1/p/1"):
+    s = _connect(port, source)
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return int(data.split(b" ", 2)[1]) if data else None
+    finally:
+        s.close()
+
+
+def _closed_by_peer(s, within=2.0):
+    s.settimeout(within)
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except OSError:  # timeout: still open
+        return False
+
+
+def test_one_clients_idle_or_slow_connections_cannot_deny_another(services):
+    """Finding 7: one address opening idle sockets holds at most its per-client share of
+    Envoy's connections (the module as a network filter, counts in shared data across workers);
+    slow request bodies are buffered before the router, so they hold no circuit-breaker slot,
+    and are cut off by the request timeout with a JSON 408."""
+    up = f"http://127.0.0.1:{services.ports['product-service']}"
+    g = Gateway({"gateway": {"prefix": "/api/v1",
+                             "limits": {"max_connections": 20, "max_connections_per_client": 5,
+                                        "request_timeout": 8},
+                             "circuit_breaker": {"max_connections": 4, "max_pending_requests": 4,
+                                                 "max_requests": 4, "max_retries": 1}},
+                 "routes": [{"name": "p", "prefix": "/p", "upstream": up, "methods": ["GET", "POST"],
+                             "auth_required": False}]})
+    idle, slow = [], []
+    try:
+        # 20 idle sockets from one address: 5 stay, the others are closed at once.
+        idle = [_connect(g.port, "127.0.0.2") for _ in range(20)]
+        time.sleep(0.5)
+        closed = [s for s in idle if _closed_by_peer(s, 0.2)]
+        assert len(closed) == 15, len(closed)
+        assert g.counter("gateway_connections_refused_total") == 15
+        # Another address is served, again and again, while they are held.
+        assert [_get(g.port, "127.0.0.3") for _ in range(10)] == [200] * 10
+        # Closing them gives the address its share back (the count is released).
+        for s in idle:
+            s.close()
+        idle = []
+        time.sleep(0.5)
+        idle = [_connect(g.port, "127.0.0.2") for _ in range(5)]
+        time.sleep(0.3)
+        assert not any(_closed_by_peer(s, 0.2) for s in idle)
+        for s in idle:
+            s.close()
+        idle = []
+
+        # Slow bodies from other addresses: more than the circuit breaker's 4 slots.
+        for i in range(8):
+            s = _connect(g.port, f"127.0.1.{i + 1}")
+            s.sendall(b"POST /api/v1/p/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\nslow")
+            slow.append(s)
+        time.sleep(0.5)
+        assert [_get(g.port, "127.0.0.3") for _ in range(5)] == [200] * 5
+        # The request timeout (8 s: without the buffering, the requests above would wait on the
+        # slow bodies' slots for longer than the client's 5 s) cuts the slow bodies off: a JSON 408.
+        s = slow[0]
+        s.settimeout(12)
+        data = s.recv(65536)
+        assert data.startswith(b"HTTP/1.1 408"), data[:200]
+        assert b'"Request Timeout"' in data, data
+    finally:
+        for s in idle + slow:
+            s.close()
+        g.stop()

@@ -68,6 +68,8 @@ pub struct RenderOptions<'a> {
 
 /// Names used in the bootstrap, documented in the README.
 pub const PLUGIN_NAME: &str = "gateway";
+/// The same module as a network filter: connections per client.
+pub const CONNECTIONS_PLUGIN_NAME: &str = "gateway-connections";
 pub const LISTENER_NAME: &str = "gateway";
 /// The cluster the metrics listener reaches the admin interface through.
 pub const ADMIN_CLUSTER: &str = "envoy-admin";
@@ -219,7 +221,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             "config": {
                 "name": PLUGIN_NAME,
                 "root_id": PLUGIN_NAME,
-                "vm_config": vm_config,
+                "vm_config": vm_config.clone(),
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": filter_json,
@@ -228,6 +230,19 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             }
         }
     }));
+    if g.limits.max_request_body_kb > 0 {
+        // After the gateway filter (a refused request is never buffered), before the router:
+        // the upstream request starts once the body is whole, so a slow body holds no upstream
+        // connection and no circuit-breaker slot, only its own connection until
+        // `request_timeout`.
+        http_filters.push(json!({
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": u64::from(g.limits.max_request_body_kb) * 1024,
+            },
+        }));
+    }
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -242,6 +257,13 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
          "body_format_override": json_error("Service Unavailable", "Cannot connect to upstream service")},
         {"filter": {"response_flag_filter": {"flags": ["NR"]}}, "status_code": 404,
          "body_format_override": json_error("Not Found", "Route not found")},
+        {"filter": {"status_code_filter": {"comparison": {"op": "EQ",
+            "value": {"default_value": 413, "runtime_key": "gateway.local_reply.payload_too_large"}}}},
+         "body_format_override": json_error("Payload Too Large",
+            &format!("Request body larger than {} KiB", g.limits.max_request_body_kb))},
+        {"filter": {"status_code_filter": {"comparison": {"op": "EQ",
+            "value": {"default_value": 408, "runtime_key": "gateway.local_reply.request_timeout"}}}},
+         "body_format_override": json_error("Request Timeout", "The request was not received in time")},
     ]});
 
     let hcm = json!({
@@ -249,9 +271,11 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         "stat_prefix": "gateway",
         "request_headers_timeout": seconds(g.limits.request_headers_timeout),
         "stream_idle_timeout": seconds(g.limits.stream_idle_timeout),
+        "request_timeout": seconds(g.limits.request_timeout),
         "max_request_headers_kb": g.limits.max_request_headers_kb,
         "common_http_protocol_options": {
             "idle_timeout": seconds(g.limits.idle_timeout),
+            "max_connection_duration": seconds(g.limits.max_connection_duration),
             "headers_with_underscores_action": match g.headers_with_underscores {
                 UnderscoreAction::Drop => "DROP_HEADER",
                 UnderscoreAction::Reject => "REJECT_REQUEST",
@@ -275,6 +299,41 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         "local_reply_config": local_reply,
         "http_filters": http_filters,
     });
+
+    // The per-client connection cap: the same module (same VM and shared data) as a network
+    // filter in front of the HTTP connection manager.
+    let mut network_filters = Vec::new();
+    if let Some(per_client) = g
+        .limits
+        .connections_per_client(file.config.rate_limits.trusted_hops)
+    {
+        let settings = json!({"connections": {
+            "max_per_client": per_client,
+            "slots": file.config.rate_limits.ip_slots,
+            // Every connection closes within max_connection_duration and a drain.
+            "max_age": (g.limits.max_connection_duration.ceil() as u64).saturating_add(60),
+        }});
+        network_filters.push(json!({
+            "name": "envoy.filters.network.wasm",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm",
+                "config": {
+                    "name": CONNECTIONS_PLUGIN_NAME,
+                    "root_id": CONNECTIONS_PLUGIN_NAME,
+                    "vm_config": vm_config,
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": settings.to_string(),
+                    },
+                    "failure_policy": failure_policy,
+                }
+            }
+        }));
+    }
+    network_filters.push(json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": hcm,
+    }));
 
     let cb = &g.circuit_breaker;
     let od = &g.outlier_detection;
@@ -402,6 +461,19 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
              "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.95}}]},
             {"name": "envoy.overload_actions.stop_accepting_requests",
              "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.98}}]},
+            // Timeouts that shrink under load: from 85% of the heap to 95%, idle connections
+            // and idle requests get down to a tenth of their timeouts. (Envoy's connection
+            // count cannot drive this: it is a proactive monitor, which triggers ignore; the
+            // per-client cap below is what keeps one client from holding every connection.)
+            {"name": "envoy.overload_actions.reduce_timeouts",
+             "triggers": [{"name": "envoy.resource_monitors.fixed_heap",
+                           "scaled": {"scaling_threshold": 0.85, "saturation_threshold": 0.95}}],
+             "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.overload.v3.ScaleTimersOverloadActionConfig",
+                "timer_scale_factors": [
+                    {"timer": "HTTP_DOWNSTREAM_CONNECTION_IDLE", "min_scale": {"value": 10}},
+                    {"timer": "HTTP_DOWNSTREAM_STREAM_IDLE", "min_scale": {"value": 10}},
+                ]}},
         ],
     });
 
@@ -414,10 +486,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         "name": LISTENER_NAME,
         "address": socket(&g.address, g.port),
         "per_connection_buffer_limit_bytes": g.limits.buffer_limit_bytes,
-        "filter_chains": [{"filters": [{
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": hcm,
-        }]}],
+        "filter_chains": [{"filters": network_filters}],
     })];
     if let Some(m) = &g.metrics {
         clusters.push(json!({
@@ -491,7 +560,14 @@ pub fn xds(bootstrap: &Value, dir: &str) -> Result<Xds, String> {
         .position(|l| l["name"] == LISTENER_NAME)
         .ok_or("no gateway listener")?;
     let mut listener = listeners.remove(at);
-    let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
+    let hcm = listener["filter_chains"][0]["filters"]
+        .as_array_mut()
+        .and_then(|fs| {
+            fs.iter_mut()
+                .find(|f| f["name"] == "envoy.filters.network.http_connection_manager")
+        })
+        .map(|f| &mut f["typed_config"])
+        .ok_or("no http connection manager")?;
     let mut routes = hcm["route_config"].take();
     if let Some(m) = hcm.as_object_mut() {
         m.remove("route_config");
@@ -603,7 +679,12 @@ routes:
     }
 
     fn hcm(v: &Value) -> &Value {
-        &v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        let filters = v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            .as_array()
+            .unwrap();
+        let last = filters.last().unwrap();
+        assert_eq!(last["name"], "envoy.filters.network.http_connection_manager");
+        &last["typed_config"]
     }
 
     #[test]
@@ -668,6 +749,7 @@ routes:
             [
                 "envoy.filters.http.cors",
                 "envoy.filters.http.wasm",
+                "envoy.filters.http.buffer",
                 "envoy.filters.http.router"
             ]
         );
@@ -740,6 +822,72 @@ routes:
             !filters.contains(&"envoy.filters.http.cors"),
             "no origins listed: no CORS"
         );
+    }
+
+    #[test]
+    fn one_client_cannot_hold_every_connection_or_upstream_slot() {
+        let v = render(YAML);
+        let h = hcm(&v);
+        assert_eq!(h["request_timeout"], "60s");
+        assert_eq!(
+            h["common_http_protocol_options"]["max_connection_duration"],
+            "3600s"
+        );
+        let buffer = h["http_filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "envoy.filters.http.buffer")
+            .unwrap();
+        assert_eq!(buffer["typed_config"]["max_request_bytes"], 1024 * 1024);
+        let actions = v["overload_manager"]["actions"].as_array().unwrap();
+        let reduce = actions
+            .iter()
+            .find(|a| a["name"] == "envoy.overload_actions.reduce_timeouts")
+            .unwrap();
+        assert_eq!(reduce["triggers"][0]["scaled"]["scaling_threshold"], 0.85);
+        // Clients connect directly: the module also runs as a network filter, a tenth of
+        // max_connections per client, sharing the HTTP filter's VM.
+        let filters = v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            .as_array()
+            .unwrap();
+        assert_eq!(filters[0]["name"], "envoy.filters.network.wasm");
+        let cfg = &filters[0]["typed_config"]["config"];
+        let settings: Value = serde_json::from_str(cfg["configuration"]["value"].as_str().unwrap()).unwrap();
+        assert_eq!(settings["connections"]["max_per_client"], 1000);
+        assert_eq!(settings["connections"]["max_age"], 3660);
+        let http_vm = &hcm(&v)["http_filters"][1]["typed_config"]["config"]["vm_config"];
+        assert_eq!(&cfg["vm_config"], http_vm);
+        assert!(gateway_filter::connlimit::ConnectionLimit::from_json(
+            cfg["configuration"]["value"].as_str().unwrap().as_bytes()
+        )
+        .is_some_and(|r| r.is_ok()));
+        // Behind proxies (or 0, or no body buffering): off.
+        for (from, to) in [
+            (
+                "prefix: /api/v1,",
+                "prefix: /api/v1, rate_limit: {trusted_hops: 1},",
+            ),
+            (
+                "prefix: /api/v1,",
+                "prefix: /api/v1, limits: {max_connections_per_client: 0, max_request_body_kb: 0},",
+            ),
+        ] {
+            let v = render(&YAML.replace(from, to));
+            let filters = v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+                .as_array()
+                .unwrap();
+            assert_eq!(filters.len(), 1, "{to}");
+        }
+        let v = render(&YAML.replace(
+            "prefix: /api/v1,",
+            "prefix: /api/v1, limits: {max_request_body_kb: 0},",
+        ));
+        assert!(!hcm(&v)["http_filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "envoy.filters.http.buffer"));
     }
 
     #[test]

@@ -123,6 +123,26 @@ pub struct Limits {
     pub buffer_limit_bytes: u32,
     #[serde(default = "default_h2_streams")]
     pub http2_max_concurrent_streams: u32,
+    /// Seconds for a client to send the whole request, head and body (edge practice: a
+    /// request timeout; a slow body is cut off).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: f64,
+    /// Request bodies are buffered whole before the request goes upstream (Envoy's buffer
+    /// filter), up to this many KiB (a larger body: 413), so a slow body holds no upstream
+    /// connection or circuit-breaker slot; 0 streams bodies instead.
+    #[serde(default = "default_max_request_body_kb")]
+    pub max_request_body_kb: u32,
+    /// Connections one client address may hold open at once (the module again, as a network
+    /// filter). Default: a tenth of `max_connections` when clients connect directly
+    /// (`rate_limit.trusted_hops: 0`), none behind proxies (every connection would come from
+    /// the proxy's address); 0: no cap.
+    #[serde(default)]
+    pub max_connections_per_client: Option<u64>,
+    /// Seconds after which a connection is closed gracefully (HTTP/1 `Connection: close` on
+    /// its next response, HTTP/2 GOAWAY); it also bounds how long a per-client count can be
+    /// held by a connection whose close was never seen.
+    #[serde(default = "default_max_connection_duration")]
+    pub max_connection_duration: f64,
 }
 
 impl Default for Limits {
@@ -136,6 +156,10 @@ impl Default for Limits {
             max_request_headers_kb: default_max_request_headers_kb(),
             buffer_limit_bytes: default_buffer_limit(),
             http2_max_concurrent_streams: default_h2_streams(),
+            request_timeout: default_request_timeout(),
+            max_request_body_kb: default_max_request_body_kb(),
+            max_connections_per_client: None,
+            max_connection_duration: default_max_connection_duration(),
         }
     }
 }
@@ -163,6 +187,28 @@ fn default_buffer_limit() -> u32 {
 }
 fn default_h2_streams() -> u32 {
     100
+}
+fn default_request_timeout() -> f64 {
+    60.0
+}
+fn default_max_request_body_kb() -> u32 {
+    1024
+}
+fn default_max_connection_duration() -> f64 {
+    3600.0
+}
+
+impl Limits {
+    /// The per-client connection cap in force (`None`: no cap); `trusted_hops` is the rate
+    /// limits' (behind proxies every connection comes from a proxy).
+    pub fn connections_per_client(&self, trusted_hops: u32) -> Option<u64> {
+        match self.max_connections_per_client {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None if trusted_hops == 0 => Some((self.max_connections / 10).max(1)),
+            None => None,
+        }
+    }
 }
 
 impl Cors {
@@ -481,6 +527,20 @@ fn validate_envoy_side(
         3600.0,
     )?;
     check_seconds("gateway.limits.idle_timeout", l.idle_timeout, 86_400.0)?;
+    check_seconds("gateway.limits.request_timeout", l.request_timeout, 86_400.0)?;
+    check_seconds(
+        "gateway.limits.max_connection_duration",
+        l.max_connection_duration,
+        7.0 * 86_400.0,
+    )?;
+    if l.max_connections_per_client
+        .is_some_and(|n| n > l.max_connections)
+    {
+        return Err(ConfigError::new(
+            "gateway.limits.max_connections_per_client",
+            "must not exceed max_connections (0 turns the cap off)",
+        ));
+    }
     check_seconds(
         "gateway.limits.stream_idle_timeout",
         l.stream_idle_timeout,
@@ -506,6 +566,12 @@ fn validate_envoy_side(
             u64::from(l.http2_max_concurrent_streams),
             1,
             1 << 31,
+        ),
+        (
+            "max_request_body_kb",
+            u64::from(l.max_request_body_kb),
+            0,
+            1 << 20,
         ),
     ] {
         gateway_filter::error::check_range(&format!("gateway.limits.{field}"), value, min, max)?;
@@ -1053,6 +1119,17 @@ mod tests {
             (
                 Box::new(|v| v["routes"][0]["rate_limit"]["period"] = 0.into()),
                 "routes[0].rate_limit.period: must be 1 to 86400",
+            ),
+            (
+                Box::new(|v| {
+                    v["gateway"]["limits"] =
+                        serde_json::json!({"max_connections": 10, "max_connections_per_client": 11})
+                }),
+                "gateway.limits.max_connections_per_client: must not exceed max_connections",
+            ),
+            (
+                Box::new(|v| v["gateway"]["limits"] = serde_json::json!({"request_timeout": 0})),
+                "gateway.limits.request_timeout: must be a number of seconds",
             ),
             (
                 Box::new(|v| v["gateway"]["rate_limit"] = serde_json::json!({"sync_interval": 0})),

@@ -1,0 +1,335 @@
+//! Connections per client: a cap on how many connections one peer address holds open, so
+//! that one client's idle or slow sockets cannot take every connection Envoy accepts
+//! (`gateway.limits.max_connections`). Envoy has no per-client connection cap of its own, and
+//! its connection-count monitor cannot drive the overload manager's shrinking timeouts, so the
+//! same module runs a second time as a network filter in front of the HTTP connection manager.
+//!
+//! Counts live in shared data, in a fixed number of slots (a keyed hash of the address, see
+//! [`SlotSeed`]), so every worker sees every connection and memory is bounded; addresses of one
+//! slot share its count (stricter, never looser). A slot also records when it last admitted a
+//! connection: Envoy closes every connection within `max_age` of opening it
+//! (`max_connection_duration`), so a slot that admitted nothing for longer has no open
+//! connection left and its count restarts from zero (what a VM that died with connections open
+//! could not release).
+//!
+//! This duty owns its settings (the network filter's JSON), their validation and the admit /
+//! release steps; the glue (`filter`) reads the peer address and closes refused connections.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{check_range, ConfigError};
+use crate::host::{Host, MetricKind};
+use crate::ratelimit::{SharedStore, SlotSeed};
+
+/// The network filter's configuration: `{"connections": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionSettings {
+    /// Connections one address may hold open at once.
+    pub max_per_client: u32,
+    /// Slots of the count table (memory bound).
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// Seconds after which Envoy closes any connection (its `max_connection_duration`, plus
+    /// the time a draining connection may take).
+    pub max_age: u64,
+}
+
+fn default_slots() -> u32 {
+    8192
+}
+
+/// The JSON the network filter gets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    connections: ConnectionSettings,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimit {
+    pub max_per_client: u32,
+    pub slots: u32,
+    pub max_age_ms: u64,
+}
+
+impl ConnectionLimit {
+    /// The network filter's configuration, if `json` is one (`{"connections": ...}`); errors
+    /// name the field.
+    pub fn from_json(json: &[u8]) -> Option<Result<ConnectionLimit, ConfigError>> {
+        let value: serde_json::Value = serde_json::from_slice(json).ok()?;
+        value.get("connections")?;
+        let doc: Document = match serde_json::from_value(value) {
+            Ok(d) => d,
+            Err(e) => return Some(Err(ConfigError::new("connections", e.to_string()))),
+        };
+        Some(doc.connections.compile().map_err(|e| e.under("connections")))
+    }
+}
+
+impl ConnectionSettings {
+    pub fn compile(&self) -> Result<ConnectionLimit, ConfigError> {
+        check_range("max_per_client", self.max_per_client, 1, 1_000_000)?;
+        check_range("slots", self.slots, 1, 1_000_000)?;
+        check_range("max_age", self.max_age, 1, 30 * 86_400)?;
+        Ok(ConnectionLimit {
+            max_per_client: self.max_per_client,
+            slots: self.slots,
+            max_age_ms: self.max_age * 1000,
+        })
+    }
+}
+
+/// Key of slot `index`.
+pub fn slot_key(index: u64) -> String {
+    format!("gw:cx:{index}")
+}
+
+/// A slot as stored: open connections (u32) and when it last admitted one (ms, u64).
+const SLOT_LEN: usize = 12;
+
+fn decode(bytes: &[u8]) -> (u32, u64) {
+    let count = bytes
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_le_bytes);
+    let at = bytes
+        .get(4..SLOT_LEN)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_le_bytes);
+    (count, at)
+}
+
+fn encode(count: u32, at: u64) -> [u8; SLOT_LEN] {
+    let mut out = [0u8; SLOT_LEN];
+    out[..4].copy_from_slice(&count.to_le_bytes());
+    out[4..].copy_from_slice(&at.to_le_bytes());
+    out
+}
+
+/// What [`ConnectionLimit::admit`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Counted in this slot: release it when the connection closes.
+    Admitted(String),
+    /// The address holds `max_per_client` connections already.
+    Refused,
+    /// The store would not take the update (contention, failure): let it through uncounted.
+    Uncounted,
+}
+
+const CAS_ATTEMPTS: usize = 16;
+
+impl ConnectionLimit {
+    fn key(&self, seed: &SlotSeed, address: &str) -> String {
+        slot_key(seed.hash(&["c", address]) % u64::from(self.slots.max(1)))
+    }
+
+    /// Counts a new connection from `address` (the peer's IP, no port).
+    pub fn admit(&self, store: &dyn SharedStore, seed: &SlotSeed, address: &str, now_ms: u64) -> Admission {
+        let key = self.key(seed, address);
+        for _ in 0..CAS_ATTEMPTS {
+            let (bytes, cas) = store.get(&key).map_or((Vec::new(), None), |(v, c)| (v, Some(c)));
+            let (count, at) = decode(&bytes);
+            let stale = now_ms.saturating_sub(at) > self.max_age_ms;
+            let count = if stale { 0 } else { count };
+            if count >= self.max_per_client {
+                return Admission::Refused;
+            }
+            match store.set(&key, &encode(count + 1, now_ms.max(at)), cas) {
+                Ok(()) => return Admission::Admitted(key),
+                Err(true) => continue,
+                Err(false) => return Admission::Uncounted,
+            }
+        }
+        Admission::Uncounted
+    }
+
+    /// Releases a connection counted under `key`.
+    pub fn release(store: &dyn SharedStore, key: &str) {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((bytes, cas)) = store.get(key) else {
+                return;
+            };
+            let (count, at) = decode(&bytes);
+            match store.set(key, &encode(count.saturating_sub(1), at), Some(cas)) {
+                Err(true) => continue,
+                _ => return,
+            }
+        }
+    }
+}
+
+/// The duty as the network filter runs it, over any [`Host`].
+pub struct Connections {
+    limit: ConnectionLimit,
+    seed: SlotSeed,
+    refused: Option<u32>,
+}
+
+/// A connection refused: close it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused;
+
+/// Counter of refused connections.
+pub const REFUSED_METRIC: &str = "gateway_connections_refused_total";
+
+impl Connections {
+    pub fn new(limit: ConnectionLimit, host: &mut dyn Host) -> Connections {
+        let mut fresh = [0u8; 16];
+        host.random_bytes(&mut fresh);
+        let seed = SlotSeed::load_or_create(host, fresh);
+        let refused = host.define_metric(MetricKind::Counter, REFUSED_METRIC);
+        Connections { limit, seed, refused }
+    }
+
+    /// A new connection from the host's current peer: the slot to release when it closes
+    /// (`None`: not counted, e.g. a Unix socket peer), or [`Refused`].
+    pub fn open(&self, host: &mut dyn Host) -> Result<Option<String>, Refused> {
+        let Some(address) = host.source_address() else {
+            return Ok(None);
+        };
+        let Some(ip) = peer_ip(&address) else {
+            return Ok(None);
+        };
+        let now = host.now_ms();
+        match self.limit.admit(host, &self.seed, ip, now) {
+            Admission::Admitted(key) => Ok(Some(key)),
+            Admission::Uncounted => Ok(None),
+            Admission::Refused => {
+                if let Some(id) = self.refused {
+                    host.increment_metric(id, 1);
+                }
+                Err(Refused)
+            }
+        }
+    }
+
+    /// The connection counted under `key` closed.
+    pub fn close(&self, host: &mut dyn Host, key: &str) {
+        ConnectionLimit::release(host, key);
+    }
+}
+
+/// The IP of a peer address as Envoy gives it (`1.2.3.4:5678`, `[::1]:5678`); `None` for
+/// anything else (a Unix socket), which is not limited.
+pub fn peer_ip(address: &str) -> Option<&str> {
+    let ip = match address.strip_prefix('[') {
+        Some(rest) => rest.split_once(']')?.0,
+        None => address.rsplit_once(':').map_or(address, |(ip, _)| ip),
+    };
+    ip.parse::<std::net::IpAddr>().is_ok().then_some(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::LocalStore;
+
+    fn limit(max: u32) -> ConnectionLimit {
+        ConnectionSettings {
+            max_per_client: max,
+            slots: 64,
+            max_age: 60,
+        }
+        .compile()
+        .unwrap()
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_and_others_are_untouched() {
+        let store = LocalStore::default();
+        let seed = SlotSeed::default();
+        let l = limit(3);
+        let held: Vec<Admission> = (0..5)
+            .map(|_| l.admit(&store, &seed, "10.0.0.1", 1_000))
+            .collect();
+        assert!(matches!(
+            held[..3],
+            [
+                Admission::Admitted(_),
+                Admission::Admitted(_),
+                Admission::Admitted(_)
+            ]
+        ));
+        assert_eq!(held[3..], [Admission::Refused, Admission::Refused]);
+        // Another address (another slot under this seed) is admitted.
+        let other = (2..100)
+            .map(|i| format!("10.0.0.{i}"))
+            .find(|a| l.key(&seed, a) != l.key(&seed, "10.0.0.1"))
+            .unwrap();
+        assert!(matches!(
+            l.admit(&store, &seed, &other, 1_000),
+            Admission::Admitted(_)
+        ));
+        // A closed connection makes room again.
+        let Admission::Admitted(key) = &held[0] else {
+            panic!()
+        };
+        ConnectionLimit::release(&store, key);
+        assert!(matches!(
+            l.admit(&store, &seed, "10.0.0.1", 1_001),
+            Admission::Admitted(_)
+        ));
+        assert_eq!(l.admit(&store, &seed, "10.0.0.1", 1_002), Admission::Refused);
+    }
+
+    #[test]
+    fn a_slot_that_admitted_nothing_for_max_age_starts_from_zero() {
+        let store = LocalStore::default();
+        let seed = SlotSeed::default();
+        let l = limit(1);
+        assert!(matches!(
+            l.admit(&store, &seed, "10.0.0.1", 1_000),
+            Admission::Admitted(_)
+        ));
+        assert_eq!(l.admit(&store, &seed, "10.0.0.1", 60_000), Admission::Refused);
+        // Never released (a VM that died): every counted connection is older than max_age.
+        assert!(matches!(
+            l.admit(&store, &seed, "10.0.0.1", 61_001),
+            Admission::Admitted(_)
+        ));
+    }
+
+    #[test]
+    fn releasing_never_goes_below_zero_and_garbage_counts_as_empty() {
+        let store = LocalStore::default();
+        store.set("gw:cx:0", b"x", None).unwrap();
+        ConnectionLimit::release(&store, "gw:cx:0");
+        assert_eq!(decode(&store.get("gw:cx:0").unwrap().0), (0, 0));
+    }
+
+    #[test]
+    fn settings_are_validated_and_only_a_connections_document_is_one() {
+        assert_eq!(ConnectionLimit::from_json(br#"{"routes": []}"#), None);
+        assert_eq!(ConnectionLimit::from_json(b"not json"), None);
+        let ok = ConnectionLimit::from_json(br#"{"connections": {"max_per_client": 5, "max_age": 10}}"#);
+        assert_eq!(
+            ok,
+            Some(Ok(ConnectionLimit {
+                max_per_client: 5,
+                slots: 8192,
+                max_age_ms: 10_000
+            }))
+        );
+        let bad = ConnectionLimit::from_json(br#"{"connections": {"max_per_client": 0, "max_age": 10}}"#);
+        assert!(bad
+            .unwrap()
+            .unwrap_err()
+            .to_string()
+            .contains("connections.max_per_client"));
+        let unknown =
+            ConnectionLimit::from_json(br#"{"connections": {"max_per_client": 1, "max_age": 1, "x": 1}}"#);
+        assert!(unknown.unwrap().is_err());
+    }
+
+    #[test]
+    fn peer_addresses() {
+        assert_eq!(peer_ip("10.1.2.3:5555"), Some("10.1.2.3"));
+        assert_eq!(peer_ip("[::1]:80"), Some("::1"));
+        assert_eq!(peer_ip("10.1.2.3"), Some("10.1.2.3"));
+        assert_eq!(peer_ip("/tmp/sock"), None);
+        assert_eq!(peer_ip("[x]:1"), None);
+    }
+}
