@@ -103,6 +103,11 @@ def test_the_wasm_plugins_are_what_istio_operators_need(manifests):
         assert {e["name"] for e in env} >= {v for v in re.findall(r'"(?:secret_env|webdis_auth_env)": "([A-Z_]+)"', text)}
     gateway = next(p for p in plugins if p["spec"].get("selector", {}).get("matchLabels", {}).get("istio"))
     assert gateway["spec"]["pluginConfig"]["webdis_cluster"].startswith("outbound|7379||webdis.")
+    # Log records have their own store (its Service and Deployment are among the manifests).
+    store = gateway["spec"]["pluginConfig"]["logs"]["store"]["cluster"]
+    assert store.startswith("outbound|7379||webdis-logs.") and store != gateway["spec"]["pluginConfig"]["webdis_cluster"]
+    services = {d["metadata"]["name"] for _, d in docs if d["kind"] == "Service"}
+    assert {"redis", "webdis", "redis-logs", "webdis-logs"} <= services, services
     sidecar = next(p for p in plugins if p["spec"].get("match"))
     assert sidecar["spec"]["match"][0]["mode"] == "SERVER"
 

@@ -243,6 +243,8 @@ mod tests {
                     Some("webdis.gateway.svc.cluster.local:7379"),
                     "Istio routes the callout by host"
                 );
+                let store = cfg.logs.store.as_ref().unwrap();
+                assert_eq!(store.authority, "webdis-logs.gateway.svc.cluster.local:7379");
             }
         }
         assert_eq!(names, ["istio-ingress", "user-service-sidecar"]);
