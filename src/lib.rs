@@ -20,6 +20,7 @@ pub mod error;
 pub mod headers;
 pub mod host;
 pub mod jwt;
+pub mod outcome;
 pub mod pipeline;
 pub mod policy;
 pub mod ratelimit;

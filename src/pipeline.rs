@@ -23,6 +23,7 @@ use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
 use crate::host::{Callout, Host, LocalStore, LogLevel, MetricKind};
 use crate::jwt::{KeyContext, KeySet, TokenCache};
+use crate::outcome::Outcome;
 use crate::policy::{self, Caller, Endpoint, Refused, Target};
 use crate::ratelimit::lease::Leases;
 use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SharedStore, SyncTarget, Update, Verdict};
@@ -221,8 +222,8 @@ struct Request {
     /// The binding bucket's verdict, for the `X-RateLimit-*` response headers.
     verdict: Option<Verdict>,
     canary: Option<bool>,
-    /// `allowed`, or the reason of the gateway's own reply.
-    decision: &'static str,
+    /// How it ended: forwarded, or the outcome of the gateway's own reply.
+    outcome: Outcome,
     status: Option<u16>,
     /// Time from the request headers to the response headers.
     elapsed_us: Option<u64>,
@@ -506,7 +507,7 @@ impl Gateway {
             keys_deadline_ms: None,
             verdict: None,
             canary: None,
-            decision: "allowed",
+            outcome: Outcome::Forwarded,
             status: None,
             elapsed_us: None,
         };
@@ -538,7 +539,7 @@ impl Gateway {
             }
             Target::Route(i) => {
                 let Some(route) = config.routes.get(i) else {
-                    return self.error(req, 404, policy::MSG_ROUTE_NOT_FOUND, host);
+                    return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
                 };
                 req.route = Some(i);
                 self.note_client(req, config, Some(route), host);
@@ -587,7 +588,7 @@ impl Gateway {
         match target {
             Target::Route(i) => {
                 let Some(route) = config.routes.get(i) else {
-                    return self.error(req, 404, policy::MSG_ROUTE_NOT_FOUND, host);
+                    return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
                 };
                 let decided = with_keys(&self.key_sets, self.host_verifies, host, |keys| {
                     policy::authenticate(
@@ -895,7 +896,7 @@ impl Gateway {
     fn revoked(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
         let id = self.metrics.revoked;
         self.inc(id);
-        let reply = Reply::refusal(401, MSG_REVOKED, "revoked", &req.trace.trace_id);
+        let reply = Reply::refuse(Outcome::Revoked, MSG_REVOKED, &req.trace.trace_id);
         self.reply(req, reply, host)
     }
 
@@ -910,7 +911,7 @@ impl Gateway {
             .map(|r| r.failure_mode)
             .unwrap_or_default();
         match mode {
-            FailureMode::Deny => self.error(req, 503, MSG_STORE_DOWN, host),
+            FailureMode::Deny => self.error(req, Outcome::StoreUnavailable, MSG_STORE_DOWN, host),
             FailureMode::Allow => {
                 let id = self.metrics.allowed_on_error;
                 self.inc(id);
@@ -989,7 +990,7 @@ impl Gateway {
         };
         if let Some((label, id, key, limit)) = query {
             let Some(store) = config.logs.store.as_ref() else {
-                return self.error(req, 404, policy::MSG_ROUTE_NOT_FOUND, host);
+                return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
             };
             // Fetch the whole (bounded) list: workers flush independently, so list order is
             // flush order; the reply is sorted by request time before the limit applies.
@@ -1016,12 +1017,12 @@ impl Gateway {
                     let id = self.metrics.log_errors;
                     self.inc(id);
                     host.log(LogLevel::Warn, &format!("log store query dispatch failed: {e}"));
-                    self.error(req, 503, "Log store unavailable", host)
+                    self.error(req, Outcome::StoreUnavailable, "Log store unavailable", host)
                 }
             };
         }
         let (Some(rv), Some(caller)) = (config.revocation.as_ref(), req.caller.clone()) else {
-            return self.error(req, 404, policy::MSG_ROUTE_NOT_FOUND, host);
+            return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
         };
         let now_ms = req.clock_ms;
         let now_s = unix_seconds(now_ms);
@@ -1039,7 +1040,7 @@ impl Gateway {
             .saturating_add(1);
         let (path, write) = match endpoint {
             Endpoint::LogsByTrace(_) | Endpoint::LogsByUser { .. } => {
-                return self.error(req, 404, policy::MSG_ROUTE_NOT_FOUND, host);
+                return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
             }
             Endpoint::Logout => (
                 rv::blacklist_path(&caller.token, keep),
@@ -1065,7 +1066,7 @@ impl Gateway {
                         .and_then(|v| v.issuer(caller.identity.issuer))
                         .map_or("?", |i| i.name.as_str());
                     let msg = format!("Tokens of issuer '{name}' are refreshed by their identity provider");
-                    return self.error(req, 400, &msg, host);
+                    return self.error(req, Outcome::BadRequest, &msg, host);
                 }
                 let jti = uuid_v4(self.rng.u128(..).to_le_bytes());
                 let issued = config
@@ -1077,7 +1078,7 @@ impl Gateway {
                     Ok(t) => t,
                     Err(e) => {
                         host.log(LogLevel::Error, &format!("cannot issue a token: {e}"));
-                        return self.error(req, 500, "Internal Gateway Error", host);
+                        return self.error(req, Outcome::Internal, "Internal Gateway Error", host);
                     }
                 };
                 (
@@ -1090,7 +1091,7 @@ impl Gateway {
                         effect: Effect::Blacklist(caller.identity.revocation_id.clone()),
                         // A concurrent refresh of the same token (or of a twin) won: this one
                         // mints nothing.
-                        on_lost: Some(Reply::refusal(401, MSG_REVOKED, "revoked", &trace_id)),
+                        on_lost: Some(Reply::refuse(Outcome::Revoked, MSG_REVOKED, &trace_id)),
                         then: Some(rv::revoke_path(&caller.identity.revocation_id, keep)),
                     },
                 )
@@ -1140,18 +1141,18 @@ impl Gateway {
         let id = self.metrics.store_errors;
         self.inc(id);
         host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
-        self.error(req, 503, MSG_WRITE_FAILED, host)
+        self.error(req, Outcome::StoreUnavailable, MSG_WRITE_FAILED, host)
     }
 
     fn reply(&mut self, req: &mut Request, reply: Reply, host: &mut dyn Host) -> Flow {
-        req.decision = reply.reason;
+        req.outcome = reply.outcome;
         req.stage = Stage::Idle;
         host.send_reply(&reply);
         Flow::Paused
     }
 
-    fn error(&mut self, req: &mut Request, status: u16, message: &str, host: &mut dyn Host) -> Flow {
-        let reply = Reply::error(status, message, &req.trace.trace_id);
+    fn error(&mut self, req: &mut Request, outcome: Outcome, message: &str, host: &mut dyn Host) -> Flow {
+        let reply = Reply::refuse(outcome, message, &req.trace.trace_id);
         self.reply(req, reply, host)
     }
 
@@ -1386,7 +1387,9 @@ impl Gateway {
         host: &mut dyn Host,
     ) -> Flow {
         match access_log::parse_range(status, body) {
-            Ok(records) if records.is_empty() => self.error(req, 404, "No log records found", host),
+            Ok(records) if records.is_empty() => {
+                self.error(req, Outcome::NotFound, "No log records found", host)
+            }
             Ok(mut records) => {
                 access_log::newest_first(&mut records);
                 records.truncate(limit as usize);
@@ -1398,7 +1401,7 @@ impl Gateway {
                 let id = self.metrics.log_errors;
                 self.inc(id);
                 host.log(LogLevel::Warn, &format!("log store query failed: {e}"));
-                self.error(req, 503, "Log store unavailable", host)
+                self.error(req, Outcome::StoreUnavailable, "Log store unavailable", host)
             }
         }
     }
@@ -1442,16 +1445,17 @@ impl Gateway {
             .route
             .and_then(|i| config.routes.get(i))
             .map(|r| r.name.as_str());
-        let decision = req.decision;
+        let outcome = req.outcome;
+        let decision = outcome.decision();
         self.inc_named(
             &format!(
                 "gateway_requests_{}_{}_total",
                 metric_part(route.unwrap_or("none")),
-                outcome(decision)
+                outcome.label()
             ),
             host,
         );
-        if is_auth_failure(decision) {
+        if outcome.is_auth_failure() {
             self.inc_named(&format!("gateway_auth_failures_{decision}_total"), host);
         }
         // Records are written by the timer: without timers there is no log store.
@@ -1481,7 +1485,7 @@ impl Gateway {
             // (unrouted paths, missing, invalid or revoked tokens, per-IP limits) are counted
             // and printed, never stored: they cannot fill the store or crowd out the records
             // of authenticated callers.
-            if !req.cleared && decision != "allowed" {
+            if !req.cleared && outcome != Outcome::Forwarded {
                 self.inc_named("gateway_log_records_skipped_total", host);
                 return;
             }
@@ -1780,7 +1784,7 @@ impl Gateway {
                 self.last_totals.insert(route.to_string(), total);
                 let now = host.now_ms();
                 cluster::drain(
-                    host,
+                    shared(&self.local, host),
                     &limits.route_key,
                     limits.route_fingerprint,
                     &limits.route,
@@ -1913,30 +1917,6 @@ fn new_record(req: &Request, route: Option<&str>) -> Record {
         duration_ms: 0.0,
         decision: String::new(),
     }
-}
-
-/// The outcome class of a decision, for the per-route request counters.
-fn outcome(decision: &str) -> &'static str {
-    match decision {
-        "allowed" | "ok" => "allowed",
-        "revoked" => "revoked",
-        "role" | "forbidden" => "forbidden",
-        "route_not_found" => "not_found",
-        "method_not_allowed" => "method_not_allowed",
-        "store_unavailable" => "store_unavailable",
-        "bad_request" => "bad_request",
-        d if d.starts_with("rate_limited") => "rate_limited",
-        d if is_auth_failure(d) => "unauthorized",
-        _ => "error",
-    }
-}
-
-fn is_auth_failure(decision: &str) -> bool {
-    decision == policy::REASON_MISSING
-        || decision == policy::REASON_FORMAT
-        || decision == policy::REASON_ROLE
-        || decision == "revoked"
-        || crate::jwt::TokenError::CODES.contains(&decision)
 }
 
 mod keys;

@@ -7,6 +7,7 @@
 use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
 use crate::jwt::{Identity, KeyContext, TokenCache, TokenError};
+use crate::outcome::Outcome;
 use crate::reply::Reply;
 use crate::revocation::{EndpointPath, DEFAULT_TOKEN_TTL_SECONDS};
 use crate::trace::{trace_context, TraceContext, HEADER_TRACEPARENT, HEADER_TRACE_ID, RANDOM_BYTES};
@@ -21,11 +22,6 @@ pub const IDENTITY_HEADER_PREFIX: &str = "x-user-";
 pub const MSG_AUTH_MISSING: &str = "Authorization header missing";
 pub const MSG_AUTH_FORMAT: &str = "Invalid authorization format. Expected: Bearer <token>";
 pub const MSG_ROUTE_NOT_FOUND: &str = "Route not found";
-
-/// Authentication reasons besides the token errors ([`crate::jwt::TokenError::code`]).
-pub const REASON_MISSING: &str = "missing_authorization";
-pub const REASON_FORMAT: &str = "bad_authorization_format";
-pub const REASON_ROLE: &str = "role";
 
 /// What a request is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +93,11 @@ pub fn classify(cfg: &Config, request: &[HeaderPair], random: &[u8; RANDOM_BYTES
 }
 
 fn method_not_allowed(method: &str, allow: &str, trace_id: &str) -> Reply {
-    let mut reply = Reply::error(405, &format!("Method {method} not allowed"), trace_id);
+    let mut reply = Reply::refuse(
+        Outcome::MethodNotAllowed,
+        &format!("Method {method} not allowed"),
+        trace_id,
+    );
     reply.headers.push(("allow", allow.to_string()));
     reply
 }
@@ -141,7 +141,7 @@ fn endpoint_at(cfg: &Config, path: &str) -> Option<EndpointKind> {
 }
 
 fn target(cfg: &Config, request: &[HeaderPair], trace_id: &str) -> Result<Target, Reply> {
-    let not_found = || Reply::error(404, MSG_ROUTE_NOT_FOUND, trace_id);
+    let not_found = || Reply::refuse(Outcome::NotFound, MSG_ROUTE_NOT_FOUND, trace_id);
     let method = headers::get_str(request, ":method").unwrap_or("");
     let full_path = headers::get_str(request, ":path").unwrap_or("");
     let path = full_path.split(['?', '#']).next().unwrap_or("");
@@ -222,18 +222,17 @@ pub fn verified_caller(
     may_wait: bool,
 ) -> Result<Caller, Refused> {
     let token = bearer_token(request).map_err(|m| {
-        let reason = if m == MSG_AUTH_MISSING {
-            REASON_MISSING
+        let outcome = if m == MSG_AUTH_MISSING {
+            Outcome::MissingAuthorization
         } else {
-            REASON_FORMAT
+            Outcome::BadAuthorizationFormat
         };
-        Reply::refusal(401, m, reason, trace_id)
+        Reply::refuse(outcome, m, trace_id)
     })?;
     let verifier = cfg.verifier.as_ref().ok_or_else(|| {
-        Reply::refusal(
-            401,
+        Reply::refuse(
+            Outcome::NoVerifier,
             "Invalid token: no verifier configured",
-            "no_verifier",
             trace_id,
         )
     })?;
@@ -243,17 +242,15 @@ pub fn verified_caller(
             TokenError::UnknownKey(i) | TokenError::KeysUnavailable(i) if may_wait => Refused::AwaitKeys(i),
             TokenError::KeysUnavailable(i) => {
                 let name = verifier.issuer(i).map_or("?", |s| s.name.as_str());
-                Refused::Reply(Reply::refusal(
-                    503,
+                Refused::Reply(Reply::refuse(
+                    Outcome::KeysUnavailable,
                     &format!("Signing keys of issuer '{name}' are not available; try again shortly"),
-                    e.code(),
                     trace_id,
                 ))
             }
-            e => Refused::Reply(Reply::refusal(
-                401,
+            e => Refused::Reply(Reply::refuse(
+                Outcome::InvalidToken(e.code()),
                 &format!("Invalid token: {e}"),
-                e.code(),
                 trace_id,
             )),
         })?;
@@ -264,10 +261,9 @@ pub fn verified_caller(
 }
 
 fn role_error(role: &str, what: &str, trace_id: &str) -> Reply {
-    Reply::refusal(
-        403,
+    Reply::refuse(
+        Outcome::Role,
         &format!("Role '{role}' is not allowed to access {what}"),
-        REASON_ROLE,
         trace_id,
     )
 }
@@ -304,7 +300,7 @@ fn logs_query(query: &str, max: u32, trace_id: &str) -> Result<Endpoint, Reply> 
     let mut trace = None;
     let mut user = None;
     let mut limit = max;
-    let bad = |m: &str| Reply::error(400, m, trace_id);
+    let bad = |m: &str| Reply::refuse(Outcome::BadRequest, m, trace_id);
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
@@ -341,7 +337,7 @@ pub fn endpoint(
     trace_id: &str,
 ) -> Result<Endpoint, Reply> {
     let id = &caller.identity;
-    let not_found = || Reply::error(404, MSG_ROUTE_NOT_FOUND, trace_id);
+    let not_found = || Reply::refuse(Outcome::NotFound, MSG_ROUTE_NOT_FOUND, trace_id);
     match kind {
         EndpointKind::Logs => {
             let store = cfg.logs.store.as_ref().ok_or_else(not_found)?;
@@ -360,10 +356,9 @@ pub fn endpoint(
                     // The verifier's clock skew lets a token be used a little past `exp`; it
                     // never buys a new one.
                     if now >= id.expires_at {
-                        return Err(Reply::refusal(
-                            401,
+                        return Err(Reply::refuse(
+                            Outcome::InvalidToken(TokenError::Expired.code()),
                             "Invalid token: token has expired",
-                            "expired",
                             trace_id,
                         ));
                     }
@@ -371,8 +366,8 @@ pub fn endpoint(
                     let remaining = id.expires_at.saturating_sub(now);
                     if let Some(window) = refresh.and_then(|r| r.window_seconds) {
                         if remaining > i64::try_from(window).unwrap_or(i64::MAX) {
-                            return Err(Reply::error(
-                                400,
+                            return Err(Reply::refuse(
+                                Outcome::BadRequest,
                                 &format!("Token can only be refreshed in its last {window} seconds"),
                                 trace_id,
                             ));
@@ -394,7 +389,7 @@ pub fn endpoint(
                         return Err(role_error(&id.role, "user revocation", trace_id));
                     }
                     if !crate::revocation::valid_user_id(user) {
-                        return Err(Reply::error(400, "Invalid user id", trace_id));
+                        return Err(Reply::refuse(Outcome::BadRequest, "Invalid user id", trace_id));
                     }
                     Ok(Endpoint::RevokeUser(user.clone()))
                 }
@@ -722,7 +717,7 @@ mod tests {
             )
         };
         let r = auth(&c, admin, &h("user"), NOW, "").unwrap_err();
-        assert_eq!((r.status, r.reason), (403, REASON_ROLE));
+        assert_eq!((r.status, r.outcome), (403, Outcome::Role));
         assert_eq!(body(&r)["error"], "Forbidden");
         assert!(auth(&c, admin, &h("admin"), NOW, "").is_ok());
     }

@@ -18,6 +18,7 @@ use std::hash::{Hash, Hasher};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_range, seconds_to_ms, ConfigError};
+use crate::outcome::Outcome;
 use crate::reply::Reply;
 
 /// `{max_calls, period}`: calls per `period` seconds.
@@ -640,32 +641,7 @@ pub fn slot_key_at(kind: &str, index: u64) -> String {
 }
 
 /// Which limit a bucket enforces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Ip,
-    User,
-    Route,
-}
-
-impl Kind {
-    /// Reason code for logs.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Kind::Ip => "rate_limited_ip",
-            Kind::User => "rate_limited_user",
-            Kind::Route => "rate_limited_route",
-        }
-    }
-
-    /// The word that starts the 429 message, as in the reference ("API rate limit exceeded").
-    pub fn label(self) -> &'static str {
-        match self {
-            Kind::Ip => "IP",
-            Kind::User => "User",
-            Kind::Route => "API",
-        }
-    }
-}
+pub use crate::outcome::Scope as Kind;
 
 /// One bucket to take a token from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -728,8 +704,7 @@ pub fn too_many(kind: Kind, v: &Verdict, period_s: u64, trace_id: &str) -> Reply
         "retry_after": v.retry_after_s,
         "trace_id": trace_id,
     });
-    let mut reply = Reply::json(429, body.to_string(), trace_id);
-    reply.reason = kind.reason();
+    let mut reply = Reply::json(Outcome::RateLimited(kind), body.to_string(), trace_id);
     reply.headers.push(("retry-after", v.retry_after_s.to_string()));
     reply.headers.extend(headers(v));
     reply

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::connlimit::{ConnectionLimit, Connections};
 use crate::headers::HeaderPair;
 use crate::host::{Callout, Host, LogLevel, MetricKind};
+use crate::outcome::Outcome;
 use crate::pipeline::{self, Gateway};
 use crate::ratelimit::SharedStore;
 use crate::reply::Reply;
@@ -406,7 +407,7 @@ impl HttpContext for Request {
         let Ok(mut g) = self.gateway.try_borrow_mut() else {
             // Fail closed, never forward unchecked.
             error!("gateway state busy (re-entrant callback): refused");
-            WasmHost.send_reply(&Reply::error(503, "Gateway busy", ""));
+            WasmHost.send_reply(&Reply::refuse(Outcome::Busy, "Gateway busy", ""));
             return Action::Pause;
         };
         match g.on_request_headers(id, &mut WasmHost) {

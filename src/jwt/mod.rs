@@ -479,28 +479,6 @@ impl TokenError {
             Self::KeysUnavailable(_) => "keys_unavailable",
         }
     }
-
-    /// Every code, for defining metrics up front.
-    pub const CODES: [&'static str; 18] = [
-        "too_large",
-        "malformed",
-        "algorithm",
-        "signature",
-        "missing_exp",
-        "expired",
-        "not_yet_valid",
-        "issued_in_future",
-        "claims",
-        "issuer",
-        "audience",
-        "unsafe_claim",
-        "crit",
-        "unknown_issuer",
-        "missing_iss",
-        "unknown_kid",
-        "key_type",
-        "keys_unavailable",
-    ];
 }
 
 impl fmt::Display for TokenError {

@@ -98,6 +98,7 @@ fn a_failed_first_fetch_is_a_503_and_retries_back_off() {
     t.send(2, "GET", "/api/v1/plain/1", Some(&tok));
     t.answer_last(Some(500), "oops");
     assert_eq!((t.status(2), t.reason(2)), (503, "keys_unavailable"));
+    t.finish(2);
     let body: serde_json::Value = serde_json::from_str(&t.req(2).reply.as_ref().unwrap().body).unwrap();
     assert!(
         body["message"].as_str().unwrap().contains("issuer 'idp'"),
@@ -121,6 +122,10 @@ fn a_failed_first_fetch_is_a_503_and_retries_back_off() {
     assert_eq!(t.send(4, "GET", "/api/v1/plain/1", Some(&tok)), Action::Continue);
     assert_eq!(t.metric("gateway_jwks_idp_fetch_errors_total"), 2);
     assert_eq!(t.metric("gateway_jwks_idp_fetches_total"), 1);
+    // A key server's outage is neither an unauthorized request nor an auth failure.
+    assert_eq!(t.metric("gateway_requests_plain_keys_unavailable_total"), 1);
+    assert_eq!(t.metric("gateway_requests_plain_unauthorized_total"), 0);
+    assert_eq!(t.metric("gateway_auth_failures_keys_unavailable_total"), 0);
 }
 
 #[test]

@@ -144,7 +144,10 @@ impl T {
     }
 
     fn reason(&self, ctx: u32) -> &'static str {
-        self.req(ctx).reply.as_ref().map_or("allowed", |r| r.reason)
+        self.req(ctx)
+            .reply
+            .as_ref()
+            .map_or("allowed", |r| r.outcome.decision())
     }
 
     fn calls(&self) -> usize {
@@ -1173,4 +1176,43 @@ fn refused_unauthenticated_requests_are_counted_not_stored() {
         .all(|r| r.user_id.as_deref() == Some("root")));
     assert_eq!(t.metric("gateway_log_records_skipped_total"), 42);
     assert_eq!(t.metric("gateway_log_records_dropped_total"), 0);
+}
+
+#[test]
+fn cluster_sync_on_a_host_without_shared_data_drains_the_vms_own_bucket() {
+    // Issue 21's first defect: the sync's drain went to the host's (missing) shared data.
+    let mut v = base();
+    v["routes"][2]["rate_limit"] = serde_json::json!({"max_calls": 10, "period": 60, "cluster_wide": true});
+    let cfg = Config::from_json(v.to_string().as_bytes()).unwrap();
+    let mut host = FakeHost::new(NOW_S as u64 * 1000);
+    host.current = ROOT;
+    host.no_shared_data = true;
+    let gw = Gateway::new(cfg, &mut host).unwrap();
+    let mut t = T { gw, host };
+    t.gw.started(true, &mut t.host);
+    assert_eq!(t.get(2, "/api/v1/products/1", None), 200);
+    let sync = |t: &mut T, total: u64| {
+        t.host.now_ms += 1000;
+        let before = t.calls();
+        t.tick();
+        let call = t
+            .host
+            .dispatched
+            .get(before..)
+            .unwrap()
+            .iter()
+            .find(|d| d.path.contains("INCRBY"));
+        let token_id = call.expect("a sync call").token_id;
+        t.answer(token_id, Some(200), &format!(r#"{{"INCRBY":{total}}}"#));
+    };
+    sync(&mut t, 1); // our one call: the baseline
+    sync(&mut t, 9); // eight calls through other gateways
+    let statuses: Vec<u16> = (10..15)
+        .map(|ctx| t.get(ctx, "/api/v1/products/1", None))
+        .collect();
+    assert_eq!(statuses, [200, 429, 429, 429, 429], "10 - 1 here - 8 elsewhere");
+    assert!(
+        t.host.shared.borrow().is_empty(),
+        "nothing reached the host's shared data"
+    );
 }

@@ -10,24 +10,22 @@ use crate::gateway::{
     WEBDIS_CLUSTER,
 };
 
-/// The filter's outcomes, as the last part of `gateway_requests_<route>_<outcome>_total`.
-const OUTCOMES: &str =
-    "allowed|revoked|forbidden|not_found|method_not_allowed|store_unavailable|bad_request|rate_limited|unauthorized|error";
-
 /// Tag extraction for the filter's metrics: the route, outcome, reason, scope... baked into each
 /// stat name become Prometheus labels of one family per measure
 /// (`gateway_requests_total{route="user-service",outcome="allowed"}`), while `/stats` keeps the
 /// plain names. Each regex's first group is cut from the name; its inner group is the value.
 fn stats_tags() -> Value {
+    // The filter's outcomes, as the last part of `gateway_requests_<route>_<outcome>_total`.
+    let outcomes = gateway_filter::outcome::LABELS.join("|");
     let tag = |name: &str, regex: String| json!({"tag_name": name, "regex": regex});
     json!([
         tag(
             "route",
-            format!(r"^wasmcustom\.gateway_requests_((.+?)_)(?:{OUTCOMES})_total$")
+            format!(r"^wasmcustom\.gateway_requests_((.+?)_)(?:{outcomes})_total$")
         ),
         tag(
             "outcome",
-            format!(r"^wasmcustom\.gateway_requests_.+?_(({OUTCOMES})_)total$")
+            format!(r"^wasmcustom\.gateway_requests_.+?_(({outcomes})_)total$")
         ),
         tag(
             "reason",

@@ -1,0 +1,218 @@
+//! Every way a request ends, and everything derived from it in one place: the HTTP status of
+//! the gateway's own reply, the log record's `decision`, the `outcome` label of
+//! `gateway_requests_total`, and whether it counts in `gateway_auth_failures_total`. No other
+//! code maps a reason to a status or a label.
+
+/// Which bucket a rate limit refused from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Ip,
+    User,
+    Route,
+}
+
+impl Scope {
+    /// The metric label (`gateway_ratelimit_total{scope}`) and the index of its counters.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Ip => "ip",
+            Scope::User => "user",
+            Scope::Route => "route",
+        }
+    }
+
+    /// The word that starts the 429 message, as in the reference ("API rate limit exceeded").
+    pub fn label(self) -> &'static str {
+        match self {
+            Scope::Ip => "IP",
+            Scope::User => "User",
+            Scope::Route => "API",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        match self {
+            Scope::Ip => 0,
+            Scope::User => 1,
+            Scope::Route => 2,
+        }
+    }
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sent upstream.
+    Forwarded,
+    /// A gateway endpoint did what was asked (logout, refresh, ban, log query).
+    Answered,
+    /// No `Authorization` header.
+    MissingAuthorization,
+    /// An `Authorization` header that is not one `Bearer <token>`.
+    BadAuthorizationFormat,
+    /// An authenticated route without any issuer configured.
+    NoVerifier,
+    /// The token failed verification; the code is the token error's own (`expired`, ...).
+    InvalidToken(&'static str),
+    /// The token's issuer has no usable key set right now: a key server's outage, not the
+    /// caller's fault, so not an authentication failure (503).
+    KeysUnavailable,
+    /// The token (or its user) is revoked.
+    Revoked,
+    /// The caller's role may not use the route or endpoint.
+    Role,
+    /// No route, no endpoint, or nothing found (the log query).
+    NotFound,
+    MethodNotAllowed,
+    BadRequest,
+    RateLimited(Scope),
+    /// The revocation or log store did not answer, or a write did not land (503).
+    StoreUnavailable,
+    /// The gateway's own fault (500).
+    Internal,
+    /// The VM's state was busy (a re-entrant callback): refused rather than unchecked (503).
+    Busy,
+}
+
+/// Every value [`Outcome::label`] takes (the renderer turns them into Envoy's tag extraction).
+pub const LABELS: [&str; 11] = [
+    "allowed",
+    "unauthorized",
+    "revoked",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "bad_request",
+    "rate_limited",
+    "store_unavailable",
+    "keys_unavailable",
+    "error",
+];
+
+impl Outcome {
+    /// The HTTP status of the gateway's reply (200 for a forwarded request: the upstream's
+    /// own status is the log record's).
+    pub fn status(self) -> u16 {
+        match self {
+            Outcome::Forwarded | Outcome::Answered => 200,
+            Outcome::MissingAuthorization
+            | Outcome::BadAuthorizationFormat
+            | Outcome::NoVerifier
+            | Outcome::InvalidToken(_)
+            | Outcome::Revoked => 401,
+            Outcome::Role => 403,
+            Outcome::NotFound => 404,
+            Outcome::MethodNotAllowed => 405,
+            Outcome::BadRequest => 400,
+            Outcome::RateLimited(_) => 429,
+            Outcome::Internal => 500,
+            Outcome::KeysUnavailable | Outcome::StoreUnavailable | Outcome::Busy => 503,
+        }
+    }
+
+    /// The log record's `decision`, and the `reason` label of auth failures.
+    pub fn decision(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "allowed",
+            Outcome::Answered => "ok",
+            Outcome::MissingAuthorization => "missing_authorization",
+            Outcome::BadAuthorizationFormat => "bad_authorization_format",
+            Outcome::NoVerifier => "no_verifier",
+            Outcome::InvalidToken(code) => code,
+            Outcome::KeysUnavailable => "keys_unavailable",
+            Outcome::Revoked => "revoked",
+            Outcome::Role => "role",
+            Outcome::NotFound => "route_not_found",
+            Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::BadRequest => "bad_request",
+            Outcome::RateLimited(Scope::Ip) => "rate_limited_ip",
+            Outcome::RateLimited(Scope::User) => "rate_limited_user",
+            Outcome::RateLimited(Scope::Route) => "rate_limited_route",
+            Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::Internal => "internal_error",
+            Outcome::Busy => "busy",
+        }
+    }
+
+    /// The `outcome` label of `gateway_requests_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Forwarded | Outcome::Answered => "allowed",
+            Outcome::MissingAuthorization | Outcome::BadAuthorizationFormat | Outcome::InvalidToken(_) => {
+                "unauthorized"
+            }
+            Outcome::Revoked => "revoked",
+            Outcome::Role => "forbidden",
+            Outcome::NotFound => "not_found",
+            Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::BadRequest => "bad_request",
+            Outcome::RateLimited(_) => "rate_limited",
+            Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::KeysUnavailable => "keys_unavailable",
+            Outcome::NoVerifier | Outcome::Internal | Outcome::Busy => "error",
+        }
+    }
+
+    /// Whether it counts in `gateway_auth_failures_total` (the caller could not show a valid,
+    /// unrevoked token with the role needed).
+    pub fn is_auth_failure(self) -> bool {
+        matches!(
+            self,
+            Outcome::MissingAuthorization
+                | Outcome::BadAuthorizationFormat
+                | Outcome::InvalidToken(_)
+                | Outcome::Revoked
+                | Outcome::Role
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_server_outage_is_not_an_authentication_failure() {
+        let o = Outcome::KeysUnavailable;
+        assert_eq!(
+            (o.status(), o.label(), o.decision()),
+            (503, "keys_unavailable", "keys_unavailable")
+        );
+        assert!(!o.is_auth_failure());
+        let bad = Outcome::InvalidToken("expired");
+        assert_eq!(
+            (bad.status(), bad.label(), bad.decision()),
+            (401, "unauthorized", "expired")
+        );
+        assert!(bad.is_auth_failure());
+    }
+
+    #[test]
+    fn every_refusal_has_a_status_of_its_class() {
+        let all = [
+            Outcome::MissingAuthorization,
+            Outcome::BadAuthorizationFormat,
+            Outcome::NoVerifier,
+            Outcome::InvalidToken("x"),
+            Outcome::KeysUnavailable,
+            Outcome::Revoked,
+            Outcome::Role,
+            Outcome::NotFound,
+            Outcome::MethodNotAllowed,
+            Outcome::BadRequest,
+            Outcome::RateLimited(Scope::Ip),
+            Outcome::StoreUnavailable,
+            Outcome::Internal,
+            Outcome::Busy,
+        ];
+        for o in all {
+            assert!(o.status() >= 400, "{o:?}");
+            assert_ne!(o.label(), "allowed", "{o:?}");
+            assert!(
+                !o.is_auth_failure() || o.status() == 401 || o.status() == 403,
+                "{o:?}"
+            );
+            assert!(LABELS.contains(&o.label()), "{o:?}");
+        }
+    }
+}
