@@ -1,0 +1,180 @@
+//! The gateway's own endpoints once the caller is cleared: logout, refresh, ban and the log
+//! query.
+
+use super::*;
+
+impl Gateway {
+    /// A gateway endpoint: query the log store, or write to the revocation store and reply
+    /// once the write is confirmed.
+    pub(super) fn perform(&mut self, req: &mut Request, endpoint: Endpoint, host: &mut dyn Host) -> Flow {
+        let config = Rc::clone(&self.config);
+        let trace_id = req.trace.trace_id.clone();
+        let query = match &endpoint {
+            Endpoint::LogsByTrace(id) => Some(("trace_id", id.clone(), access_log::trace_key(id), u32::MAX)),
+            Endpoint::LogsByUser { user_id, limit } => {
+                Some(("user_id", user_id.clone(), access_log::user_key(user_id), *limit))
+            }
+            _ => None,
+        };
+        if let Some((label, id, key, limit)) = query {
+            let Some(store) = config.logs.store.as_ref() else {
+                return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
+            };
+            // Fetch the whole (bounded) list: workers flush independently, so list order is
+            // flush order; the reply is sorted by request time before the limit applies.
+            let path = access_log::range_path(&key, store.user_records.max(100));
+            let call = self.webdis_call(
+                Callout {
+                    cluster: &store.cluster,
+                    method: "GET",
+                    path: &path,
+                    body: None,
+                    timeout_ms: store.timeout_ms,
+                    authorization: store.authorization.as_deref(),
+                    authority: Some(&store.authority),
+                },
+                host,
+            );
+            return match call {
+                Ok(token_id) => {
+                    self.calls.insert(token_id, Call::Query { context: req.ctx });
+                    req.stage = Stage::Query { label, id, limit };
+                    Flow::Paused
+                }
+                Err(e) => {
+                    let id = self.metrics.log_errors;
+                    self.inc(id);
+                    host.log(LogLevel::Warn, &format!("log store query dispatch failed: {e}"));
+                    self.error(req, Outcome::StoreUnavailable, "Log store unavailable", host)
+                }
+            };
+        }
+        let (Some(rv), Some(caller)) = (config.revocation.as_ref(), req.caller.clone()) else {
+            return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
+        };
+        let now_ms = req.clock_ms;
+        let now_s = unix_seconds(now_ms);
+        // Blacklisted for as long as any check would accept the token: until `exp` plus the
+        // clock skew the verifier allows.
+        let skew = config
+            .verifier
+            .as_ref()
+            .map_or(0, |v| v.clock_skew(caller.identity.issuer));
+        let keep = caller
+            .identity
+            .expires_at
+            .saturating_add(skew)
+            .saturating_sub(now_s)
+            .saturating_add(1);
+        let (path, write) = match endpoint {
+            Endpoint::LogsByTrace(_) | Endpoint::LogsByUser { .. } => {
+                return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
+            }
+            Endpoint::Logout => (
+                rv::blacklist_path(&caller.token, keep),
+                Write {
+                    on_ok: Reply::ok(
+                        &serde_json::json!({"message": "Logged out successfully"}),
+                        &trace_id,
+                    ),
+                    effect: Effect::Blacklist(caller.identity.revocation_id.clone()),
+                    on_lost: None,
+                    then: Some(rv::revoke_path(&caller.identity.revocation_id, keep)),
+                },
+            ),
+            Endpoint::Refresh { ttl_seconds } => {
+                let own = config
+                    .verifier
+                    .as_ref()
+                    .is_some_and(|v| v.can_issue(caller.identity.issuer));
+                if !own {
+                    let name = config
+                        .verifier
+                        .as_ref()
+                        .and_then(|v| v.issuer(caller.identity.issuer))
+                        .map_or("?", |i| i.name.as_str());
+                    let msg = format!("Tokens of issuer '{name}' are refreshed by their identity provider");
+                    return self.error(req, Outcome::BadRequest, &msg, host);
+                }
+                let jti = uuid_v4(self.rng.u128(..).to_le_bytes());
+                let issued = config
+                    .verifier
+                    .as_ref()
+                    .ok_or_else(|| "no verifier".to_string())
+                    .and_then(|v| v.issue(&caller.identity, now_s, ttl_seconds, &jti));
+                let new_token = match issued {
+                    Ok(t) => t,
+                    Err(e) => {
+                        host.log(LogLevel::Error, &format!("cannot issue a token: {e}"));
+                        return self.error(req, Outcome::Internal, "Internal Gateway Error", host);
+                    }
+                };
+                (
+                    rv::blacklist_path(&caller.token, keep),
+                    Write {
+                        on_ok: Reply::ok(
+                            &serde_json::json!({"access_token": new_token, "token_type": "bearer"}),
+                            &trace_id,
+                        ),
+                        effect: Effect::Blacklist(caller.identity.revocation_id.clone()),
+                        // A concurrent refresh of the same token (or of a twin) won: this one
+                        // mints nothing.
+                        on_lost: Some(Reply::refuse(Outcome::Revoked, MSG_REVOKED, &trace_id)),
+                        then: Some(rv::revoke_path(&caller.identity.revocation_id, keep)),
+                    },
+                )
+            }
+            Endpoint::RevokeUser(user) => {
+                let ttl = i64::try_from(rv.ban_ttl_seconds).unwrap_or(i64::MAX);
+                (
+                    rv::setex_path(&rv::ban_key(&user), ttl, &now_s.to_string()),
+                    Write {
+                        on_ok: Reply::ok(
+                            &serde_json::json!({
+                                "message": format!("All tokens of user {user} issued up to now are revoked"),
+                                "user_id": user,
+                                "revoked_before": now_s,
+                            }),
+                            &trace_id,
+                        ),
+                        effect: Effect::Ban { user, since_s: now_s },
+                        on_lost: None,
+                        then: None,
+                    },
+                )
+            }
+        };
+        self.send_write(req, write, &path, host)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn query_answered(
+        &mut self,
+        req: &mut Request,
+        label: &str,
+        id: &str,
+        limit: u32,
+        status: Option<u16>,
+        body: &[u8],
+        host: &mut dyn Host,
+    ) -> Flow {
+        match access_log::parse_range(status, body) {
+            Ok(records) if records.is_empty() => {
+                self.error(req, Outcome::NotFound, "No log records found", host)
+            }
+            Ok(mut records) => {
+                access_log::newest_first(&mut records);
+                records.truncate(limit as usize);
+                let body = serde_json::json!({ label: id, "count": records.len(), "records": records });
+                let reply = Reply::ok(&body, &req.trace.trace_id);
+                self.reply(req, reply, host)
+            }
+            Err(e) => {
+                let id = self.metrics.log_errors;
+                self.inc(id);
+                host.log(LogLevel::Warn, &format!("log store query failed: {e}"));
+                self.error(req, Outcome::StoreUnavailable, "Log store unavailable", host)
+            }
+        }
+    }
+}

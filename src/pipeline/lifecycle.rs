@@ -1,0 +1,126 @@
+//! The VM's life outside requests: start-up report, the timer, and a request's end.
+
+use super::*;
+
+impl Gateway {
+    /// The timer period this VM needs: counters, the log flush, the limit sync.
+    pub fn tick_period_ms(&self) -> u64 {
+        let cfg = &self.config;
+        let sync = cfg.rate_limits.sync.as_ref().map(|s| s.interval_ms);
+        let flush = cfg.logs.store.as_ref().map(|s| s.flush_interval_ms);
+        let jwks = cfg
+            .verifier
+            .as_ref()
+            .and_then(|v| v.remotes().next())
+            .map(|_| keys::JWKS_TICK_MS);
+        [sync, flush, jwks, Some(COUNTER_FLUSH_MS)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(COUNTER_FLUSH_MS)
+    }
+
+    /// Start-up is over: `timers` says whether the host took the tick period. Logs one line
+    /// with what the host offers and what is degraded for want of it.
+    pub fn started(&mut self, timers: bool, host: &mut dyn Host) {
+        self.timers = timers;
+        let cfg = Rc::clone(&self.config);
+        let mut degraded: Vec<&str> = Vec::new();
+        if self.local.is_some() {
+            degraded.push("no shared data: rate limits, the revocation cache and bans are per worker");
+        }
+        if !timers {
+            degraded.push("no timers: counters not reported, no log store, no cluster-wide sync, key sets fetched only when a token needs them");
+        }
+        let public_keys = cfg.verifier.as_ref().is_some_and(|v| v.uses_public_keys());
+        if public_keys && !self.host_verifies {
+            degraded.push("no verify_signature: RSA and ECDSA checked by the module's own code");
+        }
+        let line = format!(
+            "host offers: shared data {}, timers {}, verify_signature {}; {}",
+            if self.local.is_none() { "yes" } else { "no" },
+            if timers { "yes" } else { "no" },
+            if self.host_verifies { "yes" } else { "no" },
+            if degraded.is_empty() {
+                "nothing degraded".to_string()
+            } else {
+                format!("degraded: {}", degraded.join("; "))
+            }
+        );
+        let level = if degraded.is_empty() {
+            LogLevel::Info
+        } else {
+            LogLevel::Warn
+        };
+        host.log(level, &line);
+    }
+
+    /// The VM's timer (`ctx` is the root context): counters, the log level, the log flush, the
+    /// limit sync (leader only), and new lookups for waiters whose lookup lost its owner.
+    pub fn on_tick(&mut self, ctx: u32, host: &mut dyn Host) {
+        let now = host.now_ms();
+        if self.due(now, self.last_counters_ms, COUNTER_FLUSH_MS) {
+            self.last_counters_ms = now;
+            let mut pending: Vec<(u32, i64)> = self.counts.drain().collect();
+            pending.sort_unstable();
+            for (id, n) in pending {
+                host.increment_metric(id, n);
+            }
+            // The host's log level can change at runtime: re-read it here, not per request.
+            self.log_level = Some(host.log_level());
+        }
+        let config = Rc::clone(&self.config);
+        if let Some(store) = &config.logs.store {
+            if self.due(now, self.last_flush_ms, store.flush_interval_ms) {
+                self.last_flush_ms = now;
+                self.flush_logs(store, host);
+            }
+        }
+        if let Some(sync) = &config.rate_limits.sync {
+            if self.due(now, self.last_sync_ms, sync.interval_ms) {
+                self.last_sync_ms = now;
+                self.sync_limits(&config, sync, now, host);
+            }
+        }
+        self.adopt_orphans(ctx, host);
+        self.jwks_tick(ctx, now, host);
+    }
+
+    /// Whether a job run every `period_ms` is due: ticks come every `tick_period_ms` with some
+    /// jitter, so half a tick of slack keeps a job whose period equals the tick from skipping
+    /// every other tick.
+    pub(super) fn due(&self, now: u64, last: u64, period_ms: u64) -> bool {
+        now.saturating_add(self.tick_period_ms() / 2) >= last.saturating_add(period_ms)
+    }
+
+    /// The context is gone (also after `on_log`): drop its state. A lookup it dispatched will
+    /// not be answered; its waiters get a new one on the next tick.
+    /// The context is deleted. A request still here was never logged: the host has no `on_log`
+    /// (APISIX), so it is logged now.
+    pub fn on_done(&mut self, ctx: u32, host: &mut dyn Host) {
+        if self.requests.contains_key(&ctx) {
+            self.on_log(ctx, host);
+        }
+        self.forget(ctx, host);
+    }
+
+    pub(super) fn forget(&mut self, ctx: u32, host: &mut dyn Host) {
+        self.forget_key_waiter(ctx, host);
+        let mut orphaned = Vec::new();
+        for (key, inflight) in self.inflight.iter_mut() {
+            inflight.waiters.retain(|w| *w != ctx);
+            if inflight.owner == Some(ctx) {
+                inflight.owner = None;
+                orphaned.push(*key);
+            }
+        }
+        if !orphaned.is_empty() {
+            self.calls
+                .retain(|_, call| !matches!(call, Call::Lookup { key: Some(k), .. } if orphaned.contains(k)));
+            let calls = &self.calls;
+            self.nonces.retain(|id, _| calls.contains_key(id));
+        }
+        self.inflight
+            .retain(|_, i| !(i.owner.is_none() && i.waiters.is_empty()));
+    }
+}

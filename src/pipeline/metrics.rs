@@ -1,0 +1,133 @@
+//! Metrics: the counters and histogram the orchestrator defines once, and the per-VM
+//! counting that hands totals to the host on the timer.
+
+use super::*;
+
+/// Counter and histogram ids.
+pub(super) struct Metrics {
+    pub(super) lookups: u32,
+    pub(super) coalesced: u32,
+    pub(super) cache_hits: u32,
+    pub(super) revoked: u32,
+    pub(super) store_errors: u32,
+    pub(super) allowed_on_error: u32,
+    /// Allowed / limited per kind: IP, user, route.
+    pub(super) rl_allowed: [u32; 3],
+    pub(super) rl_limited: [u32; 3],
+    pub(super) rl_contended: u32,
+    pub(super) rl_sync_errors: u32,
+    /// Per canary route: [stable, canary] request counters.
+    pub(super) canary: HashMap<String, [u32; 2]>,
+    pub(super) duration: u32,
+    pub(super) log_stored: u32,
+    pub(super) log_dropped: u32,
+    /// Dropped records by class: anonymous, authenticated.
+    pub(super) log_dropped_class: [u32; 2],
+    pub(super) log_errors: u32,
+}
+
+pub(super) fn kind_index(kind: Kind) -> usize {
+    match kind {
+        Kind::Ip => 0,
+        Kind::User => 1,
+        Kind::Route => 2,
+    }
+}
+
+/// A name inside a metric name: `.` separates Envoy's stat name segments, so it becomes `_`;
+/// `-` stays (route names keep their spelling, and become the `route` label in Prometheus
+/// through the rendered `stats_tags`).
+pub(super) fn metric_part(s: &str) -> String {
+    s.replace('.', "_")
+}
+
+impl Metrics {
+    pub(super) fn define(cfg: &Config, host: &mut dyn Host) -> Result<Self, String> {
+        let mut def = |kind, name: &str| {
+            host.define_metric(kind, name)
+                .ok_or_else(|| format!("cannot define metric {name}"))
+        };
+        let mut canary = HashMap::new();
+        for r in cfg.routes.iter().filter(|r| r.canary.is_some()) {
+            let base = metric_part(&r.name);
+            canary.insert(
+                r.name.clone(),
+                [
+                    def(
+                        MetricKind::Counter,
+                        &format!("gateway_canary_{base}_stable_total"),
+                    )?,
+                    def(
+                        MetricKind::Counter,
+                        &format!("gateway_canary_{base}_canary_total"),
+                    )?,
+                ],
+            );
+        }
+        let c = MetricKind::Counter;
+        Ok(Metrics {
+            lookups: def(c, "gateway_revocation_lookups_total")?,
+            coalesced: def(c, "gateway_revocation_coalesced_total")?,
+            cache_hits: def(c, "gateway_revocation_cache_hits_total")?,
+            revoked: def(c, "gateway_revocation_revoked_total")?,
+            store_errors: def(c, "gateway_revocation_store_errors_total")?,
+            allowed_on_error: def(c, "gateway_revocation_allowed_on_error_total")?,
+            rl_allowed: [
+                def(c, "gateway_ratelimit_ip_allowed_total")?,
+                def(c, "gateway_ratelimit_user_allowed_total")?,
+                def(c, "gateway_ratelimit_route_allowed_total")?,
+            ],
+            rl_limited: [
+                def(c, "gateway_ratelimit_ip_limited_total")?,
+                def(c, "gateway_ratelimit_user_limited_total")?,
+                def(c, "gateway_ratelimit_route_limited_total")?,
+            ],
+            rl_contended: def(c, "gateway_ratelimit_contended_total")?,
+            rl_sync_errors: def(c, "gateway_ratelimit_sync_errors_total")?,
+            duration: def(MetricKind::Histogram, "gateway_request_duration_ms")?,
+            log_stored: def(c, "gateway_log_records_stored_total")?,
+            log_dropped: def(c, "gateway_log_records_dropped_total")?,
+            log_dropped_class: [
+                def(c, "gateway_log_records_dropped_anonymous_total")?,
+                def(c, "gateway_log_records_dropped_authenticated_total")?,
+            ],
+            log_errors: def(c, "gateway_log_store_errors_total")?,
+            canary,
+        })
+    }
+}
+
+impl Gateway {
+    /// Counts locally; [`Gateway::on_tick`] hands the totals to the host. A host call per
+    /// counter per request was a large part of the filter's cost.
+    pub(super) fn inc(&mut self, id: u32) {
+        *self.counts.entry(id).or_insert(0) += 1;
+    }
+
+    pub(super) fn inc_named(&mut self, name: &str, host: &mut dyn Host) {
+        let id = match self.named.get(name) {
+            Some(id) => Some(*id),
+            None => {
+                let id = host.define_metric(MetricKind::Counter, name);
+                if let Some(id) = id {
+                    self.named.insert(name.to_string(), id);
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            self.inc(id);
+        }
+    }
+
+    pub(super) fn log_level(&mut self, host: &mut dyn Host) -> LogLevel {
+        match self.log_level {
+            Some(l) => l,
+            None => {
+                let l = host.log_level();
+                self.log_level = Some(l);
+                l
+            }
+        }
+    }
+}

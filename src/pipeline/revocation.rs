@@ -1,0 +1,378 @@
+//! Revocation in the request path: the one lookup per token (cached, coalesced), its answer,
+//! lookups whose owner left, and the writes of logout, refresh and ban.
+
+use super::*;
+
+impl Gateway {
+    /// Phase 4: the local ban table, then the cache, then one MGET through webdis (joined by
+    /// every request for the same token that arrives while it is out, when `coalesce`).
+    pub(super) fn check_revocation(
+        &mut self,
+        ctx: u32,
+        req: &mut Request,
+        next: Next,
+        coalesce: bool,
+        host: &mut dyn Host,
+    ) -> Flow {
+        let config = Rc::clone(&self.config);
+        let (Some(rv), Some(caller)) = (config.revocation.as_ref(), req.caller.as_ref()) else {
+            return self.proceed(req, next, host);
+        };
+        let now_ms = req.clock_ms;
+        let issued_at = caller.identity.authenticated_at();
+        // Cached by what the signature signs: every encoding of one signed token shares one
+        // answer, so a logout here reaches a twin that was cached as clean a moment ago.
+        let slot = Slot::of("t", &caller.identity.revocation_id, rv.cache_slots);
+        // The gateway's endpoints (logout, refresh, bans) ask the store itself, never a cached
+        // answer: a refresh must not mint from a lineage banned on another gateway a moment ago.
+        let cached = rv.cache_ttl_ms > 0 && matches!(next, Next::Route);
+        // This VM's memo of a clean answer holds while no revocation was recorded since (the
+        // epoch is the CAS of one shared key every local revocation write touches): one read.
+        let epoch = if cached {
+            let epoch = shared(&self.local, host).get(rv::EPOCH_KEY).map(|(_, cas)| cas);
+            if self.clean.holds(slot.fingerprint, epoch, now_ms) {
+                let id = self.metrics.cache_hits;
+                self.inc(id);
+                return self.proceed(req, next, host);
+            }
+            Some(epoch)
+        } else {
+            None
+        };
+        if let Some(sub) = &caller.identity.user_id {
+            let ban_slot = Slot::of("u", sub, rv.cache_slots);
+            let stored = shared(&self.local, host).get(&ban_slot.ban_key()).map(|(b, _)| b);
+            if let Some(before) = rv::local_ban(stored.as_deref(), &ban_slot, now_ms) {
+                let ban = Lookup {
+                    blacklisted: false,
+                    revoked_before: Some(before),
+                };
+                if ban.revokes(issued_at) {
+                    return self.revoked(req, host);
+                }
+            }
+        }
+        if let Some(epoch) = epoch {
+            let stored = shared(&self.local, host).get(&slot.cache_key()).map(|(b, _)| b);
+            if let Some(entry) = CacheEntry::fresh(stored.as_deref(), &slot, now_ms, rv.cache_ttl_ms) {
+                let id = self.metrics.cache_hits;
+                self.inc(id);
+                return if entry.lookup.revokes(issued_at) {
+                    self.revoked(req, host)
+                } else {
+                    let until = entry.stored_at_ms.saturating_add(rv.cache_ttl_ms);
+                    self.clean.remember(slot.fingerprint, epoch, until);
+                    self.proceed(req, next, host)
+                };
+            }
+        }
+        if coalesce {
+            if let Some(inflight) = self.inflight.get_mut(&slot.fingerprint) {
+                inflight.waiters.push(ctx);
+                req.stage = Stage::Revocation(next);
+                let id = self.metrics.coalesced;
+                self.inc(id);
+                return Flow::Paused;
+            }
+        }
+        let user = caller.identity.user_id.clone();
+        let token = caller.token.clone();
+        let revocation_id = caller.identity.revocation_id.clone();
+        match self.dispatch_lookup(rv, &token, &revocation_id, user.as_deref(), host) {
+            Ok(token_id) => {
+                let key = coalesce.then_some(slot.fingerprint);
+                self.calls.insert(token_id, Call::Lookup { key, context: ctx });
+                if coalesce {
+                    self.inflight.insert(
+                        slot.fingerprint,
+                        Inflight {
+                            owner: Some(ctx),
+                            user,
+                            token,
+                            revocation_id,
+                            waiters: vec![ctx],
+                        },
+                    );
+                }
+                req.stage = Stage::Revocation(next);
+                Flow::Paused
+            }
+            Err(e) => self.store_failed(req, next, &e, host),
+        }
+    }
+
+    pub(super) fn dispatch_lookup(
+        &mut self,
+        rv: &Revocation,
+        token: &str,
+        revocation_id: &str,
+        user: Option<&str>,
+        host: &mut dyn Host,
+    ) -> Result<u32, StoreError> {
+        let id = self.metrics.lookups;
+        self.inc(id);
+        let path = rv::lookup_path(token, revocation_id, user);
+        self.revocation_call(rv, &path, host)
+            .map_err(StoreError::Dispatch)
+    }
+
+    /// One call to the revocation store (a lookup or a write).
+    pub(super) fn revocation_call(
+        &mut self,
+        rv: &Revocation,
+        path: &str,
+        host: &mut dyn Host,
+    ) -> Result<u32, String> {
+        let config = Rc::clone(&self.config);
+        self.webdis_call(
+            Callout {
+                cluster: &rv.cluster,
+                method: "GET",
+                path,
+                body: None,
+                timeout_ms: rv.timeout_ms,
+                authorization: config.webdis_auth.as_deref(),
+                authority: config.webdis_authority.as_deref(),
+            },
+            host,
+        )
+    }
+
+    /// Dispatches a webdis command with a fresh nonce its reply must echo.
+    pub(super) fn webdis_call(&mut self, call: Callout<'_>, host: &mut dyn Host) -> Result<u32, String> {
+        let nonce = self.rng.u64(..);
+        let path = crate::webdis::nonce_path(call.path, nonce);
+        let token_id = host.dispatch(Callout { path: &path, ..call })?;
+        self.nonces.insert(token_id, nonce);
+        Ok(token_id)
+    }
+
+    pub(super) fn revoked(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
+        let id = self.metrics.revoked;
+        self.inc(id);
+        let reply = Reply::refuse(Outcome::Revoked, MSG_REVOKED, &req.trace.trace_id);
+        self.reply(req, reply, host)
+    }
+
+    pub(super) fn store_failed(
+        &mut self,
+        req: &mut Request,
+        next: Next,
+        e: &StoreError,
+        host: &mut dyn Host,
+    ) -> Flow {
+        let id = self.metrics.store_errors;
+        self.inc(id);
+        host.log(LogLevel::Warn, &format!("revocation lookup failed: {e}"));
+        let mode = self
+            .config
+            .revocation
+            .as_ref()
+            .map(|r| r.failure_mode)
+            .unwrap_or_default();
+        match mode {
+            FailureMode::Deny => self.error(req, Outcome::StoreUnavailable, MSG_STORE_DOWN, host),
+            FailureMode::Allow => {
+                let id = self.metrics.allowed_on_error;
+                self.inc(id);
+                self.proceed(req, next, host)
+            }
+        }
+    }
+
+    pub(super) fn lookup_answered(
+        &mut self,
+        current: u32,
+        waiters: &[u32],
+        status: Option<u16>,
+        body: &[u8],
+        host: &mut dyn Host,
+    ) {
+        let config = Rc::clone(&self.config);
+        let Some(rv) = config.revocation.as_ref() else {
+            return;
+        };
+        let first = waiters.first().and_then(|w| self.requests.get(w));
+        let with_user = first
+            .and_then(|r| r.caller.as_ref())
+            .is_some_and(|c| c.identity.user_id.is_some());
+        let revocation_id = first
+            .and_then(|r| r.caller.as_ref())
+            .map(|c| c.identity.revocation_id.clone());
+        let result = rv::parse_lookup(status, body, with_user);
+        let now_ms = host.now_ms();
+        if let (Ok(lookup), Some(id)) = (&result, revocation_id) {
+            if rv.cache_ttl_ms > 0 {
+                let slot = Slot::of("t", &id, rv.cache_slots);
+                let entry = CacheEntry {
+                    fingerprint: slot.fingerprint,
+                    stored_at_ms: now_ms,
+                    lookup: *lookup,
+                };
+                let _ = shared(&self.local, host).set(&slot.cache_key(), &entry.encode(), None);
+                if lookup.blacklisted || lookup.revoked_before.is_some() {
+                    rv::bump_epoch(shared(&self.local, host));
+                }
+            }
+        }
+        for &w in waiters {
+            self.with_request(current, w, host, |gw, req, host| {
+                let Stage::Revocation(next) = std::mem::replace(&mut req.stage, Stage::Idle) else {
+                    return Flow::Paused;
+                };
+                req.clock_ms = now_ms;
+                let issued_at = req.caller.as_ref().and_then(|c| c.identity.authenticated_at());
+                match &result {
+                    Ok(lookup) if lookup.revokes(issued_at) => gw.revoked(req, host),
+                    Ok(_) => gw.proceed(req, next, host),
+                    Err(e) => gw.store_failed(req, next, e, host),
+                }
+            });
+        }
+    }
+
+    /// Sends one revocation write; the request waits for its confirmation.
+    pub(super) fn send_write(
+        &mut self,
+        req: &mut Request,
+        write: Write,
+        path: &str,
+        host: &mut dyn Host,
+    ) -> Flow {
+        let config = Rc::clone(&self.config);
+        let sent = match config.revocation.as_ref() {
+            Some(rv) => self.revocation_call(rv, path, host),
+            None => Err("no revocation store".to_string()),
+        };
+        match sent {
+            Ok(token_id) => {
+                self.calls.insert(token_id, Call::Write { context: req.ctx });
+                req.stage = Stage::Write(write);
+                Flow::Paused
+            }
+            Err(e) => self.write_failed(req, &e, host),
+        }
+    }
+
+    /// A revocation write that was not confirmed: 503, and nothing recorded here either.
+    pub(super) fn write_failed(
+        &mut self,
+        req: &mut Request,
+        e: &dyn std::fmt::Display,
+        host: &mut dyn Host,
+    ) -> Flow {
+        let id = self.metrics.store_errors;
+        self.inc(id);
+        host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
+        self.error(req, Outcome::StoreUnavailable, MSG_WRITE_FAILED, host)
+    }
+
+    pub(super) fn write_answered(
+        &mut self,
+        req: &mut Request,
+        mut write: Write,
+        status: Option<u16>,
+        body: &[u8],
+        host: &mut dyn Host,
+    ) -> Flow {
+        if let Some(then) = write.then.take() {
+            // The reference's key is written; now the deciding write.
+            return match rv::parse_setex(status, body) {
+                Ok(()) => self.send_write(req, write, &then, host),
+                Err(e) => self.write_failed(req, &e, host),
+            };
+        }
+        let outcome = match write.effect {
+            Effect::Blacklist(_) => rv::parse_set_nx(status, body),
+            Effect::Ban { .. } => rv::parse_setex(status, body).map(|()| true),
+        };
+        let won = match outcome {
+            Ok(won) => won,
+            Err(e) => return self.write_failed(req, &e, host),
+        };
+        // Confirmed: now this instance applies it too (at once, without waiting for its cache).
+        let config = Rc::clone(&self.config);
+        if let Some(rv) = config.revocation.as_ref() {
+            let now_ms = host.now_ms();
+            match &write.effect {
+                Effect::Blacklist(token) => {
+                    let slot = Slot::of("t", token, rv.cache_slots);
+                    let entry = CacheEntry {
+                        fingerprint: slot.fingerprint,
+                        stored_at_ms: now_ms,
+                        lookup: Lookup {
+                            blacklisted: true,
+                            revoked_before: None,
+                        },
+                    };
+                    let _ = shared(&self.local, host).set(&slot.cache_key(), &entry.encode(), None);
+                }
+                Effect::Ban { user, since_s } => {
+                    let slot = Slot::of("u", user, rv.cache_slots);
+                    let expires = now_ms.saturating_add(rv.ban_ttl_seconds.saturating_mul(1000));
+                    let _ = shared(&self.local, host).set(
+                        &slot.ban_key(),
+                        &rv::ban_entry(&slot, *since_s, expires),
+                        None,
+                    );
+                }
+            }
+            // After the entry: every VM's memo of clean answers is void from here on.
+            rv::bump_epoch(shared(&self.local, host));
+        }
+        let reply = match (won, write.on_lost) {
+            (false, Some(lost)) => lost,
+            _ => write.on_ok,
+        };
+        self.reply(req, reply, host)
+    }
+
+    /// Dispatches a new lookup, from the root context, for waiters whose lookup's owner left.
+    pub(super) fn adopt_orphans(&mut self, ctx: u32, host: &mut dyn Host) {
+        let config = Rc::clone(&self.config);
+        let Some(rv) = config.revocation.as_ref() else {
+            return;
+        };
+        let orphans: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, i)| i.owner.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in orphans {
+            let Some((token, id, user)) = self
+                .inflight
+                .get(&key)
+                .map(|i| (i.token.clone(), i.revocation_id.clone(), i.user.clone()))
+            else {
+                continue;
+            };
+            match self.dispatch_lookup(rv, &token, &id, user.as_deref(), host) {
+                Ok(token_id) => {
+                    self.calls.insert(
+                        token_id,
+                        Call::Lookup {
+                            key: Some(key),
+                            context: ctx,
+                        },
+                    );
+                    if let Some(i) = self.inflight.get_mut(&key) {
+                        i.owner = Some(ctx);
+                    }
+                }
+                Err(e) => {
+                    let waiters = self.inflight.remove(&key).map(|i| i.waiters).unwrap_or_default();
+                    for w in waiters {
+                        self.with_request(ctx, w, host, |gw, req, host| {
+                            let Stage::Revocation(next) = std::mem::replace(&mut req.stage, Stage::Idle)
+                            else {
+                                return Flow::Paused;
+                            };
+                            gw.store_failed(req, next, &e, host)
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
