@@ -18,9 +18,18 @@ for t in $TARGETS; do
   mkdir -p "$work"
   cp -n "corpus/$t"/* "$work"/ 2>/dev/null || true
   echo "== $t (${SECONDS_EACH}s)"
+  # A target that does not build fails the run (its output is shown); only the run's own
+  # output is filtered.
+  if ! cargo +nightly fuzz build "$t" >"../target/fuzz-build-$t.log" 2>&1; then
+    cat "../target/fuzz-build-$t.log" >&2
+    echo "fuzz: $t does not build" >&2
+    exit 1
+  fi
+  status=0
   cargo +nightly fuzz run "$t" "$work" -- -max_total_time="$SECONDS_EACH" -max_len=4096 \
-    -print_final_stats=1 2>&1 | grep -E "stat::number_of_executed_units|stat::average_exec_per_sec|ERROR|panicked|Done" || true
-  if ls "artifacts/$t"/crash-* >/dev/null 2>&1; then
+    -print_final_stats=1 >"../target/fuzz-run-$t.log" 2>&1 || status=$?
+  grep -E "stat::number_of_executed_units|stat::average_exec_per_sec|ERROR|panicked|Done" "../target/fuzz-run-$t.log" || true
+  if [ "$status" -ne 0 ] || ls "artifacts/$t"/crash-* >/dev/null 2>&1; then
     echo "fuzz: $t found a crash: fuzz/artifacts/$t/" >&2
     exit 1
   fi
