@@ -18,8 +18,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_range, ConfigError};
-use crate::host::{Host, MetricKind};
-use crate::ratelimit::{SharedStore, SlotSeed};
+use crate::host::{Host, MetricKind, SetError, SharedStore};
+use crate::ratelimit::SlotSeed;
 
 /// The network filter's configuration: `{"connections": {...}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,8 +139,8 @@ impl ConnectionLimit {
             }
             match store.set(&key, &encode(count + 1, now_ms.max(at)), cas) {
                 Ok(()) => return Admission::Admitted(key),
-                Err(true) => continue,
-                Err(false) => return Admission::Uncounted,
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Failed) => return Admission::Uncounted,
             }
         }
         Admission::Uncounted
@@ -154,7 +154,7 @@ impl ConnectionLimit {
             };
             let (count, at) = decode(&bytes);
             match store.set(key, &encode(count.saturating_sub(1), at), Some(cas)) {
-                Err(true) => continue,
+                Err(SetError::CasMismatch) => continue,
                 _ => return,
             }
         }

@@ -5,7 +5,6 @@
 //! call so tests can pin the number of host calls per request path.
 
 use crate::headers::HeaderPair;
-use crate::ratelimit::SharedStore;
 use crate::reply::Reply;
 
 /// Log levels, as proxy-wasm orders them.
@@ -62,7 +61,7 @@ pub trait Host: SharedStore {
     fn switch_to(&mut self, context_id: u32) -> bool;
 
     /// Dispatches a call; its answer arrives later with the returned token id.
-    fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, String>;
+    fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError>;
     /// `:status` and body of the call response being delivered.
     fn call_response(&mut self, body_size: usize) -> (Option<u16>, Vec<u8>);
 
@@ -79,6 +78,42 @@ pub trait Host: SharedStore {
         -> Option<bool>;
 }
 
+/// Why a shared-data write did not land.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetError {
+    /// The value changed since it was read (its CAS token no longer matches): read again.
+    CasMismatch,
+    /// The store refused the write (no shared data, full, any other host error).
+    Failed,
+}
+
+/// Shared data as proxy-wasm defines it: values with a CAS token that changes on every write.
+/// A write with `cas: Some(c)` lands only if the key's token is still `c`; `None` or `Some(0)`
+/// writes unconditionally, and a missing key is created whatever `cas` says (Envoy's rules).
+pub trait SharedStore {
+    /// The value and its CAS token, if the key exists.
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
+}
+
+/// Why a callout could not be dispatched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatchError {
+    /// The host refused the call's arguments (Envoy: an unknown cluster, a bad header).
+    BadArgument,
+    /// Any other refusal (no callouts on this host, an internal failure).
+    Refused,
+}
+
+impl std::fmt::Display for DispatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DispatchError::BadArgument => "the host refused the call (unknown cluster or bad header)",
+            DispatchError::Refused => "the host could not dispatch the call",
+        })
+    }
+}
+
 /// Shared data of this VM alone, for hosts that have none (APISIX's wasm-nginx-module answers
 /// every shared-data call with an error): buckets, the revocation cache and the ban table then
 /// work per VM (per worker) instead of per proxy. Same CAS rules as proxy-wasm's shared data.
@@ -91,17 +126,24 @@ pub struct LocalStore {
 /// own keys are bounded by its slots, so this only stops a runaway.
 const LOCAL_STORE_MAX_KEYS: usize = 200_000;
 
+impl LocalStore {
+    /// Whether nothing was ever stored.
+    pub fn is_empty(&self) -> bool {
+        self.map.borrow().is_empty()
+    }
+}
+
 impl SharedStore for LocalStore {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         self.map.borrow().get(key).cloned()
     }
 
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
         let mut m = self.map.borrow_mut();
         let next = match (m.get(key), cas) {
-            (Some((_, current)), Some(c)) if c != 0 && *current != c => return Err(true),
+            (Some((_, current)), Some(c)) if c != 0 && *current != c => return Err(SetError::CasMismatch),
             (Some((_, current)), _) => current.wrapping_add(1).max(1),
-            (None, _) if m.len() >= LOCAL_STORE_MAX_KEYS => return Err(false),
+            (None, _) if m.len() >= LOCAL_STORE_MAX_KEYS => return Err(SetError::Failed),
             (None, _) => 1,
         };
         m.insert(key.to_string(), (value.to_vec(), next));
@@ -160,7 +202,8 @@ pub mod fake {
         pub now_ms: u64,
         pub current: u32,
         pub requests: HashMap<u32, FakeRequest>,
-        pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        /// Its shared data: the same store hosts without shared data get, one set of CAS rules.
+        pub shared: LocalStore,
         pub dispatched: Vec<Dispatched>,
         pub fail_dispatch: bool,
         next_token: u32,
@@ -243,22 +286,15 @@ pub mod fake {
             if self.no_shared_data {
                 return None;
             }
-            self.shared.borrow().get(key).cloned()
+            self.shared.get(key)
         }
 
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
             self.call("set");
             if self.no_shared_data {
-                return Err(false);
+                return Err(SetError::Failed);
             }
-            let mut m = self.shared.borrow_mut();
-            let next = match (m.get(key), cas) {
-                (Some((_, current)), Some(c)) if *current != c => return Err(true),
-                (Some((_, current)), _) => current + 1,
-                (None, _) => 1,
-            };
-            m.insert(key.to_string(), (value.to_vec(), next));
-            Ok(())
+            self.shared.set(key, value, cas)
         }
     }
 
@@ -321,10 +357,10 @@ pub mod fake {
             self.current = context_id;
             true
         }
-        fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, String> {
+        fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError> {
             self.call("dispatch");
             if self.fail_dispatch {
-                return Err("BadArgument".to_string());
+                return Err(DispatchError::BadArgument);
             }
             self.next_token += 1;
             self.dispatched.push(Dispatched {

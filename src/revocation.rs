@@ -496,7 +496,7 @@ impl CacheEntry {
 pub const EPOCH_KEY: &str = "gw:rv:epoch";
 
 /// Marks a revocation: every VM's [`CleanMemo`] is void from now on.
-pub fn bump_epoch(store: &dyn crate::ratelimit::SharedStore) {
+pub fn bump_epoch(store: &dyn crate::host::SharedStore) {
     // Not empty: the proxy-wasm SDK reads an empty value back as no value.
     let _ = store.set(EPOCH_KEY, b"1", None);
 }

@@ -14,10 +14,9 @@ use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, St
 use crate::config::Config;
 use crate::connlimit::{ConnectionLimit, Connections};
 use crate::headers::HeaderPair;
-use crate::host::{Callout, Host, LogLevel, MetricKind};
+use crate::host::{Callout, DispatchError, Host, LogLevel, MetricKind, SetError, SharedStore};
 use crate::outcome::Outcome;
 use crate::pipeline::{self, Gateway};
-use crate::ratelimit::SharedStore;
 use crate::reply::Reply;
 
 proxy_wasm::main! {{
@@ -57,11 +56,11 @@ impl SharedStore for WasmHost {
         }
     }
 
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), bool> {
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
         match hostcalls::set_shared_data(key, Some(value), cas) {
             Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(true),
-            Err(_) => Err(false),
+            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
+            Err(_) => Err(SetError::Failed),
         }
     }
 }
@@ -158,7 +157,7 @@ impl Host for WasmHost {
         hostcalls::set_effective_context(context_id).is_ok()
     }
 
-    fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, String> {
+    fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError> {
         let mut headers = vec![
             (":method", call.method),
             (":path", call.path),
@@ -174,7 +173,10 @@ impl Host for WasmHost {
             vec![],
             Duration::from_millis(call.timeout_ms),
         )
-        .map_err(|s| format!("{s:?}"))
+        .map_err(|s| match s {
+            Status::BadArgument => DispatchError::BadArgument,
+            _ => DispatchError::Refused,
+        })
     }
 
     fn call_response(&mut self, body_size: usize) -> (Option<u16>, Vec<u8>) {

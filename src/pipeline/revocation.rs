@@ -113,7 +113,7 @@ impl Gateway {
         self.inc(id);
         let path = rv::lookup_path(token, revocation_id, user);
         self.revocation_call(rv, &path, host)
-            .map_err(StoreError::Dispatch)
+            .map_err(|e| StoreError::Dispatch(e.to_string()))
     }
 
     /// One call to the revocation store (a lookup or a write).
@@ -122,7 +122,7 @@ impl Gateway {
         rv: &Revocation,
         path: &str,
         host: &mut dyn Host,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, DispatchError> {
         let config = Rc::clone(&self.config);
         self.webdis_call(
             Callout {
@@ -139,7 +139,11 @@ impl Gateway {
     }
 
     /// Dispatches a webdis command with a fresh nonce its reply must echo.
-    pub(super) fn webdis_call(&mut self, call: Callout<'_>, host: &mut dyn Host) -> Result<u32, String> {
+    pub(super) fn webdis_call(
+        &mut self,
+        call: Callout<'_>,
+        host: &mut dyn Host,
+    ) -> Result<u32, DispatchError> {
         let nonce = self.rng.u64(..);
         let path = crate::webdis::nonce_path(call.path, nonce);
         let token_id = host.dispatch(Callout { path: &path, ..call })?;
@@ -240,10 +244,10 @@ impl Gateway {
         host: &mut dyn Host,
     ) -> Flow {
         let config = Rc::clone(&self.config);
-        let sent = match config.revocation.as_ref() {
-            Some(rv) => self.revocation_call(rv, path, host),
-            None => Err("no revocation store".to_string()),
+        let Some(rv) = config.revocation.as_ref() else {
+            return self.write_failed(req, &"no revocation store", host);
         };
+        let sent = self.revocation_call(rv, path, host);
         match sent {
             Ok(token_id) => {
                 self.calls.insert(token_id, Call::Write { context: req.ctx });

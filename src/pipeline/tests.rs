@@ -980,7 +980,7 @@ fn without_shared_data_limits_and_the_revocation_cache_work_per_vm() {
     );
     assert_eq!((t.status(3), t.reason(3)), (429, "rate_limited_user"));
     assert!(
-        t.host.shared.borrow().is_empty(),
+        t.host.shared.is_empty(),
         "nothing reached the host's (missing) shared data"
     );
 }
@@ -1211,8 +1211,5 @@ fn cluster_sync_on_a_host_without_shared_data_drains_the_vms_own_bucket() {
         .map(|ctx| t.get(ctx, "/api/v1/products/1", None))
         .collect();
     assert_eq!(statuses, [200, 429, 429, 429, 429], "10 - 1 here - 8 elsewhere");
-    assert!(
-        t.host.shared.borrow().is_empty(),
-        "nothing reached the host's shared data"
-    );
+    assert!(t.host.shared.is_empty(), "nothing reached the host's shared data");
 }
