@@ -1,0 +1,281 @@
+use super::*;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+pub const SECRET: &[u8] = b"unit-test-secret-unit-test-secret";
+const NOW: i64 = 1_800_000_000;
+
+/// Builds a token by hand, independently of jwt-compact, so hostile shapes are possible.
+pub fn forge(header: &str, payload: &str, secret: &[u8]) -> String {
+    let signing_input = format!("{}.{}", B64.encode(header), B64.encode(payload));
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+    mac.update(signing_input.as_bytes());
+    format!("{signing_input}.{}", B64.encode(mac.finalize().into_bytes()))
+}
+
+fn hs256(payload: serde_json::Value) -> String {
+    forge(r#"{"alg":"HS256","typ":"JWT"}"#, &payload.to_string(), SECRET)
+}
+
+fn verifier() -> Verifier {
+    Verifier::new(&[Algorithm::Hs256], SECRET, None, None, 60)
+}
+
+#[test]
+fn valid_token_yields_identity() {
+    let t = hs256(
+        serde_json::json!({"sub": "user-001", "name": "admin", "role": "admin", "exp": NOW + 1800, "iat": NOW, "jti": "j1"}),
+    );
+    let id = verifier().verify(&t, NOW).unwrap();
+    assert_eq!(id.user_id.as_deref(), Some("user-001"));
+    assert_eq!(id.user_name.as_deref(), Some("admin"));
+    assert_eq!(id.role, "admin");
+    assert_eq!(id.jti.as_deref(), Some("j1"));
+    assert_eq!(id.expires_at, NOW + 1800);
+    assert_eq!(id.issued_at, Some(NOW));
+}
+
+#[test]
+fn role_defaults_to_user() {
+    let t = hs256(serde_json::json!({"sub": "u", "exp": NOW + 10}));
+    assert_eq!(verifier().verify(&t, NOW).unwrap().role, "user");
+}
+
+#[test]
+fn hostile_tokens_are_refused_with_a_reason() {
+    let v = verifier();
+    let exp = NOW + 100;
+    let good = hs256(serde_json::json!({"sub": "u", "exp": exp}));
+    let truncated = &good[..good.len() - 3];
+    let cases: Vec<(&str, String, TokenError)> = vec![
+        ("garbage", "garbage".into(), TokenError::Malformed),
+        ("empty", "".into(), TokenError::Malformed),
+        ("bad base64", "a$b.c$d.e$f".into(), TokenError::Malformed),
+        (
+            "payload not an object",
+            forge(r#"{"alg":"HS256"}"#, "[1,2]", SECRET),
+            TokenError::InvalidClaims,
+        ),
+        (
+            "payload not json",
+            forge(r#"{"alg":"HS256"}"#, "not json", SECRET),
+            TokenError::InvalidClaims,
+        ),
+        (
+            "header not json",
+            forge("nope", r#"{"exp":1}"#, SECRET),
+            TokenError::Malformed,
+        ),
+        (
+            "unknown critical extension",
+            forge(
+                r#"{"alg":"HS256","crit":["exp-ext"],"exp-ext":1}"#,
+                &format!(r#"{{"exp":{exp}}}"#),
+                SECRET,
+            ),
+            TokenError::CriticalHeader,
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                B64.encode(r#"{"alg":"none"}"#),
+                B64.encode(format!(r#"{{"exp":{exp}}}"#))
+            ),
+            TokenError::AlgorithmNotAllowed,
+        ),
+        (
+            "RS256 header, HMAC signature",
+            forge(r#"{"alg":"RS256"}"#, &format!(r#"{{"exp":{exp}}}"#), SECRET),
+            TokenError::AlgorithmNotAllowed,
+        ),
+        (
+            "HS512 not configured",
+            forge(r#"{"alg":"HS512"}"#, &format!(r#"{{"exp":{exp}}}"#), SECRET),
+            TokenError::AlgorithmNotAllowed,
+        ),
+        (
+            "wrong secret",
+            forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"exp":{exp}}}"#), b"other"),
+            TokenError::BadSignature,
+        ),
+        (
+            "truncated signature",
+            truncated.to_string(),
+            TokenError::BadSignature,
+        ),
+        (
+            "expired beyond skew",
+            hs256(serde_json::json!({"exp": NOW - 61})),
+            TokenError::Expired,
+        ),
+        (
+            "nbf beyond skew",
+            hs256(serde_json::json!({"exp": exp, "nbf": NOW + 61})),
+            TokenError::NotYetValid,
+        ),
+        (
+            "iat in the future",
+            hs256(serde_json::json!({"exp": exp, "iat": NOW + 3600})),
+            TokenError::IssuedInFuture,
+        ),
+        (
+            "no exp",
+            hs256(serde_json::json!({"sub": "u"})),
+            TokenError::MissingExpiration,
+        ),
+        (
+            "exp as string",
+            hs256(serde_json::json!({"exp": "tomorrow"})),
+            TokenError::InvalidClaims,
+        ),
+        (
+            "sub as number",
+            hs256(serde_json::json!({"exp": exp, "sub": 42})),
+            TokenError::InvalidClaims,
+        ),
+        (
+            "empty sub",
+            hs256(serde_json::json!({"exp": exp, "sub": ""})),
+            TokenError::InvalidClaims,
+        ),
+        (
+            "huge exp",
+            hs256(serde_json::json!({"exp": 1e300})),
+            TokenError::InvalidClaims,
+        ),
+        (
+            "CRLF in name",
+            hs256(serde_json::json!({"exp": exp, "name": "a\r\nX-User-Role: admin"})),
+            TokenError::UnsafeClaim("name"),
+        ),
+        (
+            "NUL in sub",
+            hs256(serde_json::json!({"exp": exp, "sub": "a\u{0}"})),
+            TokenError::UnsafeClaim("sub"),
+        ),
+        ("16 KB token", "a".repeat(16 * 1024), TokenError::TooLarge),
+    ];
+    for (what, token, expected) in cases {
+        assert_eq!(v.verify(&token, NOW), Err(expected), "{what}");
+    }
+}
+
+#[test]
+fn cached_tokens_still_expire_and_stay_bounded() {
+    let v = Verifier::new(&[Algorithm::Hs256], SECRET, None, None, 0);
+    let mut c = TokenCache::default();
+    let t = hs256(serde_json::json!({"sub": "u", "exp": NOW + 10, "nbf": NOW - 5}));
+    assert!(c.verify(&v, &t, NOW).is_ok());
+    assert_eq!(c.len(), 1);
+    assert!(c.verify(&v, &t, NOW).is_ok(), "served from the cache");
+    assert_eq!(
+        c.verify(&v, &t, NOW + 11),
+        Err(TokenError::Expired),
+        "time checks run on hits"
+    );
+    assert!(c.verify(&v, &t, NOW).is_ok());
+    assert_eq!(c.verify(&v, &t, NOW - 6), Err(TokenError::NotYetValid));
+    // A tampered copy never matches a cached entry.
+    let mut tampered = t.clone();
+    tampered.push('A');
+    assert!(c.verify(&v, &tampered, NOW).is_err());
+    for i in 0..(TOKEN_CACHE_ENTRIES + 50) {
+        let t = hs256(serde_json::json!({"sub": format!("u{i}"), "exp": NOW + 10}));
+        assert!(c.verify(&v, &t, NOW).is_ok());
+    }
+    assert!(c.len() <= TOKEN_CACHE_ENTRIES);
+}
+
+#[test]
+fn skew_is_honoured_on_both_sides() {
+    let v = verifier();
+    assert!(v
+        .verify(&hs256(serde_json::json!({"exp": NOW - 59})), NOW)
+        .is_ok());
+    assert!(v
+        .verify(&hs256(serde_json::json!({"exp": NOW + 10, "nbf": NOW + 59})), NOW)
+        .is_ok());
+    assert!(v
+        .verify(&hs256(serde_json::json!({"exp": NOW + 10, "iat": NOW + 59})), NOW)
+        .is_ok());
+    let strict = Verifier::new(&[Algorithm::Hs256], SECRET, None, None, 0);
+    assert_eq!(
+        strict.verify(&hs256(serde_json::json!({"exp": NOW - 1})), NOW),
+        Err(TokenError::Expired)
+    );
+}
+
+#[test]
+fn issuer_and_audience() {
+    let v = Verifier::new(
+        &[Algorithm::Hs256],
+        SECRET,
+        Some("gw".into()),
+        Some("api".into()),
+        60,
+    );
+    let ok = hs256(serde_json::json!({"exp": NOW + 10, "iss": "gw", "aud": ["x", "api"]}));
+    assert!(v.verify(&ok, NOW).is_ok());
+    let ok_single = hs256(serde_json::json!({"exp": NOW + 10, "iss": "gw", "aud": "api"}));
+    assert!(v.verify(&ok_single, NOW).is_ok());
+    let bad_iss = hs256(serde_json::json!({"exp": NOW + 10, "iss": "other", "aud": "api"}));
+    assert_eq!(v.verify(&bad_iss, NOW), Err(TokenError::WrongIssuer));
+    let no_aud = hs256(serde_json::json!({"exp": NOW + 10, "iss": "gw"}));
+    assert_eq!(v.verify(&no_aud, NOW), Err(TokenError::WrongAudience));
+}
+
+#[test]
+fn issued_tokens_verify_and_keep_the_identity() {
+    let v = Verifier::new(
+        &[Algorithm::Hs256],
+        SECRET,
+        Some("gw".into()),
+        Some("api".into()),
+        0,
+    );
+    let old = Identity {
+        user_id: Some("user-001".into()),
+        user_name: Some("admin".into()),
+        role: "admin".into(),
+        jti: Some("old".into()),
+        expires_at: NOW + 5,
+        issued_at: Some(NOW - 100),
+        auth_time: None,
+        issuer: 0,
+        revocation_id: String::new(),
+    };
+    let t = v.issue(&old, NOW, 1800, "new-jti").unwrap();
+    let id = v.verify(&t, NOW).unwrap();
+    assert_eq!(id.user_id, old.user_id);
+    assert_eq!(id.user_name, old.user_name);
+    assert_eq!(id.role, "admin");
+    assert_eq!(id.jti.as_deref(), Some("new-jti"));
+    assert_eq!((id.issued_at, id.expires_at), (Some(NOW), NOW + 1800));
+    // The lineage keeps the first authentication time through any number of refreshes.
+    assert_eq!(id.auth_time, Some(NOW - 100));
+    assert_eq!(id.authenticated_at(), Some(NOW - 100));
+    let again = v
+        .verify(&v.issue(&id, NOW + 10, 1800, "third").unwrap(), NOW + 10)
+        .unwrap();
+    assert_eq!(again.authenticated_at(), Some(NOW - 100));
+    let signing_input = t.rsplit_once('.').unwrap().0;
+    assert_eq!(id.revocation_id, revocation_id(signing_input.as_bytes()));
+    assert_eq!(id.revocation_id.len(), 43);
+}
+
+#[test]
+fn hs384_and_hs512_when_configured() {
+    let v = Verifier::new(&[Algorithm::Hs384, Algorithm::Hs512], SECRET, None, None, 60);
+    let key = jwt_compact::alg::Hs512Key::new(SECRET);
+    let mut claims = Claims::new(serde_json::json!({"sub": "u"}));
+    claims.expiration = chrono::DateTime::from_timestamp(NOW + 10, 0);
+    let t512 = Hs512.token(&jwt_compact::Header::empty(), &claims, &key).unwrap();
+    assert_eq!(v.verify(&t512, NOW).unwrap().user_id.as_deref(), Some("u"));
+    assert_eq!(
+        v.verify(&hs256(serde_json::json!({"exp": NOW + 10})), NOW),
+        Err(TokenError::AlgorithmNotAllowed)
+    );
+}

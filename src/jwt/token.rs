@@ -1,0 +1,139 @@
+//! What verification yields: the caller's [`Identity`], the [`TokenError`]s, and the revocation
+//! id of a token (what its signature signs).
+
+use super::*;
+
+/// Longest token accepted; anything larger is refused before any parsing.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// Role assumed when a token carries none (as the reference gateway does).
+pub const DEFAULT_ROLE: &str = "user";
+
+/// Why a token was refused. The `Display` text follows `Invalid token: ` in the 401 body, so it
+/// never echoes token content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    TooLarge,
+    Malformed,
+    AlgorithmNotAllowed,
+    BadSignature,
+    MissingExpiration,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    InvalidClaims,
+    WrongIssuer,
+    WrongAudience,
+    UnsafeClaim(&'static str),
+    CriticalHeader,
+    /// `iss` names no configured issuer.
+    UnknownIssuer,
+    /// No `iss`, and no default issuer.
+    MissingIssuer,
+    /// The issuer's key set holds no key with the token's `kid` (issuer index).
+    UnknownKey(usize),
+    /// The issuer's key set holds no key of the kind the token's algorithm needs.
+    NoFittingKey,
+    /// The issuer's keys are not available (never fetched, or older than `max_stale`).
+    KeysUnavailable(usize),
+}
+
+/// Header fields read besides `alg`/`kid`/`typ`.
+#[derive(Debug, Clone, Deserialize)]
+pub(super) struct ExtraHeader {
+    #[serde(default)]
+    pub(super) crit: Option<serde::de::IgnoredAny>,
+}
+
+impl TokenError {
+    /// A short machine-readable reason, for logs and metric names.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::Malformed => "malformed",
+            Self::AlgorithmNotAllowed => "algorithm",
+            Self::BadSignature => "signature",
+            Self::MissingExpiration => "missing_exp",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::IssuedInFuture => "issued_in_future",
+            Self::InvalidClaims => "claims",
+            Self::WrongIssuer => "issuer",
+            Self::WrongAudience => "audience",
+            Self::UnsafeClaim(_) => "unsafe_claim",
+            Self::CriticalHeader => "crit",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::MissingIssuer => "missing_iss",
+            Self::UnknownKey(_) => "unknown_kid",
+            Self::NoFittingKey => "key_type",
+            Self::KeysUnavailable(_) => "keys_unavailable",
+        }
+    }
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge => write!(f, "token is larger than {MAX_TOKEN_LEN} bytes"),
+            Self::Malformed => f.write_str("malformed token"),
+            Self::AlgorithmNotAllowed => f.write_str("signing algorithm not allowed"),
+            Self::BadSignature => f.write_str("signature verification failed"),
+            Self::MissingExpiration => f.write_str("missing exp claim"),
+            Self::Expired => f.write_str("token has expired"),
+            Self::NotYetValid => f.write_str("token is not yet valid (nbf)"),
+            Self::IssuedInFuture => f.write_str("token issued in the future (iat)"),
+            Self::InvalidClaims => f.write_str("invalid claims"),
+            Self::WrongIssuer => f.write_str("invalid issuer"),
+            Self::WrongAudience => f.write_str("invalid audience"),
+            Self::UnsafeClaim(name) => write!(f, "claim {name} is not a valid header value"),
+            Self::CriticalHeader => f.write_str("unsupported critical header (crit)"),
+            Self::UnknownIssuer => f.write_str("unknown issuer (iss)"),
+            Self::MissingIssuer => f.write_str("missing iss claim"),
+            Self::UnknownKey(_) => f.write_str("unknown signing key (kid)"),
+            Self::NoFittingKey => f.write_str("no key of the kind the signing algorithm needs"),
+            Self::KeysUnavailable(_) => f.write_str("the issuer's signing keys are not available yet"),
+        }
+    }
+}
+
+/// The verified identity of a caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: Option<String>,
+    pub user_name: Option<String>,
+    pub role: String,
+    pub jti: Option<String>,
+    /// `exp`, unix seconds.
+    pub expires_at: i64,
+    /// `iat`, unix seconds, when present.
+    pub issued_at: Option<i64>,
+    /// `auth_time` (OIDC: when the user authenticated), unix seconds, when present. Tokens the
+    /// gateway mints by refresh carry the original one on, so a ban reaches every token of a
+    /// lineage that began before it.
+    pub auth_time: Option<i64>,
+    /// Index of the issuer that signed the token.
+    pub issuer: usize,
+    /// What revocation is keyed by: the SHA-256 of the signing input (`header.payload`, what
+    /// the signature signs), base64url. Every valid encoding of one signed token (an ECDSA
+    /// signature's `(r, n - s)` twin, another base64 spelling of the signature) has the same
+    /// one, so a logout cannot be undone by re-encoding the token.
+    pub revocation_id: String,
+}
+
+impl Identity {
+    /// The time a ban is compared with: the earliest of `auth_time` and `iat` (a token without
+    /// either counts as older than any ban).
+    pub fn authenticated_at(&self) -> Option<i64> {
+        match (self.auth_time, self.issued_at) {
+            (Some(a), Some(i)) => Some(a.min(i)),
+            (a, i) => a.or(i),
+        }
+    }
+}
+
+/// [`Identity::revocation_id`] of a token's signing input.
+pub fn revocation_id(signing_input: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(signing_input))
+}

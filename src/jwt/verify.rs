@@ -1,0 +1,368 @@
+//! The [`Verifier`]: parse, pick the issuer by `iss`, the algorithm and key, check the
+//! signature, the times and the claims.
+
+use super::*;
+
+/// Verifies tokens of the configured issuers with keys prepared at configure time.
+pub struct Verifier {
+    pub(super) issuers: Vec<Issuer>,
+    pub(super) default: Option<usize>,
+    /// Whether any issuer declares an `iss`: then a token's `iss` must name one. In the
+    /// single-secret form nobody does, and `iss` is not checked (as the reference gateway).
+    pub(super) routes_by_iss: bool,
+    /// Whether the host may check RSA/ECDSA signatures (when it can).
+    pub host_verification: bool,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.issuers.iter().map(|i| i.name.as_str()).collect();
+        f.debug_struct("Verifier")
+            .field("issuers", &names)
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One signature check: by the host when it can check this algorithm, else compiled-in.
+pub(super) fn check_signature(
+    key: &Key,
+    alg: Algorithm,
+    message: &[u8],
+    signature: &[u8],
+    host: Option<&mut native::HostCheck<'_>>,
+) -> bool {
+    if let (Some(host), Some(spki), Some(hash)) = (host, key.spki.as_deref(), alg.host_hash()) {
+        let der;
+        let for_host = match alg.family() {
+            keys::Family::P256 | keys::Family::P384 => {
+                let width = if alg.family() == keys::Family::P256 {
+                    32
+                } else {
+                    48
+                };
+                match native::ecdsa_der(signature, width) {
+                    Some(d) => {
+                        der = d;
+                        der.as_slice()
+                    }
+                    None => return false,
+                }
+            }
+            _ => signature,
+        };
+        if let Some(valid) = host(hash, spki, for_host, message) {
+            return valid;
+        }
+    }
+    key.material.verify(alg, message, signature)
+}
+
+/// Follows a dotted claim name into nested objects.
+pub(super) fn claim<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    let mut parts = path.split('.');
+    let mut value = claims.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_object()?.get(part)?;
+    }
+    Some(value)
+}
+
+/// A claim as a header value: a string, or the first string of an array (role lists).
+pub(super) fn claim_text(
+    claims: &Map<String, Value>,
+    path: &str,
+    name: &'static str,
+) -> Result<Option<String>, TokenError> {
+    let text = match claim(claims, path) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(items)) => match items.first() {
+            None => return Ok(None),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(TokenError::InvalidClaims),
+        },
+        Some(_) => return Err(TokenError::InvalidClaims),
+    };
+    if !is_safe_header_value(&text) {
+        return Err(TokenError::UnsafeClaim(name));
+    }
+    Ok(Some(text))
+}
+
+pub(super) fn string_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<String>, TokenError> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(TokenError::InvalidClaims),
+    }
+}
+
+impl Verifier {
+    /// One issuer with a shared secret (the reference gateway's form).
+    pub fn new(
+        algorithms: &[Algorithm],
+        secret: &[u8],
+        issuer: Option<String>,
+        audience: Option<String>,
+        clock_skew_seconds: u64,
+    ) -> Self {
+        // Tests and fuzzing build it with HMAC algorithms only; anything else gives no key.
+        let keys = hmac_keys(algorithms, secret).unwrap_or_default();
+        Self::from_issuers(vec![Issuer {
+            name: DEFAULT_ISSUER_NAME.to_string(),
+            iss: issuer,
+            default: true,
+            audiences: audience.into_iter().collect(),
+            algorithms: algorithms.to_vec(),
+            clock_skew: i64::try_from(clock_skew_seconds).unwrap_or(i64::MAX),
+            claims: ClaimSettings::default(),
+            source: Source::Secret(keys),
+        }])
+    }
+
+    pub fn from_issuers(issuers: Vec<Issuer>) -> Self {
+        let default = issuers.iter().position(|i| i.default);
+        let routes_by_iss = issuers.len() > 1;
+        Self {
+            issuers,
+            default,
+            routes_by_iss,
+            host_verification: true,
+        }
+    }
+
+    pub fn issuers(&self) -> &[Issuer] {
+        &self.issuers
+    }
+
+    pub fn issuer(&self, index: usize) -> Option<&Issuer> {
+        self.issuers.get(index)
+    }
+
+    /// Whether any issuer verifies with public keys (a JWKS).
+    pub fn uses_public_keys(&self) -> bool {
+        self.issuers
+            .iter()
+            .any(|i| !matches!(i.source, Source::Secret(_)))
+    }
+
+    /// Indexes and settings of the issuers whose keys are fetched.
+    pub fn remotes(&self) -> impl Iterator<Item = (usize, &Issuer, &Remote)> {
+        self.issuers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, iss)| iss.remote().map(|r| (i, iss, r)))
+    }
+
+    /// The clock skew of the issuer that signed a token.
+    pub fn clock_skew(&self, issuer: usize) -> i64 {
+        self.issuers.get(issuer).map_or(0, |i| i.clock_skew)
+    }
+
+    /// Verifies `token` at unix time `now` (seconds), without a cache or fetched keys.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Identity, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::TooLarge);
+        }
+        self.verify_uncached(token, KeyContext::remote(&[]), now)
+            .map(|v| v.identity)
+    }
+
+    pub(super) fn check_times(
+        skew: i64,
+        exp: i64,
+        nbf: Option<i64>,
+        iat: Option<i64>,
+        now: i64,
+    ) -> Result<(), TokenError> {
+        if now > exp.saturating_add(skew) {
+            return Err(TokenError::Expired);
+        }
+        if let Some(nbf) = nbf {
+            if now < nbf.saturating_sub(skew) {
+                return Err(TokenError::NotYetValid);
+            }
+        }
+        if let Some(iat) = iat {
+            if now < iat.saturating_sub(skew) {
+                return Err(TokenError::IssuedInFuture);
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks a cached token goes through again: times, and that a fetched key is still
+    /// published.
+    pub(super) fn recheck(&self, v: &Verified, remote: &RemoteSets, now: i64) -> Result<(), TokenError> {
+        let id = &v.identity;
+        let issuer = self.issuers.get(id.issuer).ok_or(TokenError::UnknownIssuer)?;
+        if issuer.remote().is_some() {
+            match remote.get(id.issuer).and_then(Option::as_ref) {
+                None => return Err(TokenError::KeysUnavailable(id.issuer)),
+                Some(set) => {
+                    if let Some(kid) = &v.kid {
+                        if !set.contains_kid(kid) {
+                            return Err(TokenError::UnknownKey(id.issuer));
+                        }
+                    }
+                }
+            }
+        }
+        Self::check_times(issuer.clock_skew, id.expires_at, v.not_before, id.issued_at, now)
+    }
+
+    /// Which issuer a token with this `iss` belongs to.
+    pub(super) fn select(&self, iss: Option<&str>) -> Result<usize, TokenError> {
+        match iss {
+            None => self.default.ok_or(TokenError::MissingIssuer),
+            Some(iss) => {
+                if let Some(i) = self.issuers.iter().position(|i| i.iss.as_deref() == Some(iss)) {
+                    return Ok(i);
+                }
+                match self.default {
+                    // The single-secret form checks `iss` only when it declares one.
+                    Some(d) if !self.routes_by_iss => Ok(d),
+                    _ => Err(TokenError::UnknownIssuer),
+                }
+            }
+        }
+    }
+
+    /// Verifies `token` at `now` without the cache (with the host's check when given).
+    pub fn verify_uncached(
+        &self,
+        token: &str,
+        mut keys: KeyContext<'_>,
+        now: i64,
+    ) -> Result<Verified, TokenError> {
+        let remote = keys.remote;
+        let untrusted = UntrustedToken::<ExtraHeader>::try_from(token).map_err(|_| TokenError::Malformed)?;
+        let header = untrusted.header();
+        // RFC 7515 4.1.11: a recipient that does not understand a `crit` extension must refuse.
+        if header.other_fields.crit.is_some() {
+            return Err(TokenError::CriticalHeader);
+        }
+        let claims: Claims<Map<String, Value>> = untrusted
+            .deserialize_claims_unchecked()
+            .map_err(|_| TokenError::InvalidClaims)?;
+        let iss = string_claim(&claims.custom, "iss")?;
+        let index = self.select(iss.as_deref())?;
+        let issuer = self.issuers.get(index).ok_or(TokenError::UnknownIssuer)?;
+        let alg = Algorithm::from_name(untrusted.algorithm())
+            .filter(|a| issuer.algorithms.contains(a))
+            .ok_or(TokenError::AlgorithmNotAllowed)?;
+        let (set, kid): (&KeySet, Option<&str>) = match &issuer.source {
+            // HMAC tokens (the reference's) carry no `kid`; a secret is one key per algorithm.
+            Source::Secret(set) => (set, None),
+            Source::Local(set) => (set, header.key_id.as_deref()),
+            Source::Remote(_) => (
+                remote
+                    .get(index)
+                    .and_then(Option::as_deref)
+                    .ok_or(TokenError::KeysUnavailable(index))?,
+                header.key_id.as_deref(),
+            ),
+        };
+        let candidates = match set.lookup(alg, kid) {
+            Lookup::Found(keys) => keys,
+            Lookup::UnknownKid => return Err(TokenError::UnknownKey(index)),
+            Lookup::NoFittingKey => return Err(TokenError::NoFittingKey),
+        };
+        let signature = untrusted.signature_bytes();
+        let message = token
+            .rsplit_once('.')
+            .map(|(m, _)| m.as_bytes())
+            .ok_or(TokenError::Malformed)?;
+        let host = if self.host_verification {
+            keys.native.as_mut()
+        } else {
+            None
+        };
+        let key = match host {
+            Some(host) => candidates
+                .into_iter()
+                .find(|k| check_signature(k, alg, message, signature, Some(&mut **host))),
+            None => candidates
+                .into_iter()
+                .find(|k| check_signature(k, alg, message, signature, None)),
+        }
+        .ok_or(TokenError::BadSignature)?;
+        let mut identity = self.check_claims(issuer, index, &claims, iss.as_deref(), now)?;
+        identity.revocation_id = revocation_id(message);
+        Ok(Verified {
+            identity,
+            not_before: claims.not_before.map(|t| t.timestamp()),
+            kid: match issuer.source {
+                Source::Remote(_) => key.kid.clone(),
+                _ => None,
+            },
+        })
+    }
+
+    pub(super) fn check_claims(
+        &self,
+        issuer: &Issuer,
+        index: usize,
+        claims: &Claims<Map<String, Value>>,
+        iss: Option<&str>,
+        now: i64,
+    ) -> Result<Identity, TokenError> {
+        let exp = claims
+            .expiration
+            .map(|t| t.timestamp())
+            .ok_or(TokenError::MissingExpiration)?;
+        let iat = claims.issued_at.map(|t| t.timestamp());
+        Self::check_times(
+            issuer.clock_skew,
+            exp,
+            claims.not_before.map(|t| t.timestamp()),
+            iat,
+            now,
+        )?;
+        let c = &claims.custom;
+        if let Some(expected) = &issuer.iss {
+            if iss != Some(expected.as_str()) {
+                return Err(TokenError::WrongIssuer);
+            }
+        }
+        if !issuer.audiences.is_empty() {
+            let ok = match c.get("aud") {
+                Some(Value::String(a)) => issuer.audiences.contains(a),
+                Some(Value::Array(list)) => list.iter().any(|a| {
+                    a.as_str()
+                        .is_some_and(|a| issuer.audiences.iter().any(|x| x == a))
+                }),
+                _ => false,
+            };
+            if !ok {
+                return Err(TokenError::WrongAudience);
+            }
+        }
+        let jti = string_claim(c, "jti")?;
+        if jti.as_deref().is_some_and(|j| !is_safe_header_value(j)) {
+            return Err(TokenError::UnsafeClaim("jti"));
+        }
+        let auth_time = match c.get("auth_time") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(n.as_i64().ok_or(TokenError::InvalidClaims)?),
+            Some(_) => return Err(TokenError::InvalidClaims),
+        };
+        let map = &issuer.claims;
+        Ok(Identity {
+            // An empty subject names nobody (and could not be banned): refused.
+            user_id: match claim_text(c, &map.user_id, "sub")? {
+                Some(s) if s.is_empty() => return Err(TokenError::InvalidClaims),
+                other => other,
+            },
+            user_name: claim_text(c, &map.user_name, "name")?,
+            role: claim_text(c, &map.role, "role")?.unwrap_or_else(|| DEFAULT_ROLE.to_string()),
+            jti,
+            expires_at: exp,
+            issued_at: iat,
+            auth_time,
+            issuer: index,
+            revocation_id: String::new(),
+        })
+    }
+}
