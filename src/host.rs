@@ -170,6 +170,11 @@ pub mod fake {
         pub reply: Option<Reply>,
         pub resumed: u32,
         pub route_cache_cleared: u32,
+        /// Paused by the filter, waiting for a resume or a reply (set by the test harness from
+        /// the action the filter returned).
+        pub paused: bool,
+        /// Its context was deleted (the client left, or the stream ended).
+        pub ended: bool,
     }
 
     impl FakeRequest {
@@ -270,6 +275,19 @@ pub mod fake {
             self.requests.entry(self.current).or_default()
         }
 
+        /// The requests the filter paused that neither a reply, a resume nor their deletion
+        /// ended: each would hang its client.
+        pub fn stuck(&self) -> Vec<u32> {
+            let mut out: Vec<u32> = self
+                .requests
+                .iter()
+                .filter(|(_, r)| r.paused && r.reply.is_none() && r.resumed == 0 && !r.ended)
+                .map(|(ctx, _)| *ctx)
+                .collect();
+            out.sort_unstable();
+            out
+        }
+
         /// A metric's value by name (counters as flushed to the host).
         pub fn metric(&self, name: &str) -> i64 {
             self.metric_names
@@ -341,13 +359,31 @@ pub mod fake {
         }
         fn send_reply(&mut self, reply: &Reply) {
             self.call("send_reply");
+            let ctx = self.current;
             let r = self.cur();
+            // A request ends once: a second reply, or a reply after a resume, is a bug the
+            // proxy would turn into a protocol error or a crash.
+            assert!(
+                r.reply.is_none(),
+                "context {ctx}: a second local reply ({reply:?})"
+            );
+            assert_eq!(r.resumed, 0, "context {ctx}: a local reply after a resume");
+            assert!(!r.ended, "context {ctx}: a reply to a deleted context");
             r.response_status = Some(reply.status);
             r.reply = Some(reply.clone());
         }
         fn resume(&mut self) {
             self.call("resume");
-            self.cur().resumed += 1;
+            let ctx = self.current;
+            let r = self.cur();
+            assert!(r.reply.is_none(), "context {ctx}: a resume after a local reply");
+            assert_eq!(r.resumed, 0, "context {ctx}: a second resume");
+            assert!(
+                r.paused,
+                "context {ctx}: a resume of a request that was not paused"
+            );
+            assert!(!r.ended, "context {ctx}: a resume of a deleted context");
+            r.resumed += 1;
         }
         fn switch_to(&mut self, context_id: u32) -> bool {
             self.call("switch_to");
@@ -415,5 +451,66 @@ pub mod fake {
             self.native_calls += 1;
             self.native.and_then(|f| f(hash, spki, signature, message))
         }
+    }
+}
+
+#[cfg(test)]
+mod fake_host_tests {
+    //! The fake host fails a test on a request that ends twice or never.
+    use super::fake::FakeHost;
+    use super::Host;
+    use crate::outcome::Outcome;
+    use crate::reply::Reply;
+
+    fn host_with_paused(ctx: u32) -> FakeHost {
+        let mut h = FakeHost::new(0);
+        h.current = ctx;
+        h.requests.entry(ctx).or_default().paused = true;
+        h
+    }
+
+    fn reply() -> Reply {
+        Reply::refuse(Outcome::NotFound, "x", "")
+    }
+
+    #[test]
+    #[should_panic(expected = "a second local reply")]
+    fn a_second_reply_fails() {
+        let mut h = host_with_paused(2);
+        h.send_reply(&reply());
+        h.send_reply(&reply());
+    }
+
+    #[test]
+    #[should_panic(expected = "a resume after a local reply")]
+    fn a_resume_after_a_reply_fails() {
+        let mut h = host_with_paused(2);
+        h.send_reply(&reply());
+        h.resume();
+    }
+
+    #[test]
+    #[should_panic(expected = "a local reply after a resume")]
+    fn a_reply_after_a_resume_fails() {
+        let mut h = host_with_paused(2);
+        h.resume();
+        h.send_reply(&reply());
+    }
+
+    #[test]
+    #[should_panic(expected = "not paused")]
+    fn a_resume_of_a_request_not_paused_fails() {
+        let mut h = FakeHost::new(0);
+        h.current = 3;
+        h.resume();
+    }
+
+    #[test]
+    fn a_paused_request_that_never_ends_is_reported() {
+        let mut h = host_with_paused(2);
+        h.requests.entry(3).or_default().paused = true;
+        h.current = 3;
+        h.resume();
+        assert_eq!(h.stuck(), vec![2]);
     }
 }

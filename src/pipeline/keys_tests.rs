@@ -219,7 +219,7 @@ fn a_wait_ends_at_max_wait_and_an_oversized_answer_is_not_read() {
     // A request gone while it waited is forgotten.
     t.host.now_ms += 2_000;
     t.send(3, "GET", "/api/v1/plain/1", Some(&tok));
-    t.gw.on_done(3, &mut t.host);
+    t.done(3);
     assert!(t.gw.jwks[1].waiters.is_empty());
 }
 
@@ -296,7 +296,7 @@ fn a_client_reset_cannot_cancel_the_key_fetch() {
     );
     // The client resets: the request is gone, and its callout with it.
     t.host.gone.push(2);
-    t.gw.on_done(2, &mut t.host);
+    t.done(2);
     // The next tick sends it again, from the root context (subject to the refetch limit).
     t.host.now_ms += 1_000;
     t.tick();
@@ -311,12 +311,13 @@ fn a_client_reset_cannot_cancel_the_key_fetch() {
     let tok3 = idp_token(Algorithm::Es256, "ec-3");
     t.send(3, "GET", "/api/v1/plain/1", Some(&tok3));
     t.host.gone.push(3);
-    t.gw.on_done(3, &mut t.host);
+    t.done(3);
     t.answer(last.token_id, Some(200), &doc(&[(Algorithm::Es256, "ec-2")]));
     assert_eq!(t.get(4, "/api/v1/plain/1", Some(&tok)), 200, "the new key is in");
     let retired = idp_token(Algorithm::Es256, "ec-1");
     assert_eq!(t.send(5, "GET", "/api/v1/plain/1", Some(&retired)), Action::Pause);
     assert!(t.req(5).resumed == 0, "the retired key is out: never forwarded");
+    t.done(5); // its client gives up
 }
 
 /// Finding 4, related: a key rotated in right after another unknown-kid fetch was refused at
