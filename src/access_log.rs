@@ -15,7 +15,7 @@ use crate::webdis::{command_path, json_reply, StoreError};
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     /// Emit one JSON line per request through Envoy's log.
-    #[serde(default = "default_true")]
+    #[serde(default = "crate::error::default_true")]
     pub enabled: bool,
     /// Keep records in Redis (through webdis) for the query endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,9 +69,6 @@ pub struct LogStoreSettings {
     pub authority: Option<String>,
 }
 
-fn default_true() -> bool {
-    true
-}
 fn default_retention() -> u64 {
     86_400
 }

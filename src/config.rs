@@ -94,7 +94,7 @@ pub struct RouteSettings {
     #[serde(default = "default_methods")]
     pub methods: Vec<String>,
     /// The reference treats a route without `auth_required` as protected.
-    #[serde(default = "default_true")]
+    #[serde(default = "crate::error::default_true")]
     pub auth_required: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<String>,
@@ -109,10 +109,6 @@ pub struct RouteSettings {
 /// The reference router's default when a route lists no methods.
 fn default_methods() -> Vec<String> {
     vec!["GET".to_string()]
-}
-
-fn default_true() -> bool {
-    true
 }
 
 /// A validated route, ready for matching.
@@ -181,9 +177,14 @@ impl Config {
         Config::compile(raw, env)
     }
 
+    /// The index of the route a path belongs to (the first that matches), if any.
+    pub fn route_index(&self, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| r.matches(path))
+    }
+
     /// The route a path belongs to, if any.
     pub fn route_for(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(path))
+        self.route_index(path).and_then(|i| self.routes.get(i))
     }
 
     /// Whether the path lies under the gateway prefix (segment-aware).

@@ -167,6 +167,11 @@ pub fn check_roles(field: &str, roles: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `true`, for `#[serde(default = "crate::error::default_true")]` on settings every duty has.
+pub fn default_true() -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,39 @@ pub struct Callout<'a> {
     pub authority: Option<&'a str>,
 }
 
+impl<'a> Callout<'a> {
+    /// A GET of `path` on `cluster`, answered within `timeout_ms`.
+    pub fn get(cluster: &'a str, path: &'a str, timeout_ms: u64) -> Self {
+        Callout {
+            cluster,
+            method: "GET",
+            path,
+            body: None,
+            timeout_ms,
+            authorization: None,
+            authority: None,
+        }
+    }
+
+    /// Another method, with a body.
+    pub fn with_body(self, method: &'a str, body: Option<&'a [u8]>) -> Self {
+        Callout { method, body, ..self }
+    }
+
+    /// The `Authorization` header sent (webdis's basic credentials), if any.
+    pub fn with_authorization(self, authorization: Option<&'a str>) -> Self {
+        Callout {
+            authorization,
+            ..self
+        }
+    }
+
+    /// The `:authority` sent instead of the cluster name, if any.
+    pub fn with_authority(self, authority: Option<&'a str>) -> Self {
+        Callout { authority, ..self }
+    }
+}
+
 /// The proxy, as the orchestrator sees it. Request-scoped calls act on the current (effective)
 /// context; [`Host::switch_to`] changes it.
 pub trait Host: SharedStore {
@@ -112,6 +145,12 @@ impl std::fmt::Display for DispatchError {
             DispatchError::Refused => "the host could not dispatch the call",
         })
     }
+}
+
+/// The little-endian `u64` at `at` in a shared-data value, if the value is long enough.
+pub fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let chunk: [u8; 8] = bytes.get(at..at.checked_add(8)?)?.try_into().ok()?;
+    Some(u64::from_le_bytes(chunk))
 }
 
 /// Shared data of this VM alone, for hosts that have none (APISIX's wasm-nginx-module answers

@@ -146,7 +146,7 @@ fn target(cfg: &Config, request: &[HeaderPair], trace_id: &str) -> Result<Target
     let full_path = headers::get_str(request, ":path").unwrap_or("");
     let path = full_path.split(['?', '#']).next().unwrap_or("");
     let endpoint = endpoint_at(cfg, path);
-    let route_index = |path: &str| cfg.routes.iter().position(|r| r.matches(path));
+    let route_index = |path: &str| cfg.route_index(path);
     if let Some(kind) = endpoint {
         let expected = if kind == EndpointKind::Logs { "GET" } else { "POST" };
         if method != expected {

@@ -69,7 +69,7 @@ pub struct RevocationSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshSettings {
-    #[serde(default = "default_true")]
+    #[serde(default = "crate::error::default_true")]
     pub enabled: bool,
     #[serde(default = "default_refresh_path")]
     pub path: String,
@@ -116,9 +116,6 @@ fn default_revoke_roles() -> Vec<String> {
 }
 fn default_refresh_path() -> String {
     "/auth/refresh".to_string()
-}
-fn default_true() -> bool {
-    true
 }
 
 /// Token lifetime used by refresh when neither the settings nor the old token say (the
@@ -445,11 +442,6 @@ impl Slot {
 const ENTRY_LEN: usize = 25;
 const NONE_I64: i64 = i64::MIN;
 
-fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    let chunk: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
-    Some(u64::from_le_bytes(chunk))
-}
-
 /// A cached answer: fingerprint, when it was stored (ms), and the lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheEntry {
@@ -473,10 +465,10 @@ impl CacheEntry {
         if bytes.len() != ENTRY_LEN {
             return None;
         }
-        let rb = read_u64(bytes, 17)? as i64;
+        let rb = crate::host::read_u64(bytes, 17)? as i64;
         Some(CacheEntry {
-            fingerprint: read_u64(bytes, 0)?,
-            stored_at_ms: read_u64(bytes, 8)?,
+            fingerprint: crate::host::read_u64(bytes, 0)?,
+            stored_at_ms: crate::host::read_u64(bytes, 8)?,
             lookup: Lookup {
                 blacklisted: *bytes.get(16)? != 0,
                 revoked_before: (rb != NONE_I64).then_some(rb),

@@ -13,12 +13,8 @@ pub struct TraceSettings {
     /// Keep a well-formed incoming `X-Trace-ID` / continue an incoming `traceparent` (the
     /// reference keeps the caller's id). `false`: every request gets a new id, so clients cannot
     /// choose the ids that logs are filed and queried under.
-    #[serde(default = "default_true")]
+    #[serde(default = "crate::error::default_true")]
     pub trust_incoming: bool,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 impl Default for TraceSettings {

@@ -72,19 +72,13 @@ pub fn auth_from_env(
     Ok(basic_auth(&credentials))
 }
 
+/// The `Authorization` value of HTTP basic credentials (`user:password`).
 pub fn basic_auth(credentials: &str) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let char_at = |n: u32| char::from(ALPHABET.get((n & 63) as usize).copied().unwrap_or(b'='));
-    let mut out = String::from("Basic ");
-    for chunk in credentials.as_bytes().chunks(3) {
-        let b = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
-        let n = (b(0) << 16) | (b(1) << 8) | b(2);
-        out.push(char_at(n >> 18));
-        out.push(char_at(n >> 12));
-        out.push(if chunk.len() > 1 { char_at(n >> 6) } else { '=' });
-        out.push(if chunk.len() > 2 { char_at(n) } else { '=' });
-    }
-    out
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    )
 }
 
 /// Why a store reply was not usable.

@@ -42,12 +42,8 @@ pub struct JwtSettings {
     pub issuers: Vec<IssuerSettings>,
     /// Let the host check RSA and ECDSA signatures when it can (Envoy's `verify_signature`,
     /// BoringSSL); the filter's own code is used otherwise, and always for PSS and EdDSA.
-    #[serde(default = "default_true")]
+    #[serde(default = "crate::error::default_true")]
     pub host_verification: bool,
-}
-
-pub(super) fn default_true() -> bool {
-    true
 }
 
 /// `jwt.issuers[]`: one token issuer and where its keys come from.

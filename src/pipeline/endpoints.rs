@@ -24,15 +24,9 @@ impl Gateway {
             // flush order; the reply is sorted by request time before the limit applies.
             let path = access_log::range_path(&key, store.user_records.max(100));
             let call = self.webdis_call(
-                Callout {
-                    cluster: &store.cluster,
-                    method: "GET",
-                    path: &path,
-                    body: None,
-                    timeout_ms: store.timeout_ms,
-                    authorization: store.authorization.as_deref(),
-                    authority: Some(&store.authority),
-                },
+                Callout::get(&store.cluster, &path, store.timeout_ms)
+                    .with_authorization(store.authorization.as_deref())
+                    .with_authority(Some(&store.authority)),
                 host,
             );
             return match call {

@@ -198,15 +198,10 @@ impl Gateway {
             // Another VM took it first.
             return Fetch::Out;
         }
-        let call = host.dispatch(Callout {
-            cluster: &remote.cluster,
-            method: "GET",
-            path: &remote.path,
-            body: None,
-            timeout_ms: remote.timeout_ms,
-            authorization: None,
-            authority: Some(&remote.authority),
-        });
+        let call = host.dispatch(
+            Callout::get(&remote.cluster, &remote.path, remote.timeout_ms)
+                .with_authority(Some(&remote.authority)),
+        );
         match call {
             Ok(token_id) => {
                 self.calls.insert(token_id, Call::Jwks { issuer });

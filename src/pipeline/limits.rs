@@ -164,15 +164,9 @@ impl Gateway {
             let delta = cluster::take_all(shared(&self.local, host), &limits.pending_key);
             let path = cluster::incrby_path(&limits.name, delta);
             let call = self.webdis_call(
-                Callout {
-                    cluster: &sync.cluster,
-                    method: "GET",
-                    path: &path,
-                    body: None,
-                    timeout_ms: sync.timeout_ms,
-                    authorization: config.webdis_auth.as_deref(),
-                    authority: config.webdis_authority.as_deref(),
-                },
+                Callout::get(&sync.cluster, &path, sync.timeout_ms)
+                    .with_authorization(config.webdis_auth.as_deref())
+                    .with_authority(config.webdis_authority.as_deref()),
                 host,
             );
             match call {

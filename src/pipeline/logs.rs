@@ -195,15 +195,10 @@ impl Gateway {
         host: &mut dyn Host,
     ) {
         let call = self.webdis_call(
-            Callout {
-                cluster: &store.cluster,
-                method,
-                path,
-                body,
-                timeout_ms: store.timeout_ms,
-                authorization: store.authorization.as_deref(),
-                authority: Some(&store.authority),
-            },
+            Callout::get(&store.cluster, path, store.timeout_ms)
+                .with_body(method, body)
+                .with_authorization(store.authorization.as_deref())
+                .with_authority(Some(&store.authority)),
             host,
         );
         match call {

@@ -125,15 +125,9 @@ impl Gateway {
     ) -> Result<u32, DispatchError> {
         let config = Rc::clone(&self.config);
         self.webdis_call(
-            Callout {
-                cluster: &rv.cluster,
-                method: "GET",
-                path,
-                body: None,
-                timeout_ms: rv.timeout_ms,
-                authorization: config.webdis_auth.as_deref(),
-                authority: config.webdis_authority.as_deref(),
-            },
+            Callout::get(&rv.cluster, path, rv.timeout_ms)
+                .with_authorization(config.webdis_auth.as_deref())
+                .with_authority(config.webdis_authority.as_deref()),
             host,
         )
     }

@@ -43,11 +43,6 @@ pub struct Bucket {
 
 pub const BUCKET_LEN: usize = 24;
 
-pub(super) fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    let chunk: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
-    Some(u64::from_le_bytes(chunk))
-}
-
 impl Bucket {
     pub fn full(fingerprint: u64, limit: &Limit, now_ms: u64) -> Bucket {
         Bucket {
@@ -73,9 +68,9 @@ impl Bucket {
             return None;
         }
         Some(Bucket {
-            fingerprint: read_u64(bytes, 0)?,
-            tokens_milli: read_u64(bytes, 8)?,
-            last_ms: read_u64(bytes, 16)?,
+            fingerprint: crate::host::read_u64(bytes, 0)?,
+            tokens_milli: crate::host::read_u64(bytes, 8)?,
+            last_ms: crate::host::read_u64(bytes, 16)?,
         })
     }
 }

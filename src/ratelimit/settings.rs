@@ -16,10 +16,6 @@ fn default_period() -> u64 {
     1
 }
 
-fn default_true() -> bool {
-    true
-}
-
 impl LimitSettings {
     /// Field names in errors are relative to the limit.
     pub fn compile(&self) -> Result<Limit, ConfigError> {
@@ -36,7 +32,7 @@ impl LimitSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteRateLimit {
-    #[serde(default = "default_true")]
+    #[serde(default = "crate::error::default_true")]
     pub enabled: bool,
     pub max_calls: u64,
     #[serde(default = "default_period")]
