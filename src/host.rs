@@ -147,6 +147,18 @@ impl std::fmt::Display for DispatchError {
     }
 }
 
+/// A stable 64-bit fingerprint of an identity made of parts (the same in every VM running this
+/// module, and never 0, which marks an empty slot): what a bucket, a cached answer or a slot is
+/// tagged with in shared data.
+pub fn fingerprint(parts: &[&str]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish().max(1)
+}
+
 /// The little-endian `u64` at `at` in a shared-data value, if the value is long enough.
 pub fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
     let chunk: [u8; 8] = bytes.get(at..at.checked_add(8)?)?.try_into().ok()?;

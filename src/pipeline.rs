@@ -148,6 +148,16 @@ struct Request {
     elapsed_us: Option<u64>,
 }
 
+impl Request {
+    /// A log line about this request, naming its context and trace id.
+    fn log(&self, level: LogLevel, message: &str, host: &mut dyn Host) {
+        host.log(
+            level,
+            &format!("context {} trace {}: {message}", self.ctx, self.trace.trace_id),
+        );
+    }
+}
+
 /// What an outstanding callout is for.
 #[derive(Debug)]
 enum Call {

@@ -9,8 +9,6 @@
 //! key: written too, and honoured when other services write it) and `user:revoked_before:<sub>`
 //! (unix seconds; a ban revokes every token whose lineage authenticated before it).
 
-use std::hash::{Hash, Hasher};
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::{at, check_path_prefix, check_range, seconds_to_ms, ConfigError};
@@ -405,14 +403,6 @@ pub fn parse_setex(status: Option<u16>, body: &[u8]) -> Result<(), StoreError> {
     }
 }
 
-/// A stable 64-bit fingerprint (the same in every VM running this module).
-pub fn fingerprint(kind: &str, value: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    kind.hash(&mut h);
-    value.hash(&mut h);
-    h.finish()
-}
-
 /// The bounded cache: `slots` shared-data keys; an entry is found by fingerprint, and a
 /// colliding newcomer simply replaces it (a miss, never a wrong answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -423,7 +413,7 @@ pub struct Slot {
 
 impl Slot {
     pub fn of(kind: &str, value: &str, slots: u32) -> Slot {
-        let fp = fingerprint(kind, value);
+        let fp = crate::host::fingerprint(&[kind, value]);
         Slot {
             index: fp % u64::from(slots.max(1)),
             fingerprint: fp,

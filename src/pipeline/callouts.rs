@@ -19,7 +19,7 @@ impl Gateway {
         if oversized && !matches!(call, Call::Jwks { .. }) {
             host.log(
                 LogLevel::Warn,
-                &format!("store reply of {body_size} bytes not read (limit {limit}): treated as a failure"),
+                &format!("context {ctx}: store reply of {body_size} bytes not read (limit {limit}): treated as a failure"),
             );
             status = None;
         }
@@ -31,7 +31,7 @@ impl Gateway {
                         // Another call's reply: as good as none.
                         host.log(
                             LogLevel::Warn,
-                            "webdis reply without this call's nonce (a reply for another call): treated as a store failure",
+                            &format!("context {ctx}: webdis reply without this call's nonce (a reply for another call): treated as a store failure"),
                         );
                         self.inc_named("gateway_store_misrouted_replies_total", host);
                         status = None;

@@ -38,7 +38,11 @@ impl Gateway {
                 Err(e) => {
                     let id = self.metrics.log_errors;
                     self.inc(id);
-                    host.log(LogLevel::Warn, &format!("log store query dispatch failed: {e}"));
+                    req.log(
+                        LogLevel::Warn,
+                        &format!("log store query dispatch failed: {e}"),
+                        host,
+                    );
                     self.error(req, Outcome::StoreUnavailable, "Log store unavailable", host)
                 }
             };
@@ -99,7 +103,7 @@ impl Gateway {
                 let new_token = match issued {
                     Ok(t) => t,
                     Err(e) => {
-                        host.log(LogLevel::Error, &format!("cannot issue a token: {e}"));
+                        req.log(LogLevel::Error, &format!("cannot issue a token: {e}"), host);
                         return self.error(req, Outcome::Internal, "Internal Gateway Error", host);
                     }
                 };
@@ -166,7 +170,7 @@ impl Gateway {
             Err(e) => {
                 let id = self.metrics.log_errors;
                 self.inc(id);
-                host.log(LogLevel::Warn, &format!("log store query failed: {e}"));
+                req.log(LogLevel::Warn, &format!("log store query failed: {e}"), host);
                 self.error(req, Outcome::StoreUnavailable, "Log store unavailable", host)
             }
         }

@@ -112,12 +112,13 @@ impl Gateway {
             Update::GaveUp { conflicts } => {
                 let id = self.metrics.rl_contended;
                 self.inc(id);
-                host.log(
+                req.log(
                     LogLevel::Warn,
                     &format!(
                         "rate limit bucket {} contended ({conflicts} CAS conflicts): allowed",
                         check.key
                     ),
+                    host,
                 );
                 Ok(())
             }

@@ -161,7 +161,7 @@ impl Gateway {
     ) -> Flow {
         let id = self.metrics.store_errors;
         self.inc(id);
-        host.log(LogLevel::Warn, &format!("revocation lookup failed: {e}"));
+        req.log(LogLevel::Warn, &format!("revocation lookup failed: {e}"), host);
         let mode = self
             .config
             .revocation
@@ -261,7 +261,11 @@ impl Gateway {
     ) -> Flow {
         let id = self.metrics.store_errors;
         self.inc(id);
-        host.log(LogLevel::Warn, &format!("revocation store write failed: {e}"));
+        req.log(
+            LogLevel::Warn,
+            &format!("revocation store write failed: {e}"),
+            host,
+        );
         self.error(req, Outcome::StoreUnavailable, MSG_WRITE_FAILED, host)
     }
 

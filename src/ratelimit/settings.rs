@@ -227,7 +227,7 @@ impl RouteRateLimit {
             cluster_wide: self.cluster_wide,
             pending_key: cluster::pending_key(route),
             route_key: route_key(route),
-            route_fingerprint: fingerprint(&["r", route]),
+            route_fingerprint: crate::host::fingerprint(&["r", route]),
             route: own,
             user: BucketSpec {
                 limit: user,

@@ -1,17 +1,7 @@
 //! Which key a bucket lives at: route keys, and the per-user and per-IP slots (a keyed hash).
 
 use super::*;
-use crate::host::SharedStore;
-
-/// A stable fingerprint of a bucket's identity.
-pub fn fingerprint(parts: &[&str]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for p in parts {
-        p.hash(&mut h);
-    }
-    // 0 marks an empty slot.
-    h.finish().max(1)
-}
+use crate::host::{fingerprint, SharedStore};
 
 /// Key of a route's bucket.
 pub fn route_key(route: &str) -> String {
