@@ -54,6 +54,9 @@ lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p gateway-filter --target wasm32-wasip1 -- -D warnings
+	python3 scripts/licenses.py
+	@if command -v cargo-deny >/dev/null; then cargo deny check; \
+	 else echo "lint: cargo-deny not installed: advisories not checked (deny.toml lists the accepted ones)"; fi
 
 fmt:
 	cargo fmt --all
