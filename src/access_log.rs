@@ -17,6 +17,11 @@ pub struct LogSettings {
     /// Emit one JSON line per request through Envoy's log.
     #[serde(default = "crate::error::default_true")]
     pub enabled: bool,
+    /// The lowest level of request lines built and sent: `info` (every request), `warn` (4xx
+    /// and 5xx), `error` (5xx). The proxy drops lines below its own level for the module too;
+    /// this one saves building them (the module cannot read the proxy's level on every host).
+    #[serde(default)]
+    pub level: Level,
     /// Keep records in Redis (through webdis) for the query endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<LogStoreSettings>,
@@ -26,6 +31,7 @@ impl Default for LogSettings {
     fn default() -> Self {
         Self {
             enabled: true,
+            level: Level::Info,
             store: None,
         }
     }
@@ -95,6 +101,7 @@ fn default_timeout() -> f64 {
 #[derive(Debug, Clone)]
 pub struct Logs {
     pub enabled: bool,
+    pub level: Level,
     pub store: Option<LogStore>,
 }
 
@@ -178,6 +185,7 @@ impl LogSettings {
         };
         Ok(Logs {
             enabled: self.enabled,
+            level: self.level,
             store,
         })
     }
@@ -207,8 +215,10 @@ pub struct Record {
 }
 
 /// The reference's levels: error for 5xx, warning for 4xx, info otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
+    #[default]
     Info,
     Warn,
     Error,

@@ -102,8 +102,6 @@ pub trait Host: SharedStore {
     fn increment_metric(&mut self, id: u32, by: i64);
     fn record_metric(&mut self, id: u32, value: u64);
 
-    /// The proxy's current level for this module's logs.
-    fn log_level(&mut self) -> LogLevel;
     fn log(&mut self, level: LogLevel, message: &str);
     /// The host's own signature check (Envoy's `verify_signature`): `(hash, spki_der,
     /// signature, message)` → `Some(valid)`, or `None` where the host has none.
@@ -268,7 +266,6 @@ pub mod fake {
         pub metric_names: Vec<(String, MetricKind)>,
         pub metric_values: HashMap<u32, i64>,
         pub logs: Vec<(LogLevel, String)>,
-        pub level: Option<LogLevel>,
         pub peer: Option<String>,
         /// Every host call, and the ones of shared data (they go through `&self`).
         calls: Cell<u32>,
@@ -482,10 +479,6 @@ pub mod fake {
             self.call("record_metric");
             self.metric_values
                 .insert(id, i64::try_from(value).unwrap_or(i64::MAX));
-        }
-        fn log_level(&mut self) -> LogLevel {
-            self.call("log_level");
-            self.level.unwrap_or(LogLevel::Info)
         }
         fn log(&mut self, level: LogLevel, message: &str) {
             self.call("log");

@@ -75,10 +75,13 @@ fn status_of(map: MapType) -> Option<u16> {
 
 impl Host for WasmHost {
     fn now_ms(&mut self) -> u64 {
+        // APISIX answers proxy_get_current_time_nanoseconds with Unimplemented: then WASI's
+        // realtime clock (every listed host provides clock_time_get).
         hostcalls::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .or_else(|| raw::wasi_realtime_ns().map(|ns| ns / 1_000_000))
             .unwrap_or(0)
     }
 
@@ -207,18 +210,6 @@ impl Host for WasmHost {
 
     fn record_metric(&mut self, id: u32, value: u64) {
         let _ = hostcalls::record_metric(id, value);
-    }
-
-    fn log_level(&mut self) -> LogLevel {
-        use proxy_wasm::types::LogLevel as L;
-        match hostcalls::get_log_level() {
-            Ok(L::Trace) | Err(_) => LogLevel::Trace,
-            Ok(L::Debug) => LogLevel::Debug,
-            Ok(L::Info) => LogLevel::Info,
-            Ok(L::Warn) => LogLevel::Warn,
-            Ok(L::Error) => LogLevel::Error,
-            Ok(L::Critical) => LogLevel::Critical,
-        }
     }
 
     fn log(&mut self, level: LogLevel, message: &str) {
@@ -430,8 +421,8 @@ impl HttpContext for Request {
     }
 }
 
-/// The two reads of a callout's answer, declared from the proxy-wasm ABI (0.2.1) so that every
-/// status the host returns is handled. The only `unsafe` of the glue.
+/// The reads of a callout's answer and WASI's clock, declared from the proxy-wasm ABI (0.2.1) and
+/// WASI preview 1 so that every status the host returns is handled. The only `unsafe` of the glue.
 mod raw {
     use std::ptr::null_mut;
 
@@ -488,6 +479,20 @@ mod raw {
             )
         };
         take(status, data, size)
+    }
+
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    extern "C" {
+        fn clock_time_get(id: u32, precision: u64, time: *mut u64) -> u16;
+    }
+
+    /// WASI's realtime clock in ns (`None` if the host refuses), without std's panic on error.
+    pub fn wasi_realtime_ns() -> Option<u64> {
+        const REALTIME: u32 = 0;
+        let mut time: u64 = 0;
+        // SAFETY: the out-pointer is a valid local the host writes 8 bytes to.
+        let errno = unsafe { clock_time_get(REALTIME, 1_000_000, &mut time) };
+        (errno == 0).then_some(time)
     }
 
     pub fn call_response_body(max: usize) -> Option<Vec<u8>> {

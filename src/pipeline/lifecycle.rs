@@ -66,8 +66,6 @@ impl Gateway {
             for (id, n) in pending {
                 host.increment_metric(id, n);
             }
-            // The host's log level can change at runtime: re-read it here, not per request.
-            self.log_level = Some(host.log_level());
         }
         let config = Rc::clone(&self.config);
         if let Some(store) = &config.logs.store {

@@ -76,8 +76,8 @@ impl Gateway {
             access_log::Level::Warn => LogLevel::Warn,
             access_log::Level::Info => LogLevel::Info,
         };
-        // Build the line only if the host prints it or the store wants it.
-        let print = config.logs.enabled && self.log_level(host) <= level;
+        // Build the line only if it is printed (`logs.enabled`, `logs.level`) or stored.
+        let print = config.logs.enabled && access_log::level(status) >= config.logs.level;
         if !print && store.is_none() {
             return;
         }

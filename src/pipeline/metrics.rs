@@ -119,15 +119,4 @@ impl Gateway {
             self.inc(id);
         }
     }
-
-    pub(super) fn log_level(&mut self, host: &mut dyn Host) -> LogLevel {
-        match self.log_level {
-            Some(l) => l,
-            None => {
-                let l = host.log_level();
-                self.log_level = Some(l);
-                l
-            }
-        }
-    }
 }
