@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use log::{error, info};
@@ -33,6 +34,18 @@ proxy_wasm::main! {{
 
 /// The proxy-wasm host. Request-scoped calls act on the effective context.
 struct WasmHost;
+
+/// Whether the host is Envoy, probed at configure time: only Envoy answers the property
+/// `xds.node` in the root context (Kong refuses it with InternalFailure, APISIX with
+/// BadArgument, read from their sources; neither traps). Foreign functions are called only on
+/// Envoy: Kong traps on a name it does not know, APISIX answers Unimplemented.
+static ENVOY: AtomicBool = AtomicBool::new(false);
+
+fn probe_envoy() -> bool {
+    let envoy = raw::property_answered(b"xds\0node");
+    ENVOY.store(envoy, Ordering::Relaxed);
+    envoy
+}
 
 fn wasm_level(level: LogLevel) -> proxy_wasm::types::LogLevel {
     use proxy_wasm::types::LogLevel as L;
@@ -124,7 +137,9 @@ impl Host for WasmHost {
     }
 
     fn clear_route_cache(&mut self) {
-        let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+        if ENVOY.load(Ordering::Relaxed) {
+            let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+        }
     }
 
     fn verify_signature(
@@ -135,6 +150,9 @@ impl Host for WasmHost {
         message: &[u8],
     ) -> Option<bool> {
         use crate::jwt::native;
+        if !ENVOY.load(Ordering::Relaxed) {
+            return None;
+        }
         let args = native::encode_arguments(hash, spki, signature, message);
         match hostcalls::call_foreign_function(native::FUNCTION, Some(&args)) {
             Ok(Some(reply)) => native::decode_result(&reply),
@@ -256,6 +274,15 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
+        let envoy = probe_envoy();
+        info!(
+            "gateway filter: host {}",
+            if envoy {
+                "is Envoy (xds.node answered): foreign functions used"
+            } else {
+                "is not Envoy: no foreign function called"
+            }
+        );
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(b)) => b,
             Ok(None) => Vec::new(),
@@ -493,6 +520,31 @@ mod raw {
         // SAFETY: the out-pointer is a valid local the host writes 8 bytes to.
         let errno = unsafe { clock_time_get(REALTIME, 1_000_000, &mut time) };
         (errno == 0).then_some(time)
+    }
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        #[link_name = "proxy_get_property"]
+        fn get_property_raw(
+            path_data: *const u8,
+            path_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
+    }
+
+    /// Whether the host answers the property at `path` (NUL-separated segments) with Ok. Any
+    /// other status, including ones the SDK's `Status` does not know, is "no": the SDK's own
+    /// wrapper panics on some of them (BadArgument on APISIX, InternalFailure through
+    /// `Context::get_property` on Kong).
+    pub fn property_answered(path: &[u8]) -> bool {
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the path pointer and length describe a live slice; the out-pointers are valid
+        // locals the host writes to.
+        let status = unsafe { get_property_raw(path.as_ptr(), path.len(), &mut data, &mut size) };
+        // Any buffer the host handed over is freed by `take`.
+        take(status, data, size).is_some()
     }
 
     pub fn call_response_body(max: usize) -> Option<Vec<u8>> {
