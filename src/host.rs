@@ -92,6 +92,10 @@ pub trait Host: SharedStore {
     fn resume(&mut self);
     /// Makes another request's context the current one; false if it is gone.
     fn switch_to(&mut self, context_id: u32) -> bool;
+    /// Whether a request paused in one context can be resumed (or answered) from a callback of
+    /// another: Envoy's `set_effective_context`. Kong's and APISIX's are no-ops, so there no
+    /// request may wait on another request's call, or on the root's.
+    fn resumes_other_contexts(&self) -> bool;
 
     /// Dispatches a call; its answer arrives later with the returned token id.
     fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError>;
@@ -274,6 +278,9 @@ pub mod fake {
         pub gone: Vec<u32>,
         /// A host without shared data: every get finds nothing, every set fails.
         pub no_shared_data: bool,
+        /// A host whose `set_effective_context` does nothing (Kong, APISIX): a resume or reply
+        /// after switching acts on the context of the callback.
+        pub single_context: bool,
         /// The host's signature check (none by default, as on hosts without one).
         pub native: Option<crate::jwt::native::HostCheckFn>,
         pub native_calls: u32,
@@ -438,8 +445,15 @@ pub mod fake {
             if self.gone.contains(&context_id) {
                 return false;
             }
+            if self.single_context {
+                // Kong's and APISIX's set_effective_context: Ok, and nothing changes.
+                return true;
+            }
             self.current = context_id;
             true
+        }
+        fn resumes_other_contexts(&self) -> bool {
+            !self.single_context
         }
         fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError> {
             self.call("dispatch");

@@ -445,6 +445,11 @@ impl Gateway {
         host: &mut dyn Host,
     ) -> Flow {
         let trace_id = req.trace.trace_id.clone();
+        // Where the host cannot resume a request from another context (Kong, APISIX), no
+        // request waits on another's call: no waiting for keys a fetch brings, and each
+        // request makes its own revocation lookup.
+        let shared_waits = host.resumes_other_contexts();
+        let may_wait = may_wait && shared_waits;
         match target {
             Target::Route(i) => {
                 let Some(route) = config.routes.get(i) else {
@@ -469,7 +474,7 @@ impl Gateway {
                         return self.await_keys(ctx, req, target, issuer, host)
                     }
                 }
-                self.check_revocation(ctx, req, Next::Route, true, host)
+                self.check_revocation(ctx, req, Next::Route, shared_waits, host)
             }
             Target::Endpoint { ref path, .. } => {
                 let decided = with_keys(&self.key_sets, self.host_verifies, host, |keys| {

@@ -174,6 +174,10 @@ impl Host for WasmHost {
         let _ = hostcalls::resume_http_request();
     }
 
+    fn resumes_other_contexts(&self) -> bool {
+        ENVOY.load(Ordering::Relaxed)
+    }
+
     fn switch_to(&mut self, context_id: u32) -> bool {
         hostcalls::set_effective_context(context_id).is_ok()
     }

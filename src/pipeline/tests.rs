@@ -1252,3 +1252,42 @@ fn cluster_sync_on_a_host_without_shared_data_drains_the_vms_own_bucket() {
     assert_eq!(statuses, [200, 429, 429, 429, 429], "10 - 1 here - 8 elsewhere");
     assert!(t.host.shared.is_empty(), "nothing reached the host's shared data");
 }
+
+/// Kong's and APISIX's `set_effective_context` does nothing: a request must never wait on
+/// another request's lookup there, or it would be resumed (unchecked) by a callback of another
+/// context, or never.
+fn single_context_host() -> T {
+    let cfg = Config::from_json(base().to_string().as_bytes()).unwrap();
+    let mut host = FakeHost::new(NOW_S as u64 * 1000);
+    host.current = ROOT;
+    host.single_context = true;
+    host.no_shared_data = true; // APISIX
+    let gw = Gateway::new(cfg, &mut host).unwrap();
+    T { gw, host }
+}
+
+#[test]
+fn on_a_single_context_host_every_request_makes_its_own_lookup() {
+    let mut t = single_context_host();
+    let tok = token();
+    for ctx in 2..=4 {
+        assert_eq!(t.send(ctx, "GET", "/api/v1/plain/1", Some(&tok)), Action::Pause);
+    }
+    assert_eq!(t.calls(), 3, "one lookup per request, none joined");
+    assert!(t
+        .host
+        .dispatched
+        .iter()
+        .zip(2..=4)
+        .all(|(d, ctx)| d.context == ctx));
+    // The answers arrive in another order, each on its own request's context.
+    let ids: Vec<u32> = t.host.dispatched.iter().map(|d| d.token_id).collect();
+    t.answer(ids[2], Some(200), CLEAN);
+    assert_eq!((t.req(4).resumed, t.req(2).resumed, t.req(3).resumed), (1, 0, 0));
+    t.answer(ids[0], Some(200), BLACKLISTED);
+    assert_eq!((t.status(2), t.reason(2)), (401, "revoked"));
+    assert_eq!(t.req(3).resumed, 0, "still waiting for its own answer");
+    t.answer(ids[1], Some(200), CLEAN);
+    assert_eq!(t.req(3).resumed, 1);
+    assert_eq!(t.metric("gateway_revocation_coalesced_total"), 0);
+}
