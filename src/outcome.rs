@@ -1,7 +1,8 @@
 //! Every way a request ends, and everything derived from it in one place: the HTTP status of
-//! the gateway's own reply, the log record's `decision`, the `outcome` label of
-//! `gateway_requests_total`, and whether it counts in `gateway_auth_failures_total`. No other
-//! code maps a reason to a status or a label.
+//! the gateway's own reply, its JSON message ([`message`]), the log record's `decision`, the
+//! `outcome` label of `gateway_requests_total`, and whether it counts in
+//! `gateway_auth_failures_total`. No other code maps a reason to a status or a label, or
+//! writes a reply's text.
 
 /// Which bucket a rate limit refused from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -164,6 +165,62 @@ impl Outcome {
                 | Outcome::Revoked
                 | Outcome::Role
         )
+    }
+}
+
+/// The JSON `message` of the gateway's own replies: the fixed texts (the reference's where it
+/// has one), and builders for the ones that name what was refused.
+pub mod message {
+    use std::fmt::Display;
+
+    pub const AUTH_MISSING: &str = "Authorization header missing";
+    pub const AUTH_FORMAT: &str = "Invalid authorization format. Expected: Bearer <token>";
+    pub const NO_VERIFIER: &str = "Invalid token: no verifier configured";
+    pub const ROUTE_NOT_FOUND: &str = "Route not found";
+    pub const REVOKED: &str = "Token has been revoked";
+    pub const STORE_DOWN: &str = "Revocation service unavailable";
+    pub const WRITE_FAILED: &str =
+        "Revocation service unavailable: the change was not recorded, the token may still be valid";
+    pub const LOG_STORE_DOWN: &str = "Log store unavailable";
+    pub const NO_RECORDS: &str = "No log records found";
+    pub const INVALID_USER_ID: &str = "Invalid user id";
+    pub const INTERNAL: &str = "Internal Gateway Error";
+    pub const BUSY: &str = "Gateway busy";
+    pub const LOGS_BOTH: &str = "Give trace_id or user_id, not both";
+    pub const LOGS_NONE: &str = "trace_id or user_id is required";
+    pub const LOGS_INVALID_ID: &str = "Invalid trace_id or user_id";
+
+    pub fn invalid_token(reason: impl Display) -> String {
+        format!("Invalid token: {reason}")
+    }
+
+    pub fn keys_unavailable(issuer: &str) -> String {
+        format!("Signing keys of issuer '{issuer}' are not available; try again shortly")
+    }
+
+    pub fn role(role: &str, what: &str) -> String {
+        format!("Role '{role}' is not allowed to access {what}")
+    }
+
+    pub fn method_not_allowed(method: &str) -> String {
+        format!("Method {method} not allowed")
+    }
+
+    /// `label` is the scope's word (`IP`, `User`, `API`).
+    pub fn rate_limited(label: &str, limit: u64, period_s: u64) -> String {
+        format!("{label} rate limit exceeded: {limit} calls per {period_s}s")
+    }
+
+    pub fn refresh_window(window_s: u64) -> String {
+        format!("Token can only be refreshed in its last {window_s} seconds")
+    }
+
+    pub fn refreshed_elsewhere(issuer: &str) -> String {
+        format!("Tokens of issuer '{issuer}' are refreshed by their identity provider")
+    }
+
+    pub fn logs_limit(max: u32) -> String {
+        format!("limit must be 1 to {max}")
     }
 }
 

@@ -45,10 +45,10 @@ use logs::StoredRecord;
 use metrics::{kind_index, metric_part, Metrics};
 
 pub const HEADER_RESPONSE_TIME: &str = "x-response-time";
-pub const MSG_REVOKED: &str = "Token has been revoked";
-pub const MSG_STORE_DOWN: &str = "Revocation service unavailable";
-pub const MSG_WRITE_FAILED: &str =
-    "Revocation service unavailable: the change was not recorded, the token may still be valid";
+use crate::outcome::message;
+pub use crate::outcome::message::{
+    REVOKED as MSG_REVOKED, STORE_DOWN as MSG_STORE_DOWN, WRITE_FAILED as MSG_WRITE_FAILED,
+};
 
 /// How often each VM hands its counts to the host (Envoy itself flushes stats every 5 s).
 pub const COUNTER_FLUSH_MS: u64 = 1000;

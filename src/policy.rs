@@ -19,9 +19,10 @@ pub const HEADER_USER_ROLE: &str = "x-user-role";
 /// Every client-supplied header with this prefix is removed before the request goes upstream.
 pub const IDENTITY_HEADER_PREFIX: &str = "x-user-";
 
-pub const MSG_AUTH_MISSING: &str = "Authorization header missing";
-pub const MSG_AUTH_FORMAT: &str = "Invalid authorization format. Expected: Bearer <token>";
-pub const MSG_ROUTE_NOT_FOUND: &str = "Route not found";
+use crate::outcome::message;
+pub use crate::outcome::message::{
+    AUTH_FORMAT as MSG_AUTH_FORMAT, AUTH_MISSING as MSG_AUTH_MISSING, ROUTE_NOT_FOUND as MSG_ROUTE_NOT_FOUND,
+};
 
 /// What a request is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +96,7 @@ pub fn classify(cfg: &Config, request: &[HeaderPair], random: &[u8; RANDOM_BYTES
 fn method_not_allowed(method: &str, allow: &str, trace_id: &str) -> Reply {
     let mut reply = Reply::refuse(
         Outcome::MethodNotAllowed,
-        &format!("Method {method} not allowed"),
+        &message::method_not_allowed(method),
         trace_id,
     );
     reply.headers.push(("allow", allow.to_string()));
@@ -229,13 +230,10 @@ pub fn verified_caller(
         };
         Reply::refuse(outcome, m, trace_id)
     })?;
-    let verifier = cfg.verifier.as_ref().ok_or_else(|| {
-        Reply::refuse(
-            Outcome::NoVerifier,
-            "Invalid token: no verifier configured",
-            trace_id,
-        )
-    })?;
+    let verifier = cfg
+        .verifier
+        .as_ref()
+        .ok_or_else(|| Reply::refuse(Outcome::NoVerifier, message::NO_VERIFIER, trace_id))?;
     let identity = cache
         .verify_with(verifier, keys, token, now)
         .map_err(|e| match e {
@@ -244,13 +242,13 @@ pub fn verified_caller(
                 let name = verifier.issuer(i).map_or("?", |s| s.name.as_str());
                 Refused::Reply(Reply::refuse(
                     Outcome::KeysUnavailable,
-                    &format!("Signing keys of issuer '{name}' are not available; try again shortly"),
+                    &message::keys_unavailable(name),
                     trace_id,
                 ))
             }
             e => Refused::Reply(Reply::refuse(
                 Outcome::InvalidToken(e.code()),
-                &format!("Invalid token: {e}"),
+                &message::invalid_token(&e),
                 trace_id,
             )),
         })?;
@@ -261,11 +259,7 @@ pub fn verified_caller(
 }
 
 fn role_error(role: &str, what: &str, trace_id: &str) -> Reply {
-    Reply::refuse(
-        Outcome::Role,
-        &format!("Role '{role}' is not allowed to access {what}"),
-        trace_id,
-    )
+    Reply::refuse(Outcome::Role, &message::role(role, what), trace_id)
 }
 
 /// Phase 3 for a route: the caller, when the route requires one, with the route's roles checked.
@@ -311,7 +305,7 @@ fn logs_query(query: &str, max: u32, trace_id: &str) -> Result<Endpoint, Reply> 
                     .parse::<u32>()
                     .ok()
                     .filter(|n| (1..=max).contains(n))
-                    .ok_or_else(|| bad(&format!("limit must be 1 to {max}")))?
+                    .ok_or_else(|| bad(&message::logs_limit(max)))?
             }
             _ => {}
         }
@@ -320,9 +314,9 @@ fn logs_query(query: &str, max: u32, trace_id: &str) -> Result<Endpoint, Reply> 
     match (trace, user) {
         (Some(t), None) if valid(&t) => Ok(Endpoint::LogsByTrace(t)),
         (None, Some(u)) if valid(&u) => Ok(Endpoint::LogsByUser { user_id: u, limit }),
-        (Some(_), Some(_)) => Err(bad("Give trace_id or user_id, not both")),
-        (None, None) => Err(bad("trace_id or user_id is required")),
-        _ => Err(bad("Invalid trace_id or user_id")),
+        (Some(_), Some(_)) => Err(bad(message::LOGS_BOTH)),
+        (None, None) => Err(bad(message::LOGS_NONE)),
+        _ => Err(bad(message::LOGS_INVALID_ID)),
     }
 }
 
@@ -358,7 +352,7 @@ pub fn endpoint(
                     if now >= id.expires_at {
                         return Err(Reply::refuse(
                             Outcome::InvalidToken(TokenError::Expired.code()),
-                            "Invalid token: token has expired",
+                            &message::invalid_token(TokenError::Expired),
                             trace_id,
                         ));
                     }
@@ -368,7 +362,7 @@ pub fn endpoint(
                         if remaining > i64::try_from(window).unwrap_or(i64::MAX) {
                             return Err(Reply::refuse(
                                 Outcome::BadRequest,
-                                &format!("Token can only be refreshed in its last {window} seconds"),
+                                &message::refresh_window(window),
                                 trace_id,
                             ));
                         }
@@ -389,7 +383,11 @@ pub fn endpoint(
                         return Err(role_error(&id.role, "user revocation", trace_id));
                     }
                     if !crate::revocation::valid_user_id(user) {
-                        return Err(Reply::refuse(Outcome::BadRequest, "Invalid user id", trace_id));
+                        return Err(Reply::refuse(
+                            Outcome::BadRequest,
+                            message::INVALID_USER_ID,
+                            trace_id,
+                        ));
                     }
                     Ok(Endpoint::RevokeUser(user.clone()))
                 }

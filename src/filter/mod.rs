@@ -431,7 +431,7 @@ impl HttpContext for Request {
         let Ok(mut g) = self.gateway.try_borrow_mut() else {
             // Fail closed, never forward unchecked.
             error!("gateway state busy (re-entrant callback): refused");
-            WasmHost.send_reply(&Reply::refuse(Outcome::Busy, "Gateway busy", ""));
+            WasmHost.send_reply(&Reply::refuse(Outcome::Busy, crate::outcome::message::BUSY, ""));
             return Action::Pause;
         };
         match g.on_request_headers(id, &mut WasmHost) {

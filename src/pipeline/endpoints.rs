@@ -43,7 +43,7 @@ impl Gateway {
                         &format!("log store query dispatch failed: {e}"),
                         host,
                     );
-                    self.error(req, Outcome::StoreUnavailable, "Log store unavailable", host)
+                    self.error(req, Outcome::StoreUnavailable, message::LOG_STORE_DOWN, host)
                 }
             };
         }
@@ -91,8 +91,12 @@ impl Gateway {
                         .as_ref()
                         .and_then(|v| v.issuer(caller.identity.issuer))
                         .map_or("?", |i| i.name.as_str());
-                    let msg = format!("Tokens of issuer '{name}' are refreshed by their identity provider");
-                    return self.error(req, Outcome::BadRequest, &msg, host);
+                    return self.error(
+                        req,
+                        Outcome::BadRequest,
+                        &message::refreshed_elsewhere(name),
+                        host,
+                    );
                 }
                 let jti = uuid_v4(self.rng.u128(..).to_le_bytes());
                 let issued = config
@@ -104,7 +108,7 @@ impl Gateway {
                     Ok(t) => t,
                     Err(e) => {
                         req.log(LogLevel::Error, &format!("cannot issue a token: {e}"), host);
-                        return self.error(req, Outcome::Internal, "Internal Gateway Error", host);
+                        return self.error(req, Outcome::Internal, message::INTERNAL, host);
                     }
                 };
                 (
@@ -158,7 +162,7 @@ impl Gateway {
     ) -> Flow {
         match access_log::parse_range(status, body) {
             Ok(records) if records.is_empty() => {
-                self.error(req, Outcome::NotFound, "No log records found", host)
+                self.error(req, Outcome::NotFound, message::NO_RECORDS, host)
             }
             Ok(mut records) => {
                 access_log::newest_first(&mut records);
@@ -171,7 +175,7 @@ impl Gateway {
                 let id = self.metrics.log_errors;
                 self.inc(id);
                 req.log(LogLevel::Warn, &format!("log store query failed: {e}"), host);
-                self.error(req, Outcome::StoreUnavailable, "Log store unavailable", host)
+                self.error(req, Outcome::StoreUnavailable, message::LOG_STORE_DOWN, host)
             }
         }
     }

@@ -144,12 +144,7 @@ pub fn take_n(
 
 /// 429 with `retry_after`, `Retry-After` and the `X-RateLimit-*` headers.
 pub fn too_many(kind: Kind, v: &Verdict, period_s: u64, trace_id: &str) -> Reply {
-    let message = format!(
-        "{} rate limit exceeded: {} calls per {}s",
-        kind.label(),
-        v.limit,
-        period_s
-    );
+    let message = crate::outcome::message::rate_limited(kind.label(), v.limit, period_s);
     let body = serde_json::json!({
         "error": crate::reply::reason_phrase(429),
         "message": message,
