@@ -268,7 +268,7 @@ def istio_shape(bootstrap: dict, namespace: str) -> dict:
     """The rendered bootstrap as istiod would shape it for a gateway with our WasmPlugin: every
     cluster (routes, canaries, webdis, key sets) named `outbound|<port>||<name>.<ns>.svc.cluster.local`,
     the Wasm filter named `<ns>.<plugin>` with `root_id` = the plugin name and no `vm_id`, its
-    configuration a JSON string referring to those cluster names, `FAIL_CLOSED`; secrets stay
+    configuration a JSON string referring to those cluster names, `FAIL_RELOAD`; secrets stay
     in the environment (`host_env_keys`)."""
     b = json.loads(json.dumps(bootstrap))
     renamed = {}
@@ -302,7 +302,7 @@ def istio_shape(bootstrap: dict, namespace: str) -> dict:
                     cfg["name"] = f"{namespace}.{ISTIO_PLUGIN}"
                     cfg["root_id"] = ISTIO_PLUGIN
                     cfg["vm_config"].pop("vm_id", None)
-                    cfg["failure_policy"] = "FAIL_CLOSED"
+                    cfg["failure_policy"] = "FAIL_RELOAD"  # the WasmPlugins' failStrategy
                     plugin = json.loads(cfg["configuration"]["value"])
                     if "webdis_cluster" in plugin:
                         plugin["webdis_cluster"] = renamed[plugin["webdis_cluster"]]

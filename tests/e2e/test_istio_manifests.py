@@ -62,7 +62,8 @@ def validate(doc):
 def test_every_manifest_is_valid(manifests):
     _, docs = manifests
     kinds = sorted({d["kind"] for _, d in docs})
-    assert kinds == ["Deployment", "DestinationRule", "Service", "VirtualService", "WasmPlugin"], kinds
+    assert kinds == ["AuthorizationPolicy", "Deployment", "DestinationRule", "Gateway", "Service",
+                     "ServiceAccount", "ServiceEntry", "VirtualService", "WasmPlugin"], kinds
     for name, doc in docs:
         try:
             validate(doc)
@@ -95,7 +96,7 @@ def test_the_wasm_plugins_are_what_istio_operators_need(manifests):
         assert spec["url"] == f"oci://registry.example.com/gateway-filter@{digest}", "pinned by digest"
         assert spec["imagePullPolicy"] == "IfNotPresent"
         assert spec["phase"] == "AUTHN" and isinstance(spec["priority"], int)
-        assert spec["failStrategy"] == "FAIL_CLOSE"
+        assert spec["failStrategy"] == "FAIL_RELOAD", "a crashed VM fails closed, then reloads"
         env = spec["vmConfig"]["env"]
         assert env and all(e["valueFrom"] == "HOST" and "value" not in e for e in env)
         text = json.dumps(spec["pluginConfig"])
@@ -118,5 +119,51 @@ def test_the_canary_is_routed_on_the_filters_header(manifests):
     canary = vs["spec"]["http"][0]
     assert canary["match"][0]["headers"] == {"x-gateway-canary": {"exact": "true"}}
     assert canary["route"][0]["destination"]["subset"] == "canary"
-    dr = next(d for _, d in docs if d["kind"] == "DestinationRule")
+    dr = next(d for _, d in docs if d["kind"] == "DestinationRule" and "subsets" in d["spec"])
     assert {s["name"] for s in dr["spec"]["subsets"]} == {"stable", "canary"}
+
+
+def test_the_kubernetes_side_is_complete(manifests):
+    _, docs = manifests
+    by_kind = {}
+    for _, d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    # The VirtualService's gateway is shipped.
+    vs = by_kind["VirtualService"][0]
+    gateways = {f"{g['metadata']['namespace']}/{g['metadata']['name']}" for g in by_kind["Gateway"]}
+    assert set(vs["spec"]["gateways"]) <= gateways, (vs["spec"]["gateways"], gateways)
+    # webdis answers only the filter's workloads; Redis only webdis (by service account).
+    policies = {p["spec"]["selector"]["matchLabels"]["app"]: p for p in by_kind["AuthorizationPolicy"]}
+    assert {"webdis", "redis", "redis-logs"} <= set(policies)
+    accounts = {(a["metadata"]["namespace"], a["metadata"]["name"]) for a in by_kind["ServiceAccount"]}
+    deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
+    for app, policy in policies.items():
+        for rule in policy["spec"]["rules"]:
+            for source in rule["from"]:
+                for principal in source["source"]["principals"]:
+                    _, ns, _, sa = principal.removeprefix("cluster.local/").split("/")
+                    if ns == "gateway":
+                        assert (ns, sa) in accounts, f"{app}: {principal} has no ServiceAccount"
+    assert deployments["webdis"]["spec"]["template"]["spec"]["serviceAccountName"] == "webdis"
+    # Secrets: the sidecar override takes JWT_SECRET from a Secret; no pluginConfig holds one.
+    proxy = next(c for c in deployments["user-service"]["spec"]["template"]["spec"]["containers"]
+                 if c["name"] == "istio-proxy")
+    assert proxy["image"] == "auto"
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in proxy["env"]} == {"JWT_SECRET": "gateway-filter-env"}
+    for plugin in by_kind["WasmPlugin"]:
+        assert "secret" not in {k.lower() for k in plugin["spec"]["pluginConfig"].get("jwt", {})}
+    # An identity provider outside the mesh: ServiceEntry plus TLS origination.
+    se = by_kind["ServiceEntry"][0]
+    dr = next(d for d in by_kind["DestinationRule"] if d["spec"]["host"] == se["spec"]["hosts"][0])
+    assert dr["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"]["mode"] == "SIMPLE"
+
+
+def test_the_gateway_chart_values_hand_the_secret_to_the_proxy():
+    values = yaml.safe_load((ROOT / "envoy" / "istio" / "helm" / "gateway-values.yaml").read_text())
+    env = values["envVarFrom"]
+    # Each entry is a container EnvVar: validated as part of a Pod.
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "namespace": "istio-system"},
+           "spec": {"containers": [{"name": "istio-proxy", "image": "auto", "env": env}]}}
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    assert {e["name"] for e in env} == {"JWT_SECRET", "WEBDIS_AUTH"}
+    assert all(e["valueFrom"]["secretKeyRef"]["name"] == "gateway-filter-env" for e in env)

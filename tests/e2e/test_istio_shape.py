@@ -1,7 +1,7 @@
 """The core cases against an Envoy shaped as istiod configures a gateway with our WasmPlugin:
 Istio cluster names (`outbound|port||fqdn`) for every service including webdis and the identity
 provider's key set, the plugin named `<namespace>.<name>` with `root_id` = the name, its
-configuration a JSON string, FAIL_CLOSED, the secret only in the environment."""
+configuration a JSON string, FAIL_RELOAD (the WasmPlugins' failStrategy), the secret only in the environment."""
 import json
 import uuid
 
@@ -45,7 +45,7 @@ def test_the_bootstrap_is_shaped_as_istiod_sends_it(ig):
     assert all(c.startswith("outbound|") for c in ig.istio_clusters if c != "envoy-admin")
     text = json.dumps(boot)
     assert '"name": "gateway.gateway-policy"' in text and '"root_id": "gateway-policy"' in text
-    assert "FAIL_CLOSED" in text and SECRET not in text
+    assert "FAIL_RELOAD" in text and SECRET not in text
     dump = request(ig.admin_port, "GET", "/config_dump").body.decode()
     assert SECRET not in dump
 
