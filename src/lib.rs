@@ -26,6 +26,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod reply;
 pub mod revocation;
+pub mod stat;
 pub mod trace;
 pub mod webdis;
 

@@ -29,6 +29,7 @@ use crate::ratelimit::lease::Leases;
 use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SyncTarget, Update, Verdict};
 use crate::reply::Reply;
 use crate::revocation::{self as rv, CacheEntry, FailureMode, Lookup, Revocation, Slot, StoreError};
+use crate::stat;
 use crate::trace::{uuid_v4, TraceContext, HEADER_TRACE_ID, RANDOM_BYTES};
 
 // The duties the request path orchestrates, each an `impl Gateway` block of its own.
@@ -42,7 +43,7 @@ mod metrics;
 mod revocation;
 
 use logs::StoredRecord;
-use metrics::{kind_index, metric_part, Metrics};
+use metrics::{kind_index, Metrics};
 
 pub const HEADER_RESPONSE_TIME: &str = "x-response-time";
 use crate::outcome::message;

@@ -213,10 +213,7 @@ impl Gateway {
                 }
                 if forced {
                     self.inc_named(
-                        &format!(
-                            "gateway_jwks_{}_unknown_kid_fetches_total",
-                            super::metric_part(name)
-                        ),
+                        &crate::stat::name("gateway_jwks_unknown_kid_fetches_total", &[("issuer", name)]),
                         host,
                     );
                 }
@@ -237,7 +234,7 @@ impl Gateway {
         };
         let _ = shared(&self.local, host).set(&remote::lease_key(name), &released.encode(), None);
         self.inc_named(
-            &format!("gateway_jwks_{}_fetch_errors_total", super::metric_part(name)),
+            &crate::stat::name("gateway_jwks_fetch_errors_total", &[("issuer", name)]),
             host,
         );
         let kept = self.key_sets.get(issuer).is_some_and(Option::is_some);
@@ -323,7 +320,7 @@ impl Gateway {
                     *slot = Some(Rc::new(set));
                 }
                 self.inc_named(
-                    &format!("gateway_jwks_{}_fetches_total", super::metric_part(&name)),
+                    &crate::stat::name("gateway_jwks_fetches_total", &[("issuer", &name)]),
                     host,
                 );
             }

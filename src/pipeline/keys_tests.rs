@@ -120,12 +120,21 @@ fn a_failed_first_fetch_is_a_503_and_retries_back_off() {
     assert_eq!(jwks_calls(&t), 3);
     t.answer_last(Some(200), &doc(&[(Algorithm::Es256, "ec-1")]));
     assert_eq!(t.send(4, "GET", "/api/v1/plain/1", Some(&tok)), Action::Continue);
-    assert_eq!(t.metric("gateway_jwks_idp_fetch_errors_total"), 2);
-    assert_eq!(t.metric("gateway_jwks_idp_fetches_total"), 1);
+    assert_eq!(t.metric("issuer=.=idp;.;gateway_jwks_fetch_errors_total"), 2);
+    assert_eq!(t.metric("issuer=.=idp;.;gateway_jwks_fetches_total"), 1);
     // A key server's outage is neither an unauthorized request nor an auth failure.
-    assert_eq!(t.metric("gateway_requests_plain_keys_unavailable_total"), 1);
-    assert_eq!(t.metric("gateway_requests_plain_unauthorized_total"), 0);
-    assert_eq!(t.metric("gateway_auth_failures_keys_unavailable_total"), 0);
+    assert_eq!(
+        t.metric("route=.=plain;.;outcome=.=keys_unavailable;.;gateway_requests_total"),
+        1
+    );
+    assert_eq!(
+        t.metric("route=.=plain;.;outcome=.=unauthorized;.;gateway_requests_total"),
+        0
+    );
+    assert_eq!(
+        t.metric("reason=.=keys_unavailable;.;gateway_auth_failures_total"),
+        0
+    );
 }
 
 #[test]
@@ -185,7 +194,7 @@ fn a_failing_provider_keeps_the_last_good_set_until_max_stale() {
             "after {step} x 5 s"
         );
     }
-    assert!(t.metric("gateway_jwks_idp_fetch_errors_total") >= 2);
+    assert!(t.metric("issuer=.=idp;.;gateway_jwks_fetch_errors_total") >= 2);
     // Past max_stale (30 s) the set is dropped: requests get a 503, not a 401.
     t.host.now_ms += 10_000;
     t.tick();
@@ -215,7 +224,7 @@ fn a_wait_ends_at_max_wait_and_an_oversized_answer_is_not_read() {
     t.host.answer = (Some(200), doc(&[(Algorithm::Es256, "ec-1")]).into_bytes());
     t.gw.on_call_response(context, fetch, crate::jwt::keys::MAX_JWKS_BYTES + 1, &mut t.host);
     assert!(t.gw.key_sets[1].is_none());
-    assert_eq!(t.metric("gateway_jwks_idp_fetch_errors_total"), 1);
+    assert_eq!(t.metric("issuer=.=idp;.;gateway_jwks_fetch_errors_total"), 1);
     // A request gone while it waited is forgotten.
     t.host.now_ms += 2_000;
     t.send(3, "GET", "/api/v1/plain/1", Some(&tok));

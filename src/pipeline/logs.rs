@@ -58,15 +58,17 @@ impl Gateway {
         let outcome = req.outcome;
         let decision = outcome.decision();
         self.inc_named(
-            &format!(
-                "gateway_requests_{}_{}_total",
-                metric_part(route.unwrap_or("none")),
-                outcome.label()
+            &stat::name(
+                "gateway_requests_total",
+                &[("route", route.unwrap_or("none")), ("outcome", outcome.label())],
             ),
             host,
         );
         if outcome.is_auth_failure() {
-            self.inc_named(&format!("gateway_auth_failures_{decision}_total"), host);
+            self.inc_named(
+                &stat::name("gateway_auth_failures_total", &[("reason", decision)]),
+                host,
+            );
         }
         // Records are written by the timer: without timers there is no log store.
         let store = config.logs.store.as_ref().filter(|_| self.timers);

@@ -34,13 +34,6 @@ pub(super) fn kind_index(kind: Kind) -> usize {
     }
 }
 
-/// A name inside a metric name: `.` separates Envoy's stat name segments, so it becomes `_`;
-/// `-` stays (route names keep their spelling, and become the `route` label in Prometheus
-/// through the rendered `stats_tags`).
-pub(super) fn metric_part(s: &str) -> String {
-    s.replace('.', "_")
-}
-
 impl Metrics {
     pub(super) fn define(cfg: &Config, host: &mut dyn Host) -> Result<Self, String> {
         let mut def = |kind, name: &str| {
@@ -49,22 +42,22 @@ impl Metrics {
         };
         let mut canary = HashMap::new();
         for r in cfg.routes.iter().filter(|r| r.canary.is_some()) {
-            let base = metric_part(&r.name);
+            let name = |target| stat::name("gateway_canary_total", &[("route", &r.name), ("target", target)]);
             canary.insert(
                 r.name.clone(),
                 [
-                    def(
-                        MetricKind::Counter,
-                        &format!("gateway_canary_{base}_stable_total"),
-                    )?,
-                    def(
-                        MetricKind::Counter,
-                        &format!("gateway_canary_{base}_canary_total"),
-                    )?,
+                    def(MetricKind::Counter, &name("stable"))?,
+                    def(MetricKind::Counter, &name("canary"))?,
                 ],
             );
         }
         let c = MetricKind::Counter;
+        let rl = |scope, decision| {
+            stat::name(
+                "gateway_ratelimit_total",
+                &[("scope", scope), ("decision", decision)],
+            )
+        };
         Ok(Metrics {
             lookups: def(c, "gateway_revocation_lookups_total")?,
             coalesced: def(c, "gateway_revocation_coalesced_total")?,
@@ -73,14 +66,14 @@ impl Metrics {
             store_errors: def(c, "gateway_revocation_store_errors_total")?,
             allowed_on_error: def(c, "gateway_revocation_allowed_on_error_total")?,
             rl_allowed: [
-                def(c, "gateway_ratelimit_ip_allowed_total")?,
-                def(c, "gateway_ratelimit_user_allowed_total")?,
-                def(c, "gateway_ratelimit_route_allowed_total")?,
+                def(c, &rl("ip", "allowed"))?,
+                def(c, &rl("user", "allowed"))?,
+                def(c, &rl("route", "allowed"))?,
             ],
             rl_limited: [
-                def(c, "gateway_ratelimit_ip_limited_total")?,
-                def(c, "gateway_ratelimit_user_limited_total")?,
-                def(c, "gateway_ratelimit_route_limited_total")?,
+                def(c, &rl("ip", "limited"))?,
+                def(c, &rl("user", "limited"))?,
+                def(c, &rl("route", "limited"))?,
             ],
             rl_contended: def(c, "gateway_ratelimit_contended_total")?,
             rl_sync_errors: def(c, "gateway_ratelimit_sync_errors_total")?,

@@ -266,10 +266,22 @@ fn a_revoked_token_charges_no_user_or_route_bucket_and_moves_no_canary_counter()
     t.answer_last(Some(200), CLEAN);
     assert_eq!(t.status(4), 200);
     assert_eq!(t.req(4).header("x-user-id"), Some("user-001"));
-    assert_eq!(t.metric("gateway_ratelimit_user_allowed_total"), 1);
-    assert_eq!(t.metric("gateway_ratelimit_route_allowed_total"), 1);
-    assert_eq!(t.metric("gateway_canary_orders_canary_total"), 0);
-    assert_eq!(t.metric("gateway_canary_orders_stable_total"), 0);
+    assert_eq!(
+        t.metric("scope=.=user;.;decision=.=allowed;.;gateway_ratelimit_total"),
+        1
+    );
+    assert_eq!(
+        t.metric("scope=.=route;.;decision=.=allowed;.;gateway_ratelimit_total"),
+        1
+    );
+    assert_eq!(
+        t.metric("route=.=orders;.;target=.=canary;.;gateway_canary_total"),
+        0
+    );
+    assert_eq!(
+        t.metric("route=.=orders;.;target=.=stable;.;gateway_canary_total"),
+        0
+    );
     assert_eq!(t.metric("gateway_revocation_revoked_total"), 2);
 }
 
@@ -284,17 +296,32 @@ fn the_per_ip_bucket_comes_before_authentication() {
     t.send(3, "GET", "/api/v1/users/1", Some(&token()));
     assert_eq!((t.status(3), t.reason(3)), (429, "rate_limited_ip"));
     assert_eq!(t.calls(), 0, "no lookup for a shed request");
-    assert_eq!(t.metric("gateway_ratelimit_user_allowed_total"), 0);
-    assert_eq!(t.metric("gateway_ratelimit_route_allowed_total"), 0);
+    assert_eq!(
+        t.metric("scope=.=user;.;decision=.=allowed;.;gateway_ratelimit_total"),
+        0
+    );
+    assert_eq!(
+        t.metric("scope=.=route;.;decision=.=allowed;.;gateway_ratelimit_total"),
+        0
+    );
 }
 
 #[test]
 fn a_refused_token_charges_no_user_or_route_bucket() {
     let mut t = T::default();
     assert_eq!(t.get(2, "/api/v1/users/1", Some("garbage")), 401);
-    assert_eq!(t.metric("gateway_ratelimit_ip_allowed_total"), 1);
-    assert_eq!(t.metric("gateway_ratelimit_user_allowed_total"), 0);
-    assert_eq!(t.metric("gateway_ratelimit_route_allowed_total"), 0);
+    assert_eq!(
+        t.metric("scope=.=ip;.;decision=.=allowed;.;gateway_ratelimit_total"),
+        1
+    );
+    assert_eq!(
+        t.metric("scope=.=user;.;decision=.=allowed;.;gateway_ratelimit_total"),
+        0
+    );
+    assert_eq!(
+        t.metric("scope=.=route;.;decision=.=allowed;.;gateway_ratelimit_total"),
+        0
+    );
 }
 
 #[test]
@@ -530,8 +557,14 @@ fn canary_routing_after_every_check() {
     t.answer_last(Some(200), CLEAN);
     assert_eq!(t.req(3).header("x-gateway-canary"), None);
     assert_eq!(t.req(3).header("x-canary"), Some("false"));
-    assert_eq!(t.metric("gateway_canary_orders_canary_total"), 1);
-    assert_eq!(t.metric("gateway_canary_orders_stable_total"), 1);
+    assert_eq!(
+        t.metric("route=.=orders;.;target=.=canary;.;gateway_canary_total"),
+        1
+    );
+    assert_eq!(
+        t.metric("route=.=orders;.;target=.=stable;.;gateway_canary_total"),
+        1
+    );
 }
 
 #[test]
@@ -540,10 +573,22 @@ fn per_route_outcomes_and_auth_failures_are_counted() {
     t.get(2, "/api/v1/open/x", None);
     t.get(3, "/api/v1/plain/x", None);
     t.get(4, "/api/v1/nope", None);
-    assert_eq!(t.metric("gateway_requests_open_allowed_total"), 1);
-    assert_eq!(t.metric("gateway_requests_plain_unauthorized_total"), 1);
-    assert_eq!(t.metric("gateway_requests_none_not_found_total"), 1);
-    assert_eq!(t.metric("gateway_auth_failures_missing_authorization_total"), 1);
+    assert_eq!(
+        t.metric("route=.=open;.;outcome=.=allowed;.;gateway_requests_total"),
+        1
+    );
+    assert_eq!(
+        t.metric("route=.=plain;.;outcome=.=unauthorized;.;gateway_requests_total"),
+        1
+    );
+    assert_eq!(
+        t.metric("route=.=none;.;outcome=.=not_found;.;gateway_requests_total"),
+        1
+    );
+    assert_eq!(
+        t.metric("reason=.=missing_authorization;.;gateway_auth_failures_total"),
+        1
+    );
 }
 
 #[test]
@@ -761,12 +806,17 @@ fn counters_reach_the_host_on_every_tick_despite_jitter() {
     // Ticks every 1000 ms, this one a millisecond early: the counters still go out.
     t.host.now_ms += 999;
     t.tick();
-    assert_eq!(t.host.metric("gateway_requests_open_allowed_total"), 1);
+    assert_eq!(
+        t.host
+            .metric("route=.=open;.;outcome=.=allowed;.;gateway_requests_total"),
+        1
+    );
     t.get(3, "/api/v1/open/1", None);
     t.host.now_ms += 400;
     t.tick();
     assert_eq!(
-        t.host.metric("gateway_requests_open_allowed_total"),
+        t.host
+            .metric("route=.=open;.;outcome=.=allowed;.;gateway_requests_total"),
         1,
         "not twice a period"
     );
@@ -1052,12 +1102,18 @@ fn without_on_log_the_request_is_logged_when_its_context_goes() {
     t.gw.on_response_headers(2, &mut t.host);
     // No on_log (APISIX): the context is deleted.
     t.done(2);
-    assert_eq!(t.metric("gateway_requests_open_allowed_total"), 1);
+    assert_eq!(
+        t.metric("route=.=open;.;outcome=.=allowed;.;gateway_requests_total"),
+        1
+    );
     // With on_log (Envoy) it is logged once, not twice.
     t.send(3, "GET", "/api/v1/open/1", None);
     t.finish(3);
     t.done(3);
-    assert_eq!(t.metric("gateway_requests_open_allowed_total"), 2);
+    assert_eq!(
+        t.metric("route=.=open;.;outcome=.=allowed;.;gateway_requests_total"),
+        2
+    );
 }
 
 #[path = "keys_tests.rs"]

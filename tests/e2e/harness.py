@@ -8,12 +8,18 @@ import hmac
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
+
+import yaml
+
+import istio_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
@@ -223,7 +229,7 @@ class Gateway:
         return self.request("GET", path, headers)
 
     def stats(self, prefix=""):
-        r = request(self.admin_port, "GET", f"/stats?filter={prefix}")
+        r = request(self.admin_port, "GET", f"/stats?filter={urllib.parse.quote(re.escape(prefix))}")
         out = {}
         for line in r.body.decode().splitlines():
             k, _, v = line.partition(": ")
@@ -269,8 +275,14 @@ def istio_shape(bootstrap: dict, namespace: str) -> dict:
     cluster (routes, canaries, webdis, key sets) named `outbound|<port>||<name>.<ns>.svc.cluster.local`,
     the Wasm filter named `<ns>.<plugin>` with `root_id` = the plugin name and no `vm_id`, its
     configuration a JSON string referring to those cluster names, `FAIL_RELOAD`; secrets stay
-    in the environment (`host_env_keys`)."""
+    in the environment (`host_env_keys`). The stats configuration is istiod's
+    (`istio_stats.py`, from Istio's bootstrap template) with the extra stat tags the shipped
+    gateway values annotate, not the rendered one; the WasmPlugin is an HTTP filter, so the
+    rendered connection cap (a network filter) is not there."""
     b = json.loads(json.dumps(bootstrap))
+    values = yaml.safe_load((ROOT / "envoy" / "istio" / "helm" / "gateway-values.yaml").read_text())
+    extra = values["podAnnotations"]["sidecar.istio.io/extraStatTags"].split(",")
+    b["stats_config"] = istio_stats.stats_config(extra)
     renamed = {}
     for c in b["static_resources"]["clusters"]:
         if c["name"] == "envoy-admin":
@@ -294,6 +306,7 @@ def istio_shape(bootstrap: dict, namespace: str) -> dict:
     for listener in b["static_resources"]["listeners"]:
         walk(listener.get("filter_chains", []))
         for chain in listener.get("filter_chains", []):
+            chain["filters"] = [f for f in chain.get("filters", []) if f["name"] != "envoy.filters.network.wasm"]
             for f in chain.get("filters", []):
                 for hf in f.get("typed_config", {}).get("http_filters", []):
                     if hf["name"] != "envoy.filters.http.wasm":

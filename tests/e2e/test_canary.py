@@ -100,7 +100,7 @@ def test_route_without_canary_gets_no_client_canary_header(cg):
 
 
 def test_canary_metrics_count_both_sides(cg):
-    names = ("gateway_canary_order-service_canary_total", "gateway_canary_order-service_stable_total")
+    names = ("route=.=order-service;.;target=.=canary;.;gateway_canary_total", "route=.=order-service;.;target=.=stable;.;gateway_canary_total")
     before = cg.settled(*names)
     for _ in range(3):
         cg.get("/api/v1/orders/1", bearer(token(sub="user-001")))

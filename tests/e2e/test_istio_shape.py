@@ -92,3 +92,30 @@ def test_logs_stored(ig, redis):
     wait_for(lambda: redis.cli("EXISTS", f"gateway:log:trace:{tid}") == "1", timeout=10, what="record stored")
     record = json.loads(redis.cli("LINDEX", f"gateway:log:trace:{tid}", "0"))
     assert record["status"] == 200 and record["user_id"] == "user-001"
+
+
+def test_metrics_keep_their_labels_under_istios_stats_configuration(ig):
+    """istiod's bootstrap (use_all_default_tags false, its own stats_tags and stats matcher)
+    plus the shipped `sidecar.istio.io/extraStatTags`: every family the dashboard queries is in
+    the scrape, labelled, and no flattened per-route name is left."""
+    import re
+    from pathlib import Path
+    boot = json.loads(ig.envoy_yaml.read_text())
+    assert boot["stats_config"]["use_all_default_tags"] is False
+    ig.get("/api/v1/users/1", bearer(token()))
+    ig.get("/api/v1/users/1")
+    ig.get("/api/v1/orders/1", bearer(token(sub="user-001")))
+    ig.settled("route=.=user-service;.;outcome=.=allowed;.;gateway_requests_total")
+    text = request(ig.admin_port, "GET", "/stats/prometheus").body.decode()
+    assert 'gateway_requests_total{route="user-service",outcome="allowed"}' in text, text[:2000]
+    assert 'gateway_auth_failures_total{reason="missing_authorization"}' in text
+    assert 'gateway_canary_total{route="order-service",target="canary"}' in text
+    assert not re.search(r"^[^#\s{]*(=\.=|;\.;)", text, re.M), "a tag left in a family name"
+    families = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    families |= {f + s for f in families for s in ("_bucket", "_sum", "_count")}
+    dash = json.loads((Path(__file__).resolve().parents[2] / "envoy" / "grafana" / "gateway-dashboard.json").read_text())
+    lazily = {"gateway_jwks_fetch_errors_total", "gateway_jwks_unknown_kid_fetches_total"}
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\b(gateway_[a-z_]+)\b", target["expr"]):
+                assert name in families or name in lazily, f"{name} (panel {panel['title']!r}) is not in the scrape"

@@ -146,7 +146,7 @@ def test_the_reference_hs256_login_still_works_beside_them(idp_gw):
 
 def test_a_rotated_key_is_accepted_on_the_first_request(idp_gw, services):
     auth = services.ports["auth-service"]
-    before = idp_gw.settled("gateway_jwks_demo-idp_unknown_kid_fetches_total")
+    before = idp_gw.settled("issuer=.=demo-idp;.;gateway_jwks_unknown_kid_fetches_total")
     for _ in range(3):
         assert request(auth, "POST", "/admin/rotate").status == 200
         tok = login(idp_gw, "ES256")
@@ -154,8 +154,8 @@ def test_a_rotated_key_is_accepted_on_the_first_request(idp_gw, services):
         r = idp_gw.get("/api/v1/users/1", bearer(tok))
         assert r.status == 200, r
         time.sleep(0.6)  # past min_refetch_interval, so each rotation may fetch at once
-    after = idp_gw.settled("gateway_jwks_demo-idp_unknown_kid_fetches_total")
-    fetched = after["gateway_jwks_demo-idp_unknown_kid_fetches_total"] - before["gateway_jwks_demo-idp_unknown_kid_fetches_total"]
+    after = idp_gw.settled("issuer=.=demo-idp;.;gateway_jwks_unknown_kid_fetches_total")
+    fetched = after["issuer=.=demo-idp;.;gateway_jwks_unknown_kid_fetches_total"] - before["issuer=.=demo-idp;.;gateway_jwks_unknown_kid_fetches_total"]
     # Each rotation was met by a fetch, unless the 1 s refresh got there first.
     assert 0 <= fetched <= 3
 
@@ -181,7 +181,7 @@ def test_a_failing_provider_keeps_the_last_good_set_then_503_past_max_stale(idp_
     keyserver.mode = "good"
     tok = keyserver.token()
     wait_for(lambda: idp_gw.get("/api/v1/users/1", bearer(tok)).status == 200, timeout=5, what="test keys")
-    errors = "gateway_jwks_test-idp_fetch_errors_total"
+    errors = "issuer=.=test-idp;.;gateway_jwks_fetch_errors_total"
     base = idp_gw.settled(errors)[errors]
     for mode in ["garbage", "error", "huge"]:
         keyserver.mode = mode

@@ -109,9 +109,9 @@ def test_query_errors(gw):
 
 
 def test_metrics_move_as_requests_say(gw):
-    names = ["gateway_requests_product-service_allowed_total", "gateway_requests_user-service_unauthorized_total",
-             "gateway_auth_failures_expired_total", "gateway_auth_failures_missing_authorization_total",
-             "gateway_requests_none_not_found_total"]
+    names = ["route=.=product-service;.;outcome=.=allowed;.;gateway_requests_total", "route=.=user-service;.;outcome=.=unauthorized;.;gateway_requests_total",
+             "reason=.=expired;.;gateway_auth_failures_total", "reason=.=missing_authorization;.;gateway_auth_failures_total",
+             "route=.=none;.;outcome=.=not_found;.;gateway_requests_total"]
     gw.get("/api/v1/products/1")  # make sure every counter exists
     gw.get("/api/v1/users/1")
     gw.get("/api/v1/users/1", bearer(token(ttl=-3600)))

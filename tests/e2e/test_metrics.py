@@ -46,7 +46,7 @@ def test_one_family_per_measure_with_labels(mg):
     mg.get("/api/v1/orders/1", bearer(token(sub="user-001")))
     mg.get("/api/v1/orders/1", bearer(token(sub="user-001")))  # the user's bucket: 429
     mg.get("/api/v1/orders/1", bearer(token(sub="user-900")))
-    mg.settled("gateway_requests_user-service_allowed_total")
+    mg.settled("route=.=user-service;.;outcome=.=allowed;.;gateway_requests_total")
     s = samples(scrape(mg))
     expected = {
         'gateway_requests_total{route="user-service",outcome="allowed"}': 1,
@@ -61,9 +61,9 @@ def test_one_family_per_measure_with_labels(mg):
     for series, at_least in expected.items():
         assert s.get(series, 0) >= at_least, f"{series} missing from the scrape"
     assert not [n for n in s if re.match(r"gateway_requests_(?!total\b)", n)], "no per-route family names left"
-    # The plain names stay as they were.
+    # /stats keeps the tagged name (Istio's tag syntax).
     plain = request(mg.admin_port, "GET", "/stats?filter=gateway_requests").body.decode()
-    assert "wasmcustom.gateway_requests_user-service_allowed_total: 1" in plain
+    assert "wasmcustom.route=.=user-service;.;outcome=.=allowed;.;gateway_requests_total: 1" in plain
 
 
 def test_the_dashboard_queries_families_that_exist(mg):

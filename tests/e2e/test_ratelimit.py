@@ -120,18 +120,18 @@ def test_route_without_rate_limit_is_unaffected(rl):
 
 
 def test_metrics_count_allowed_and_limited_per_kind(rl):
-    names = ("gateway_ratelimit_ip_allowed_total", "gateway_ratelimit_ip_limited_total",
-             "gateway_ratelimit_route_allowed_total", "gateway_ratelimit_route_limited_total",
-             "gateway_ratelimit_user_allowed_total", "gateway_ratelimit_user_limited_total")
+    names = ("scope=.=ip;.;decision=.=allowed;.;gateway_ratelimit_total", "scope=.=ip;.;decision=.=limited;.;gateway_ratelimit_total",
+             "scope=.=route;.;decision=.=allowed;.;gateway_ratelimit_total", "scope=.=route;.;decision=.=limited;.;gateway_ratelimit_total",
+             "scope=.=user;.;decision=.=allowed;.;gateway_ratelimit_total", "scope=.=user;.;decision=.=limited;.;gateway_ratelimit_total")
     before = rl.settled(*names)
     ip = [("X-Forwarded-For", "198.51.100.77")]
     for _ in range(5):  # 3 allowed by the address's bucket, then 2 refused
         rl.get("/api/v1/per-ip/2", ip)
     after = rl.settled(*names)
     moved = {n: after[n] - before[n] for n in names}
-    assert moved == {"gateway_ratelimit_ip_allowed_total": 3, "gateway_ratelimit_ip_limited_total": 2,
-                     "gateway_ratelimit_route_allowed_total": 3, "gateway_ratelimit_route_limited_total": 0,
-                     "gateway_ratelimit_user_allowed_total": 0, "gateway_ratelimit_user_limited_total": 0}, moved
+    assert moved == {"scope=.=ip;.;decision=.=allowed;.;gateway_ratelimit_total": 3, "scope=.=ip;.;decision=.=limited;.;gateway_ratelimit_total": 2,
+                     "scope=.=route;.;decision=.=allowed;.;gateway_ratelimit_total": 3, "scope=.=route;.;decision=.=limited;.;gateway_ratelimit_total": 0,
+                     "scope=.=user;.;decision=.=allowed;.;gateway_ratelimit_total": 0, "scope=.=user;.;decision=.=limited;.;gateway_ratelimit_total": 0}, moved
 
 
 def memory(g):

@@ -10,49 +10,17 @@ use crate::gateway::{
     WEBDIS_CLUSTER,
 };
 
-/// Tag extraction for the filter's metrics: the route, outcome, reason, scope... baked into each
-/// stat name become Prometheus labels of one family per measure
-/// (`gateway_requests_total{route="user-service",outcome="allowed"}`), while `/stats` keeps the
-/// plain names. Each regex's first group is cut from the name; its inner group is the value.
+/// Tag extraction for the filter's metrics: the route, outcome, reason, scope... written into each
+/// stat name in Istio's tag syntax (`route=.=user-service;.;outcome=.=allowed;.;gateway_requests_total`,
+/// see `gateway_filter::stat`) become Prometheus labels of one family per measure
+/// (`gateway_requests_total{route="user-service",outcome="allowed"}`), with the very regexes
+/// Istio's bootstrap writes for its `extraStatTags`.
 fn stats_tags() -> Value {
-    // The filter's outcomes, as the last part of `gateway_requests_<route>_<outcome>_total`.
-    let outcomes = gateway_filter::outcome::LABELS.join("|");
-    let tag = |name: &str, regex: String| json!({"tag_name": name, "regex": regex});
-    json!([
-        tag(
-            "route",
-            format!(r"^wasmcustom\.gateway_requests_((.+?)_)(?:{outcomes})_total$")
-        ),
-        tag(
-            "outcome",
-            format!(r"^wasmcustom\.gateway_requests_.+?_(({outcomes})_)total$")
-        ),
-        tag(
-            "reason",
-            r"^wasmcustom\.gateway_auth_failures_((.+)_)total$".to_string()
-        ),
-        tag(
-            "scope",
-            r"^wasmcustom\.gateway_ratelimit_((ip|user|route)_)(?:allowed|limited)_total$".to_string()
-        ),
-        tag(
-            "decision",
-            r"^wasmcustom\.gateway_ratelimit_(?:ip|user|route)_((allowed|limited)_)total$".to_string()
-        ),
-        tag(
-            "route",
-            r"^wasmcustom\.gateway_canary_((.+)_)(?:stable|canary)_total$".to_string()
-        ),
-        tag(
-            "target",
-            r"^wasmcustom\.gateway_canary_.+_((stable|canary)_)total$".to_string()
-        ),
-        tag(
-            "issuer",
-            r"^wasmcustom\.gateway_jwks_((.+?)_)(?:fetches|fetch_errors|unknown_kid_fetches)_total$"
-                .to_string()
-        ),
-    ])
+    let tags: Vec<Value> = gateway_filter::stat::TAGS
+        .iter()
+        .map(|tag| json!({"tag_name": tag, "regex": gateway_filter::stat::tag_regex(tag)}))
+        .collect();
+    Value::Array(tags)
 }
 
 /// Where Debian-based images (Envoy's included) keep the system's CA certificates: an
