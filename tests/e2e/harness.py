@@ -148,7 +148,8 @@ class Services:
 class Gateway:
     """Envoy with the filter, from a gateway file (a dict, rendered by gateway-render)."""
 
-    def __init__(self, gateway_file: dict, concurrency=2, env=None, admin_socket=False, istio=None, xds=False):
+    def __init__(self, gateway_file: dict, concurrency=2, env=None, admin_socket=False, istio=None, xds=False,
+                 istio_root_id=None):
         """`admin_socket`: the admin interface on a Unix socket in the gateway's directory, and
         `admin_port` a metrics listener serving only /stats/prometheus and /ready.
         `istio`: a namespace; the bootstrap is then reshaped as istiod would send it (see
@@ -174,7 +175,7 @@ class Gateway:
         if istio:
             rendered = self.dir / "envoy.rendered.json"
             render(self.gateway_yaml, rendered, self.env, check=True, extra=["--json"])
-            shaped = istio_shape(json.loads(rendered.read_text()), istio)
+            shaped = istio_shape(json.loads(rendered.read_text()), istio, istio_root_id)
             self.envoy_yaml.write_text(json.dumps(shaped, indent=1))
             self.istio_clusters = {c["name"] for c in shaped["static_resources"]["clusters"]}
         elif xds:
@@ -270,10 +271,18 @@ class Gateway:
 ISTIO_PLUGIN = "gateway-policy"
 
 
-def istio_shape(bootstrap: dict, namespace: str) -> dict:
+def shipped_plugin_name():
+    """The ingress WasmPlugin's `pluginName` as shipped ("" when unset, as there)."""
+    docs = yaml.safe_load_all((ROOT / "envoy" / "istio" / "wasmplugin.yaml").read_text())
+    plugin = next(d for d in docs if d and d["metadata"]["name"] == ISTIO_PLUGIN)
+    return plugin["spec"].get("pluginName", "")
+
+
+def istio_shape(bootstrap: dict, namespace: str, root_id=None) -> dict:
     """The rendered bootstrap as istiod would shape it for a gateway with our WasmPlugin: every
     cluster (routes, canaries, webdis, key sets) named `outbound|<port>||<name>.<ns>.svc.cluster.local`,
-    the Wasm filter named `<ns>.<plugin>` with `root_id` = the plugin name and no `vm_id`, its
+    the Wasm filter named `<ns>.<plugin>` with `root_id` = the WasmPlugin's `pluginName` ("" as
+    shipped, or `root_id`) and no `vm_id`, its
     configuration a JSON string referring to those cluster names, `FAIL_RELOAD`; secrets stay
     in the environment (`host_env_keys`). The stats configuration is istiod's
     (`istio_stats.py`, from Istio's bootstrap template) with the extra stat tags the shipped
@@ -313,7 +322,9 @@ def istio_shape(bootstrap: dict, namespace: str) -> dict:
                         continue
                     cfg = hf["typed_config"]["config"]
                     cfg["name"] = f"{namespace}.{ISTIO_PLUGIN}"
-                    cfg["root_id"] = ISTIO_PLUGIN
+                    # istiod (pilot/pkg/model/extensions.go) sets root_id from the WasmPlugin's
+                    # pluginName, empty unless set: the shipped manifests leave it unset.
+                    cfg["root_id"] = shipped_plugin_name() if root_id is None else root_id
                     cfg["vm_config"].pop("vm_id", None)
                     cfg["failure_policy"] = "FAIL_RELOAD"  # the WasmPlugins' failStrategy
                     plugin = json.loads(cfg["configuration"]["value"])

@@ -1,6 +1,6 @@
 """The core cases against an Envoy shaped as istiod configures a gateway with our WasmPlugin:
 Istio cluster names (`outbound|port||fqdn`) for every service including webdis and the identity
-provider's key set, the plugin named `<namespace>.<name>` with `root_id` = the name, its
+provider's key set, the plugin named `<namespace>.<name>` with `root_id` from `pluginName` (as shipped: unset, so empty; and set), its
 configuration a JSON string, FAIL_RELOAD (the WasmPlugins' failStrategy), the secret only in the environment."""
 import json
 import uuid
@@ -20,8 +20,8 @@ def canary_services():
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def ig(services, webdis, redis, canary_services):
+@pytest.fixture(scope="module", params=[None, "gateway-policy"], ids=["root_id-as-shipped", "root_id-set"])
+def ig(request, services, webdis, redis, canary_services):
     f = gateway_file(services.ports, free_port(), webdis.port)
     auth = services.ports["auth-service"]
     for r in f["routes"]:
@@ -33,7 +33,8 @@ def ig(services, webdis, redis, canary_services):
     f["jwt"]["issuers"] = [{
         "name": "demo-idp", "issuer": f"http://127.0.0.1:{auth}", "algorithms": ["RS256", "ES256", "EdDSA"],
         "remote_jwks": {"uri": f"http://127.0.0.1:{auth}/.well-known/jwks.json", "refresh_interval": 5}}]
-    g = Gateway(f, istio=NS)
+    g = Gateway(f, istio=NS, istio_root_id=request.param)
+    g.root_id = request.param
     yield g
     g.stop()
 
@@ -44,7 +45,8 @@ def test_the_bootstrap_is_shaped_as_istiod_sends_it(ig):
                for c in ig.istio_clusters)
     assert all(c.startswith("outbound|") for c in ig.istio_clusters if c != "envoy-admin")
     text = json.dumps(boot)
-    assert '"name": "gateway.gateway-policy"' in text and '"root_id": "gateway-policy"' in text
+    expected_root = "" if ig.root_id is None else ig.root_id
+    assert '"name": "gateway.gateway-policy"' in text and f'"root_id": "{expected_root}"' in text
     assert "FAIL_RELOAD" in text and SECRET not in text
     dump = request(ig.admin_port, "GET", "/config_dump").body.decode()
     assert SECRET not in dump
