@@ -12,7 +12,7 @@ WASM_OPT_LEVEL := $(if $(filter release-fast,$(WASM_PROFILE)),-O3,-Oz)
 WASM_OPT_FLAGS := $(WASM_OPT_LEVEL) --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
 
-.PHONY: help deps build wasm render unit e2e test run lint fmt validate clean compose-config bench fuzz soak oci compose-test reload
+.PHONY: help deps build wasm render unit e2e hosts test run lint fmt validate clean compose-config bench fuzz soak oci compose-test reload
 
 help:
 	@echo "make run    build everything and start the demo stack (Envoy :8000, admin :9901, demo services)"
@@ -45,7 +45,11 @@ unit: deps
 e2e: build
 	.venv/bin/pytest -q tests/e2e
 
-test: unit e2e
+# The built module under emulated Kong, APISIX and Envoy hosts (tools/hostemu, wasmi).
+hosts: build
+	cargo run -q -p hostemu -- $(WASM)
+
+test: unit e2e hosts
 
 run: build
 	scripts/run.sh

@@ -12,6 +12,8 @@ use crate::headers::{self, HeaderPair};
 /// Internal header Envoy's canary route matches on. Clients cannot set it: it is removed from
 /// every request before the decision is written.
 pub const ROUTE_HEADER: &str = "x-gateway-canary";
+/// Its value for a request going to the canary (the header is absent otherwise).
+pub const ROUTE_VALUE: &str = "1";
 /// Sent upstream on canary routes, as the reference does.
 pub const CANARY_HEADER: &str = "x-canary";
 
@@ -185,7 +187,7 @@ pub fn route_headers(
     // the stable route never sees it.
     let mut set = vec![(CANARY_HEADER, if canary { "true" } else { "false" }.to_string())];
     if canary {
-        set.push((ROUTE_HEADER, "1".to_string()));
+        set.push((ROUTE_HEADER, ROUTE_VALUE.to_string()));
     }
     (canary, set)
 }

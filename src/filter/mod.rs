@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use log::{error, info};
 use proxy_wasm::hostcalls;
@@ -60,20 +60,17 @@ fn wasm_level(level: LogLevel) -> proxy_wasm::types::LogLevel {
 }
 
 impl SharedStore for WasmHost {
+    // Through the raw ABI: APISIX answers shared data with Unimplemented, a status the SDK's
+    // `Status` does not even have, and its wrappers panic on statuses they do not expect.
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        match hostcalls::get_shared_data(key) {
-            Ok((Some(bytes), cas)) => Some((bytes, cas.unwrap_or(0))),
-            // The SDK reads an empty value as none: the key exists all the same.
-            Ok((None, Some(cas))) => Some((Vec::new(), cas)),
-            _ => None,
-        }
+        raw::get_shared_data(key)
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
-            Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
-            Err(_) => Err(SetError::Failed),
+        match raw::set_shared_data(key, value, cas.unwrap_or(0)) {
+            raw::STATUS_OK => Ok(()),
+            raw::STATUS_CAS_MISMATCH => Err(SetError::CasMismatch),
+            _ => Err(SetError::Failed),
         }
     }
 }
@@ -90,22 +87,15 @@ impl Host for WasmHost {
     fn now_ms(&mut self) -> u64 {
         // APISIX answers proxy_get_current_time_nanoseconds with Unimplemented: then WASI's
         // realtime clock (every listed host provides clock_time_get).
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .or_else(|| raw::wasi_realtime_ns().map(|ns| ns / 1_000_000))
-            .unwrap_or(0)
+        raw::proxy_time_ns()
+            .or_else(raw::wasi_realtime_ns)
+            .map_or(0, |ns| ns / 1_000_000)
     }
 
     fn random_bytes(&mut self, buf: &mut [u8]) {
         if getrandom::fill(buf).is_err() {
             // Fall back to the clock: ids only need to be unique-ish, never secret.
-            let nanos = hostcalls::get_current_time()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .unwrap_or(Duration::ZERO)
-                .as_nanos();
+            let nanos = u128::from(raw::proxy_time_ns().or_else(raw::wasi_realtime_ns).unwrap_or(0));
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8);
             }
@@ -335,7 +325,7 @@ impl RootContext for Root {
         // One timer in every VM: counters, the log flush, the limit sync (leader only), key
         // sets, and lookups whose owner left. A host without timers degrades (logged once).
         let mut gateway = gateway;
-        let timers = hostcalls::set_tick_period(Duration::from_millis(gateway.tick_period_ms())).is_ok();
+        let timers = raw::set_tick_period_ms(gateway.tick_period_ms());
         gateway.started(timers, &mut WasmHost);
         self.gateway = Some(Rc::new(RefCell::new(gateway)));
         true
@@ -460,7 +450,7 @@ mod raw {
     /// `MapType::HttpCallResponseHeaders` and `BufferType::HttpCallResponseBody` of the ABI.
     const CALL_RESPONSE_HEADERS: u32 = 6;
     const CALL_RESPONSE_BODY: u32 = 4;
-    const STATUS_OK: u32 = 0;
+    pub const STATUS_OK: u32 = 0;
 
     #[link(wasm_import_module = "env")]
     extern "C" {
@@ -510,6 +500,63 @@ mod raw {
             )
         };
         take(status, data, size)
+    }
+
+    pub const STATUS_CAS_MISMATCH: u32 = 8;
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        #[link_name = "proxy_get_shared_data"]
+        fn get_shared_data_raw(
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+            return_cas: *mut u32,
+        ) -> u32;
+        #[link_name = "proxy_set_shared_data"]
+        fn set_shared_data_raw(
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+            cas: u32,
+        ) -> u32;
+        #[link_name = "proxy_get_current_time_nanoseconds"]
+        fn get_current_time_raw(return_time: *mut u64) -> u32;
+        #[link_name = "proxy_set_tick_period_milliseconds"]
+        fn set_tick_period_raw(period: u32) -> u32;
+    }
+
+    /// A shared-data value and its CAS, if the host has the key (any other answer: none).
+    pub fn get_shared_data(key: &str) -> Option<(Vec<u8>, u32)> {
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        let mut cas: u32 = 0;
+        // SAFETY: the key pointer and length describe a live &str; the out-pointers are valid
+        // locals the host writes to.
+        let status = unsafe { get_shared_data_raw(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+        take(status, data, size).map(|value| (value, cas))
+    }
+
+    /// Sets a shared-data value; the host's status as it came.
+    pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> u32 {
+        // SAFETY: both pointers and lengths describe live slices the host only reads.
+        unsafe { set_shared_data_raw(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) }
+    }
+
+    /// The proxy's clock in ns, `None` where it has none.
+    pub fn proxy_time_ns() -> Option<u64> {
+        let mut time: u64 = 0;
+        // SAFETY: the out-pointer is a valid local the host writes 8 bytes to.
+        let status = unsafe { get_current_time_raw(&mut time) };
+        (status == STATUS_OK).then_some(time)
+    }
+
+    /// Asks for timer ticks every `ms`; whether the host took it.
+    pub fn set_tick_period_ms(ms: u64) -> bool {
+        // SAFETY: a plain value argument.
+        unsafe { set_tick_period_raw(u32::try_from(ms).unwrap_or(u32::MAX)) == STATUS_OK }
     }
 
     #[link(wasm_import_module = "wasi_snapshot_preview1")]

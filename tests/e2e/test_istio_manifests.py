@@ -4,6 +4,7 @@ strict), Istio kinds with the CRD schemas vendored from istio/api (`envoy/istio/
 strict (an unknown field is an error, except where the CRD keeps unknown fields, as
 `pluginConfig`). Then what the issue asks of the WasmPlugins in particular."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -113,11 +114,26 @@ def test_the_wasm_plugins_are_what_istio_operators_need(manifests):
     assert sidecar["spec"]["match"][0]["mode"] == "SERVER"
 
 
+def _virtual_hosts(bootstrap):
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                yield from f.get("typed_config", {}).get("route_config", {}).get("virtual_hosts", [])
+
+
 def test_the_canary_is_routed_on_the_filters_header(manifests):
     _, docs = manifests
     vs = next(d for _, d in docs if d["kind"] == "VirtualService")
     canary = vs["spec"]["http"][0]
-    assert canary["match"][0]["headers"] == {"x-gateway-canary": {"exact": "true"}}
+    # The value the filter writes, as the rendered Envoy route matches it.
+    rendered = json.loads(subprocess.run(
+        [str(ROOT / "target" / "release" / "gateway-render"), "--config", str(ROOT / "config" / "gateway.yaml"),
+         "--wasm", "/x.wasm", "--json"], capture_output=True, text=True, check=True,
+        env={**os.environ, "JWT_SECRET": "x" * 32}).stdout)
+    matches = [h for vh in _virtual_hosts(rendered) for r in vh["routes"]
+               for h in r.get("match", {}).get("headers", []) if h["name"] == "x-gateway-canary"]
+    assert matches, "the rendered canary route matches the header"
+    assert canary["match"][0]["headers"] == {"x-gateway-canary": matches[0]["string_match"]}
     assert canary["route"][0]["destination"]["subset"] == "canary"
     dr = next(d for _, d in docs if d["kind"] == "DestinationRule" and "subsets" in d["spec"])
     assert {s["name"] for s in dr["spec"]["subsets"]} == {"stable", "canary"}

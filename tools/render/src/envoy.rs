@@ -1,7 +1,7 @@
 //! Builds the Envoy bootstrap from a validated gateway file: listener with CORS, the wasm filter
 //! (its JSON configuration embedded) and the router; one route per prefix; one cluster per route.
 
-use gateway_filter::canary::ROUTE_HEADER;
+use gateway_filter::canary::{ROUTE_HEADER, ROUTE_VALUE};
 
 use serde_json::{json, Value};
 
@@ -90,7 +90,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         if r.endpoints.canary.is_some() {
             // Matched first when the filter has chosen the canary; the internal header goes no further.
             let mut canary_match = matcher.clone();
-            canary_match["headers"] = json!([{"name": ROUTE_HEADER, "string_match": {"exact": "1"}}]);
+            canary_match["headers"] = json!([{"name": ROUTE_HEADER, "string_match": {"exact": ROUTE_VALUE}}]);
             let mut canary_action = action.clone();
             canary_action["cluster"] = json!(canary_cluster(&r.name));
             routes.push(json!({
