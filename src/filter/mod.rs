@@ -326,7 +326,10 @@ impl RootContext for Root {
         // sets, and lookups whose owner left. A host without timers degrades (logged once).
         let mut gateway = gateway;
         let timers = raw::set_tick_period_ms(gateway.tick_period_ms());
-        gateway.started(timers, &mut WasmHost);
+        if let Err(e) = gateway.started(timers, &mut WasmHost) {
+            error!("gateway filter: {e}");
+            return false;
+        }
         self.gateway = Some(Rc::new(RefCell::new(gateway)));
         true
     }

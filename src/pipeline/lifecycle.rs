@@ -22,15 +22,32 @@ impl Gateway {
 
     /// Start-up is over: `timers` says whether the host took the tick period. Logs one line
     /// with what the host offers and what is degraded for want of it.
-    pub fn started(&mut self, timers: bool, host: &mut dyn Host) {
+    /// The host's capabilities are known: report what is degraded, or refuse a configuration
+    /// that needs what the host lacks (naming the field), rather than skip it silently.
+    pub fn started(&mut self, timers: bool, host: &mut dyn Host) -> Result<(), String> {
         self.timers = timers;
         let cfg = Rc::clone(&self.config);
+        if !timers {
+            if cfg.logs.store.is_some() {
+                return Err("logs.store: this host runs no timers, which writing records to the store needs; remove logs.store (request lines are still printed)".into());
+            }
+            if let Some(r) = cfg
+                .routes
+                .iter()
+                .find(|r| r.limits.as_ref().is_some_and(|l| l.cluster_wide))
+            {
+                return Err(format!(
+                    "rate_limit.cluster_wide of route {}: this host runs no timers, which the sync through Redis needs; remove cluster_wide",
+                    r.name
+                ));
+            }
+        }
         let mut degraded: Vec<&str> = Vec::new();
         if self.local.is_some() {
             degraded.push("no shared data: rate limits, the revocation cache and bans are per worker");
         }
         if !timers {
-            degraded.push("no timers: counters not reported, no log store, no cluster-wide sync, key sets fetched only when a token needs them");
+            degraded.push("no timers: counters not reported, key sets fetched only when a token needs them");
         }
         let public_keys = cfg.verifier.as_ref().is_some_and(|v| v.uses_public_keys());
         if public_keys && !self.host_verifies {
@@ -53,6 +70,7 @@ impl Gateway {
             LogLevel::Warn
         };
         host.log(level, &line);
+        Ok(())
     }
 
     /// The VM's timer (`ctx` is the root context): counters, the log level, the log flush, the

@@ -1037,7 +1037,7 @@ fn host_line(t: &T) -> String {
 #[test]
 fn on_envoy_nothing_is_degraded_and_the_line_says_so() {
     let mut t = T::default();
-    t.gw.started(true, &mut t.host);
+    t.gw.started(true, &mut t.host).unwrap();
     assert_eq!(
         host_line(&t),
         "host offers: shared data yes, timers yes, verify_signature no; nothing degraded"
@@ -1053,7 +1053,7 @@ fn without_shared_data_limits_and_the_revocation_cache_work_per_vm() {
     host.no_shared_data = true;
     let gw = Gateway::new(cfg, &mut host).unwrap();
     let mut t = T { gw, host };
-    t.gw.started(true, &mut t.host);
+    t.gw.started(true, &mut t.host).unwrap();
     assert!(host_line(&t).contains("shared data no"), "{}", host_line(&t));
     assert!(host_line(&t).contains("rate limits, the revocation cache and bans are per worker"));
     // users: one request per second per user.
@@ -1075,22 +1075,25 @@ fn without_shared_data_limits_and_the_revocation_cache_work_per_vm() {
 }
 
 #[test]
-fn without_timers_there_is_no_log_store_and_it_is_said() {
+fn without_timers_a_log_store_or_a_cluster_wide_limit_is_refused_naming_the_field() {
     let mut v = base();
     v["logs"] = serde_json::json!({"enabled": true, "store": {}});
     let mut t = T::new(v);
-    t.gw.started(false, &mut t.host);
+    let e = t.gw.started(false, &mut t.host).unwrap_err();
+    assert!(e.starts_with("logs.store: this host runs no timers"), "{e}");
+    let mut v = base();
+    v["routes"][2]["rate_limit"] = serde_json::json!({"max_calls": 10, "cluster_wide": true});
+    let mut t = T::new(v);
+    let e = t.gw.started(false, &mut t.host).unwrap_err();
+    assert!(e.starts_with("rate_limit.cluster_wide of route products:"), "{e}");
+    // Without them, a host without timers runs, degraded as it says.
+    let mut t = T::default();
+    t.gw.started(false, &mut t.host).unwrap();
     let line = host_line(&t);
-    assert!(
-        line.contains("timers no") && line.contains("no log store"),
-        "{line}"
-    );
+    assert!(line.contains("timers no"), "{line}");
     t.send(2, "GET", "/api/v1/open/1", None);
     t.finish(2);
-    assert!(
-        t.gw.log_buffer.is_empty(),
-        "no record waits for a flush that never comes"
-    );
+    assert!(t.gw.log_buffer.is_empty());
 }
 
 #[test]
@@ -1284,7 +1287,7 @@ fn cluster_sync_on_a_host_without_shared_data_drains_the_vms_own_bucket() {
     host.no_shared_data = true;
     let gw = Gateway::new(cfg, &mut host).unwrap();
     let mut t = T { gw, host };
-    t.gw.started(true, &mut t.host);
+    t.gw.started(true, &mut t.host).unwrap();
     assert_eq!(t.get(2, "/api/v1/products/1", None), 200);
     let sync = |t: &mut T, total: u64| {
         t.host.now_ms += 1000;

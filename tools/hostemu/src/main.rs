@@ -772,6 +772,25 @@ fn check(failures: &mut Vec<String>, host: &str, case: &str, ok: bool, detail: S
 fn run(profile: &Profile, table: &Table, wasm: &[u8]) -> R<Vec<String>> {
     let mut f = Vec::new();
     let h = profile.name;
+
+    // A log store needs timers: configured on a host without them (APISIX), it is refused at
+    // configure time, naming the field, not silently skipped.
+    let mut with_store: serde_json::Value = serde_json::from_str(&config()).map_err(|e| e.to_string())?;
+    with_store["logs"] = serde_json::json!({"enabled": false, "store": {}});
+    let refused = Vm::new(wasm, profile, table, &with_store.to_string()).err();
+    let has_timers = !table.unimplemented.contains("proxy_set_tick_period_milliseconds");
+    let ok = match &refused {
+        None => has_timers,
+        Some(e) => !has_timers && e.contains("logs.store: this host runs no timers"),
+    };
+    check(
+        &mut f,
+        h,
+        "a log store",
+        ok,
+        format!("timers {has_timers}, refused: {refused:?}"),
+    );
+
     let mut vm = Vm::new(wasm, profile, table, &config())?;
     let own_lookup = |vm: &Vm, ctx: i32| vm.calls_of(ctx);
 
