@@ -775,9 +775,14 @@ fn run(profile: &Profile, table: &Table, wasm: &[u8]) -> R<Vec<String>> {
 
     // A log store needs timers: configured on a host without them (APISIX), it is refused at
     // configure time, naming the field, not silently skipped.
-    let mut with_store: serde_json::Value = serde_json::from_str(&config()).map_err(|e| e.to_string())?;
-    with_store["logs"] = serde_json::json!({"enabled": false, "store": {}});
-    let refused = Vm::new(wasm, profile, table, &with_store.to_string()).err();
+    let with_store = config().replace(
+        r#""logs":{"enabled":false}"#,
+        r#""logs":{"enabled":false,"store":{}}"#,
+    );
+    if !with_store.contains(r#""store":{}"#) {
+        return Err("the log-store configuration could not be built".into());
+    }
+    let refused = Vm::new(wasm, profile, table, &with_store).err();
     let has_timers = !table.unimplemented.contains("proxy_set_tick_period_milliseconds");
     let ok = match &refused {
         None => has_timers,
