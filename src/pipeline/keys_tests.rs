@@ -376,12 +376,7 @@ fn a_kid_rotated_in_right_after_a_fetch_waits_for_the_next_allowed_one() {
 fn on_a_single_context_host_no_request_waits_for_keys() {
     // Kong, APISIX: a request held for a key fetch could only be resumed from the fetch's
     // context, which their set_effective_context cannot do: it is answered at once instead.
-    let cfg = Config::from_json(config().to_string().as_bytes()).unwrap();
-    let mut host = FakeHost::new(NOW_S as u64 * 1000);
-    host.current = ROOT;
-    host.single_context = true;
-    let gw = Gateway::new(cfg, &mut host).unwrap();
-    let mut t = T { gw, host };
+    let mut t = T::on_host(config(), |h| h.single_context = true);
     let tok = idp_token(Algorithm::Es256, "ec-1");
     t.send(2, "GET", "/api/v1/plain/1", Some(&tok));
     assert_eq!((t.status(2), t.reason(2)), (503, "keys_unavailable"));

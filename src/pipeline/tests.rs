@@ -78,6 +78,19 @@ impl T {
         T::new(base())
     }
 
+    /// The gateway of `v` on a host `shape` adjusts (no shared data, a single context...),
+    /// started with timers.
+    fn on_host(v: serde_json::Value, shape: impl FnOnce(&mut FakeHost)) -> T {
+        let cfg = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let mut host = FakeHost::new(NOW_S as u64 * 1000);
+        host.current = ROOT;
+        shape(&mut host);
+        let gw = Gateway::new(cfg, &mut host).unwrap();
+        let mut t = T { gw, host };
+        t.gw.started(true, &mut t.host).unwrap();
+        t
+    }
+
     /// A request arrives on context `ctx`.
     fn send(&mut self, ctx: u32, method: &str, path: &str, token: Option<&str>) -> Action {
         let mut headers = vec![
@@ -1047,13 +1060,7 @@ fn on_envoy_nothing_is_degraded_and_the_line_says_so() {
 #[test]
 fn without_shared_data_limits_and_the_revocation_cache_work_per_vm() {
     // APISIX answers every shared-data call with an error.
-    let cfg = Config::from_json(base().to_string().as_bytes()).unwrap();
-    let mut host = FakeHost::new(NOW_S as u64 * 1000);
-    host.current = ROOT;
-    host.no_shared_data = true;
-    let gw = Gateway::new(cfg, &mut host).unwrap();
-    let mut t = T { gw, host };
-    t.gw.started(true, &mut t.host).unwrap();
+    let mut t = T::on_host(base(), |h| h.no_shared_data = true);
     assert!(host_line(&t).contains("shared data no"), "{}", host_line(&t));
     assert!(host_line(&t).contains("rate limits, the revocation cache and bans are per worker"));
     // users: one request per second per user.
@@ -1281,13 +1288,7 @@ fn cluster_sync_on_a_host_without_shared_data_drains_the_vms_own_bucket() {
     // Issue 21's first defect: the sync's drain went to the host's (missing) shared data.
     let mut v = base();
     v["routes"][2]["rate_limit"] = serde_json::json!({"max_calls": 10, "period": 60, "cluster_wide": true});
-    let cfg = Config::from_json(v.to_string().as_bytes()).unwrap();
-    let mut host = FakeHost::new(NOW_S as u64 * 1000);
-    host.current = ROOT;
-    host.no_shared_data = true;
-    let gw = Gateway::new(cfg, &mut host).unwrap();
-    let mut t = T { gw, host };
-    t.gw.started(true, &mut t.host).unwrap();
+    let mut t = T::on_host(v, |h| h.no_shared_data = true);
     assert_eq!(t.get(2, "/api/v1/products/1", None), 200);
     let sync = |t: &mut T, total: u64| {
         t.host.now_ms += 1000;
@@ -1316,13 +1317,10 @@ fn cluster_sync_on_a_host_without_shared_data_drains_the_vms_own_bucket() {
 /// another request's lookup there, or it would be resumed (unchecked) by a callback of another
 /// context, or never.
 fn single_context_host() -> T {
-    let cfg = Config::from_json(base().to_string().as_bytes()).unwrap();
-    let mut host = FakeHost::new(NOW_S as u64 * 1000);
-    host.current = ROOT;
-    host.single_context = true;
-    host.no_shared_data = true; // APISIX
-    let gw = Gateway::new(cfg, &mut host).unwrap();
-    T { gw, host }
+    T::on_host(base(), |h| {
+        h.single_context = true;
+        h.no_shared_data = true; // APISIX
+    })
 }
 
 #[test]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import WASM, require_build
+from wasm_module import imported_functions
 
 HOSTS = Path(__file__).resolve().parents[1] / "hosts"
 
@@ -25,66 +26,6 @@ NEVER_CALLED = {
     "proxy_grpc_close": "SDK trait default; no gRPC",
     "proxy_resolve_shared_queue": "SDK trait default; no shared queues",
 }
-
-VALTYPE = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64"}
-
-
-def _leb(b, i):
-    result = shift = 0
-    while True:
-        byte = b[i]
-        i += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return result, i
-
-
-def wasm_imports(path):
-    """(module, name, "(params) -> (results)") of every imported function."""
-    b = path.read_bytes()
-    assert b[:4] == b"\0asm", "not a wasm module"
-    i, types, out = 8, [], []
-    while i < len(b):
-        section, i = b[i], i + 1
-        size, i = _leb(b, i)
-        end = i + size
-        if section == 1:
-            n, j = _leb(b, i)
-            for _ in range(n):
-                j += 1  # 0x60
-                np_, j = _leb(b, j)
-                params = [VALTYPE[x] for x in b[j:j + np_]]
-                j += np_
-                nr, j = _leb(b, j)
-                results = [VALTYPE[x] for x in b[j:j + nr]]
-                j += nr
-                types.append(f"({', '.join(params)}) -> ({', '.join(results)})")
-        elif section == 2:
-            n, j = _leb(b, i)
-            for _ in range(n):
-                ln, j = _leb(b, j)
-                module = b[j:j + ln].decode()
-                j += ln
-                ln, j = _leb(b, j)
-                name = b[j:j + ln].decode()
-                j += ln
-                kind, j = b[j], j + 1
-                if kind == 0:
-                    t, j = _leb(b, j)
-                    out.append((module, name, types[t]))
-                elif kind in (1, 2):  # table, memory: limits
-                    if kind == 1:
-                        j += 1
-                    flags, j = _leb(b, j)
-                    _, j = _leb(b, j)
-                    if flags & 1:
-                        _, j = _leb(b, j)
-                elif kind == 3:
-                    j += 2
-        i = end
-    return out
-
 
 def problems(imports, table):
     """Why `imports` would not link or would trap on the host of `table` ([] if none)."""
@@ -117,7 +58,7 @@ def tables():
 def test_the_module_links_on_every_named_host(name, table):
     require_build()
     assert len(table["commit"]) == 40 and table["repository"], f"{name}: the table names its upstream commit"
-    assert problems(wasm_imports(WASM), table) == [], name
+    assert problems(imported_functions(WASM.read_bytes()), table) == [], name
 
 
 def test_the_check_can_fail():

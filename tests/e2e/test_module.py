@@ -2,6 +2,7 @@
 README lists, and exports what hosts call. A new dependency that adds a host requirement (a
 file system call, a new ABI) fails here instead of failing on somebody's proxy."""
 from harness import WASM, require_build
+from wasm_module import names, sections
 
 # proxy-wasm ABI 0.2.1 (`env`): every function the SDK links, whether the filter calls it or not.
 PROXY_WASM = {
@@ -20,63 +21,6 @@ PROXY_WASM = {
 # clock_time_get: the clock where the proxy has none (APISIX answers its time call Unimplemented);
 # every host table in tests/hosts provides it (test_host_tables.py).
 WASI = {"random_get", "environ_get", "environ_sizes_get", "fd_write", "proc_exit", "clock_time_get"}
-
-
-def leb128(data, i):
-    value = shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, i
-
-
-def sections(data):
-    assert data[:4] == b"\0asm" and data[4:8] == b"\1\0\0\0", "a wasm module, version 1"
-    i = 8
-    while i < len(data):
-        sid = data[i]
-        size, i = leb128(data, i + 1)
-        yield sid, data[i:i + size]
-        i += size
-
-
-def names(body, with_module):
-    count, j = leb128(body, 0)
-    out = []
-    for _ in range(count):
-        module = None
-        if with_module:
-            n, j = leb128(body, j)
-            module = body[j:j + n].decode()
-            j += n
-        n, j = leb128(body, j)
-        name = body[j:j + n].decode()
-        j += n
-        kind = body[j]
-        j += 1
-        if with_module:
-            if kind == 0:
-                _, j = leb128(body, j)
-            elif kind == 1:
-                j += 1
-                flags = body[j]
-                _, j = leb128(body, j + 1)
-                if flags & 1:
-                    _, j = leb128(body, j)
-            elif kind == 2:
-                flags = body[j]
-                _, j = leb128(body, j + 1)
-                if flags & 1:
-                    _, j = leb128(body, j)
-            else:
-                j += 2
-        else:
-            _, j = leb128(body, j)
-        out.append((module, name, kind))
-    return out
 
 
 def test_the_module_imports_only_the_abi_and_the_wasi_calls_it_needs():
