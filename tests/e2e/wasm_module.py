@@ -25,39 +25,45 @@ def sections(data):
         i += size
 
 
+def _name(body, j):
+    n, j = leb128(body, j)
+    return body[j:j + n].decode(), j + n
+
+
+def _imports(body):
+    """(module, name, kind, type index or None) of each entry of an import section."""
+    count, j = leb128(body, 0)
+    for _ in range(count):
+        module, j = _name(body, j)
+        name, j = _name(body, j)
+        kind, j = body[j], j + 1
+        index = None
+        if kind == 0:
+            index, j = leb128(body, j)
+        elif kind in (1, 2):  # a table (element type first) or a memory: limits
+            if kind == 1:
+                j += 1
+            flags, j = leb128(body, j)
+            _, j = leb128(body, j)
+            if flags & 1:
+                _, j = leb128(body, j)
+        else:  # a global: type and mutability
+            j += 2
+        yield module, name, kind, index
+
+
 def names(body, with_module):
+    """(module, name, kind) of an import section (`with_module`) or (None, name, kind) of an
+    export section."""
+    if with_module:
+        return [(m, n, k) for m, n, k, _ in _imports(body)]
     count, j = leb128(body, 0)
     out = []
     for _ in range(count):
-        module = None
-        if with_module:
-            n, j = leb128(body, j)
-            module = body[j:j + n].decode()
-            j += n
-        n, j = leb128(body, j)
-        name = body[j:j + n].decode()
-        j += n
-        kind = body[j]
-        j += 1
-        if with_module:
-            if kind == 0:
-                _, j = leb128(body, j)
-            elif kind == 1:
-                j += 1
-                flags = body[j]
-                _, j = leb128(body, j + 1)
-                if flags & 1:
-                    _, j = leb128(body, j)
-            elif kind == 2:
-                flags = body[j]
-                _, j = leb128(body, j + 1)
-                if flags & 1:
-                    _, j = leb128(body, j)
-            else:
-                j += 2
-        else:
-            _, j = leb128(body, j)
-        out.append((module, name, kind))
+        name, j = _name(body, j)
+        kind, j = body[j], j + 1
+        _, j = leb128(body, j)
+        out.append((None, name, kind))
     return out
 
 
@@ -81,27 +87,4 @@ def imported_functions(data):
     """(module, name, signature) of every imported function."""
     parts = dict((sid, body) for sid, body in sections(data) if sid in (1, 2))
     types = function_types(parts.get(1, b"\0"))
-    out = []
-    body = parts.get(2, b"\0")
-    count, j = leb128(body, 0)
-    for _ in range(count):
-        n, j = leb128(body, j)
-        module = body[j:j + n].decode()
-        j += n
-        n, j = leb128(body, j)
-        name = body[j:j + n].decode()
-        j += n
-        kind, j = body[j], j + 1
-        if kind == 0:
-            t, j = leb128(body, j)
-            out.append((module, name, types[t]))
-        elif kind in (1, 2):
-            if kind == 1:
-                j += 1
-            flags, j = leb128(body, j)
-            _, j = leb128(body, j)
-            if flags & 1:
-                _, j = leb128(body, j)
-        else:
-            j += 2
-    return out
+    return [(m, n, types[t]) for m, n, kind, t in _imports(parts.get(2, b"\0")) if kind == 0]
