@@ -279,7 +279,15 @@ def shipped_plugin_name():
 
 
 def istio_shape(bootstrap: dict, namespace: str, root_id=None) -> dict:
-    """The rendered bootstrap as istiod would shape it for a gateway with our WasmPlugin: every
+    """The rendered bootstrap as istiod would shape it for a gateway with our WasmPlugin, each rule
+    from istiod's code (istio/istio `pilot/pkg/model/extensions.go` @5add517bf6e0,
+    `buildWasmPluginConfigCommon` and `buildVMConfig`; `pilot/pkg/model/service.go` @db913ee00a54,
+    `BuildSubsetKey`): the plugin named `<ns>.<name>`, `root_id` from `pluginName`, no `vm_id`,
+    runtime v8, the configuration a JSON StringValue, `failStrategy` mapped as is
+    (FAIL_RELOAD -> FAIL_RELOAD), `valueFrom: HOST` -> `host_env_keys`, clusters
+    `outbound|<port>||<host>`; a WasmPlugin of the default type is an HTTP filter only
+    (`BuildHTTPWasmFilter`). istiod delivers the filter by ECDS under the name
+    `extensions.istio.io/wasmplugin/<ns>.<name>`; here it stays inline. Concretely: every
     cluster (routes, canaries, webdis, key sets) named `outbound|<port>||<name>.<ns>.svc.cluster.local`,
     the Wasm filter named `<ns>.<plugin>` with `root_id` = the WasmPlugin's `pluginName` ("" as
     shipped, or `root_id`) and no `vm_id`, its
