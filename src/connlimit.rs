@@ -194,7 +194,7 @@ impl Connections {
             return Ok(None);
         };
         let now = host.now_ms();
-        match self.limit.admit(host, &self.seed, ip, now) {
+        match self.limit.admit(host, &self.seed, &ip, now) {
             Admission::Admitted(key) => Ok(Some(key)),
             Admission::Uncounted => Ok(None),
             Admission::Refused => {
@@ -214,11 +214,8 @@ impl Connections {
 
 /// The IP of a peer address as Envoy gives it (`1.2.3.4:5678`, `[::1]:5678`); `None` for
 /// anything else (a Unix socket), which is not limited.
-pub fn peer_ip(address: &str) -> Option<&str> {
-    let ip = match address.strip_prefix('[') {
-        Some(rest) => rest.split_once(']')?.0,
-        None => address.rsplit_once(':').map_or(address, |(ip, _)| ip),
-    };
+pub fn peer_ip(address: &str) -> Option<String> {
+    let ip = crate::ratelimit::strip_port(address);
     ip.parse::<std::net::IpAddr>().is_ok().then_some(ip)
 }
 
@@ -326,9 +323,9 @@ mod tests {
 
     #[test]
     fn peer_addresses() {
-        assert_eq!(peer_ip("10.1.2.3:5555"), Some("10.1.2.3"));
-        assert_eq!(peer_ip("[::1]:80"), Some("::1"));
-        assert_eq!(peer_ip("10.1.2.3"), Some("10.1.2.3"));
+        assert_eq!(peer_ip("10.1.2.3:5555").as_deref(), Some("10.1.2.3"));
+        assert_eq!(peer_ip("[::1]:80").as_deref(), Some("::1"));
+        assert_eq!(peer_ip("10.1.2.3").as_deref(), Some("10.1.2.3"));
         assert_eq!(peer_ip("/tmp/sock"), None);
         assert_eq!(peer_ip("[x]:1"), None);
     }

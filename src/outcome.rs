@@ -13,15 +13,6 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// The metric label (`gateway_ratelimit_total{scope}`) and the index of its counters.
-    pub fn name(self) -> &'static str {
-        match self {
-            Scope::Ip => "ip",
-            Scope::User => "user",
-            Scope::Route => "route",
-        }
-    }
-
     /// The word that starts the 429 message, as in the reference ("API rate limit exceeded").
     pub fn label(self) -> &'static str {
         match self {
@@ -31,6 +22,7 @@ impl Scope {
         }
     }
 
+    /// The index of its counters (ip, user, route).
     pub fn index(self) -> usize {
         match self {
             Scope::Ip => 0,

@@ -43,7 +43,7 @@ mod metrics;
 mod revocation;
 
 use logs::StoredRecord;
-use metrics::{kind_index, Metrics};
+use metrics::Metrics;
 
 pub const HEADER_RESPONSE_TIME: &str = "x-response-time";
 use crate::outcome::message;

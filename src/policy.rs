@@ -137,7 +137,7 @@ fn endpoint_at(cfg: &Config, path: &str) -> Option<EndpointKind> {
     }
     let rv = cfg.revocation.as_ref()?;
     rv.endpoint(&form)
-        .or_else(|| rv.revoke_user_at(path, |p| endpoint_form(p).into_owned()))
+        .or_else(|| rv.revoke_user_at(path, endpoint_form))
         .map(EndpointKind::Revocation)
 }
 

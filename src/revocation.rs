@@ -180,7 +180,11 @@ impl Revocation {
     /// as sent and percent-decoded, so `a;b` bans `a;b` (never `a`) and `auth0%7Cx`,
     /// `%E7%94%A8` or (where Envoy keeps escaped slashes) `org%2F7` name those subjects. A
     /// segment that does not decode comes back empty, which the endpoint refuses (400).
-    pub fn revoke_user_at(&self, path: &str, form: impl Fn(&str) -> String) -> Option<EndpointPath> {
+    pub fn revoke_user_at(
+        &self,
+        path: &str,
+        form: impl for<'a> Fn(&'a str) -> std::borrow::Cow<'a, str>,
+    ) -> Option<EndpointPath> {
         let (head, tail) = self.revoke_user.as_ref()?;
         // `head` ends with the `/` in front of the id.
         let start = path

@@ -60,7 +60,7 @@ impl Gateway {
         now_ms: u64,
         host: &mut dyn Host,
     ) -> Result<(), Reply> {
-        let idx = kind_index(check.kind);
+        let idx = check.kind.index();
         // A live lease answers without touching shared data; else take a batch (one token for
         // limits too small to lease) and keep the rest.
         let batch = ratelimit::lease::batch(&check.limit);

@@ -26,14 +26,6 @@ pub(super) struct Metrics {
     pub(super) log_errors: u32,
 }
 
-pub(super) fn kind_index(kind: Kind) -> usize {
-    match kind {
-        Kind::Ip => 0,
-        Kind::User => 1,
-        Kind::Route => 2,
-    }
-}
-
 impl Metrics {
     pub(super) fn define(cfg: &Config, host: &mut dyn Host) -> Result<Self, String> {
         let mut def = |kind, name: &str| {

@@ -82,7 +82,7 @@ impl RouteLimits {
         Check {
             kind: Kind::Ip,
             key: slot_key_at("i", index),
-            fingerprint: fingerprint(&["i", &self.ip.scope, &index.to_string()]),
+            fingerprint: fingerprint(&["i", &self.ip.scope]).wrapping_add(index).max(1),
             limit: self.ip.limit,
         }
     }
