@@ -176,6 +176,14 @@ def test_the_kubernetes_side_is_complete(manifests):
 
 def test_the_gateway_chart_values_hand_the_secret_to_the_proxy():
     values = yaml.safe_load((ROOT / "envoy" / "istio" / "helm" / "gateway-values.yaml").read_text())
+    # The chart's own values schema (vendored with its source commit): `envVarFrom` is a key the
+    # chart knows (additionalProperties is false, so a misspelt key fails here), an array of
+    # {name, valueFrom}; its deployment template copies the entries into the proxy's `env`.
+    chart = json.loads((ROOT / "envoy" / "istio" / "schemas" / "gateway-chart-values.json").read_text())
+    assert "istio/istio" in chart["source"]
+    jsonschema.validate(values, chart["schema"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**values, "envFrom": values["envVarFrom"]}, chart["schema"])
     env = values["envVarFrom"]
     # Each entry is a container EnvVar: validated as part of a Pod.
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "namespace": "istio-system"},
