@@ -12,7 +12,7 @@ WASM_OPT_LEVEL := $(if $(filter release-fast,$(WASM_PROFILE)),-O3,-Oz)
 WASM_OPT_FLAGS := $(WASM_OPT_LEVEL) --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
 
-.PHONY: help deps build wasm render unit e2e hosts test run lint fmt validate clean compose-config bench fuzz soak oci compose-test reload
+.PHONY: help deps build wasm render unit e2e hosts test run lint fmt validate clean compose-config bench fuzz soak oci compose-test reload kong-test apisix-test
 
 help:
 	@echo "make run    build everything and start the demo stack (Envoy :8000, admin :9901, demo services)"
@@ -23,6 +23,8 @@ help:
 	@echo "make reload apply an edited config/gateway.yaml to the running \`make run\` Envoy (validated first; no restart)"
 	@echo "make oci    the module as an OCI image archive Istio can pull (build/gateway-filter.oci.tar)"
 	@echo "make soak   memory under a million distinct client addresses and users (about 5 minutes)"
+	@echo "make kong-test KONG_NGINX=...  the request-path cases in a real Kong ngx_wasm_module nginx"
+	@echo "make apisix-test APISIX_NGINX=... APISIX_LUA_PATH=...  the same in APISIX's wasm-nginx-module"
 	@echo "make fuzz   libFuzzer on tokens, the configuration, webdis replies and request heads (FUZZ_SECONDS each)"
 
 deps:
@@ -84,6 +86,17 @@ compose-config: build
 
 compose-test: compose-config
 	scripts/compose_test.sh
+
+# The built module in real Kong and APISIX nginx builds (their modules are in no registry this
+# machine reaches; see tests/nginx/test_nginx_hosts.py). Not part of `make test`.
+kong-test: build
+	@test -x "$(KONG_NGINX)" || { echo "kong-test: set KONG_NGINX to an nginx built with Kong's ngx_wasm_module"; exit 2; }
+	KONG_NGINX=$(KONG_NGINX) .venv/bin/pytest -q tests/nginx
+
+apisix-test: build
+	@test -x "$(APISIX_NGINX)" || { echo "apisix-test: set APISIX_NGINX to an nginx with lua-nginx-module and APISIX's wasm-nginx-module"; exit 2; }
+	@test -n "$(APISIX_LUA_PATH)" || { echo "apisix-test: set APISIX_LUA_PATH (finds resty.proxy-wasm, resty.http, resty.core)"; exit 2; }
+	APISIX_NGINX=$(APISIX_NGINX) APISIX_LUA_PATH='$(APISIX_LUA_PATH)' .venv/bin/pytest -q tests/nginx
 
 bench: build
 	@scripts/bootstrap.sh bench

@@ -96,6 +96,10 @@ pub trait Host: SharedStore {
     /// another: Envoy's `set_effective_context`. Kong's and APISIX's are no-ops, so there no
     /// request may wait on another request's call, or on the root's.
     fn resumes_other_contexts(&self) -> bool;
+    /// Whether a request header the filter removes is gone for the upstream too. Envoy: yes.
+    /// Kong's ngx_wasm_module only marks the entry (`hash = 0`), which nginx's proxy module
+    /// still forwards (seen in a real Kong; `ngx_http_proxy_create_request` does not skip it).
+    fn removes_request_headers(&self) -> bool;
 
     /// Dispatches a call; its answer arrives later with the returned token id.
     fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError>;
@@ -281,6 +285,8 @@ pub mod fake {
         /// A host whose `set_effective_context` does nothing (Kong, APISIX): a resume or reply
         /// after switching acts on the context of the callback.
         pub single_context: bool,
+        /// Removed request headers still reach the upstream (Kong behind nginx's proxy).
+        pub keeps_removed_headers: bool,
         /// The host's signature check (none by default, as on hosts without one).
         pub native: Option<crate::jwt::native::HostCheckFn>,
         pub native_calls: u32,
@@ -454,6 +460,9 @@ pub mod fake {
         }
         fn resumes_other_contexts(&self) -> bool {
             !self.single_context
+        }
+        fn removes_request_headers(&self) -> bool {
+            !self.keeps_removed_headers
         }
         fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError> {
             self.call("dispatch");

@@ -211,6 +211,11 @@ pub mod message {
         format!("Tokens of issuer '{issuer}' are refreshed by their identity provider")
     }
 
+    /// A client-sent copy of a header the gateway writes, on a host that cannot remove it.
+    pub fn gateway_header(name: &str) -> String {
+        format!("Header {name} is set by the gateway; send the request without it")
+    }
+
     pub fn logs_limit(max: u32) -> String {
         format!("limit must be 1 to {max}")
     }

@@ -552,8 +552,7 @@ impl Gateway {
                         req.canary = Some(to_canary);
                     }
                 }
-                apply(&forward, host);
-                Flow::Continue
+                self.send_on(req, &forward, host)
             }
         }
     }
@@ -561,7 +560,19 @@ impl Gateway {
     /// Forwards a request that no route check applies to (the passthrough paths).
     fn forward(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
         let forward = policy::forward_headers(&self.config, &req.headers, &req.trace, None);
-        apply(&forward, host);
+        self.send_on(req, &forward, host)
+    }
+
+    /// Applies the header changes and lets the request go on, unless the host would forward a
+    /// client's copy of a gateway-owned header it was asked to remove: then it is refused.
+    fn send_on(&mut self, req: &mut Request, forward: &policy::Forward, host: &mut dyn Host) -> Flow {
+        if !host.removes_request_headers() {
+            if let Some(name) = forward.remove.iter().find(|n| policy::gateway_owned(n)) {
+                let message = message::gateway_header(name);
+                return self.error(req, Outcome::BadRequest, &message, host);
+            }
+        }
+        apply(forward, host);
         Flow::Continue
     }
 

@@ -462,6 +462,21 @@ pub fn is_client_forgery(name: &str) -> bool {
         .any(|p| name.len() == p.len() && starts(name, p))
 }
 
+/// The headers only the gateway writes (identity and canary): on a host that cannot remove a
+/// client's copy before the upstream sees it, a request carrying one is refused instead.
+pub fn gateway_owned(name: &str) -> bool {
+    fn lower(n: &str) -> impl Iterator<Item = u8> + '_ {
+        n.bytes()
+            .map(|b| if b == b'_' { b'-' } else { b.to_ascii_lowercase() })
+    }
+    lower(name)
+        .take(IDENTITY_HEADER_PREFIX.len())
+        .eq(IDENTITY_HEADER_PREFIX.bytes())
+        || [crate::canary::ROUTE_HEADER, crate::canary::CANARY_HEADER]
+            .iter()
+            .any(|p| lower(name).eq(p.bytes()))
+}
+
 /// `X-Response-Time` as the reference writes it (`12.34ms`), with integer arithmetic (no float
 /// formatting code in the module).
 pub fn response_time(elapsed_us: u64) -> String {

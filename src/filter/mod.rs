@@ -41,6 +41,13 @@ struct WasmHost;
 /// Envoy: Kong traps on a name it does not know, APISIX answers Unimplemented.
 static ENVOY: AtomicBool = AtomicBool::new(false);
 
+fn is_envoy() -> bool {
+    ENVOY.load(Ordering::Relaxed)
+}
+
+/// Tries of an unconditional shared-data write on a host where cas 0 means "create".
+const UNCONDITIONAL_WRITE_TRIES: usize = 8;
+
 fn probe_envoy() -> bool {
     let envoy = raw::property_answered(b"xds\0node");
     ENVOY.store(envoy, Ordering::Relaxed);
@@ -67,7 +74,26 @@ impl SharedStore for WasmHost {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-        match raw::set_shared_data(key, value, cas.unwrap_or(0)) {
+        let status = match cas {
+            Some(cas) => raw::set_shared_data(key, value, cas),
+            // Envoy reads cas 0 as "no check". Kong reads it as "only if the key is missing"
+            // (`ngx_wa_shm_kv_set_locked` compares the cas with the node's, 0 for none): an
+            // unconditional write there is a write at the version just read, retried if
+            // another worker wrote in between. Found running the module in a real Kong.
+            None if is_envoy() => raw::set_shared_data(key, value, 0),
+            None => {
+                let mut status = raw::STATUS_CAS_MISMATCH;
+                for _ in 0..UNCONDITIONAL_WRITE_TRIES {
+                    let current = raw::get_shared_data(key).map_or(0, |(_, cas)| cas);
+                    status = raw::set_shared_data(key, value, current);
+                    if status != raw::STATUS_CAS_MISMATCH {
+                        break;
+                    }
+                }
+                status
+            }
+        };
+        match status {
             raw::STATUS_OK => Ok(()),
             raw::STATUS_CAS_MISMATCH => Err(SetError::CasMismatch),
             _ => Err(SetError::Failed),
@@ -127,7 +153,7 @@ impl Host for WasmHost {
     }
 
     fn clear_route_cache(&mut self) {
-        if ENVOY.load(Ordering::Relaxed) {
+        if is_envoy() {
             let _ = hostcalls::call_foreign_function("clear_route_cache", None);
         }
     }
@@ -140,7 +166,7 @@ impl Host for WasmHost {
         message: &[u8],
     ) -> Option<bool> {
         use crate::jwt::native;
-        if !ENVOY.load(Ordering::Relaxed) {
+        if !is_envoy() {
             return None;
         }
         let args = native::encode_arguments(hash, spki, signature, message);
@@ -165,7 +191,11 @@ impl Host for WasmHost {
     }
 
     fn resumes_other_contexts(&self) -> bool {
-        ENVOY.load(Ordering::Relaxed)
+        is_envoy()
+    }
+
+    fn removes_request_headers(&self) -> bool {
+        is_envoy()
     }
 
     fn switch_to(&mut self, context_id: u32) -> bool {

@@ -1348,3 +1348,46 @@ fn on_a_single_context_host_every_request_makes_its_own_lookup() {
     assert_eq!(t.req(3).resumed, 1);
     assert_eq!(t.metric("gateway_revocation_coalesced_total"), 0);
 }
+
+/// Kong behind nginx's proxy forwards a request header the filter removed: a client's copy of
+/// a header only the gateway writes is refused there, never forwarded beside the gateway's.
+#[test]
+fn where_removed_headers_still_reach_the_upstream_a_forged_identity_is_refused() {
+    let mut t = T::on_host(base(), |h| h.keeps_removed_headers = true);
+    for (ctx, name) in [(2, "X-User-Id"), (3, "x_user_role"), (4, "X-Gateway-Canary")] {
+        let h = vec![
+            (":method".to_string(), b"GET".to_vec()),
+            (":path".to_string(), b"/api/v1/open/1".to_vec()),
+            (name.to_string(), b"admin".to_vec()),
+        ];
+        t.send_headers(ctx, h);
+        assert_eq!(t.status(ctx), 400, "{name}");
+        let body = t
+            .req(ctx)
+            .reply
+            .as_ref()
+            .map(|r| r.body.clone())
+            .unwrap_or_default();
+        assert!(body.contains("is set by the gateway"), "{body}");
+        t.finish(ctx);
+    }
+    // Address headers are still removed (the host's own configuration rewrites them), and a
+    // request without a gateway-owned header goes on as anywhere else.
+    let h = vec![
+        (":method".to_string(), b"GET".to_vec()),
+        (":path".to_string(), b"/api/v1/open/1".to_vec()),
+        ("x-real-ip".to_string(), b"1.2.3.4".to_vec()),
+    ];
+    assert_eq!(t.send_headers(5, h), Action::Continue);
+    assert_eq!(t.req(5).header("x-real-ip"), None);
+    // Where removal works (Envoy, which hands the filter lower-case names), the same forged
+    // header is stripped, not refused.
+    let mut t = T::default();
+    let h = vec![
+        (":method".to_string(), b"GET".to_vec()),
+        (":path".to_string(), b"/api/v1/open/1".to_vec()),
+        ("x-user-id".to_string(), b"admin".to_vec()),
+    ];
+    assert_eq!(t.send_headers(2, h), Action::Continue);
+    assert_eq!(t.req(2).header("x-user-id"), None);
+}

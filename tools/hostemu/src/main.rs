@@ -55,6 +55,14 @@ struct Profile {
     /// An unknown foreign function traps (Kong) or answers this status.
     foreign_traps: bool,
     on_log: bool,
+    /// `set_shared_data` with cas 0 writes only a missing key, and a non-zero cas never creates
+    /// one (Kong: `ngx_wa_shm_kv_set_locked` compares the cas with the node's, 0 for none);
+    /// Envoy reads cas 0 as no check.
+    cas_zero_creates: bool,
+    /// A removed request header is only marked, and nginx's proxy module still sends it
+    /// upstream (Kong: `ngx_http_wasm_headers.c` sets `hash = 0`; nginx's
+    /// `ngx_http_proxy_create_request` does not skip such entries; seen in a real Kong).
+    forwards_removed_headers: bool,
 }
 
 fn profiles() -> Vec<Profile> {
@@ -68,6 +76,8 @@ fn profiles() -> Vec<Profile> {
             xds_node: None,
             foreign_traps: false,
             on_log: true,
+            cas_zero_creates: false,
+            forwards_removed_headers: false,
         },
         Profile {
             name: "Kong ngx_wasm_module",
@@ -79,6 +89,8 @@ fn profiles() -> Vec<Profile> {
             xds_node: Some(10),
             foreign_traps: true,
             on_log: true,
+            cas_zero_creates: true,
+            forwards_removed_headers: true,
         },
         Profile {
             name: "APISIX wasm-nginx-module",
@@ -90,6 +102,9 @@ fn profiles() -> Vec<Profile> {
             xds_node: Some(2),
             foreign_traps: false,
             on_log: false,
+            cas_zero_creates: false,
+            // Not read for APISIX (its removal goes through OpenResty); not assumed either way.
+            forwards_removed_headers: true,
         },
     ]
 }
@@ -134,6 +149,8 @@ struct Req {
     pending: usize,
     /// Answers of this request's own lookups: clean or not.
     answers: Vec<bool>,
+    /// Headers the filter removed that the upstream still receives (see the profile).
+    still_forwarded: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -340,10 +357,11 @@ fn host(name: &str, caller: &mut Caller<'_, St>, args: &[Val]) -> R<i32> {
         "proxy_add_header_map_value" | "proxy_replace_header_map_value" => {
             let key = String::from_utf8_lossy(&read(caller, a(1), a(2))?).into_owned();
             let value = String::from_utf8_lossy(&read(caller, a(3), a(4))?).into_owned();
+            let marks = caller.data().profile.forwards_removed_headers;
             if a(0) == 0 {
                 if let Some(r) = caller.data_mut().reqs.get_mut(&ctx) {
                     if name == "proxy_replace_header_map_value" {
-                        r.headers.retain(|(k, _)| *k != key);
+                        remove_header(r, &key, marks);
                     }
                     r.headers.push((key, value));
                 }
@@ -352,9 +370,10 @@ fn host(name: &str, caller: &mut Caller<'_, St>, args: &[Val]) -> R<i32> {
         }
         "proxy_remove_header_map_value" => {
             let key = String::from_utf8_lossy(&read(caller, a(1), a(2))?).into_owned();
+            let marks = caller.data().profile.forwards_removed_headers;
             if a(0) == 0 {
                 if let Some(r) = caller.data_mut().reqs.get_mut(&ctx) {
-                    r.headers.retain(|(k, _)| *k != key);
+                    remove_header(r, &key, marks);
                 }
             }
             Ok(0)
@@ -406,9 +425,11 @@ fn host(name: &str, caller: &mut Caller<'_, St>, args: &[Val]) -> R<i32> {
             let key = String::from_utf8_lossy(&read(caller, a(0), a(1))?).into_owned();
             let value = read(caller, a(2), a(3))?;
             let cas = a(4) as u32;
+            let strict = caller.data().profile.cas_zero_creates;
             let shared = &mut caller.data_mut().shared;
             let next = match shared.get(&key) {
-                Some((_, current)) if cas != 0 && *current != cas => return Ok(9),
+                Some((_, current)) if (cas != 0 || strict) && *current != cas => return Ok(9),
+                None if strict && cas != 0 => return Ok(9),
                 Some((_, current)) => current + 1,
                 None => 1,
             };
@@ -506,6 +527,17 @@ struct Vm {
 
 impl Vm {
     fn new(wasm: &[u8], profile: &Profile, table: &Table, config: &str) -> R<Vm> {
+        Vm::with_shared(wasm, profile, table, config, HashMap::new())
+    }
+
+    /// A VM that starts on a shared-data zone other VMs (workers) already wrote.
+    fn with_shared(
+        wasm: &[u8],
+        profile: &Profile,
+        table: &Table,
+        config: &str,
+        shared: HashMap<String, (Vec<u8>, u32)>,
+    ) -> R<Vm> {
         let engine = Engine::default();
         let module = Module::new(&engine, wasm).map_err(|e| e.to_string())?;
         let mut linker = <Linker<St>>::new(&engine);
@@ -562,7 +594,7 @@ impl Vm {
             reqs: HashMap::new(),
             calls: Vec::new(),
             answer: (200, Vec::new()),
-            shared: HashMap::new(),
+            shared,
             config: config.as_bytes().to_vec(),
             now_ns: 1_800_000_000_000_000_000,
             next_token: 100,
@@ -614,6 +646,17 @@ impl Vm {
     }
 
     fn request_method(&mut self, ctx: i32, method: &str, path: &str, token: Option<&str>) -> R<i32> {
+        self.request_with(ctx, method, path, token, &[])
+    }
+
+    fn request_with(
+        &mut self,
+        ctx: i32,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> R<i32> {
         let mut headers = vec![
             (":method".to_string(), method.to_string()),
             (":path".to_string(), path.to_string()),
@@ -622,6 +665,7 @@ impl Vm {
         if let Some(t) = token {
             headers.push(("authorization".to_string(), format!("Bearer {t}")));
         }
+        headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let n = headers.len() as i32;
         self.store.data_mut().reqs.insert(
             ctx,
@@ -728,6 +772,18 @@ impl Vm {
     }
 }
 
+/// Removes a request header (names compare without case, as every host does); where the host
+/// only marks it, the upstream still gets it.
+fn remove_header(r: &mut Req, key: &str, marks: bool) {
+    let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut r.headers)
+        .into_iter()
+        .partition(|(k, _)| k.eq_ignore_ascii_case(key));
+    r.headers = kept;
+    if marks {
+        r.still_forwarded.extend(gone);
+    }
+}
+
 fn token(sub: &str, jti: &str) -> String {
     let header = B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
     let now = 1_800_000_000i64;
@@ -797,6 +853,34 @@ fn run(profile: &Profile, table: &Table, wasm: &[u8]) -> R<Vec<String>> {
     );
 
     let mut vm = Vm::new(wasm, profile, table, &config())?;
+
+    // A second worker starts on the zone the first one wrote (each worker is a VM; the
+    // shared data is the host's). It must find the host's shared data as the first did.
+    let has_shared = !table.unimplemented.contains("proxy_set_shared_data");
+    let second = Vm::with_shared(wasm, profile, table, &config(), vm.store.data().shared.clone())?;
+    let offers = |vm: &Vm| {
+        vm.store
+            .data()
+            .logs
+            .iter()
+            .find(|l| l.contains("host offers:"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    for (which, v) in [("first", &vm), ("second", &second)] {
+        let line = offers(v);
+        check(
+            &mut f,
+            h,
+            "each worker finds the shared data",
+            line.contains(if has_shared {
+                "shared data yes"
+            } else {
+                "shared data no"
+            }),
+            format!("{which} worker: {line:?}"),
+        );
+    }
     let own_lookup = |vm: &Vm, ctx: i32| vm.calls_of(ctx);
 
     // A public route: forwarded, nothing asked.
@@ -809,6 +893,25 @@ fn run(profile: &Profile, table: &Table, wasm: &[u8]) -> R<Vec<String>> {
         format!("{:?}", vm.req(2)),
     );
     vm.finish(2)?;
+
+    // A client's copy of the identity header on a public route: stripped where the host
+    // removes headers, refused where the upstream would still get it; never forwarded.
+    vm.request_with(20, "GET", "/api/v1/products/1", None, &[("X-User-Id", "admin")])?;
+    let r = vm.req(20);
+    let upstream_sees = r.continued
+        && r.headers
+            .iter()
+            .chain(&r.still_forwarded)
+            .any(|(k, v)| k.eq_ignore_ascii_case("x-user-id") && v == "admin");
+    let refused = vm.status(20) == Some(400);
+    check(
+        &mut f,
+        h,
+        "a forged identity header",
+        !upstream_sees && (refused || !profile.forwards_removed_headers),
+        format!("{r:?}"),
+    );
+    vm.finish(20)?;
 
     // A valid token: its own lookup, answered clean, then forwarded with the identity.
     let t = token("user-002", "a");
