@@ -6,19 +6,23 @@ SHELL := /bin/bash
 WASM_PROFILE ?= release
 WASM_RAW := target/wasm32-wasip1/$(WASM_PROFILE)/gateway_filter.wasm
 WASM     := build/gateway_filter.wasm
+NATIVE   := build/libgateway_filter.so
+# The filter build `make run` and `make reload` use: wasm (default) or native.
+RUNTIME  ?=
 RENDER   := target/release/gateway-render
 ENVOY_ADMIN ?= build/envoy-admin.sock
 WASM_OPT_LEVEL := $(if $(filter release-fast,$(WASM_PROFILE)),-O3,-Oz)
 WASM_OPT_FLAGS := $(WASM_OPT_LEVEL) --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
 
-.PHONY: help deps build wasm render unit e2e hosts test run lint fmt validate clean compose-config bench fuzz soak oci compose-test reload kong-test apisix-test
+.PHONY: help deps build wasm native render unit e2e hosts test run lint fmt validate clean compose-config bench fuzz soak oci compose-test reload kong-test apisix-test
 
 help:
 	@echo "make run    build everything and start the demo stack (Envoy :8000, admin :9901, demo services)"
 	@echo "make test   unit tests, then end-to-end tests against real Envoy"
 	@echo "make lint   cargo fmt --check and clippy (host and wasm32) with -D warnings"
-	@echo "make build  the optimised filter ($(WASM)) and the renderer ($(RENDER))"
+	@echo "make build  the optimised filter ($(WASM)), the native module ($(NATIVE)) and the renderer"
+	@echo "make run RUNTIME=native  the demo with the native module instead of the .wasm"
 	@echo "make bench  cost per request against plain Envoy and Envoy's native filters (writes the README table)"
 	@echo "make reload apply an edited config/gateway.yaml to the running \`make run\` Envoy (validated first; no restart)"
 	@echo "make oci    the module as an OCI image archive Istio can pull (build/gateway-filter.oci.tar)"
@@ -36,10 +40,18 @@ wasm: deps
 	wasm-opt $(WASM_OPT_FLAGS) $(WASM_RAW) -o $(WASM)
 	@echo "filter: $(WASM) $$(stat -c %s $(WASM)) bytes (unoptimised $$(stat -c %s $(WASM_RAW)))"
 
+# The same policy as an Envoy dynamic module (profile native: opt-level 3, panics unwind to the
+# ABI boundary instead of aborting Envoy).
+native: deps
+	cargo build --profile native -p gateway-native
+	@mkdir -p build
+	cp target/native/libgateway_native.so $(NATIVE)
+	@echo "native: $(NATIVE) $$(stat -c %s $(NATIVE)) bytes"
+
 render: deps
 	cargo build --release -p gateway-render
 
-build: wasm render
+build: wasm native render
 
 unit: deps
 	cargo test --workspace
@@ -54,7 +66,7 @@ hosts: build
 test: unit e2e hosts
 
 run: build
-	scripts/run.sh
+	RUNTIME=$(RUNTIME) scripts/run.sh
 
 lint: deps
 	cargo fmt --all -- --check
@@ -111,7 +123,8 @@ reload: render
 	@sed -e "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:$${WEBDIS_PORT:-7379}#" \
 	  -e "s#^    webdis: http://127.0.0.1:7380#    webdis: http://127.0.0.1:$${LOG_WEBDIS_PORT:-7380}#" config/gateway.yaml > build/gateway.next.yaml
 	python3 scripts/await_config.py --xds build/xds --admin $(ENVOY_ADMIN) -- \
-	  $(RENDER) --config build/gateway.next.yaml --wasm $(CURDIR)/$(WASM) --xds $(CURDIR)/build/xds
+	  $(RENDER) --config build/gateway.next.yaml --wasm $(CURDIR)/$(WASM) --xds $(CURDIR)/build/xds \
+	  $$(r=$${RUNTIME:-$$(cat build/runtime 2>/dev/null)}; [ -z "$$r" ] || echo --runtime $$r)
 
 oci: wasm
 	python3 scripts/oci.py

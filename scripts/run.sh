@@ -25,8 +25,17 @@ sed -e "s#^webdis: http://127.0.0.1:7379#webdis: http://127.0.0.1:${WEBDIS_PORT}
     -e "s#^    webdis: http://127.0.0.1:7380#    webdis: http://127.0.0.1:${LOG_WEBDIS_PORT}#" config/gateway.yaml > build/gateway.yaml
 # Listener, routes, clusters and the filter's configuration as filesystem-xDS files in build/xds:
 # `make reload` applies an edited config/gateway.yaml to the running Envoy without a restart.
+# RUNTIME=native (make run RUNTIME=native): the native module instead of the .wasm; make reload
+# keeps it (build/runtime).
+runtime_args=()
+if [ -n "${RUNTIME:-}" ]; then
+  runtime_args=(--runtime "$RUNTIME")
+  echo "$RUNTIME" > build/runtime
+else
+  rm -f build/runtime
+fi
 target/release/gateway-render --config build/gateway.yaml --wasm "$PWD/build/gateway_filter.wasm" \
-  --xds "$PWD/build/xds" --out build/envoy.yaml
+  "${runtime_args[@]}" --xds "$PWD/build/xds" --out build/envoy.yaml
 REDIS_PASSWORD="$REDIS_PASSWORD" python3 - "$REDIS_PORT" "$WEBDIS_PORT" "$LOG_REDIS_PORT" "$LOG_WEBDIS_PORT" <<'PY'
 import json, os, sys
 for name, redis_port, http_port in (("webdis", sys.argv[1], sys.argv[2]), ("webdis-logs", sys.argv[3], sys.argv[4])):

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     match GatewayFile::parse(text) {
         Err(e) => assert!(!e.to_string().is_empty()),
         Ok(file) => {
-            let rendered = bootstrap(&file, &RenderOptions { wasm_path: "/x.wasm" });
+            let rendered = bootstrap(&file, &RenderOptions { wasm_path: "/x.wasm", native_path: None });
             assert!(rendered.is_ok(), "an accepted file renders: {rendered:?}");
             let json = serde_json::to_string(&file.filter).unwrap_or_default();
             let env = |_: &str| Some("fuzz-secret-fuzz-secret".to_string());

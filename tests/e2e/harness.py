@@ -25,12 +25,16 @@ ROOT = Path(__file__).resolve().parents[2]
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 RENDER = ROOT / "target" / "release" / "gateway-render"
 WASM = ROOT / "build" / "gateway_filter.wasm"
+NATIVE = ROOT / "build" / "libgateway_filter.so"
+# Which build of the filter every Gateway runs unless its file says (make test runs the suite
+# with each): the portable module (wasm) or the Envoy dynamic module (native).
+RUNTIME = os.environ.get("GATEWAY_RUNTIME", "wasm")
 SERVICES = ROOT / "demo" / "services.py"
 SECRET = "e2e-secret-e2e-secret-e2e-secret-e2e"
 
 
 def require_build():
-    missing = [p for p in (ENVOY, RENDER, WASM) if not p.exists()]
+    missing = [p for p in (ENVOY, RENDER, WASM, *([NATIVE] if RUNTIME == "native" else [])) if not p.exists()]
     if missing:
         raise RuntimeError(f"missing {', '.join(map(str, missing))}: run `make build` (or `make test`) first")
 
@@ -160,6 +164,8 @@ class Gateway:
         self.port = free_port()
         self.admin_port = free_port()
         gateway_file = json.loads(json.dumps(gateway_file))
+        gateway_file["gateway"].setdefault("runtime", RUNTIME)
+        self.runtime = gateway_file["gateway"]["runtime"]
         if admin_socket:
             self.admin_socket = self.dir / "admin.sock"
             gateway_file["gateway"].update(port=self.port, address="127.0.0.1",
@@ -189,7 +195,7 @@ class Gateway:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(ENVOY), "-c", str(self.envoy_yaml), "--concurrency", str(concurrency),
-             "--disable-hot-restart", "-l", "warn", "--component-log-level", "wasm:info"],
+             "--disable-hot-restart", "-l", "warn", "--component-log-level", "wasm:info,dynamic_modules:info"],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env)  # the filter reads JWT_SECRET here
         try:
             wait_for(self._ready, timeout=20, what="envoy ready")
@@ -204,6 +210,7 @@ class Gateway:
         Envoy reports the new versions in force (exit 1 if Envoy refused them)."""
         f = json.loads(json.dumps(gateway_file))
         f["gateway"].update(self.ports_overrides)
+        f["gateway"].setdefault("runtime", RUNTIME)
         path = self.dir / "gateway.next.yaml"
         path.write_text(json.dumps(f, indent=1))
         args = [str(RENDER), "--config", str(path), "--wasm", str(WASM), "--xds", str(self.xds_dir)]

@@ -6,8 +6,8 @@ use gateway_filter::canary::{ROUTE_HEADER, ROUTE_VALUE};
 use serde_json::{json, Value};
 
 use crate::gateway::{
-    Endpoint, EscapedSlashes, FailurePolicy, GatewayFile, LbPolicy, UnderscoreAction, LOG_WEBDIS_CLUSTER,
-    WEBDIS_CLUSTER,
+    Endpoint, EscapedSlashes, FailurePolicy, GatewayFile, LbPolicy, Runtime, UnderscoreAction,
+    LOG_WEBDIS_CLUSTER, WEBDIS_CLUSTER,
 };
 
 /// Tag extraction for the filter's metrics: the route, outcome, reason, scope... written into each
@@ -30,10 +30,27 @@ const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Where the filter's `.wasm` lives, as Envoy will see it.
 pub struct RenderOptions<'a> {
     pub wasm_path: &'a str,
+    /// The native module (`gateway.runtime: native`); by default `libgateway_filter.so` beside
+    /// the `.wasm`.
+    pub native_path: Option<&'a str>,
+}
+
+impl RenderOptions<'_> {
+    fn native_path(&self) -> String {
+        match self.native_path {
+            Some(p) => p.to_string(),
+            None => match self.wasm_path.rsplit_once('/') {
+                Some((dir, _)) => format!("{dir}/libgateway_filter.so"),
+                None => "libgateway_filter.so".to_string(),
+            },
+        }
+    }
 }
 
 /// Names used in the bootstrap, documented in the README.
 pub const PLUGIN_NAME: &str = "gateway";
+/// The HTTP filter's name with `gateway.runtime: native` (Envoy's dynamic-modules filter).
+pub const NATIVE_FILTER_NAME: &str = "envoy.filters.http.dynamic_modules";
 /// The same module as a network filter: connections per client.
 pub const CONNECTIONS_PLUGIN_NAME: &str = "gateway-connections";
 pub const LISTENER_NAME: &str = "gateway";
@@ -180,22 +197,41 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     if !env_keys.is_empty() {
         vm_config["environment_variables"] = json!({"host_env_keys": env_keys});
     }
-    http_filters.push(json!({
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": PLUGIN_NAME,
-                "root_id": PLUGIN_NAME,
-                "vm_config": vm_config.clone(),
-                "configuration": {
+    http_filters.push(match g.runtime {
+        Runtime::Wasm => json!({
+            "name": "envoy.filters.http.wasm",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": PLUGIN_NAME,
+                    "root_id": PLUGIN_NAME,
+                    "vm_config": vm_config.clone(),
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": filter_json,
+                    },
+                    "failure_policy": failure_policy,
+                }
+            }
+        }),
+        // The same policy in-process: secrets come from Envoy's environment by the same
+        // `*_env` names; the module stays loaded for the process's life (its shared state).
+        Runtime::Native => json!({
+            "name": NATIVE_FILTER_NAME,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                "dynamic_module_config": {
+                    "module": {"local": {"filename": opts.native_path()}},
+                    "do_not_close": true,
+                },
+                "filter_name": PLUGIN_NAME,
+                "filter_config": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": filter_json,
                 },
-                "failure_policy": failure_policy,
             }
-        }
-    }));
+        }),
+    });
     if g.limits.max_request_body_kb > 0 {
         // After the gateway filter (a refused request is never buffered), before the router:
         // the upstream request starts once the body is whole, so a slow body holds no upstream
@@ -540,14 +576,15 @@ pub fn xds(bootstrap: &Value, dir: &str) -> Result<Xds, String> {
     }
     hcm["rds"] = json!({"route_config_name": routes["name"].clone(), "config_source": source("rds.json")});
     let filters = hcm["http_filters"].as_array_mut().ok_or("no http filters")?;
-    let wasm = filters
+    let gateway = filters
         .iter_mut()
-        .find(|f| f["name"] == "envoy.filters.http.wasm")
-        .ok_or("no wasm filter")?;
-    let typed = wasm["typed_config"].take();
-    *wasm = json!({"name": PLUGIN_NAME, "config_discovery": {
+        .find(|f| f["name"] == "envoy.filters.http.wasm" || f["name"] == NATIVE_FILTER_NAME)
+        .ok_or("no gateway filter")?;
+    let typed = gateway["typed_config"].take();
+    let type_url = typed["@type"].clone();
+    *gateway = json!({"name": PLUGIN_NAME, "config_discovery": {
         "config_source": source("ecds.json"),
-        "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]}});
+        "type_urls": [type_url]}});
     let clusters = b["static_resources"]["clusters"]
         .as_array_mut()
         .ok_or("no clusters")?;
@@ -608,7 +645,14 @@ mod tests {
 
     fn render(yaml: &str) -> Value {
         let file = GatewayFile::parse(yaml).unwrap();
-        bootstrap(&file, &RenderOptions { wasm_path: "/x.wasm" }).unwrap()
+        bootstrap(
+            &file,
+            &RenderOptions {
+                wasm_path: "/x.wasm",
+                native_path: None,
+            },
+        )
+        .unwrap()
     }
 
     const YAML: &str = r#"

@@ -18,7 +18,7 @@ pub const WEBDIS_CLUSTER: &str = "webdis";
 pub const LOG_WEBDIS_CLUSTER: &str = "webdis-logs";
 
 /// Keys of `gateway:` that only Envoy uses (the rest is the filter's: prefix, name, rate_limit).
-const ENVOY_GATEWAY_KEYS: [&str; 13] = [
+const ENVOY_GATEWAY_KEYS: [&str; 14] = [
     "port",
     "address",
     "admin",
@@ -29,6 +29,7 @@ const ENVOY_GATEWAY_KEYS: [&str; 13] = [
     "outlier_detection",
     "connect_timeout",
     "failure_policy",
+    "runtime",
     "limits",
     "headers_with_underscores",
     "escaped_slashes",
@@ -64,6 +65,10 @@ pub struct Gateway {
     /// `closed` (fail closed for good) or `open` (skip the filter: bypasses auth).
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    /// Which build of the filter Envoy runs: `wasm` (the portable module, proxy-wasm) or
+    /// `native` (the same policy as an Envoy dynamic module, `libgateway_filter.so`).
+    #[serde(default)]
+    pub runtime: Runtime,
     /// Edge hardening: timeouts, connection and memory limits, HTTP/2 limits.
     #[serde(default)]
     pub limits: Limits,
@@ -789,6 +794,14 @@ impl Default for OutlierDetection {
             max_ejection_percent: 50,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    #[default]
+    Wasm,
+    Native,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

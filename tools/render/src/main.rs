@@ -11,14 +11,18 @@
 use std::process::ExitCode;
 
 use gateway_render::envoy;
-use gateway_render::gateway::GatewayFile;
+use gateway_render::gateway::{self, GatewayFile};
 
 const USAGE: &str =
-    "usage: gateway-render [--config FILE] (--wasm PATH [--out FILE] [--xds DIR] | --filter-config | --check)";
+    "usage: gateway-render [--config FILE] (--wasm PATH [--native PATH] [--runtime wasm|native] [--out FILE] [--xds DIR] | --filter-config | --check)";
 
 struct Args {
     config: String,
     wasm: Option<String>,
+    /// The native module, for `gateway.runtime: native` (default: beside the `.wasm`).
+    native: Option<String>,
+    /// Overrides `gateway.runtime` (`make run RUNTIME=native`).
+    runtime: Option<gateway::Runtime>,
     out: Option<String>,
     filter_only: bool,
     check: bool,
@@ -32,6 +36,8 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         config: "config/gateway.yaml".to_string(),
         wasm: None,
+        native: None,
+        runtime: None,
         out: None,
         filter_only: false,
         check: false,
@@ -43,6 +49,14 @@ fn parse_args() -> Result<Args, String> {
         match a.as_str() {
             "--config" => args.config = it.next().ok_or("--config needs a value")?,
             "--wasm" => args.wasm = Some(it.next().ok_or("--wasm needs a value")?),
+            "--runtime" => {
+                args.runtime = Some(match it.next().as_deref() {
+                    Some("wasm") => gateway::Runtime::Wasm,
+                    Some("native") => gateway::Runtime::Native,
+                    other => return Err(format!("--runtime takes wasm or native, not {other:?}\n{USAGE}")),
+                })
+            }
+            "--native" => args.native = Some(it.next().ok_or("--native needs a value")?),
             "--out" => args.out = Some(it.next().ok_or("--out needs a value")?),
             "--filter-config" => args.filter_only = true,
             "--check" => args.check = true,
@@ -82,7 +96,10 @@ fn write_private(path: &str, data: &[u8]) -> std::io::Result<()> {
 fn run(args: &Args) -> Result<(), (u8, String)> {
     let text = std::fs::read_to_string(&args.config)
         .map_err(|e| (2, format!("cannot read {}: {e}", args.config)))?;
-    let file = load(&args.config, &text).map_err(|e| (1, e))?;
+    let mut file = load(&args.config, &text).map_err(|e| (1, e))?;
+    if let Some(runtime) = args.runtime {
+        file.gateway.runtime = runtime;
+    }
     let inline_issuers = file
         .filter
         .jwt
@@ -111,7 +128,14 @@ fn run(args: &Args) -> Result<(), (u8, String)> {
         serde_json::to_string_pretty(&file.filter).map_err(|e| (2, e.to_string()))?
     } else {
         let wasm_path = args.wasm.as_deref().unwrap_or_default();
-        let mut value = envoy::bootstrap(&file, &envoy::RenderOptions { wasm_path }).map_err(|e| (1, e))?;
+        let mut value = envoy::bootstrap(
+            &file,
+            &envoy::RenderOptions {
+                wasm_path,
+                native_path: args.native.as_deref(),
+            },
+        )
+        .map_err(|e| (1, e))?;
         if let Some(dir) = &args.xds {
             // Everything is rendered and valid before the first file is swapped in.
             let (bootstrap, files) = envoy::xds(&value, dir).map_err(|e| (1, e))?;

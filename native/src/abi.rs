@@ -1,0 +1,451 @@
+//! Envoy's dynamic-module C ABI (version v0.2.0, Envoy 1.40), declared by hand from the
+//! documented signatures of `source/extensions/dynamic_modules/abi/abi.h`: only the callbacks
+//! the glue uses, and safe wrappers around them. Every `unsafe` of the native module is here.
+//!
+//! Pointers Envoy hands over (`EnvoyFilter`, `EnvoyConfig`) are opaque; they stay valid until
+//! the matching destroy hook, and every callback that takes one is called on the thread that
+//! owns it (the stream's worker, or the main thread for configuration), from inside a hook.
+//! Buffers Envoy returns are valid until the end of the current hook; the wrappers copy them.
+
+use std::ffi::{c_char, c_void};
+use std::ptr::{null, null_mut};
+
+/// The ABI version Envoy 1.40 expects from `envoy_dynamic_module_on_program_init`.
+pub const ABI_VERSION: &[u8] = b"v0.2.0\0";
+
+/// `envoy_dynamic_module_type_http_filter_envoy_ptr`: one HTTP stream in Envoy.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct EnvoyFilter(pub *mut c_void);
+/// `envoy_dynamic_module_type_http_filter_config_envoy_ptr`: the filter configuration in Envoy.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct EnvoyConfig(pub *mut c_void);
+
+// SAFETY: the configuration pointer is only handed back to Envoy's configuration-level metric
+// callbacks, which Envoy implements on thread-safe stats; the glue never dereferences it.
+unsafe impl Send for EnvoyConfig {}
+// SAFETY: as above.
+unsafe impl Sync for EnvoyConfig {}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EnvoyBuffer {
+    pub ptr: *const c_char,
+    pub length: usize,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ModuleBuffer {
+    pub ptr: *const c_char,
+    pub length: usize,
+}
+
+impl ModuleBuffer {
+    pub fn of(bytes: &[u8]) -> Self {
+        ModuleBuffer {
+            ptr: bytes.as_ptr().cast(),
+            length: bytes.len(),
+        }
+    }
+
+    const EMPTY: ModuleBuffer = ModuleBuffer {
+        ptr: null(),
+        length: 0,
+    };
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ModuleHeader {
+    pub key_ptr: *const c_char,
+    pub key_length: usize,
+    pub value_ptr: *const c_char,
+    pub value_length: usize,
+}
+
+impl ModuleHeader {
+    pub fn of(key: &[u8], value: &[u8]) -> Self {
+        ModuleHeader {
+            key_ptr: key.as_ptr().cast(),
+            key_length: key.len(),
+            value_ptr: value.as_ptr().cast(),
+            value_length: value.len(),
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EnvoyHeader {
+    pub key_ptr: *const c_char,
+    pub key_length: usize,
+    pub value_ptr: *const c_char,
+    pub value_length: usize,
+}
+
+/// `envoy_dynamic_module_type_http_header_type`.
+pub const REQUEST_HEADER: u32 = 0;
+pub const RESPONSE_HEADER: u32 = 2;
+/// `envoy_dynamic_module_type_on_http_filter_request_headers_status`.
+pub const CONTINUE: u32 = 0;
+pub const STOP_ITERATION: u32 = 1;
+/// `envoy_dynamic_module_type_http_callout_init_result_Success`.
+const CALLOUT_SUCCESS: u32 = 0;
+const CALLOUT_CLUSTER_NOT_FOUND: u32 = 2;
+/// `envoy_dynamic_module_type_http_callout_result_Success`.
+pub const CALLOUT_RESULT_SUCCESS: u32 = 0;
+/// `envoy_dynamic_module_type_attribute_id_SourceAddress`.
+const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
+/// `envoy_dynamic_module_type_metrics_result_Success`.
+const METRICS_SUCCESS: u32 = 0;
+
+extern "C" {
+    fn envoy_dynamic_module_callback_http_get_header(
+        filter: *mut c_void,
+        header_type: u32,
+        key: ModuleBuffer,
+        result: *mut EnvoyBuffer,
+        index: usize,
+        optional_size: *mut usize,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_get_headers_size(filter: *mut c_void, header_type: u32) -> usize;
+    fn envoy_dynamic_module_callback_http_get_headers(
+        filter: *mut c_void,
+        header_type: u32,
+        result_headers: *mut EnvoyHeader,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_set_header(
+        filter: *mut c_void,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_send_response(
+        filter: *mut c_void,
+        status_code: u32,
+        headers: *mut ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        details: ModuleBuffer,
+    );
+    fn envoy_dynamic_module_callback_http_filter_http_callout(
+        filter: *mut c_void,
+        callout_id_out: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: *mut c_void);
+    fn envoy_dynamic_module_callback_http_clear_route_cache(filter: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        filter: *mut c_void,
+        attribute_id: u32,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+        config: *mut c_void,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        id_out: *mut usize,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_define_histogram(
+        config: *mut c_void,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        id_out: *mut usize,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: *mut c_void,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+        config: *mut c_void,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
+}
+
+/// Copies an Envoy-owned buffer (valid only during the hook) into owned bytes.
+///
+/// # Safety
+/// `b` must describe `length` readable bytes, or have a null pointer / zero length.
+unsafe fn copy(b: EnvoyBuffer) -> Vec<u8> {
+    if b.ptr.is_null() || b.length == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the caller guarantees `length` readable bytes at `ptr` for this hook.
+    unsafe { std::slice::from_raw_parts(b.ptr.cast::<u8>(), b.length) }.to_vec()
+}
+
+/// The whole header map of a stream (request or response), copied.
+pub fn headers(filter: EnvoyFilter, header_type: u32) -> Option<Vec<(String, Vec<u8>)>> {
+    // SAFETY: a live stream pointer, on its worker, inside one of its hooks.
+    let size = unsafe { envoy_dynamic_module_callback_http_get_headers_size(filter.0, header_type) };
+    let empty = EnvoyHeader {
+        key_ptr: null(),
+        key_length: 0,
+        value_ptr: null(),
+        value_length: 0,
+    };
+    let mut out = vec![empty; size];
+    // SAFETY: `out` has room for exactly the `size` entries Envoy writes.
+    if !unsafe { envoy_dynamic_module_callback_http_get_headers(filter.0, header_type, out.as_mut_ptr()) } {
+        return None;
+    }
+    let pairs = out
+        .iter()
+        .map(|h| {
+            // SAFETY: each entry Envoy filled describes bytes valid during this hook.
+            let key = unsafe {
+                copy(EnvoyBuffer {
+                    ptr: h.key_ptr,
+                    length: h.key_length,
+                })
+            };
+            // SAFETY: as above.
+            let value = unsafe {
+                copy(EnvoyBuffer {
+                    ptr: h.value_ptr,
+                    length: h.value_length,
+                })
+            };
+            (String::from_utf8_lossy(&key).into_owned(), value)
+        })
+        .collect();
+    Some(pairs)
+}
+
+/// The first value of one header.
+pub fn header(filter: EnvoyFilter, header_type: u32, name: &str) -> Option<Vec<u8>> {
+    let mut result = EnvoyBuffer {
+        ptr: null(),
+        length: 0,
+    };
+    // SAFETY: live stream pointer; the key describes a live &str; `result` is a valid local.
+    let found = unsafe {
+        envoy_dynamic_module_callback_http_get_header(
+            filter.0,
+            header_type,
+            ModuleBuffer::of(name.as_bytes()),
+            &mut result,
+            0,
+            null_mut(),
+        )
+    };
+    // SAFETY: on true Envoy wrote a buffer valid during this hook.
+    found.then(|| unsafe { copy(result) })
+}
+
+/// Sets (replaces every value of) a header; `None` removes it.
+pub fn set_header(filter: EnvoyFilter, header_type: u32, name: &str, value: Option<&str>) {
+    let value = value.map_or(ModuleBuffer::EMPTY, |v| ModuleBuffer::of(v.as_bytes()));
+    // SAFETY: live stream pointer; both buffers describe live data Envoy copies.
+    unsafe {
+        envoy_dynamic_module_callback_http_set_header(
+            filter.0,
+            header_type,
+            ModuleBuffer::of(name.as_bytes()),
+            value,
+        );
+    }
+}
+
+/// A local reply: status, headers, body.
+pub fn send_response(filter: EnvoyFilter, status: u16, headers: &[(&str, &str)], body: &[u8], details: &str) {
+    let mut hs: Vec<ModuleHeader> = headers
+        .iter()
+        .map(|(k, v)| ModuleHeader::of(k.as_bytes(), v.as_bytes()))
+        .collect();
+    // SAFETY: live stream pointer; the header array and buffers describe live data Envoy copies.
+    unsafe {
+        envoy_dynamic_module_callback_http_send_response(
+            filter.0,
+            u32::from(status),
+            hs.as_mut_ptr(),
+            hs.len(),
+            ModuleBuffer::of(body),
+            ModuleBuffer::of(details.as_bytes()),
+        );
+    }
+}
+
+/// Why a callout could not start.
+pub enum CalloutRefused {
+    ClusterNotFound,
+    Other,
+}
+
+/// Starts an HTTP callout on the stream; its answer comes to `on_http_filter_http_callout_done`
+/// with the id returned here.
+pub fn http_callout(
+    filter: EnvoyFilter,
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout_ms: u64,
+) -> Result<u64, CalloutRefused> {
+    let mut hs: Vec<ModuleHeader> = headers
+        .iter()
+        .map(|(k, v)| ModuleHeader::of(k.as_bytes(), v.as_bytes()))
+        .collect();
+    let mut id: u64 = 0;
+    // SAFETY: live stream pointer; `id` is a valid local; the header array and buffers
+    // describe live data Envoy copies into its request.
+    let result = unsafe {
+        envoy_dynamic_module_callback_http_filter_http_callout(
+            filter.0,
+            &mut id,
+            ModuleBuffer::of(cluster.as_bytes()),
+            hs.as_mut_ptr(),
+            hs.len(),
+            ModuleBuffer::of(body),
+            timeout_ms,
+        )
+    };
+    match result {
+        CALLOUT_SUCCESS => Ok(id),
+        CALLOUT_CLUSTER_NOT_FOUND => Err(CalloutRefused::ClusterNotFound),
+        _ => Err(CalloutRefused::Other),
+    }
+}
+
+/// The answer of a callout, as the done hook received it: `:status` and the body, copied.
+///
+/// # Safety
+/// The pointers and sizes must be the ones Envoy passed to the done hook now running.
+pub unsafe fn callout_answer(
+    headers: *const EnvoyHeader,
+    headers_size: usize,
+    chunks: *const EnvoyBuffer,
+    chunks_size: usize,
+) -> (Option<u16>, Vec<u8>) {
+    let headers: &[EnvoyHeader] = if headers.is_null() {
+        &[]
+    } else {
+        // SAFETY: Envoy passed `headers_size` entries valid during the hook.
+        unsafe { std::slice::from_raw_parts(headers, headers_size) }
+    };
+    let mut status = None;
+    for h in headers {
+        // SAFETY: each entry describes bytes valid during the hook.
+        let key = unsafe {
+            copy(EnvoyBuffer {
+                ptr: h.key_ptr,
+                length: h.key_length,
+            })
+        };
+        if key == b":status" {
+            // SAFETY: as above.
+            let value = unsafe {
+                copy(EnvoyBuffer {
+                    ptr: h.value_ptr,
+                    length: h.value_length,
+                })
+            };
+            status = std::str::from_utf8(&value).ok().and_then(|s| s.parse().ok());
+        }
+    }
+    let chunks: &[EnvoyBuffer] = if chunks.is_null() {
+        &[]
+    } else {
+        // SAFETY: Envoy passed `chunks_size` slices valid during the hook.
+        unsafe { std::slice::from_raw_parts(chunks, chunks_size) }
+    };
+    let mut body = Vec::new();
+    for c in chunks {
+        // SAFETY: each slice describes bytes valid during the hook.
+        body.extend_from_slice(&unsafe { copy(*c) });
+    }
+    (status, body)
+}
+
+pub fn continue_decoding(filter: EnvoyFilter) {
+    // SAFETY: a live stream pointer of this worker (a no-op if it is already going on).
+    unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(filter.0) }
+}
+
+pub fn clear_route_cache(filter: EnvoyFilter) {
+    // SAFETY: a live stream pointer, in its request path.
+    unsafe { envoy_dynamic_module_callback_http_clear_route_cache(filter.0) }
+}
+
+/// The downstream peer, `ip:port`.
+pub fn source_address(filter: EnvoyFilter) -> Option<String> {
+    let mut result = EnvoyBuffer {
+        ptr: null(),
+        length: 0,
+    };
+    // SAFETY: live stream pointer; `result` is a valid local.
+    let found = unsafe {
+        envoy_dynamic_module_callback_http_filter_get_attribute_string(
+            filter.0,
+            ATTRIBUTE_SOURCE_ADDRESS,
+            &mut result,
+        )
+    };
+    // SAFETY: on true Envoy wrote a buffer valid during this hook.
+    found.then(|| String::from_utf8_lossy(&unsafe { copy(result) }).into_owned())
+}
+
+/// Defines a counter or a histogram on the configuration (only while it is being created).
+pub fn define_metric(config: EnvoyConfig, histogram: bool, name: &str) -> Option<usize> {
+    let mut id: usize = 0;
+    // SAFETY: the configuration pointer passed to config_new, during that hook; `id` is a
+    // valid local; no label arrays.
+    let result = unsafe {
+        if histogram {
+            envoy_dynamic_module_callback_http_filter_config_define_histogram(
+                config.0,
+                ModuleBuffer::of(name.as_bytes()),
+                null_mut(),
+                0,
+                &mut id,
+            )
+        } else {
+            envoy_dynamic_module_callback_http_filter_config_define_counter(
+                config.0,
+                ModuleBuffer::of(name.as_bytes()),
+                null_mut(),
+                0,
+                &mut id,
+            )
+        }
+    };
+    (result == METRICS_SUCCESS).then_some(id)
+}
+
+pub fn increment_counter(config: EnvoyConfig, id: usize, by: u64) {
+    // SAFETY: a live configuration pointer; Envoy's stats are thread-safe.
+    unsafe {
+        envoy_dynamic_module_callback_http_filter_config_increment_counter(config.0, id, null_mut(), 0, by);
+    }
+}
+
+pub fn record_histogram(config: EnvoyConfig, id: usize, value: u64) {
+    // SAFETY: a live configuration pointer; Envoy's stats are thread-safe.
+    unsafe {
+        envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+            config.0,
+            id,
+            null_mut(),
+            0,
+            value,
+        );
+    }
+}
+
+/// `envoy_dynamic_module_type_log_level`: Trace 0 … Error 4.
+pub fn log(level: u32, message: &str) {
+    // SAFETY: a plain value and a buffer Envoy copies; thread-safe.
+    unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }
+}

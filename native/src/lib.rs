@@ -1,0 +1,968 @@
+//! The gateway policy as an Envoy dynamic module: the same [`Gateway`] the `.wasm` runs, behind
+//! a [`Host`] implemented with Envoy's dynamic-module ABI (`abi`). Only the glue differs.
+//!
+//! - **One gateway per worker and configuration**, in a thread-local, as the proxy-wasm build
+//!   has one per VM (one VM per worker). Envoy's configuration object is shared by the workers;
+//!   each builds its gateway from the same JSON on its first stream.
+//! - **Shared data** is process-wide memory with the proxy-wasm rules (`cas` 0 writes
+//!   unconditionally, another `cas` must match): [`SharedMemory`].
+//! - **Callouts** are per-stream HTTP callouts with the request paused and resumed. Work of the
+//!   VM's timer (counters, log flush, limit sync, key sets) runs on a worker when one of its
+//!   requests finds it due, and its callouts ride on that request's stream; if the stream ends
+//!   first, Envoy cancels them and the gateway is told they failed (retried on a later tick).
+//! - **Re-entrancy**: Envoy may call a hook from inside a callback (continuing a request can
+//!   answer it at once). Replies and resumes are therefore queued while the gateway is in use
+//!   and carried out after; a hook that still finds the gateway busy defers its event.
+//! - **Panics** never cross the ABI: every hook runs under `catch_unwind` (the module is built
+//!   with `panic = "unwind"`, profile `native`), and a request whose hook panicked is refused.
+
+mod abi;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{c_char, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use abi::{EnvoyBuffer, EnvoyConfig, EnvoyFilter, EnvoyHeader};
+use gateway_filter::config::Config;
+use gateway_filter::host::{Callout, DispatchError, Host, LogLevel, MetricKind, SetError, SharedStore};
+use gateway_filter::outcome::{message, Outcome};
+use gateway_filter::pipeline::{Action, Gateway};
+use gateway_filter::reply::Reply;
+
+/// The gateway's own context id for its timer work (requests are numbered from 2).
+const ROOT: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Shared data: process-wide, with proxy-wasm's rules.
+
+/// Envoy's shared data for proxy-wasm, in the process: a value and a version per key; a write
+/// with `cas` 0 is unconditional, another must name the current version (a missing key has
+/// none, and is created). Bounded by the gateway's own key discipline, as in Envoy.
+#[derive(Default)]
+pub struct SharedMemory {
+    map: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+}
+
+impl SharedMemory {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).cloned()
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let next = match map.get(key) {
+            Some((_, current)) if cas != 0 && *current != cas => return Err(SetError::CasMismatch),
+            Some((_, current)) => current.wrapping_add(1).max(1),
+            None => 1,
+        };
+        map.insert(key.to_string(), (value.to_vec(), next));
+        Ok(())
+    }
+}
+
+static SHARED: LazyLock<SharedMemory> = LazyLock::new(SharedMemory::default);
+
+// ---------------------------------------------------------------------------------------------
+// The configuration Envoy shares with every worker.
+
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// The module's configuration object: the filter's JSON and the metrics defined for it.
+struct FilterConfig {
+    /// Tells this configuration's gateways apart from another's (after a reload both live).
+    generation: u64,
+    json: Vec<u8>,
+    envoy: EnvoyConfig,
+    /// Metric name → (histogram, Envoy's id), defined while the configuration was created
+    /// (the ABI allows definitions only then).
+    metrics: Arc<HashMap<String, (bool, usize)>>,
+}
+
+/// The per-stream object Envoy hands back to every hook of the stream.
+struct Stream {
+    config: *const FilterConfig,
+    generation: u64,
+    ctx: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// One worker's gateway and the host state around it.
+
+/// What Envoy must be told once the gateway is no longer in use (Envoy may re-enter a hook).
+enum Deferred {
+    Reply(EnvoyFilter, Reply),
+    Resume(EnvoyFilter),
+}
+
+/// An event that arrived while the gateway was in use, replayed right after.
+enum Pending {
+    Answer {
+        generation: u64,
+        ctx: u32,
+        callout: u64,
+        answer: (Option<u16>, Vec<u8>),
+    },
+}
+
+struct HostState {
+    envoy: EnvoyConfig,
+    metrics: Arc<HashMap<String, (bool, usize)>>,
+    /// Live streams of this worker by context id.
+    streams: HashMap<u32, EnvoyFilter>,
+    /// The stream calls go through now, and its context id.
+    current: Option<EnvoyFilter>,
+    carrier_ctx: u32,
+    /// The context that owns what happens now: the stream's, or the root's during the
+    /// timer's work (whose calls ride on a request's stream).
+    current_ctx: u32,
+    /// Envoy's callout ids per carrying stream → (gateway token, owning context).
+    calls: HashMap<(u32, u64), (u32, u32)>,
+    next_ctx: u32,
+    next_token: u32,
+    answer: (Option<u16>, Vec<u8>),
+    deferred: Vec<Deferred>,
+    last_tick_ms: u64,
+    tick_period_ms: u64,
+}
+
+struct Worker {
+    gateway: Gateway,
+    host: HostState,
+}
+
+thread_local! {
+    static WORKERS: RefCell<HashMap<u64, Worker>> = RefCell::new(HashMap::new());
+    static PENDING: RefCell<VecDeque<Pending>> = const { RefCell::new(VecDeque::new()) };
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The host as the gateway sees it during one hook.
+struct NativeHost<'a> {
+    state: &'a mut HostState,
+}
+
+impl SharedStore for NativeHost<'_> {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        SHARED.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        SHARED.set(key, value, cas.unwrap_or(0))
+    }
+}
+
+impl Host for NativeHost<'_> {
+    fn now_ms(&mut self) -> u64 {
+        now_ms()
+    }
+
+    fn random_bytes(&mut self, buf: &mut [u8]) {
+        if getrandom::fill(buf).is_err() {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8);
+            }
+        }
+    }
+
+    fn request_headers(&mut self) -> Option<Vec<(String, Vec<u8>)>> {
+        abi::headers(self.state.current?, abi::REQUEST_HEADER)
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        if let Some(f) = self.state.current {
+            abi::set_header(f, abi::REQUEST_HEADER, name, value);
+        }
+    }
+
+    fn set_response_header(&mut self, name: &str, value: &str) {
+        if let Some(f) = self.state.current {
+            abi::set_header(f, abi::RESPONSE_HEADER, name, Some(value));
+        }
+    }
+
+    fn response_status(&mut self) -> Option<u16> {
+        let raw = abi::header(self.state.current?, abi::RESPONSE_HEADER, ":status")?;
+        std::str::from_utf8(&raw).ok()?.parse().ok()
+    }
+
+    fn source_address(&mut self) -> Option<String> {
+        abi::source_address(self.state.current?)
+    }
+
+    fn clear_route_cache(&mut self) {
+        if let Some(f) = self.state.current {
+            abi::clear_route_cache(f);
+        }
+    }
+
+    fn send_reply(&mut self, reply: &Reply) {
+        if let Some(f) = self.state.current {
+            self.state.deferred.push(Deferred::Reply(f, reply.clone()));
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(f) = self.state.current {
+            self.state.deferred.push(Deferred::Resume(f));
+        }
+    }
+
+    fn switch_to(&mut self, context_id: u32) -> bool {
+        match self.state.streams.get(&context_id) {
+            Some(f) => {
+                self.state.current = Some(*f);
+                self.state.carrier_ctx = context_id;
+                self.state.current_ctx = context_id;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn resumes_other_contexts(&self) -> bool {
+        true
+    }
+
+    fn removes_request_headers(&self) -> bool {
+        true
+    }
+
+    fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError> {
+        let carrier = self.state.current.ok_or(DispatchError::Refused)?;
+        let mut headers = vec![
+            (":method", call.method),
+            (":path", call.path),
+            ("host", call.authority.unwrap_or(call.cluster)),
+        ];
+        if let Some(value) = call.authorization {
+            headers.push(("authorization", value));
+        }
+        let id = abi::http_callout(
+            carrier,
+            call.cluster,
+            &headers,
+            call.body.unwrap_or_default(),
+            call.timeout_ms,
+        )
+        .map_err(|e| match e {
+            abi::CalloutRefused::ClusterNotFound => DispatchError::BadArgument,
+            abi::CalloutRefused::Other => DispatchError::Refused,
+        })?;
+        self.state.next_token = self.state.next_token.wrapping_add(1).max(1);
+        let token = self.state.next_token;
+        self.state
+            .calls
+            .insert((self.state.carrier_ctx, id), (token, self.state.current_ctx));
+        Ok(token)
+    }
+
+    fn call_response(&mut self, _body_size: usize) -> (Option<u16>, Vec<u8>) {
+        std::mem::take(&mut self.state.answer)
+    }
+
+    fn define_metric(&mut self, _kind: MetricKind, name: &str) -> Option<u32> {
+        // Defined when the configuration was created; looked up here.
+        let (_, id) = self.state.metrics.get(name)?;
+        u32::try_from(*id).ok()
+    }
+
+    fn increment_metric(&mut self, id: u32, by: i64) {
+        if let Ok(by) = u64::try_from(by) {
+            abi::increment_counter(self.state.envoy, id as usize, by);
+        }
+    }
+
+    fn record_metric(&mut self, id: u32, value: u64) {
+        abi::record_histogram(self.state.envoy, id as usize, value);
+    }
+
+    fn log(&mut self, level: LogLevel, message: &str) {
+        let level = match level {
+            LogLevel::Trace => 0,
+            LogLevel::Debug => 1,
+            LogLevel::Info => 2,
+            LogLevel::Warn => 3,
+            LogLevel::Error => 4,
+            LogLevel::Critical => 5,
+        };
+        abi::log(level, message);
+    }
+
+    fn verify_signature(&mut self, _: &str, _: &[u8], _: &[u8], _: &[u8]) -> Option<bool> {
+        // No foreign functions here: RSA/ECDSA by the module's own code, natively compiled.
+        None
+    }
+}
+
+/// A host for configuration time: records the metrics the gateway defines.
+struct DefiningHost {
+    envoy: EnvoyConfig,
+    defined: HashMap<String, (bool, usize)>,
+    logs: Vec<String>,
+}
+
+impl SharedStore for DefiningHost {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        SHARED.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        SHARED.set(key, value, cas.unwrap_or(0))
+    }
+}
+
+impl Host for DefiningHost {
+    fn now_ms(&mut self) -> u64 {
+        now_ms()
+    }
+    fn random_bytes(&mut self, buf: &mut [u8]) {
+        let _ = getrandom::fill(buf);
+    }
+    fn request_headers(&mut self) -> Option<Vec<(String, Vec<u8>)>> {
+        None
+    }
+    fn set_request_header(&mut self, _: &str, _: Option<&str>) {}
+    fn set_response_header(&mut self, _: &str, _: &str) {}
+    fn response_status(&mut self) -> Option<u16> {
+        None
+    }
+    fn source_address(&mut self) -> Option<String> {
+        None
+    }
+    fn clear_route_cache(&mut self) {}
+    fn send_reply(&mut self, _: &Reply) {}
+    fn resume(&mut self) {}
+    fn switch_to(&mut self, _: u32) -> bool {
+        false
+    }
+    fn resumes_other_contexts(&self) -> bool {
+        true
+    }
+    fn removes_request_headers(&self) -> bool {
+        true
+    }
+    fn dispatch(&mut self, _: Callout<'_>) -> Result<u32, DispatchError> {
+        Err(DispatchError::Refused)
+    }
+    fn call_response(&mut self, _: usize) -> (Option<u16>, Vec<u8>) {
+        (None, Vec::new())
+    }
+    fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
+        if let Some((_, id)) = self.defined.get(name) {
+            return u32::try_from(*id).ok();
+        }
+        let histogram = matches!(kind, MetricKind::Histogram);
+        let id = abi::define_metric(self.envoy, histogram, name)?;
+        self.defined.insert(name.to_string(), (histogram, id));
+        u32::try_from(id).ok()
+    }
+    fn increment_metric(&mut self, _: u32, _: i64) {}
+    fn record_metric(&mut self, _: u32, _: u64) {}
+    fn log(&mut self, _: LogLevel, message: &str) {
+        self.logs.push(message.to_string());
+    }
+    fn verify_signature(&mut self, _: &str, _: &[u8], _: &[u8], _: &[u8]) -> Option<bool> {
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the gateway of this worker.
+
+/// Builds this worker's gateway for `config` on first use.
+fn worker_for<'a>(
+    workers: &'a mut HashMap<u64, Worker>,
+    config: &FilterConfig,
+) -> Result<&'a mut Worker, String> {
+    if !workers.contains_key(&config.generation) {
+        let cfg = Config::from_json(&config.json).map_err(|e| format!("invalid configuration: {e}"))?;
+        let mut host = HostState {
+            envoy: config.envoy,
+            metrics: Arc::clone(&config.metrics),
+            streams: HashMap::new(),
+            current: None,
+            carrier_ctx: ROOT,
+            current_ctx: ROOT,
+            calls: HashMap::new(),
+            next_ctx: ROOT,
+            next_token: 0,
+            answer: (None, Vec::new()),
+            deferred: Vec::new(),
+            last_tick_ms: 0,
+            tick_period_ms: 1000,
+        };
+        let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
+        host.tick_period_ms = gateway.tick_period_ms();
+        // Timers: the timer's work runs on this worker's requests when due (see the crate doc).
+        gateway.started(true, &mut NativeHost { state: &mut host })?;
+        host.last_tick_ms = now_ms();
+        workers.insert(config.generation, Worker { gateway, host });
+    }
+    workers
+        .get_mut(&config.generation)
+        .ok_or_else(|| "worker state missing".to_string())
+}
+
+/// Runs `f` on this worker's gateway, then carries out what it deferred and replays events that
+/// arrived meanwhile. `None` when the gateway is in use (a re-entrant hook) or cannot be built.
+fn with_worker<R>(config: &FilterConfig, f: impl FnOnce(&mut Worker) -> R) -> Option<R> {
+    let (result, deferred) = WORKERS.with(|cell| {
+        let Ok(mut workers) = cell.try_borrow_mut() else {
+            return (None, Vec::new());
+        };
+        let worker = match worker_for(&mut workers, config) {
+            Ok(w) => w,
+            Err(e) => {
+                abi::log(4, &format!("gateway filter: {e}"));
+                return (None, Vec::new());
+            }
+        };
+        let result = f(worker);
+        (Some(result), std::mem::take(&mut worker.host.deferred))
+    });
+    carry_out(deferred);
+    replay_pending();
+    result
+}
+
+/// Tells Envoy what the gateway decided, now that it is no longer in use.
+fn carry_out(deferred: Vec<Deferred>) {
+    for d in deferred {
+        match d {
+            Deferred::Reply(filter, reply) => send_reply(filter, &reply),
+            Deferred::Resume(filter) => abi::continue_decoding(filter),
+        }
+    }
+}
+
+fn send_reply(filter: EnvoyFilter, reply: &Reply) {
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    abi::send_response(
+        filter,
+        reply.status,
+        &headers,
+        reply.body.as_bytes(),
+        reply.outcome.decision(),
+    );
+}
+
+fn replay_pending() {
+    loop {
+        let Some(event) = PENDING.with(|p| p.try_borrow_mut().ok().and_then(|mut q| q.pop_front())) else {
+            return;
+        };
+        match event {
+            Pending::Answer {
+                generation,
+                ctx,
+                callout,
+                answer,
+            } => {
+                deliver_answer(generation, ctx, callout, answer);
+            }
+        }
+    }
+}
+
+/// Hands a callout's answer to the gateway (as proxy-wasm's `on_http_call_response`).
+fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>, Vec<u8>)) {
+    let (deferred, busy) = WORKERS.with(|cell| {
+        let Ok(mut workers) = cell.try_borrow_mut() else {
+            return (Vec::new(), true);
+        };
+        let Some(worker) = workers.get_mut(&generation) else {
+            return (Vec::new(), false);
+        };
+        let Some((token, owner)) = worker.host.calls.remove(&(ctx, callout)) else {
+            return (Vec::new(), false);
+        };
+        let Worker { gateway, host } = worker;
+        let size = answer.1.len();
+        host.answer = answer;
+        let carrier = if owner == ROOT { ctx } else { owner };
+        host.current = host.streams.get(&carrier).copied();
+        host.carrier_ctx = carrier;
+        host.current_ctx = owner;
+        gateway.on_call_response(owner, token, size, &mut NativeHost { state: host });
+        (std::mem::take(&mut host.deferred), false)
+    });
+    if busy {
+        PENDING.with(|p| {
+            if let Ok(mut q) = p.try_borrow_mut() {
+                q.push_back(Pending::Answer {
+                    generation,
+                    ctx,
+                    callout,
+                    answer: (None, Vec::new()),
+                });
+            }
+        });
+        return;
+    }
+    for d in deferred {
+        match d {
+            Deferred::Reply(filter, reply) => send_reply(filter, &reply),
+            Deferred::Resume(filter) => abi::continue_decoding(filter),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The hooks Envoy calls. Each runs under catch_unwind: a panic is logged and the request refused.
+
+fn guard<R>(hook: &str, fallback: R, f: impl FnOnce() -> R) -> R {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => {
+            abi::log(4, &format!("gateway filter: panic in {hook}: refused"));
+            fallback
+        }
+    }
+}
+
+/// # Safety
+/// Envoy calls it once, on the main thread, right after loading the module.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    abi::ABI_VERSION.as_ptr().cast()
+}
+
+/// # Safety
+/// Envoy passes its configuration pointer and buffers valid for this call (main thread).
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    envoy: *mut c_void,
+    _name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> *const c_void {
+    guard("config_new", std::ptr::null(), || {
+        let json = if config.ptr.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: Envoy passes `length` bytes valid during this call.
+            unsafe { std::slice::from_raw_parts(config.ptr.cast::<u8>(), config.length) }.to_vec()
+        };
+        let cfg = match Config::from_json(&json) {
+            Ok(c) => c,
+            Err(e) => {
+                abi::log(4, &format!("gateway filter: invalid configuration: {e}"));
+                return std::ptr::null();
+            }
+        };
+        // A gateway built here defines every metric (allowed only now), then is dropped.
+        let mut host = DefiningHost {
+            envoy: EnvoyConfig(envoy),
+            defined: HashMap::new(),
+            logs: Vec::new(),
+        };
+        if let Err(e) = Gateway::new(cfg, &mut host) {
+            abi::log(4, &format!("gateway filter: {e}"));
+            return std::ptr::null();
+        }
+        abi::log(
+            2,
+            &format!(
+                "gateway filter {} (native) configured: {} metrics",
+                env!("CARGO_PKG_VERSION"),
+                host.defined.len()
+            ),
+        );
+        let config = FilterConfig {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            json,
+            envoy: EnvoyConfig(envoy),
+            metrics: Arc::new(host.defined),
+        };
+        Box::into_raw(Box::new(config)) as *const c_void
+    })
+}
+
+/// # Safety
+/// `config` is a pointer this module returned from `config_new`, destroyed once.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
+    guard("config_destroy", (), || {
+        if config.is_null() {
+            return;
+        }
+        // SAFETY: created by Box::into_raw in config_new; Envoy destroys it once, after its
+        // last stream.
+        let config = unsafe { Box::from_raw(config as *mut FilterConfig) };
+        let generation = config.generation;
+        // This thread's gateway for it goes now; other workers' go with their threads.
+        WORKERS.with(|cell| {
+            if let Ok(mut w) = cell.try_borrow_mut() {
+                w.remove(&generation);
+            }
+        });
+    })
+}
+
+/// # Safety
+/// `config` is this module's configuration pointer; `filter` a live stream of this worker.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    config: *const c_void,
+    filter: *mut c_void,
+) -> *const c_void {
+    guard("filter_new", std::ptr::null(), || {
+        if config.is_null() {
+            return std::ptr::null();
+        }
+        // SAFETY: the configuration outlives its streams (each holds a reference in Envoy).
+        let cfg = unsafe { &*(config as *const FilterConfig) };
+        let ctx = with_worker(cfg, |w| {
+            w.host.next_ctx = w.host.next_ctx.wrapping_add(1).max(ROOT + 1);
+            let ctx = w.host.next_ctx;
+            w.host.streams.insert(ctx, EnvoyFilter(filter));
+            ctx
+        });
+        let Some(ctx) = ctx else {
+            return std::ptr::null();
+        };
+        let stream = Stream {
+            config: cfg,
+            generation: cfg.generation,
+            ctx,
+        };
+        Box::into_raw(Box::new(stream)) as *const c_void
+    })
+}
+
+/// The stream behind a module pointer.
+///
+/// # Safety
+/// `module` is a pointer this module returned from `filter_new` and not yet destroyed.
+unsafe fn stream<'a>(module: *const c_void) -> Option<&'a Stream> {
+    // SAFETY: the caller's guarantee; null is checked.
+    (!module.is_null()).then(|| unsafe { &*(module as *const Stream) })
+}
+
+/// # Safety
+/// Envoy's stream and this module's stream pointer, on the stream's worker.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    filter: *mut c_void,
+    module: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    let refuse = || {
+        send_reply(
+            EnvoyFilter(filter),
+            &Reply::refuse(Outcome::Busy, message::BUSY, ""),
+        );
+        abi::STOP_ITERATION
+    };
+    let result = guard("request_headers", None, || {
+        // SAFETY: Envoy passes back the pointer filter_new returned.
+        let s = unsafe { stream(module) }?;
+        // SAFETY: the configuration outlives its streams.
+        let cfg = unsafe { &*s.config };
+        let ctx = s.ctx;
+        with_worker(cfg, |w| {
+            let Worker { gateway, host } = w;
+            host.current = Some(EnvoyFilter(filter));
+            host.carrier_ctx = ctx;
+            host.current_ctx = ctx;
+            let action = gateway.on_request_headers(ctx, &mut NativeHost { state: host });
+            // The timer's work, when due, on this worker (its calls ride on this stream).
+            let now = now_ms();
+            if now.saturating_sub(host.last_tick_ms) >= host.tick_period_ms {
+                host.last_tick_ms = now;
+                // Calls dispatched now belong to the root; they are carried by this stream.
+                host.current = Some(EnvoyFilter(filter));
+                host.carrier_ctx = ctx;
+                host.current_ctx = ROOT;
+                gateway.on_tick(ROOT, &mut NativeHost { state: host });
+            }
+            action
+        })
+    });
+    match result {
+        Some(Action::Continue) => abi::CONTINUE,
+        Some(Action::Pause) => abi::STOP_ITERATION,
+        None => refuse(),
+    }
+}
+
+/// # Safety
+/// Envoy's stream and this module's stream pointer, on the stream's worker.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    filter: *mut c_void,
+    module: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    guard("response_headers", (), || {
+        // SAFETY: Envoy passes back the pointer filter_new returned.
+        let Some(s) = (unsafe { stream(module) }) else {
+            return;
+        };
+        // SAFETY: the configuration outlives its streams.
+        let cfg = unsafe { &*s.config };
+        let ctx = s.ctx;
+        with_worker(cfg, |w| {
+            let Worker { gateway, host } = w;
+            host.current = Some(EnvoyFilter(filter));
+            host.carrier_ctx = ctx;
+            host.current_ctx = ctx;
+            gateway.on_response_headers(ctx, &mut NativeHost { state: host });
+        });
+    });
+    abi::CONTINUE
+}
+
+/// # Safety
+/// Envoy's stream and this module's stream pointer, on the stream's worker.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    filter: *mut c_void,
+    module: *const c_void,
+) {
+    guard("stream_complete", (), || {
+        // SAFETY: Envoy passes back the pointer filter_new returned.
+        let Some(s) = (unsafe { stream(module) }) else {
+            return;
+        };
+        // SAFETY: the configuration outlives its streams.
+        let cfg = unsafe { &*s.config };
+        let ctx = s.ctx;
+        with_worker(cfg, |w| {
+            let Worker { gateway, host } = w;
+            host.current = Some(EnvoyFilter(filter));
+            host.carrier_ctx = ctx;
+            host.current_ctx = ctx;
+            gateway.on_log(ctx, &mut NativeHost { state: host });
+        });
+    });
+}
+
+/// # Safety
+/// This module's stream pointer, destroyed once; Envoy cancels the stream's callouts after.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: *const c_void) {
+    guard("filter_destroy", (), || {
+        if module.is_null() {
+            return;
+        }
+        // SAFETY: created by Box::into_raw in filter_new; destroyed once.
+        let s = unsafe { Box::from_raw(module as *mut Stream) };
+        // SAFETY: the configuration outlives its streams.
+        let cfg = unsafe { &*s.config };
+        let ctx = s.ctx;
+        let _ = s.generation;
+        // Root calls this stream carried will not be answered: the gateway hears they failed.
+        let orphaned: Vec<u64> = with_worker(cfg, |w| {
+            let Worker { gateway, host } = w;
+            host.streams.remove(&ctx);
+            host.current = None;
+            host.carrier_ctx = ctx;
+            host.current_ctx = ctx;
+            gateway.on_done(ctx, &mut NativeHost { state: host });
+            let mut root_calls = Vec::new();
+            host.calls.retain(|(carrier, id), (_, owner)| {
+                if *carrier != ctx {
+                    return true;
+                }
+                if *owner == ROOT {
+                    root_calls.push(*id);
+                    return true;
+                }
+                false
+            });
+            root_calls
+        })
+        .unwrap_or_default();
+        for id in orphaned {
+            deliver_answer(cfg.generation, ctx, id, (None, Vec::new()));
+        }
+    });
+}
+
+/// # Safety
+/// Envoy's stream, this module's stream pointer, and the answer's buffers valid during the call.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _filter: *mut c_void,
+    module: *const c_void,
+    callout_id: u64,
+    result: u32,
+    headers: *const EnvoyHeader,
+    headers_size: usize,
+    chunks: *const EnvoyBuffer,
+    chunks_size: usize,
+) {
+    guard("callout_done", (), || {
+        // SAFETY: Envoy passes back the pointer filter_new returned.
+        let Some(s) = (unsafe { stream(module) }) else {
+            return;
+        };
+        let answer = if result == abi::CALLOUT_RESULT_SUCCESS {
+            // SAFETY: the buffers Envoy passed to this hook.
+            unsafe { abi::callout_answer(headers, headers_size, chunks, chunks_size) }
+        } else {
+            (None, Vec::new())
+        };
+        deliver_answer(s.generation, s.ctx, callout_id, answer);
+    });
+}
+
+// The remaining hooks: nothing for the gateway to do. Envoy requires every one of them.
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _: *mut c_void,
+    _: *const c_void,
+    _: bool,
+) -> u32 {
+    abi::CONTINUE
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _: *mut c_void,
+    _: *const c_void,
+) -> u32 {
+    abi::CONTINUE
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _: *mut c_void,
+    _: *const c_void,
+    _: bool,
+) -> u32 {
+    abi::CONTINUE
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _: *mut c_void,
+    _: *const c_void,
+) -> u32 {
+    abi::CONTINUE
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+) {
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+    _: *const EnvoyHeader,
+    _: usize,
+    _: bool,
+) {
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+    _: *const EnvoyBuffer,
+    _: usize,
+    _: bool,
+) {
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+    _: *const EnvoyHeader,
+    _: usize,
+) {
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+) {
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+    _: u32,
+) {
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _: *mut c_void,
+    _: *const c_void,
+) {
+}
+
+/// # Safety
+/// Called by Envoy with its own pointers; nothing is dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _: *mut c_void,
+    _: *const c_void,
+) {
+}
+
+/// # Safety
+/// Called by Envoy with its own buffers; nothing is kept.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
+    _: EnvoyBuffer,
+    _: EnvoyBuffer,
+) -> *const c_void {
+    // No per-route configuration: the routes are in the filter's own configuration.
+    std::ptr::null()
+}
+
+/// # Safety
+/// Called by Envoy with a pointer this module never hands out.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_: *const c_void) {}
