@@ -96,6 +96,8 @@ const CALLOUT_CLUSTER_NOT_FOUND: u32 = 2;
 pub const CALLOUT_RESULT_SUCCESS: u32 = 0;
 /// `envoy_dynamic_module_type_attribute_id_SourceAddress`.
 const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
+/// `envoy_dynamic_module_type_attribute_id_ResponseCode`.
+const ATTRIBUTE_RESPONSE_CODE: u32 = 15;
 /// `envoy_dynamic_module_type_metrics_result_Success`.
 const METRICS_SUCCESS: u32 = 0;
 
@@ -143,6 +145,11 @@ extern "C" {
         filter: *mut c_void,
         attribute_id: u32,
         result: *mut EnvoyBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_filter_get_attribute_int(
+        filter: *mut c_void,
+        attribute_id: u32,
+        result: *mut u64,
     ) -> bool;
     fn envoy_dynamic_module_callback_http_filter_config_define_counter(
         config: *mut c_void,
@@ -397,26 +404,47 @@ pub fn source_address(filter: EnvoyFilter) -> Option<String> {
     found.then(|| String::from_utf8_lossy(&unsafe { copy(result) }).into_owned())
 }
 
-/// Defines a counter or a histogram on the configuration (only while it is being created).
-pub fn define_metric(config: EnvoyConfig, histogram: bool, name: &str) -> Option<usize> {
+fn buffers(strings: &[impl AsRef<str>]) -> Vec<ModuleBuffer> {
+    strings.iter().map(|s| ModuleBuffer::of(s.as_ref().as_bytes())).collect()
+}
+
+/// The response code Envoy recorded for the stream (also for a local reply).
+pub fn response_code(filter: EnvoyFilter) -> Option<u16> {
+    let mut code: u64 = 0;
+    // SAFETY: live stream pointer; `code` is a valid local.
+    let found = unsafe {
+        envoy_dynamic_module_callback_http_filter_get_attribute_int(filter.0, ATTRIBUTE_RESPONSE_CODE, &mut code)
+    };
+    if found {
+        u16::try_from(code).ok()
+    } else {
+        None
+    }
+}
+
+/// Defines a counter or a histogram on the configuration (only while it is being created),
+/// with label names (a labelled family) or none. Labelled and plain metrics have separate ids.
+pub fn define_metric(config: EnvoyConfig, histogram: bool, name: &str, labels: &[&str]) -> Option<usize> {
     let mut id: usize = 0;
+    let mut names = buffers(labels);
+    let names_ptr = if names.is_empty() { null_mut() } else { names.as_mut_ptr() };
     // SAFETY: the configuration pointer passed to config_new, during that hook; `id` is a
-    // valid local; no label arrays.
+    // valid local; the label array describes live strings Envoy copies.
     let result = unsafe {
         if histogram {
             envoy_dynamic_module_callback_http_filter_config_define_histogram(
                 config.0,
                 ModuleBuffer::of(name.as_bytes()),
-                null_mut(),
-                0,
+                names_ptr,
+                names.len(),
                 &mut id,
             )
         } else {
             envoy_dynamic_module_callback_http_filter_config_define_counter(
                 config.0,
                 ModuleBuffer::of(name.as_bytes()),
-                null_mut(),
-                0,
+                names_ptr,
+                names.len(),
                 &mut id,
             )
         }
@@ -424,21 +452,28 @@ pub fn define_metric(config: EnvoyConfig, histogram: bool, name: &str) -> Option
     (result == METRICS_SUCCESS).then_some(id)
 }
 
-pub fn increment_counter(config: EnvoyConfig, id: usize, by: u64) {
-    // SAFETY: a live configuration pointer; Envoy's stats are thread-safe.
+/// Adds to a counter; `values` are its labels' values (none for a plain counter).
+pub fn increment_counter(config: EnvoyConfig, id: usize, values: &[String], by: u64) {
+    let mut values = buffers(values);
+    let ptr = if values.is_empty() { null_mut() } else { values.as_mut_ptr() };
+    // SAFETY: a live configuration pointer; the label values describe live strings; Envoy's
+    // stats are thread-safe.
     unsafe {
-        envoy_dynamic_module_callback_http_filter_config_increment_counter(config.0, id, null_mut(), 0, by);
+        envoy_dynamic_module_callback_http_filter_config_increment_counter(config.0, id, ptr, values.len(), by);
     }
 }
 
-pub fn record_histogram(config: EnvoyConfig, id: usize, value: u64) {
-    // SAFETY: a live configuration pointer; Envoy's stats are thread-safe.
+/// Records a histogram value; `values` as for [`increment_counter`].
+pub fn record_histogram(config: EnvoyConfig, id: usize, values: &[String], value: u64) {
+    let mut values = buffers(values);
+    let ptr = if values.is_empty() { null_mut() } else { values.as_mut_ptr() };
+    // SAFETY: as for increment_counter.
     unsafe {
         envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
             config.0,
             id,
-            null_mut(),
-            0,
+            ptr,
+            values.len(),
             value,
         );
     }

@@ -32,6 +32,7 @@ use gateway_filter::host::{Callout, DispatchError, Host, LogLevel, MetricKind, S
 use gateway_filter::outcome::{message, Outcome};
 use gateway_filter::pipeline::{Action, Gateway};
 use gateway_filter::reply::Reply;
+use gateway_filter::stat;
 
 /// The gateway's own context id for its timer work (requests are numbered from 2).
 const ROOT: u32 = 1;
@@ -77,10 +78,71 @@ struct FilterConfig {
     /// Tells this configuration's gateways apart from another's (after a reload both live).
     generation: u64,
     json: Vec<u8>,
+    metrics: Arc<MetricTable>,
+}
+
+/// The gateway's metrics on Envoy's: families are declared while the configuration is created
+/// (the ABI allows it only then), each labelled family once with its label names; a name the
+/// gateway uses later (`route=.=users;.;outcome=.=allowed;.;gateway_requests_total`) becomes
+/// that family with those label values, so Prometheus shows the same series as for the .wasm.
+struct MetricTable {
     envoy: EnvoyConfig,
-    /// Metric name → (histogram, Envoy's id), defined while the configuration was created
-    /// (the ABI allows definitions only then).
-    metrics: Arc<HashMap<String, (bool, usize)>>,
+    /// Family (or plain name) → (histogram, Envoy's id, label count).
+    families: HashMap<String, (bool, usize, usize)>,
+    /// The gateway's ids (1-based indexes) and their names.
+    entries: Mutex<(HashMap<String, u32>, Vec<MetricEntry>)>,
+}
+
+#[derive(Clone)]
+struct MetricEntry {
+    histogram: bool,
+    envoy_id: usize,
+    values: Vec<String>,
+}
+
+impl MetricTable {
+    /// Declares `name`'s family (configuration time only).
+    fn declare(&mut self, histogram: bool, name: &str) -> bool {
+        let (family, tags) = stat::parse(name);
+        if self.families.contains_key(family) {
+            return true;
+        }
+        let labels: Vec<&str> = tags.iter().map(|(t, _)| *t).collect();
+        match abi::define_metric(self.envoy, histogram, family, &labels) {
+            Some(id) => {
+                self.families.insert(family.to_string(), (histogram, id, labels.len()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The gateway's id for `name`, if its family was declared.
+    fn id_of(&self, name: &str) -> Option<u32> {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (names, entries) = &mut *guard;
+        if let Some(id) = names.get(name) {
+            return Some(*id);
+        }
+        let (family, tags) = stat::parse(name);
+        let (histogram, envoy_id, labels) = *self.families.get(family)?;
+        if tags.len() != labels {
+            return None;
+        }
+        entries.push(MetricEntry {
+            histogram,
+            envoy_id,
+            values: tags.iter().map(|(_, v)| v.to_string()).collect(),
+        });
+        let id = u32::try_from(entries.len()).ok()?;
+        names.insert(name.to_string(), id);
+        Some(id)
+    }
+
+    fn entry(&self, id: u32) -> Option<MetricEntry> {
+        let guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        guard.1.get((id as usize).checked_sub(1)?).cloned()
+    }
 }
 
 /// The per-stream object Envoy hands back to every hook of the stream.
@@ -88,6 +150,8 @@ struct Stream {
     config: *const FilterConfig,
     generation: u64,
     ctx: u32,
+    /// Whether the response passed this filter (a local reply does not).
+    responded: std::cell::Cell<bool>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -95,6 +159,9 @@ struct Stream {
 
 /// What Envoy must be told once the gateway is no longer in use (Envoy may re-enter a hook).
 enum Deferred {
+    /// Request headers changed: Envoy picks the route again (the proxy-wasm host does this on
+    /// every header change; here it is asked for once per hook).
+    ClearRoute(EnvoyFilter),
     Reply(EnvoyFilter, Reply),
     Resume(EnvoyFilter),
 }
@@ -110,8 +177,9 @@ enum Pending {
 }
 
 struct HostState {
-    envoy: EnvoyConfig,
-    metrics: Arc<HashMap<String, (bool, usize)>>,
+    metrics: Arc<MetricTable>,
+    /// This worker's copy of the metric entries it has used (no lock per increment).
+    metric_cache: HashMap<u32, MetricEntry>,
     /// Live streams of this worker by context id.
     streams: HashMap<u32, EnvoyFilter>,
     /// The stream calls go through now, and its context id.
@@ -128,6 +196,17 @@ struct HostState {
     deferred: Vec<Deferred>,
     last_tick_ms: u64,
     tick_period_ms: u64,
+}
+
+impl HostState {
+    fn entry(&mut self, id: u32) -> Option<MetricEntry> {
+        if let Some(e) = self.metric_cache.get(&id) {
+            return Some(e.clone());
+        }
+        let e = self.metrics.entry(id)?;
+        self.metric_cache.insert(id, e.clone());
+        Some(e)
+    }
 }
 
 struct Worker {
@@ -184,6 +263,14 @@ impl Host for NativeHost<'_> {
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
         if let Some(f) = self.state.current {
             abi::set_header(f, abi::REQUEST_HEADER, name, value);
+            let queued = self
+                .state
+                .deferred
+                .iter()
+                .any(|d| matches!(d, Deferred::ClearRoute(g) if *g == f));
+            if !queued {
+                self.state.deferred.push(Deferred::ClearRoute(f));
+            }
         }
     }
 
@@ -194,8 +281,11 @@ impl Host for NativeHost<'_> {
     }
 
     fn response_status(&mut self) -> Option<u16> {
-        let raw = abi::header(self.state.current?, abi::RESPONSE_HEADER, ":status")?;
-        std::str::from_utf8(&raw).ok()?.parse().ok()
+        let f = self.state.current?;
+        // A local reply's headers do not pass this filter; Envoy still records its code.
+        abi::header(f, abi::RESPONSE_HEADER, ":status")
+            .and_then(|raw| std::str::from_utf8(&raw).ok()?.parse().ok())
+            .or_else(|| abi::response_code(f))
     }
 
     fn source_address(&mut self) -> Option<String> {
@@ -274,19 +364,25 @@ impl Host for NativeHost<'_> {
     }
 
     fn define_metric(&mut self, _kind: MetricKind, name: &str) -> Option<u32> {
-        // Defined when the configuration was created; looked up here.
-        let (_, id) = self.state.metrics.get(name)?;
-        u32::try_from(*id).ok()
+        // Families were declared when the configuration was created; looked up here.
+        self.state.metrics.id_of(name)
     }
 
     fn increment_metric(&mut self, id: u32, by: i64) {
-        if let Ok(by) = u64::try_from(by) {
-            abi::increment_counter(self.state.envoy, id as usize, by);
+        let (Ok(by), Some(e)) = (u64::try_from(by), self.state.entry(id)) else {
+            return;
+        };
+        if !e.histogram {
+            abi::increment_counter(self.state.metrics.envoy, e.envoy_id, &e.values, by);
         }
     }
 
     fn record_metric(&mut self, id: u32, value: u64) {
-        abi::record_histogram(self.state.envoy, id as usize, value);
+        if let Some(e) = self.state.entry(id) {
+            if e.histogram {
+                abi::record_histogram(self.state.metrics.envoy, e.envoy_id, &e.values, value);
+            }
+        }
     }
 
     fn log(&mut self, level: LogLevel, message: &str) {
@@ -307,10 +403,9 @@ impl Host for NativeHost<'_> {
     }
 }
 
-/// A host for configuration time: records the metrics the gateway defines.
+/// A host for configuration time: declares the metrics the gateway defines.
 struct DefiningHost {
-    envoy: EnvoyConfig,
-    defined: HashMap<String, (bool, usize)>,
+    table: MetricTable,
     logs: Vec<String>,
 }
 
@@ -360,13 +455,10 @@ impl Host for DefiningHost {
         (None, Vec::new())
     }
     fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
-        if let Some((_, id)) = self.defined.get(name) {
-            return u32::try_from(*id).ok();
+        if !self.table.declare(matches!(kind, MetricKind::Histogram), name) {
+            return None;
         }
-        let histogram = matches!(kind, MetricKind::Histogram);
-        let id = abi::define_metric(self.envoy, histogram, name)?;
-        self.defined.insert(name.to_string(), (histogram, id));
-        u32::try_from(id).ok()
+        self.table.id_of(name)
     }
     fn increment_metric(&mut self, _: u32, _: i64) {}
     fn record_metric(&mut self, _: u32, _: u64) {}
@@ -389,8 +481,8 @@ fn worker_for<'a>(
     if !workers.contains_key(&config.generation) {
         let cfg = Config::from_json(&config.json).map_err(|e| format!("invalid configuration: {e}"))?;
         let mut host = HostState {
-            envoy: config.envoy,
             metrics: Arc::clone(&config.metrics),
+            metric_cache: HashMap::new(),
             streams: HashMap::new(),
             current: None,
             carrier_ctx: ROOT,
@@ -441,6 +533,7 @@ fn with_worker<R>(config: &FilterConfig, f: impl FnOnce(&mut Worker) -> R) -> Op
 fn carry_out(deferred: Vec<Deferred>) {
     for d in deferred {
         match d {
+            Deferred::ClearRoute(filter) => abi::clear_route_cache(filter),
             Deferred::Reply(filter, reply) => send_reply(filter, &reply),
             Deferred::Resume(filter) => abi::continue_decoding(filter),
         }
@@ -476,17 +569,18 @@ fn replay_pending() {
     }
 }
 
-/// Hands a callout's answer to the gateway (as proxy-wasm's `on_http_call_response`).
+/// Hands a callout's answer to the gateway (as proxy-wasm's `on_http_call_response`). If the
+/// gateway is in use (Envoy answered inside another hook), the answer waits its turn.
 fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>, Vec<u8>)) {
-    let (deferred, busy) = WORKERS.with(|cell| {
+    let deferred = WORKERS.with(|cell| {
         let Ok(mut workers) = cell.try_borrow_mut() else {
-            return (Vec::new(), true);
+            return Err(answer);
         };
         let Some(worker) = workers.get_mut(&generation) else {
-            return (Vec::new(), false);
+            return Ok(Vec::new());
         };
         let Some((token, owner)) = worker.host.calls.remove(&(ctx, callout)) else {
-            return (Vec::new(), false);
+            return Ok(Vec::new());
         };
         let Worker { gateway, host } = worker;
         let size = answer.1.len();
@@ -496,26 +590,21 @@ fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>,
         host.carrier_ctx = carrier;
         host.current_ctx = owner;
         gateway.on_call_response(owner, token, size, &mut NativeHost { state: host });
-        (std::mem::take(&mut host.deferred), false)
+        gateway.flush_counters(&mut NativeHost { state: host });
+        Ok(std::mem::take(&mut host.deferred))
     });
-    if busy {
-        PENDING.with(|p| {
+    match deferred {
+        Ok(deferred) => carry_out(deferred),
+        Err(answer) => PENDING.with(|p| {
             if let Ok(mut q) = p.try_borrow_mut() {
                 q.push_back(Pending::Answer {
                     generation,
                     ctx,
                     callout,
-                    answer: (None, Vec::new()),
+                    answer,
                 });
             }
-        });
-        return;
-    }
-    for d in deferred {
-        match d {
-            Deferred::Reply(filter, reply) => send_reply(filter, &reply),
-            Deferred::Resume(filter) => abi::continue_decoding(filter),
-        }
+        }),
     }
 }
 
@@ -563,10 +652,21 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         };
         // A gateway built here defines every metric (allowed only now), then is dropped.
         let mut host = DefiningHost {
-            envoy: EnvoyConfig(envoy),
-            defined: HashMap::new(),
+            table: MetricTable {
+                envoy: EnvoyConfig(envoy),
+                families: HashMap::new(),
+                entries: Mutex::new((HashMap::new(), Vec::new())),
+            },
             logs: Vec::new(),
         };
+        // The families the gateway names only at run time, then everything it defines at start.
+        for (family, labels) in stat::FAMILIES {
+            let example: Vec<(&str, &str)> = labels.iter().map(|l| (*l, "")).collect();
+            if !host.table.declare(false, &stat::name(family, &example)) {
+                abi::log(4, &format!("gateway filter: cannot declare metric {family}"));
+                return std::ptr::null();
+            }
+        }
         if let Err(e) = Gateway::new(cfg, &mut host) {
             abi::log(4, &format!("gateway filter: {e}"));
             return std::ptr::null();
@@ -574,16 +674,15 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         abi::log(
             2,
             &format!(
-                "gateway filter {} (native) configured: {} metrics",
+                "gateway filter {} (native) configured: {} metric families",
                 env!("CARGO_PKG_VERSION"),
-                host.defined.len()
+                host.table.families.len()
             ),
         );
         let config = FilterConfig {
             generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             json,
-            envoy: EnvoyConfig(envoy),
-            metrics: Arc::new(host.defined),
+            metrics: Arc::new(host.table),
         };
         Box::into_raw(Box::new(config)) as *const c_void
     })
@@ -636,6 +735,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
             config: cfg,
             generation: cfg.generation,
             ctx,
+            responded: std::cell::Cell::new(false),
         };
         Box::into_raw(Box::new(stream)) as *const c_void
     })
@@ -677,6 +777,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             host.carrier_ctx = ctx;
             host.current_ctx = ctx;
             let action = gateway.on_request_headers(ctx, &mut NativeHost { state: host });
+            gateway.flush_counters(&mut NativeHost { state: host });
             // The timer's work, when due, on this worker (its calls ride on this stream).
             let now = now_ms();
             if now.saturating_sub(host.last_tick_ms) >= host.tick_period_ms {
@@ -713,6 +814,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
         // SAFETY: the configuration outlives its streams.
         let cfg = unsafe { &*s.config };
         let ctx = s.ctx;
+        s.responded.set(true);
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
             host.current = Some(EnvoyFilter(filter));
@@ -739,12 +841,19 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
         // SAFETY: the configuration outlives its streams.
         let cfg = unsafe { &*s.config };
         let ctx = s.ctx;
+        let responded = s.responded.get();
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
             host.current = Some(EnvoyFilter(filter));
             host.carrier_ctx = ctx;
             host.current_ctx = ctx;
+            if !responded {
+                // A local reply (the gateway's own or Envoy's): its status, as proxy-wasm
+                // reports it in the response headers.
+                gateway.on_response_headers(ctx, &mut NativeHost { state: host });
+            }
             gateway.on_log(ctx, &mut NativeHost { state: host });
+            gateway.flush_counters(&mut NativeHost { state: host });
         });
     });
 }

@@ -79,11 +79,7 @@ impl Gateway {
         let now = host.now_ms();
         if self.due(now, self.last_counters_ms, COUNTER_FLUSH_MS) {
             self.last_counters_ms = now;
-            let mut pending: Vec<(u32, i64)> = self.counts.drain().collect();
-            pending.sort_unstable();
-            for (id, n) in pending {
-                host.increment_metric(id, n);
-            }
+            self.flush_counters(host);
         }
         let config = Rc::clone(&self.config);
         if let Some(store) = &config.logs.store {
@@ -100,6 +96,20 @@ impl Gateway {
         }
         self.adopt_orphans(ctx, host);
         self.jwks_tick(ctx, now, host);
+    }
+
+    /// Hands the counts gathered since the last flush to the host's counters. The proxy-wasm
+    /// build batches them to the timer (each is a host call across the VM boundary); the
+    /// native build flushes after every request, where a counter is a plain function call.
+    pub fn flush_counters(&mut self, host: &mut dyn Host) {
+        if self.counts.is_empty() {
+            return;
+        }
+        let mut pending: Vec<(u32, i64)> = self.counts.drain().collect();
+        pending.sort_unstable();
+        for (id, n) in pending {
+            host.increment_metric(id, n);
+        }
     }
 
     /// Whether a job run every `period_ms` is due: ticks come every `tick_period_ms` with some

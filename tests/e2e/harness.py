@@ -244,9 +244,15 @@ class Gateway:
             out[k] = v
         return out
 
+    @property
+    def stat_prefix(self) -> str:
+        """Where Envoy puts the filter's own stats: `wasmcustom.` for the proxy-wasm build,
+        `dynamicmodulescustom.` for the native one (both dropped in Prometheus output)."""
+        return "dynamicmodulescustom." if self.runtime == "native" else "wasmcustom."
+
     def counter(self, name) -> int:
-        """A filter counter as Envoy reports it (`wasmcustom.<name>`)."""
-        return int(self.stats(name).get(f"wasmcustom.{name}", "0"))
+        """A filter counter as Envoy reports it (`wasmcustom.<name>` or its native twin)."""
+        return int(self.stats(name).get(f"{self.stat_prefix}{name}", "0"))
 
     def settled(self, *names) -> dict:
         """The counters once nothing is pending: every VM hands its counts to Envoy once a

@@ -342,10 +342,14 @@ def test_every_algorithm_through_envoy(services):
             bad = tok[:-4] + ("AAAA" if not tok.endswith("AAAA") else "BBBB")
             assert g.get("/api/v1/users/1", bearer(bad)).status == 401, alg
         log = g.log_path.read_text()
-        assert "verify_signature yes; nothing degraded" in log, "Envoy's check was found and used"
-        # The host was recognised as Envoy by a property only Envoy answers, so foreign
-        # functions (which trap on Kong) are called here and nowhere else.
-        assert "is Envoy (xds.node answered)" in log, log[-2000:]
+        if g.runtime == "native":
+            # No foreign functions in a native module: its own (native) RSA and ECDSA code.
+            assert "verify_signature no" in log, log[-2000:]
+        else:
+            assert "verify_signature yes; nothing degraded" in log, "Envoy's check was found and used"
+            # The host was recognised as Envoy by a property only Envoy answers, so foreign
+            # functions (which trap on Kong) are called here and nowhere else.
+            assert "is Envoy (xds.node answered)" in log, log[-2000:]
     finally:
         g.stop()
         ks.stop()

@@ -8,7 +8,9 @@ import uuid
 from conftest import gateway_file
 from harness import Gateway, Webdis, bearer, free_port, token, wait_for
 
-LINE = re.compile(r"\[(info|warning|error)\]\[wasm\].*wasm log [^:]*: (\{.*\})$")
+# The proxy-wasm build logs through Envoy's `wasm` logger, the native one through
+# `dynamic_modules`; the record is the same JSON.
+LINE = re.compile(r"\[(info|warning|error)\]\[(?:wasm|dynamic_modules)\].*?(?:wasm log [^:]*: |\[:\] )(\{.*\})$")
 
 
 def log_records(gw):
@@ -126,7 +128,7 @@ def test_metrics_move_as_requests_say(gw):
     after = gw.settled(*names)
     assert {n: after[n] - before[n] for n in names} == expected
     prom = gw.stats("")  # histogram present
-    assert any(k.startswith("wasmcustom.gateway_request_duration_ms") for k in prom), list(prom)[:20]
+    assert any(k.startswith(f"{gw.stat_prefix}gateway_request_duration_ms") for k in prom), list(prom)[:20]
 
 
 def test_store_down_never_affects_requests(services, redis):

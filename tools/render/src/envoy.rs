@@ -524,7 +524,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         }));
     }
 
-    Ok(json!({
+    let mut bootstrap = json!({
         "overload_manager": overload,
         "stats_config": {"stats_tags": stats_tags()},
         "admin": {"address": admin_address},
@@ -532,7 +532,15 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             "listeners": listeners,
             "clusters": clusters,
         },
-    }))
+    });
+    if g.runtime == Runtime::Native {
+        // The native module's metrics carry Envoy's dynamic-modules namespace; with this guard
+        // Prometheus drops it as it drops `wasmcustom`, so both builds export the same families
+        // (`gateway_requests_total{route,outcome}`), and the dashboard reads either.
+        bootstrap["layered_runtime"] = json!({"layers": [{"name": "gateway", "static_layer": {
+            "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix": true}}]});
+    }
+    Ok(bootstrap)
 }
 
 /// Files of the filesystem-xDS form (`gateway-render --xds DIR`), in the order they are swapped
