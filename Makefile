@@ -56,8 +56,11 @@ build: wasm native render
 unit: deps
 	cargo test --workspace
 
+# The suite twice: the .wasm, then the native module (the second pass deselects the modules
+# about the .wasm itself, see tests/e2e/conftest.py).
 e2e: build
 	.venv/bin/pytest -q tests/e2e
+	GATEWAY_RUNTIME=native .venv/bin/pytest -q tests/e2e
 
 # The built module under emulated Kong, APISIX and Envoy hosts (tools/hostemu, wasmi).
 hosts: build

