@@ -9,6 +9,8 @@ Systems (each an Envoy with --concurrency 1 in front of one nginx returning a sm
   C        this filter, full policy: JWT, revocation with its 1 s cache (webdis + Redis), the
            three buckets (never reached), canary decision, trace ids, the JSON log line
   C-jwt    this filter, JWT and trace ids only
+  N, N-jwt C's and C-jwt's configurations with `gateway.runtime: native`: the same policy as an
+           Envoy dynamic module (build/libgateway_filter.so) instead of the .wasm
   C-nocache  full policy with the revocation cache off (a webdis call per request)
   E        C's configuration with the filter disabled on every route (Envoy's per-route
            `disabled`): the module is loaded, configured and ticking, no request enters it. Its
@@ -320,9 +322,13 @@ http {{ access_log off; keepalive_requests 1000000;
         specs.append(("A", plain_bootstrap(pa, aa, nginx_port, [])))
         pb, ab = free_port(), free_port()
         specs.append(("B", plain_bootstrap(pb, ab, nginx_port, native_filters())))
+        native_full, native_jwt = gateway_file(nginx_port, webdis_port), gateway_file(nginx_port, webdis_port, full=False)
+        for gw in (native_full, native_jwt):
+            gw["gateway"]["runtime"] = "native"
         for name, gw in [("C", gateway_file(nginx_port, webdis_port)),
                          ("C-jwt", gateway_file(nginx_port, webdis_port, full=False)),
-                         ("C-nocache", gateway_file(nginx_port, webdis_port, cache_ttl=0))]:
+                         ("C-nocache", gateway_file(nginx_port, webdis_port, cache_ttl=0)),
+                         ("N", native_full), ("N-jwt", native_jwt)]:
             port, admin = free_port(), free_port()
             gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin})
             specs.append((name, render_to_json(gw, tmp, name)))
@@ -425,7 +431,7 @@ def render_to_json(gw, tmp, name, wasm=WASM):
 
 
 # Which sidecars each system's requests reach.
-SIDECARS = {"C": ("webdis", "redis"), "C-nocache": ("webdis", "redis"), "R": ("redis",)}
+SIDECARS = {"C": ("webdis", "redis"), "C-nocache": ("webdis", "redis"), "N": ("webdis", "redis"), "R": ("redis",)}
 
 
 def disable_filter(bootstrap):
@@ -504,6 +510,19 @@ def report(rows, args, calls):
                        f"(≤ 10%: {verdict(share <= 0.10)})")
     targets.append(f".wasm ≤ 400 KB: {wasm / 1024:.0f} KiB {verdict(wasm <= 400 * 1024)}")
     lines += ["", "Targets for C (full policy): " + "; ".join(targets) + "."]
+    n = base.get("N")
+    if n is not None:
+        nt = [f"CPU ≤ 1.00×B: {n['cpu_us'] / b['cpu_us']:.2f} {verdict(n['cpu_us'] <= b['cpu_us'])}",
+              f"CPU ≤ 1.25×A: {n['cpu_us'] / a['cpu_us']:.2f} {verdict(n['cpu_us'] <= 1.25 * a['cpu_us'])}",
+              f"req/s ≥ 0.80×A: {n['rps'] / a['rps']:.2f} {verdict(n['rps'] >= 0.8 * a['rps'])}",
+              f"RSS ≤ A + 10 MB: +{n['rss'] - a['rss']:.1f} MB {verdict(n['rss'] <= a['rss'] + 10)}"]
+        nj = base.get("N-jwt")
+        if nj is not None:
+            nt.append(f"N-jwt {nj['cpu_us'] / a['cpu_us']:.2f}×A, {nj['cpu_us'] / b['cpu_us']:.2f}×B")
+        nt.append(f"C over N: {c['cpu_us'] / n['cpu_us']:.2f}× the CPU (the proxy-wasm boundary and V8)")
+        lines += ["", "Targets for N (native module, full policy): " + "; ".join(nt) + "."]
+    lines += ["", f"Target for the .wasm (C): ≤ 1.50×A: {c['cpu_us'] / a['cpu_us']:.2f} "
+                  f"{verdict(c['cpu_us'] <= 1.5 * a['cpu_us'])}."]
     lines += ["", "Host calls per request (the filter's pinned native test, FakeHost):", ""] + calls
     return "\n".join(lines)
 

@@ -255,40 +255,6 @@ impl Drop for Scheduler {
     }
 }
 
-/// Starts an HTTP callout owned by the configuration (on Envoy's main thread only); its answer
-/// comes to `on_http_filter_config_http_callout_done` there.
-pub fn config_http_callout(
-    config: EnvoyConfig,
-    cluster: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-    timeout_ms: u64,
-) -> Result<u64, CalloutRefused> {
-    let mut hs: Vec<ModuleHeader> = headers
-        .iter()
-        .map(|(k, v)| ModuleHeader::of(k.as_bytes(), v.as_bytes()))
-        .collect();
-    let mut id: u64 = 0;
-    // SAFETY: a live configuration pointer, on the main thread; `id` is a valid local; the
-    // header array and buffers describe live data Envoy copies.
-    let result = unsafe {
-        envoy_dynamic_module_callback_http_filter_config_http_callout(
-            config.0,
-            &mut id,
-            ModuleBuffer::of(cluster.as_bytes()),
-            hs.as_mut_ptr(),
-            hs.len(),
-            ModuleBuffer::of(body),
-            timeout_ms,
-        )
-    };
-    match result {
-        CALLOUT_SUCCESS => Ok(id),
-        CALLOUT_CLUSTER_NOT_FOUND => Err(CalloutRefused::ClusterNotFound),
-        _ => Err(CalloutRefused::Other),
-    }
-}
-
 /// Copies an Envoy-owned buffer (valid only during the hook) into owned bytes.
 ///
 /// # Safety
@@ -399,25 +365,48 @@ pub enum CalloutRefused {
     Other,
 }
 
-/// Starts an HTTP callout on the stream; its answer comes to `on_http_filter_http_callout_done`
-/// with the id returned here.
+/// Who sends a callout, and where its answer comes: a stream (to
+/// `on_http_filter_http_callout_done` on its worker) or the configuration (to
+/// `on_http_filter_config_http_callout_done`, on Envoy's main thread, the only thread it may be
+/// started from).
+#[derive(Clone, Copy)]
+pub enum CalloutOwner {
+    Stream(EnvoyFilter),
+    Config(EnvoyConfig),
+}
+
+type StartCallout = unsafe extern "C" fn(
+    *mut c_void,
+    *mut u64,
+    ModuleBuffer,
+    *mut ModuleHeader,
+    usize,
+    ModuleBuffer,
+    u64,
+) -> u32;
+
+/// Starts an HTTP callout; its answer comes with the id returned here.
 pub fn http_callout(
-    filter: EnvoyFilter,
+    owner: CalloutOwner,
     cluster: &str,
     headers: &[(&str, &str)],
     body: &[u8],
     timeout_ms: u64,
 ) -> Result<u64, CalloutRefused> {
+    let (start, ptr): (StartCallout, *mut c_void) = match owner {
+        CalloutOwner::Stream(f) => (envoy_dynamic_module_callback_http_filter_http_callout, f.0),
+        CalloutOwner::Config(c) => (envoy_dynamic_module_callback_http_filter_config_http_callout, c.0),
+    };
     let mut hs: Vec<ModuleHeader> = headers
         .iter()
         .map(|(k, v)| ModuleHeader::of(k.as_bytes(), v.as_bytes()))
         .collect();
     let mut id: u64 = 0;
-    // SAFETY: live stream pointer; `id` is a valid local; the header array and buffers
-    // describe live data Envoy copies into its request.
+    // SAFETY: a live stream (on its worker) or configuration (on the main thread) pointer;
+    // `id` is a valid local; the header array and buffers describe live data Envoy copies.
     let result = unsafe {
-        envoy_dynamic_module_callback_http_filter_http_callout(
-            filter.0,
+        start(
+            ptr,
             &mut id,
             ModuleBuffer::of(cluster.as_bytes()),
             hs.as_mut_ptr(),

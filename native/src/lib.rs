@@ -73,6 +73,10 @@ static SHARED: LazyLock<SharedMemory> = LazyLock::new(SharedMemory::default);
 
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
+/// Configurations Envoy still holds: a worker drops its gateways of the others (after a
+/// configuration change) when it builds a new one.
+static LIVE: LazyLock<Mutex<std::collections::HashSet<u64>>> = LazyLock::new(Mutex::default);
+
 /// The module's configuration object: the filter's JSON and the metrics defined for it.
 struct FilterConfig {
     /// Tells this configuration's gateways apart from another's (after a reload both live).
@@ -392,15 +396,12 @@ impl Host for NativeHost<'_> {
             headers.push(("authorization", value));
         }
         let body = call.body.unwrap_or_default();
-        let sent = match (self.state.main, self.state.current) {
-            (Some(config), _) => {
-                abi::config_http_callout(config, call.cluster, &headers, body, call.timeout_ms)
-            }
-            (None, Some(carrier)) => {
-                abi::http_callout(carrier, call.cluster, &headers, body, call.timeout_ms)
-            }
+        let owner = match (self.state.main, self.state.current) {
+            (Some(config), _) => abi::CalloutOwner::Config(config),
+            (None, Some(carrier)) => abi::CalloutOwner::Stream(carrier),
             (None, None) => return Err(DispatchError::Refused),
         };
+        let sent = abi::http_callout(owner, call.cluster, &headers, body, call.timeout_ms);
         let id = sent.map_err(|e| match e {
             abi::CalloutRefused::ClusterNotFound => DispatchError::BadArgument,
             abi::CalloutRefused::Other => DispatchError::Refused,
@@ -527,40 +528,47 @@ impl Host for DefiningHost {
 // ---------------------------------------------------------------------------------------------
 // Running the gateway of this worker.
 
-/// Builds this worker's gateway for `config` on first use.
+/// This worker's gateway for `config`, built on first use (then the gateways of configurations
+/// Envoy no longer holds go).
 fn worker_for<'a>(
     workers: &'a mut HashMap<u64, Worker>,
     config: &FilterConfig,
 ) -> Result<&'a mut Worker, String> {
-    use std::collections::hash_map::Entry;
-    match workers.entry(config.generation) {
-        Entry::Occupied(e) => Ok(e.into_mut()),
-        Entry::Vacant(slot) => {
-            let cfg = Config::from_json(&config.json).map_err(|e| format!("invalid configuration: {e}"))?;
-            let mut host = HostState {
-                metrics: Arc::clone(&config.metrics),
-                metric_cache: HashMap::new(),
-                streams: HashMap::new(),
-                current: None,
-                carrier_ctx: ROOT,
-                current_ctx: ROOT,
-                calls: HashMap::new(),
-                next_ctx: ROOT,
-                next_token: 0,
-                answer: (None, Vec::new()),
-                deferred: Vec::new(),
-                last_tick_ms: 0,
-                tick_period_ms: 1000,
-                main: None,
-            };
-            let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
-            host.tick_period_ms = gateway.tick_period_ms();
-            gateway.started(true, &mut NativeHost { state: &mut host })?;
-            host.last_tick_ms = now_ms();
-            // Timers: see [`Ticking`].
-            Ok(slot.insert(Worker { gateway, host }))
-        }
+    if !workers.contains_key(&config.generation) {
+        let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+        workers.retain(|generation, _| live.contains(generation));
+        let worker = build_worker(config)?;
+        workers.insert(config.generation, worker);
     }
+    workers
+        .get_mut(&config.generation)
+        .ok_or_else(|| "worker state missing".to_string())
+}
+
+fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
+    let cfg = Config::from_json(&config.json).map_err(|e| format!("invalid configuration: {e}"))?;
+    let mut host = HostState {
+        metrics: Arc::clone(&config.metrics),
+        metric_cache: HashMap::new(),
+        streams: HashMap::new(),
+        current: None,
+        carrier_ctx: ROOT,
+        current_ctx: ROOT,
+        calls: HashMap::new(),
+        next_ctx: ROOT,
+        next_token: 0,
+        answer: (None, Vec::new()),
+        deferred: Vec::new(),
+        last_tick_ms: 0,
+        tick_period_ms: 1000,
+        main: None,
+    };
+    let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
+    host.tick_period_ms = gateway.tick_period_ms();
+    // Timers: see [`Ticking`].
+    gateway.started(true, &mut NativeHost { state: &mut host })?;
+    host.last_tick_ms = now_ms();
+    Ok(Worker { gateway, host })
 }
 
 /// Runs `f` on this worker's gateway, then carries out what it deferred and replays events that
@@ -747,8 +755,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             abi::log(4, &format!("gateway filter: cannot start its timer: {e}"));
             return std::ptr::null();
         }
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut live) = LIVE.lock() {
+            live.insert(generation);
+        }
         let config = FilterConfig {
-            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            generation,
             json,
             metrics: Arc::new(host.table),
             ticking,
@@ -798,6 +810,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(conf
         let config = unsafe { Box::from_raw(config as *mut FilterConfig) };
         config.ticking.stop.store(true, Ordering::Relaxed);
         let generation = config.generation;
+        if let Ok(mut live) = LIVE.lock() {
+            live.remove(&generation);
+        }
         // This thread's gateway for it goes now; other workers' go with their threads.
         WORKERS.with(|cell| {
             if let Ok(mut w) = cell.try_borrow_mut() {
