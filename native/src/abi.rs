@@ -88,7 +88,8 @@ pub const REQUEST_HEADER: u32 = 0;
 pub const RESPONSE_HEADER: u32 = 2;
 /// `envoy_dynamic_module_type_on_http_filter_request_headers_status`.
 pub const CONTINUE: u32 = 0;
-pub const STOP_ITERATION: u32 = 1;
+/// Nothing of the request (headers, body, trailers) goes on until the filter continues it.
+pub const STOP_ALL_ITERATION_AND_WATERMARK: u32 = 4;
 /// `envoy_dynamic_module_type_http_callout_init_result_Success`.
 const CALLOUT_SUCCESS: u32 = 0;
 const CALLOUT_CLUSTER_NOT_FOUND: u32 = 2;

@@ -222,6 +222,8 @@ enum Deferred {
 
 /// An event that arrived while the gateway was in use, replayed right after.
 enum Pending {
+    /// A stream ended while the gateway was in use.
+    Gone { generation: u64, ctx: u32 },
     Answer {
         generation: u64,
         ctx: u32,
@@ -242,8 +244,14 @@ struct HostState {
     /// The context that owns what happens now: the stream's, or the root's during the
     /// timer's work (whose calls ride on a request's stream).
     current_ctx: u32,
-    /// Envoy's callout ids per carrying stream → (gateway token, owning context).
-    calls: HashMap<(u32, u64), (u32, u32)>,
+    /// Envoy's callout ids per carrying stream → the call.
+    calls: HashMap<(u32, u64), CallEntry>,
+    /// The root's calls whose carrying stream went before the answer: sent again on the next
+    /// waiting stream (never answered as a failure: a client must not be able to make the
+    /// store look down by resetting a stream).
+    orphans: Vec<(u32, OwnedCall)>,
+    /// The stream the root's calls ride on during the worker's timer work.
+    root_carrier: Option<(EnvoyFilter, u32)>,
     next_ctx: u32,
     next_token: u32,
     answer: (Option<u16>, Vec<u8>),
@@ -268,6 +276,51 @@ impl HostState {
 struct Worker {
     gateway: Gateway,
     host: HostState,
+}
+
+/// A dispatched call.
+struct CallEntry {
+    token: u32,
+    owner: u32,
+    /// The root's calls keep what they sent, to send it again (see `HostState::orphans`).
+    resend: Option<OwnedCall>,
+}
+
+struct OwnedCall {
+    cluster: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    timeout_ms: u64,
+}
+
+impl OwnedCall {
+    fn send(&self, owner: abi::CalloutOwner) -> Result<u64, abi::CalloutRefused> {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        abi::http_callout(owner, &self.cluster, &headers, &self.body, self.timeout_ms)
+    }
+}
+
+/// Sends the root's orphaned calls again on the waiting stream `ctx`.
+fn resend_orphans(host: &mut HostState, carrier: EnvoyFilter, ctx: u32) {
+    for (token, call) in std::mem::take(&mut host.orphans) {
+        match call.send(abi::CalloutOwner::Stream(carrier)) {
+            Ok(id) => {
+                host.calls.insert(
+                    (ctx, id),
+                    CallEntry {
+                        token,
+                        owner: ROOT,
+                        resend: Some(call),
+                    },
+                );
+            }
+            Err(_) => host.orphans.push((token, call)),
+        }
+    }
 }
 
 thread_local! {
@@ -367,6 +420,17 @@ impl Host for NativeHost<'_> {
     }
 
     fn switch_to(&mut self, context_id: u32) -> bool {
+        if context_id == ROOT {
+            let (current, carrier) = match (self.state.main, self.state.root_carrier) {
+                (Some(_), _) => (None, ROOT),
+                (None, Some((f, c))) => (Some(f), c),
+                (None, None) => return false,
+            };
+            self.state.current = current;
+            self.state.carrier_ctx = carrier;
+            self.state.current_ctx = ROOT;
+            return true;
+        }
         match self.state.streams.get(&context_id) {
             Some(f) => {
                 self.state.current = Some(*f);
@@ -408,9 +472,21 @@ impl Host for NativeHost<'_> {
         })?;
         self.state.next_token = self.state.next_token.wrapping_add(1).max(1);
         let token = self.state.next_token;
+        let owner = self.state.current_ctx;
+        // The root's calls on a worker ride on a request's stream: kept, to go out again if it
+        // goes first.
+        let resend = (owner == ROOT && self.state.main.is_none()).then(|| OwnedCall {
+            cluster: call.cluster.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+            timeout_ms: call.timeout_ms,
+        });
         self.state
             .calls
-            .insert((self.state.carrier_ctx, id), (token, self.state.current_ctx));
+            .insert((self.state.carrier_ctx, id), CallEntry { token, owner, resend });
         Ok(token)
     }
 
@@ -562,6 +638,8 @@ fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
         last_tick_ms: 0,
         tick_period_ms: 1000,
         main: None,
+        orphans: Vec::new(),
+        root_carrier: None,
     };
     let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
     host.tick_period_ms = gateway.tick_period_ms();
@@ -585,6 +663,8 @@ fn with_worker<R>(config: &FilterConfig, f: impl FnOnce(&mut Worker) -> R) -> Op
                 return (None, Vec::new());
             }
         };
+        // Left over only if an earlier hook panicked: those streams may be gone now.
+        worker.host.deferred.clear();
         let result = f(worker);
         (Some(result), std::mem::take(&mut worker.host.deferred))
     });
@@ -621,6 +701,15 @@ fn replay_pending() {
             return;
         };
         match event {
+            Pending::Gone { generation, ctx } => {
+                WORKERS.with(|cell| {
+                    if let Ok(mut workers) = cell.try_borrow_mut() {
+                        if let Some(w) = workers.get_mut(&generation) {
+                            forget_stream(w, ctx);
+                        }
+                    }
+                });
+            }
             Pending::Answer {
                 generation,
                 ctx,
@@ -633,6 +722,25 @@ fn replay_pending() {
     }
 }
 
+/// A stream is gone: the gateway forgets it; the root's calls it carried wait for the next
+/// waiting stream (not answered as failures); its own calls are dropped (Envoy cancelled them).
+fn forget_stream(w: &mut Worker, ctx: u32) {
+    let Worker { gateway, host } = w;
+    host.streams.remove(&ctx);
+    host.current = None;
+    host.carrier_ctx = ctx;
+    host.current_ctx = ctx;
+    let carried: Vec<(u32, u64)> = host.calls.keys().filter(|(c, _)| *c == ctx).copied().collect();
+    for key in carried {
+        if let Some(entry) = host.calls.remove(&key) {
+            if let (ROOT, Some(call)) = (entry.owner, entry.resend) {
+                host.orphans.push((entry.token, call));
+            }
+        }
+    }
+    gateway.on_done(ctx, &mut NativeHost { state: host });
+}
+
 /// Hands a callout's answer to the gateway (as proxy-wasm's `on_http_call_response`). If the
 /// gateway is in use (Envoy answered inside another hook), the answer waits its turn.
 fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>, Vec<u8>)) {
@@ -643,7 +751,7 @@ fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>,
         let Some(worker) = workers.get_mut(&generation) else {
             return Ok(Vec::new());
         };
-        let Some((token, owner)) = worker.host.calls.remove(&(ctx, callout)) else {
+        let Some(CallEntry { token, owner, .. }) = worker.host.calls.remove(&(ctx, callout)) else {
             return Ok(Vec::new());
         };
         let Worker { gateway, host } = worker;
@@ -836,8 +944,15 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
         // SAFETY: the configuration outlives its streams (each holds a reference in Envoy).
         let cfg = unsafe { &*(config as *const FilterConfig) };
         let ctx = with_worker(cfg, |w| {
-            w.host.next_ctx = w.host.next_ctx.wrapping_add(1).max(ROOT + 1);
-            let ctx = w.host.next_ctx;
+            let mut ctx = w.host.next_ctx;
+            loop {
+                // Skip the root's id and any still in use (after a wrap).
+                ctx = ctx.wrapping_add(1).max(ROOT + 1);
+                if !w.host.streams.contains_key(&ctx) {
+                    break;
+                }
+            }
+            w.host.next_ctx = ctx;
             w.host.streams.insert(ctx, EnvoyFilter(filter));
             ctx
         });
@@ -877,7 +992,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             EnvoyFilter(filter),
             &Reply::refuse(Outcome::Busy, message::BUSY, ""),
         );
-        abi::STOP_ITERATION
+        abi::STOP_ALL_ITERATION_AND_WATERMARK
     };
     let result = guard("request_headers", None, || {
         // SAFETY: Envoy passes back the pointer filter_new returned.
@@ -885,31 +1000,43 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         // SAFETY: the configuration outlives its streams.
         let cfg = unsafe { &*s.config };
         let ctx = s.ctx;
+        let f = EnvoyFilter(filter);
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
-            host.current = Some(EnvoyFilter(filter));
+            host.current = Some(f);
             host.carrier_ctx = ctx;
             host.current_ctx = ctx;
             // The timer's work first, when due: the request then sees what it brought (a key
             // set another worker or the main thread fetched).
-            tick_if_due(gateway, host, EnvoyFilter(filter), ctx);
-            host.current = Some(EnvoyFilter(filter));
+            tick_if_due(gateway, host, f, ctx);
+            host.current = Some(f);
             host.carrier_ctx = ctx;
             host.current_ctx = ctx;
             let action = gateway.on_request_headers(ctx, &mut NativeHost { state: host });
             gateway.flush_counters(&mut NativeHost { state: host });
+            if matches!(action, Action::Pause) {
+                let replied = host
+                    .deferred
+                    .iter()
+                    .any(|d| matches!(d, Deferred::Reply(g, _) if *g == f));
+                if !replied {
+                    // Waiting for a call: the ticker wakes this worker while it waits, and
+                    // calls that lost their carrier go out again on it. Done here, before
+                    // Envoy is told anything: a reply can end (and free) the stream at once.
+                    s.watch(f);
+                    resend_orphans(host, f, ctx);
+                }
+            }
             action
         })
     });
+    // Nothing of the stream is touched from here on: carrying out a reply may have freed it.
     match result {
         Some(Action::Continue) => abi::CONTINUE,
-        Some(Action::Pause) => {
-            // SAFETY: Envoy passes back the pointer filter_new returned.
-            if let Some(s) = unsafe { stream(module) } {
-                s.watch(EnvoyFilter(filter));
-            }
-            abi::STOP_ITERATION
-        }
+        // Stop everything, the body included, until the gateway resumes the request: a body
+        // chunk must not send a paused request upstream (Envoy runs the body hooks after a
+        // plain StopIteration, and a Continue there would forward the headers).
+        Some(Action::Pause) => abi::STOP_ALL_ITERATION_AND_WATERMARK,
         None => refuse(),
     }
 }
@@ -924,8 +1051,10 @@ fn tick_if_due(gateway: &mut Gateway, host: &mut HostState, filter: EnvoyFilter,
     host.current = Some(filter);
     host.carrier_ctx = ctx;
     host.current_ctx = ROOT;
+    host.root_carrier = Some((filter, ctx));
     gateway.on_tick(ROOT, &mut NativeHost { state: host });
     gateway.flush_counters(&mut NativeHost { state: host });
+    host.root_carrier = None;
 }
 
 /// # Safety
@@ -987,9 +1116,34 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
             // Records go to the main thread's gateway, which writes them on its timer.
             let records = gateway.take_stored_records();
             if !records.is_empty() {
+                // Bounded until the main thread takes them (which applies the store's buffer
+                // bounds and counts drops).
+                let cap = gateway
+                    .config()
+                    .logs
+                    .store
+                    .as_ref()
+                    .map_or(0, |st| st.buffer as usize)
+                    * 4;
+                let mut dropped = (0u64, 0u64);
                 if let Ok(mut r) = cfg.ticking.records.lock() {
                     r.extend(records);
+                    // Anonymous records go first, as in the gateway's own buffer.
+                    let mut excess = r.len().saturating_sub(cap);
+                    if excess > 0 {
+                        r.retain(|rec| {
+                            let drop = excess > 0 && rec.is_anonymous();
+                            excess -= usize::from(drop);
+                            dropped.0 += u64::from(drop);
+                            !drop
+                        });
+                        let rest = r.len().saturating_sub(cap);
+                        r.drain(..rest);
+                        dropped.1 += rest as u64;
+                    }
                 }
+                gateway.count_dropped_records(dropped.0, dropped.1);
+                gateway.flush_counters(&mut NativeHost { state: host });
             }
         });
     });
@@ -1009,31 +1163,17 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: *co
         // SAFETY: the configuration outlives its streams.
         let cfg = unsafe { &*s.config };
         let ctx = s.ctx;
-        let _ = s.generation;
-        // Root calls this stream carried will not be answered: the gateway hears they failed.
-        let orphaned: Vec<u64> = with_worker(cfg, |w| {
-            let Worker { gateway, host } = w;
-            host.streams.remove(&ctx);
-            host.current = None;
-            host.carrier_ctx = ctx;
-            host.current_ctx = ctx;
-            gateway.on_done(ctx, &mut NativeHost { state: host });
-            let mut root_calls = Vec::new();
-            host.calls.retain(|(carrier, id), (_, owner)| {
-                if *carrier != ctx {
-                    return true;
+        let forgotten = with_worker(cfg, |w| forget_stream(w, ctx));
+        if forgotten.is_none() {
+            // The gateway was in use (Envoy ended the stream inside a callback): afterwards.
+            PENDING.with(|p| {
+                if let Ok(mut q) = p.try_borrow_mut() {
+                    q.push_back(Pending::Gone {
+                        generation: s.generation,
+                        ctx,
+                    });
                 }
-                if *owner == ROOT {
-                    root_calls.push(*id);
-                    return true;
-                }
-                false
             });
-            root_calls
-        })
-        .unwrap_or_default();
-        for id in orphaned {
-            deliver_answer(cfg.generation, ctx, id, (None, Vec::new()));
         }
     });
 }
@@ -1131,6 +1271,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
         let ctx = s.ctx;
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
+            // Only paused requests get these events: a waiting stream to carry calls on.
+            resend_orphans(host, EnvoyFilter(filter), ctx);
             tick_if_due(gateway, host, EnvoyFilter(filter), ctx);
         });
     });

@@ -11,6 +11,13 @@ pub struct StoredRecord {
     pub(super) json: String,
 }
 
+impl StoredRecord {
+    /// A record of a caller who was not authenticated (the first to go when space runs out).
+    pub fn is_anonymous(&self) -> bool {
+        self.user_id.is_none()
+    }
+}
+
 /// The request's log record.
 pub(super) fn new_record(req: &Request, route: Option<&str>) -> Record {
     let value = |name: &str| headers::get_str(&req.headers, name);
@@ -117,6 +124,19 @@ impl Gateway {
     pub fn take_stored_records(&mut self) -> Vec<StoredRecord> {
         self.anonymous_buffered = 0;
         self.log_buffer.drain(..).collect()
+    }
+
+    /// Counts records dropped on their way to the gateway that writes them (by class).
+    pub fn count_dropped_records(&mut self, anonymous: u64, authenticated: u64) {
+        for (class, n) in [(0usize, anonymous), (1, authenticated)] {
+            for _ in 0..n {
+                let total = self.metrics.log_dropped;
+                self.inc(total);
+                if let Some(id) = self.metrics.log_dropped_class.get(class).copied() {
+                    self.inc(id);
+                }
+            }
+        }
     }
 
     /// Takes records another gateway gathered, under this one's buffer bounds.
