@@ -348,6 +348,9 @@ impl Gateway {
     /// waits for a callout.
     pub fn on_request_headers(&mut self, ctx: u32, host: &mut dyn Host) -> Action {
         let now_ms = host.now_ms();
+        if !self.jwks.is_empty() {
+            self.drop_stale_key_sets(now_ms, host);
+        }
         let request = host.request_headers();
         let mut random = [0u8; RANDOM_BYTES];
         self.rng.fill(&mut random);

@@ -33,6 +33,13 @@ pub struct EnvoyBuffer {
     pub length: usize,
 }
 
+impl EnvoyBuffer {
+    const EMPTY: EnvoyBuffer = EnvoyBuffer {
+        ptr: null(),
+        length: 0,
+    };
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ModuleBuffer {
@@ -308,10 +315,7 @@ pub fn headers(filter: EnvoyFilter, header_type: u32) -> Option<Vec<(String, Vec
 
 /// The first value of one header.
 pub fn header(filter: EnvoyFilter, header_type: u32, name: &str) -> Option<Vec<u8>> {
-    let mut result = EnvoyBuffer {
-        ptr: null(),
-        length: 0,
-    };
+    let mut result = EnvoyBuffer::EMPTY;
     // SAFETY: live stream pointer; the key describes a live &str; `result` is a valid local.
     let found = unsafe {
         envoy_dynamic_module_callback_http_get_header(
@@ -485,10 +489,7 @@ pub fn clear_route_cache(filter: EnvoyFilter) {
 
 /// The downstream peer, `ip:port`.
 pub fn source_address(filter: EnvoyFilter) -> Option<String> {
-    let mut result = EnvoyBuffer {
-        ptr: null(),
-        length: 0,
-    };
+    let mut result = EnvoyBuffer::EMPTY;
     // SAFETY: live stream pointer; `result` is a valid local.
     let found = unsafe {
         envoy_dynamic_module_callback_http_filter_get_attribute_string(
@@ -526,79 +527,72 @@ pub fn response_code(filter: EnvoyFilter) -> Option<u16> {
     }
 }
 
+type DefineMetric =
+    unsafe extern "C" fn(*mut c_void, ModuleBuffer, *mut ModuleBuffer, usize, *mut usize) -> u32;
+type UpdateMetric = unsafe extern "C" fn(*mut c_void, usize, *mut ModuleBuffer, usize, u64) -> u32;
+
+/// A label array for Envoy: null when empty.
+fn label_ptr(buffers: &mut [ModuleBuffer]) -> *mut ModuleBuffer {
+    if buffers.is_empty() {
+        null_mut()
+    } else {
+        buffers.as_mut_ptr()
+    }
+}
+
 /// Defines a counter or a histogram on the configuration (only while it is being created),
 /// with label names (a labelled family) or none. Labelled and plain metrics have separate ids.
 pub fn define_metric(config: EnvoyConfig, histogram: bool, name: &str, labels: &[&str]) -> Option<usize> {
+    let define: DefineMetric = if histogram {
+        envoy_dynamic_module_callback_http_filter_config_define_histogram
+    } else {
+        envoy_dynamic_module_callback_http_filter_config_define_counter
+    };
     let mut id: usize = 0;
     let mut names = buffers(labels);
-    let names_ptr = if names.is_empty() {
-        null_mut()
-    } else {
-        names.as_mut_ptr()
-    };
     // SAFETY: the configuration pointer passed to config_new, during that hook; `id` is a
     // valid local; the label array describes live strings Envoy copies.
     let result = unsafe {
-        if histogram {
-            envoy_dynamic_module_callback_http_filter_config_define_histogram(
-                config.0,
-                ModuleBuffer::of(name.as_bytes()),
-                names_ptr,
-                names.len(),
-                &mut id,
-            )
-        } else {
-            envoy_dynamic_module_callback_http_filter_config_define_counter(
-                config.0,
-                ModuleBuffer::of(name.as_bytes()),
-                names_ptr,
-                names.len(),
-                &mut id,
-            )
-        }
+        define(
+            config.0,
+            ModuleBuffer::of(name.as_bytes()),
+            label_ptr(&mut names),
+            names.len(),
+            &mut id,
+        )
     };
     (result == METRICS_SUCCESS).then_some(id)
 }
 
-/// Adds to a counter; `values` are its labels' values (none for a plain counter).
-pub fn increment_counter(config: EnvoyConfig, id: usize, values: &[String], by: u64) {
+fn update_metric(update: UpdateMetric, config: EnvoyConfig, id: usize, values: &[String], value: u64) {
     let mut values = buffers(values);
-    let ptr = if values.is_empty() {
-        null_mut()
-    } else {
-        values.as_mut_ptr()
-    };
     // SAFETY: a live configuration pointer; the label values describe live strings; Envoy's
     // stats are thread-safe.
     unsafe {
-        envoy_dynamic_module_callback_http_filter_config_increment_counter(
-            config.0,
-            id,
-            ptr,
-            values.len(),
-            by,
-        );
+        update(config.0, id, label_ptr(&mut values), values.len(), value);
     }
+}
+
+/// Adds to a counter; `values` are its labels' values (none for a plain counter).
+pub fn increment_counter(config: EnvoyConfig, id: usize, values: &[String], by: u64) {
+    update_metric(
+        envoy_dynamic_module_callback_http_filter_config_increment_counter,
+        config,
+        id,
+        values,
+        by,
+    );
 }
 
 /// Records a histogram value; `values` as for [`increment_counter`].
 pub fn record_histogram(config: EnvoyConfig, id: usize, values: &[String], value: u64) {
-    let mut values = buffers(values);
-    let ptr = if values.is_empty() {
-        null_mut()
-    } else {
-        values.as_mut_ptr()
-    };
-    // SAFETY: as for increment_counter.
-    unsafe {
-        envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
-            config.0,
-            id,
-            ptr,
-            values.len(),
-            value,
-        );
-    }
+    update_metric(
+        envoy_dynamic_module_callback_http_filter_config_record_histogram_value,
+        config,
+        id,
+        values,
+        value,
+    );
 }
 
 /// `envoy_dynamic_module_type_log_level`: Trace 0 … Error 4.

@@ -98,6 +98,9 @@ struct Ticking {
     paused: Mutex<HashMap<usize, Arc<abi::Scheduler>>>,
     /// Records the workers gathered for the store; the main thread's gateway writes them.
     records: Mutex<Vec<StoredRecord>>,
+    /// The workers' root calls (key fetches, the limit sync, lookups for orphaned waiters),
+    /// which the main thread sends as the configuration's.
+    relay: Mutex<Vec<RelayedCall>>,
 }
 
 /// The gateway's metrics on Envoy's: families are declared while the configuration is created
@@ -244,14 +247,13 @@ struct HostState {
     /// The context that owns what happens now: the stream's, or the root's during the
     /// timer's work (whose calls ride on a request's stream).
     current_ctx: u32,
-    /// Envoy's callout ids per carrying stream → the call.
-    calls: HashMap<(u32, u64), CallEntry>,
-    /// The root's calls whose carrying stream went before the answer: sent again on the next
-    /// waiting stream (never answered as a failure: a client must not be able to make the
-    /// store look down by resetting a stream).
-    orphans: Vec<(u32, OwnedCall)>,
-    /// The stream the root's calls ride on during the worker's timer work.
-    root_carrier: Option<(EnvoyFilter, u32)>,
+    /// Envoy's callout ids per carrying stream → (gateway token, owning context).
+    calls: HashMap<(u32, u64), (u32, u32)>,
+    /// Answers to this worker's root calls, which the main thread sent (see `dispatch`).
+    inbox: Arc<Inbox>,
+    ticking: Arc<Ticking>,
+    /// On the main thread: Envoy's callout ids of the calls it relays for workers.
+    relayed: HashMap<u64, (Arc<Inbox>, u32)>,
     next_ctx: u32,
     next_token: u32,
     answer: (Option<u16>, Vec<u8>),
@@ -278,12 +280,13 @@ struct Worker {
     host: HostState,
 }
 
-/// A dispatched call.
-struct CallEntry {
+type Inbox = Mutex<Vec<(u32, (Option<u16>, Vec<u8>))>>;
+
+/// A worker's root call, for the main thread to send.
+struct RelayedCall {
+    inbox: Arc<Inbox>,
     token: u32,
-    owner: u32,
-    /// The root's calls keep what they sent, to send it again (see `HostState::orphans`).
-    resend: Option<OwnedCall>,
+    call: OwnedCall,
 }
 
 struct OwnedCall {
@@ -304,22 +307,20 @@ impl OwnedCall {
     }
 }
 
-/// Sends the root's orphaned calls again on the waiting stream `ctx`.
-fn resend_orphans(host: &mut HostState, carrier: EnvoyFilter, ctx: u32) {
-    for (token, call) in std::mem::take(&mut host.orphans) {
-        match call.send(abi::CalloutOwner::Stream(carrier)) {
-            Ok(id) => {
-                host.calls.insert(
-                    (ctx, id),
-                    CallEntry {
-                        token,
-                        owner: ROOT,
-                        resend: Some(call),
-                    },
-                );
-            }
-            Err(_) => host.orphans.push((token, call)),
-        }
+/// Hands this worker's gateway the answers the main thread relayed.
+fn take_inbox(gateway: &mut Gateway, host: &mut HostState) {
+    let answers = host
+        .inbox
+        .lock()
+        .map(|mut q| std::mem::take(&mut *q))
+        .unwrap_or_default();
+    for (token, answer) in answers {
+        let size = answer.1.len();
+        host.answer = answer;
+        host.current = None;
+        host.carrier_ctx = ROOT;
+        host.current_ctx = ROOT;
+        gateway.on_call_response(ROOT, token, size, &mut NativeHost { state: host });
     }
 }
 
@@ -421,13 +422,9 @@ impl Host for NativeHost<'_> {
 
     fn switch_to(&mut self, context_id: u32) -> bool {
         if context_id == ROOT {
-            let (current, carrier) = match (self.state.main, self.state.root_carrier) {
-                (Some(_), _) => (None, ROOT),
-                (None, Some((f, c))) => (Some(f), c),
-                (None, None) => return false,
-            };
-            self.state.current = current;
-            self.state.carrier_ctx = carrier;
+            // The root has no stream: its calls go through the main thread.
+            self.state.current = None;
+            self.state.carrier_ctx = ROOT;
             self.state.current_ctx = ROOT;
             return true;
         }
@@ -460,6 +457,33 @@ impl Host for NativeHost<'_> {
             headers.push(("authorization", value));
         }
         let body = call.body.unwrap_or_default();
+        if self.state.current_ctx == ROOT && self.state.main.is_none() {
+            // The root's call on a worker: no request's stream may carry it (a client could
+            // cancel it by resetting its stream). The main thread sends it as the
+            // configuration's, and its answer comes back through this worker's inbox.
+            self.state.next_token = self.state.next_token.wrapping_add(1).max(1);
+            let token = self.state.next_token;
+            let relayed = RelayedCall {
+                inbox: Arc::clone(&self.state.inbox),
+                token,
+                call: OwnedCall {
+                    cluster: call.cluster.to_string(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    body: body.to_vec(),
+                    timeout_ms: call.timeout_ms,
+                },
+            };
+            return match self.state.ticking.relay.lock() {
+                Ok(mut q) => {
+                    q.push(relayed);
+                    Ok(token)
+                }
+                Err(_) => Err(DispatchError::Refused),
+            };
+        }
         let owner = match (self.state.main, self.state.current) {
             (Some(config), _) => abi::CalloutOwner::Config(config),
             (None, Some(carrier)) => abi::CalloutOwner::Stream(carrier),
@@ -473,20 +497,9 @@ impl Host for NativeHost<'_> {
         self.state.next_token = self.state.next_token.wrapping_add(1).max(1);
         let token = self.state.next_token;
         let owner = self.state.current_ctx;
-        // The root's calls on a worker ride on a request's stream: kept, to go out again if it
-        // goes first.
-        let resend = (owner == ROOT && self.state.main.is_none()).then(|| OwnedCall {
-            cluster: call.cluster.to_string(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            body: body.to_vec(),
-            timeout_ms: call.timeout_ms,
-        });
         self.state
             .calls
-            .insert((self.state.carrier_ctx, id), CallEntry { token, owner, resend });
+            .insert((self.state.carrier_ctx, id), (token, owner));
         Ok(token)
     }
 
@@ -638,8 +651,9 @@ fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
         last_tick_ms: 0,
         tick_period_ms: 1000,
         main: None,
-        orphans: Vec::new(),
-        root_carrier: None,
+        inbox: Arc::new(Mutex::new(Vec::new())),
+        ticking: Arc::clone(&config.ticking),
+        relayed: HashMap::new(),
     };
     let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
     host.tick_period_ms = gateway.tick_period_ms();
@@ -665,6 +679,8 @@ fn with_worker<R>(config: &FilterConfig, f: impl FnOnce(&mut Worker) -> R) -> Op
         };
         // Left over only if an earlier hook panicked: those streams may be gone now.
         worker.host.deferred.clear();
+        let Worker { gateway, host } = &mut *worker;
+        take_inbox(gateway, host);
         let result = f(worker);
         (Some(result), std::mem::take(&mut worker.host.deferred))
     });
@@ -722,22 +738,15 @@ fn replay_pending() {
     }
 }
 
-/// A stream is gone: the gateway forgets it; the root's calls it carried wait for the next
-/// waiting stream (not answered as failures); its own calls are dropped (Envoy cancelled them).
+/// A stream is gone: the gateway forgets it and its calls (Envoy cancelled them).
 fn forget_stream(w: &mut Worker, ctx: u32) {
     let Worker { gateway, host } = w;
     host.streams.remove(&ctx);
     host.current = None;
     host.carrier_ctx = ctx;
     host.current_ctx = ctx;
-    let carried: Vec<(u32, u64)> = host.calls.keys().filter(|(c, _)| *c == ctx).copied().collect();
-    for key in carried {
-        if let Some(entry) = host.calls.remove(&key) {
-            if let (ROOT, Some(call)) = (entry.owner, entry.resend) {
-                host.orphans.push((entry.token, call));
-            }
-        }
-    }
+    // Envoy cancelled the stream's calls (only requests' own: the root's never ride on one).
+    host.calls.retain(|(carrier, _), _| *carrier != ctx);
     gateway.on_done(ctx, &mut NativeHost { state: host });
 }
 
@@ -751,7 +760,7 @@ fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>,
         let Some(worker) = workers.get_mut(&generation) else {
             return Ok(Vec::new());
         };
-        let Some(CallEntry { token, owner, .. }) = worker.host.calls.remove(&(ctx, callout)) else {
+        let Some((token, owner)) = worker.host.calls.remove(&(ctx, callout)) else {
             return Ok(Vec::new());
         };
         let Worker { gateway, host } = worker;
@@ -858,6 +867,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             stop: AtomicBool::new(false),
             paused: Mutex::new(HashMap::new()),
             records: Mutex::new(Vec::new()),
+            relay: Mutex::new(Vec::new()),
         });
         if let Err(e) = start_ticker(EnvoyConfig(envoy), Arc::clone(&ticking), tick_ms) {
             abi::log(4, &format!("gateway filter: cannot start its timer: {e}"));
@@ -1024,7 +1034,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                     // calls that lost their carrier go out again on it. Done here, before
                     // Envoy is told anything: a reply can end (and free) the stream at once.
                     s.watch(f);
-                    resend_orphans(host, f, ctx);
                 }
             }
             action
@@ -1048,13 +1057,13 @@ fn tick_if_due(gateway: &mut Gateway, host: &mut HostState, filter: EnvoyFilter,
         return;
     }
     host.last_tick_ms = now;
-    host.current = Some(filter);
-    host.carrier_ctx = ctx;
+    // The root's calls go through the main thread (see `dispatch`).
+    let _ = (filter, ctx);
+    host.current = None;
+    host.carrier_ctx = ROOT;
     host.current_ctx = ROOT;
-    host.root_carrier = Some((filter, ctx));
     gateway.on_tick(ROOT, &mut NativeHost { state: host });
     gateway.flush_counters(&mut NativeHost { state: host });
-    host.root_carrier = None;
 }
 
 /// # Safety
@@ -1271,8 +1280,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
         let ctx = s.ctx;
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
-            // Only paused requests get these events: a waiting stream to carry calls on.
-            resend_orphans(host, EnvoyFilter(filter), ctx);
             tick_if_due(gateway, host, EnvoyFilter(filter), ctx);
         });
     });
@@ -1310,6 +1317,24 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
             host.carrier_ctx = ROOT;
             host.current_ctx = ROOT;
             gateway.add_stored_records(records);
+            let relay = cfg
+                .ticking
+                .relay
+                .lock()
+                .map(|mut q| std::mem::take(&mut *q))
+                .unwrap_or_default();
+            for r in relay {
+                match r.call.send(abi::CalloutOwner::Config(EnvoyConfig(envoy))) {
+                    Ok(id) => {
+                        host.relayed.insert(id, (r.inbox, r.token));
+                    }
+                    Err(_) => {
+                        if let Ok(mut q) = r.inbox.lock() {
+                            q.push((r.token, (None, Vec::new())));
+                        }
+                    }
+                }
+            }
             gateway.on_tick(ROOT, &mut NativeHost { state: host });
             gateway.flush_counters(&mut NativeHost { state: host });
         });
@@ -1344,7 +1369,21 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
         } else {
             (None, Vec::new())
         };
-        deliver_answer(cfg.generation, ROOT, callout_id, answer);
+        // A worker's call goes back to its inbox; the main thread's own to its gateway.
+        let relayed = WORKERS.with(|cell| {
+            cell.try_borrow_mut().ok().and_then(|mut w| {
+                w.get_mut(&cfg.generation)
+                    .and_then(|w| w.host.relayed.remove(&callout_id))
+            })
+        });
+        match relayed {
+            Some((inbox, token)) => {
+                if let Ok(mut q) = inbox.lock() {
+                    q.push((token, answer));
+                }
+            }
+            None => deliver_answer(cfg.generation, ROOT, callout_id, answer),
+        }
     });
 }
 

@@ -396,6 +396,31 @@ impl Gateway {
         }
     }
 
+    /// Drops every key set older than its issuer's `max_stale`: on the timer, and before each
+    /// request, so no request is verified with a set past it (whatever the timer's jitter).
+    pub(super) fn drop_stale_key_sets(&mut self, now_ms: u64, host: &mut dyn Host) {
+        let config = Rc::clone(&self.config);
+        let Some(verifier) = config.verifier.as_ref() else {
+            return;
+        };
+        for (issuer, iss, remote) in verifier.remotes() {
+            let fetched_at = self.jwks.get(issuer).and_then(|s| s.fetched_at_ms);
+            if fetched_at.is_some_and(|at| now_ms > at.saturating_add(remote.max_stale_ms)) {
+                if let Some(slot) = self.key_sets.get_mut(issuer) {
+                    if slot.take().is_some() {
+                        host.log(
+                            LogLevel::Warn,
+                            &format!(
+                                "jwks for issuer {}: last good set is older than max_stale; dropped",
+                                iss.name
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// The timer: for each fetched issuer, take a newer shared copy, drop a set past
     /// `max_stale`, fetch when due, and let waiters go whose wait is over (or whose keys came).
     pub(super) fn jwks_tick(&mut self, ctx: u32, now_ms: u64, host: &mut dyn Host) {
@@ -406,20 +431,11 @@ impl Gateway {
             .remotes()
             .map(|(i, iss, r)| (i, iss.name.clone(), r.clone()))
             .collect();
+        self.drop_stale_key_sets(now_ms, host);
         for (issuer, name, remote) in remotes {
             let changed = self.adopt_shared(issuer, &name, host);
-            let fetched_at = self.jwks.get(issuer).and_then(|s| s.fetched_at_ms);
-            if fetched_at.is_some_and(|at| now_ms > at.saturating_add(remote.max_stale_ms)) {
-                if let Some(slot) = self.key_sets.get_mut(issuer) {
-                    if slot.take().is_some() {
-                        host.log(
-                            LogLevel::Warn,
-                            &format!(
-                                "jwks for issuer {name}: last good set is older than max_stale; dropped"
-                            ),
-                        );
-                    }
-                }
+            if changed {
+                self.drop_stale_key_sets(now_ms, host);
             }
             if let Some(state) = self.jwks.get_mut(issuer) {
                 if state.fetching.is_some_and(|(_, until)| until <= now_ms) {
