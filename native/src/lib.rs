@@ -6,10 +6,10 @@
 //!   each builds its gateway from the same JSON on its first stream.
 //! - **Shared data** is process-wide memory with the proxy-wasm rules (`cas` 0 writes
 //!   unconditionally, another `cas` must match): [`SharedMemory`].
-//! - **Callouts** are per-stream HTTP callouts with the request paused and resumed. Work of the
-//!   VM's timer (counters, log flush, limit sync, key sets) runs on a worker when one of its
-//!   requests finds it due, and its callouts ride on that request's stream; if the stream ends
-//!   first, Envoy cancels them and the gateway is told they failed (retried on a later tick).
+//! - **Callouts** are per-stream HTTP callouts with the request paused and resumed. The timer's
+//!   work (log flush, limit sync, key sets) runs on Envoy's main thread and on workers when due
+//!   ([`Ticking`]); its callouts are the configuration's, sent from the main thread, never a
+//!   request's stream that a client could reset.
 //! - **Re-entrancy**: Envoy may call a hook from inside a callback (continuing a request can
 //!   answer it at once). Replies and resumes are therefore queued while the gateway is in use
 //!   and carried out after; a hook that still finds the gateway busy defers its event.
@@ -171,7 +171,6 @@ impl MetricTable {
 /// The per-stream object Envoy hands back to every hook of the stream.
 struct Stream {
     config: *const FilterConfig,
-    generation: u64,
     ctx: u32,
     /// Whether the response passed this filter (a local reply does not).
     responded: std::cell::Cell<bool>,
@@ -184,9 +183,13 @@ impl Stream {
         self as *const Stream as usize
     }
 
+    fn config(&self) -> &FilterConfig {
+        // SAFETY: the configuration outlives its streams (each holds a reference in Envoy).
+        unsafe { &*self.config }
+    }
+
     fn ticking(&self) -> &Ticking {
-        // SAFETY: the configuration outlives its streams.
-        unsafe { &(*self.config).ticking }
+        &self.config().ticking
     }
 
     /// The request paused: until its stream goes, the ticker wakes its worker.
@@ -241,14 +244,13 @@ struct HostState {
     metric_cache: HashMap<u32, MetricEntry>,
     /// Live streams of this worker by context id.
     streams: HashMap<u32, EnvoyFilter>,
-    /// The stream calls go through now, and its context id.
+    /// The stream the gateway acts on now (none for the root, which has no stream), and the
+    /// context id that owns what happens now.
     current: Option<EnvoyFilter>,
-    carrier_ctx: u32,
-    /// The context that owns what happens now: the stream's, or the root's during the
-    /// timer's work (whose calls ride on a request's stream).
     current_ctx: u32,
-    /// Envoy's callout ids per carrying stream → (gateway token, owning context).
-    calls: HashMap<(u32, u64), (u32, u32)>,
+    /// (owning context, Envoy's callout id) → the gateway's token. A stream's calls ride on
+    /// it; the root's go out on the main thread.
+    calls: HashMap<(u32, u64), u32>,
     /// Answers to this worker's root calls, which the main thread sent (see `dispatch`).
     inbox: Arc<Inbox>,
     ticking: Arc<Ticking>,
@@ -265,6 +267,28 @@ struct HostState {
 }
 
 impl HostState {
+    /// The gateway acts on `stream` for context `ctx` now.
+    fn at(&mut self, stream: Option<EnvoyFilter>, ctx: u32) {
+        self.current = stream;
+        self.current_ctx = ctx;
+    }
+
+    fn next_token(&mut self) -> u32 {
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        self.next_token
+    }
+
+    /// Envoy is asked once per hook to pick the stream's route again.
+    fn clear_route_later(&mut self, f: EnvoyFilter) {
+        let queued = self
+            .deferred
+            .iter()
+            .any(|d| matches!(d, Deferred::ClearRoute(g) if *g == f));
+        if !queued {
+            self.deferred.push(Deferred::ClearRoute(f));
+        }
+    }
+
     fn entry(&mut self, id: u32) -> Option<MetricEntry> {
         if let Some(e) = self.metric_cache.get(&id) {
             return Some(e.clone());
@@ -317,9 +341,7 @@ fn take_inbox(gateway: &mut Gateway, host: &mut HostState) {
     for (token, answer) in answers {
         let size = answer.1.len();
         host.answer = answer;
-        host.current = None;
-        host.carrier_ctx = ROOT;
-        host.current_ctx = ROOT;
+        host.at(None, ROOT);
         gateway.on_call_response(ROOT, token, size, &mut NativeHost { state: host });
     }
 }
@@ -373,14 +395,7 @@ impl Host for NativeHost<'_> {
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
         if let Some(f) = self.state.current {
             abi::set_header(f, abi::REQUEST_HEADER, name, value);
-            let queued = self
-                .state
-                .deferred
-                .iter()
-                .any(|d| matches!(d, Deferred::ClearRoute(g) if *g == f));
-            if !queued {
-                self.state.deferred.push(Deferred::ClearRoute(f));
-            }
+            self.state.clear_route_later(f);
         }
     }
 
@@ -404,7 +419,7 @@ impl Host for NativeHost<'_> {
 
     fn clear_route_cache(&mut self) {
         if let Some(f) = self.state.current {
-            abi::clear_route_cache(f);
+            self.state.clear_route_later(f);
         }
     }
 
@@ -423,16 +438,12 @@ impl Host for NativeHost<'_> {
     fn switch_to(&mut self, context_id: u32) -> bool {
         if context_id == ROOT {
             // The root has no stream: its calls go through the main thread.
-            self.state.current = None;
-            self.state.carrier_ctx = ROOT;
-            self.state.current_ctx = ROOT;
+            self.state.at(None, ROOT);
             return true;
         }
         match self.state.streams.get(&context_id) {
             Some(f) => {
-                self.state.current = Some(*f);
-                self.state.carrier_ctx = context_id;
-                self.state.current_ctx = context_id;
+                self.state.at(Some(*f), context_id);
                 true
             }
             None => false,
@@ -461,8 +472,7 @@ impl Host for NativeHost<'_> {
             // The root's call on a worker: no request's stream may carry it (a client could
             // cancel it by resetting its stream). The main thread sends it as the
             // configuration's, and its answer comes back through this worker's inbox.
-            self.state.next_token = self.state.next_token.wrapping_add(1).max(1);
-            let token = self.state.next_token;
+            let token = self.state.next_token();
             let relayed = RelayedCall {
                 inbox: Arc::clone(&self.state.inbox),
                 token,
@@ -494,12 +504,8 @@ impl Host for NativeHost<'_> {
             abi::CalloutRefused::ClusterNotFound => DispatchError::BadArgument,
             abi::CalloutRefused::Other => DispatchError::Refused,
         })?;
-        self.state.next_token = self.state.next_token.wrapping_add(1).max(1);
-        let token = self.state.next_token;
-        let owner = self.state.current_ctx;
-        self.state
-            .calls
-            .insert((self.state.carrier_ctx, id), (token, owner));
+        let token = self.state.next_token();
+        self.state.calls.insert((self.state.current_ctx, id), token);
         Ok(token)
     }
 
@@ -550,7 +556,6 @@ impl Host for NativeHost<'_> {
 /// A host for configuration time: declares the metrics the gateway defines.
 struct DefiningHost {
     table: MetricTable,
-    logs: Vec<String>,
 }
 
 impl SharedStore for DefiningHost {
@@ -606,8 +611,8 @@ impl Host for DefiningHost {
     }
     fn increment_metric(&mut self, _: u32, _: i64) {}
     fn record_metric(&mut self, _: u32, _: u64) {}
-    fn log(&mut self, _: LogLevel, message: &str) {
-        self.logs.push(message.to_string());
+    fn log(&mut self, _: LogLevel, _: &str) {
+        // Each worker's gateway says the same when it starts.
     }
     fn verify_signature(&mut self, _: &str, _: &[u8], _: &[u8], _: &[u8]) -> Option<bool> {
         None
@@ -641,7 +646,6 @@ fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
         metric_cache: HashMap::new(),
         streams: HashMap::new(),
         current: None,
-        carrier_ctx: ROOT,
         current_ctx: ROOT,
         calls: HashMap::new(),
         next_ctx: ROOT,
@@ -742,11 +746,9 @@ fn replay_pending() {
 fn forget_stream(w: &mut Worker, ctx: u32) {
     let Worker { gateway, host } = w;
     host.streams.remove(&ctx);
-    host.current = None;
-    host.carrier_ctx = ctx;
-    host.current_ctx = ctx;
+    host.at(None, ctx);
     // Envoy cancelled the stream's calls (only requests' own: the root's never ride on one).
-    host.calls.retain(|(carrier, _), _| *carrier != ctx);
+    host.calls.retain(|(owner, _), _| *owner != ctx);
     gateway.on_done(ctx, &mut NativeHost { state: host });
 }
 
@@ -760,17 +762,15 @@ fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>,
         let Some(worker) = workers.get_mut(&generation) else {
             return Ok(Vec::new());
         };
-        let Some((token, owner)) = worker.host.calls.remove(&(ctx, callout)) else {
+        let Some(token) = worker.host.calls.remove(&(ctx, callout)) else {
             return Ok(Vec::new());
         };
         let Worker { gateway, host } = worker;
         let size = answer.1.len();
         host.answer = answer;
-        let carrier = if owner == ROOT { ctx } else { owner };
-        host.current = host.streams.get(&carrier).copied();
-        host.carrier_ctx = carrier;
-        host.current_ctx = owner;
-        gateway.on_call_response(owner, token, size, &mut NativeHost { state: host });
+        let stream = host.streams.get(&ctx).copied();
+        host.at(stream, ctx);
+        gateway.on_call_response(ctx, token, size, &mut NativeHost { state: host });
         gateway.flush_counters(&mut NativeHost { state: host });
         Ok(std::mem::take(&mut host.deferred))
     });
@@ -838,7 +838,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 families: HashMap::new(),
                 entries: Mutex::new((HashMap::new(), Vec::new())),
             },
-            logs: Vec::new(),
         };
         // The families the gateway names only at run time, then everything it defines at start.
         for (family, labels) in stat::FAMILIES {
@@ -971,7 +970,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
         };
         let stream = Stream {
             config: cfg,
-            generation: cfg.generation,
             ctx,
             responded: std::cell::Cell::new(false),
             watched: std::cell::Cell::new(false),
@@ -1007,21 +1005,16 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     let result = guard("request_headers", None, || {
         // SAFETY: Envoy passes back the pointer filter_new returned.
         let s = unsafe { stream(module) }?;
-        // SAFETY: the configuration outlives its streams.
-        let cfg = unsafe { &*s.config };
+        let cfg = s.config();
         let ctx = s.ctx;
         let f = EnvoyFilter(filter);
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
-            host.current = Some(f);
-            host.carrier_ctx = ctx;
-            host.current_ctx = ctx;
+            host.at(Some(f), ctx);
             // The timer's work first, when due: the request then sees what it brought (a key
             // set another worker or the main thread fetched).
-            tick_if_due(gateway, host, f, ctx);
-            host.current = Some(f);
-            host.carrier_ctx = ctx;
-            host.current_ctx = ctx;
+            tick_if_due(gateway, host);
+            host.at(Some(f), ctx);
             let action = gateway.on_request_headers(ctx, &mut NativeHost { state: host });
             gateway.flush_counters(&mut NativeHost { state: host });
             if matches!(action, Action::Pause) {
@@ -1030,9 +1023,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                     .iter()
                     .any(|d| matches!(d, Deferred::Reply(g, _) if *g == f));
                 if !replied {
-                    // Waiting for a call: the ticker wakes this worker while it waits, and
-                    // calls that lost their carrier go out again on it. Done here, before
-                    // Envoy is told anything: a reply can end (and free) the stream at once.
+                    // Waiting for a call: the ticker wakes this worker while it waits (the
+                    // answers the main thread relayed reach it then). Done here, before Envoy
+                    // is told anything: a reply can end (and free) the stream at once.
                     s.watch(f);
                 }
             }
@@ -1050,18 +1043,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     }
 }
 
-/// The worker's timer work, when due (its calls ride on the stream `ctx`, owned by the root).
-fn tick_if_due(gateway: &mut Gateway, host: &mut HostState, filter: EnvoyFilter, ctx: u32) {
+/// The worker's timer work, when due (its calls go out on the main thread, see `dispatch`).
+fn tick_if_due(gateway: &mut Gateway, host: &mut HostState) {
     let now = now_ms();
     if now.saturating_sub(host.last_tick_ms) < host.tick_period_ms {
         return;
     }
     host.last_tick_ms = now;
-    // The root's calls go through the main thread (see `dispatch`).
-    let _ = (filter, ctx);
-    host.current = None;
-    host.carrier_ctx = ROOT;
-    host.current_ctx = ROOT;
+    host.at(None, ROOT);
     gateway.on_tick(ROOT, &mut NativeHost { state: host });
     gateway.flush_counters(&mut NativeHost { state: host });
 }
@@ -1079,15 +1068,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
         let Some(s) = (unsafe { stream(module) }) else {
             return;
         };
-        // SAFETY: the configuration outlives its streams.
-        let cfg = unsafe { &*s.config };
+        let cfg = s.config();
         let ctx = s.ctx;
         s.responded.set(true);
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
-            host.current = Some(EnvoyFilter(filter));
-            host.carrier_ctx = ctx;
-            host.current_ctx = ctx;
+            host.at(Some(EnvoyFilter(filter)), ctx);
             gateway.on_response_headers(ctx, &mut NativeHost { state: host });
         });
     });
@@ -1106,15 +1092,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
         let Some(s) = (unsafe { stream(module) }) else {
             return;
         };
-        // SAFETY: the configuration outlives its streams.
-        let cfg = unsafe { &*s.config };
+        let cfg = s.config();
         let ctx = s.ctx;
         let responded = s.responded.get();
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
-            host.current = Some(EnvoyFilter(filter));
-            host.carrier_ctx = ctx;
-            host.current_ctx = ctx;
+            host.at(Some(EnvoyFilter(filter)), ctx);
             if !responded {
                 // A local reply (the gateway's own or Envoy's): its status, as proxy-wasm
                 // reports it in the response headers.
@@ -1169,8 +1152,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: *co
         // SAFETY: created by Box::into_raw in filter_new; destroyed once.
         let s = unsafe { Box::from_raw(module as *mut Stream) };
         s.unwatch();
-        // SAFETY: the configuration outlives its streams.
-        let cfg = unsafe { &*s.config };
+        let cfg = s.config();
         let ctx = s.ctx;
         let forgotten = with_worker(cfg, |w| forget_stream(w, ctx));
         if forgotten.is_none() {
@@ -1178,7 +1160,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: *co
             PENDING.with(|p| {
                 if let Ok(mut q) = p.try_borrow_mut() {
                     q.push_back(Pending::Gone {
-                        generation: s.generation,
+                        generation: cfg.generation,
                         ctx,
                     });
                 }
@@ -1212,7 +1194,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
         } else {
             (None, Vec::new())
         };
-        deliver_answer(s.generation, s.ctx, callout_id, answer);
+        deliver_answer(s.config().generation, s.ctx, callout_id, answer);
     });
 }
 
@@ -1266,7 +1248,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
 /// Envoy's stream and this module's stream pointer, on the stream's worker.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    filter: *mut c_void,
+    _: *mut c_void,
     module: *const c_void,
     _: u64,
 ) {
@@ -1275,12 +1257,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
         let Some(s) = (unsafe { stream(module) }) else {
             return;
         };
-        // SAFETY: the configuration outlives its streams.
-        let cfg = unsafe { &*s.config };
-        let ctx = s.ctx;
-        with_worker(cfg, |w| {
+        with_worker(s.config(), |w| {
             let Worker { gateway, host } = w;
-            tick_if_due(gateway, host, EnvoyFilter(filter), ctx);
+            tick_if_due(gateway, host);
         });
     });
 }
@@ -1313,9 +1292,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
             host.main = Some(EnvoyConfig(envoy));
-            host.current = None;
-            host.carrier_ctx = ROOT;
-            host.current_ctx = ROOT;
+            host.at(None, ROOT);
             gateway.add_stored_records(records);
             let relay = cfg
                 .ticking

@@ -73,16 +73,19 @@ ROUTING = """
     }}
 """
 
-KONG_CONF = """
+# What both hosts' configurations start with (`{workers}` nginx workers).
+PREAMBLE = """
 daemon off;
 master_process on;
-worker_processes 2;
+worker_processes {workers};
 error_log {dir}/error.log info;
 pid {dir}/nginx.pid;
 env JWT_SECRET;
 
 events {{ worker_connections 256; }}
+"""
 
+KONG_CONF = PREAMBLE + """
 wasm {{
     module gateway {wasm};
     shm_kv * 16m eviction=none;
@@ -106,16 +109,7 @@ http {{
 """
 
 
-APISIX_CONF = """
-daemon off;
-master_process on;
-worker_processes 1;
-error_log {dir}/error.log info;
-pid {dir}/nginx.pid;
-env JWT_SECRET;
-
-events {{ worker_connections 256; }}
-
+APISIX_CONF = PREAMBLE + """
 http {{
     access_log off;
     client_body_temp_path {dir}/body;
@@ -159,9 +153,9 @@ class Nginx:
             dead=free_port(), users=services.ports["user-service"], products=services.ports["product-service"],
             orders=services.ports["order-service"], orders_v2=canary.ports["order-service"],
             auth=services.ports["auth-service"])
-        template = KONG_CONF if host == "kong" else APISIX_CONF
+        template, self.workers = (KONG_CONF, 2) if host == "kong" else (APISIX_CONF, 1)
         conf = template.format(
-            dir=self.dir, wasm=WASM, port=self.port, routing=ROUTING.format(**ports),
+            workers=self.workers, dir=self.dir, wasm=WASM, port=self.port, routing=ROUTING.format(**ports),
             lua_path=os.environ.get("APISIX_LUA_PATH", ""),
             config=json.dumps(filter_config(webdis_port, failure_mode)))
         (self.dir / "nginx.conf").write_text(conf)
@@ -225,7 +219,7 @@ def test_loads_on_every_worker_without_a_trap(stack):
     if kong.host == "apisix":
         # Configured on first use, as APISIX does.
         kong.get("/api/v1/products/1")
-    workers = 2 if kong.host == "kong" else 1
+    workers = kong.workers
     wait_for(lambda: kong.log().count("host offers:") >= workers, timeout=20, what="each worker's start-up line")
     log = kong.log()
     offers = re.findall(r"host offers: [^\n]*", log)
