@@ -130,19 +130,27 @@ class Services:
     """The demo services, on free ports: {name: port}."""
 
     def __init__(self, names, auth="auth-service", versions=None):
-        self.ports = {n: free_port() for n in list(names) + ([auth] if auth else [])}
+        every = list(names) + ([auth] if auth else [])
         versions = versions or {}
-        args = [sys.executable, str(SERVICES)]
-        for n in names:
-            args += ["--echo", f"{n}={self.ports[n]}:{versions.get(n, 'v1')}"]
-        if auth:
-            args += ["--auth", f"{auth}={self.ports[auth]}"]
         env = dict(os.environ, JWT_SECRET=SECRET)
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if not line.startswith("ready"):
+        # A port free_port saw free can be taken (or handed out twice) before the services
+        # bind it: distinct ports, and a few tries with new ones.
+        for attempt in range(3):
+            ports = set()
+            while len(ports) < len(every):
+                ports.add(free_port())
+            self.ports = dict(zip(every, sorted(ports)))
+            args = [sys.executable, str(SERVICES)]
+            for n in names:
+                args += ["--echo", f"{n}={self.ports[n]}:{versions.get(n, 'v1')}"]
+            if auth:
+                args += ["--auth", f"{auth}={self.ports[auth]}"]
+            self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+            line = self.proc.stdout.readline()
+            if line.startswith("ready"):
+                return
             self.stop()
-            raise RuntimeError(f"demo services failed to start: {line!r}")
+        raise RuntimeError(f"demo services failed to start: {line!r}")
 
     def stop(self):
         self.proc.terminate()
