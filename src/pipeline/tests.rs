@@ -1391,3 +1391,147 @@ fn where_removed_headers_still_reach_the_upstream_a_forged_identity_is_refused()
     assert_eq!(t.send_headers(2, h), Action::Continue);
     assert_eq!(t.req(2).header("x-user-id"), None);
 }
+
+/// With `envoy_strips_forged_headers` the filter reads single headers instead of the map: every
+/// header the policy uses must be among them, so both ways give the same replies, the same
+/// headers up and down, and the same log lines.
+#[test]
+fn named_header_reads_decide_as_the_whole_map() {
+    let mut v = base();
+    v["gateway"]["rate_limit"] = serde_json::json!({"trusted_hops": 1});
+    v["logs"] = serde_json::json!({"enabled": true});
+    v["trace"] = serde_json::json!({"trust_incoming": true});
+    v["routes"].as_array_mut().unwrap().push(serde_json::json!({
+        "name": "beta", "prefix": "/beta", "auth_required": false,
+        "canary": {"percent": 50, "sticky": "cookie:cid"}
+    }));
+    v["routes"].as_array_mut().unwrap().push(serde_json::json!({
+        "name": "gamma", "prefix": "/gamma", "auth_required": false,
+        "canary": {"percent": 50, "sticky": "header:x-client"}
+    }));
+    let mut named = v.clone();
+    named["envoy_strips_forged_headers"] = serde_json::json!(true);
+    let h = |pairs: &[(&str, &str)]| -> Vec<HeaderPair> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    };
+    let auth = format!("Bearer {}", token());
+    let other = format!("Bearer {}", token_for("user-002", "b"));
+    let common = [
+        (":authority", "gw"),
+        ("x-forwarded-for", "203.0.113.7, 10.0.0.9"),
+        ("user-agent", "curl/8"),
+    ];
+    let cases: Vec<Vec<HeaderPair>> = vec![
+        h(&[
+            (":method", "GET"),
+            (":path", "/api/v1/products/1?q=1"),
+            ("x-trace-id", "0af76519-16cd-43dd-8448-eb211c80319c"),
+        ]),
+        h(&[
+            (":method", "GET"),
+            (":path", "/api/v1/open/1"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ]),
+        h(&[
+            (":method", "GET"),
+            (":path", "/api/v1/orders/1"),
+            ("authorization", &auth),
+            ("x-canary", "1"),
+        ]),
+        h(&[
+            (":method", "GET"),
+            (":path", "/api/v1/orders/1"),
+            ("authorization", &other),
+        ]),
+        h(&[
+            (":method", "GET"),
+            (":path", "/api/v1/beta/1"),
+            ("cookie", "a=b; cid=client-7"),
+        ]),
+        h(&[
+            (":method", "GET"),
+            (":path", "/api/v1/beta/1"),
+            ("cookie", "cid=client-8"),
+        ]),
+        h(&[
+            (":method", "GET"),
+            (":path", "/api/v1/gamma/1"),
+            ("x-client", "client-9"),
+        ]),
+        h(&[
+            (":method", "GET"),
+            (":path", "/api/v1/users/1"),
+            ("authorization", &auth),
+            ("authorization", &auth),
+        ]),
+        h(&[
+            (":method", "GET"),
+            (":path", "/api/v1/users/1"),
+            ("authorization", "Basic abc"),
+        ]),
+        h(&[
+            (":method", "DELETE"),
+            (":path", "/api/v1/users/1"),
+            ("authorization", &auth),
+        ]),
+        h(&[(":method", "GET"), (":path", "/api/v1/nope")]),
+        h(&[(":method", "GET"), (":path", "/health")]),
+    ];
+    let run = |config: serde_json::Value| {
+        let mut t = T::new(config);
+        let mut seen = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
+            let ctx = 10 + i as u32;
+            let mut headers = case.clone();
+            headers.extend(h(&common));
+            t.host.reset_calls();
+            t.send_headers(ctx, headers);
+            if t.req(ctx).paused {
+                t.answer_last(Some(200), CLEAN);
+            }
+            t.finish(ctx);
+            let names = t.host.call_names();
+            let r = t.req(ctx).clone();
+            let mut up = r.headers.clone();
+            up.sort();
+            seen.push((
+                r.reply.map(|r| (r.status, r.body)),
+                up,
+                r.response_headers,
+                r.route_cache_cleared,
+                names.contains(&"request_headers"),
+            ));
+        }
+        let logs = t.host.logs.clone();
+        (seen, logs)
+    };
+    let (full, full_logs) = run(v);
+    let (single, single_logs) = run(named);
+    assert!(full.iter().all(|c| c.4), "the default reads the whole map");
+    assert!(single.iter().all(|c| !c.4), "named reads never copy the map");
+    for (i, (a, b)) in full.iter().zip(&single).enumerate() {
+        assert_eq!((&a.0, &a.1, &a.2, a.3), (&b.0, &b.1, &b.2, b.3), "case {i}");
+    }
+    assert_eq!(full_logs, single_logs);
+    assert!(
+        full_logs.len() >= cases.len(),
+        "every request logged: {full_logs:?}"
+    );
+}
+
+#[test]
+fn a_canary_reading_a_header_envoy_strips_is_refused() {
+    let mut v = base();
+    v["envoy_strips_forged_headers"] = serde_json::json!(true);
+    v["routes"][3]["canary"]["header"] = serde_json::json!("X-Real-IP");
+    let err = Config::from_json(v.to_string().as_bytes()).unwrap_err();
+    assert_eq!(err.field, "routes[3].canary.header");
+    v["routes"][3]["canary"]["header"] = serde_json::json!("X-Canary");
+    assert!(Config::from_json(v.to_string().as_bytes()).is_ok());
+}
