@@ -12,9 +12,6 @@ Systems (each an Envoy with --concurrency 1 in front of one nginx returning a sm
   N, N-jwt C's and C-jwt's configurations with `gateway.runtime: native`: the same policy as an
            Envoy dynamic module (build/libgateway_filter.so) instead of the .wasm
   C-nocache  full policy with the revocation cache off (a webdis call per request)
-  C-map    C as hosts without the rendered chain run it (Istio's WasmPlugin, Kong, APISIX): no
-           `header_mutation` filter in front removing forged headers, so the filter reads the
-           whole request-header map to find them (C reads the few headers it needs, one by one); N-map the same for N
   E        C's configuration with the filter disabled on every route (Envoy's per-route
            `disabled`): the module is loaded, configured and ticking, no request enters it. Its
            peak RSS is the memory floor of a VM with this module; its CPU is A's plus the ticks
@@ -339,15 +336,6 @@ http {{ access_log off; keepalive_requests 1000000;
         port, admin = free_port(), free_port()
         gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin})
         specs.append(("E", disable_filter(render_to_json(gw, tmp, "E"))))
-        gw = gateway_file(nginx_port, webdis_port)
-        port, admin = free_port(), free_port()
-        gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin})
-        specs.append(("C-map", whole_map(render_to_json(gw, tmp, "C-map"))))
-        gw = gateway_file(nginx_port, webdis_port)
-        port, admin = free_port(), free_port()
-        gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin},
-                             runtime="native")
-        specs.append(("N-map", whole_map(render_to_json(gw, tmp, "N-map"))))
         signer = DistinctSigner()
         jwk = signer.jwk
         for name, gw in [("K-rs256", keys_file(nginx_port, jwk)), ("K-es256", keys_file(nginx_port, jwk)),
@@ -443,7 +431,7 @@ def render_to_json(gw, tmp, name, wasm=WASM):
 
 
 # Which sidecars each system's requests reach.
-SIDECARS = {"C": ("webdis", "redis"), "C-map": ("webdis", "redis"), "N-map": ("webdis", "redis"), "C-nocache": ("webdis", "redis"), "N": ("webdis", "redis"), "R": ("redis",)}
+SIDECARS = {"C": ("webdis", "redis"), "C-nocache": ("webdis", "redis"), "N": ("webdis", "redis"), "R": ("redis",)}
 
 
 def disable_filter(bootstrap):
@@ -458,28 +446,6 @@ def disable_filter(bootstrap):
                 for vh in (rc or {}).get("virtual_hosts", []):
                     for route in vh["routes"]:
                         route.setdefault("typed_per_filter_config", {}).update(off)
-    return bootstrap
-
-
-def whole_map(bootstrap):
-    """System C-map: C's chain as a host without the rendered header filter runs it (Istio's
-    WasmPlugin, Kong, APISIX): no `header_mutation` in front, and the filter reads the whole
-    request-header map to find and remove forged headers itself."""
-    for listener in bootstrap["static_resources"]["listeners"]:
-        for chain in listener["filter_chains"]:
-            for f in chain["filters"]:
-                hcm = f.get("typed_config", {})
-                if "http_filters" not in hcm:
-                    continue
-                hcm["http_filters"] = [h for h in hcm["http_filters"]
-                                       if h["name"] != "envoy.filters.http.header_mutation"]
-                for h in hcm["http_filters"]:
-                    tc = h["typed_config"]
-                    conf = tc["config"]["configuration"] if "config" in tc else tc.get("filter_config")
-                    if h["name"] != "envoy.filters.http.router" and conf and "value" in conf:
-                        settings = json.loads(conf["value"])
-                        settings.pop("envoy_strips_forged_headers", None)
-                        conf["value"] = json.dumps(settings)
     return bootstrap
 
 

@@ -55,13 +55,6 @@ pub struct FilterConfig {
     pub logs: LogSettings,
     #[serde(default)]
     pub trace: TraceSettings,
-    /// Envoy removes the client copies of gateway-owned and address headers before this filter
-    /// runs (a `header_mutation` filter with [`crate::policy::forged_headers_regex`], as the
-    /// renderer writes it), so the filter reads only the few headers it needs instead of the
-    /// whole map. Off (the default), the filter reads every header name and removes them
-    /// itself, as any host without that filter needs.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub envoy_strips_forged_headers: bool,
 }
 
 /// The filter's part of `gateway:`.
@@ -165,9 +158,6 @@ pub struct Config {
     pub webdis_auth: Option<String>,
     /// The `:authority` of webdis calls.
     pub webdis_authority: Option<String>,
-    /// The request headers the policy reads, when Envoy strips the forged ones itself
-    /// (`envoy_strips_forged_headers`); `None`: the whole map is read.
-    pub request_headers: Option<Vec<String>>,
 }
 
 impl Config {
@@ -372,17 +362,6 @@ impl Config {
                 "the query endpoint needs a jwt section",
             ));
         }
-        let request_headers = if raw.envoy_strips_forged_headers {
-            Some(needed_headers(
-                &raw.routes,
-                verifier.is_some(),
-                &raw.trace,
-                &rate_limits,
-                &logs,
-            )?)
-        } else {
-            None
-        };
         Ok(Config {
             prefix: g.prefix.clone(),
             gateway_name: g.name.clone(),
@@ -395,69 +374,8 @@ impl Config {
             trace: raw.trace,
             webdis_auth,
             webdis_authority,
-            request_headers,
         })
     }
-}
-
-/// Every request header the policy reads with this configuration: the path and method, the
-/// token, the trusted trace and address headers, the log's user agent, and the canary's
-/// override and stickiness headers. A route whose canary reads a header Envoy strips before the
-/// filter (other than `x-canary`, which the filter then removes itself) is refused: it could
-/// never see it.
-fn needed_headers(
-    routes: &[RouteSettings],
-    auth: bool,
-    trace: &TraceSettings,
-    limits: &RateLimits,
-    logs: &crate::access_log::Logs,
-) -> Result<Vec<String>, ConfigError> {
-    let mut names: Vec<String> = vec![":method".into(), ":path".into()];
-    let mut add = |n: &str| {
-        if !names.iter().any(|m| m == n) {
-            names.push(n.to_string());
-        }
-    };
-    if auth {
-        add("authorization");
-    }
-    if trace.trust_incoming {
-        add(crate::trace::HEADER_TRACE_ID);
-        add(crate::trace::HEADER_TRACEPARENT);
-    }
-    if limits.trusted_hops > 0 {
-        add("x-forwarded-for");
-    }
-    if logs.enabled || logs.store.is_some() {
-        add("user-agent");
-    }
-    for (i, r) in routes.iter().enumerate() {
-        let Some(c) = &r.canary else { continue };
-        let sticky = match &c.sticky {
-            crate::canary::Sticky::Cookie(_) => Some(("sticky", "cookie")),
-            crate::canary::Sticky::Header(h) => Some(("sticky", h.as_str())),
-            _ => None,
-        };
-        for (field, name) in c
-            .header
-            .as_deref()
-            .map(|h| ("header", h))
-            .into_iter()
-            .chain(sticky)
-        {
-            let name = name.to_ascii_lowercase();
-            if name != crate::canary::CANARY_HEADER && crate::forged::is_client_forgery(&name) {
-                return Err(ConfigError::new(
-                    format!("routes[{i}].canary.{field}"),
-                    format!(
-                        "{name:?} is removed by Envoy before the filter (a gateway-owned or address header)"
-                    ),
-                ));
-            }
-            add(&name);
-        }
-    }
-    Ok(names)
 }
 
 #[cfg(test)]

@@ -79,9 +79,6 @@ pub trait Host: SharedStore {
     fn random_bytes(&mut self, buf: &mut [u8]);
 
     fn request_headers(&mut self) -> Option<Vec<HeaderPair>>;
-    /// One request header's value (a repeated header's values joined with `,`, as Envoy joins
-    /// its inline headers), without copying the rest of the map.
-    fn request_header(&mut self, name: &str) -> Option<Vec<u8>>;
     /// Sets (`Some`) or removes (`None`) a request header.
     fn set_request_header(&mut self, name: &str, value: Option<&str>);
     fn set_response_header(&mut self, name: &str, value: &str);
@@ -394,17 +391,6 @@ pub mod fake {
         fn request_headers(&mut self) -> Option<Vec<HeaderPair>> {
             self.call("request_headers");
             Some(self.cur().headers.clone())
-        }
-        fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
-            self.call("request_header");
-            let values: Vec<&[u8]> = self
-                .cur()
-                .headers
-                .iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_slice())
-                .collect();
-            (!values.is_empty()).then(|| values.join(&b","[..]))
         }
         fn set_request_header(&mut self, name: &str, value: Option<&str>) {
             self.call("set_request_header");

@@ -17,7 +17,6 @@ pub mod canary;
 pub mod config;
 pub mod connlimit;
 pub mod error;
-pub mod forged;
 pub mod headers;
 pub mod host;
 pub mod jwt;

@@ -351,17 +351,11 @@ impl Gateway {
         if !self.jwks.is_empty() {
             self.drop_stale_key_sets(now_ms, host);
         }
-        let config = Rc::clone(&self.config);
-        let headers = match &config.request_headers {
-            // Envoy removed the forged headers: only what the policy reads crosses the boundary.
-            Some(names) => names
-                .iter()
-                .filter_map(|n| host.request_header(n).map(|v| (n.clone(), v)))
-                .collect(),
-            None => host.request_headers().unwrap_or_default(),
-        };
+        let request = host.request_headers();
         let mut random = [0u8; RANDOM_BYTES];
         self.rng.fill(&mut random);
+        let config = Rc::clone(&self.config);
+        let headers = request.unwrap_or_default();
         let classified = policy::classify(&config, &headers, &random);
         let mut req = Request {
             ctx,

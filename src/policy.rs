@@ -16,7 +16,8 @@ pub const HEADER_GATEWAY: &str = "x-gateway";
 pub const HEADER_USER_ID: &str = "x-user-id";
 pub const HEADER_USER_NAME: &str = "x-user-name";
 pub const HEADER_USER_ROLE: &str = "x-user-role";
-pub use crate::forged::{gateway_owned, is_client_forgery, IDENTITY_HEADER_PREFIX};
+/// Every client-supplied header with this prefix is removed before the request goes upstream.
+pub const IDENTITY_HEADER_PREFIX: &str = "x-user-";
 
 use crate::outcome::message;
 pub use crate::outcome::message::{
@@ -434,6 +435,46 @@ pub fn forward_headers(
         set.push((HEADER_USER_ROLE, id.role.clone()));
     }
     Forward { remove, set }
+}
+
+/// Headers a client must not send upstream: the identity headers (`X-User-*`), the gateway's
+/// own canary headers, and the address headers an upstream would take for the gateway's word
+/// (`X-Real-IP`, `Forwarded`, `X-Forwarded-Host`; Envoy itself writes `X-Forwarded-For`). `_`
+/// counts as `-`: WSGI and CGI upstreams read `X_User_Id` as `X-User-Id`. Compared without
+/// allocating (this runs for every header of every request).
+pub fn is_client_forgery(name: &str) -> bool {
+    fn starts(name: &str, prefix: &str) -> bool {
+        name.len() >= prefix.len()
+            && name
+                .bytes()
+                .zip(prefix.bytes())
+                .all(|(a, b)| (if a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == b)
+    }
+    starts(name, IDENTITY_HEADER_PREFIX)
+        || [
+            crate::canary::ROUTE_HEADER,
+            crate::canary::CANARY_HEADER,
+            "x-real-ip",
+            "forwarded",
+            "x-forwarded-host",
+        ]
+        .iter()
+        .any(|p| name.len() == p.len() && starts(name, p))
+}
+
+/// The headers only the gateway writes (identity and canary): on a host that cannot remove a
+/// client's copy before the upstream sees it, a request carrying one is refused instead.
+pub fn gateway_owned(name: &str) -> bool {
+    fn lower(n: &str) -> impl Iterator<Item = u8> + '_ {
+        n.bytes()
+            .map(|b| if b == b'_' { b'-' } else { b.to_ascii_lowercase() })
+    }
+    lower(name)
+        .take(IDENTITY_HEADER_PREFIX.len())
+        .eq(IDENTITY_HEADER_PREFIX.bytes())
+        || [crate::canary::ROUTE_HEADER, crate::canary::CANARY_HEADER]
+            .iter()
+            .any(|p| lower(name).eq(p.bytes()))
 }
 
 /// `X-Response-Time` as the reference writes it (`12.34ms`), with integer arithmetic (no float

@@ -313,35 +313,22 @@ pub fn headers(filter: EnvoyFilter, header_type: u32) -> Option<Vec<(String, Vec
     Some(pairs)
 }
 
-/// One header's value; a repeated header's values joined with `,` (so a second copy of a
-/// header is seen, as Envoy's inline headers are joined).
+/// The first value of one header.
 pub fn header(filter: EnvoyFilter, header_type: u32, name: &str) -> Option<Vec<u8>> {
-    let at = |index: usize, count: *mut usize| {
-        let mut result = EnvoyBuffer::EMPTY;
-        // SAFETY: live stream pointer; the key describes a live &str; `result` is a valid
-        // local and `count` null or a valid local.
-        let found = unsafe {
-            envoy_dynamic_module_callback_http_get_header(
-                filter.0,
-                header_type,
-                ModuleBuffer::of(name.as_bytes()),
-                &mut result,
-                index,
-                count,
-            )
-        };
-        // SAFETY: on true Envoy wrote a buffer valid during this hook.
-        found.then(|| unsafe { copy(result) })
+    let mut result = EnvoyBuffer::EMPTY;
+    // SAFETY: live stream pointer; the key describes a live &str; `result` is a valid local.
+    let found = unsafe {
+        envoy_dynamic_module_callback_http_get_header(
+            filter.0,
+            header_type,
+            ModuleBuffer::of(name.as_bytes()),
+            &mut result,
+            0,
+            null_mut(),
+        )
     };
-    let mut count = 0usize;
-    let mut value = at(0, &mut count)?;
-    for index in 1..count {
-        if let Some(more) = at(index, null_mut()) {
-            value.push(b',');
-            value.extend_from_slice(&more);
-        }
-    }
-    Some(value)
+    // SAFETY: on true Envoy wrote a buffer valid during this hook.
+    found.then(|| unsafe { copy(result) })
 }
 
 /// Sets (replaces every value of) a header; `None` removes it.

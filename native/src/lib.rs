@@ -392,10 +392,6 @@ impl Host for NativeHost<'_> {
         abi::headers(self.state.current?, abi::REQUEST_HEADER)
     }
 
-    fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        abi::header(self.state.current?, abi::REQUEST_HEADER, name)
-    }
-
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
         if let Some(f) = self.state.current {
             abi::set_header(f, abi::REQUEST_HEADER, name, value);
@@ -579,9 +575,6 @@ impl Host for DefiningHost {
         let _ = getrandom::fill(buf);
     }
     fn request_headers(&mut self) -> Option<Vec<(String, Vec<u8>)>> {
-        None
-    }
-    fn request_header(&mut self, _: &str) -> Option<Vec<u8>> {
         None
     }
     fn set_request_header(&mut self, _: &str, _: Option<&str>) {}

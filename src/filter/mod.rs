@@ -133,12 +133,6 @@ impl Host for WasmHost {
         hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()
     }
 
-    fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
-    }
-
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
     }

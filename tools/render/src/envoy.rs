@@ -1,8 +1,7 @@
 //! Builds the Envoy bootstrap from a validated gateway file: listener with CORS, the wasm filter
 //! (its JSON configuration embedded) and the router; one route per prefix; one cluster per route.
 
-use gateway_filter::canary::{Sticky, CANARY_HEADER, ROUTE_HEADER, ROUTE_VALUE};
-use gateway_filter::forged::forged_headers_regex;
+use gateway_filter::canary::{ROUTE_HEADER, ROUTE_VALUE};
 
 use serde_json::{json, Value};
 
@@ -162,25 +161,6 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         http_filters.push(json!({
             "name": "envoy.filters.http.cors",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
-        }));
-    }
-    if file.filter.envoy_strips_forged_headers {
-        // A client's copy of a gateway-owned or address header (any `_` spelling) never
-        // reaches the gateway filter, so the filter need not read every header to find one.
-        let keep_canary = validated
-            .routes
-            .iter()
-            .filter_map(|r| r.canary.as_ref())
-            .any(|c| {
-                c.header.as_deref() == Some(CANARY_HEADER) || c.sticky == Sticky::Header(CANARY_HEADER.into())
-            });
-        http_filters.push(json!({
-            "name": "envoy.filters.http.header_mutation",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                "mutations": {"request_mutations": [{"remove_on_match": {"key_matcher": {
-                    "safe_regex": {"regex": forged_headers_regex(keep_canary)}}}}]},
-            },
         }));
     }
     let failure_policy = match g.failure_policy {
@@ -725,15 +705,6 @@ routes:
         &last["typed_config"]
     }
 
-    fn embedded_flag(filter: &Value) -> bool {
-        let text = filter["typed_config"]["config"]["configuration"]["value"]
-            .as_str()
-            .unwrap();
-        serde_json::from_str::<gateway_filter::config::FilterConfig>(text)
-            .unwrap()
-            .envoy_strips_forged_headers
-    }
-
     #[test]
     fn routes_timeouts_and_retries() {
         let v = render(YAML);
@@ -795,21 +766,12 @@ routes:
             names,
             [
                 "envoy.filters.http.cors",
-                "envoy.filters.http.header_mutation",
                 "envoy.filters.http.wasm",
                 "envoy.filters.http.buffer",
                 "envoy.filters.http.router"
             ]
         );
-        // Envoy removes every spelling of the forged headers but the `X-Canary` the canary
-        // route reads (the filter removes that one itself); the filter reads single headers.
-        let strip = &filters[1]["typed_config"]["mutations"]["request_mutations"][0]["remove_on_match"];
-        assert_eq!(
-            strip["key_matcher"]["safe_regex"]["regex"],
-            gateway_filter::forged::forged_headers_regex(true)
-        );
-        assert!(embedded_flag(&filters[2]));
-        let wasm = &filters[2]["typed_config"]["config"];
+        let wasm = &filters[1]["typed_config"]["config"];
         assert_eq!(wasm["failure_policy"], "FAIL_RELOAD");
         let embedded: gateway_filter::config::FilterConfig =
             serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
@@ -912,7 +874,7 @@ routes:
         let settings: Value = serde_json::from_str(cfg["configuration"]["value"].as_str().unwrap()).unwrap();
         assert_eq!(settings["connections"]["max_per_client"], 1000);
         assert_eq!(settings["connections"]["max_age"], 3660);
-        let http_vm = &hcm(&v)["http_filters"][2]["typed_config"]["config"]["vm_config"];
+        let http_vm = &hcm(&v)["http_filters"][1]["typed_config"]["config"]["vm_config"];
         assert_eq!(&cfg["vm_config"], http_vm);
         assert!(gateway_filter::connlimit::ConnectionLimit::from_json(
             cfg["configuration"]["value"].as_str().unwrap().as_bytes()

@@ -383,9 +383,6 @@ impl GatewayFile {
                 ));
             }
         };
-        // The rendered chain removes the forged headers in Envoy (`envoy::bootstrap`), so the
-        // filter reads only the headers it needs.
-        root.insert("envoy_strips_forged_headers".into(), Value::Bool(true));
         let filter: FilterConfig = typed("", Value::Object(root)).map_err(|e| {
             // `gateway` and `routes[i]` are shared with Envoy: the filter's list of expected
             // fields would mislead there.
