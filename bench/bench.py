@@ -31,7 +31,7 @@ latency, peak RSS (VmHWM) and the error count (any non-2xx fails the run). Media
 The CPU of webdis and Redis is read over each run too: for the systems that use them (C,
 C-nocache; Redis for R) the table shows Envoy alone and Envoy + sidecars per request.
 `--compare-wasm OLD.wasm` adds C-alt and C-jwt-alt (the same configuration with another module,
-for before/after figures side by side). The host calls per request path come from the filter's
+for before/after figures side by side); `--compare-native OTHER.so` adds N-alt and N-jwt-alt. The host calls per request path come from the filter's
 pinned native test (FakeHost counts every call).
 """
 
@@ -288,6 +288,7 @@ def main():
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated systems to run besides A (for profiling)")
     ap.add_argument("--compare-wasm", default="", help="another .wasm: adds C-alt and C-jwt-alt systems")
+    ap.add_argument("--compare-native", default="", help="another native module: adds N-alt and N-jwt-alt")
     args = ap.parse_args()
 
     for tool in ("wrk", "nginx", "redis-server", "webdis"):
@@ -350,6 +351,13 @@ http {{ access_log off; keepalive_requests 1000000;
                 port, admin = free_port(), free_port()
                 gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin})
                 specs.append((name, render_to_json(gw, tmp, name, Path(args.compare_wasm).resolve())))
+        if args.compare_native:
+            for name, full in [("N-alt", True), ("N-jwt-alt", False)]:
+                gw = gateway_file(nginx_port, webdis_port, full=full)
+                port, admin = free_port(), free_port()
+                gw["gateway"].update(port=port, address="127.0.0.1", admin={"address": "127.0.0.1", "port": admin},
+                                     runtime="native")
+                specs.append((name, render_to_json(gw, tmp, name, native=Path(args.compare_native).resolve())))
         only = {n for n in args.only.split(",") if n}
         for name, bootstrap in specs:
             if not only or name in only or name in ("A", "B"):
@@ -419,13 +427,14 @@ end
             p.stop()
 
 
-def render_to_json(gw, tmp, name, wasm=WASM):
+def render_to_json(gw, tmp, name, wasm=WASM, native=None):
     """Renders a gateway file with gateway-render (JSON output) and loads it."""
     g = tmp / f"{name}.gateway.yaml"
     g.write_text(json.dumps(gw))
     out = tmp / f"{name}.envoy.yaml"
     env = dict(os.environ, JWT_SECRET=SECRET)
-    subprocess.run([str(RENDER), "--config", str(g), "--wasm", str(wasm), "--out", str(out), "--json"],
+    extra = ["--native", str(native)] if native else []
+    subprocess.run([str(RENDER), "--config", str(g), "--wasm", str(wasm), "--out", str(out), "--json", *extra],
                    env=env, check=True, capture_output=True, text=True)
     return json.loads(out.read_text())
 

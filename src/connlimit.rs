@@ -13,12 +13,13 @@
 //! could not release).
 //!
 //! This duty owns its settings (the network filter's JSON), their validation and the admit /
-//! release steps; the glue (`filter`) reads the peer address and closes refused connections.
+//! release steps; each glue (the `.wasm`'s `filter`, the native module's network filter) reads
+//! the peer address and closes refused connections.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_range, ConfigError};
-use crate::host::{Host, MetricKind, SetError, SharedStore};
+use crate::host::{SetError, SharedStore};
 use crate::ratelimit::SlotSeed;
 
 /// The network filter's configuration: `{"connections": {...}}`.
@@ -161,11 +162,11 @@ impl ConnectionLimit {
     }
 }
 
-/// The duty as the network filter runs it, over any [`Host`].
+/// The duty as a network filter runs it, over any host's shared data: the glue reads the peer
+/// address and the clock, closes a refused connection and counts it ([`REFUSED_METRIC`]).
 pub struct Connections {
     limit: ConnectionLimit,
     seed: SlotSeed,
-    refused: Option<u32>,
 }
 
 /// A connection refused: close it.
@@ -176,39 +177,33 @@ pub struct Refused;
 pub const REFUSED_METRIC: &str = "gateway_connections_refused_total";
 
 impl Connections {
-    pub fn new(limit: ConnectionLimit, host: &mut dyn Host) -> Connections {
-        let mut fresh = [0u8; 16];
-        host.random_bytes(&mut fresh);
-        let seed = SlotSeed::load_or_create(host, fresh);
-        let refused = host.define_metric(MetricKind::Counter, REFUSED_METRIC);
-        Connections { limit, seed, refused }
+    /// `fresh`: random bytes for the slot seed, used if no other VM or worker stored one yet.
+    pub fn new(limit: ConnectionLimit, store: &dyn SharedStore, fresh: [u8; 16]) -> Connections {
+        let seed = SlotSeed::load_or_create(store, fresh);
+        Connections { limit, seed }
     }
 
-    /// A new connection from the host's current peer: the slot to release when it closes
-    /// (`None`: not counted, e.g. a Unix socket peer), or [`Refused`].
-    pub fn open(&self, host: &mut dyn Host) -> Result<Option<String>, Refused> {
-        let Some(address) = host.source_address() else {
+    /// A new connection from `peer` (`ip:port` as the host gives it): the slot to release when
+    /// it closes (`None`: not counted, e.g. a Unix socket peer), or [`Refused`].
+    pub fn open(
+        &self,
+        store: &dyn SharedStore,
+        peer: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Option<String>, Refused> {
+        let Some(ip) = peer.and_then(peer_ip) else {
             return Ok(None);
         };
-        let Some(ip) = peer_ip(&address) else {
-            return Ok(None);
-        };
-        let now = host.now_ms();
-        match self.limit.admit(host, &self.seed, &ip, now) {
+        match self.limit.admit(store, &self.seed, &ip, now_ms) {
             Admission::Admitted(key) => Ok(Some(key)),
             Admission::Uncounted => Ok(None),
-            Admission::Refused => {
-                if let Some(id) = self.refused {
-                    host.increment_metric(id, 1);
-                }
-                Err(Refused)
-            }
+            Admission::Refused => Err(Refused),
         }
     }
 
     /// The connection counted under `key` closed.
-    pub fn close(&self, host: &mut dyn Host, key: &str) {
-        ConnectionLimit::release(host, key);
+    pub fn close(&self, store: &dyn SharedStore, key: &str) {
+        ConnectionLimit::release(store, key);
     }
 }
 

@@ -17,6 +17,7 @@
 //!   with `panic = "unwind"`, profile `native`), and a request whose hook panicked is refused.
 
 mod abi;
+mod network;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -66,7 +67,16 @@ impl SharedMemory {
     }
 }
 
-static SHARED: LazyLock<SharedMemory> = LazyLock::new(SharedMemory::default);
+impl SharedStore for SharedMemory {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        SharedMemory::get(self, key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        SharedMemory::set(self, key, value, cas.unwrap_or(0))
+    }
+}
+
+pub(crate) static SHARED: LazyLock<SharedMemory> = LazyLock::new(SharedMemory::default);
 
 // ---------------------------------------------------------------------------------------------
 // The configuration Envoy shares with every worker.
@@ -351,7 +361,7 @@ thread_local! {
     static PENDING: RefCell<VecDeque<Pending>> = const { RefCell::new(VecDeque::new()) };
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -792,7 +802,7 @@ fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>,
 // ---------------------------------------------------------------------------------------------
 // The hooks Envoy calls. Each runs under catch_unwind: a panic is logged and the request refused.
 
-fn guard<R>(hook: &str, fallback: R, f: impl FnOnce() -> R) -> R {
+pub(crate) fn guard<R>(hook: &str, fallback: R, f: impl FnOnce() -> R) -> R {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(_) => {

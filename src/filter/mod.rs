@@ -13,7 +13,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, Status};
 
 use crate::config::Config;
-use crate::connlimit::{ConnectionLimit, Connections};
+use crate::connlimit::{ConnectionLimit, Connections, REFUSED_METRIC};
 use crate::headers::HeaderPair;
 use crate::host::{Callout, DispatchError, Host, LogLevel, MetricKind, SetError, SharedStore};
 use crate::outcome::Outcome;
@@ -279,7 +279,7 @@ struct Root {
     id: u32,
     gateway: Option<Shared>,
     /// Set when this plugin is the network filter that caps connections per client.
-    connections: Option<Rc<Connections>>,
+    connections: Option<Rc<ConnectionFilter>>,
 }
 
 impl Context for Root {
@@ -322,7 +322,13 @@ impl RootContext for Root {
                     "gateway filter configured: at most {} connections per client",
                     limit.max_per_client
                 );
-                self.connections = Some(Rc::new(Connections::new(limit, &mut WasmHost)));
+                let mut fresh = [0u8; 16];
+                WasmHost.random_bytes(&mut fresh);
+                let refused = WasmHost.define_metric(MetricKind::Counter, REFUSED_METRIC);
+                self.connections = Some(Rc::new(ConnectionFilter {
+                    duty: Connections::new(limit, &WasmHost, fresh),
+                    refused,
+                }));
                 return true;
             }
             Some(Err(e)) => {
@@ -394,9 +400,16 @@ impl RootContext for Root {
     }
 }
 
+/// The per-client cap as this VM's network filter runs it.
+struct ConnectionFilter {
+    duty: Connections,
+    /// The counter of refused connections.
+    refused: Option<u32>,
+}
+
 /// A downstream connection, for the per-client cap.
 struct Connection {
-    connections: Rc<Connections>,
+    connections: Rc<ConnectionFilter>,
     /// The slot it is counted in, released when it closes.
     counted: Option<String>,
 }
@@ -405,12 +418,17 @@ impl Context for Connection {}
 
 impl StreamContext for Connection {
     fn on_new_connection(&mut self) -> Action {
-        match self.connections.open(&mut WasmHost) {
+        let peer = WasmHost.source_address();
+        let now = WasmHost.now_ms();
+        match self.connections.duty.open(&WasmHost, peer.as_deref(), now) {
             Ok(counted) => {
                 self.counted = counted;
                 Action::Continue
             }
             Err(_) => {
+                if let Some(id) = self.connections.refused {
+                    WasmHost.increment_metric(id, 1);
+                }
                 let _ = hostcalls::close_downstream();
                 Action::Pause
             }
@@ -419,7 +437,7 @@ impl StreamContext for Connection {
 
     fn on_log(&mut self) {
         if let Some(key) = self.counted.take() {
-            self.connections.close(&mut WasmHost, &key);
+            self.connections.duty.close(&WasmHost, &key);
         }
     }
 }

@@ -7,7 +7,8 @@ import subprocess
 
 from harness import NATIVE, ROOT, Gateway, Services, require_build
 
-# The hooks Envoy 1.40 resolves for an HTTP filter (a missing one fails the configuration).
+# The hooks Envoy 1.40 requires of an HTTP and a network filter (a missing one fails the
+# configuration; others it finds in the binary are optional).
 HOOKS = {
     "envoy_dynamic_module_on_program_init",
     "envoy_dynamic_module_on_http_filter_config_new",
@@ -34,6 +35,20 @@ HOOKS = {
     "envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark",
     "envoy_dynamic_module_on_http_filter_per_route_config_new",
     "envoy_dynamic_module_on_http_filter_per_route_config_destroy",
+    # The network filter (the per-client connection cap).
+    "envoy_dynamic_module_on_network_filter_config_new",
+    "envoy_dynamic_module_on_network_filter_config_destroy",
+    "envoy_dynamic_module_on_network_filter_new",
+    "envoy_dynamic_module_on_network_filter_new_connection",
+    "envoy_dynamic_module_on_network_filter_read",
+    "envoy_dynamic_module_on_network_filter_write",
+    "envoy_dynamic_module_on_network_filter_event",
+    "envoy_dynamic_module_on_network_filter_destroy",
+    "envoy_dynamic_module_on_network_filter_http_callout_done",
+    "envoy_dynamic_module_on_network_filter_scheduled",
+    "envoy_dynamic_module_on_network_filter_config_scheduled",
+    "envoy_dynamic_module_on_network_filter_above_write_buffer_high_watermark",
+    "envoy_dynamic_module_on_network_filter_below_write_buffer_low_watermark",
 }
 
 
@@ -61,6 +76,26 @@ def test_every_callback_the_module_imports_is_exported_by_this_envoy():
 def test_the_module_exports_every_hook_envoy_resolves():
     defined = symbols(NATIVE, "--defined-only")
     assert HOOKS <= defined, f"missing: {sorted(HOOKS - defined)}"
+
+
+def test_the_native_runtime_runs_no_wasm_vm():
+    """The connection cap is the `.so`'s network filter too: Envoy creates no wasm VM at all."""
+    svc = Services(["user-service"], auth=None)
+    f = {"gateway": {"prefix": "/api/v1", "name": "native-only", "runtime": "native",
+                     "limits": {"max_connections": 20, "max_connections_per_client": 5}},
+         "routes": [{"name": "user-service", "prefix": "/users", "auth_required": False,
+                     "upstream": f"http://127.0.0.1:{svc.ports['user-service']}"}]}
+    g = Gateway(f)
+    try:
+        assert g.get("/api/v1/users/1").status == 200
+        log = g.log_path.read_text()
+        assert "at most 5 connections per client" in log, log[-2000:]
+        created = {k: v for k, v in g.stats("wasm").items() if k.endswith(".created") and "wasm" in k}
+        assert all(v == "0" for v in created.values()), created
+        assert "envoy.filters.network.wasm" not in g.envoy_yaml.read_text(), "a wasm network filter was rendered"
+    finally:
+        g.stop()
+        svc.stop()
 
 
 def test_envoy_reports_the_abi_version_matched():

@@ -392,8 +392,9 @@ def test_one_clients_idle_or_slow_connections_cannot_deny_another(services):
         time.sleep(0.5)
         closed = [s for s in idle if _closed_by_peer(s, 0.2)]
         assert len(closed) == 15, len(closed)
-        # The per-client connection cap is the .wasm's network filter with either runtime.
-        refused = g.stats("gateway_connections_refused_total").get("wasmcustom.gateway_connections_refused_total")
+        # The network filter of the runtime in use (the .wasm's, or the native module's).
+        name = g.stat_name("gateway_connections_refused_total")
+        refused = g.stats("gateway_connections_refused_total").get(name)
         assert int(refused or 0) == 15
         # Another address is served, again and again, while they are held.
         assert [_get(g.port, "127.0.0.3") for _ in range(10)] == [200] * 10

@@ -315,22 +315,40 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             // Every connection closes within max_connection_duration and a drain.
             "max_age": (g.limits.max_connection_duration.ceil() as u64).saturating_add(60),
         }});
-        network_filters.push(json!({
-            "name": "envoy.filters.network.wasm",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm",
-                "config": {
-                    "name": CONNECTIONS_PLUGIN_NAME,
-                    "root_id": CONNECTIONS_PLUGIN_NAME,
-                    "vm_config": vm_config,
-                    "configuration": {
+        network_filters.push(match g.runtime {
+            Runtime::Wasm => json!({
+                "name": "envoy.filters.network.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm",
+                    "config": {
+                        "name": CONNECTIONS_PLUGIN_NAME,
+                        "root_id": CONNECTIONS_PLUGIN_NAME,
+                        "vm_config": vm_config,
+                        "configuration": {
+                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                            "value": settings.to_string(),
+                        },
+                        "failure_policy": failure_policy,
+                    }
+                }
+            }),
+            // The same duty from the same `.so` (its shared memory): no wasm VM in the process.
+            Runtime::Native => json!({
+                "name": "envoy.filters.network.dynamic_modules",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter",
+                    "dynamic_module_config": {
+                        "module": {"local": {"filename": opts.native_path()}},
+                        "do_not_close": true,
+                    },
+                    "filter_name": CONNECTIONS_PLUGIN_NAME,
+                    "filter_config": {
                         "@type": "type.googleapis.com/google.protobuf.StringValue",
                         "value": settings.to_string(),
                     },
-                    "failure_policy": failure_policy,
                 }
-            }
-        }));
+            }),
+        });
     }
     network_filters.push(json!({
         "name": "envoy.filters.network.http_connection_manager",
