@@ -31,6 +31,11 @@ pub enum FailureMode {
     Deny,
     /// Let the request through (counted).
     Allow,
+    /// Bounded staleness: let a token through if this gateway's cache found it clean within
+    /// the last `stale_window` seconds (counted, logged); any other token gets the 503. The
+    /// gateway's own logouts, refreshes and bans stay in force (they are in its cache and ban
+    /// table), and its endpoints never act on a stale answer.
+    Stale,
 }
 
 /// `revocation:`: logout, refresh and bans kept in Redis, reached through webdis. Paths are
@@ -47,9 +52,14 @@ pub struct RevocationSettings {
     /// Number of shared-data cache slots (the memory bound).
     #[serde(default = "default_cache_slots")]
     pub cache_slots: u32,
-    /// `deny` (503) or `allow` (let through, counted) when webdis/Redis fails.
+    /// `deny` (503), `allow` (let through, counted) or `stale` (let through only a token found
+    /// clean within `stale_window`) when webdis/Redis fails.
     #[serde(default)]
     pub failure_mode: FailureMode,
+    /// With `failure_mode: stale`: how old (seconds) a clean answer in this gateway's cache may
+    /// be and still admit its token while the store is unreachable.
+    #[serde(default = "default_stale_window")]
+    pub stale_window: f64,
     /// Seconds a ban (`user:revoked_before:<sub>`) lives: at least the longest token lifetime.
     #[serde(default = "default_ban_ttl")]
     pub ban_ttl: u64,
@@ -97,6 +107,9 @@ fn default_timeout() -> f64 {
 fn default_cache_ttl() -> f64 {
     1.0
 }
+fn default_stale_window() -> f64 {
+    30.0
+}
 fn default_cache_slots() -> u32 {
     4096
 }
@@ -129,6 +142,8 @@ pub struct Revocation {
     pub cache_ttl_ms: u64,
     pub cache_slots: u32,
     pub failure_mode: FailureMode,
+    /// How old a clean cached answer may be under `FailureMode::Stale`.
+    pub stale_window_ms: u64,
     pub ban_ttl_seconds: u64,
     pub logout_path: Option<String>,
     pub refresh: Option<Refresh>,
@@ -210,6 +225,13 @@ impl RevocationSettings {
         let timeout_ms = seconds_to_ms("timeout", self.timeout, 0.001, 60.0)?;
         let cache_ttl_ms = seconds_to_ms("cache_ttl", self.cache_ttl, 0.0, 3600.0)?;
         check_range("cache_slots", self.cache_slots, 1, 1_000_000)?;
+        let stale_window_ms = seconds_to_ms("stale_window", self.stale_window, 0.001, 86_400.0)?;
+        if self.failure_mode == FailureMode::Stale && cache_ttl_ms == 0 {
+            return Err(ConfigError::new(
+                "failure_mode",
+                "stale needs the cache (cache_ttl > 0): it admits tokens the cache found clean",
+            ));
+        }
         check_range("ban_ttl", self.ban_ttl, 1, 365 * 86_400)?;
         let full = |field: &str, p: &str| -> Result<Option<String>, ConfigError> {
             if p.is_empty() {
@@ -264,6 +286,7 @@ impl RevocationSettings {
             cache_ttl_ms,
             cache_slots: self.cache_slots,
             failure_mode: self.failure_mode,
+            stale_window_ms,
             ban_ttl_seconds: self.ban_ttl,
             logout_path,
             refresh,

@@ -11,6 +11,7 @@ pub(super) struct Metrics {
     pub(super) revoked: u32,
     pub(super) store_errors: u32,
     pub(super) allowed_on_error: u32,
+    pub(super) allowed_stale: u32,
     /// Allowed / limited per kind: IP, user, route.
     pub(super) rl_allowed: [u32; 3],
     pub(super) rl_limited: [u32; 3],
@@ -57,6 +58,7 @@ impl Metrics {
             revoked: def(c, "gateway_revocation_revoked_total")?,
             store_errors: def(c, "gateway_revocation_store_errors_total")?,
             allowed_on_error: def(c, "gateway_revocation_allowed_on_error_total")?,
+            allowed_stale: def(c, "gateway_revocation_allowed_stale_total")?,
             rl_allowed: [
                 def(c, &rl("ip", "allowed"))?,
                 def(c, &rl("user", "allowed"))?,

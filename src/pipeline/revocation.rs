@@ -175,7 +175,42 @@ impl Gateway {
                 self.inc(id);
                 self.proceed(req, next, host)
             }
+            FailureMode::Stale => {
+                let age = match next {
+                    Next::Route => self.clean_within_window(req, host),
+                    // Logout, refresh and bans never act on a stale answer.
+                    _ => None,
+                };
+                match age {
+                    Some(age_ms) => {
+                        let id = self.metrics.allowed_stale;
+                        self.inc(id);
+                        req.log(
+                            LogLevel::Warn,
+                            &format!("revocation store down: token found clean {age_ms} ms ago admitted"),
+                            host,
+                        );
+                        self.proceed(req, next, host)
+                    }
+                    None => self.error(req, Outcome::StoreUnavailable, MSG_STORE_DOWN, host),
+                }
+            }
         }
+    }
+
+    /// How long ago (ms) this gateway's cache found the caller's token clean, if within the
+    /// stale window and nothing local revokes it since (a revoking entry replaces the clean one
+    /// in the token's slot; the ban table was read before the lookup).
+    fn clean_within_window(&mut self, req: &Request, host: &mut dyn Host) -> Option<u64> {
+        let config = Rc::clone(&self.config);
+        let rv = config.revocation.as_ref()?;
+        let caller = req.caller.as_ref()?;
+        let slot = Slot::of("t", &caller.identity.revocation_id, rv.cache_slots);
+        let stored = shared(&self.local, host).get(&slot.cache_key()).map(|(b, _)| b);
+        let now_ms = host.now_ms();
+        let entry = CacheEntry::fresh(stored.as_deref(), &slot, now_ms, rv.stale_window_ms)?;
+        (!entry.lookup.revokes(caller.identity.authenticated_at()))
+            .then(|| now_ms.saturating_sub(entry.stored_at_ms))
     }
 
     pub(super) fn lookup_answered(

@@ -1391,3 +1391,65 @@ fn where_removed_headers_still_reach_the_upstream_a_forged_identity_is_refused()
     assert_eq!(t.send_headers(2, h), Action::Continue);
     assert_eq!(t.req(2).header("x-user-id"), None);
 }
+
+/// `failure_mode: stale`: while the store is down, a token this gateway found clean within the
+/// window is admitted (counted); one it never saw, one seen too long ago, one it revoked itself,
+/// and the gateway's own endpoints get the 503.
+#[test]
+fn stale_mode_admits_only_recently_clean_tokens() {
+    let mut v = base();
+    v["revocation"] = serde_json::json!({"failure_mode": "stale", "stale_window": 30, "cache_ttl": 1});
+    let mut t = T::new(v);
+    let seen = token_for("user-001", "seen");
+    let unseen = token_for("user-002", "unseen");
+    let logged_out = token_for("user-003", "out");
+    // Found clean while the store answers.
+    t.send(2, "GET", "/api/v1/plain/1", Some(&seen));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(2), 200);
+    t.send(3, "GET", "/api/v1/plain/1", Some(&logged_out));
+    t.answer_last(Some(200), CLEAN);
+    // This gateway logs one of them out (confirmed by the store).
+    t.send(4, "POST", "/api/v1/auth/logout", Some(&logged_out));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.answer_last(Some(200), SET_OK);
+    assert_eq!(t.status(4), 200);
+
+    // The store goes down; the cache's 1 s is over, so each request asks it.
+    t.host.now_ms += 5_000;
+    t.send(5, "GET", "/api/v1/plain/1", Some(&seen));
+    t.answer_last(None, "");
+    assert_eq!(
+        (t.status(5), t.req(5).resumed),
+        (200, 1),
+        "clean 5 s ago: admitted"
+    );
+    t.tick();
+    assert_eq!(t.metric("gateway_revocation_allowed_stale_total"), 1);
+    t.send(6, "GET", "/api/v1/plain/1", Some(&unseen));
+    t.answer_last(None, "");
+    assert_eq!(t.status(6), 503, "never seen: refused");
+    t.send(7, "GET", "/api/v1/plain/1", Some(&logged_out));
+    if t.req(7).paused {
+        t.answer_last(None, "");
+    }
+    assert_ne!(t.status(7), 200, "logged out here: never admitted");
+    t.send(8, "POST", "/api/v1/auth/refresh", Some(&seen));
+    t.answer_last(None, "");
+    assert_eq!(t.status(8), 503, "no refresh on a stale answer");
+
+    // Past the window the seen token is refused too.
+    t.host.now_ms += 26_000;
+    t.send(9, "GET", "/api/v1/plain/1", Some(&seen));
+    t.answer_last(None, "");
+    assert_eq!(t.status(9), 503, "clean 31 s ago: refused");
+}
+
+#[test]
+fn stale_mode_needs_the_cache() {
+    let mut v = base();
+    v["revocation"] = serde_json::json!({"failure_mode": "stale", "cache_ttl": 0});
+    let err = Config::from_json(v.to_string().as_bytes()).unwrap_err();
+    assert_eq!(err.field, "revocation.failure_mode");
+}

@@ -183,6 +183,34 @@ def test_store_down_allow_lets_through_and_counts(services, lonely_webdis):
         g.stop()
 
 
+def test_store_down_stale_admits_only_tokens_found_clean_within_the_window(services, lonely_webdis):
+    """`failure_mode: stale`: a failover of a few seconds does not refuse the callers this gateway
+    just saw; a token it never saw, or one it logged out itself, is not admitted."""
+    g = _gateway(services, lonely_webdis.port, failure_mode="stale", stale_window=4, cache_ttl=0.5, timeout=0.2)
+    try:
+        _, seen = user_token()
+        _, out = user_token()
+        assert g.get("/api/v1/users/1", bearer(seen)).status == 200
+        assert g.get("/api/v1/users/1", bearer(out)).status == 200
+        assert post(g, "/api/v1/auth/logout", out).status == 200
+        lonely_webdis.stop()
+        time.sleep(0.6)  # past the cache: every request asks the store, which is gone
+        for _ in range(3):
+            r = g.get("/api/v1/users/1", bearer(seen))
+            assert r.status == 200, r
+        r = g.get("/api/v1/users/1", bearer(user_token()[1]))
+        assert r.status == 503 and r.json()["message"] == STORE_DOWN, r
+        assert g.get("/api/v1/users/1", bearer(out)).status in (401, 503)
+        assert post(g, "/api/v1/auth/refresh", seen).status == 503, "no refresh on a stale answer"
+        wait_for(lambda: g.counter("gateway_revocation_allowed_stale_total") >= 3, timeout=8,
+                 what="allowed_stale counter")
+        assert "admitted" in g.log_path.read_text()
+        time.sleep(4)  # past the window
+        assert g.get("/api/v1/users/1", bearer(seen)).status == 503
+    finally:
+        g.stop()
+
+
 @pytest.mark.parametrize("mode,status", [("deny", 503), ("allow", 200)])
 def test_webdis_answering_garbage(services, mode, status):
     garbage = GarbageServer()
