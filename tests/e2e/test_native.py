@@ -2,6 +2,7 @@
 binary exports (a `.so` is tied to an Envoy minor version; this is how the project checks it),
 it exports every hook Envoy 1.40 resolves, and Envoy reports the ABI version as matched."""
 
+import contextlib
 import re
 import subprocess
 
@@ -78,37 +79,40 @@ def test_the_module_exports_every_hook_envoy_resolves():
     assert HOOKS <= defined, f"missing: {sorted(HOOKS - defined)}"
 
 
-def test_the_native_runtime_runs_no_wasm_vm():
-    """The connection cap is the `.so`'s network filter too: Envoy creates no wasm VM at all."""
+@contextlib.contextmanager
+def native_gateway(name, **gateway):
+    """A native-runtime gateway named `name` (more `gateway:` settings as keywords) in front of
+    one service."""
     svc = Services(["user-service"], auth=None)
-    f = {"gateway": {"prefix": "/api/v1", "name": "native-only", "runtime": "native",
-                     "limits": {"max_connections": 20, "max_connections_per_client": 5}},
+    f = {"gateway": {"prefix": "/api/v1", "name": name, "runtime": "native", **gateway},
          "routes": [{"name": "user-service", "prefix": "/users", "auth_required": False,
                      "upstream": f"http://127.0.0.1:{svc.ports['user-service']}"}]}
-    g = Gateway(f)
     try:
+        g = Gateway(f)
+    except Exception:
+        svc.stop()
+        raise
+    try:
+        yield g
+    finally:
+        g.stop()
+        svc.stop()
+
+
+def test_the_native_runtime_runs_no_wasm_vm():
+    """The connection cap is the `.so`'s network filter too: Envoy creates no wasm VM at all."""
+    with native_gateway("native-only", limits={"max_connections": 20, "max_connections_per_client": 5}) as g:
         assert g.get("/api/v1/users/1").status == 200
         log = g.log_path.read_text()
         assert "at most 5 connections per client" in log, log[-2000:]
         created = {k: v for k, v in g.stats("wasm").items() if k.endswith(".created") and "wasm" in k}
         assert all(v == "0" for v in created.values()), created
         assert "envoy.filters.network.wasm" not in g.envoy_yaml.read_text(), "a wasm network filter was rendered"
-    finally:
-        g.stop()
-        svc.stop()
 
 
 def test_envoy_reports_the_abi_version_matched():
-    svc = Services(["user-service"], auth=None)
-    f = {"gateway": {"prefix": "/api/v1", "name": "native-check", "runtime": "native"},
-         "routes": [{"name": "user-service", "prefix": "/users", "auth_required": False,
-                     "upstream": f"http://127.0.0.1:{svc.ports['user-service']}"}]}
-    g = Gateway(f)
-    try:
+    with native_gateway("native-check") as g:
         assert g.get("/api/v1/users/1").status == 200
         log = g.log_path.read_text()
         assert "Dynamic module ABI version v0.2.0 matched." in log, log[-2000:]
         assert re.search(r"gateway filter [0-9.]+ \(native\) configured", log), log[-2000:]
-    finally:
-        g.stop()
-        svc.stop()
