@@ -225,7 +225,8 @@ impl RevocationSettings {
         let timeout_ms = seconds_to_ms("timeout", self.timeout, 0.001, 60.0)?;
         let cache_ttl_ms = seconds_to_ms("cache_ttl", self.cache_ttl, 0.0, 3600.0)?;
         check_range("cache_slots", self.cache_slots, 1, 1_000_000)?;
-        let stale_window_ms = seconds_to_ms("stale_window", self.stale_window, 0.001, 86_400.0)?;
+        // Capped: a longer window would make revocation meaningless for a whole outage.
+        let stale_window_ms = seconds_to_ms("stale_window", self.stale_window, 0.001, 600.0)?;
         if self.failure_mode == FailureMode::Stale && cache_ttl_ms == 0 {
             return Err(ConfigError::new(
                 "failure_mode",
@@ -504,10 +505,20 @@ impl CacheEntry {
 /// blacklist entry, a ban, a cached answer that revokes) touches it after its own entry.
 pub const EPOCH_KEY: &str = "gw:rv:epoch";
 
-/// Marks a revocation: every VM's [`CleanMemo`] is void from now on.
-pub fn bump_epoch(store: &dyn crate::host::SharedStore) {
-    // Not empty: the proxy-wasm SDK reads an empty value back as no value.
-    let _ = store.set(EPOCH_KEY, b"1", None);
+/// Marks a revocation at `now_ms`: every VM's [`CleanMemo`] is void from now on, and so is
+/// every clean answer cached before it for `failure_mode: stale` ([`last_local_revocation`]).
+pub fn bump_epoch(store: &dyn crate::host::SharedStore, now_ms: u64) {
+    // Never empty: the proxy-wasm SDK reads an empty value back as no value.
+    let _ = store.set(EPOCH_KEY, &now_ms.to_le_bytes(), None);
+}
+
+/// When this gateway last recorded a revocation (ms), from the epoch key's value; 0 when none
+/// (or an older module's value, which carried no time).
+pub fn last_local_revocation(store: &dyn crate::host::SharedStore) -> u64 {
+    store
+        .get(EPOCH_KEY)
+        .and_then(|(v, _)| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 /// Memo entries per VM; past it the memo starts over (it only saves reads).

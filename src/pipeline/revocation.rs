@@ -199,17 +199,36 @@ impl Gateway {
     }
 
     /// How long ago (ms) this gateway's cache found the caller's token clean, if within the
-    /// stale window and nothing local revokes it since (a revoking entry replaces the clean one
-    /// in the token's slot; the ban table was read before the lookup).
+    /// stale window and this gateway recorded no revocation of any token or user since (a
+    /// logout, refresh or ban here voids every older clean answer, whatever slot it sits in),
+    /// the local ban table does not refuse it now, and the entry is not from the future (a
+    /// clock stepped back).
     fn clean_within_window(&mut self, req: &Request, host: &mut dyn Host) -> Option<u64> {
         let config = Rc::clone(&self.config);
         let rv = config.revocation.as_ref()?;
         let caller = req.caller.as_ref()?;
-        let slot = Slot::of("t", &caller.identity.revocation_id, rv.cache_slots);
-        let stored = shared(&self.local, host).get(&slot.cache_key()).map(|(b, _)| b);
+        let issued_at = caller.identity.authenticated_at();
         let now_ms = host.now_ms();
+        let store = shared(&self.local, host);
+        if let Some(sub) = &caller.identity.user_id {
+            let ban_slot = Slot::of("u", sub, rv.cache_slots);
+            let stored = store.get(&ban_slot.ban_key()).map(|(b, _)| b);
+            if let Some(before) = rv::local_ban(stored.as_deref(), &ban_slot, now_ms) {
+                let ban = Lookup {
+                    blacklisted: false,
+                    revoked_before: Some(before),
+                };
+                if ban.revokes(issued_at) {
+                    return None;
+                }
+            }
+        }
+        let slot = Slot::of("t", &caller.identity.revocation_id, rv.cache_slots);
+        let stored = store.get(&slot.cache_key()).map(|(b, _)| b);
         let entry = CacheEntry::fresh(stored.as_deref(), &slot, now_ms, rv.stale_window_ms)?;
-        (!entry.lookup.revokes(caller.identity.authenticated_at()))
+        let last_revocation = rv::last_local_revocation(store);
+        let plausible = entry.stored_at_ms <= now_ms.saturating_add(1_000);
+        (plausible && entry.stored_at_ms > last_revocation && !entry.lookup.revokes(issued_at))
             .then(|| now_ms.saturating_sub(entry.stored_at_ms))
     }
 
@@ -235,7 +254,13 @@ impl Gateway {
         let result = rv::parse_lookup(status, body, with_user);
         let now_ms = host.now_ms();
         if let (Ok(lookup), Some(id)) = (&result, revocation_id) {
-            if rv.cache_ttl_ms > 0 {
+            let revokes = lookup.blacklisted || lookup.revoked_before.is_some();
+            // A clean answer to a lookup that may have been sent before this gateway's last
+            // revocation could hide it (its store read came first): not cached.
+            let predates = !revokes
+                && rv::last_local_revocation(shared(&self.local, host))
+                    >= now_ms.saturating_sub(rv.timeout_ms);
+            if rv.cache_ttl_ms > 0 && !predates {
                 let slot = Slot::of("t", &id, rv.cache_slots);
                 let entry = CacheEntry {
                     fingerprint: slot.fingerprint,
@@ -244,7 +269,7 @@ impl Gateway {
                 };
                 let _ = shared(&self.local, host).set(&slot.cache_key(), &entry.encode(), None);
                 if lookup.blacklisted || lookup.revoked_before.is_some() {
-                    rv::bump_epoch(shared(&self.local, host));
+                    rv::bump_epoch(shared(&self.local, host), now_ms);
                 }
             }
         }
@@ -355,7 +380,7 @@ impl Gateway {
                 }
             }
             // After the entry: every VM's memo of clean answers is void from here on.
-            rv::bump_epoch(shared(&self.local, host));
+            rv::bump_epoch(shared(&self.local, host), now_ms);
         }
         let reply = match (won, write.on_lost) {
             (false, Some(lost)) => lost,

@@ -714,7 +714,7 @@ const PINNED_PATHS: [Pinned; 7] = [
         "/api/v1/plain/1",
         Some("other"),
         Some(CLEAN),
-        20,
+        21,
     ),
     (
         "authenticated, revocation cache hit",
@@ -1403,18 +1403,19 @@ fn stale_mode_admits_only_recently_clean_tokens() {
     let seen = token_for("user-001", "seen");
     let unseen = token_for("user-002", "unseen");
     let logged_out = token_for("user-003", "out");
-    // Found clean while the store answers.
-    t.send(2, "GET", "/api/v1/plain/1", Some(&seen));
-    t.answer_last(Some(200), CLEAN);
-    assert_eq!(t.status(2), 200);
+    // This gateway logs one token out (confirmed by the store)...
     t.send(3, "GET", "/api/v1/plain/1", Some(&logged_out));
     t.answer_last(Some(200), CLEAN);
-    // This gateway logs one of them out (confirmed by the store).
     t.send(4, "POST", "/api/v1/auth/logout", Some(&logged_out));
     t.answer_last(Some(200), CLEAN);
     t.answer_last(Some(200), SETEX_OK);
     t.answer_last(Some(200), SET_OK);
     assert_eq!(t.status(4), 200);
+    // ...and later finds another clean while the store answers.
+    t.host.now_ms += 1_000;
+    t.send(2, "GET", "/api/v1/plain/1", Some(&seen));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(2), 200);
 
     // The store goes down; the cache's 1 s is over, so each request asks it.
     t.host.now_ms += 5_000;
@@ -1444,6 +1445,44 @@ fn stale_mode_admits_only_recently_clean_tokens() {
     t.send(9, "GET", "/api/v1/plain/1", Some(&seen));
     t.answer_last(None, "");
     assert_eq!(t.status(9), 503, "clean 31 s ago: refused");
+}
+
+/// A revocation this gateway records voids every clean answer cached before it, whatever slot
+/// it sits in (a ban's local entry can be overwritten by another user's), and a clean answer to
+/// a lookup that may have left before that revocation is not cached at all.
+#[test]
+fn stale_mode_forgets_clean_answers_older_than_a_local_revocation() {
+    let mut v = base();
+    v["revocation"] = serde_json::json!({"failure_mode": "stale", "stale_window": 30, "cache_ttl": 1});
+    let mut t = T::new(v);
+    let seen = token_for("user-001", "seen");
+    let other = token_for("user-002", "other");
+    t.send(2, "GET", "/api/v1/plain/1", Some(&seen));
+    t.answer_last(Some(200), CLEAN);
+    t.host.now_ms += 1_000;
+    // Another token is logged out here; `seen`'s lookup leaves just before and answers clean after.
+    t.send(3, "GET", "/api/v1/plain/1", Some(&other));
+    t.answer_last(Some(200), CLEAN);
+    t.send(4, "POST", "/api/v1/auth/logout", Some(&other));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.host.now_ms += 2_000;
+    t.send(5, "GET", "/api/v1/plain/1", Some(&seen));
+    let lookup = t.host.dispatched.last().unwrap().token_id;
+    let write = t.host.dispatched.iter().rev().nth(1).unwrap().token_id;
+    t.answer(write, Some(200), SET_OK); // the logout is confirmed...
+    t.host.now_ms += 100;
+    t.answer(lookup, Some(200), CLEAN); // ...then the lookup sent before it answers
+    assert_eq!((t.status(4), t.status(5)), (200, 200));
+    // The store goes down.
+    t.host.now_ms += 2_000;
+    t.send(6, "GET", "/api/v1/plain/1", Some(&seen));
+    t.answer_last(None, "");
+    assert_eq!(
+        t.status(6),
+        503,
+        "no clean answer newer than the local revocation"
+    );
 }
 
 #[test]
