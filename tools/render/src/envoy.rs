@@ -53,6 +53,8 @@ pub const PLUGIN_NAME: &str = "gateway";
 pub const NATIVE_FILTER_NAME: &str = "envoy.filters.http.dynamic_modules";
 /// The same module as a network filter: connections per client.
 pub const CONNECTIONS_PLUGIN_NAME: &str = "gateway-connections";
+/// The Redis Cluster behind the `redis_proxy` listener (`redis_cluster:`).
+pub const REDIS_CLUSTER: &str = "redis_cluster";
 pub const LISTENER_NAME: &str = "gateway";
 /// The cluster the metrics listener reaches the admin interface through.
 pub const ADMIN_CLUSTER: &str = "envoy-admin";
@@ -542,6 +544,42 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         }));
     }
 
+    // `redis_cluster:`: Envoy's own redis_proxy in front of a Redis Cluster, for webdis.
+    if let Some((r, (address, nodes))) = file
+        .redis_cluster
+        .as_ref()
+        .and_then(|r| r.endpoints.as_ref().map(|e| (r, e)))
+    {
+        listeners.push(json!({
+            "name": "redis",
+            "address": socket(&address.host, address.port),
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.redis_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy",
+                    "stat_prefix": "redis",
+                    "settings": {"op_timeout": seconds(r.op_timeout), "enable_redirection": true,
+                                 "enable_hashtagging": true},
+                    "prefix_routes": {"catch_all_route": {"cluster": REDIS_CLUSTER}},
+                },
+            }]}],
+        }));
+        clusters.push(json!({
+            "name": REDIS_CLUSTER,
+            "connect_timeout": seconds(g.connect_timeout),
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {"name": "envoy.clusters.redis", "typed_config": {
+                "@type": "type.googleapis.com/google.protobuf.Struct",
+                "value": {"cluster_refresh_rate": seconds(r.refresh),
+                          "cluster_refresh_timeout": seconds(r.op_timeout),
+                          "redirect_refresh_interval": "0.2s", "redirect_refresh_threshold": 1},
+            }},
+            "load_assignment": {"cluster_name": REDIS_CLUSTER, "endpoints": [{"lb_endpoints":
+                nodes.iter().map(|n| json!({"endpoint": {"address": socket(&n.host, n.port)}})).collect::<Vec<_>>()
+            }]},
+        }));
+    }
+
     let mut bootstrap = json!({
         "overload_manager": overload,
         "stats_config": {"stats_tags": stats_tags()},
@@ -721,6 +759,32 @@ routes:
         let last = filters.last().unwrap();
         assert_eq!(last["name"], "envoy.filters.network.http_connection_manager");
         &last["typed_config"]
+    }
+
+    #[test]
+    fn a_redis_cluster_gets_envoys_redis_proxy() {
+        let v = render(
+            "gateway: {prefix: /api/v1}\nwebdis: http://127.0.0.1:7379\nredis_cluster: {listen: \"127.0.0.1:6390\", seeds: [\"127.0.0.1:7001\", \"127.0.0.1:7002\"]}\nroutes:\n  - {name: a, prefix: /a, upstream: \"http://127.0.0.1:9000\", auth_required: false}\n",
+        );
+        let listeners = v["static_resources"]["listeners"].as_array().unwrap();
+        let redis = listeners.iter().find(|l| l["name"] == "redis").unwrap();
+        assert_eq!(redis["address"]["socket_address"]["port_value"], 6390);
+        let proxy = &redis["filter_chains"][0]["filters"][0];
+        assert_eq!(proxy["name"], "envoy.filters.network.redis_proxy");
+        assert_eq!(
+            proxy["typed_config"]["prefix_routes"]["catch_all_route"]["cluster"],
+            REDIS_CLUSTER
+        );
+        let clusters = v["static_resources"]["clusters"].as_array().unwrap();
+        let cluster = clusters.iter().find(|c| c["name"] == REDIS_CLUSTER).unwrap();
+        assert_eq!(cluster["cluster_type"]["name"], "envoy.clusters.redis");
+        assert_eq!(
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[test]

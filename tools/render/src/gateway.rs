@@ -274,6 +274,8 @@ pub struct GatewayFile {
     pub log_webdis: Option<Endpoint>,
     /// Clusters for identity providers' key sets.
     pub jwks_clusters: Vec<JwksCluster>,
+    /// Envoy's `redis_proxy` in front of a Redis Cluster, for webdis (`redis_cluster:`).
+    pub redis_cluster: Option<RedisCluster>,
     /// The filter's configuration (secret resolved), as it is sent to Envoy.
     pub filter: FilterConfig,
     /// The same, compiled by the filter's own code (route order, limits).
@@ -333,6 +335,10 @@ impl GatewayFile {
             None | Some(Value::Null) => None,
             Some(Value::String(url)) => Some(parse_upstream("webdis", &url)?),
             Some(_) => return Err(ConfigError::new("webdis", "must be an http://host:port address")),
+        };
+        let redis_cluster = match root.remove("redis_cluster") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(typed::<RedisCluster>("redis_cluster", v)?.validated()?),
         };
         let mut upstreams = Vec::new();
         if let Some(Value::Array(routes)) = root.get_mut("routes") {
@@ -426,9 +432,66 @@ impl GatewayFile {
             webdis,
             log_webdis,
             jwks_clusters,
+            redis_cluster,
             filter,
             config,
         })
+    }
+}
+
+/// `redis_cluster:`: the store as a Redis Cluster (primaries with replicas, failing over on
+/// their own), reached through Envoy's own `redis_proxy`: Envoy follows the cluster's slot map
+/// and its failovers, splits a multi-key `MGET` by slot, and webdis connects to `listen` as to
+/// one Redis (webdis's `redis_host` and `redis_port`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisCluster {
+    /// `host:port` where Envoy accepts Redis connections (keep it on loopback: no auth).
+    pub listen: String,
+    /// Some nodes of the cluster (`host:port`); Envoy learns the others from them.
+    pub seeds: Vec<String>,
+    /// Seconds between slot-map refreshes (a failover is also picked up from the first
+    /// `MOVED`/error reply).
+    #[serde(default = "default_redis_refresh")]
+    pub refresh: f64,
+    /// Seconds per command.
+    #[serde(default = "default_redis_op_timeout")]
+    pub op_timeout: f64,
+    /// Parsed `listen` and `seeds` (filled by [`RedisCluster::validated`]).
+    #[serde(skip)]
+    pub endpoints: Option<(Endpoint, Vec<Endpoint>)>,
+}
+
+fn default_redis_refresh() -> f64 {
+    1.0
+}
+fn default_redis_op_timeout() -> f64 {
+    1.0
+}
+
+impl RedisCluster {
+    fn validated(mut self) -> Result<Self, ConfigError> {
+        let addr = |field: &str, a: &str| {
+            parse_upstream(field, &format!("http://{a}"))
+                .map_err(|_| ConfigError::new(field, format!("{a:?} must be host:port")))
+        };
+        let listen = addr("redis_cluster.listen", &self.listen)?;
+        if self.seeds.is_empty() {
+            return Err(ConfigError::new(
+                "redis_cluster.seeds",
+                "must name at least one node",
+            ));
+        }
+        let seeds = self
+            .seeds
+            .iter()
+            .enumerate()
+            .map(|(i, a)| addr(&format!("redis_cluster.seeds[{i}]"), a))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_seconds("redis_cluster.refresh", self.refresh, 60.0)?;
+        check_seconds("redis_cluster.op_timeout", self.op_timeout, 60.0)?;
+        self.endpoints = Some((listen, seeds));
+        Ok(self)
     }
 }
 
