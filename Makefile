@@ -15,7 +15,7 @@ WASM_OPT_LEVEL := $(if $(filter release-fast,$(WASM_PROFILE)),-O3,-Oz)
 WASM_OPT_FLAGS := $(WASM_OPT_LEVEL) --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-multivalue --enable-reference-types
 
-.PHONY: help deps build wasm native render unit e2e hosts test run lint fmt validate clean compose-config bench fuzz soak oci compose-test reload kong-test apisix-test
+.PHONY: help deps build wasm native render unit e2e hosts test run lint fmt validate clean compose-config bench fuzz soak oci compose-test reload kong-test apisix-test fleet-test
 
 help:
 	@echo "make run    build everything and start the demo stack (Envoy :8000, admin :9901, demo services)"
@@ -23,6 +23,7 @@ help:
 	@echo "make lint   cargo fmt --check and clippy (host and wasm32) with -D warnings"
 	@echo "make build  the optimised filter ($(WASM)), the native module ($(NATIVE)) and the renderer"
 	@echo "make run RUNTIME=native  the demo with the native module instead of the .wasm"
+	@echo "make fleet-test  three gateways on a Redis Cluster, failovers under load (not in make test)"
 	@echo "make bench  cost per request against plain Envoy and Envoy's native filters (writes the README table)"
 	@echo "make reload apply an edited config/gateway.yaml to the running \`make run\` Envoy (validated first; no restart)"
 	@echo "make oci    the module as an OCI image archive Istio can pull (build/gateway-filter.oci.tar)"
@@ -112,6 +113,12 @@ apisix-test: build
 	@test -x "$(APISIX_NGINX)" || { echo "apisix-test: set APISIX_NGINX to an nginx with lua-nginx-module and APISIX's wasm-nginx-module"; exit 2; }
 	@test -n "$(APISIX_LUA_PATH)" || { echo "apisix-test: set APISIX_LUA_PATH (finds resty.proxy-wasm, resty.http, resty.core)"; exit 2; }
 	APISIX_NGINX=$(APISIX_NGINX) APISIX_LUA_PATH='$(APISIX_LUA_PATH)' .venv/bin/pytest -q tests/nginx
+
+# Three gateways on a Redis Cluster (3 primaries, 3 replicas) through Envoy's redis_proxy:
+# revocations and a cluster-wide limit across them, primaries killed under load
+# (FLEET_FAILOVERS, default 10), one gateway killed. A few minutes; not part of `make test`.
+fleet-test: build
+	.venv/bin/pytest -q -s tests/fleet
 
 bench: build
 	@scripts/bootstrap.sh bench

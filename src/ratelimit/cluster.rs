@@ -75,7 +75,11 @@ pub fn take_all(store: &dyn SharedStore, key: &str) -> u64 {
     0
 }
 
-/// Removes up to `tokens` from the bucket at `key` (after refilling it to `now_ms`).
+/// Removes `tokens` from the bucket at `key` (after refilling it to `now_ms`). What the bucket
+/// does not hold becomes a debt: its refill clock is moved ahead by the time the missing tokens
+/// take to refill (at most one period), so the next tokens pay it before anyone is admitted.
+/// Without the debt, instances that each empty their bucket between syncs would drain nothing
+/// and the route would admit its limit once per instance.
 pub fn drain(
     store: &dyn SharedStore,
     key: &str,
@@ -99,7 +103,19 @@ pub fn drain(
         } else {
             b.tokens_milli
         };
-        b.tokens_milli = refilled.saturating_sub(tokens.saturating_mul(1000));
+        let wanted = tokens.saturating_mul(1000);
+        if refilled >= wanted {
+            b.tokens_milli = refilled - wanted;
+        } else {
+            b.tokens_milli = 0;
+            let debt = u128::from(wanted - refilled);
+            let latest = now_ms.saturating_add(limit.period_ms);
+            b.last_ms = b
+                .last_ms
+                .max(now_ms)
+                .saturating_add(limit.time_for(debt))
+                .min(latest);
+        }
         match store.set(key, &b.encode(), cas) {
             Ok(()) => return true,
             Err(SetError::CasMismatch) => continue,

@@ -315,12 +315,23 @@ fn cluster_drain_removes_tokens_after_refill() {
     assert!(drain(&store, "r", 9, &L, 0, 5));
     let (bytes, _) = store.get("r").unwrap();
     assert_eq!(Bucket::decode(&bytes).unwrap().tokens_milli, 4_000);
-    assert!(drain(&store, "r", 9, &L, 0, 50));
+    // More than it holds: empty, and the rest is a debt the refill pays first (at most one
+    // period), so instances that each empty their bucket still share one limit.
+    assert!(drain(&store, "r", 9, &L, 0, 7));
+    let (bytes, _) = store.get("r").unwrap();
+    let b = Bucket::decode(&bytes).unwrap();
+    assert_eq!(b.tokens_milli, 0, "never below empty");
+    assert_eq!(b.last_ms, L.time_for(3_000), "3 tokens owed");
+    let (_, v) = take(Some(b), 9, &L, b.last_ms - 1);
+    assert!(!v.allowed, "nothing admitted while the debt is paid");
+    let (_, v) = take(Some(b), 9, &L, b.last_ms + L.time_for(1_000));
+    assert!(v.allowed);
+    assert!(drain(&store, "r", 9, &L, 0, 1_000_000));
     let (bytes, _) = store.get("r").unwrap();
     assert_eq!(
-        Bucket::decode(&bytes).unwrap().tokens_milli,
-        0,
-        "never below empty"
+        Bucket::decode(&bytes).unwrap().last_ms,
+        L.period_ms,
+        "a debt of one period at most"
     );
 }
 

@@ -1,0 +1,358 @@
+"""`make fleet-test`: three gateways (Envoy `--concurrency 2` each, the built filter) on one Redis
+Cluster (3 primaries, 3 replicas) reached through each gateway's own `redis_proxy` listener
+(`redis_cluster:` in the gateway file) by its own webdis. Loopback only, bounded in time.
+
+What it measures and asserts (figures printed, and written to build/fleet-report.json):
+- a logout on any gateway is refused on every gateway within the stated window;
+- a cluster-wide route limit holds across the three within the README's bound;
+- primaries killed with SIGKILL under steady load, again and again: acknowledged revocations
+  lost, requests failed and for how long, time until full service with nobody's help;
+- one gateway killed: the other two keep the revocations and the limit.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from harness import ROOT, Gateway, Services, Webdis, bearer, forge, free_port, port_open, wait_for  # noqa: E402
+
+FAILOVERS = int(os.environ.get("FLEET_FAILOVERS", "10"))
+NODE_TIMEOUT_MS = 2000
+REPORT = ROOT / "build" / "fleet-report.json"
+RESULTS = {}
+
+
+class RedisCluster:
+    """Six redis-server processes in cluster mode, three primaries with a replica each."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-fleet-redis-"))
+        self.ports = sorted({free_port() for _ in range(12)})[:6]
+        self.procs = {}
+        for p in self.ports:
+            (self.dir / str(p)).mkdir()
+            self.start(p)
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        subprocess.run(["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+                       check=True, capture_output=True, text=True, timeout=60)
+        self.wait_healthy()
+
+    def start(self, port):
+        d = self.dir / str(port)
+        self.procs[port] = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+             "--save", "", "--appendonly", "no", "--dir", str(d)],
+            stdout=open(d / "redis.log", "a"), stderr=subprocess.STDOUT)
+        wait_for(lambda: port_open(port), what=f"redis {port}")
+
+    def cli(self, port, *args, timeout=5):
+        r = subprocess.run(["redis-cli", "-p", str(port), *map(str, args)], capture_output=True, text=True,
+                           timeout=timeout)
+        return r.stdout.strip()
+
+    def live(self):
+        return [p for p in self.ports if self.procs[p].poll() is None]
+
+    def nodes(self):
+        """(port, role, master_port or None, failed) of every node, as a live node sees them."""
+        out = []
+        text = self.cli(self.live()[0], "cluster", "nodes")
+        ids = {}
+        rows = [line.split() for line in text.splitlines() if line.strip()]
+        for r in rows:
+            ids[r[0]] = int(r[1].split("@")[0].rsplit(":", 1)[1])
+        for r in rows:
+            port = ids[r[0]]
+            flags = r[2]
+            role = "master" if "master" in flags else "replica"
+            out.append((port, role, ids.get(r[3]), "fail" in flags))
+        return out
+
+    def primaries(self):
+        return [p for p, role, _, failed in self.nodes() if role == "master" and not failed and p in self.live()]
+
+    def healthy(self):
+        try:
+            live = self.live()
+            if any("cluster_state:ok" not in self.cli(p, "cluster", "info") for p in live):
+                return False
+            nodes = self.nodes()
+            masters = [p for p, role, _, failed in nodes if role == "master" and not failed and p in live]
+            if len(masters) != 3:
+                return False
+            # Every primary has a live replica that is in sync.
+            for m in masters:
+                replicas = [p for p, role, master, failed in nodes if role == "replica" and master == m
+                            and not failed and p in live]
+                if not any("master_link_status:up" in self.cli(r, "info", "replication") for r in replicas):
+                    return False
+            return True
+        except (subprocess.SubprocessError, IndexError, ValueError):
+            return False
+
+    def wait_healthy(self, timeout=60):
+        wait_for(self.healthy, timeout=timeout, what="the Redis cluster to be whole", interval=0.25)
+
+    def commands(self):
+        """Calls per command summed over the live primaries (`INFO commandstats`)."""
+        out = {}
+        for p in self.primaries():
+            for line in self.cli(p, "info", "commandstats").splitlines():
+                if line.startswith("cmdstat_"):
+                    name, _, rest = line.partition(":")
+                    calls = int(rest.split(",")[0].split("=")[1])
+                    out[name[8:]] = out.get(name[8:], 0) + calls
+        return out
+
+    def kill(self, port):
+        self.procs[port].send_signal(signal.SIGKILL)
+        self.procs[port].wait(timeout=10)
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def gateway_file(services, webdis_port, redis_port, seeds, route_limit):
+    def up(name):
+        return f"http://127.0.0.1:{services.ports[name]}"
+    return {
+        "gateway": {"prefix": "/api/v1", "name": "fleet", "rate_limit": {"sync_interval": 0.5}},
+        "jwt": {"algorithms": ["HS256"], "secret_env": "JWT_SECRET", "clock_skew": 60},
+        "webdis": f"http://127.0.0.1:{webdis_port}",
+        "redis_cluster": {"listen": f"127.0.0.1:{redis_port}", "seeds": [f"127.0.0.1:{p}" for p in seeds],
+                          "refresh": 1, "op_timeout": 0.5},
+        "revocation": {"cache_ttl": 1, "timeout": 0.5, "failure_mode": "stale", "stale_window": 30},
+        "routes": [
+            {"name": "user-service", "prefix": "/users", "upstream": up("user-service"),
+             "methods": ["GET"], "auth_required": True},
+            {"name": "product-service", "prefix": "/products", "upstream": up("product-service"),
+             "methods": ["GET"], "auth_required": False,
+             "rate_limit": {"max_calls": route_limit, "period": 1, "cluster_wide": True,
+                            "per_ip": {"max_calls": 100000, "period": 1}}},
+            {"name": "auth-service", "prefix": "/auth", "upstream": up("auth-service"),
+             "methods": ["POST"], "auth_required": False},
+        ],
+    }
+
+
+class Fleet:
+    def __init__(self, route_limit=60):
+        self.redis = RedisCluster()
+        self.services = Services(["user-service", "product-service"])
+        self.gateways, self.webdis = [], []
+        for _ in range(3):
+            wd_port, rp_port = free_port(), free_port()
+            g = Gateway(gateway_file(self.services, wd_port, rp_port, self.redis.ports[:3], route_limit),
+                        concurrency=2)
+            self.gateways.append(g)
+            self.webdis.append(Webdis(rp_port, port=wd_port))
+
+    def stop(self):
+        for w in self.webdis:
+            w.stop()
+        for g in self.gateways:
+            g.stop()
+        self.services.stop()
+        self.redis.stop()
+
+
+def user_token(ttl=3600):
+    sub = f"u-{uuid.uuid4().hex[:10]}"
+    now = int(time.time())
+    return forge({"alg": "HS256", "typ": "JWT"},
+                 {"sub": sub, "name": "n", "role": "user", "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex})
+
+
+def status(g, method, path, tok=None, timeout=5):
+    try:
+        return g.request(method, path, bearer(tok) if tok else [], timeout=timeout).status
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    f = Fleet()
+    try:
+        yield f
+    finally:
+        f.stop()
+        REPORT.parent.mkdir(exist_ok=True)
+        REPORT.write_text(json.dumps(RESULTS, indent=1))
+        print("\nfleet report:", json.dumps(RESULTS, indent=1))
+
+
+def refused_everywhere(gateways, tok):
+    return all(status(g, "GET", "/api/v1/users/1", tok) == 401 for g in gateways)
+
+
+def test_a_logout_on_any_gateway_is_refused_on_every_gateway(fleet):
+    """The window: the revocation cache (1 s) plus one lookup."""
+    windows = []
+    for i, g in enumerate(fleet.gateways):
+        tok = user_token()
+        for other in fleet.gateways:  # cached as clean everywhere first
+            assert status(other, "GET", "/api/v1/users/1", tok) == 200
+        assert status(g, "POST", "/api/v1/auth/logout", tok) == 200
+        started = time.monotonic()
+        wait_for(lambda: refused_everywhere(fleet.gateways, tok), timeout=5, what=f"logout on gateway {i} everywhere",
+                 interval=0.05)
+        windows.append(time.monotonic() - started)
+    RESULTS["logout_refused_everywhere_within_s"] = round(max(windows), 2)
+    assert max(windows) <= 1.0 + 0.5 + 0.3, windows
+
+
+def test_a_cluster_wide_route_limit_holds_across_the_three(fleet):
+    """README bound: on top of the limit (the bucket's capacity plus its rate over the time), what
+    the other gateways can admit between two syncs: (N-1)·(capacity + rate·(interval + 0.2 s))."""
+    limit, seconds = 60, 4
+    admitted = [0, 0, 0]
+    sent = [0, 0, 0]
+    stop = time.monotonic() + seconds
+
+    def drive(i):
+        while time.monotonic() < stop:
+            s = status(fleet.gateways[i], "GET", "/api/v1/products/1", timeout=2)
+            sent[i] += 1
+            if s == 200:
+                admitted[i] += 1
+    threads = [threading.Thread(target=drive, args=(i,)) for i in range(3) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = sum(admitted)
+    bound = limit + limit * seconds + 2 * (limit + limit * (0.5 + 0.2))
+    RESULTS["cluster_wide_limit"] = {"limit_per_s": limit, "seconds": seconds, "sent": sum(sent),
+                                     "admitted": total, "bound": round(bound)}
+    assert sum(sent) > 3 * limit * seconds, "the load must exceed the limit"
+    assert total <= bound, (total, bound, admitted)
+
+
+def test_primary_failovers_under_load_lose_no_acknowledged_revocation(fleet):
+    results = []  # (time, kind, status)
+    acked = []  # tokens whose logout was answered 200
+    users = [user_token() for _ in range(200)]
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def load(seed):
+        rnd = random.Random(seed)
+        while not done.is_set():
+            g = rnd.choice(fleet.gateways)
+            s = status(g, "GET", "/api/v1/users/1", rnd.choice(users), timeout=3)
+            with lock:
+                results.append((time.monotonic(), "get", s))
+            time.sleep(0.01)
+
+    def logouts(seed):
+        rnd = random.Random(seed)
+        while not done.is_set():
+            tok = user_token()
+            g = rnd.choice(fleet.gateways)
+            status(g, "GET", "/api/v1/users/1", tok, timeout=3)
+            s = status(g, "POST", "/api/v1/auth/logout", tok, timeout=3)
+            with lock:
+                results.append((time.monotonic(), "logout", s))
+                if s == 200:
+                    acked.append(tok)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=logouts, args=(100 + i,)) for i in range(2)]
+    before = fleet.redis.commands()
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    # Store traffic per request with the caches on, before any failover.
+    time.sleep(5)
+    with lock:
+        served = len(results)
+    after = fleet.redis.commands()
+    traffic = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    traffic = {k: v for k, v in traffic.items() if v > 0 and k not in ("info", "cluster", "ping", "command")}
+    RESULTS["store_traffic"] = {"seconds": round(time.monotonic() - started, 1), "gateway_requests": served,
+                                "users": len(users), "commands": traffic,
+                                "commands_per_request": round(sum(traffic.values()) / max(served, 1), 3)}
+    failovers = []
+    try:
+        for n in range(FAILOVERS):
+            primary = fleet.redis.primaries()[n % 3]
+            killed_at = time.monotonic()
+            fleet.redis.kill(primary)
+            # Full service: the first moment from which a second of requests all succeeded.
+            time.sleep(NODE_TIMEOUT_MS / 1000)
+            wait_for(lambda: fleet.redis.primaries() and len(fleet.redis.primaries()) == 3, timeout=30,
+                     what="a replica promoted", interval=0.1)
+            promoted_at = time.monotonic()
+            fleet.redis.start(primary)  # back as a replica of the promoted one
+            fleet.redis.wait_healthy()
+            time.sleep(1.5)
+            failovers.append({"killed_at": killed_at, "promoted_after_s": round(promoted_at - killed_at, 2)})
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+
+    def ok(s, kind):
+        return s == 200 or (kind == "logout" and s == 401)
+    ends = [f["killed_at"] for f in failovers[1:]] + [time.monotonic()]
+    for f, end in zip(failovers, ends):
+        window = [(t, k, s) for t, k, s in results if f["killed_at"] <= t < end]
+        failed = [(t, k, s) for t, k, s in window if not ok(s, k)]
+        f["failed_requests"] = len(failed)
+        f["failed_gets"] = sum(1 for _, k, _ in failed if k == "get")
+        f["failed_logouts"] = sum(1 for _, k, _ in failed if k == "logout")
+        f["failed_for_s"] = round(max(t for t, _, _ in failed) - f["killed_at"], 2) if failed else 0.0
+        f["failed_statuses"] = sorted({str(s) for _, _, s in failed})
+    for f in failovers:
+        del f["killed_at"]
+    # Every acknowledged logout must hold on every gateway once the caches have expired.
+    time.sleep(1.5)
+    lost = [tok for tok in acked if not refused_everywhere(fleet.gateways, tok)]
+    RESULTS["failovers"] = {"count": len(failovers), "requests": len(results),
+                            "acknowledged_logouts": len(acked), "acknowledged_revocations_lost": len(lost),
+                            "per_failover": failovers,
+                            "failed_requests_total": sum(f["failed_requests"] for f in failovers),
+                            "failed_gets_total": sum(f["failed_gets"] for f in failovers),
+                            "longest_failure_s": max((f["failed_for_s"] for f in failovers), default=0.0)}
+    assert len(failovers) == FAILOVERS
+    assert len(acked) > 20, "logouts were acknowledged throughout"
+    assert not lost, f"{len(lost)} acknowledged revocations lost"
+
+
+def test_one_gateway_killed_the_others_keep_revocations_and_limits(fleet):
+    victim = fleet.gateways[2]
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(timeout=10)
+    alive = fleet.gateways[:2]
+    tok = user_token()
+    assert status(alive[1], "GET", "/api/v1/users/1", tok) == 200
+    assert status(alive[0], "POST", "/api/v1/auth/logout", tok) == 200
+    wait_for(lambda: refused_everywhere(alive, tok), timeout=3, what="the logout on the other gateway")
+    # The limit still holds across the two.
+    admitted = 0
+    stop = time.monotonic() + 2
+    while time.monotonic() < stop:
+        for g in alive:
+            admitted += status(g, "GET", "/api/v1/products/1", timeout=2) == 200
+    RESULTS["one_gateway_killed"] = {"admitted_in_2_s": admitted, "limit_per_s": 60}
+    assert admitted <= 60 + 60 * 2 + (60 + 60 * 0.7), admitted
