@@ -55,7 +55,10 @@ class RedisCluster:
         self.procs[port] = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-             "--save", "", "--appendonly", "no", "--dir", str(d)],
+             "--save", "", "--appendonly", "no", "--dir", str(d),
+             # A primary without a replica in sync (2 s) refuses writes instead of acknowledging
+             # what one more failure would lose.
+             "--min-replicas-to-write", "1", "--min-replicas-max-lag", "2"],
             stdout=open(d / "redis.log", "a"), stderr=subprocess.STDOUT)
         wait_for(lambda: port_open(port), what=f"redis {port}")
 
