@@ -78,6 +78,11 @@ fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
 
+/// A listener with one filter chain of one network filter.
+fn listener(name: &str, address: Value, filter: Value) -> Value {
+    json!({"name": name, "address": address, "filter_chains": [{"filters": [filter]}]})
+}
+
 fn json_error(error: &str, message: &str) -> Value {
     json!({"json_format": {"error": error, "message": message, "trace_id": "%REQ(X-TRACE-ID)%"}})
 }
@@ -523,10 +528,10 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             json!({"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
                    "route": {"cluster": ADMIN_CLUSTER, "timeout": "5s"}})
         };
-        listeners.push(json!({
-            "name": "metrics",
-            "address": socket(&m.address, m.port),
-            "filter_chains": [{"filters": [{
+        listeners.push(listener(
+            "metrics",
+            socket(&m.address, m.port),
+            json!({
                 "name": "envoy.filters.network.http_connection_manager",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -540,8 +545,8 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
                     "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
                 },
-            }]}],
-        }));
+            }),
+        ));
     }
 
     // `redis_cluster:`: Envoy's own redis_proxy in front of a Redis Cluster, for webdis.
@@ -550,10 +555,10 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         .as_ref()
         .and_then(|r| r.endpoints.as_ref().map(|e| (r, e)))
     {
-        listeners.push(json!({
-            "name": "redis",
-            "address": socket(&address.host, address.port),
-            "filter_chains": [{"filters": [{
+        listeners.push(listener(
+            "redis",
+            socket(&address.host, address.port),
+            json!({
                 "name": "envoy.filters.network.redis_proxy",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy",
@@ -562,8 +567,8 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
                                  "enable_hashtagging": true},
                     "prefix_routes": {"catch_all_route": {"cluster": REDIS_CLUSTER}},
                 },
-            }]}],
-        }));
+            }),
+        ));
         clusters.push(json!({
             "name": REDIS_CLUSTER,
             "connect_timeout": seconds(g.connect_timeout),
