@@ -16,6 +16,19 @@
 //! - **Panics** never cross the ABI: every hook runs under `catch_unwind` (the module is built
 //!   with `panic = "unwind"`, profile `native`), and a request whose hook panicked is refused.
 
+/// Hooks Envoy requires a module to export but the gateway has nothing to do in: each takes
+/// Envoy's arguments unread and returns at once (`-> u32 = value` for those that answer).
+macro_rules! noop_hooks {
+    ($($name:ident($($arg:ty),*) $(-> $ret:ty = $value:expr)?;)*) => {$(
+        /// # Safety
+        /// Nothing Envoy passes is read.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($(_: $arg),*) $(-> $ret)? {
+            $($value)?
+        }
+    )*};
+}
+
 mod abi;
 mod network;
 
@@ -828,12 +841,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     config: EnvoyBuffer,
 ) -> *const c_void {
     guard("config_new", std::ptr::null(), || {
-        let json = if config.ptr.is_null() {
-            Vec::new()
-        } else {
-            // SAFETY: Envoy passes `length` bytes valid during this call.
-            unsafe { std::slice::from_raw_parts(config.ptr.cast::<u8>(), config.length) }.to_vec()
-        };
+        let json = abi::hook_bytes(config);
         let cfg = match Config::from_json(&json) {
             Ok(c) => c,
             Err(e) => {
@@ -1210,46 +1218,19 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
 
 // The remaining hooks: nothing for the gateway to do. Envoy requires every one of them.
 
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _: *mut c_void,
-    _: *const c_void,
-    _: bool,
-) -> u32 {
-    abi::CONTINUE
-}
-
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _: *mut c_void,
-    _: *const c_void,
-) -> u32 {
-    abi::CONTINUE
-}
-
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
-    _: *mut c_void,
-    _: *const c_void,
-    _: bool,
-) -> u32 {
-    abi::CONTINUE
-}
-
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
-    _: *mut c_void,
-    _: *const c_void,
-) -> u32 {
-    abi::CONTINUE
+noop_hooks! {
+    envoy_dynamic_module_on_http_filter_request_body(*mut c_void, *const c_void, bool) -> u32 = abi::CONTINUE;
+    envoy_dynamic_module_on_http_filter_request_trailers(*mut c_void, *const c_void) -> u32 = abi::CONTINUE;
+    envoy_dynamic_module_on_http_filter_response_body(*mut c_void, *const c_void, bool) -> u32 = abi::CONTINUE;
+    envoy_dynamic_module_on_http_filter_response_trailers(*mut c_void, *const c_void) -> u32 = abi::CONTINUE;
+    envoy_dynamic_module_on_http_filter_http_stream_headers(*mut c_void, *const c_void, u64, *const EnvoyHeader, usize, bool);
+    envoy_dynamic_module_on_http_filter_http_stream_data(*mut c_void, *const c_void, u64, *const EnvoyBuffer, usize, bool);
+    envoy_dynamic_module_on_http_filter_http_stream_trailers(*mut c_void, *const c_void, u64, *const EnvoyHeader, usize);
+    envoy_dynamic_module_on_http_filter_http_stream_complete(*mut c_void, *const c_void, u64);
+    envoy_dynamic_module_on_http_filter_http_stream_reset(*mut c_void, *const c_void, u64, u32);
+    envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(*mut c_void, *const c_void);
+    envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(*mut c_void, *const c_void);
+    envoy_dynamic_module_on_http_filter_per_route_config_destroy(*const c_void);
 }
 
 /// The ticker's event for a paused request: its worker's timer work, when due.
@@ -1375,83 +1356,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
 }
 
 /// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: *const EnvoyHeader,
-    _: usize,
-    _: bool,
-) {
-}
-
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: *const EnvoyBuffer,
-    _: usize,
-    _: bool,
-) {
-}
-
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: *const EnvoyHeader,
-    _: usize,
-) {
-}
-
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-) {
-}
-
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: u32,
-) {
-}
-
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
-    _: *mut c_void,
-    _: *const c_void,
-) {
-}
-
-/// # Safety
-/// Called by Envoy with its own pointers; nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
-    _: *mut c_void,
-    _: *const c_void,
-) {
-}
-
-/// # Safety
 /// Called by Envoy with its own buffers; nothing is kept.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
@@ -1461,8 +1365,3 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_ne
     // No per-route configuration: the routes are in the filter's own configuration.
     std::ptr::null()
 }
-
-/// # Safety
-/// Called by Envoy with a pointer this module never hands out.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_: *const c_void) {}

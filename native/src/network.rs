@@ -187,74 +187,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_destroy(module: 
 
 // The hooks this filter has no use for; Envoy needs every one of them to load the filter.
 
-/// # Safety
-/// Nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_read(
-    _: *mut c_void,
-    _: *const c_void,
-    _: usize,
-    _: bool,
-) -> u32 {
-    abi::CONTINUE
-}
-
-/// # Safety
-/// Nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_write(
-    _: *mut c_void,
-    _: *const c_void,
-    _: usize,
-    _: bool,
-) -> u32 {
-    abi::CONTINUE
-}
-
-/// # Safety
-/// Nothing is dereferenced (this filter makes no calls).
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_http_callout_done(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: u32,
-    _: *mut abi::EnvoyHeader,
-    _: usize,
-    _: *mut EnvoyBuffer,
-    _: usize,
-) {
-}
-
-/// # Safety
-/// Nothing is dereferenced (this filter schedules nothing).
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_scheduled(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-) {
-}
-
-/// # Safety
-/// Nothing is dereferenced (this filter schedules nothing).
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_config_scheduled(_: *const c_void, _: u64) {}
-
-/// # Safety
-/// Nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_above_write_buffer_high_watermark(
-    _: *mut c_void,
-    _: *const c_void,
-) {
-}
-
-/// # Safety
-/// Nothing is dereferenced.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_below_write_buffer_low_watermark(
-    _: *mut c_void,
-    _: *const c_void,
-) {
+noop_hooks! {
+    envoy_dynamic_module_on_network_filter_read(*mut c_void, *const c_void, usize, bool) -> u32 = abi::CONTINUE;
+    envoy_dynamic_module_on_network_filter_write(*mut c_void, *const c_void, usize, bool) -> u32 = abi::CONTINUE;
+    envoy_dynamic_module_on_network_filter_http_callout_done(*mut c_void, *const c_void, u64, u32, *mut abi::EnvoyHeader, usize, *mut EnvoyBuffer, usize);
+    envoy_dynamic_module_on_network_filter_scheduled(*mut c_void, *const c_void, u64);
+    envoy_dynamic_module_on_network_filter_config_scheduled(*const c_void, u64);
+    envoy_dynamic_module_on_network_filter_above_write_buffer_high_watermark(*mut c_void, *const c_void);
+    envoy_dynamic_module_on_network_filter_below_write_buffer_low_watermark(*mut c_void, *const c_void);
 }

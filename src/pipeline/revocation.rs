@@ -39,18 +39,8 @@ impl Gateway {
         } else {
             None
         };
-        if let Some(sub) = &caller.identity.user_id {
-            let ban_slot = Slot::of("u", sub, rv.cache_slots);
-            let stored = shared(&self.local, host).get(&ban_slot.ban_key()).map(|(b, _)| b);
-            if let Some(before) = rv::local_ban(stored.as_deref(), &ban_slot, now_ms) {
-                let ban = Lookup {
-                    blacklisted: false,
-                    revoked_before: Some(before),
-                };
-                if ban.revokes(issued_at) {
-                    return self.revoked(req, host);
-                }
-            }
+        if self.banned_here(rv, &caller.identity, now_ms, host) {
+            return self.revoked(req, host);
         }
         if let Some(epoch) = epoch {
             let stored = shared(&self.local, host).get(&slot.cache_key()).map(|(b, _)| b);
@@ -99,6 +89,29 @@ impl Gateway {
             }
             Err(e) => self.store_failed(req, next, &e, host),
         }
+    }
+
+    /// Whether this instance's ban table revokes the caller's token (a ban recorded here, or
+    /// seen in a lookup, still in force).
+    fn banned_here(
+        &self,
+        rv: &Revocation,
+        id: &crate::jwt::Identity,
+        now_ms: u64,
+        host: &mut dyn Host,
+    ) -> bool {
+        let Some(sub) = &id.user_id else {
+            return false;
+        };
+        let ban_slot = Slot::of("u", sub, rv.cache_slots);
+        let stored = shared(&self.local, host).get(&ban_slot.ban_key()).map(|(b, _)| b);
+        rv::local_ban(stored.as_deref(), &ban_slot, now_ms).is_some_and(|before| {
+            Lookup {
+                blacklisted: false,
+                revoked_before: Some(before),
+            }
+            .revokes(id.authenticated_at())
+        })
     }
 
     pub(super) fn dispatch_lookup(
@@ -207,29 +220,20 @@ impl Gateway {
         let config = Rc::clone(&self.config);
         let rv = config.revocation.as_ref()?;
         let caller = req.caller.as_ref()?;
-        let issued_at = caller.identity.authenticated_at();
         let now_ms = host.now_ms();
-        let store = shared(&self.local, host);
-        if let Some(sub) = &caller.identity.user_id {
-            let ban_slot = Slot::of("u", sub, rv.cache_slots);
-            let stored = store.get(&ban_slot.ban_key()).map(|(b, _)| b);
-            if let Some(before) = rv::local_ban(stored.as_deref(), &ban_slot, now_ms) {
-                let ban = Lookup {
-                    blacklisted: false,
-                    revoked_before: Some(before),
-                };
-                if ban.revokes(issued_at) {
-                    return None;
-                }
-            }
+        if self.banned_here(rv, &caller.identity, now_ms, host) {
+            return None;
         }
+        let store = shared(&self.local, host);
         let slot = Slot::of("t", &caller.identity.revocation_id, rv.cache_slots);
         let stored = store.get(&slot.cache_key()).map(|(b, _)| b);
         let entry = CacheEntry::fresh(stored.as_deref(), &slot, now_ms, rv.stale_window_ms)?;
         let last_revocation = rv::last_local_revocation(store);
         let plausible = entry.stored_at_ms <= now_ms.saturating_add(1_000);
-        (plausible && entry.stored_at_ms > last_revocation && !entry.lookup.revokes(issued_at))
-            .then(|| now_ms.saturating_sub(entry.stored_at_ms))
+        (plausible
+            && entry.stored_at_ms > last_revocation
+            && !entry.lookup.revokes(caller.identity.authenticated_at()))
+        .then(|| now_ms.saturating_sub(entry.stored_at_ms))
     }
 
     pub(super) fn lookup_answered(

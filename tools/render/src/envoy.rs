@@ -78,6 +78,58 @@ fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
 
+/// The gateway as an Envoy filter, in either runtime: the `.wasm` in a V8 VM, or the native
+/// module (`dynamic_modules`, kept loaded for the process's life).
+struct GatewayModule<'a> {
+    runtime: Runtime,
+    vm_config: &'a Value,
+    failure_policy: &'a str,
+    native_path: String,
+}
+
+impl GatewayModule<'_> {
+    /// The filter of `layer` (`http` or `network`) named `name` (its root id, or the module's
+    /// filter name), configured with the JSON `configuration`.
+    fn filter(&self, layer: &str, name: &str, configuration: String) -> Value {
+        let configuration =
+            json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": configuration});
+        match self.runtime {
+            Runtime::Wasm => json!({
+                "name": format!("envoy.filters.{layer}.wasm"),
+                "typed_config": {
+                    "@type": format!("type.googleapis.com/envoy.extensions.filters.{layer}.wasm.v3.Wasm"),
+                    "config": {
+                        "name": name,
+                        "root_id": name,
+                        "vm_config": self.vm_config,
+                        "configuration": configuration,
+                        "failure_policy": self.failure_policy,
+                    }
+                }
+            }),
+            Runtime::Native => {
+                let kind = if layer == "http" {
+                    "DynamicModuleFilter"
+                } else {
+                    "DynamicModuleNetworkFilter"
+                };
+                json!({
+                    "name": format!("envoy.filters.{layer}.dynamic_modules"),
+                    "typed_config": {
+                        "@type": format!("type.googleapis.com/envoy.extensions.filters.{layer}.dynamic_modules.v3.{kind}"),
+                        "dynamic_module_config": {
+                            "module": {"local": {"filename": self.native_path}},
+                            "do_not_close": true,
+                        },
+                        "filter_name": name,
+                        "filter_config": configuration,
+                    }
+                })
+            }
+        }
+    }
+}
+
 /// A listener with one filter chain of one network filter.
 fn listener(name: &str, address: Value, filter: Value) -> Value {
     json!({"name": name, "address": address, "filter_chains": [{"filters": [filter]}]})
@@ -204,41 +256,15 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     if !env_keys.is_empty() {
         vm_config["environment_variables"] = json!({"host_env_keys": env_keys});
     }
-    http_filters.push(match g.runtime {
-        Runtime::Wasm => json!({
-            "name": "envoy.filters.http.wasm",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": PLUGIN_NAME,
-                    "root_id": PLUGIN_NAME,
-                    "vm_config": vm_config.clone(),
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": filter_json,
-                    },
-                    "failure_policy": failure_policy,
-                }
-            }
-        }),
-        // The same policy in-process: secrets come from Envoy's environment by the same
-        // `*_env` names; the module stays loaded for the process's life (its shared state).
-        Runtime::Native => json!({
-            "name": NATIVE_FILTER_NAME,
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
-                "dynamic_module_config": {
-                    "module": {"local": {"filename": opts.native_path()}},
-                    "do_not_close": true,
-                },
-                "filter_name": PLUGIN_NAME,
-                "filter_config": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": filter_json,
-                },
-            }
-        }),
-    });
+    // Native: the same policy in-process; secrets come from Envoy's environment by the same
+    // `*_env` names, and the module stays loaded for the process's life (its shared state).
+    let module = GatewayModule {
+        runtime: g.runtime,
+        vm_config: &vm_config,
+        failure_policy,
+        native_path: opts.native_path(),
+    };
+    http_filters.push(module.filter("http", PLUGIN_NAME, filter_json));
     if g.limits.max_request_body_kb > 0 {
         // After the gateway filter (a refused request is never buffered), before the router:
         // the upstream request starts once the body is whole, so a slow body holds no upstream
@@ -322,40 +348,8 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             // Every connection closes within max_connection_duration and a drain.
             "max_age": (g.limits.max_connection_duration.ceil() as u64).saturating_add(60),
         }});
-        network_filters.push(match g.runtime {
-            Runtime::Wasm => json!({
-                "name": "envoy.filters.network.wasm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm",
-                    "config": {
-                        "name": CONNECTIONS_PLUGIN_NAME,
-                        "root_id": CONNECTIONS_PLUGIN_NAME,
-                        "vm_config": vm_config,
-                        "configuration": {
-                            "@type": "type.googleapis.com/google.protobuf.StringValue",
-                            "value": settings.to_string(),
-                        },
-                        "failure_policy": failure_policy,
-                    }
-                }
-            }),
-            // The same duty from the same `.so` (its shared memory): no wasm VM in the process.
-            Runtime::Native => json!({
-                "name": "envoy.filters.network.dynamic_modules",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter",
-                    "dynamic_module_config": {
-                        "module": {"local": {"filename": opts.native_path()}},
-                        "do_not_close": true,
-                    },
-                    "filter_name": CONNECTIONS_PLUGIN_NAME,
-                    "filter_config": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": settings.to_string(),
-                    },
-                }
-            }),
-        });
+        // Native: the same duty from the same `.so` (its shared memory), no wasm VM at all.
+        network_filters.push(module.filter("network", CONNECTIONS_PLUGIN_NAME, settings.to_string()));
     }
     network_filters.push(json!({
         "name": "envoy.filters.network.http_connection_manager",
