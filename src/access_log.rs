@@ -212,6 +212,10 @@ pub struct Record {
     /// `allowed`, or why the gateway answered itself (`expired`, `role`, `rate_limited_ip`,
     /// `revoked`, `store_unavailable`, `route_not_found`, ...).
     pub decision: String,
+    /// In a summary: how many more requests of this caller got the same answer in the window
+    /// after this one (they are counted here, not stored one by one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeated: Option<u64>,
 }
 
 /// The reference's levels: error for 5xx, warning for 4xx, info otherwise.
@@ -376,6 +380,7 @@ mod tests {
             status: 200,
             duration_ms: 1.23456,
             decision: "allowed".into(),
+            repeated: None,
         };
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(v["query_params"], serde_json::json!({"a": "2", "b": "", "c": ""}));

@@ -181,6 +181,8 @@ pub mod message {
     pub const LOGS_BOTH: &str = "Give trace_id or user_id, not both";
     pub const LOGS_NONE: &str = "trace_id or user_id is required";
     pub const LOGS_INVALID_ID: &str = "Invalid trace_id or user_id";
+    pub const VERIFICATION_BUDGET: &str =
+        "Too many tokens with bad signatures from this client; try again later";
 
     pub fn invalid_token(reason: impl Display) -> String {
         format!("Invalid token: {reason}")

@@ -42,7 +42,7 @@ mod logs;
 mod metrics;
 mod revocation;
 
-pub use logs::StoredRecord;
+pub use logs::{bound_records, RecordClass, StoredRecord, RECORD_CLASSES};
 use metrics::Metrics;
 
 pub const HEADER_RESPONSE_TIME: &str = "x-response-time";
@@ -135,6 +135,8 @@ struct Request {
     /// The caller's token was found valid and not revoked (the request reached phase 5): only
     /// then does its record count as authenticated in the log store.
     cleared: bool,
+    /// A route that requires a role, or a gateway endpoint: its record is privileged.
+    privileged: bool,
     client_ip: Option<String>,
     stage: Stage,
     /// When its wait for signing keys ends (set at its first wait; 0: the answer is final).
@@ -223,6 +225,8 @@ pub struct Gateway {
     log_buffer: VecDeque<StoredRecord>,
     /// How many of the buffered records are anonymous (no user).
     anonymous_buffered: usize,
+    /// Callers' repeated refusals in the current window.
+    summaries: logs::Summaries,
     log_calls: usize,
     last_totals: HashMap<String, u64>,
     last_counters_ms: u64,
@@ -254,6 +258,7 @@ fn shared<'a>(local: &'a Option<LocalStore>, host: &'a dyn Host) -> &'a dyn Shar
 fn with_keys<R>(
     key_sets: &[Option<Rc<KeySet>>],
     host_verifies: bool,
+    may_verify: bool,
     host: &mut dyn Host,
     f: impl FnOnce(KeyContext<'_>) -> R,
 ) -> R {
@@ -261,6 +266,7 @@ fn with_keys<R>(
     f(KeyContext {
         remote: key_sets,
         native: if host_verifies { Some(&mut check) } else { None },
+        may_verify,
     })
 }
 
@@ -299,6 +305,7 @@ impl Gateway {
             inflight: HashMap::new(),
             log_buffer: VecDeque::new(),
             anonymous_buffered: 0,
+            summaries: logs::Summaries::default(),
             log_calls: 0,
             last_totals: HashMap::new(),
             last_counters_ms: 0,
@@ -366,6 +373,7 @@ impl Gateway {
             route: None,
             caller: None,
             cleared: false,
+            privileged: false,
             client_ip: None,
             stage: Stage::Idle,
             keys_deadline_ms: None,
@@ -406,6 +414,7 @@ impl Gateway {
                     return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
                 };
                 req.route = Some(i);
+                req.privileged = !route.roles.is_empty();
                 self.note_client(req, config, Some(route), host);
                 // Phase 2: the per-IP bucket.
                 if let Err(reply) = self.charge_ip(req, route.limits.as_ref(), now_ms, host) {
@@ -416,6 +425,7 @@ impl Gateway {
             }
             Target::Endpoint { path, under } => {
                 req.route = under;
+                req.privileged = true;
                 let route = under.and_then(|i| config.routes.get(i));
                 self.note_client(req, config, route, host);
                 if let Err(reply) = self.charge_ip(req, route.and_then(|r| r.limits.as_ref()), now_ms, host) {
@@ -459,7 +469,8 @@ impl Gateway {
                 let Some(route) = config.routes.get(i) else {
                     return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
                 };
-                let decided = with_keys(&self.key_sets, self.host_verifies, host, |keys| {
+                let may_verify = self.may_verify(req, host);
+                let decided = with_keys(&self.key_sets, self.host_verifies, may_verify, host, |keys| {
                     policy::authenticate(
                         config,
                         &mut self.tokens,
@@ -473,7 +484,10 @@ impl Gateway {
                 });
                 match decided {
                     Ok(caller) => req.caller = caller,
-                    Err(Refused::Reply(reply)) => return self.reply(req, reply, host),
+                    Err(Refused::Reply(reply)) => {
+                        self.charge_bad_signature(req, &reply, host);
+                        return self.reply(req, reply, host);
+                    }
                     Err(Refused::AwaitKeys(issuer)) => {
                         return self.await_keys(ctx, req, target, issuer, host)
                     }
@@ -481,7 +495,8 @@ impl Gateway {
                 self.check_revocation(ctx, req, Next::Route, shared_waits, host)
             }
             Target::Endpoint { ref path, .. } => {
-                let decided = with_keys(&self.key_sets, self.host_verifies, host, |keys| {
+                let may_verify = self.may_verify(req, host);
+                let decided = with_keys(&self.key_sets, self.host_verifies, may_verify, host, |keys| {
                     policy::verified_caller(
                         config,
                         &mut self.tokens,
@@ -494,7 +509,10 @@ impl Gateway {
                 });
                 let caller = match decided {
                     Ok(c) => c,
-                    Err(Refused::Reply(reply)) => return self.reply(req, reply, host),
+                    Err(Refused::Reply(reply)) => {
+                        self.charge_bad_signature(req, &reply, host);
+                        return self.reply(req, reply, host);
+                    }
                     Err(Refused::AwaitKeys(issuer)) => {
                         return self.await_keys(ctx, req, target, issuer, host)
                     }

@@ -174,7 +174,7 @@ fn target(cfg: &Config, request: &[HeaderPair], trace_id: &str) -> Result<Target
 
 /// Extracts the bearer token the way the reference does: exactly one `Authorization` header,
 /// exactly two space-separated parts, the first `bearer` in any case.
-fn bearer_token(request: &[HeaderPair]) -> Result<&str, &'static str> {
+pub fn bearer_token(request: &[HeaderPair]) -> Result<&str, &'static str> {
     let mut values = request
         .iter()
         .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
@@ -238,6 +238,15 @@ pub fn verified_caller(
         .verify_with(verifier, keys, token, now)
         .map_err(|e| match e {
             TokenError::UnknownKey(i) | TokenError::KeysUnavailable(i) if may_wait => Refused::AwaitKeys(i),
+            TokenError::VerificationBudget => {
+                let mut reply = Reply::refuse(
+                    Outcome::RateLimited(crate::outcome::Scope::Ip),
+                    message::VERIFICATION_BUDGET,
+                    trace_id,
+                );
+                reply.headers.push(("retry-after", "1".to_string()));
+                Refused::Reply(reply)
+            }
             TokenError::KeysUnavailable(i) => {
                 let name = verifier.issuer(i).map_or("?", |s| s.name.as_str());
                 Refused::Reply(Reply::refuse(

@@ -11,7 +11,7 @@ pub const TAGS: [&str; 7] = [
 
 /// Every family the filter names at run time, with its labels in the order its names carry
 /// them: a host that must declare metrics up front (Envoy's dynamic modules) declares these.
-pub const FAMILIES: [(&str, &[&str]); 9] = [
+pub const FAMILIES: [(&str, &[&str]); 10] = [
     ("gateway_requests_total", &["route", "outcome"]),
     ("gateway_auth_failures_total", &["reason"]),
     ("gateway_canary_total", &["route", "target"]),
@@ -19,6 +19,7 @@ pub const FAMILIES: [(&str, &[&str]); 9] = [
     ("gateway_jwks_fetches_total", &["issuer"]),
     ("gateway_jwks_fetch_errors_total", &["issuer"]),
     ("gateway_jwks_unknown_kid_fetches_total", &["issuer"]),
+    ("gateway_jwks_keys_dropped_total", &["issuer"]),
     ("gateway_store_misrouted_replies_total", &[]),
     ("gateway_log_records_skipped_total", &[]),
 ];

@@ -44,7 +44,7 @@ use abi::{EnvoyBuffer, EnvoyConfig, EnvoyFilter, EnvoyHeader};
 use gateway_filter::config::Config;
 use gateway_filter::host::{Callout, DispatchError, Host, LogLevel, MetricKind, SetError, SharedStore};
 use gateway_filter::outcome::{message, Outcome};
-use gateway_filter::pipeline::{Action, Gateway, StoredRecord};
+use gateway_filter::pipeline::{bound_records, Action, Gateway, StoredRecord, RECORD_CLASSES};
 use gateway_filter::reply::Reply;
 use gateway_filter::stat;
 
@@ -1135,24 +1135,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
                     .as_ref()
                     .map_or(0, |st| st.buffer as usize)
                     * 4;
-                let mut dropped = (0u64, 0u64);
+                let mut dropped = [0u64; RECORD_CLASSES];
                 if let Ok(mut r) = cfg.ticking.records.lock() {
                     r.extend(records);
-                    // Anonymous records go first, as in the gateway's own buffer.
-                    let mut excess = r.len().saturating_sub(cap);
-                    if excess > 0 {
-                        r.retain(|rec| {
-                            let drop = excess > 0 && rec.is_anonymous();
-                            excess -= usize::from(drop);
-                            dropped.0 += u64::from(drop);
-                            !drop
-                        });
-                        let rest = r.len().saturating_sub(cap);
-                        r.drain(..rest);
-                        dropped.1 += rest as u64;
-                    }
+                    // The lowest class first, as in the gateway's own buffer.
+                    dropped = bound_records(&mut r, cap);
                 }
-                gateway.count_dropped_records(dropped.0, dropped.1);
+                gateway.count_dropped_records(&dropped);
                 gateway.flush_counters(&mut NativeHost { state: host });
             }
         });

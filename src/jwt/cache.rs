@@ -12,11 +12,18 @@ pub type RemoteSets = [Option<Rc<KeySet>>];
 pub struct KeyContext<'a> {
     pub remote: &'a RemoteSets,
     pub native: Option<native::NativeVerify<'a>>,
+    /// Whether a signature may be checked for this caller (false: its budget of failed checks
+    /// is spent, and only a token the cache holds passes).
+    pub may_verify: bool,
 }
 
 impl<'a> KeyContext<'a> {
     pub fn remote(remote: &'a RemoteSets) -> Self {
-        Self { remote, native: None }
+        Self {
+            remote,
+            native: None,
+            may_verify: true,
+        }
     }
 }
 
@@ -39,6 +46,11 @@ impl TokenCache {
     pub(super) fn key(&self, token: &str) -> u128 {
         use std::hash::BuildHasher as _;
         (u128::from(self.keys.0.hash_one(token)) << 64) | u128::from(self.keys.1.hash_one(token))
+    }
+
+    /// Whether `token` is in the cache (it would pass or fail without a signature check).
+    pub fn holds(&self, token: &str) -> bool {
+        token.len() <= MAX_TOKEN_LEN && self.entries.contains_key(&self.key(token))
     }
 
     pub fn len(&self) -> usize {
@@ -81,6 +93,9 @@ impl TokenCache {
                 }
             };
         }
+        if !keys.may_verify {
+            return Err(TokenError::VerificationBudget);
+        }
         let verified = verifier.verify_uncached(token, keys, now)?;
         let identity = verified.identity.clone();
         if self.entries.len() >= TOKEN_CACHE_ENTRIES {
@@ -98,8 +113,8 @@ impl TokenCache {
 pub struct Verified {
     pub(super) identity: Identity,
     pub(super) not_before: Option<i64>,
-    /// The fetched key that checked it (`kid`), when its issuer's keys are fetched.
-    pub(super) kid: Option<String>,
+    /// The key that checked it.
+    pub(super) key: KeyFingerprint,
 }
 
 /// Verified tokens remembered per VM.

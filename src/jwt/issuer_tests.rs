@@ -438,6 +438,7 @@ fn the_hosts_check_is_authoritative_where_it_applies() {
             KeyContext {
                 remote: &[],
                 native: Some(&mut no),
+                may_verify: true,
             },
             NOW,
         );
@@ -459,7 +460,8 @@ fn the_hosts_check_is_authoritative_where_it_applies() {
             &t,
             KeyContext {
                 remote: &[],
-                native: Some(&mut |_, _, _, _| None)
+                native: Some(&mut |_, _, _, _| None),
+                may_verify: true,
             },
             NOW
         )
@@ -472,7 +474,8 @@ fn the_hosts_check_is_authoritative_where_it_applies() {
             &t,
             KeyContext {
                 remote: &[],
-                native: Some(&mut |_, _, _, _| Some(false))
+                native: Some(&mut |_, _, _, _| Some(false)),
+                may_verify: true,
             },
             NOW
         )
@@ -577,4 +580,109 @@ fn a_token_without_kid_is_checked_against_a_bounded_number_of_keys() {
     keys.truncate(2);
     let set = KeySet::parse(jwks(&keys).as_bytes()).unwrap();
     assert!(matches!(set.lookup(Algorithm::EdDsa, None), keys::Lookup::Found(k) if k.len() == 2));
+}
+
+fn remote_verifier(algorithms: &[&str]) -> Verifier {
+    let s: JwtSettings = serde_json::from_value(json!({"issuers": [{
+        "name": "idp", "issuer": IDP, "algorithms": algorithms,
+        "remote_jwks": {"uri": "http://127.0.0.1:8005/jwks", "cluster": "idp"}}]}))
+    .unwrap();
+    s.compile(&no_env).unwrap()
+}
+
+fn fetched(keys: &[Value]) -> [Option<std::rc::Rc<KeySet>>; 1] {
+    [Some(std::rc::Rc::new(
+        KeySet::parse(jwks(keys).as_bytes()).unwrap(),
+    ))]
+}
+
+/// Fourth attack: an identity provider served new material under the same kids and dropped a
+/// kid-less key; tokens already in the cache kept passing. A cached token is only as good as
+/// the key (material, algorithm, kid) that verified it.
+#[test]
+fn cached_tokens_die_with_their_key_material_not_their_kid() {
+    let v = remote_verifier(&["RS256", "ES256", "EdDSA"]);
+    let mut cache = TokenCache::default();
+    // New RSA material under the same kid.
+    let t = sign(Algorithm::Rs256, Some("r1"), claims(json!({})));
+    let before = fetched(&[jwk(Algorithm::Rs256, "r1", true)]);
+    assert!(cache
+        .verify_with(&v, KeyContext::remote(&before), &t, NOW)
+        .is_ok());
+    let replaced = fetched(&[other_rsa_jwk("r1")]);
+    assert_eq!(
+        cache.verify_with(&v, KeyContext::remote(&replaced), &t, NOW),
+        Err(TokenError::BadSignature)
+    );
+    // The kid now names a key of another family.
+    assert!(cache
+        .verify_with(&v, KeyContext::remote(&before), &t, NOW)
+        .is_ok());
+    let ec = fetched(&[jwk(Algorithm::Es256, "r1", true)]);
+    assert_eq!(
+        cache.verify_with(&v, KeyContext::remote(&ec), &t, NOW),
+        Err(TokenError::NoFittingKey)
+    );
+    // A kid-less key dropped: its tokens go with it.
+    let mut kidless = jwk(Algorithm::EdDsa, "x", true);
+    kidless.as_object_mut().unwrap().remove("kid");
+    let t = sign(Algorithm::EdDsa, None, claims(json!({})));
+    let with = fetched(&[kidless, jwk(Algorithm::Es256, "e1", true)]);
+    assert!(cache.verify_with(&v, KeyContext::remote(&with), &t, NOW).is_ok());
+    let without = fetched(&[jwk(Algorithm::Es256, "e1", true)]);
+    assert_eq!(
+        cache.verify_with(&v, KeyContext::remote(&without), &t, NOW),
+        Err(TokenError::NoFittingKey)
+    );
+    // The same key republished (a refresh): the cached token stays.
+    let t = sign(Algorithm::Es256, Some("e1"), claims(json!({})));
+    assert!(cache
+        .verify_with(&v, KeyContext::remote(&without), &t, NOW)
+        .is_ok());
+    let again = fetched(&[jwk(Algorithm::Es256, "e1", true)]);
+    assert!(cache.verify_with(&v, KeyContext::remote(&again), &t, NOW).is_ok());
+}
+
+/// Fourth attack: 64 Ed25519 keys under kid `x` made every bad signature naming `x` cost 64
+/// checks. A set keeps MAX_KEYS_PER_KID keys per kid and family, and no repeated key.
+#[test]
+fn a_set_cannot_crowd_keys_under_one_kid() {
+    let keys: Vec<Value> = (0..64).map(|_| jwk(Algorithm::EdDsa, "x", true)).collect();
+    let set = KeySet::parse(jwks(&keys).as_bytes()).unwrap();
+    assert_eq!(set.keys.len(), 1, "64 copies of one key are one key");
+    assert_eq!(set.crowded, 63);
+    let mut keys = vec![jwk(Algorithm::Rs256, "x", true), other_rsa_jwk("x")];
+    let mut third = other_rsa_jwk("x");
+    third["alg"] = "RS256".into();
+    keys.push(third);
+    keys.push(jwk(Algorithm::Es256, "x", true));
+    let set = KeySet::parse(jwks(&keys).as_bytes()).unwrap();
+    assert_eq!(set.keys.len(), 3, "two RSA keys under x, and the EC one");
+    assert_eq!(set.crowded, 1);
+    match set.lookup(Algorithm::Rs256, Some("x")) {
+        keys::Lookup::Found(k) => assert_eq!(k.len(), keys::MAX_KEYS_PER_KID),
+        _ => panic!("keys expected"),
+    }
+}
+
+/// A spent budget of failed checks: a cached token still passes, nothing new is checked.
+#[test]
+fn a_spent_verification_budget_checks_no_signature() {
+    let v = remote_verifier(&["ES256"]);
+    let mut cache = TokenCache::default();
+    let set = fetched(&[jwk(Algorithm::Es256, "e1", true)]);
+    let cached = sign(Algorithm::Es256, Some("e1"), claims(json!({})));
+    assert!(cache
+        .verify_with(&v, KeyContext::remote(&set), &cached, NOW)
+        .is_ok());
+    let spent = |sets| KeyContext {
+        may_verify: false,
+        ..KeyContext::remote(sets)
+    };
+    assert!(cache.verify_with(&v, spent(&set), &cached, NOW).is_ok());
+    let fresh = sign(Algorithm::Es256, Some("e1"), claims(json!({"sub": "other"})));
+    assert_eq!(
+        cache.verify_with(&v, spent(&set), &fresh, NOW),
+        Err(TokenError::VerificationBudget)
+    );
 }

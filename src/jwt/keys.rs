@@ -180,9 +180,46 @@ pub struct Key {
     pub material: Material,
     /// The key as DER SubjectPublicKeyInfo, for the host's own check (RSA and ECDSA keys).
     pub spki: Option<Vec<u8>>,
+    /// What the key is: a digest of its kid, declared algorithm, family and material. A cached
+    /// token remembers the fingerprint of the key that verified it, and is only good while its
+    /// issuer's current set holds a key with that fingerprint (new material under an old kid, or
+    /// a kid-less key dropped, ends it).
+    pub fingerprint: KeyFingerprint,
 }
 
+/// The fingerprint of a [`Key`] (MD5: the material comes from the issuer, who could sign any
+/// token anyway; the digest only has to tell its keys apart).
+pub type KeyFingerprint = [u8; 16];
+
 impl Key {
+    /// A key, with its fingerprint computed from `raw` (the material's bytes as published).
+    pub fn new(
+        kid: Option<String>,
+        alg: Option<Algorithm>,
+        material: Material,
+        spki: Option<Vec<u8>>,
+        raw: &[u8],
+    ) -> Self {
+        let mut ctx = md5::Context::new();
+        let family = material.family() as u8;
+        for part in [
+            kid.as_deref().unwrap_or("").as_bytes(),
+            &[u8::from(kid.is_some()), family],
+            alg.map_or("", Algorithm::name).as_bytes(),
+            raw,
+        ] {
+            ctx.consume((part.len() as u64).to_le_bytes());
+            ctx.consume(part);
+        }
+        Key {
+            kid,
+            alg,
+            material,
+            spki,
+            fingerprint: ctx.finalize().0,
+        }
+    }
+
     /// Whether a token signed with `alg` may be checked with this key.
     pub fn fits(&self, alg: Algorithm) -> bool {
         self.material.family() == alg.family() && self.alg.is_none_or(|a| a == alg)
@@ -197,6 +234,10 @@ pub const MIN_RSA_BITS: usize = 2048;
 
 /// Keys of one set a token without `kid` is checked against, at most.
 pub const MAX_KEYS_WITHOUT_KID: usize = 4;
+/// Keys of one set kept under one kid for one family of algorithms, at most: a set that puts
+/// more there (64 keys under kid `x`) would make every bad signature naming that kid cost as
+/// many checks. The rest are dropped at parse time, counted in [`KeySet::crowded`].
+pub const MAX_KEYS_PER_KID: usize = 2;
 
 /// The usable keys of one JWKS.
 #[derive(Clone, Default)]
@@ -205,6 +246,9 @@ pub struct KeySet {
     /// Keys present in the document but not usable for verification (encryption keys,
     /// unsupported types or curves, private keys, malformed material).
     pub skipped: usize,
+    /// Usable keys dropped because the set repeats a key or crowds one kid (see
+    /// [`MAX_KEYS_PER_KID`]).
+    pub crowded: usize,
 }
 
 impl std::fmt::Debug for KeySet {
@@ -217,6 +261,7 @@ impl std::fmt::Debug for KeySet {
         f.debug_struct("KeySet")
             .field("kids", &kids)
             .field("skipped", &self.skipped)
+            .field("crowded", &self.crowded)
             .finish()
     }
 }
@@ -233,11 +278,30 @@ pub enum Lookup<'a> {
 
 impl KeySet {
     pub fn from_keys(keys: Vec<Key>) -> Self {
-        Self { keys, skipped: 0 }
+        let mut set = Self::default();
+        for key in keys {
+            set.push(key);
+        }
+        set
     }
 
-    pub fn contains_kid(&self, kid: &str) -> bool {
-        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+    /// Adds a key, unless the set already holds the same key, or [`MAX_KEYS_PER_KID`] keys of
+    /// its family under its kid (kid-less keys are bounded at lookup, by
+    /// [`MAX_KEYS_WITHOUT_KID`]).
+    fn push(&mut self, key: Key) {
+        let same_kid =
+            |k: &&Key| k.kid.is_some() && k.kid == key.kid && k.material.family() == key.material.family();
+        let duplicate = self.keys.iter().any(|k| k.fingerprint == key.fingerprint);
+        if duplicate || self.keys.iter().filter(same_kid).count() >= MAX_KEYS_PER_KID {
+            self.crowded += 1;
+        } else {
+            self.keys.push(key);
+        }
+    }
+
+    /// Whether the set holds the key with this fingerprint.
+    pub fn contains(&self, fingerprint: &KeyFingerprint) -> bool {
+        self.keys.iter().any(|k| &k.fingerprint == fingerprint)
     }
 
     /// The keys that may check a token signed with `alg` and naming `kid` (without a `kid`,
@@ -295,7 +359,7 @@ impl KeySet {
                 .ok()
                 .and_then(|jwk| jwk.key())
             {
-                Some(key) => set.keys.push(key),
+                Some(key) => set.push(key),
                 None => set.skipped += 1,
             }
         }
@@ -371,7 +435,7 @@ impl RawJwk {
             Some(name) => Some(Algorithm::from_name(name)?),
             None => None,
         };
-        let (material, spki) = match (self.kty.as_str(), self.crv.as_deref()) {
+        let (material, spki, raw) = match (self.kty.as_str(), self.crv.as_deref()) {
             ("RSA", _) => {
                 let modulus = b64(&self.n)?;
                 let exponent = b64(&self.e)?;
@@ -379,37 +443,41 @@ impl RawJwk {
                     return None;
                 }
                 let spki = super::native::spki_rsa(&modulus, &exponent);
+                let raw = spki.clone();
                 let jwk = JsonWebKey::Rsa {
                     modulus: Cow::Owned(modulus),
                     public_exponent: Cow::Owned(exponent),
                     private_parts: None,
                 };
-                (Material::Rsa(RsaPublicKey::try_from(&jwk).ok()?), Some(spki))
+                (Material::Rsa(RsaPublicKey::try_from(&jwk).ok()?), Some(spki), raw)
             }
             ("EC", Some("P-256")) => {
                 let point = sec1(&self.x, &self.y, 32)?;
                 let key = <Es256 as JwtAlgorithm>::VerifyingKey::from_slice(&point).ok()?;
-                (Material::P256(key), Some(super::native::spki_ec(&point, false)))
+                (
+                    Material::P256(key),
+                    Some(super::native::spki_ec(&point, false)),
+                    point,
+                )
             }
             ("EC", Some("P-384")) => {
                 let point = sec1(&self.x, &self.y, 48)?;
                 let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(&point).ok()?;
-                (Material::P384(key), Some(super::native::spki_ec(&point, true)))
+                (
+                    Material::P384(key),
+                    Some(super::native::spki_ec(&point, true)),
+                    point,
+                )
             }
             ("OKP", Some("Ed25519")) => {
                 let x = b64(&self.x)?;
                 let key = <Ed25519 as JwtAlgorithm>::VerifyingKey::from_slice(&x).ok()?;
-                (Material::Ed25519(key), None)
+                (Material::Ed25519(key), None, x)
             }
             // `oct` keys: a symmetric secret never comes from a key set (it would be public).
             _ => return None,
         };
-        let key = Key {
-            kid: self.kid,
-            alg,
-            material,
-            spki,
-        };
+        let key = Key::new(self.kid, alg, material, spki, &raw);
         // A key whose declared algorithm is of another family (`"alg":"HS256"` on an RSA key).
         if let Some(a) = alg {
             if !key.fits(a) {

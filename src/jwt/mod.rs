@@ -23,7 +23,7 @@ use jwt_compact::{AlgorithmExt, Claims, UntrustedToken};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use keys::{Algorithm, Key, KeySet, Lookup, Material};
+pub use keys::{Algorithm, Key, KeyFingerprint, KeySet, Lookup, Material};
 pub use remote::{Remote, RemoteJwksSettings};
 
 use crate::error::{check_name, ConfigError};

@@ -193,12 +193,7 @@ pub(super) fn hmac_keys(algorithms: &[Algorithm], secret: &[u8]) -> Result<KeySe
     let keys: Vec<Key> = algorithms
         .iter()
         .filter_map(|&a| {
-            Material::hmac(a, secret).map(|material| Key {
-                kid: None,
-                alg: Some(a),
-                material,
-                spki: None,
-            })
+            Material::hmac(a, secret).map(|material| Key::new(None, Some(a), material, None, secret))
         })
         .collect();
     if keys.len() != algorithms.len() {

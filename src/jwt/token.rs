@@ -36,6 +36,8 @@ pub enum TokenError {
     NoFittingKey,
     /// The issuer's keys are not available (never fetched, or older than `max_stale`).
     KeysUnavailable(usize),
+    /// The caller's budget of failed signature checks is spent: nothing was checked.
+    VerificationBudget,
 }
 
 /// Header fields read besides `alg`/`kid`/`typ`.
@@ -67,6 +69,7 @@ impl TokenError {
             Self::UnknownKey(_) => "unknown_kid",
             Self::NoFittingKey => "key_type",
             Self::KeysUnavailable(_) => "keys_unavailable",
+            Self::VerificationBudget => "verification_budget",
         }
     }
 }
@@ -92,6 +95,7 @@ impl fmt::Display for TokenError {
             Self::UnknownKey(_) => f.write_str("unknown signing key (kid)"),
             Self::NoFittingKey => f.write_str("no key of the kind the signing algorithm needs"),
             Self::KeysUnavailable(_) => f.write_str("the issuer's signing keys are not available yet"),
+            Self::VerificationBudget => f.write_str("too many failed signature checks from this client"),
         }
     }
 }

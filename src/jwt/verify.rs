@@ -192,24 +192,33 @@ impl Verifier {
         Ok(())
     }
 
-    /// The checks a cached token goes through again: times, and that a fetched key is still
-    /// published.
+    /// The checks a cached token goes through again: times, and that the key that verified it
+    /// is still in its issuer's set (the same material under the same kid: a key replaced or
+    /// dropped at the last fetch ends every token it verified, kid-less keys included).
     pub(super) fn recheck(&self, v: &Verified, remote: &RemoteSets, now: i64) -> Result<(), TokenError> {
         let id = &v.identity;
         let issuer = self.issuers.get(id.issuer).ok_or(TokenError::UnknownIssuer)?;
-        if issuer.remote().is_some() {
-            match remote.get(id.issuer).and_then(Option::as_ref) {
-                None => return Err(TokenError::KeysUnavailable(id.issuer)),
-                Some(set) => {
-                    if let Some(kid) = &v.kid {
-                        if !set.contains_kid(kid) {
-                            return Err(TokenError::UnknownKey(id.issuer));
-                        }
-                    }
-                }
-            }
+        let set = Self::key_set(issuer, id.issuer, remote)?;
+        if !set.contains(&v.key) {
+            return Err(TokenError::UnknownKey(id.issuer));
         }
         Self::check_times(issuer.clock_skew, id.expires_at, v.not_before, id.issued_at, now)
+    }
+
+    /// The keys an issuer's tokens are checked with now.
+    fn key_set<'a>(
+        issuer: &'a Issuer,
+        index: usize,
+        remote: &'a RemoteSets,
+    ) -> Result<&'a KeySet, TokenError> {
+        match &issuer.source {
+            Source::Secret(set) => Ok(set),
+            Source::Local(set) => Ok(set),
+            Source::Remote(_) => remote
+                .get(index)
+                .and_then(Option::as_deref)
+                .ok_or(TokenError::KeysUnavailable(index)),
+        }
     }
 
     /// Which issuer a token with this `iss` belongs to.
@@ -252,17 +261,11 @@ impl Verifier {
         let alg = Algorithm::from_name(untrusted.algorithm())
             .filter(|a| issuer.algorithms.contains(a))
             .ok_or(TokenError::AlgorithmNotAllowed)?;
-        let (set, kid): (&KeySet, Option<&str>) = match &issuer.source {
+        let set = Self::key_set(issuer, index, remote)?;
+        let kid = match &issuer.source {
             // HMAC tokens (the reference's) carry no `kid`; a secret is one key per algorithm.
-            Source::Secret(set) => (set, None),
-            Source::Local(set) => (set, header.key_id.as_deref()),
-            Source::Remote(_) => (
-                remote
-                    .get(index)
-                    .and_then(Option::as_deref)
-                    .ok_or(TokenError::KeysUnavailable(index))?,
-                header.key_id.as_deref(),
-            ),
+            Source::Secret(_) => None,
+            Source::Local(_) | Source::Remote(_) => header.key_id.as_deref(),
         };
         let candidates = match set.lookup(alg, kid) {
             Lookup::Found(keys) => keys,
@@ -293,10 +296,7 @@ impl Verifier {
         Ok(Verified {
             identity,
             not_before: claims.not_before.map(|t| t.timestamp()),
-            kid: match issuer.source {
-                Source::Remote(_) => key.kid.clone(),
-                _ => None,
-            },
+            key: key.fingerprint,
         })
     }
 

@@ -293,22 +293,38 @@ impl Gateway {
                     ..lease
                 };
                 let _ = shared(&self.local, host).set(&key, &done.encode(), None);
-                // Logged when the published kids change (a rotation), not on every refresh.
-                let kids = |s: &KeySet| s.keys.iter().map(|k| k.kid.clone()).collect::<Vec<_>>();
+                // Logged when the published keys change (a rotation, or new material under an
+                // old kid), not on every refresh.
+                let keys = |s: &KeySet| s.keys.iter().map(|k| k.fingerprint).collect::<Vec<_>>();
                 let changed = self
                     .key_sets
                     .get(issuer)
                     .and_then(Option::as_ref)
-                    .is_none_or(|old| kids(old) != kids(&set));
-                let level = if changed { LogLevel::Info } else { LogLevel::Debug };
+                    .is_none_or(|old| keys(old) != keys(&set));
+                let level = if set.crowded > 0 {
+                    LogLevel::Warn
+                } else if changed {
+                    LogLevel::Info
+                } else {
+                    LogLevel::Debug
+                };
                 host.log(
                     level,
                     &format!(
-                        "jwks for issuer {name}: {} keys ({} skipped)",
+                        "jwks for issuer {name}: {} keys ({} skipped, {} dropped as repeated or \
+                         beyond {} per kid)",
                         set.keys.len(),
-                        set.skipped
+                        set.skipped,
+                        set.crowded,
+                        crate::jwt::keys::MAX_KEYS_PER_KID
                     ),
                 );
+                if changed && set.crowded > 0 {
+                    let stat = crate::stat::name("gateway_jwks_keys_dropped_total", &[("issuer", &name)]);
+                    for _ in 0..set.crowded {
+                        self.inc_named(&stat, host);
+                    }
+                }
                 let seen = shared(&self.local, host)
                     .get(&remote::set_key(&name))
                     .map(|(_, cas)| cas);

@@ -38,9 +38,12 @@ impl Gateway {
             r.limits.is_some() || r.canary.as_ref().is_some_and(|c| c.sticky == Sticky::ClientIp)
         }) || config.logs.enabled
             || config.logs.store.is_some();
-        if !needs {
-            return;
+        if needs {
+            Self::read_client_ip(req, config, host);
         }
+    }
+
+    fn read_client_ip(req: &mut Request, config: &Config, host: &mut dyn Host) {
         let hops = config.rate_limits.trusted_hops;
         let xff = if hops > 0 {
             headers::get_str(&req.headers, "x-forwarded-for")
@@ -49,6 +52,37 @@ impl Gateway {
         };
         let peer = host.source_address();
         req.client_ip = ratelimit::client_ip(peer.as_deref(), xff, hops);
+    }
+
+    /// Whether the caller's budget of failed signature checks lets its token be checked: asked
+    /// only for a token the verified-token cache does not hold (a hit costs no host call).
+    pub(super) fn may_verify(&self, req: &mut Request, host: &mut dyn Host) -> bool {
+        let Some(budget) = &self.config.rate_limits.bad_signatures else {
+            return true;
+        };
+        match policy::bearer_token(&req.headers) {
+            Ok(token) if !self.tokens.holds(token) => {}
+            _ => return true,
+        }
+        if req.client_ip.is_none() {
+            Self::read_client_ip(req, &self.config, host);
+        }
+        match req.client_ip.as_deref() {
+            Some(ip) => budget.allows(shared(&self.local, host), &self.slot_seed, ip, req.clock_ms),
+            None => true,
+        }
+    }
+
+    /// A token whose signature did not verify spends the caller's budget.
+    pub(super) fn charge_bad_signature(&mut self, req: &Request, reply: &Reply, host: &mut dyn Host) {
+        let bad = reply.outcome == Outcome::InvalidToken(crate::jwt::TokenError::BadSignature.code());
+        if let (true, Some(budget), Some(ip)) = (
+            bad,
+            &self.config.rate_limits.bad_signatures,
+            req.client_ip.as_deref(),
+        ) {
+            budget.charge(shared(&self.local, host), &self.slot_seed, ip, req.clock_ms);
+        }
     }
 
     /// Takes a token from one bucket; `Err` is the 429 to send.

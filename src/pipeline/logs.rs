@@ -3,19 +3,89 @@
 
 use super::*;
 
+/// What a stored record is worth to the audit trail, lowest first: when the buffer is full, a
+/// record pushes out the oldest record of the lowest class below its own, so no flood of a
+/// lower class (anonymous noise, one user's ordinary traffic) can evict a higher one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RecordClass {
+    /// Forwarded requests of callers without a token (public routes).
+    Anonymous = 0,
+    /// Authenticated callers' requests on routes that require no role.
+    Ordinary = 1,
+    /// One caller's repeated refusals (429s) in a window, counted in one record.
+    Summary = 2,
+    /// Requests on routes that require a role, and calls of the gateway's own endpoints
+    /// (logout, refresh, bans and their lifting, log queries).
+    Privileged = 3,
+}
+
+/// How many classes there are (the drop counters' order).
+pub const RECORD_CLASSES: usize = 4;
+
+/// A caller's repeated refusals are summarised per window of this length.
+pub const SUMMARY_WINDOW_MS: u64 = 10_000;
+/// Callers summarised at once per VM; refusals of further callers in the window are dropped
+/// (counted as dropped summaries).
+pub const MAX_SUMMARIES: usize = 256;
+
 /// A record waiting for the store.
 #[derive(Debug, Clone)]
 pub struct StoredRecord {
     pub(super) trace_id: String,
     pub(super) user_id: Option<String>,
     pub(super) json: String,
+    pub(super) class: RecordClass,
 }
 
 impl StoredRecord {
-    /// A record of a caller who was not authenticated (the first to go when space runs out).
-    pub fn is_anonymous(&self) -> bool {
-        self.user_id.is_none()
+    pub fn class(&self) -> RecordClass {
+        self.class
     }
+}
+
+/// One caller's refusals of one kind in the current window: the first was stored as it came,
+/// the others are counted here and written as one record when the window ends.
+#[derive(Debug)]
+pub(super) struct Summary {
+    record: Record,
+    class: RecordClass,
+    user_id: Option<String>,
+    repeated: u64,
+}
+
+/// The summaries of the current window.
+#[derive(Debug, Default)]
+pub(super) struct Summaries {
+    started_ms: u64,
+    by_caller: HashMap<(String, &'static str), Summary>,
+}
+
+/// Drops records from `queue` until it holds at most `cap`: the lowest class first, the oldest
+/// first within a class. Returns the drops by class.
+pub fn bound_records(queue: &mut Vec<StoredRecord>, cap: usize) -> [u64; RECORD_CLASSES] {
+    let mut dropped = [0u64; RECORD_CLASSES];
+    let mut excess = queue.len().saturating_sub(cap);
+    for class in [
+        RecordClass::Anonymous,
+        RecordClass::Ordinary,
+        RecordClass::Summary,
+        RecordClass::Privileged,
+    ] {
+        if excess == 0 {
+            break;
+        }
+        queue.retain(|r| {
+            let drop = excess > 0 && r.class == class;
+            if drop {
+                excess -= 1;
+                if let Some(d) = dropped.get_mut(class as usize) {
+                    *d += 1;
+                }
+            }
+            !drop
+        });
+    }
+    dropped
 }
 
 /// The request's log record.
@@ -43,6 +113,7 @@ pub(super) fn new_record(req: &Request, route: Option<&str>) -> Record {
         status: 0,
         duration_ms: 0.0,
         decision: String::new(),
+        repeated: None,
     }
 }
 
@@ -110,12 +181,74 @@ impl Gateway {
                 self.inc_named("gateway_log_records_skipped_total", host);
                 return;
             }
+            let capacity = store.buffer as usize;
+            let now_ms = req.clock_ms.max(req.started_ms);
+            self.emit_summaries(now_ms, capacity, false);
+            let user_id = record.user_id.clone().filter(|_| req.cleared);
+            let class = if req.privileged {
+                RecordClass::Privileged
+            } else if user_id.is_some() {
+                RecordClass::Ordinary
+            } else {
+                RecordClass::Anonymous
+            };
+            // A caller's 429s: the first of a window is stored, the rest counted in one record.
+            if matches!(outcome, Outcome::RateLimited(_)) {
+                let caller = user_id
+                    .clone()
+                    .or_else(|| record.client_ip.clone())
+                    .unwrap_or_default();
+                let key = (caller, decision);
+                if let Some(s) = self.summaries.by_caller.get_mut(&key) {
+                    s.repeated += 1;
+                    let id = self.metrics.log_summarized;
+                    self.inc(id);
+                    return;
+                }
+                if self.summaries.by_caller.len() >= MAX_SUMMARIES {
+                    self.count_dropped(RecordClass::Summary);
+                    return;
+                }
+                if self.summaries.by_caller.is_empty() {
+                    self.summaries.started_ms = now_ms;
+                }
+                let summary = Summary {
+                    record: record.clone(),
+                    class: class.max(RecordClass::Summary),
+                    user_id: user_id.clone(),
+                    repeated: 0,
+                };
+                self.summaries.by_caller.insert(key, summary);
+            }
             let stored = StoredRecord {
                 trace_id: record.trace_id,
-                user_id: record.user_id.filter(|_| req.cleared),
+                user_id,
                 json,
+                class,
             };
-            self.buffer_record(stored, store.buffer as usize);
+            self.buffer_record(stored, capacity);
+        }
+    }
+
+    /// Writes the window's summaries (each caller's refusals beyond the first, counted) into the
+    /// buffer once the window is over, or now (`all`).
+    pub(super) fn emit_summaries(&mut self, now_ms: u64, capacity: usize, all: bool) {
+        if self.summaries.by_caller.is_empty()
+            || (!all && now_ms < self.summaries.started_ms.saturating_add(SUMMARY_WINDOW_MS))
+        {
+            return;
+        }
+        let done = std::mem::take(&mut self.summaries.by_caller);
+        for (_, s) in done.into_iter().filter(|(_, s)| s.repeated > 0) {
+            let mut record = s.record;
+            record.repeated = Some(s.repeated);
+            let stored = StoredRecord {
+                json: record.to_json(),
+                trace_id: record.trace_id,
+                user_id: s.user_id,
+                class: s.class,
+            };
+            self.buffer_record(stored, capacity);
         }
     }
 
@@ -126,16 +259,25 @@ impl Gateway {
         self.log_buffer.drain(..).collect()
     }
 
-    /// Counts records dropped on their way to the gateway that writes them (by class).
-    pub fn count_dropped_records(&mut self, anonymous: u64, authenticated: u64) {
-        for (class, n) in [(0usize, anonymous), (1, authenticated)] {
-            for _ in 0..n {
-                let total = self.metrics.log_dropped;
-                self.inc(total);
-                if let Some(id) = self.metrics.log_dropped_class.get(class).copied() {
-                    self.inc(id);
-                }
+    /// Counts records dropped on their way to the gateway that writes them (by class, in
+    /// [`RecordClass`] order).
+    pub fn count_dropped_records(&mut self, dropped: &[u64; RECORD_CLASSES]) {
+        for (class, n) in dropped.iter().enumerate() {
+            for _ in 0..*n {
+                self.count_dropped_index(class);
             }
+        }
+    }
+
+    fn count_dropped(&mut self, class: RecordClass) {
+        self.count_dropped_index(class as usize);
+    }
+
+    fn count_dropped_index(&mut self, class: usize) {
+        let total = self.metrics.log_dropped;
+        self.inc(total);
+        if let Some(id) = self.metrics.log_dropped_class.get(class).copied() {
+            self.inc(id);
         }
     }
 
@@ -149,37 +291,42 @@ impl Gateway {
         }
     }
 
-    /// Queues a record for the store. Anonymous records may fill half the buffer; a record of an
-    /// authenticated caller may use all of it, pushing out the oldest anonymous one, so a flood
-    /// of anonymous noise cannot keep the requests of users and admins out of the audit log.
-    /// Drops are counted by class.
+    /// Queues a record for the store. Anonymous records may fill half the buffer; any other
+    /// record may use all of it: when it is full, a record pushes out the oldest record of the
+    /// lowest class below its own ([`RecordClass`]), or is dropped itself. So privileged records
+    /// are lost only to other privileged records (more of them between two flushes than the
+    /// buffer holds). Drops are counted by class.
     pub(super) fn buffer_record(&mut self, record: StoredRecord, capacity: usize) {
-        let anonymous_cap = capacity / 2;
-        let dropped = if record.user_id.is_none() {
-            if self.anonymous_buffered >= anonymous_cap || self.log_buffer.len() >= capacity {
-                Some(0)
+        if record.class == RecordClass::Anonymous {
+            if self.anonymous_buffered >= capacity / 2 || self.log_buffer.len() >= capacity {
+                self.count_dropped(RecordClass::Anonymous);
             } else {
                 self.anonymous_buffered += 1;
                 self.log_buffer.push_back(record);
-                None
             }
-        } else if self.log_buffer.len() < capacity {
+            return;
+        }
+        if self.log_buffer.len() < capacity {
             self.log_buffer.push_back(record);
-            None
-        } else if let Some(i) = self.log_buffer.iter().position(|r| r.user_id.is_none()) {
-            self.log_buffer.remove(i);
-            self.anonymous_buffered = self.anonymous_buffered.saturating_sub(1);
-            self.log_buffer.push_back(record);
-            Some(0)
-        } else {
-            Some(1)
-        };
-        if let Some(class) = dropped {
-            let total = self.metrics.log_dropped;
-            self.inc(total);
-            if let Some(id) = self.metrics.log_dropped_class.get(class).copied() {
-                self.inc(id);
+            return;
+        }
+        let lowest = self
+            .log_buffer
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.class < record.class)
+            .min_by_key(|(i, r)| (r.class, *i))
+            .map(|(i, r)| (i, r.class));
+        match lowest {
+            Some((i, class)) => {
+                self.log_buffer.remove(i);
+                if class == RecordClass::Anonymous {
+                    self.anonymous_buffered = self.anonymous_buffered.saturating_sub(1);
+                }
+                self.count_dropped(class);
+                self.log_buffer.push_back(record);
             }
+            None => self.count_dropped(record.class),
         }
     }
 
@@ -187,12 +334,14 @@ impl Gateway {
     /// prepended to its user's list (trimmed to the configured count); keys expire with the
     /// retention.
     pub(super) fn flush_logs(&mut self, store: &LogStore, host: &mut dyn Host) {
+        let now_ms = host.now_ms();
+        self.emit_summaries(now_ms, store.buffer as usize, false);
         if self.log_calls > MAX_LOG_CALLS_IN_FLIGHT {
             return; // webdis is slow: keep the records buffered
         }
         let n = self.log_buffer.len().min(FLUSH_BATCH);
         let batch: Vec<StoredRecord> = self.log_buffer.drain(..n).collect();
-        let anonymous = batch.iter().filter(|r| r.user_id.is_none()).count();
+        let anonymous = batch.iter().filter(|r| r.class == RecordClass::Anonymous).count();
         self.anonymous_buffered = self.anonymous_buffered.saturating_sub(anonymous);
         // Each user's list is trimmed after the last of its records in this batch.
         let last_of_user = |i: usize, user: &str| {

@@ -22,8 +22,10 @@ pub(super) struct Metrics {
     pub(super) duration: u32,
     pub(super) log_stored: u32,
     pub(super) log_dropped: u32,
-    /// Dropped records by class: anonymous, authenticated.
-    pub(super) log_dropped_class: [u32; 2],
+    /// Dropped records by class ([`RecordClass`] order).
+    pub(super) log_dropped_class: [u32; logs::RECORD_CLASSES],
+    /// Refusals counted in a summary instead of stored one by one.
+    pub(super) log_summarized: u32,
     pub(super) log_errors: u32,
 }
 
@@ -77,7 +79,10 @@ impl Metrics {
             log_dropped_class: [
                 def(c, "gateway_log_records_dropped_anonymous_total")?,
                 def(c, "gateway_log_records_dropped_authenticated_total")?,
+                def(c, "gateway_log_records_dropped_summary_total")?,
+                def(c, "gateway_log_records_dropped_privileged_total")?,
             ],
+            log_summarized: def(c, "gateway_log_records_summarized_total")?,
             log_errors: def(c, "gateway_log_store_errors_total")?,
             canary,
         })

@@ -714,7 +714,9 @@ const PINNED_PATHS: [Pinned; 7] = [
         "/api/v1/plain/1",
         Some("other"),
         Some(CLEAN),
-        21,
+        // + the client address and its budget of failed signature checks (a token not in the
+        // verified-token cache: its signature is checked).
+        23,
     ),
     (
         "authenticated, revocation cache hit",
@@ -1491,4 +1493,176 @@ fn stale_mode_needs_the_cache() {
     v["revocation"] = serde_json::json!({"failure_mode": "stale", "cache_ttl": 0});
     let err = Config::from_json(v.to_string().as_bytes()).unwrap_err();
     assert_eq!(err.field, "revocation.failure_mode");
+}
+
+fn admin_token(sub: &str) -> String {
+    let payload = serde_json::json!({"sub": sub, "name": "n", "role": "admin", "iat": NOW_S, "exp": NOW_S + 1800, "jti": "adm"});
+    forge(r#"{"alg":"HS256","typ":"JWT"}"#, &payload.to_string(), SECRET)
+}
+
+/// Fourth attack: one user's flood of 429s, each stored as an authenticated record, pushed the
+/// records of admins working at the same time out of the buffer. A caller's refusals are now
+/// one record per window with a count, and privileged records are never evicted by lower ones.
+#[test]
+fn one_users_flood_of_429s_keeps_every_admin_record() {
+    let mut v = base();
+    v["logs"] = serde_json::json!({"enabled": false, "store": {"buffer": 30}});
+    v["routes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "admin", "prefix": "/admin", "roles": ["admin"]}));
+    let mut t = T::new(v);
+    let run = |t: &mut T, ctx: u32, path: &str, token: &str| {
+        t.send(ctx, "GET", path, Some(token));
+        if t.req(ctx).reply.is_none() && t.req(ctx).resumed == 0 && t.req(ctx).paused {
+            t.answer_last(Some(200), CLEAN);
+        }
+        let status = t.status(ctx);
+        t.finish(ctx);
+        status
+    };
+    let flood = token_for("user-001", "f");
+    let admin = admin_token("admin-1");
+    let mut ctx = 2;
+    let mut limited = 0;
+    for round in 0..20 {
+        for _ in 0..50 {
+            limited += u32::from(run(&mut t, ctx, "/api/v1/users/1", &flood) == 429);
+            ctx += 1;
+        }
+        assert_eq!(run(&mut t, ctx, &format!("/api/v1/admin/{round}"), &admin), 200);
+        ctx += 1;
+    }
+    assert!(limited >= 990, "{limited}");
+    let class = |t: &T, c: RecordClass| t.gw.log_buffer.iter().filter(|r| r.class == c).count();
+    assert_eq!(class(&t, RecordClass::Privileged), 20, "every admin record kept");
+    // The flood: its allowed request and its first 429 as they came; the rest counted.
+    assert_eq!(class(&t, RecordClass::Ordinary), 2);
+    assert_eq!(t.metric("gateway_log_records_dropped_total"), 0);
+    assert_eq!(
+        t.metric("gateway_log_records_summarized_total"),
+        i64::from(limited - 1)
+    );
+    // The window ends: one summary record carries the count.
+    t.host.now_ms += logs::SUMMARY_WINDOW_MS;
+    t.tick();
+    let summaries: Vec<serde_json::Value> =
+        t.gw.log_buffer
+            .iter()
+            .filter(|r| r.class == RecordClass::Summary)
+            .map(|r| serde_json::from_str(&r.json).unwrap())
+            .collect();
+    let written: Vec<serde_json::Value> = t
+        .host
+        .dispatched
+        .iter()
+        .filter_map(|d| d.body.as_deref())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .filter(|v| v.get("repeated").is_some())
+        .collect();
+    let all: Vec<&serde_json::Value> = summaries.iter().chain(written.iter()).collect();
+    assert_eq!(
+        all.len(),
+        2,
+        "one summary, written to its trace and its user: {all:?}"
+    );
+    assert_eq!(all[0]["repeated"], i64::from(limited - 1));
+    assert_eq!(all[0]["user_id"], "user-001");
+    assert_eq!(all[0]["decision"], "rate_limited_user");
+}
+
+/// When the buffer is full of privileged records, lower records are dropped, never them; a
+/// privileged record pushes out the oldest of the lowest class.
+#[test]
+fn the_buffer_evicts_the_lowest_class_first() {
+    let mut t = T::new({
+        let mut v = base();
+        v["logs"] = serde_json::json!({"enabled": false, "store": {"buffer": 4}});
+        v
+    });
+    let rec = |class, n: u32| StoredRecord {
+        trace_id: format!("t{n}"),
+        user_id: (class != RecordClass::Anonymous).then(|| "u".to_string()),
+        json: String::new(),
+        class,
+    };
+    for (n, c) in [
+        RecordClass::Anonymous,
+        RecordClass::Ordinary,
+        RecordClass::Summary,
+        RecordClass::Ordinary,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        t.gw.buffer_record(rec(c, n as u32), 4);
+    }
+    t.gw.buffer_record(rec(RecordClass::Privileged, 10), 4);
+    t.gw.buffer_record(rec(RecordClass::Privileged, 11), 4);
+    t.gw.buffer_record(rec(RecordClass::Ordinary, 12), 4);
+    let traces: Vec<&str> = t.gw.log_buffer.iter().map(|r| r.trace_id.as_str()).collect();
+    assert_eq!(traces, ["t2", "t3", "t10", "t11"]);
+    t.gw.buffer_record(rec(RecordClass::Privileged, 13), 4);
+    t.gw.buffer_record(rec(RecordClass::Privileged, 14), 4);
+    t.gw.buffer_record(rec(RecordClass::Privileged, 15), 4);
+    let traces: Vec<&str> = t.gw.log_buffer.iter().map(|r| r.trace_id.as_str()).collect();
+    assert_eq!(traces, ["t10", "t11", "t13", "t14"]);
+    assert_eq!(t.metric("gateway_log_records_dropped_privileged_total"), 1);
+    assert_eq!(t.metric("gateway_log_records_dropped_anonymous_total"), 1);
+    assert_eq!(t.metric("gateway_log_records_dropped_authenticated_total"), 3);
+    assert_eq!(t.metric("gateway_log_records_dropped_summary_total"), 1);
+    // The native glue's hand-over queue drops in the same order.
+    let mut q = vec![
+        rec(RecordClass::Privileged, 1),
+        rec(RecordClass::Ordinary, 2),
+        rec(RecordClass::Anonymous, 3),
+        rec(RecordClass::Summary, 4),
+    ];
+    assert_eq!(bound_records(&mut q, 2), [1, 1, 0, 0]);
+    assert_eq!(q.len(), 2);
+}
+
+/// Fourth attack: bad signatures from one address made the workers verify without bound. Each
+/// spends the address's budget; once it is spent no signature of that address is checked,
+/// while a token the cache holds still passes and other addresses are untouched.
+#[test]
+fn bad_signatures_spend_the_clients_budget() {
+    let mut v = base();
+    v["gateway"]["rate_limit"] = serde_json::json!({"bad_signatures": {"max_calls": 3, "period": 60}});
+    let mut t = T::new(v);
+    t.host.peer = Some("10.0.0.7:4321".to_string());
+    let good = token();
+    assert_eq!(t.get(2, "/api/v1/open/1", None), 200);
+    t.send(3, "GET", "/api/v1/plain/1", Some(&good));
+    t.answer_last(Some(200), CLEAN);
+    t.finish(3);
+    let forged = forge(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        r#"{"sub":"x","exp":9999999999}"#,
+        b"not-the-secret-at-all-not-the-secret",
+    );
+    let mut ctx = 10;
+    for _ in 0..3 {
+        assert_eq!(t.get(ctx, "/api/v1/plain/1", Some(&forged)), 401);
+        ctx += 1;
+    }
+    assert_eq!(t.get(ctx, "/api/v1/plain/1", Some(&forged)), 429);
+    assert_eq!(t.reason(ctx), "rate_limited_ip");
+    ctx += 1;
+    // A fresh valid token of this address is not checked either; the cached one passes.
+    assert_eq!(
+        t.get(ctx, "/api/v1/plain/1", Some(&token_for("user-002", "z"))),
+        429
+    );
+    ctx += 1;
+    t.send(ctx, "GET", "/api/v1/plain/1", Some(&good));
+    if t.req(ctx).paused {
+        t.answer_last(Some(200), CLEAN);
+    }
+    assert_eq!(t.status(ctx), 200);
+    t.finish(ctx);
+    ctx += 1;
+    // Another address has its own budget.
+    t.host.peer = Some("10.9.9.9:5555".to_string());
+    assert_eq!(t.get(ctx, "/api/v1/plain/1", Some(&forged)), 401);
 }

@@ -22,6 +22,7 @@ use crate::outcome::Outcome;
 use crate::reply::Reply;
 
 mod bucket;
+mod budget;
 mod client;
 pub mod cluster;
 pub mod lease;
@@ -30,6 +31,7 @@ mod slots;
 mod store;
 
 pub use bucket::*;
+pub use budget::*;
 pub use client::*;
 pub use settings::*;
 pub use slots::*;

@@ -73,6 +73,10 @@ pub struct RateLimitSettings {
     /// Timeout of one sync call, seconds.
     #[serde(default = "default_sync_timeout")]
     pub sync_timeout: f64,
+    /// Failed signature checks allowed per client address (then its tokens are not checked
+    /// until the bucket refills; `null` turns the budget off).
+    #[serde(default = "default_bad_signatures")]
+    pub bad_signatures: Option<LimitSettings>,
 }
 
 impl Default for RateLimitSettings {
@@ -85,8 +89,16 @@ impl Default for RateLimitSettings {
             ip_slots: default_slots(),
             sync_interval: default_sync_interval(),
             sync_timeout: default_sync_timeout(),
+            bad_signatures: default_bad_signatures(),
         }
     }
+}
+
+fn default_bad_signatures() -> Option<LimitSettings> {
+    Some(LimitSettings {
+        max_calls: 100,
+        period: 10,
+    })
 }
 
 fn default_per_ip() -> LimitSettings {
@@ -115,6 +127,8 @@ pub struct RateLimits {
     pub ip_slots: u32,
     /// Set when a route is cluster-wide.
     pub sync: Option<SyncTarget>,
+    /// The per-client budget of failed signature checks.
+    pub bad_signatures: Option<VerifyBudget>,
 }
 
 /// Where and how often cluster-wide routes are synchronised.
@@ -153,7 +167,15 @@ impl RateLimitSettings {
                 timeout_ms,
             }),
         };
+        let bad_signatures = match &self.bad_signatures {
+            Some(l) => Some(VerifyBudget {
+                limit: l.compile().map_err(|e| e.under("bad_signatures"))?,
+                slots: self.ip_slots,
+            }),
+            None => None,
+        };
         Ok(RateLimits {
+            bad_signatures,
             per_ip,
             per_user,
             trusted_hops: self.trusted_hops,
