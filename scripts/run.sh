@@ -96,8 +96,9 @@ Gateway is up.
   Envoy admin         unix socket build/envoy-admin.sock (mode 0600), e.g.
                       curl --unix-socket build/envoy-admin.sock http://admin/stats
   metrics             http://127.0.0.1:9901/stats/prometheus (and /ready; nothing else)
-  Redis               127.0.0.1:${REDIS_PORT} (password: REDIS_PASSWORD)
-  webdis              http://127.0.0.1:${WEBDIS_PORT} (HTTP basic: WEBDIS_AUTH=${WEBDIS_AUTH})
+  Redis               127.0.0.1:${REDIS_PORT} (password: the redis_auth of build/webdis.json; not printed)
+  webdis              http://127.0.0.1:${WEBDIS_PORT} (HTTP basic: the user:password in WEBDIS_AUTH,
+                      also the http_basic_auth of build/webdis.json, mode 0600; not printed)
   log store           webdis http://127.0.0.1:${LOG_WEBDIS_PORT}, Redis 127.0.0.1:${LOG_REDIS_PORT} (same credentials)
   user-service 8001   order-service 8002   product-service 8003   payment-service 8004
   auth-service 8005   search-service 8006  comment-service 8007   admin-service 8008

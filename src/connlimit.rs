@@ -23,7 +23,7 @@ use crate::host::{SetError, SharedStore};
 use crate::ratelimit::SlotSeed;
 
 /// The network filter's configuration: `{"connections": {...}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionSettings {
     /// Connections one address may hold open at once.
@@ -34,6 +34,17 @@ pub struct ConnectionSettings {
     /// Seconds after which Envoy closes any connection (its `max_connection_duration`, plus
     /// the time a draining connection may take).
     pub max_age: u64,
+    /// Seconds a new connection may stay silent: one that has sent no byte by then is closed
+    /// (counted in [`SILENT_METRIC`]). Absent: no such bound (Envoy's idle timeout applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_timeout: Option<f64>,
+    /// The connections this listener takes in all (Envoy's limit for it). With `reserve`,
+    /// once `budget - reserve` are open only clients holding none get in: clients that already
+    /// hold connections cannot take the last `reserve` ones, whatever their number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<u32>,
+    #[serde(default)]
+    pub reserve: u32,
 }
 
 fn default_slots() -> u32 {
@@ -53,6 +64,9 @@ pub struct ConnectionLimit {
     pub max_per_client: u32,
     pub slots: u32,
     pub max_age_ms: u64,
+    pub first_byte_ms: Option<u64>,
+    /// Connections open in all above which only clients holding none are admitted.
+    pub shared_above: Option<u32>,
 }
 
 impl ConnectionLimit {
@@ -74,10 +88,30 @@ impl ConnectionSettings {
         check_range("max_per_client", self.max_per_client, 1, 1_000_000)?;
         check_range("slots", self.slots, 1, 1_000_000)?;
         check_range("max_age", self.max_age, 1, 30 * 86_400)?;
+        let first_byte_ms = match self.first_byte_timeout {
+            Some(s) => Some(crate::error::seconds_to_ms("first_byte_timeout", s, 0.1, 3600.0)?),
+            None => None,
+        };
+        let shared_above = match self.budget {
+            Some(budget) => {
+                check_range("budget", budget, 1, 10_000_000)?;
+                check_range("reserve", self.reserve, 0, budget.saturating_sub(1))?;
+                Some(budget - self.reserve)
+            }
+            None if self.reserve > 0 => {
+                return Err(ConfigError::new(
+                    "reserve",
+                    "needs budget (the listener's connection limit)",
+                ))
+            }
+            None => None,
+        };
         Ok(ConnectionLimit {
             max_per_client: self.max_per_client,
             slots: self.slots,
             max_age_ms: self.max_age * 1000,
+            first_byte_ms,
+            shared_above,
         })
     }
 }
@@ -86,6 +120,9 @@ impl ConnectionSettings {
 pub fn slot_key(index: u64) -> String {
     format!("gw:cx:{index}")
 }
+
+/// Key of the count of every connection the cap counted (for the reserve).
+pub const TOTAL_KEY: &str = "gw:cx:total";
 
 /// A slot as stored: open connections (u32) and when it last admitted one (ms, u64).
 const SLOT_LEN: usize = 12;
@@ -130,21 +167,59 @@ impl ConnectionLimit {
     /// Counts a new connection from `address` (the peer's IP, no port).
     pub fn admit(&self, store: &dyn SharedStore, seed: &SlotSeed, address: &str, now_ms: u64) -> Admission {
         let key = self.key(seed, address);
+        // Past `shared_above`, the rest is reserved for clients holding no connection.
+        let crowded = self
+            .shared_above
+            .is_some_and(|above| self.open_count(store, TOTAL_KEY, now_ms) >= above);
         for _ in 0..CAS_ATTEMPTS {
             let (bytes, cas) = store.get(&key).map_or((Vec::new(), None), |(v, c)| (v, Some(c)));
             let (count, at) = decode(&bytes);
             let stale = now_ms.saturating_sub(at) > self.max_age_ms;
             let count = if stale { 0 } else { count };
-            if count >= self.max_per_client {
+            if count >= self.max_per_client || (crowded && count > 0) {
                 return Admission::Refused;
             }
             match store.set(&key, &encode(count + 1, now_ms.max(at)), cas) {
-                Ok(()) => return Admission::Admitted(key),
+                Ok(()) => {
+                    if self.shared_above.is_some() {
+                        self.add_total(store, now_ms);
+                    }
+                    return Admission::Admitted(key);
+                }
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Failed) => return Admission::Uncounted,
             }
         }
         Admission::Uncounted
+    }
+
+    /// The connections counted under `key`, as of `now_ms` (none once it admitted nothing for
+    /// `max_age`).
+    fn open_count(&self, store: &dyn SharedStore, key: &str, now_ms: u64) -> u32 {
+        let (count, at) = store.get(key).map_or((0, 0), |(v, _)| decode(&v));
+        if now_ms.saturating_sub(at) > self.max_age_ms {
+            0
+        } else {
+            count
+        }
+    }
+
+    fn add_total(&self, store: &dyn SharedStore, now_ms: u64) {
+        for _ in 0..CAS_ATTEMPTS {
+            let (bytes, cas) = store
+                .get(TOTAL_KEY)
+                .map_or((Vec::new(), None), |(v, c)| (v, Some(c)));
+            let (count, at) = decode(&bytes);
+            let count = if now_ms.saturating_sub(at) > self.max_age_ms {
+                0
+            } else {
+                count
+            };
+            match store.set(TOTAL_KEY, &encode(count.saturating_add(1), now_ms.max(at)), cas) {
+                Err(SetError::CasMismatch) => continue,
+                _ => return,
+            }
+        }
     }
 
     /// Releases a connection counted under `key`.
@@ -204,6 +279,58 @@ impl Connections {
     /// The connection counted under `key` closed.
     pub fn close(&self, store: &dyn SharedStore, key: &str) {
         ConnectionLimit::release(store, key);
+        if self.limit.shared_above.is_some() {
+            ConnectionLimit::release(store, TOTAL_KEY);
+        }
+    }
+
+    /// How long a new connection may stay silent.
+    pub fn first_byte_ms(&self) -> Option<u64> {
+        self.limit.first_byte_ms
+    }
+}
+
+/// Counter of connections closed because they sent no byte in time.
+pub const SILENT_METRIC: &str = "gateway_connections_silent_closed_total";
+
+/// Connections that have not sent a byte yet, with the time each must have by (one table per
+/// VM or process, keyed by the glue's connection id). Its timer closes the ones [`Silent::due`]
+/// returns; a connection leaves the table at its first byte or its close.
+#[derive(Debug, Default)]
+pub struct Silent {
+    deadlines: std::collections::HashMap<u64, u64>,
+}
+
+impl Silent {
+    pub fn opened(&mut self, id: u64, deadline_ms: u64) {
+        self.deadlines.insert(id, deadline_ms);
+    }
+
+    /// The connection sent data, or closed.
+    pub fn forget(&mut self, id: u64) {
+        self.deadlines.remove(&id);
+    }
+
+    /// The connections whose time is up, taken out of the table.
+    pub fn due(&mut self, now_ms: u64) -> Vec<u64> {
+        let due: Vec<u64> = self
+            .deadlines
+            .iter()
+            .filter(|(_, d)| **d <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &due {
+            self.deadlines.remove(id);
+        }
+        due
+    }
+
+    pub fn len(&self) -> usize {
+        self.deadlines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deadlines.is_empty()
     }
 }
 
@@ -224,9 +351,69 @@ mod tests {
             max_per_client: max,
             slots: 64,
             max_age: 60,
+            first_byte_timeout: None,
+            budget: None,
+            reserve: 0,
         }
         .compile()
         .unwrap()
+    }
+
+    /// Fourth attack: 11 addresses each holding their cap filled the listener. Past
+    /// `budget - reserve`, only addresses holding no connection get in.
+    #[test]
+    fn clients_that_hold_connections_cannot_take_the_reserve() {
+        let store = LocalStore::default();
+        let seed = SlotSeed::default();
+        let settings = ConnectionSettings {
+            max_per_client: 10,
+            slots: 1 << 16,
+            max_age: 60,
+            first_byte_timeout: Some(5.0),
+            budget: Some(40),
+            reserve: 10,
+        };
+        let cx = Connections {
+            limit: settings.compile().unwrap(),
+            seed,
+        };
+        let mut held = Vec::new();
+        for client in 0..11 {
+            for _ in 0..10 {
+                if let Ok(Some(k)) = cx.open(&store, Some(&format!("10.0.1.{client}:1")), 1_000) {
+                    held.push(k);
+                }
+            }
+        }
+        // 30 taken by the first three clients' caps; then each other client gets its first.
+        assert_eq!(held.len(), 30 + 8, "{}", held.len());
+        // A newcomer still gets in (reserve), a holder does not.
+        assert!(matches!(cx.open(&store, Some("10.0.2.1:1"), 1_000), Ok(Some(_))));
+        assert_eq!(cx.open(&store, Some("10.0.1.0:1"), 1_000), Err(Refused));
+        // Closing brings the count down.
+        for k in held.drain(..) {
+            cx.close(&store, &k);
+        }
+        assert!(matches!(cx.open(&store, Some("10.0.1.0:1"), 1_001), Ok(Some(_))));
+        // The reserve needs a budget.
+        let bad = ConnectionSettings {
+            budget: None,
+            ..settings
+        };
+        assert!(bad.compile().unwrap_err().to_string().contains("reserve"));
+    }
+
+    #[test]
+    fn silent_connections_are_due_at_their_deadline_and_speaking_ones_never() {
+        let mut s = Silent::default();
+        s.opened(1, 5_000);
+        s.opened(2, 5_000);
+        s.opened(3, 6_000);
+        s.forget(2);
+        assert!(s.due(4_999).is_empty());
+        assert_eq!(s.due(5_000), vec![1]);
+        assert_eq!(s.due(10_000), vec![3]);
+        assert!(s.is_empty());
     }
 
     #[test]
@@ -302,7 +489,9 @@ mod tests {
             Some(Ok(ConnectionLimit {
                 max_per_client: 5,
                 slots: 8192,
-                max_age_ms: 10_000
+                max_age_ms: 10_000,
+                first_byte_ms: None,
+                shared_above: None,
             }))
         );
         let bad = ConnectionLimit::from_json(br#"{"connections": {"max_per_client": 0, "max_age": 10}}"#);

@@ -57,7 +57,7 @@ pub const COUNTER_FLUSH_MS: u64 = 1000;
 const FLUSH_BATCH: usize = 200;
 const MAX_LOG_CALLS_IN_FLIGHT: usize = 1000;
 /// The largest webdis reply read (a log query of 100 clipped records is under 0.5 MB).
-const MAX_STORE_REPLY_BYTES: usize = 4 << 20;
+pub const MAX_STORE_REPLY_BYTES: usize = 4 << 20;
 
 /// What the host should do with the request after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -208,12 +208,19 @@ extern "C" {
     fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
 }
 
-/// A scheduler Envoy allocated for the module (a stream's or the configuration's): posts an
-/// event to the thread that owns its target. Committing is thread-safe and a no-op once the
-/// target is gone; the module deletes it, once.
+/// A scheduler Envoy allocated for the module (a stream's, the configuration's, or a
+/// connection's): posts an event to the thread that owns its target. Committing is thread-safe
+/// and a no-op once the target is gone; the module deletes it, once.
 pub struct Scheduler {
     ptr: *mut c_void,
-    config: bool,
+    kind: SchedulerKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SchedulerKind {
+    Config,
+    Stream,
+    Connection,
 }
 
 // SAFETY: Envoy documents `*_scheduler_commit` as callable from any thread, and delete only
@@ -228,23 +235,47 @@ impl Scheduler {
     pub fn for_config(config: EnvoyConfig) -> Option<Scheduler> {
         // SAFETY: the configuration pointer passed to config_new, during that hook.
         let ptr = unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(config.0) };
-        (!ptr.is_null()).then_some(Scheduler { ptr, config: true })
+        (!ptr.is_null()).then_some(Scheduler {
+            ptr,
+            kind: SchedulerKind::Config,
+        })
     }
 
     /// A scheduler for a stream: events reach `on_http_filter_scheduled` on its worker.
     pub fn for_stream(filter: EnvoyFilter) -> Option<Scheduler> {
         // SAFETY: a live stream pointer, on its worker.
         let ptr = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(filter.0) };
-        (!ptr.is_null()).then_some(Scheduler { ptr, config: false })
+        (!ptr.is_null()).then_some(Scheduler {
+            ptr,
+            kind: SchedulerKind::Stream,
+        })
+    }
+
+    /// A scheduler for a connection: events reach `on_network_filter_scheduled` on its worker
+    /// (Envoy holds the filter weakly: an event after the connection is gone is dropped,
+    /// `DynamicModuleNetworkFilterScheduler::commit`).
+    pub fn for_connection(connection: EnvoyConnection) -> Option<Scheduler> {
+        // SAFETY: a live connection pointer inside one of its hooks.
+        let ptr = unsafe { envoy_dynamic_module_callback_network_filter_scheduler_new(connection.0) };
+        (!ptr.is_null()).then_some(Scheduler {
+            ptr,
+            kind: SchedulerKind::Connection,
+        })
     }
 
     pub fn commit(&self, event: u64) {
         // SAFETY: a scheduler Envoy allocated and the module has not deleted (Drop).
         unsafe {
-            if self.config {
-                envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.ptr, event);
-            } else {
-                envoy_dynamic_module_callback_http_filter_scheduler_commit(self.ptr, event);
+            match self.kind {
+                SchedulerKind::Config => {
+                    envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.ptr, event)
+                }
+                SchedulerKind::Stream => {
+                    envoy_dynamic_module_callback_http_filter_scheduler_commit(self.ptr, event)
+                }
+                SchedulerKind::Connection => {
+                    envoy_dynamic_module_callback_network_filter_scheduler_commit(self.ptr, event)
+                }
             }
         }
     }
@@ -254,10 +285,14 @@ impl Drop for Scheduler {
     fn drop(&mut self) {
         // SAFETY: deleted once, here.
         unsafe {
-            if self.config {
-                envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.ptr);
-            } else {
-                envoy_dynamic_module_callback_http_filter_scheduler_delete(self.ptr);
+            match self.kind {
+                SchedulerKind::Config => {
+                    envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.ptr)
+                }
+                SchedulerKind::Stream => envoy_dynamic_module_callback_http_filter_scheduler_delete(self.ptr),
+                SchedulerKind::Connection => {
+                    envoy_dynamic_module_callback_network_filter_scheduler_delete(self.ptr)
+                }
             }
         }
     }
@@ -633,6 +668,9 @@ extern "C" {
         port_out: *mut u32,
     ) -> bool;
     fn envoy_dynamic_module_callback_network_filter_close(filter: *mut c_void, close_type: u32);
+    fn envoy_dynamic_module_callback_network_filter_scheduler_new(filter: *mut c_void) -> *mut c_void;
+    fn envoy_dynamic_module_callback_network_filter_scheduler_commit(scheduler: *mut c_void, event_id: u64);
+    fn envoy_dynamic_module_callback_network_filter_scheduler_delete(scheduler: *mut c_void);
     fn envoy_dynamic_module_callback_network_filter_config_define_counter(
         config: *mut c_void,
         name: ModuleBuffer,

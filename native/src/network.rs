@@ -3,24 +3,77 @@
 //! network filter runs; its slots live in the same process-wide shared memory as the HTTP
 //! filter's state, under the same keys and CAS rules.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex, Once};
 
-use gateway_filter::connlimit::{ConnectionLimit, Connections, REFUSED_METRIC};
+use gateway_filter::connlimit::{ConnectionLimit, Connections, Silent, REFUSED_METRIC, SILENT_METRIC};
 
-use crate::abi::{self, EnvoyBuffer, EnvoyConnection, EnvoyNetworkConfig};
+use crate::abi::{self, EnvoyBuffer, EnvoyConnection, EnvoyNetworkConfig, Scheduler};
 use crate::{guard, now_ms, SHARED};
 
-/// The network filter's configuration: the duty, and Envoy's counter of refused connections.
+/// The network filter's configuration: the duty, and Envoy's counters of refused connections
+/// and of connections closed for sending nothing in time.
 struct NetworkConfig {
     duty: Connections,
     envoy: EnvoyNetworkConfig,
     refused: Option<usize>,
+    silent_closed: Option<usize>,
+}
+
+/// The process's connections that have sent nothing yet, each with the scheduler that reaches
+/// its worker: a thread of the module (the first-byte watch) commits an event to those whose
+/// time is up, and the worker closes the connection if it is still silent.
+#[derive(Default)]
+struct Waiting {
+    silent: Silent,
+    schedulers: HashMap<u64, Scheduler>,
+}
+
+static WAITING: LazyLock<Mutex<Waiting>> = LazyLock::new(Mutex::default);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static WATCH: Once = Once::new();
+/// How often the watch looks for silent connections whose time is up.
+const WATCH_MS: u64 = 250;
+
+fn start_watch() {
+    WATCH.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("gateway-first-byte".into())
+            .spawn(|| loop {
+                std::thread::sleep(std::time::Duration::from_millis(WATCH_MS));
+                let due: Vec<Scheduler> = match WAITING.lock() {
+                    Ok(mut w) => {
+                        let ids = w.silent.due(now_ms());
+                        ids.iter().filter_map(|id| w.schedulers.remove(id)).collect()
+                    }
+                    Err(_) => Vec::new(),
+                };
+                for s in due {
+                    s.commit(0);
+                }
+            });
+        if let Err(e) = spawned {
+            abi::log(4, &format!("gateway filter: no first-byte watch: {e}"));
+        }
+    });
+}
+
+fn forget(id: u64) {
+    if let Ok(mut w) = WAITING.lock() {
+        w.silent.forget(id);
+        w.schedulers.remove(&id);
+    }
 }
 
 /// One downstream connection: the slot it is counted in, released once when it closes.
 struct Connection {
     config: *const NetworkConfig,
     counted: Option<String>,
+    /// Its key in [`WAITING`] while it has sent nothing.
+    id: u64,
+    silent: bool,
 }
 
 impl Connection {
@@ -31,10 +84,18 @@ impl Connection {
     }
 
     fn release(&mut self) {
+        self.spoke();
         if let Some(key) = self.counted.take() {
             if let Some(config) = self.config() {
                 config.duty.close(&*SHARED, &key);
             }
+        }
+    }
+
+    /// It sent data (or closed): no longer watched.
+    fn spoke(&mut self) {
+        if std::mem::take(&mut self.silent) {
+            forget(self.id);
         }
     }
 }
@@ -83,10 +144,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_config_new(
                 limit.max_per_client
             ),
         );
+        if limit.first_byte_ms.is_some() {
+            start_watch();
+        }
         let config = NetworkConfig {
             duty: Connections::new(limit, &*SHARED, fresh),
             envoy,
             refused: abi::define_network_counter(envoy, REFUSED_METRIC),
+            silent_closed: abi::define_network_counter(envoy, SILENT_METRIC),
         };
         Box::into_raw(Box::new(config)).cast_const().cast()
     })
@@ -116,6 +181,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_new(
         let connection = Connection {
             config: config.cast(),
             counted: None,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            silent: false,
         };
         Box::into_raw(Box::new(connection)).cast_const().cast()
     })
@@ -138,9 +205,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_new_connection(
         };
         let envoy = EnvoyConnection(envoy);
         let peer = abi::remote_address(envoy);
-        match config.duty.open(&*SHARED, peer.as_deref(), now_ms()) {
+        let now = now_ms();
+        match config.duty.open(&*SHARED, peer.as_deref(), now) {
             Ok(counted) => {
+                let first_byte_ms = config.duty.first_byte_ms();
                 conn.counted = counted;
+                if let (Some(ms), Some(scheduler)) = (first_byte_ms, Scheduler::for_connection(envoy)) {
+                    if let Ok(mut w) = WAITING.lock() {
+                        w.silent.opened(conn.id, now.saturating_add(ms));
+                        w.schedulers.insert(conn.id, scheduler);
+                        conn.silent = true;
+                    }
+                }
                 abi::CONTINUE
             }
             Err(_) => {
@@ -187,11 +263,54 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_destroy(module: 
 
 // The hooks this filter has no use for; Envoy needs every one of them to load the filter.
 
+/// # Safety
+/// Live pointers of this connection, on its worker.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_read(
+    _connection: *mut c_void,
+    module: *const c_void,
+    _length: usize,
+    _end_stream: bool,
+) -> u32 {
+    guard("network_read", abi::CONTINUE, || {
+        // SAFETY: this connection's live module pointer, on its worker.
+        if let Some(conn) = unsafe { connection(module) } {
+            conn.spoke();
+        }
+        abi::CONTINUE
+    })
+}
+
+/// The first-byte watch found this connection's time up: closed if it is still silent.
+///
+/// # Safety
+/// Live pointers of this connection, on its worker.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_scheduled(
+    envoy: *mut c_void,
+    module: *const c_void,
+    _event: u64,
+) {
+    guard("network_scheduled", (), || {
+        // SAFETY: this connection's live module pointer, on its worker.
+        let Some(conn) = (unsafe { connection(module) }) else {
+            return;
+        };
+        if !std::mem::take(&mut conn.silent) {
+            return;
+        }
+        if let Some(config) = conn.config() {
+            if let Some(id) = config.silent_closed {
+                abi::increment_network_counter(config.envoy, id, 1);
+            }
+        }
+        abi::close_connection(EnvoyConnection(envoy));
+    })
+}
+
 noop_hooks! {
-    envoy_dynamic_module_on_network_filter_read(*mut c_void, *const c_void, usize, bool) -> u32 = abi::CONTINUE;
     envoy_dynamic_module_on_network_filter_write(*mut c_void, *const c_void, usize, bool) -> u32 = abi::CONTINUE;
     envoy_dynamic_module_on_network_filter_http_callout_done(*mut c_void, *const c_void, u64, u32, *mut abi::EnvoyHeader, usize, *mut EnvoyBuffer, usize);
-    envoy_dynamic_module_on_network_filter_scheduled(*mut c_void, *const c_void, u64);
     envoy_dynamic_module_on_network_filter_config_scheduled(*const c_void, u64);
     envoy_dynamic_module_on_network_filter_above_write_buffer_high_watermark(*mut c_void, *const c_void);
     envoy_dynamic_module_on_network_filter_below_write_buffer_low_watermark(*mut c_void, *const c_void);

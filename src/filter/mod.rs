@@ -13,7 +13,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, Status};
 
 use crate::config::Config;
-use crate::connlimit::{ConnectionLimit, Connections, REFUSED_METRIC};
+use crate::connlimit::{ConnectionLimit, Connections, Silent, REFUSED_METRIC, SILENT_METRIC};
 use crate::headers::HeaderPair;
 use crate::host::{Callout, DispatchError, Host, LogLevel, MetricKind, SetError, SharedStore};
 use crate::outcome::Outcome;
@@ -325,9 +325,18 @@ impl RootContext for Root {
                 let mut fresh = [0u8; 16];
                 WasmHost.random_bytes(&mut fresh);
                 let refused = WasmHost.define_metric(MetricKind::Counter, REFUSED_METRIC);
+                let silent_closed = WasmHost.define_metric(MetricKind::Counter, SILENT_METRIC);
+                if let Some(ms) = limit.first_byte_ms {
+                    // This VM's connections that sent nothing are closed on its timer.
+                    if !raw::set_tick_period_ms((ms / 4).clamp(100, 1000)) {
+                        error!("gateway filter: no timer: first_byte_timeout cannot be enforced");
+                    }
+                }
                 self.connections = Some(Rc::new(ConnectionFilter {
                     duty: Connections::new(limit, &WasmHost, fresh),
                     refused,
+                    silent_closed,
+                    silent: RefCell::new(Silent::default()),
                 }));
                 return true;
             }
@@ -375,6 +384,21 @@ impl RootContext for Root {
             let id = self.id;
             with(gw, (), |g, h| g.on_tick(id, h));
         }
+        if let Some(c) = &self.connections {
+            let due = c.silent.borrow_mut().due(WasmHost.now_ms());
+            for id in due {
+                // The connection's own context: Envoy closes the connection that context
+                // filters (proxy_set_effective_context, then proxy_close_downstream).
+                let closed = u32::try_from(id)
+                    .ok()
+                    .is_some_and(|ctx| hostcalls::set_effective_context(ctx).is_ok())
+                    && hostcalls::close_downstream().is_ok();
+                if let (true, Some(metric)) = (closed, c.silent_closed) {
+                    WasmHost.increment_metric(metric, 1);
+                }
+            }
+            let _ = hostcalls::set_effective_context(self.id);
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -384,10 +408,12 @@ impl RootContext for Root {
         }))
     }
 
-    fn create_stream_context(&self, _: u32) -> Option<Box<dyn StreamContext>> {
+    fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
         Some(Box::new(Connection {
+            id: context_id,
             connections: self.connections.clone()?,
             counted: None,
+            silent: false,
         }))
     }
 
@@ -405,13 +431,28 @@ struct ConnectionFilter {
     duty: Connections,
     /// The counter of refused connections.
     refused: Option<u32>,
+    /// The counter of connections closed for sending nothing in time.
+    silent_closed: Option<u32>,
+    /// This VM's connections that have sent nothing yet.
+    silent: RefCell<Silent>,
 }
 
 /// A downstream connection, for the per-client cap.
 struct Connection {
+    id: u32,
     connections: Rc<ConnectionFilter>,
     /// The slot it is counted in, released when it closes.
     counted: Option<String>,
+    /// Whether it is in the table of connections that sent nothing yet.
+    silent: bool,
+}
+
+impl Connection {
+    fn spoke(&mut self) {
+        if std::mem::take(&mut self.silent) {
+            self.connections.silent.borrow_mut().forget(u64::from(self.id));
+        }
+    }
 }
 
 impl Context for Connection {}
@@ -423,6 +464,13 @@ impl StreamContext for Connection {
         match self.connections.duty.open(&WasmHost, peer.as_deref(), now) {
             Ok(counted) => {
                 self.counted = counted;
+                if let Some(ms) = self.connections.duty.first_byte_ms() {
+                    self.connections
+                        .silent
+                        .borrow_mut()
+                        .opened(u64::from(self.id), now.saturating_add(ms));
+                    self.silent = true;
+                }
                 Action::Continue
             }
             Err(_) => {
@@ -435,7 +483,13 @@ impl StreamContext for Connection {
         }
     }
 
+    fn on_downstream_data(&mut self, _: usize, _: bool) -> Action {
+        self.spoke();
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
+        self.spoke();
         if let Some(key) = self.counted.take() {
             self.connections.duty.close(&WasmHost, &key);
         }

@@ -58,6 +58,8 @@ pub const REDIS_CLUSTER: &str = "redis_cluster";
 pub const LISTENER_NAME: &str = "gateway";
 /// The cluster the metrics listener reaches the admin interface through.
 pub const ADMIN_CLUSTER: &str = "envoy-admin";
+/// Connections of the `redis_proxy` listener (webdis's pools, and `redis-cli`).
+const REDIS_LISTENER_CONNECTIONS: u64 = 1024;
 
 fn seconds(s: f64) -> String {
     // Envoy durations: up to nanosecond precision; keep it readable.
@@ -301,7 +303,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
          "body_format_override": json_error("Request Timeout", "The request was not received in time")},
     ]});
 
-    let hcm = json!({
+    let mut hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "gateway",
         "request_headers_timeout": seconds(g.limits.request_headers_timeout),
@@ -335,19 +337,45 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         "http_filters": http_filters,
     });
 
+    if file.config.rate_limits.trusted_hops == 0 {
+        // No proxy in front is trusted: a client's own `X-Forwarded-For` is removed before
+        // Envoy appends the peer (early header mutation runs first in the connection manager,
+        // conn_manager_utility.cc), so the upstream sees the peer alone, never a spoofed
+        // leftmost entry.
+        hcm["early_header_mutation_extensions"] = json!([{
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                "mutations": [{"remove": "x-forwarded-for"}],
+            },
+        }]);
+    }
+
     // The per-client connection cap: the same module (same VM and shared data) as a network
     // filter in front of the HTTP connection manager.
+    // It also closes connections that send no byte within `first_byte_timeout`, and keeps the
+    // last `connection_reserve` connections of the listener for clients holding none.
     let mut network_filters = Vec::new();
-    if let Some(per_client) = g
+    let per_client = g
         .limits
-        .connections_per_client(file.config.rate_limits.trusted_hops)
-    {
-        let settings = json!({"connections": {
-            "max_per_client": per_client,
+        .connections_per_client(file.config.rate_limits.trusted_hops);
+    let first_byte = (g.limits.first_byte_timeout > 0.0).then_some(g.limits.first_byte_timeout);
+    if per_client.is_some() || first_byte.is_some() {
+        let mut connections = json!({
+            // Behind proxies (no per-client cap): only the first-byte bound.
+            "max_per_client": per_client.unwrap_or(g.limits.max_connections),
             "slots": file.config.rate_limits.ip_slots,
             // Every connection closes within max_connection_duration and a drain.
             "max_age": (g.limits.max_connection_duration.ceil() as u64).saturating_add(60),
-        }});
+        });
+        if let Some(s) = first_byte {
+            connections["first_byte_timeout"] = json!(s);
+        }
+        if per_client.is_some() && g.limits.reserve() > 0 {
+            connections["budget"] = json!(g.limits.max_connections);
+            connections["reserve"] = json!(g.limits.reserve());
+        }
+        let settings = json!({ "connections": connections });
         // Native: the same duty from the same `.so` (its shared memory), no wasm VM at all.
         network_filters.push(module.filter("network", CONNECTIONS_PLUGIN_NAME, settings.to_string()));
     }
@@ -467,15 +495,26 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     for cluster in &mut clusters {
         cluster["per_connection_buffer_limit_bytes"] = json!(g.limits.buffer_limit_bytes);
     }
+    // Each listener's own connection limit (Envoy's `envoy.resource_limits.listener.<name>.
+    // connection_limit`, checked at accept before the process-wide one): the gateway's clients
+    // cannot take the metrics listener's connections, so /ready answers while they fill theirs.
+    let mut listener_budgets: Vec<(&str, u64)> = vec![(LISTENER_NAME, g.limits.max_connections)];
+    if let Some(m) = &g.metrics {
+        listener_budgets.push(("metrics", m.max_connections));
+    }
+    if file.redis_cluster.is_some() {
+        listener_budgets.push(("redis", REDIS_LISTENER_CONNECTIONS));
+    }
     let overload = json!({
         "refresh_interval": "0.25s",
         "resource_monitors": [
             {"name": "envoy.resource_monitors.fixed_heap", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
                 "max_heap_size_bytes": g.limits.max_heap_mb.saturating_mul(1 << 20)}},
+            // Every listener's budget together (each listener has its own limit below).
             {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-                "max_active_downstream_connections": g.limits.max_connections}},
+                "max_active_downstream_connections": listener_budgets.iter().map(|(_, n)| n).sum::<u64>()}},
         ],
         "actions": [
             {"name": "envoy.overload_actions.shrink_heap",
@@ -588,13 +627,32 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             "clusters": clusters,
         },
     });
+    let mut runtime = serde_json::Map::new();
+    // The largest answer Envoy buffers for a filter's callout (its async client's default is
+    // 32 MiB, process-wide; a cluster's per_connection_buffer_limit_bytes does not bound it: the
+    // async stream ignores watermarks, async_client_impl.h). Set to the largest answer the filter
+    // reads (a log query); a key server's larger answer is cut by Envoy, and the filter already
+    // refuses any key set over its own bound (256 KiB).
+    runtime.insert(
+        "http.async_response_buffer_limit".into(),
+        json!(gateway_filter::pipeline::MAX_STORE_REPLY_BYTES),
+    );
+    for (name, budget) in &listener_budgets {
+        runtime.insert(
+            format!("envoy.resource_limits.listener.{name}.connection_limit"),
+            json!(budget),
+        );
+    }
     if g.runtime == Runtime::Native {
         // The native module's metrics carry Envoy's dynamic-modules namespace; with this guard
         // Prometheus drops it as it drops `wasmcustom`, so both builds export the same families
         // (`gateway_requests_total{route,outcome}`), and the dashboard reads either.
-        bootstrap["layered_runtime"] = json!({"layers": [{"name": "gateway", "static_layer": {
-            "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix": true}}]});
+        runtime.insert(
+            "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix".into(),
+            json!(true),
+        );
     }
+    bootstrap["layered_runtime"] = json!({"layers": [{"name": "gateway", "static_layer": runtime}]});
     Ok(bootstrap)
 }
 
@@ -955,13 +1013,31 @@ routes:
         let settings: Value = serde_json::from_str(cfg["configuration"]["value"].as_str().unwrap()).unwrap();
         assert_eq!(settings["connections"]["max_per_client"], 1000);
         assert_eq!(settings["connections"]["max_age"], 3660);
+        // Fourth attack: silent sockets closed after 5 s; the last tenth of the listener's
+        // connections only for clients holding none; the listener's own limit, the metrics
+        // listener's own, the process-wide one their sum.
+        assert_eq!(settings["connections"]["first_byte_timeout"], 5.0);
+        assert_eq!(settings["connections"]["budget"], 10_000);
+        assert_eq!(settings["connections"]["reserve"], 1_000);
+        let rt = &v["layered_runtime"]["layers"][0]["static_layer"];
+        assert_eq!(
+            rt["envoy.resource_limits.listener.gateway.connection_limit"],
+            10_000
+        );
+        assert_eq!(rt["http.async_response_buffer_limit"], 4 << 20);
+        // A client's X-Forwarded-For is removed before Envoy appends the peer.
+        assert_eq!(
+            hcm(&v)["early_header_mutation_extensions"][0]["typed_config"]["mutations"][0]["remove"],
+            "x-forwarded-for"
+        );
         let http_vm = &hcm(&v)["http_filters"][1]["typed_config"]["config"]["vm_config"];
         assert_eq!(&cfg["vm_config"], http_vm);
         assert!(gateway_filter::connlimit::ConnectionLimit::from_json(
             cfg["configuration"]["value"].as_str().unwrap().as_bytes()
         )
         .is_some_and(|r| r.is_ok()));
-        // Behind proxies (or 0, or no body buffering): off.
+        // Behind proxies (or 0): no per-client cap and no reserve, the first-byte bound stays;
+        // with that off too, no network filter.
         for (from, to) in [
             (
                 "prefix: /api/v1,",
@@ -976,8 +1052,23 @@ routes:
             let filters = v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
                 .as_array()
                 .unwrap();
-            assert_eq!(filters.len(), 1, "{to}");
+            assert_eq!(filters.len(), 2, "{to}");
+            let cfg = &filters[0]["typed_config"]["config"]["configuration"]["value"];
+            let settings: Value = serde_json::from_str(cfg.as_str().unwrap()).unwrap();
+            assert_eq!(settings["connections"]["max_per_client"], 10_000, "{to}");
+            assert!(settings["connections"].get("budget").is_none(), "{to}");
+            if to.contains("trusted_hops") {
+                assert!(hcm(&v).get("early_header_mutation_extensions").is_none());
+            }
         }
+        let v = render(&YAML.replace(
+            "prefix: /api/v1,",
+            "prefix: /api/v1, limits: {max_connections_per_client: 0, first_byte_timeout: 0},",
+        ));
+        let filters = v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            .as_array()
+            .unwrap();
+        assert_eq!(filters.len(), 1);
         let v = render(&YAML.replace(
             "prefix: /api/v1,",
             "prefix: /api/v1, limits: {max_request_body_kb: 0},",
@@ -999,6 +1090,11 @@ routes:
         assert_eq!(v["admin"]["address"]["pipe"]["mode"], 0o600);
         let metrics = &v["static_resources"]["listeners"][1];
         assert_eq!(metrics["address"]["socket_address"]["port_value"], 9902);
+        let rt = &v["layered_runtime"]["layers"][0]["static_layer"];
+        assert_eq!(rt["envoy.resource_limits.listener.metrics.connection_limit"], 64);
+        let total = &v["overload_manager"]["resource_monitors"][1]["typed_config"]
+            ["max_active_downstream_connections"];
+        assert_eq!(total, 10_000 + 64);
         let routes = &metrics["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
             ["virtual_hosts"][0]["routes"];
         assert_eq!(routes[0]["match"]["path"], "/stats/prometheus");

@@ -114,10 +114,20 @@ pub struct Limits {
     /// Seconds a request may see no activity (headers or body, either way).
     #[serde(default = "default_stream_idle_timeout")]
     pub stream_idle_timeout: f64,
-    /// Downstream connections across all listeners (overload manager); beyond it new
-    /// connections are refused.
+    /// Connections the gateway's listener takes (Envoy's limit for that listener; the metrics
+    /// and Redis listeners have budgets of their own, and the process-wide limit of the
+    /// overload manager is their sum); beyond it new connections are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: u64,
+    /// Of `max_connections`, how many only clients holding no connection may take: clients
+    /// already connected, however many addresses they use, cannot take the last ones.
+    /// Default: a tenth. Needs the per-client cap.
+    #[serde(default)]
+    pub connection_reserve: Option<u64>,
+    /// Seconds a new connection may stay silent: one that sends no byte by then is closed
+    /// (Envoy's idle timeout would hold it for `idle_timeout`). 0: off.
+    #[serde(default = "default_first_byte_timeout")]
+    pub first_byte_timeout: f64,
     /// Heap in MiB: at 95% Envoy shrinks its heap, at 98% it stops accepting requests.
     #[serde(default = "default_max_heap_mb")]
     pub max_heap_mb: u64,
@@ -157,6 +167,8 @@ impl Default for Limits {
             idle_timeout: default_idle_timeout(),
             stream_idle_timeout: default_stream_idle_timeout(),
             max_connections: default_max_connections(),
+            connection_reserve: None,
+            first_byte_timeout: default_first_byte_timeout(),
             max_heap_mb: default_max_heap_mb(),
             max_request_headers_kb: default_max_request_headers_kb(),
             buffer_limit_bytes: default_buffer_limit(),
@@ -180,6 +192,9 @@ fn default_stream_idle_timeout() -> f64 {
 }
 fn default_max_connections() -> u64 {
     10_000
+}
+fn default_first_byte_timeout() -> f64 {
+    5.0
 }
 fn default_max_heap_mb() -> u64 {
     1024
@@ -206,6 +221,11 @@ fn default_max_connection_duration() -> f64 {
 impl Limits {
     /// The per-client connection cap in force (`None`: no cap); `trusted_hops` is the rate
     /// limits' (behind proxies every connection comes from a proxy).
+    /// The reserve the per-client cap keeps for clients holding no connection.
+    pub fn reserve(&self) -> u64 {
+        self.connection_reserve.unwrap_or(self.max_connections / 10)
+    }
+
     pub fn connections_per_client(&self, trusted_hops: u32) -> Option<u64> {
         match self.max_connections_per_client {
             Some(0) => None,
@@ -601,6 +621,29 @@ fn validate_envoy_side(
         l.max_connection_duration,
         7.0 * 86_400.0,
     )?;
+    if l.first_byte_timeout != 0.0 {
+        check_seconds("gateway.limits.first_byte_timeout", l.first_byte_timeout, 3600.0)?;
+        if l.first_byte_timeout < 0.1 {
+            return Err(ConfigError::new(
+                "gateway.limits.first_byte_timeout",
+                "must be 0 (off) or at least 0.1 seconds",
+            ));
+        }
+    }
+    if l.connection_reserve.is_some_and(|r| r >= l.max_connections) {
+        return Err(ConfigError::new(
+            "gateway.limits.connection_reserve",
+            "must be below max_connections",
+        ));
+    }
+    if let Some(m) = &g.metrics {
+        if !(1..=100_000).contains(&m.max_connections) {
+            return Err(ConfigError::new(
+                "gateway.metrics.max_connections",
+                "must be 1 to 100000",
+            ));
+        }
+    }
     if l.max_connections_per_client
         .is_some_and(|n| n > l.max_connections)
     {
@@ -767,6 +810,14 @@ pub struct Metrics {
     #[serde(default = "default_admin_address")]
     pub address: String,
     pub port: u16,
+    /// Connections of the metrics listener: its own budget, which the gateway's listener
+    /// cannot take (health checks and scrapes go on while clients fill theirs).
+    #[serde(default = "default_metrics_connections")]
+    pub max_connections: u64,
+}
+
+fn default_metrics_connections() -> u64 {
+    64
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
