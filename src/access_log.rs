@@ -192,7 +192,7 @@ impl LogSettings {
 }
 
 /// One request, as logged and stored. Tokens and secrets are never part of it.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Record {
     /// Unix milliseconds when the request arrived.
     pub timestamp_ms: u64,

@@ -227,6 +227,8 @@ pub struct Gateway {
     anonymous_buffered: usize,
     /// Callers' repeated refusals in the current window.
     summaries: logs::Summaries,
+    /// Whether this gateway summarises refusals itself (else the one it hands records to).
+    summarize_here: bool,
     log_calls: usize,
     last_totals: HashMap<String, u64>,
     last_counters_ms: u64,
@@ -306,6 +308,7 @@ impl Gateway {
             log_buffer: VecDeque::new(),
             anonymous_buffered: 0,
             summaries: logs::Summaries::default(),
+            summarize_here: true,
             log_calls: 0,
             last_totals: HashMap::new(),
             last_counters_ms: 0,

@@ -683,6 +683,8 @@ fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
         relayed: HashMap::new(),
     };
     let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
+    // Records go to the main thread's gateway, which summarises refusals on its timer.
+    gateway.hand_over_records();
     host.tick_period_ms = gateway.tick_period_ms();
     // Timers: see [`Ticking`].
     gateway.started(true, &mut NativeHost { state: &mut host })?;

@@ -35,6 +35,10 @@ pub struct StoredRecord {
     pub(super) user_id: Option<String>,
     pub(super) json: String,
     pub(super) class: RecordClass,
+    /// For a refusal that is summarised: its caller and decision. The gateway that writes the
+    /// record (this one, or the native main thread's) stores the first of a window and counts
+    /// the others.
+    pub(super) repeat: Option<(String, &'static str)>,
 }
 
 impl StoredRecord {
@@ -47,9 +51,7 @@ impl StoredRecord {
 /// the others are counted here and written as one record when the window ends.
 #[derive(Debug)]
 pub(super) struct Summary {
-    record: Record,
-    class: RecordClass,
-    user_id: Option<String>,
+    first: StoredRecord,
     repeated: u64,
 }
 
@@ -57,7 +59,7 @@ pub(super) struct Summary {
 #[derive(Debug, Default)]
 pub(super) struct Summaries {
     started_ms: u64,
-    by_caller: HashMap<(String, &'static str), Summary>,
+    pub(super) by_caller: HashMap<(String, &'static str), Summary>,
 }
 
 /// Drops records from `queue` until it holds at most `cap`: the lowest class first, the oldest
@@ -182,8 +184,6 @@ impl Gateway {
                 return;
             }
             let capacity = store.buffer as usize;
-            let now_ms = req.clock_ms.max(req.started_ms);
-            self.emit_summaries(now_ms, capacity, false);
             let user_id = record.user_id.clone().filter(|_| req.cleared);
             let class = if req.privileged {
                 RecordClass::Privileged
@@ -193,41 +193,61 @@ impl Gateway {
                 RecordClass::Anonymous
             };
             // A caller's 429s: the first of a window is stored, the rest counted in one record.
-            if matches!(outcome, Outcome::RateLimited(_)) {
+            let repeat = matches!(outcome, Outcome::RateLimited(_)).then(|| {
                 let caller = user_id
                     .clone()
                     .or_else(|| record.client_ip.clone())
                     .unwrap_or_default();
-                let key = (caller, decision);
-                if let Some(s) = self.summaries.by_caller.get_mut(&key) {
-                    s.repeated += 1;
-                    let id = self.metrics.log_summarized;
-                    self.inc(id);
-                    return;
-                }
-                if self.summaries.by_caller.len() >= MAX_SUMMARIES {
-                    self.count_dropped(RecordClass::Summary);
-                    return;
-                }
-                if self.summaries.by_caller.is_empty() {
-                    self.summaries.started_ms = now_ms;
-                }
-                let summary = Summary {
-                    record: record.clone(),
-                    class: class.max(RecordClass::Summary),
-                    user_id: user_id.clone(),
-                    repeated: 0,
-                };
-                self.summaries.by_caller.insert(key, summary);
-            }
+                (caller, decision)
+            });
             let stored = StoredRecord {
                 trace_id: record.trace_id,
                 user_id,
                 json,
                 class,
+                repeat,
             };
-            self.buffer_record(stored, capacity);
+            let now_ms = req.clock_ms.max(req.started_ms);
+            if self.summarize_here {
+                self.emit_summaries(now_ms, capacity, false);
+                self.admit_record(stored, capacity, now_ms);
+            } else {
+                self.buffer_record(stored, capacity);
+            }
         }
+    }
+
+    /// Queues a record, or counts it in its caller's summary when it repeats a refusal
+    /// already stored in this window.
+    pub(super) fn admit_record(&mut self, record: StoredRecord, capacity: usize, now_ms: u64) {
+        if let Some(key) = &record.repeat {
+            if let Some(s) = self.summaries.by_caller.get_mut(key) {
+                s.repeated += 1;
+                let id = self.metrics.log_summarized;
+                self.inc(id);
+                return;
+            }
+            if self.summaries.by_caller.len() >= MAX_SUMMARIES {
+                self.count_dropped(RecordClass::Summary);
+                return;
+            }
+            if self.summaries.by_caller.is_empty() {
+                self.summaries.started_ms = now_ms;
+            }
+            let summary = Summary {
+                first: record.clone(),
+                repeated: 0,
+            };
+            self.summaries.by_caller.insert(key.clone(), summary);
+        }
+        self.buffer_record(record, capacity);
+    }
+
+    /// This gateway hands its records to another that writes them (the native module's workers
+    /// to the main thread's gateway): refusals are summarised there, where a timer ends each
+    /// window.
+    pub fn hand_over_records(&mut self) {
+        self.summarize_here = false;
     }
 
     /// Writes the window's summaries (each caller's refusals beyond the first, counted) into the
@@ -240,13 +260,16 @@ impl Gateway {
         }
         let done = std::mem::take(&mut self.summaries.by_caller);
         for (_, s) in done.into_iter().filter(|(_, s)| s.repeated > 0) {
-            let mut record = s.record;
+            let Ok(mut record) = serde_json::from_str::<Record>(&s.first.json) else {
+                continue;
+            };
             record.repeated = Some(s.repeated);
             let stored = StoredRecord {
                 json: record.to_json(),
-                trace_id: record.trace_id,
-                user_id: s.user_id,
-                class: s.class,
+                trace_id: s.first.trace_id,
+                user_id: s.first.user_id,
+                class: s.first.class.max(RecordClass::Summary),
+                repeat: None,
             };
             self.buffer_record(stored, capacity);
         }
@@ -286,8 +309,9 @@ impl Gateway {
         let Some(capacity) = self.config.logs.store.as_ref().map(|s| s.buffer as usize) else {
             return;
         };
+        let now_ms = self.last_flush_ms;
         for r in records {
-            self.buffer_record(r, capacity);
+            self.admit_record(r, capacity, now_ms);
         }
     }
 

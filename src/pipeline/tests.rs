@@ -1585,6 +1585,7 @@ fn the_buffer_evicts_the_lowest_class_first() {
         user_id: (class != RecordClass::Anonymous).then(|| "u".to_string()),
         json: String::new(),
         class,
+        repeat: None,
     };
     for (n, c) in [
         RecordClass::Anonymous,
@@ -1665,4 +1666,46 @@ fn bad_signatures_spend_the_clients_budget() {
     // Another address has its own budget.
     t.host.peer = Some("10.9.9.9:5555".to_string());
     assert_eq!(t.get(ctx, "/api/v1/plain/1", Some(&forged)), 401);
+}
+
+/// The native module's workers hand every record to the main thread's gateway, which has the
+/// timer: refusals are summarised there, not on a worker that may never see another request.
+#[test]
+fn handed_over_refusals_are_summarised_by_the_gateway_that_writes_them() {
+    let mut v = base();
+    v["logs"] = serde_json::json!({"enabled": false, "store": {"buffer": 30}});
+    let mut worker = T::new(v.clone());
+    worker.gw.hand_over_records();
+    let flood = token_for("user-001", "f");
+    let mut records = Vec::new();
+    for ctx in 2..40 {
+        worker.send(ctx, "GET", "/api/v1/users/1", Some(&flood));
+        if worker.req(ctx).paused {
+            worker.answer_last(Some(200), CLEAN);
+        }
+        worker.finish(ctx);
+        // As the native glue does after every request.
+        records.extend(worker.gw.take_stored_records());
+    }
+    assert_eq!(records.len(), 38, "nothing summarised on the worker");
+    assert!(worker.gw.summaries.by_caller.is_empty());
+    let mut main = T::new(v);
+    main.gw.add_stored_records(records);
+    assert_eq!(
+        main.gw.log_buffer.len(),
+        2,
+        "the allowed request and the first 429"
+    );
+    main.host.now_ms += logs::SUMMARY_WINDOW_MS + 1000;
+    main.tick();
+    let repeated: Vec<serde_json::Value> = main
+        .host
+        .dispatched
+        .iter()
+        .filter_map(|d| d.body.as_deref())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .filter(|v| v.get("repeated").is_some())
+        .collect();
+    assert_eq!(repeated.len(), 2, "trace and user lists: {repeated:?}");
+    assert_eq!(repeated[0]["repeated"], 36);
 }
