@@ -192,7 +192,7 @@ impl LogSettings {
 }
 
 /// One request, as logged and stored. Tokens and secrets are never part of it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Record {
     /// Unix milliseconds when the request arrived.
     pub timestamp_ms: u64,
@@ -212,10 +212,14 @@ pub struct Record {
     /// `allowed`, or why the gateway answered itself (`expired`, `role`, `rate_limited_ip`,
     /// `revoked`, `store_unavailable`, `route_not_found`, ...).
     pub decision: String,
-    /// In a summary: how many more requests of this caller got the same answer in the window
-    /// after this one (they are counted here, not stored one by one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repeated: Option<u64>,
+}
+
+/// A summary of a caller's repeated refusals: the window's first record (`json`, as
+/// [`Record::to_json`] wrote it) with `"repeated": n`, how many more requests of this caller got
+/// the same answer in the window (counted, not stored one by one).
+pub fn with_repeated(json: &str, n: u64) -> Option<String> {
+    let head = json.strip_suffix('}')?;
+    Some(format!("{head},\"repeated\":{n}}}"))
 }
 
 /// The reference's levels: error for 5xx, warning for 4xx, info otherwise.
@@ -380,7 +384,6 @@ mod tests {
             status: 200,
             duration_ms: 1.23456,
             decision: "allowed".into(),
-            repeated: None,
         };
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(v["query_params"], serde_json::json!({"a": "2", "b": "", "c": ""}));
@@ -388,6 +391,10 @@ mod tests {
         assert_eq!(v["decision"], "allowed");
         assert_eq!(v["canary"], false);
         assert_eq!(v.as_object().unwrap().len(), 14);
+        let summary: serde_json::Value =
+            serde_json::from_str(&with_repeated(&r.to_json(), 7).unwrap()).unwrap();
+        assert_eq!(summary["repeated"], 7);
+        assert_eq!(summary["trace_id"], "t");
     }
 
     #[test]

@@ -149,8 +149,9 @@ fn encode(count: u32, at: u64) -> [u8; SLOT_LEN] {
 /// What [`ConnectionLimit::admit`] decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Counted in this slot: release it when the connection closes.
-    Admitted(String),
+    /// Counted in this slot (and in the total, when `true`): release it when the connection
+    /// closes.
+    Admitted(String, bool),
     /// The address holds `max_per_client` connections already.
     Refused,
     /// The store would not take the update (contention, failure): let it through uncounted.
@@ -158,6 +159,9 @@ pub enum Admission {
 }
 
 const CAS_ATTEMPTS: usize = 16;
+/// Attempts at a release or at the total: a count given up on would drift for good, and these
+/// only fail under contention (every attempt is one CAS on shared data).
+const COUNT_ATTEMPTS: usize = 256;
 
 impl ConnectionLimit {
     fn key(&self, seed: &SlotSeed, address: &str) -> String {
@@ -181,10 +185,8 @@ impl ConnectionLimit {
             }
             match store.set(&key, &encode(count + 1, now_ms.max(at)), cas) {
                 Ok(()) => {
-                    if self.shared_above.is_some() {
-                        self.add_total(store, now_ms);
-                    }
-                    return Admission::Admitted(key);
+                    let total = self.shared_above.is_some() && self.add_total(store, now_ms);
+                    return Admission::Admitted(key, total);
                 }
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Failed) => return Admission::Uncounted,
@@ -204,8 +206,9 @@ impl ConnectionLimit {
         }
     }
 
-    fn add_total(&self, store: &dyn SharedStore, now_ms: u64) {
-        for _ in 0..CAS_ATTEMPTS {
+    /// Adds one to the total; whether it was added (only then is it released).
+    fn add_total(&self, store: &dyn SharedStore, now_ms: u64) -> bool {
+        for _ in 0..COUNT_ATTEMPTS {
             let (bytes, cas) = store
                 .get(TOTAL_KEY)
                 .map_or((Vec::new(), None), |(v, c)| (v, Some(c)));
@@ -216,15 +219,17 @@ impl ConnectionLimit {
                 count
             };
             match store.set(TOTAL_KEY, &encode(count.saturating_add(1), now_ms.max(at)), cas) {
+                Ok(()) => return true,
                 Err(SetError::CasMismatch) => continue,
-                _ => return,
+                Err(SetError::Failed) => return false,
             }
         }
+        false
     }
 
     /// Releases a connection counted under `key`.
     pub fn release(store: &dyn SharedStore, key: &str) {
-        for _ in 0..CAS_ATTEMPTS {
+        for _ in 0..COUNT_ATTEMPTS {
             let Some((bytes, cas)) = store.get(key) else {
                 return;
             };
@@ -248,6 +253,13 @@ pub struct Connections {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused;
 
+/// Where an admitted connection is counted: its slot, and the total when it was added there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counted {
+    slot: String,
+    total: bool,
+}
+
 /// Counter of refused connections.
 pub const REFUSED_METRIC: &str = "gateway_connections_refused_total";
 
@@ -255,31 +267,36 @@ impl Connections {
     /// `fresh`: random bytes for the slot seed, used if no other VM or worker stored one yet.
     pub fn new(limit: ConnectionLimit, store: &dyn SharedStore, fresh: [u8; 16]) -> Connections {
         let seed = SlotSeed::load_or_create(store, fresh);
+        if limit.shared_above.is_some() && store.get(TOTAL_KEY).is_none() {
+            // Created up front: later updates are CAS on an existing key.
+            let _ = store.set(TOTAL_KEY, &encode(0, 0), None);
+        }
         Connections { limit, seed }
     }
 
-    /// A new connection from `peer` (`ip:port` as the host gives it): the slot to release when
-    /// it closes (`None`: not counted, e.g. a Unix socket peer), or [`Refused`].
+    /// A new connection from `peer` (`ip:port` as the host gives it): what to release when it
+    /// closes (`None`: not counted, e.g. a Unix socket peer), or [`Refused`]. An IPv6 peer counts
+    /// as its /64 (one subscriber's prefix: a host picks any address in it).
     pub fn open(
         &self,
         store: &dyn SharedStore,
         peer: Option<&str>,
         now_ms: u64,
-    ) -> Result<Option<String>, Refused> {
+    ) -> Result<Option<Counted>, Refused> {
         let Some(ip) = peer.and_then(peer_ip) else {
             return Ok(None);
         };
-        match self.limit.admit(store, &self.seed, &ip, now_ms) {
-            Admission::Admitted(key) => Ok(Some(key)),
+        match self.limit.admit(store, &self.seed, &client_group(&ip), now_ms) {
+            Admission::Admitted(slot, total) => Ok(Some(Counted { slot, total })),
             Admission::Uncounted => Ok(None),
             Admission::Refused => Err(Refused),
         }
     }
 
-    /// The connection counted under `key` closed.
-    pub fn close(&self, store: &dyn SharedStore, key: &str) {
-        ConnectionLimit::release(store, key);
-        if self.limit.shared_above.is_some() {
+    /// The connection counted as `counted` closed.
+    pub fn close(&self, store: &dyn SharedStore, counted: &Counted) {
+        ConnectionLimit::release(store, &counted.slot);
+        if counted.total {
             ConnectionLimit::release(store, TOTAL_KEY);
         }
     }
@@ -339,6 +356,21 @@ impl Silent {
 pub fn peer_ip(address: &str) -> Option<String> {
     let ip = crate::ratelimit::strip_port(address);
     ip.parse::<std::net::IpAddr>().is_ok().then_some(ip)
+}
+
+/// The client an address belongs to, for per-client bounds: an IPv4 address itself, an IPv6
+/// address's /64 (`2001:db8:1:2::/64`; IPv4-mapped addresses as IPv4), anything else as given.
+pub fn client_group(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let [a, b, c, d, ..] = v6.segments();
+                format!("{}/64", std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+            }
+        },
+        _ => ip.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -427,9 +459,9 @@ mod tests {
         assert!(matches!(
             held[..3],
             [
-                Admission::Admitted(_),
-                Admission::Admitted(_),
-                Admission::Admitted(_)
+                Admission::Admitted(..),
+                Admission::Admitted(..),
+                Admission::Admitted(..)
             ]
         ));
         assert_eq!(held[3..], [Admission::Refused, Admission::Refused]);
@@ -440,16 +472,16 @@ mod tests {
             .unwrap();
         assert!(matches!(
             l.admit(&store, &seed, &other, 1_000),
-            Admission::Admitted(_)
+            Admission::Admitted(..)
         ));
         // A closed connection makes room again.
-        let Admission::Admitted(key) = &held[0] else {
+        let Admission::Admitted(key, _) = &held[0] else {
             panic!()
         };
         ConnectionLimit::release(&store, key);
         assert!(matches!(
             l.admit(&store, &seed, "10.0.0.1", 1_001),
-            Admission::Admitted(_)
+            Admission::Admitted(..)
         ));
         assert_eq!(l.admit(&store, &seed, "10.0.0.1", 1_002), Admission::Refused);
     }
@@ -461,13 +493,13 @@ mod tests {
         let l = limit(1);
         assert!(matches!(
             l.admit(&store, &seed, "10.0.0.1", 1_000),
-            Admission::Admitted(_)
+            Admission::Admitted(..)
         ));
         assert_eq!(l.admit(&store, &seed, "10.0.0.1", 60_000), Admission::Refused);
         // Never released (a VM that died): every counted connection is older than max_age.
         assert!(matches!(
             l.admit(&store, &seed, "10.0.0.1", 61_001),
-            Admission::Admitted(_)
+            Admission::Admitted(..)
         ));
     }
 
@@ -512,5 +544,9 @@ mod tests {
         assert_eq!(peer_ip("10.1.2.3").as_deref(), Some("10.1.2.3"));
         assert_eq!(peer_ip("/tmp/sock"), None);
         assert_eq!(peer_ip("[x]:1"), None);
+        assert_eq!(client_group("10.1.2.3"), "10.1.2.3");
+        assert_eq!(client_group("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(client_group("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::/64");
+        assert_eq!(client_group("::ffff:10.1.2.3"), "10.1.2.3");
     }
 }

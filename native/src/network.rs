@@ -8,7 +8,9 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, Once};
 
-use gateway_filter::connlimit::{ConnectionLimit, Connections, Silent, REFUSED_METRIC, SILENT_METRIC};
+use gateway_filter::connlimit::{
+    ConnectionLimit, Connections, Counted, Silent, REFUSED_METRIC, SILENT_METRIC,
+};
 
 use crate::abi::{self, EnvoyBuffer, EnvoyConnection, EnvoyNetworkConfig, Scheduler};
 use crate::{guard, now_ms, SHARED};
@@ -45,7 +47,7 @@ fn start_watch() {
                 std::thread::sleep(std::time::Duration::from_millis(WATCH_MS));
                 let due: Vec<Scheduler> = match WAITING.lock() {
                     Ok(mut w) => {
-                        let ids = w.silent.due(now_ms());
+                        let ids = w.silent.due(mono_ms());
                         ids.iter().filter_map(|id| w.schedulers.remove(id)).collect()
                     }
                     Err(_) => Vec::new(),
@@ -61,16 +63,27 @@ fn start_watch() {
 }
 
 fn forget(id: u64) {
-    if let Ok(mut w) = WAITING.lock() {
-        w.silent.forget(id);
-        w.schedulers.remove(&id);
-    }
+    let scheduler = match WAITING.lock() {
+        Ok(mut w) => {
+            w.silent.forget(id);
+            w.schedulers.remove(&id)
+        }
+        Err(_) => None,
+    };
+    // Deleted outside the lock.
+    drop(scheduler);
+}
+
+/// Milliseconds on a monotonic clock (deadlines must not move with the wall clock).
+fn mono_ms() -> u64 {
+    static START: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+    u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One downstream connection: the slot it is counted in, released once when it closes.
 struct Connection {
     config: *const NetworkConfig,
-    counted: Option<String>,
+    counted: Option<Counted>,
     /// Its key in [`WAITING`] while it has sent nothing.
     id: u64,
     silent: bool,
@@ -212,7 +225,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_new_connection(
                 conn.counted = counted;
                 if let (Some(ms), Some(scheduler)) = (first_byte_ms, Scheduler::for_connection(envoy)) {
                     if let Ok(mut w) = WAITING.lock() {
-                        w.silent.opened(conn.id, now.saturating_add(ms));
+                        w.silent.opened(conn.id, mono_ms().saturating_add(ms));
                         w.schedulers.insert(conn.id, scheduler);
                         conn.silent = true;
                     }

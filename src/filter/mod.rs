@@ -13,7 +13,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, Status};
 
 use crate::config::Config;
-use crate::connlimit::{ConnectionLimit, Connections, Silent, REFUSED_METRIC, SILENT_METRIC};
+use crate::connlimit::{ConnectionLimit, Connections, Counted, Silent, REFUSED_METRIC, SILENT_METRIC};
 use crate::headers::HeaderPair;
 use crate::host::{Callout, DispatchError, Host, LogLevel, MetricKind, SetError, SharedStore};
 use crate::outcome::Outcome;
@@ -441,8 +441,8 @@ struct ConnectionFilter {
 struct Connection {
     id: u32,
     connections: Rc<ConnectionFilter>,
-    /// The slot it is counted in, released when it closes.
-    counted: Option<String>,
+    /// Where it is counted, released when it closes.
+    counted: Option<Counted>,
     /// Whether it is in the table of connections that sent nothing yet.
     silent: bool,
 }

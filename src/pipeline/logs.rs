@@ -6,7 +6,7 @@ use super::*;
 /// What a stored record is worth to the audit trail, lowest first: when the buffer is full, a
 /// record pushes out the oldest record of the lowest class below its own, so no flood of a
 /// lower class (anonymous noise, one user's ordinary traffic) can evict a higher one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RecordClass {
     /// Forwarded requests of callers without a token (public routes).
     Anonymous = 0,
@@ -59,14 +59,26 @@ pub(super) struct Summary {
 #[derive(Debug, Default)]
 pub(super) struct Summaries {
     started_ms: u64,
-    pub(super) by_caller: HashMap<(String, &'static str), Summary>,
+    pub(super) by_caller: HashMap<(String, &'static str, RecordClass), Summary>,
 }
 
-/// Drops records from `queue` until it holds at most `cap`: the lowest class first, the oldest
-/// first within a class. Returns the drops by class.
+/// Drops records from `queue` until it holds at most `cap`: refusals that would only have been
+/// counted in a summary first (the newest first), then the lowest class first, the oldest first
+/// within a class. Returns the drops by class (the refusals as summaries).
 pub fn bound_records(queue: &mut Vec<StoredRecord>, cap: usize) -> [u64; RECORD_CLASSES] {
     let mut dropped = [0u64; RECORD_CLASSES];
     let mut excess = queue.len().saturating_sub(cap);
+    let mut i = queue.len();
+    while excess > 0 && i > 0 {
+        i -= 1;
+        if queue.get(i).is_some_and(|r| r.repeat.is_some()) {
+            queue.remove(i);
+            excess -= 1;
+            if let Some(d) = dropped.get_mut(RecordClass::Summary as usize) {
+                *d += 1;
+            }
+        }
+    }
     for class in [
         RecordClass::Anonymous,
         RecordClass::Ordinary,
@@ -115,7 +127,6 @@ pub(super) fn new_record(req: &Request, route: Option<&str>) -> Record {
         status: 0,
         duration_ms: 0.0,
         decision: String::new(),
-        repeated: None,
     }
 }
 
@@ -220,25 +231,26 @@ impl Gateway {
     /// Queues a record, or counts it in its caller's summary when it repeats a refusal
     /// already stored in this window.
     pub(super) fn admit_record(&mut self, record: StoredRecord, capacity: usize, now_ms: u64) {
-        if let Some(key) = &record.repeat {
-            if let Some(s) = self.summaries.by_caller.get_mut(key) {
+        if let Some((caller, decision)) = &record.repeat {
+            // Per class: a privileged refusal is never folded into an ordinary one's summary.
+            let key = (caller.clone(), *decision, record.class);
+            if let Some(s) = self.summaries.by_caller.get_mut(&key) {
                 s.repeated += 1;
                 let id = self.metrics.log_summarized;
                 self.inc(id);
                 return;
             }
-            if self.summaries.by_caller.len() >= MAX_SUMMARIES {
-                self.count_dropped(RecordClass::Summary);
-                return;
+            // Beyond MAX_SUMMARIES callers the record is buffered as it is (its class bounds it).
+            if self.summaries.by_caller.len() < MAX_SUMMARIES {
+                if self.summaries.by_caller.is_empty() {
+                    self.summaries.started_ms = now_ms;
+                }
+                let summary = Summary {
+                    first: record.clone(),
+                    repeated: 0,
+                };
+                self.summaries.by_caller.insert(key, summary);
             }
-            if self.summaries.by_caller.is_empty() {
-                self.summaries.started_ms = now_ms;
-            }
-            let summary = Summary {
-                first: record.clone(),
-                repeated: 0,
-            };
-            self.summaries.by_caller.insert(key.clone(), summary);
         }
         self.buffer_record(record, capacity);
     }
@@ -260,12 +272,11 @@ impl Gateway {
         }
         let done = std::mem::take(&mut self.summaries.by_caller);
         for (_, s) in done.into_iter().filter(|(_, s)| s.repeated > 0) {
-            let Ok(mut record) = serde_json::from_str::<Record>(&s.first.json) else {
+            let Some(json) = access_log::with_repeated(&s.first.json, s.repeated) else {
                 continue;
             };
-            record.repeated = Some(s.repeated);
             let stored = StoredRecord {
-                json: record.to_json(),
+                json,
                 trace_id: s.first.trace_id,
                 user_id: s.first.user_id,
                 class: s.first.class.max(RecordClass::Summary),

@@ -1621,6 +1621,21 @@ fn the_buffer_evicts_the_lowest_class_first() {
     ];
     assert_eq!(bound_records(&mut q, 2), [1, 1, 0, 0]);
     assert_eq!(q.len(), 2);
+    // Refusals a summary would count go first, even privileged ones: a flood of them cannot
+    // push out a privileged record on its way to the main thread (native).
+    let repeat = |n| StoredRecord {
+        repeat: Some(("u".to_string(), "rate_limited_user")),
+        ..rec(RecordClass::Privileged, n)
+    };
+    let mut q = vec![
+        rec(RecordClass::Privileged, 1),
+        repeat(2),
+        repeat(3),
+        rec(RecordClass::Ordinary, 4),
+    ];
+    assert_eq!(bound_records(&mut q, 2), [0, 0, 2, 0]);
+    let traces: Vec<&str> = q.iter().map(|r| r.trace_id.as_str()).collect();
+    assert_eq!(traces, ["t1", "t4"]);
 }
 
 /// Fourth attack: bad signatures from one address made the workers verify without bound. Each

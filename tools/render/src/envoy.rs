@@ -363,7 +363,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     if per_client.is_some() || first_byte.is_some() {
         let mut connections = json!({
             // Behind proxies (no per-client cap): only the first-byte bound.
-            "max_per_client": per_client.unwrap_or(g.limits.max_connections),
+            "max_per_client": per_client.unwrap_or(g.limits.max_connections).min(1_000_000),
             "slots": file.config.rate_limits.ip_slots,
             // Every connection closes within max_connection_duration and a drain.
             "max_age": (g.limits.max_connection_duration.ceil() as u64).saturating_add(60),
@@ -502,7 +502,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     if let Some(m) = &g.metrics {
         listener_budgets.push(("metrics", m.max_connections));
     }
-    if file.redis_cluster.is_some() {
+    if file.redis_cluster.as_ref().is_some_and(|r| r.endpoints.is_some()) {
         listener_budgets.push(("redis", REDIS_LISTENER_CONNECTIONS));
     }
     let overload = json!({

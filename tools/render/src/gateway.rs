@@ -119,9 +119,9 @@ pub struct Limits {
     /// overload manager is their sum); beyond it new connections are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: u64,
-    /// Of `max_connections`, how many only clients holding no connection may take: clients
-    /// already connected, however many addresses they use, cannot take the last ones.
-    /// Default: a tenth. Needs the per-client cap.
+    /// Of `max_connections`, how many only clients holding no connection may take: a client
+    /// already connected cannot take the last ones (each new address, or IPv6 /64, still gets
+    /// one). Default: a tenth. Needs the per-client cap.
     #[serde(default)]
     pub connection_reserve: Option<u64>,
     /// Seconds a new connection may stay silent: one that sends no byte by then is closed
@@ -221,11 +221,6 @@ fn default_max_connection_duration() -> f64 {
 impl Limits {
     /// The per-client connection cap in force (`None`: no cap); `trusted_hops` is the rate
     /// limits' (behind proxies every connection comes from a proxy).
-    /// The reserve the per-client cap keeps for clients holding no connection.
-    pub fn reserve(&self) -> u64 {
-        self.connection_reserve.unwrap_or(self.max_connections / 10)
-    }
-
     pub fn connections_per_client(&self, trusted_hops: u32) -> Option<u64> {
         match self.max_connections_per_client {
             Some(0) => None,
@@ -233,6 +228,11 @@ impl Limits {
             None if trusted_hops == 0 => Some((self.max_connections / 10).max(1)),
             None => None,
         }
+    }
+
+    /// The reserve the per-client cap keeps for clients holding no connection.
+    pub fn reserve(&self) -> u64 {
+        self.connection_reserve.unwrap_or(self.max_connections / 10)
     }
 }
 
@@ -629,6 +629,15 @@ fn validate_envoy_side(
                 "must be 0 (off) or at least 0.1 seconds",
             ));
         }
+    }
+    if l.connection_reserve.is_some_and(|r| r > 0)
+        && l.connections_per_client(filter.gateway.rate_limit.trusted_hops)
+            .is_none()
+    {
+        return Err(ConfigError::new(
+            "gateway.limits.connection_reserve",
+            "needs the per-client connection cap (max_connections_per_client, or trusted_hops: 0)",
+        ));
     }
     if l.connection_reserve.is_some_and(|r| r >= l.max_connections) {
         return Err(ConfigError::new(
