@@ -286,7 +286,7 @@ impl Connections {
         let Some(ip) = peer.and_then(peer_ip) else {
             return Ok(None);
         };
-        match self.limit.admit(store, &self.seed, &client_group(&ip), now_ms) {
+        match self.limit.admit(store, &self.seed, &crate::ratelimit::client_group(&ip), now_ms) {
             Admission::Admitted(slot, total) => Ok(Some(Counted { slot, total })),
             Admission::Uncounted => Ok(None),
             Admission::Refused => Err(Refused),
@@ -358,20 +358,6 @@ pub fn peer_ip(address: &str) -> Option<String> {
     ip.parse::<std::net::IpAddr>().is_ok().then_some(ip)
 }
 
-/// The client an address belongs to, for per-client bounds: an IPv4 address itself, an IPv6
-/// address's /64 (`2001:db8:1:2::/64`; IPv4-mapped addresses as IPv4), anything else as given.
-pub fn client_group(ip: &str) -> String {
-    match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let [a, b, c, d, ..] = v6.segments();
-                format!("{}/64", std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
-            }
-        },
-        _ => ip.to_string(),
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -544,6 +530,7 @@ mod tests {
         assert_eq!(peer_ip("10.1.2.3").as_deref(), Some("10.1.2.3"));
         assert_eq!(peer_ip("/tmp/sock"), None);
         assert_eq!(peer_ip("[x]:1"), None);
+        use crate::ratelimit::client_group;
         assert_eq!(client_group("10.1.2.3"), "10.1.2.3");
         assert_eq!(client_group("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
         assert_eq!(client_group("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::/64");

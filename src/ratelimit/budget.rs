@@ -24,7 +24,7 @@ pub struct VerifyBudget {
 impl VerifyBudget {
     /// The slot of `ip`'s client (an IPv6 address's /64).
     fn slot(&self, seed: &SlotSeed, ip: &str) -> (String, u64) {
-        let client = crate::connlimit::client_group(ip);
+        let client = client_group(ip);
         let index = seed.hash(&[KIND, &client]) % u64::from(self.slots.max(1));
         (slot_key_at(KIND, index), index.wrapping_add(1))
     }

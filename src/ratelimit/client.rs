@@ -31,3 +31,18 @@ pub fn strip_port(addr: &str) -> String {
         _ => addr.to_string(),
     }
 }
+
+/// The client an address belongs to, for per-client bounds: an IPv4 address itself, an IPv6
+/// address's /64 (`2001:db8:1:2::/64`; IPv4-mapped addresses as IPv4), anything else as given.
+pub fn client_group(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let [a, b, c, d, ..] = v6.segments();
+                format!("{}/64", std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+            }
+        },
+        _ => ip.to_string(),
+    }
+}
