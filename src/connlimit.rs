@@ -286,7 +286,10 @@ impl Connections {
         let Some(ip) = peer.and_then(peer_ip) else {
             return Ok(None);
         };
-        match self.limit.admit(store, &self.seed, &crate::ratelimit::client_group(&ip), now_ms) {
+        match self
+            .limit
+            .admit(store, &self.seed, &crate::ratelimit::client_group(&ip), now_ms)
+        {
             Admission::Admitted(slot, total) => Ok(Some(Counted { slot, total })),
             Admission::Uncounted => Ok(None),
             Admission::Refused => Err(Refused),
@@ -357,7 +360,6 @@ pub fn peer_ip(address: &str) -> Option<String> {
     let ip = crate::ratelimit::strip_port(address);
     ip.parse::<std::net::IpAddr>().is_ok().then_some(ip)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -600,9 +600,19 @@ impl Gateway {
         Flow::Continue
     }
 
-    fn reply(&mut self, req: &mut Request, reply: Reply, host: &mut dyn Host) -> Flow {
+    fn reply(&mut self, req: &mut Request, mut reply: Reply, host: &mut dyn Host) -> Flow {
         req.outcome = reply.outcome;
         req.stage = Stage::Idle;
+        // The binding bucket's headers go with the gateway's own replies in the reply itself:
+        // Envoy runs a wasm filter's response callback on its local reply, not a dynamic
+        // module's, and both runtimes must answer alike.
+        if let Some(v) = &req.verdict {
+            for (name, value) in ratelimit::headers(v) {
+                if !reply.headers.iter().any(|(n, _)| *n == name) {
+                    reply.headers.push((name, value));
+                }
+            }
+        }
         host.send_reply(&reply);
         Flow::Paused
     }

@@ -435,13 +435,19 @@ pub fn forward_headers(
         (HEADER_GATEWAY, cfg.gateway_name.clone()),
     ];
     if let Some(id) = identity {
-        if let Some(sub) = &id.user_id {
+        // An empty claim is forwarded as no header, as an absent one (`X-User-Role` is then
+        // absent, not the default role: the role checks saw the empty value). Envoy's
+        // dynamic-module ABI cannot set an empty value (it removes the header), and an empty
+        // identity header says nothing an absent one does not.
+        if let Some(sub) = id.user_id.as_ref().filter(|s| !s.is_empty()) {
             set.push((HEADER_USER_ID, sub.clone()));
         }
-        if let Some(name) = &id.user_name {
+        if let Some(name) = id.user_name.as_ref().filter(|s| !s.is_empty()) {
             set.push((HEADER_USER_NAME, name.clone()));
         }
-        set.push((HEADER_USER_ROLE, id.role.clone()));
+        if !id.role.is_empty() {
+            set.push((HEADER_USER_ROLE, id.role.clone()));
+        }
     }
     Forward { remove, set }
 }

@@ -1724,3 +1724,34 @@ fn handed_over_refusals_are_summarised_by_the_gateway_that_writes_them() {
     assert_eq!(repeated.len(), 2, "trace and user lists: {repeated:?}");
     assert_eq!(repeated[0]["repeated"], 36);
 }
+
+/// Third attack (differential corpus): the native runtime left `X-RateLimit-*` off the
+/// filter's own replies, which Envoy runs no response callback of a dynamic module on; and an
+/// empty `role` claim reached the upstream as an empty header on one runtime, none on the other.
+#[test]
+fn own_replies_carry_the_buckets_headers_and_empty_claims_are_not_forwarded() {
+    let mut t = T::default();
+    t.send(2, "GET", "/api/v1/products/1", Some("not-a-token"));
+    t.finish(2);
+    t.send(3, "GET", "/api/v1/users/1", Some("garbage"));
+    let reply = t.req(3).reply.clone().unwrap();
+    assert_eq!(reply.status, 401);
+    let names: Vec<&str> = reply.headers.iter().map(|(n, _)| *n).collect();
+    assert!(
+        names.contains(&"x-ratelimit-limit") && names.contains(&"x-ratelimit-remaining"),
+        "{names:?}"
+    );
+    t.finish(3);
+    let payload =
+        serde_json::json!({"sub": "user-009", "name": "", "role": "", "iat": NOW_S, "exp": NOW_S + 1800});
+    let tok = forge(r#"{"alg":"HS256","typ":"JWT"}"#, &payload.to_string(), SECRET);
+    t.send(4, "GET", "/api/v1/plain/1", Some(&tok));
+    if t.req(4).paused {
+        t.answer_last(Some(200), CLEAN);
+    }
+    let r = t.req(4);
+    assert_eq!(r.header("x-user-id"), Some("user-009"));
+    assert_eq!(r.header("x-user-role"), None);
+    assert_eq!(r.header("x-user-name"), None);
+    t.finish(4);
+}
