@@ -613,6 +613,12 @@ impl Gateway {
                 }
             }
         }
+        // So does the time taken (to the last clock read: no host call; the .wasm's response
+        // callback writes it again, measured).
+        let elapsed_us = req.clock_ms.saturating_sub(req.started_ms).saturating_mul(1000);
+        reply
+            .headers
+            .push((HEADER_RESPONSE_TIME, policy::response_time(elapsed_us)));
         host.send_reply(&reply);
         Flow::Paused
     }

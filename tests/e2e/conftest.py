@@ -11,6 +11,7 @@ NOT_PER_RUNTIME = {
     "test_host_tables.py",      # the .wasm against the proxy-wasm hosts' tables
     "test_oci.py",              # the .wasm as an OCI image
     "test_readme.py",           # the README against the sources
+    "test_differential.py",     # starts both runtimes itself
 }
 
 
