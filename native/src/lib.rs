@@ -914,12 +914,25 @@ fn start_ticker(envoy: EnvoyConfig, ticking: Arc<Ticking>, tick_ms: u64) -> Resu
     std::thread::Builder::new()
         .name("gateway-ticker".into())
         .spawn(move || {
+            // The main thread is woken every period, and sooner (every 100 ms) while the
+            // workers' records wait for it: a busy gateway's records do not sit out a period.
+            let step = period.min(std::time::Duration::from_millis(100));
+            let mut since = std::time::Duration::ZERO;
             while !ticking.stop.load(Ordering::Relaxed) {
-                std::thread::sleep(period);
+                std::thread::sleep(step);
                 if ticking.stop.load(Ordering::Relaxed) {
                     break;
                 }
+                since += step;
+                let waiting = ticking.records.lock().map(|r| !r.is_empty()).unwrap_or(false);
+                if since < period && !waiting {
+                    continue;
+                }
                 scheduler.commit(0);
+                if since < period {
+                    continue; // only the main thread: the paused requests' turn comes each period
+                }
+                since = std::time::Duration::ZERO;
                 let paused: Vec<Arc<abi::Scheduler>> = ticking
                     .paused
                     .lock()
@@ -1265,17 +1278,23 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
         // SAFETY: the configuration pointer this module returned; alive until config_destroy,
         // after which Envoy delivers no event.
         let cfg = unsafe { &*(config as *const FilterConfig) };
-        let records = cfg
-            .ticking
-            .records
-            .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default();
         with_worker(cfg, |w| {
             let Worker { gateway, host } = w;
             host.main = Some(EnvoyConfig(envoy));
             host.at(None, ROOT);
-            gateway.add_stored_records(records);
+            // As many as the buffer takes now; the rest wait in the hand-over queue (bounded
+            // where the workers fill it) for the next wake-up.
+            let room = gateway.log_room();
+            let records: Vec<StoredRecord> = cfg
+                .ticking
+                .records
+                .lock()
+                .map(|mut r| {
+                    let n = r.len().min(room);
+                    r.drain(..n).collect()
+                })
+                .unwrap_or_default();
+            gateway.add_stored_records(records, &mut NativeHost { state: host });
             let relay = cfg
                 .ticking
                 .relay

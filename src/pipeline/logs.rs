@@ -315,15 +315,29 @@ impl Gateway {
         }
     }
 
-    /// Takes records another gateway gathered, under this one's buffer bounds.
-    pub fn add_stored_records(&mut self, records: Vec<StoredRecord>) {
-        let Some(capacity) = self.config.logs.store.as_ref().map(|s| s.buffer as usize) else {
+    /// Takes records another gateway gathered, under this one's buffer bounds, and sends what
+    /// the room for calls allows at once (the flush goes on as their answers come).
+    pub fn add_stored_records(&mut self, records: Vec<StoredRecord>, host: &mut dyn Host) {
+        let config = Rc::clone(&self.config);
+        let Some(store) = config.logs.store.as_ref() else {
             return;
         };
-        let now_ms = self.last_flush_ms;
+        let now_ms = host.now_ms();
         for r in records {
-            self.admit_record(r, capacity, now_ms);
+            self.admit_record(r, store.buffer as usize, now_ms);
         }
+        if !self.log_buffer.is_empty() && self.log_calls + LOG_PUMP_ROOM <= MAX_LOG_CALLS_IN_FLIGHT {
+            self.flush_logs(store, host);
+        }
+    }
+
+    /// How many more records this gateway's buffer takes now.
+    pub fn log_room(&self) -> usize {
+        self.config
+            .logs
+            .store
+            .as_ref()
+            .map_or(0, |s| (s.buffer as usize).saturating_sub(self.log_buffer.len()))
     }
 
     /// Queues a record for the store. Anonymous records may fill half the buffer; any other
@@ -371,10 +385,13 @@ impl Gateway {
     pub(super) fn flush_logs(&mut self, store: &LogStore, host: &mut dyn Host) {
         let now_ms = host.now_ms();
         self.emit_summaries(now_ms, store.buffer as usize, false);
-        if self.log_calls > MAX_LOG_CALLS_IN_FLIGHT {
-            return; // webdis is slow: keep the records buffered
+        // Two calls per record now, its trims later: no more than the in-flight cap allows
+        // (webdis is slow: the rest stay buffered).
+        let room = MAX_LOG_CALLS_IN_FLIGHT.saturating_sub(self.log_calls) / 2;
+        let n = self.log_buffer.len().min(FLUSH_BATCH).min(room);
+        if n == 0 {
+            return;
         }
-        let n = self.log_buffer.len().min(FLUSH_BATCH);
         let batch: Vec<StoredRecord> = self.log_buffer.drain(..n).collect();
         let anonymous = batch.iter().filter(|r| r.class == RecordClass::Anonymous).count();
         self.anonymous_buffered = self.anonymous_buffered.saturating_sub(anonymous);

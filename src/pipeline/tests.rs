@@ -1705,12 +1705,11 @@ fn handed_over_refusals_are_summarised_by_the_gateway_that_writes_them() {
     assert_eq!(records.len(), 38, "nothing summarised on the worker");
     assert!(worker.gw.summaries.by_caller.is_empty());
     let mut main = T::new(v);
-    main.gw.add_stored_records(records);
-    assert_eq!(
-        main.gw.log_buffer.len(),
-        2,
-        "the allowed request and the first 429"
-    );
+    main.host.current = ROOT;
+    main.gw.add_stored_records(records, &mut main.host);
+    // The allowed request and the first 429, sent at once (trace and user lists each).
+    assert_eq!(main.host.dispatched.len(), 4);
+    assert!(main.gw.log_buffer.is_empty());
     main.host.now_ms += logs::SUMMARY_WINDOW_MS + 1000;
     main.tick();
     let repeated: Vec<serde_json::Value> = main

@@ -145,3 +145,49 @@ def test_store_down_never_affects_requests(services, redis):
         assert r.status == 503
     finally:
         g.stop()
+
+
+def test_a_flood_keeps_the_log_flush_within_its_share_of_webdis(services):
+    """Log-store errors under load (third attack: 1,283 during a flood): a flush sent 200 records
+    (400 calls, then their trims) at once per worker, and each call holds a webdis connection:
+    at 1,700 requests/s two workers held all 1,024 of the cluster's connections, which the
+    revocation lookups share. Now at most 64 log calls are out per worker and the flush goes on
+    as answers come: no overflow, no store error, and nearly every record stored."""
+    import threading
+    from harness import Redis
+    r = Redis()
+    w = Webdis(r.port)
+    f = gateway_file(services.ports, free_port(), webdis_port=w.port)
+    f["logs"] = {"enabled": False, "store": {"flush_interval": 1}}
+    g = Gateway(f)
+    stop = threading.Event()
+    sent = [0]
+    toks = [token(sub=f"flood-{i}", role="user") for i in range(50)]
+
+    def run(i):
+        while not stop.is_set():
+            try:
+                g.get("/api/v1/users/1", bearer(toks[(sent[0] + i) % 50]))
+                sent[0] += 1
+            except OSError:
+                pass
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(8)
+        stop.set()
+        for t in threads:
+            t.join()
+        counts = g.settled("gateway_log_store_errors_total", "gateway_log_records_dropped_total")
+        stats = g.stats("cluster.webdis.")
+        assert counts["gateway_log_store_errors_total"] == 0, counts
+        assert int(stats.get("cluster.webdis.upstream_cx_overflow", "0")) == 0, stats
+        assert int(stats.get("cluster.webdis.upstream_rq_pending_overflow", "0")) == 0, stats
+        assert int(stats["cluster.webdis.upstream_cx_active"]) <= 512, stats["cluster.webdis.upstream_cx_active"]
+        assert counts["gateway_log_records_dropped_total"] < sent[0] // 10, (counts, sent)
+    finally:
+        stop.set()
+        g.stop()
+        w.stop()
+        r.stop()
