@@ -1495,6 +1495,16 @@ fn stale_mode_needs_the_cache() {
     assert_eq!(err.field, "revocation.failure_mode");
 }
 
+/// The summary records sent to the log store (those with `repeated`).
+fn summaries_sent(host: &FakeHost) -> Vec<serde_json::Value> {
+    host.dispatched
+        .iter()
+        .filter_map(|d| d.body.as_deref())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .filter(|v| v.get("repeated").is_some())
+        .collect()
+}
+
 fn admin_token(sub: &str) -> String {
     let payload = serde_json::json!({"sub": sub, "name": "n", "role": "admin", "iat": NOW_S, "exp": NOW_S + 1800, "jti": "adm"});
     forge(r#"{"alg":"HS256","typ":"JWT"}"#, &payload.to_string(), SECRET)
@@ -1552,14 +1562,7 @@ fn one_users_flood_of_429s_keeps_every_admin_record() {
             .filter(|r| r.class == RecordClass::Summary)
             .map(|r| serde_json::from_str(&r.json).unwrap())
             .collect();
-    let written: Vec<serde_json::Value> = t
-        .host
-        .dispatched
-        .iter()
-        .filter_map(|d| d.body.as_deref())
-        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-        .filter(|v| v.get("repeated").is_some())
-        .collect();
+    let written = summaries_sent(&t.host);
     let all: Vec<&serde_json::Value> = summaries.iter().chain(written.iter()).collect();
     assert_eq!(
         all.len(),
@@ -1712,14 +1715,7 @@ fn handed_over_refusals_are_summarised_by_the_gateway_that_writes_them() {
     assert!(main.gw.log_buffer.is_empty());
     main.host.now_ms += logs::SUMMARY_WINDOW_MS + 1000;
     main.tick();
-    let repeated: Vec<serde_json::Value> = main
-        .host
-        .dispatched
-        .iter()
-        .filter_map(|d| d.body.as_deref())
-        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-        .filter(|v| v.get("repeated").is_some())
-        .collect();
+    let repeated = summaries_sent(&main.host);
     assert_eq!(repeated.len(), 2, "trace and user lists: {repeated:?}");
     assert_eq!(repeated[0]["repeated"], 36);
 }

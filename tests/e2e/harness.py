@@ -457,19 +457,29 @@ class Webdis:
         wait_for(lambda: not port_open(self.port), what="webdis to stop")
 
 
-class GarbageServer:
-    """An HTTP server that answers every request 200 with a body that is not a webdis reply."""
+class StaticServer:
+    """An HTTP/1.1 server that answers every GET 200 with `self.body` (a test may change it at
+    any time): a key server, or a body that is not a webdis reply. A client that leaves in the
+    middle of a large body is ignored."""
 
     def __init__(self, body=b"<html>not webdis</html>"):
         import http.server
         import threading
+        self.body = body
+        outer = self
 
         class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self):
+                body = outer.body
                 self.send_response(200)
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass
 
             def log_message(self, *a):
                 pass
@@ -480,6 +490,50 @@ class GarbageServer:
 
     def stop(self):
         self.server.shutdown()
+        self.server.server_close()
+
+
+GarbageServer = StaticServer
+
+
+def connect_from(port, source):
+    """A TCP connection to the gateway from loopback address `source` (127.x.y.z)."""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def get_from(port, source, path, headers=()):
+    """The status of one request from `source`; None when the connection was refused."""
+    try:
+        s = connect_from(port, source)
+    except (ConnectionResetError, ConnectionRefusedError):
+        return None
+    try:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\n{extra}Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return int(data.split(b" ", 2)[1]) if data else None
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+    finally:
+        s.close()
+
+
+def closed_by_peer(s, within=2.0):
+    """Whether the gateway closed socket `s` within `within` seconds."""
+    s.settimeout(within)
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except OSError:  # timeout: still open
+        return False
 
 
 class DelayProxy:

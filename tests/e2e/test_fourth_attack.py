@@ -1,23 +1,21 @@
 """Regression tests for the fourth outside attack (keys that outlive their rotation, audit
 records one user can evict, an edge two handfuls of clients can close): real Envoy with the
 built module (both runtimes), real webdis and Redis, a key server the test controls."""
-import http.server
 import json
 import re
-import socket
 import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
 
-import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from conftest import gateway_file
-from harness import Gateway, b64url, bearer, free_port, request, token, wait_for
+from harness import (Gateway, StaticServer, b64url, bearer, closed_by_peer, connect_from, free_port, get_from,
+                     request, token, wait_for)
 
 ISS = "https://rotating.example"
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,39 +74,14 @@ class Key:
         return f"{h}.{p}.{b64url(sig)}"
 
 
-class Provider:
+class Provider(StaticServer):
     """A key server whose document the test replaces at will."""
 
     def __init__(self, keys):
-        self.doc = json.dumps({"keys": keys}).encode()
-        outer = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                body = outer.doc
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except OSError:
-                    pass
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(json.dumps({"keys": keys}).encode())
 
     def serve(self, keys=None, raw=None):
-        self.doc = raw if raw is not None else json.dumps({"keys": keys}).encode()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.body = raw if raw is not None else json.dumps({"keys": keys}).encode()
 
 
 def idp_file(services, provider, algorithms=("RS256", "ES256", "EdDSA"), **gateway):
@@ -158,25 +131,6 @@ def test_cached_tokens_die_with_their_key_material(services):
         provider.stop()
 
 
-def _get_from(port, source, path, headers=()):
-    """The status of one request from `source`; None when the connection was refused."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((source, 0))
-    s.settimeout(5)
-    try:
-        s.connect(("127.0.0.1", port))
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\n{extra}Connection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-        return int(data.split(b" ", 2)[1]) if data else None
-    except (ConnectionResetError, BrokenPipeError):
-        return None
-    finally:
-        s.close()
-
-
 def test_a_crowded_kid_and_bad_signatures_are_bounded(services):
     """Finding 4: 64 Ed25519 keys under one kid made each bad signature cost 64 checks. The set
     keeps two keys per kid and family (the rest counted), and each address has a budget of
@@ -192,13 +146,13 @@ def test_a_crowded_kid_and_bad_signatures_are_bounded(services):
         dropped = "issuer=.=rotating;.;gateway_jwks_keys_dropped_total"
         wait_for(lambda: gw.counter(dropped) >= 62, timeout=10, what="dropped keys counted")
         forged = Key("EdDSA").token("x")
-        statuses = [_get_from(gw.port, "127.0.4.1", "/api/v1/users/1", bearer(forged)) for _ in range(12)]
+        statuses = [get_from(gw.port, "127.0.4.1", "/api/v1/users/1", bearer(forged)) for _ in range(12)]
         assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}, statuses
         # A key dropped from the crowd verifies nothing: its token is a bad signature too.
-        assert _get_from(gw.port, "127.0.4.2", "/api/v1/users/1", bearer(keys[63].token("x"))) == 401
+        assert get_from(gw.port, "127.0.4.2", "/api/v1/users/1", bearer(keys[63].token("x"))) == 401
         # Another address still has its budget; a token already verified passes everywhere.
-        assert _get_from(gw.port, "127.0.4.3", "/api/v1/users/1", bearer(forged)) == 401
-        assert {_get_from(gw.port, "127.0.4.1", "/api/v1/users/1", bearer(good)) for _ in range(4)} == {200}
+        assert get_from(gw.port, "127.0.4.3", "/api/v1/users/1", bearer(forged)) == 401
+        assert {get_from(gw.port, "127.0.4.1", "/api/v1/users/1", bearer(good)) for _ in range(4)} == {200}
     finally:
         gw.stop()
         provider.stop()
@@ -265,24 +219,6 @@ def test_one_users_flood_of_429s_keeps_every_admin_record(services, redis, webdi
         gw.stop()
 
 
-def _connect(port, source):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((source, 0))
-    s.settimeout(5)
-    s.connect(("127.0.0.1", port))
-    return s
-
-
-def _closed_by_peer(s, within):
-    s.settimeout(within)
-    try:
-        return s.recv(1) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except OSError:
-        return False
-
-
 def _prometheus(port):
     return request(port, "GET", "/stats/prometheus").body.decode()
 
@@ -301,9 +237,9 @@ def test_eleven_clients_of_idle_sockets_do_not_close_the_edge(services):
     held = []
     try:
         # Silent sockets: closed after the first-byte timeout, counted.
-        silent = [_connect(g.port, "127.0.5.1") for _ in range(10)]
+        silent = [connect_from(g.port, "127.0.5.1") for _ in range(10)]
         t0 = time.monotonic()
-        assert all(_closed_by_peer(s, 6) for s in silent)
+        assert all(closed_by_peer(s, 6) for s in silent)
         assert 1.5 < time.monotonic() - t0 < 6
         for s in silent:
             s.close()
@@ -312,7 +248,7 @@ def test_eleven_clients_of_idle_sockets_do_not_close_the_edge(services):
         # 11 addresses each filling their cap with connections that made a request and idle.
         for a in range(11):
             for _ in range(20):
-                s = _connect(g.port, f"127.0.6.{a + 1}")
+                s = connect_from(g.port, f"127.0.6.{a + 1}")
                 s.sendall(b"GET /api/v1/p/1 HTTP/1.1\r\nHost: gw\r\n\r\n")
                 held.append(s)
         time.sleep(1)
@@ -328,9 +264,9 @@ def test_eleven_clients_of_idle_sockets_do_not_close_the_edge(services):
         # 170 shared, then each address holds no more than what it had; the reserve is left.
         assert 150 <= len(alive) <= 175, len(alive)
         # Another client, and /ready on the metrics listener, are served.
-        assert [_get_from(g.port, f"127.0.7.{i + 1}", "/api/v1/p/1") for i in range(5)] == [200] * 5
+        assert [get_from(g.port, f"127.0.7.{i + 1}", "/api/v1/p/1") for i in range(5)] == [200] * 5
         assert request(g.admin_port, "GET", "/ready").status == 200
-        assert [_get_from(g.port, "127.0.6.1", "/api/v1/p/1") for _ in range(3)] != [200] * 3
+        assert [get_from(g.port, "127.0.6.1", "/api/v1/p/1") for _ in range(3)] != [200] * 3
     finally:
         for s in held:
             s.close()

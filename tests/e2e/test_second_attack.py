@@ -12,7 +12,8 @@ import uuid
 import pytest
 
 from conftest import gateway_file
-from harness import Gateway, Redis, Webdis, bearer, forge, free_port, wait_for
+from harness import (Gateway, Redis, StaticServer, Webdis, bearer, closed_by_peer, connect_from, forge, free_port,
+                     get_from, wait_for)
 
 REVOKED = "Token has been revoked"
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -175,28 +176,10 @@ def test_webdis_replies_for_other_calls_are_never_taken_as_answers(services):
 def test_a_huge_key_set_does_not_crash_the_vm(services):
     """A key server answering 70 MiB (over Envoy's async-client buffer): the fetch fails, the
     VM lives, and unrelated HS256 traffic is served throughout."""
-    import http.server
-    body = b'{"keys":[' + b" " * (70 << 20) + b"]}"
-
-    class H(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            try:
-                self.wfile.write(body)
-            except OSError:
-                pass
-
-        def log_message(self, *a):
-            pass
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = StaticServer(b'{"keys":[' + b" " * (70 << 20) + b"]}")
     f = gateway_file(services.ports, free_port())
     f["jwt"]["issuers"] = [{"name": "huge", "issuer": "https://huge.example", "algorithms": ["RS256"],
-                            "remote_jwks": {"uri": f"http://127.0.0.1:{server.server_address[1]}/jwks",
+                            "remote_jwks": {"uri": f"http://127.0.0.1:{server.port}/jwks",
                                             "refresh_interval": 1, "min_refetch_interval": 0.5, "timeout": 3}}]
     gw = Gateway(f)
     try:
@@ -212,7 +195,7 @@ def test_a_huge_key_set_does_not_crash_the_vm(services):
         assert gw.counter("issuer=.=huge;.;gateway_jwks_fetch_errors_total") >= 1 or "jwks fetch for issuer huge failed" in log
     finally:
         gw.stop()
-        server.shutdown()
+        server.stop()
 
 
 def test_unrouted_and_refused_anonymous_requests_cost_the_store_nothing(gw, redis):
@@ -341,37 +324,6 @@ def test_addresses_sharing_a_slot_share_its_budget(services):
         g.stop()
 
 
-def _connect(port, source):
-    import socket
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((source, 0))
-    s.settimeout(5)
-    s.connect(("127.0.0.1", port))
-    return s
-
-
-def _get(port, source, path="/api/v1/p/1"):
-    s = _connect(port, source)
-    try:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-        return int(data.split(b" ", 2)[1]) if data else None
-    finally:
-        s.close()
-
-
-def _closed_by_peer(s, within=2.0):
-    s.settimeout(within)
-    try:
-        return s.recv(1) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except OSError:  # timeout: still open
-        return False
-
-
 def test_one_clients_idle_or_slow_connections_cannot_deny_another(services):
     """Finding 7: one address opening idle sockets holds at most its per-client share of
     Envoy's connections (the module as a network filter, counts in shared data across workers);
@@ -388,35 +340,35 @@ def test_one_clients_idle_or_slow_connections_cannot_deny_another(services):
     idle, slow = [], []
     try:
         # 20 idle sockets from one address: 5 stay, the others are closed at once.
-        idle = [_connect(g.port, "127.0.0.2") for _ in range(20)]
+        idle = [connect_from(g.port, "127.0.0.2") for _ in range(20)]
         time.sleep(0.5)
-        closed = [s for s in idle if _closed_by_peer(s, 0.2)]
+        closed = [s for s in idle if closed_by_peer(s, 0.2)]
         assert len(closed) == 15, len(closed)
         # The network filter of the runtime in use (the .wasm's, or the native module's).
         name = g.stat_name("gateway_connections_refused_total")
         refused = g.stats("gateway_connections_refused_total").get(name)
         assert int(refused or 0) == 15
         # Another address is served, again and again, while they are held.
-        assert [_get(g.port, "127.0.0.3") for _ in range(10)] == [200] * 10
+        assert [get_from(g.port, "127.0.0.3", "/api/v1/p/1") for _ in range(10)] == [200] * 10
         # Closing them gives the address its share back (the count is released).
         for s in idle:
             s.close()
         idle = []
         time.sleep(0.5)
-        idle = [_connect(g.port, "127.0.0.2") for _ in range(5)]
+        idle = [connect_from(g.port, "127.0.0.2") for _ in range(5)]
         time.sleep(0.3)
-        assert not any(_closed_by_peer(s, 0.2) for s in idle)
+        assert not any(closed_by_peer(s, 0.2) for s in idle)
         for s in idle:
             s.close()
         idle = []
 
         # Slow bodies from other addresses: more than the circuit breaker's 4 slots.
         for i in range(8):
-            s = _connect(g.port, f"127.0.1.{i + 1}")
+            s = connect_from(g.port, f"127.0.1.{i + 1}")
             s.sendall(b"POST /api/v1/p/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\nslow")
             slow.append(s)
         time.sleep(0.5)
-        assert [_get(g.port, "127.0.0.3") for _ in range(5)] == [200] * 5
+        assert [get_from(g.port, "127.0.0.3", "/api/v1/p/1") for _ in range(5)] == [200] * 5
         # The request timeout (8 s: without the buffering, the requests above would wait on the
         # slow bodies' slots for longer than the client's 5 s) cuts the slow bodies off: a JSON 408.
         s = slow[0]
