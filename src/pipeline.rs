@@ -53,14 +53,14 @@ pub use crate::outcome::message::{
 
 /// How often each VM hands its counts to the host (Envoy itself flushes stats every 5 s).
 pub const COUNTER_FLUSH_MS: u64 = 1000;
-/// Records written per VM per flush, and the cap on outstanding log-store calls per VM. Each
-/// record is up to four calls (its trace list, its user list, their trims and expiries run after
-/// them), and every call holds one of the webdis cluster's connections while it is out (each
-/// worker has its own pool): the cluster's circuit breaker (1,024 connections) is shared with the
-/// revocation lookups, which the log flush must never crowd out. Measured at 1,700 requests/s
-/// with two workers: a flush of 200 records at once held all 1,024 connections (33 overflows);
-/// instead at most this many calls are out, and the flush goes on as their answers come.
-const FLUSH_BATCH: usize = 200;
+/// The cap on log-store pushes a VM sends out. Each record is two pushes (its trace list, its
+/// user list), and each push that went in is followed by up to two calls (its list's trim and
+/// expiry), so at most about twice this many calls are out; every call holds one of the webdis
+/// cluster's connections while it is out (each worker has its own pool), and the cluster's
+/// circuit breaker (1,024 connections) is shared with the revocation lookups, which the log
+/// flush must never crowd out. Measured at 1,700 requests/s with two workers: a flush of 200
+/// records at once held all 1,024 connections (33 overflows); with this cap and the flush going
+/// on as answers come, 256.
 const MAX_LOG_CALLS_IN_FLIGHT: usize = 64;
 /// Room (calls) an answer must leave before it sends more records, so they go in batches.
 const LOG_PUMP_ROOM: usize = 16;
@@ -621,9 +621,8 @@ impl Gateway {
                 }
             }
         }
-        // So does the time taken (to the last clock read: no host call; the .wasm's response
-        // callback writes it again, measured).
-        let elapsed_us = req.clock_ms.saturating_sub(req.started_ms).saturating_mul(1000);
+        // So does the time taken (the .wasm's response callback writes it again).
+        let elapsed_us = host.now_ms().saturating_sub(req.started_ms).saturating_mul(1000);
         reply
             .headers
             .push((HEADER_RESPONSE_TIME, policy::response_time(elapsed_us)));

@@ -906,6 +906,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     })
 }
 
+/// The ticker's events for the main thread: the period's (the timer's work), and an early one
+/// while the workers' records wait.
+const TICK_EVENT: u64 = 0;
+const RECORDS_EVENT: u64 = 1;
+
 /// The ticker thread (see [`Ticking`]); it stops when the configuration goes, and deletes the
 /// configuration's scheduler itself (Envoy allows that from any thread).
 fn start_ticker(envoy: EnvoyConfig, ticking: Arc<Ticking>, tick_ms: u64) -> Result<(), String> {
@@ -916,23 +921,25 @@ fn start_ticker(envoy: EnvoyConfig, ticking: Arc<Ticking>, tick_ms: u64) -> Resu
         .spawn(move || {
             // The main thread is woken every period, and sooner (every 100 ms) while the
             // workers' records wait for it: a busy gateway's records do not sit out a period.
-            let step = period.min(std::time::Duration::from_millis(100));
-            let mut since = std::time::Duration::ZERO;
+            let step = std::time::Duration::from_millis(100);
+            let mut next = std::time::Instant::now() + period;
             while !ticking.stop.load(Ordering::Relaxed) {
-                std::thread::sleep(step);
+                let now = std::time::Instant::now();
+                std::thread::sleep(next.saturating_duration_since(now).min(step));
                 if ticking.stop.load(Ordering::Relaxed) {
                     break;
                 }
-                since += step;
+                let due = std::time::Instant::now() >= next;
                 let waiting = ticking.records.lock().map(|r| !r.is_empty()).unwrap_or(false);
-                if since < period && !waiting {
+                if !due {
+                    if waiting {
+                        scheduler.commit(RECORDS_EVENT); // only the main thread, for the records
+                    }
                     continue;
                 }
-                scheduler.commit(0);
-                if since < period {
-                    continue; // only the main thread: the paused requests' turn comes each period
-                }
-                since = std::time::Duration::ZERO;
+                scheduler.commit(TICK_EVENT);
+                // The next period from this one, or from now when the thread fell behind.
+                next = (next + period).max(std::time::Instant::now());
                 let paused: Vec<Arc<abi::Scheduler>> = ticking
                     .paused
                     .lock()
@@ -1269,7 +1276,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
     envoy: *mut c_void,
     config: *const c_void,
-    _: u64,
+    event: u64,
 ) {
     guard("config_scheduled", (), || {
         if config.is_null() {
@@ -1282,19 +1289,21 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
             let Worker { gateway, host } = w;
             host.main = Some(EnvoyConfig(envoy));
             host.at(None, ROOT);
-            // As many as the buffer takes now; the rest wait in the hand-over queue (bounded
-            // where the workers fill it) for the next wake-up.
-            let room = gateway.log_room();
+            // What the buffer takes now; the rest go back to the front of the hand-over queue
+            // (bounded where the workers fill it) for the next wake-up.
             let records: Vec<StoredRecord> = cfg
                 .ticking
                 .records
                 .lock()
-                .map(|mut r| {
-                    let n = r.len().min(room);
-                    r.drain(..n).collect()
-                })
+                .map(|mut r| std::mem::take(&mut *r))
                 .unwrap_or_default();
-            gateway.add_stored_records(records, &mut NativeHost { state: host });
+            let left = gateway.add_stored_records(records, &mut NativeHost { state: host });
+            if !left.is_empty() {
+                if let Ok(mut r) = cfg.ticking.records.lock() {
+                    let newer = std::mem::replace(&mut *r, left);
+                    r.extend(newer);
+                }
+            }
             let relay = cfg
                 .ticking
                 .relay
@@ -1313,8 +1322,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
                     }
                 }
             }
-            gateway.on_tick(ROOT, &mut NativeHost { state: host });
-            gateway.flush_counters(&mut NativeHost { state: host });
+            // The timer's work on the period's event only (the early ones are for the records).
+            if event == TICK_EVENT {
+                gateway.on_tick(ROOT, &mut NativeHost { state: host });
+                gateway.flush_counters(&mut NativeHost { state: host });
+            }
         });
     });
 }

@@ -75,7 +75,9 @@ impl Gateway {
                 self.inc(id);
                 let config = Rc::clone(&self.config);
                 if let Some(store) = config.logs.store.as_ref() {
-                    for path in then {
+                    // The trims follow a push that went in (after a failed one they would only
+                    // add calls to a store that is failing).
+                    for path in then.into_iter().filter(|_| ok) {
                         self.store_call(store, "GET", &path, None, Vec::new(), host);
                     }
                     // The flush goes on as answers free room (a bounded number of calls out).

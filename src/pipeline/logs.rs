@@ -316,28 +316,39 @@ impl Gateway {
     }
 
     /// Takes records another gateway gathered, under this one's buffer bounds, and sends what
-    /// the room for calls allows at once (the flush goes on as their answers come).
-    pub fn add_stored_records(&mut self, records: Vec<StoredRecord>, host: &mut dyn Host) {
+    /// the room for calls allows at once (the flush goes on as their answers come). Returns, in
+    /// order, the records it has no room for yet (the caller keeps them for later): a refusal
+    /// its summary counts needs no room, and a privileged or summary record takes the place of
+    /// a lower one as in [`Gateway::buffer_record`].
+    pub fn add_stored_records(
+        &mut self,
+        records: Vec<StoredRecord>,
+        host: &mut dyn Host,
+    ) -> Vec<StoredRecord> {
         let config = Rc::clone(&self.config);
         let Some(store) = config.logs.store.as_ref() else {
-            return;
+            return Vec::new();
         };
+        let capacity = store.buffer as usize;
         let now_ms = host.now_ms();
+        let mut left = Vec::new();
         for r in records {
-            self.admit_record(r, store.buffer as usize, now_ms);
+            let counted = r.repeat.as_ref().is_some_and(|(caller, decision)| {
+                self.summaries
+                    .by_caller
+                    .contains_key(&(caller.clone(), *decision, r.class))
+            });
+            let room = self.log_buffer.len() < capacity;
+            if counted || room || r.class >= RecordClass::Summary {
+                self.admit_record(r, capacity, now_ms);
+            } else {
+                left.push(r);
+            }
         }
         if !self.log_buffer.is_empty() && self.log_calls + LOG_PUMP_ROOM <= MAX_LOG_CALLS_IN_FLIGHT {
             self.flush_logs(store, host);
         }
-    }
-
-    /// How many more records this gateway's buffer takes now.
-    pub fn log_room(&self) -> usize {
-        self.config
-            .logs
-            .store
-            .as_ref()
-            .map_or(0, |s| (s.buffer as usize).saturating_sub(self.log_buffer.len()))
+        left
     }
 
     /// Queues a record for the store. Anonymous records may fill half the buffer; any other
@@ -379,7 +390,7 @@ impl Gateway {
         }
     }
 
-    /// Writes up to [`FLUSH_BATCH`] buffered records: each appended to its trace's list and
+    /// Writes as many buffered records as [`MAX_LOG_CALLS_IN_FLIGHT`] leaves room for: each appended to its trace's list and
     /// prepended to its user's list (trimmed to the configured count); keys expire with the
     /// retention.
     pub(super) fn flush_logs(&mut self, store: &LogStore, host: &mut dyn Host) {
@@ -388,7 +399,7 @@ impl Gateway {
         // Two calls per record now, its trims later: no more than the in-flight cap allows
         // (webdis is slow: the rest stay buffered).
         let room = MAX_LOG_CALLS_IN_FLIGHT.saturating_sub(self.log_calls) / 2;
-        let n = self.log_buffer.len().min(FLUSH_BATCH).min(room);
+        let n = self.log_buffer.len().min(room);
         if n == 0 {
             return;
         }

@@ -1750,3 +1750,34 @@ fn own_replies_carry_the_buckets_headers_and_empty_claims_are_not_forwarded() {
     assert_eq!(r.header("x-user-name"), None);
     t.finish(4);
 }
+
+/// The native main thread takes what its buffer has room for and keeps the rest for later: a
+/// refusal its summary counts needs no room, a privileged record takes a lower one's place.
+#[test]
+fn handed_over_records_beyond_the_room_are_given_back_in_order() {
+    let mut v = base();
+    v["logs"] = serde_json::json!({"enabled": false, "store": {"buffer": 2}});
+    let mut main = T::new(v);
+    main.host.current = ROOT;
+    // Room for no call: every record stays buffered.
+    main.gw.log_calls = MAX_LOG_CALLS_IN_FLIGHT;
+    let rec = |class, n: u32| StoredRecord {
+        trace_id: format!("t{n}"),
+        user_id: Some("u".to_string()),
+        json: String::new(),
+        class,
+        repeat: None,
+    };
+    let records = vec![
+        rec(RecordClass::Ordinary, 1),
+        rec(RecordClass::Ordinary, 2),
+        rec(RecordClass::Ordinary, 3),
+        rec(RecordClass::Privileged, 4),
+        rec(RecordClass::Ordinary, 5),
+    ];
+    let left = main.gw.add_stored_records(records, &mut main.host);
+    let kept: Vec<&str> = main.gw.log_buffer.iter().map(|r| r.trace_id.as_str()).collect();
+    assert_eq!(kept, ["t2", "t4"]);
+    let given_back: Vec<&str> = left.iter().map(|r| r.trace_id.as_str()).collect();
+    assert_eq!(given_back, ["t3", "t5"]);
+}
