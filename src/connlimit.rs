@@ -149,9 +149,8 @@ fn encode(count: u32, at: u64) -> [u8; SLOT_LEN] {
 /// What [`ConnectionLimit::admit`] decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Counted in this slot (and in the total, when `true`): release it when the connection
-    /// closes.
-    Admitted(String, bool),
+    /// Counted: release it when the connection closes.
+    Admitted(Counted),
     /// The address holds `max_per_client` connections already.
     Refused,
     /// The store would not take the update (contention, failure): let it through uncounted.
@@ -176,17 +175,14 @@ impl ConnectionLimit {
             .shared_above
             .is_some_and(|above| self.open_count(store, TOTAL_KEY, now_ms) >= above);
         for _ in 0..CAS_ATTEMPTS {
-            let (bytes, cas) = store.get(&key).map_or((Vec::new(), None), |(v, c)| (v, Some(c)));
-            let (count, at) = decode(&bytes);
-            let stale = now_ms.saturating_sub(at) > self.max_age_ms;
-            let count = if stale { 0 } else { count };
+            let (count, at, cas) = self.read(store, &key, now_ms);
             if count >= self.max_per_client || (crowded && count > 0) {
                 return Admission::Refused;
             }
             match store.set(&key, &encode(count + 1, now_ms.max(at)), cas) {
                 Ok(()) => {
                     let total = self.shared_above.is_some() && self.add_total(store, now_ms);
-                    return Admission::Admitted(key, total);
+                    return Admission::Admitted(Counted { slot: key, total });
                 }
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Failed) => return Admission::Uncounted,
@@ -195,29 +191,24 @@ impl ConnectionLimit {
         Admission::Uncounted
     }
 
-    /// The connections counted under `key`, as of `now_ms` (none once it admitted nothing for
-    /// `max_age`).
+    /// The count under `key` as of `now_ms` (0 once it admitted nothing for `max_age`), when it
+    /// last admitted one, and the version to write against.
+    fn read(&self, store: &dyn SharedStore, key: &str, now_ms: u64) -> (u32, u64, Option<u32>) {
+        let (bytes, cas) = store.get(key).map_or((Vec::new(), None), |(v, c)| (v, Some(c)));
+        let (count, at) = decode(&bytes);
+        let fresh = now_ms.saturating_sub(at) <= self.max_age_ms;
+        (if fresh { count } else { 0 }, at, cas)
+    }
+
+    /// The connections counted under `key`, as of `now_ms`.
     fn open_count(&self, store: &dyn SharedStore, key: &str, now_ms: u64) -> u32 {
-        let (count, at) = store.get(key).map_or((0, 0), |(v, _)| decode(&v));
-        if now_ms.saturating_sub(at) > self.max_age_ms {
-            0
-        } else {
-            count
-        }
+        self.read(store, key, now_ms).0
     }
 
     /// Adds one to the total; whether it was added (only then is it released).
     fn add_total(&self, store: &dyn SharedStore, now_ms: u64) -> bool {
         for _ in 0..COUNT_ATTEMPTS {
-            let (bytes, cas) = store
-                .get(TOTAL_KEY)
-                .map_or((Vec::new(), None), |(v, c)| (v, Some(c)));
-            let (count, at) = decode(&bytes);
-            let count = if now_ms.saturating_sub(at) > self.max_age_ms {
-                0
-            } else {
-                count
-            };
+            let (count, at, cas) = self.read(store, TOTAL_KEY, now_ms);
             match store.set(TOTAL_KEY, &encode(count.saturating_add(1), now_ms.max(at)), cas) {
                 Ok(()) => return true,
                 Err(SetError::CasMismatch) => continue,
@@ -290,7 +281,7 @@ impl Connections {
             .limit
             .admit(store, &self.seed, &crate::ratelimit::client_group(&ip), now_ms)
         {
-            Admission::Admitted(slot, total) => Ok(Some(Counted { slot, total })),
+            Admission::Admitted(counted) => Ok(Some(counted)),
             Admission::Uncounted => Ok(None),
             Admission::Refused => Err(Refused),
         }
@@ -463,10 +454,10 @@ mod tests {
             Admission::Admitted(..)
         ));
         // A closed connection makes room again.
-        let Admission::Admitted(key, _) = &held[0] else {
+        let Admission::Admitted(counted) = &held[0] else {
             panic!()
         };
-        ConnectionLimit::release(&store, key);
+        ConnectionLimit::release(&store, &counted.slot);
         assert!(matches!(
             l.admit(&store, &seed, "10.0.0.1", 1_001),
             Admission::Admitted(..)

@@ -42,7 +42,7 @@ mod logs;
 mod metrics;
 mod revocation;
 
-pub use logs::{bound_records, RecordClass, StoredRecord, RECORD_CLASSES};
+pub use logs::{bound_records, StoredRecord, RECORD_CLASSES};
 use metrics::Metrics;
 
 pub const HEADER_RESPONSE_TIME: &str = "x-response-time";

@@ -80,12 +80,7 @@ impl Gateway {
                     for path in then.into_iter().filter(|_| ok) {
                         self.store_call(store, "GET", &path, None, Vec::new(), host);
                     }
-                    // The flush goes on as answers free room (a bounded number of calls out).
-                    if !self.log_buffer.is_empty()
-                        && self.log_calls + LOG_PUMP_ROOM <= MAX_LOG_CALLS_IN_FLIGHT
-                    {
-                        self.flush_logs(store, host);
-                    }
+                    self.pump_logs(store, host);
                 }
             }
             Call::Sync { route, delta } => self.sync_answered(&route, delta, status, &body, host),

@@ -24,8 +24,8 @@ pub const RECORD_CLASSES: usize = 4;
 
 /// A caller's repeated refusals are summarised per window of this length.
 pub const SUMMARY_WINDOW_MS: u64 = 10_000;
-/// Callers summarised at once per VM; refusals of further callers in the window are dropped
-/// (counted as dropped summaries).
+/// Callers summarised at once per VM; refusals of further callers in the window are buffered as
+/// they are (their class bounds them).
 pub const MAX_SUMMARIES: usize = 256;
 
 /// A record waiting for the store.
@@ -39,12 +39,6 @@ pub struct StoredRecord {
     /// record (this one, or the native main thread's) stores the first of a window and counts
     /// the others.
     pub(super) repeat: Option<(String, &'static str)>,
-}
-
-impl StoredRecord {
-    pub fn class(&self) -> RecordClass {
-        self.class
-    }
 }
 
 /// One caller's refusals of one kind in the current window: the first was stored as it came,
@@ -220,7 +214,7 @@ impl Gateway {
             };
             let now_ms = req.clock_ms.max(req.started_ms);
             if self.summarize_here {
-                self.emit_summaries(now_ms, capacity, false);
+                self.emit_summaries(now_ms, capacity);
                 self.admit_record(stored, capacity, now_ms);
             } else {
                 self.buffer_record(stored, capacity);
@@ -263,10 +257,10 @@ impl Gateway {
     }
 
     /// Writes the window's summaries (each caller's refusals beyond the first, counted) into the
-    /// buffer once the window is over, or now (`all`).
-    pub(super) fn emit_summaries(&mut self, now_ms: u64, capacity: usize, all: bool) {
+    /// buffer once the window is over.
+    pub(super) fn emit_summaries(&mut self, now_ms: u64, capacity: usize) {
         if self.summaries.by_caller.is_empty()
-            || (!all && now_ms < self.summaries.started_ms.saturating_add(SUMMARY_WINDOW_MS))
+            || now_ms < self.summaries.started_ms.saturating_add(SUMMARY_WINDOW_MS)
         {
             return;
         }
@@ -345,10 +339,16 @@ impl Gateway {
                 left.push(r);
             }
         }
+        self.pump_logs(store, host);
+        left
+    }
+
+    /// Sends more buffered records when the calls out leave room for a batch (the flush goes on
+    /// as answers come, not only on the timer).
+    pub(super) fn pump_logs(&mut self, store: &LogStore, host: &mut dyn Host) {
         if !self.log_buffer.is_empty() && self.log_calls + LOG_PUMP_ROOM <= MAX_LOG_CALLS_IN_FLIGHT {
             self.flush_logs(store, host);
         }
-        left
     }
 
     /// Queues a record for the store. Anonymous records may fill half the buffer; any other
@@ -395,7 +395,7 @@ impl Gateway {
     /// retention.
     pub(super) fn flush_logs(&mut self, store: &LogStore, host: &mut dyn Host) {
         let now_ms = host.now_ms();
-        self.emit_summaries(now_ms, store.buffer as usize, false);
+        self.emit_summaries(now_ms, store.buffer as usize);
         // Two calls per record now, its trims later: no more than the in-flight cap allows
         // (webdis is slow: the rest stay buffered).
         let room = MAX_LOG_CALLS_IN_FLIGHT.saturating_sub(self.log_calls) / 2;

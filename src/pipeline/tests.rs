@@ -2,6 +2,7 @@
 //! callout, the gateway's endpoints, failure modes, coalesced lookups, and the number of host
 //! calls per request path.
 
+use super::logs::RecordClass;
 use super::*;
 use crate::host::fake::{FakeHost, FakeRequest};
 use crate::jwt::tests::{forge, SECRET};
