@@ -99,6 +99,8 @@ struct Write {
     /// The deciding write (`SET token:revoked:<id> NX`), sent once the first one (the
     /// reference's `token:blacklist:<token>`) is confirmed.
     then: Option<String>,
+    /// What a replica must hold before the reply, with `revocation.confirm`.
+    held: rv::Held,
 }
 
 #[derive(Debug)]
@@ -118,6 +120,14 @@ enum Stage {
     Revocation(Next),
     /// Waiting for the store to confirm an endpoint's write.
     Write(Write),
+    /// Written to the primary; waiting for a replica to hold it (`revocation.confirm`) before
+    /// `reply` goes out. `tries`: read-backs sent so far.
+    Confirm {
+        reply: Reply,
+        held: rv::Held,
+        deadline_ms: u64,
+        tries: u32,
+    },
     /// Waiting for signing keys its token needs (a fetch is out, here or in another VM).
     Keys { target: Target, deadline_ms: u64 },
     /// Waiting for the log store's answer to a query.
@@ -181,6 +191,10 @@ enum Call {
     Write {
         context: u32,
     },
+    /// A read-back of a revocation from a replica.
+    Confirm {
+        context: u32,
+    },
     Query {
         context: u32,
     },
@@ -230,6 +244,8 @@ pub struct Gateway {
     /// The nonce each outstanding webdis call's reply must carry (see [`crate::webdis::nonce_path`]).
     nonces: HashMap<u32, u64>,
     inflight: HashMap<u64, Inflight>,
+    /// Requests whose revocation no replica held yet: read back again on the next tick.
+    confirming: Vec<u32>,
     log_buffer: VecDeque<StoredRecord>,
     /// How many of the buffered records are anonymous (no user).
     anonymous_buffered: usize,
@@ -313,6 +329,7 @@ impl Gateway {
             calls: HashMap::new(),
             nonces: HashMap::new(),
             inflight: HashMap::new(),
+            confirming: Vec::new(),
             log_buffer: VecDeque::new(),
             anonymous_buffered: 0,
             summaries: logs::Summaries::default(),

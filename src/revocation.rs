@@ -71,6 +71,93 @@ pub struct RevocationSettings {
     pub revoke_roles: Vec<String>,
     #[serde(default)]
     pub refresh: RefreshSettings,
+    /// Acknowledge a revocation only once a replica holds it (a Redis Cluster behind Envoy's
+    /// `redis_proxy`); absent: once the primary acknowledged the write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm: Option<ConfirmSettings>,
+}
+
+/// `revocation.confirm`: after the primary acknowledged a revocation, read its keys back
+/// through a second webdis whose Redis connection is Envoy's `redis_proxy` with
+/// `read_policy: REPLICA` (and no redirection), and answer only once a replica holds them.
+/// Redis replicates asynchronously and measures a replica's lag by the time since its last
+/// acknowledgement, not by what it copied: a primary whose replication stream is cut in one
+/// direction keeps acknowledging writes its replica never receives, and a failover then loses
+/// them. Read back, a revocation is on two nodes before anyone is told it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmSettings {
+    /// Envoy cluster of the replica-reading webdis.
+    pub cluster: String,
+    /// Seconds a revocation may wait for a replica before it is answered 503 (the write stays
+    /// on the primary: it still counts where it survives; the caller is told to retry).
+    #[serde(default = "default_confirm_timeout")]
+    pub timeout: f64,
+    /// `:authority` of its calls (default: from the cluster name, as for webdis).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+fn default_confirm_timeout() -> f64 {
+    1.0
+}
+
+/// The compiled `revocation.confirm`.
+#[derive(Debug, Clone)]
+pub struct Confirm {
+    pub cluster: String,
+    pub authority: String,
+    pub timeout_ms: u64,
+}
+
+/// How often a revocation whose keys no replica held yet is read back again (the first retry
+/// is immediate: a replica is normally a fraction of a millisecond behind).
+pub const CONFIRM_RETRY_MS: u64 = 50;
+
+/// What a replica must hold before a revocation is acknowledged: every key, and for a ban a
+/// value no older than the ban's (a later ban may have replaced it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub keys: Vec<String>,
+    pub at_least: Option<i64>,
+}
+
+impl Held {
+    /// `MGET` of the keys, sent to the replica-reading webdis.
+    pub fn path(&self) -> String {
+        let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+        command_path("MGET", &keys)
+    }
+
+    /// Whether webdis's `{"MGET": [...]}` reply shows every key held. A missing key is
+    /// `Ok(false)` (not yet replicated); a reply of another shape is an error.
+    pub fn parse(&self, status: Option<u16>, body: &[u8]) -> Result<bool, StoreError> {
+        let v = json_reply(status, body)?;
+        let items = v
+            .get("MGET")
+            .and_then(|m| m.as_array())
+            .ok_or(StoreError::BadReply("no MGET array"))?;
+        if items.len() != self.keys.len() {
+            return Err(StoreError::BadReply("wrong number of values"));
+        }
+        let mut held = true;
+        for item in items {
+            match item {
+                serde_json::Value::Null => held = false,
+                serde_json::Value::String(s) => {
+                    if let Some(min) = self.at_least {
+                        let v = s
+                            .trim()
+                            .parse::<i64>()
+                            .map_err(|_| StoreError::BadReply("revoked_before is not an integer"))?;
+                        held &= v >= min;
+                    }
+                }
+                _ => return Err(StoreError::BadReply("value is not a string")),
+            }
+        }
+        Ok(held)
+    }
 }
 
 /// `revocation.refresh`.
@@ -150,6 +237,7 @@ pub struct Revocation {
     /// The revoke-user path split around `{id}`.
     pub revoke_user: Option<(String, String)>,
     pub revoke_roles: Vec<String>,
+    pub confirm: Option<Confirm>,
 }
 
 #[derive(Debug, Clone)]
@@ -281,7 +369,32 @@ impl RevocationSettings {
                 "must differ from logout_path",
             ));
         }
+        let confirm = match &self.confirm {
+            None => None,
+            Some(c) => {
+                crate::error::check_upstream("confirm.cluster", &c.cluster)?;
+                if c.cluster == cluster {
+                    return Err(ConfigError::new(
+                        "confirm.cluster",
+                        "must be the replica-reading webdis, not the one writes go to",
+                    ));
+                }
+                let authority = match &c.authority {
+                    Some(a) => {
+                        crate::error::check_authority("confirm.authority", a)?;
+                        a.clone()
+                    }
+                    None => crate::error::default_authority(&c.cluster),
+                };
+                Some(Confirm {
+                    cluster: c.cluster.clone(),
+                    authority,
+                    timeout_ms: seconds_to_ms("confirm.timeout", c.timeout, 0.01, 60.0)?,
+                })
+            }
+        };
         Ok(Revocation {
+            confirm,
             cluster: cluster.to_string(),
             timeout_ms,
             cache_ttl_ms,

@@ -78,6 +78,13 @@ impl Gateway {
                     effect: Effect::Blacklist(caller.identity.revocation_id.clone()),
                     on_lost: None,
                     then: Some(rv::revoke_path(&caller.identity.revocation_id, keep)),
+                    held: rv::Held {
+                        keys: vec![
+                            rv::blacklist_key(&caller.token),
+                            rv::revoked_key(&caller.identity.revocation_id),
+                        ],
+                        at_least: None,
+                    },
                 },
             ),
             Endpoint::Refresh { ttl_seconds } => {
@@ -123,6 +130,13 @@ impl Gateway {
                         // mints nothing.
                         on_lost: Some(Reply::refuse(Outcome::Revoked, MSG_REVOKED, &trace_id)),
                         then: Some(rv::revoke_path(&caller.identity.revocation_id, keep)),
+                        held: rv::Held {
+                            keys: vec![
+                                rv::blacklist_key(&caller.token),
+                                rv::revoked_key(&caller.identity.revocation_id),
+                            ],
+                            at_least: None,
+                        },
                     },
                 )
             }
@@ -139,6 +153,10 @@ impl Gateway {
                             }),
                             &trace_id,
                         ),
+                        held: rv::Held {
+                            keys: vec![rv::ban_key(&user)],
+                            at_least: Some(now_s),
+                        },
                         effect: Effect::Ban { user, since_s: now_s },
                         on_lost: None,
                         then: None,

@@ -13,7 +13,12 @@ impl Gateway {
             .as_ref()
             .and_then(|v| v.remotes().next())
             .map(|_| keys::JWKS_TICK_MS);
-        [sync, flush, jwks, Some(COUNTER_FLUSH_MS)]
+        let confirm = cfg
+            .revocation
+            .as_ref()
+            .and_then(|r| r.confirm.as_ref())
+            .map(|_| rv::CONFIRM_RETRY_MS);
+        [sync, flush, jwks, confirm, Some(COUNTER_FLUSH_MS)]
             .into_iter()
             .flatten()
             .min()
@@ -95,6 +100,7 @@ impl Gateway {
             }
         }
         self.adopt_orphans(ctx, host);
+        self.retry_confirms(ctx, host);
         self.jwks_tick(ctx, now, host);
     }
 
@@ -132,6 +138,7 @@ impl Gateway {
 
     pub(super) fn forget(&mut self, ctx: u32, host: &mut dyn Host) {
         self.forget_key_waiter(ctx, host);
+        self.confirming.retain(|c| *c != ctx);
         let mut orphaned = Vec::new();
         for (key, inflight) in self.inflight.iter_mut() {
             inflight.waiters.retain(|w| *w != ctx);

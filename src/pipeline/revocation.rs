@@ -386,11 +386,162 @@ impl Gateway {
             // After the entry: every VM's memo of clean answers is void from here on.
             rv::bump_epoch(shared(&self.local, host), now_ms);
         }
-        let reply = match (won, write.on_lost) {
-            (false, Some(lost)) => lost,
-            _ => write.on_ok,
+        match (won, write.on_lost) {
+            // Not an acknowledgement of a revocation (a concurrent refresh won): nothing to
+            // read back.
+            (false, Some(lost)) => self.reply(req, lost, host),
+            _ => match config.revocation.as_ref().and_then(|r| r.confirm.as_ref()) {
+                Some(confirm) => {
+                    let deadline_ms = host.now_ms().saturating_add(confirm.timeout_ms);
+                    self.send_confirm(req, write.on_ok, write.held, deadline_ms, 0, host)
+                }
+                None => self.reply(req, write.on_ok, host),
+            },
+        }
+    }
+
+    /// Reads a revocation's keys back from a replica (`revocation.confirm`); the reply waits.
+    /// A read that cannot be sent counts as a miss.
+    fn send_confirm(
+        &mut self,
+        req: &mut Request,
+        reply: Reply,
+        held: rv::Held,
+        deadline_ms: u64,
+        tries: u32,
+        host: &mut dyn Host,
+    ) -> Flow {
+        let config = Rc::clone(&self.config);
+        let Some((rv, confirm)) = config
+            .revocation
+            .as_ref()
+            .and_then(|r| r.confirm.as_ref().map(|c| (r, c)))
+        else {
+            return self.reply(req, reply, host);
         };
-        self.reply(req, reply, host)
+        let path = held.path();
+        let timeout_ms = deadline_ms.saturating_sub(host.now_ms()).clamp(1, rv.timeout_ms);
+        let sent = self.webdis_call(
+            Callout::get(&confirm.cluster, &path, timeout_ms)
+                .with_authorization(config.webdis_auth.as_deref())
+                .with_authority(Some(&confirm.authority)),
+            host,
+        );
+        req.stage = Stage::Confirm {
+            reply,
+            held,
+            deadline_ms,
+            tries: tries.saturating_add(1),
+        };
+        match sent {
+            Ok(token_id) => {
+                self.calls.insert(token_id, Call::Confirm { context: req.ctx });
+                Flow::Paused
+            }
+            Err(e) => {
+                req.log(
+                    LogLevel::Warn,
+                    &format!("revocation read-back not sent: {e}"),
+                    host,
+                );
+                self.confirm_missed(req, host)
+            }
+        }
+    }
+
+    /// A replica's answer to a read-back: acknowledge the revocation once it holds every key;
+    /// else try again (at once the first time, then every tick) until the deadline, then 503.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn confirm_answered(
+        &mut self,
+        req: &mut Request,
+        reply: Reply,
+        held: rv::Held,
+        deadline_ms: u64,
+        tries: u32,
+        status: Option<u16>,
+        body: &[u8],
+        host: &mut dyn Host,
+    ) -> Flow {
+        match held.parse(status, body) {
+            Ok(true) => {
+                if tries > 1 {
+                    self.inc_named("gateway_revocation_confirm_retries_total", host);
+                }
+                return self.reply(req, reply, host);
+            }
+            Ok(false) => {}
+            Err(e) => req.log(
+                LogLevel::Debug,
+                &format!("revocation read-back failed: {e}"),
+                host,
+            ),
+        }
+        req.stage = Stage::Confirm {
+            reply,
+            held,
+            deadline_ms,
+            tries,
+        };
+        self.confirm_missed(req, host)
+    }
+
+    /// No replica held the revocation yet (`req.stage` is its `Stage::Confirm`).
+    fn confirm_missed(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
+        let now = host.now_ms();
+        let (deadline_ms, tries) = match &req.stage {
+            Stage::Confirm {
+                deadline_ms, tries, ..
+            } => (*deadline_ms, *tries),
+            _ => return Flow::Paused,
+        };
+        if now >= deadline_ms {
+            self.inc_named("gateway_revocation_unconfirmed_total", host);
+            req.stage = Stage::Idle;
+            let e = format!(
+                "written to the primary, but no replica held it after {tries} read-backs: not acknowledged"
+            );
+            return self.write_failed(req, &e, host);
+        }
+        // Where the timer cannot resume this request (Kong, APISIX), each answer sends the
+        // next read-back.
+        if tries <= 1 || !self.timers || !host.resumes_other_contexts() {
+            let Stage::Confirm { reply, held, .. } = std::mem::replace(&mut req.stage, Stage::Idle) else {
+                return Flow::Paused;
+            };
+            return self.send_confirm(req, reply, held, deadline_ms, tries, host);
+        }
+        if !self.confirming.contains(&req.ctx) {
+            self.confirming.push(req.ctx);
+        }
+        Flow::Paused
+    }
+
+    /// The timer: read back again every revocation no replica held at its last read-back.
+    pub(super) fn retry_confirms(&mut self, ctx: u32, host: &mut dyn Host) {
+        for w in std::mem::take(&mut self.confirming) {
+            self.with_request(ctx, w, host, |gw, req, host| {
+                let Stage::Confirm {
+                    reply,
+                    held,
+                    deadline_ms,
+                    tries,
+                } = std::mem::replace(&mut req.stage, Stage::Idle)
+                else {
+                    return Flow::Paused;
+                };
+                if host.now_ms() >= deadline_ms {
+                    req.stage = Stage::Confirm {
+                        reply,
+                        held,
+                        deadline_ms,
+                        tries,
+                    };
+                    return gw.confirm_missed(req, host);
+                }
+                gw.send_confirm(req, reply, held, deadline_ms, tries, host)
+            });
+        }
     }
 
     /// Dispatches a new lookup, from the root context, for waiters whose lookup's owner left.

@@ -1782,3 +1782,186 @@ fn handed_over_records_beyond_the_room_are_given_back_in_order() {
     let given_back: Vec<&str> = left.iter().map(|r| r.trace_id.as_str()).collect();
     assert_eq!(given_back, ["t3", "t5"]);
 }
+
+fn confirming(timeout: f64) -> T {
+    let mut v = base();
+    v["revocation"] = serde_json::json!({"confirm": {"cluster": "webdis-replica", "timeout": timeout}});
+    T::on_host(v, |_| {})
+}
+
+fn last_call(t: &T) -> (String, String) {
+    let d = t.host.dispatched.last().unwrap();
+    (d.cluster.clone(), d.path.clone())
+}
+
+#[test]
+fn with_confirm_a_logout_is_acknowledged_only_once_a_replica_holds_it() {
+    let mut t = confirming(1.0);
+    t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.answer_last(Some(200), SET_OK);
+    assert!(t.req(2).reply.is_none(), "the primary's word is not enough");
+    let (cluster, path) = last_call(&t);
+    assert_eq!(cluster, "webdis-replica");
+    assert!(path.starts_with("/MGET/token%3Ablacklist%3A"), "{path}");
+    assert!(path.contains("/token%3Arevoked%3A"), "{path}");
+    // One key copied, the other not yet: read back again at once.
+    let calls = t.calls();
+    t.answer_last(Some(200), r#"{"MGET":[null,"1"]}"#);
+    assert!(t.req(2).reply.is_none());
+    assert_eq!(t.calls(), calls + 1);
+    // Still missing: the next read-back waits for the timer.
+    t.answer_last(Some(200), r#"{"MGET":[null,null]}"#);
+    assert_eq!(t.calls(), calls + 1);
+    // Meanwhile this gateway already refuses the token (the primary has it).
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    assert_eq!(t.reason(3), "revoked");
+    t.host.now_ms += rv::CONFIRM_RETRY_MS;
+    t.tick();
+    assert_eq!(t.calls(), calls + 2);
+    assert_eq!(last_call(&t).0, "webdis-replica");
+    t.answer_last(Some(200), r#"{"MGET":["1","1"]}"#);
+    assert_eq!(t.status(2), 200);
+    assert!(t.req(2).reply.as_ref().unwrap().body.contains("Logged out"));
+    t.finish(2);
+    assert_eq!(t.metric("gateway_revocation_confirm_retries_total"), 1);
+}
+
+#[test]
+fn a_revocation_no_replica_holds_in_time_is_not_acknowledged() {
+    let mut t = confirming(0.2);
+    t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.answer_last(Some(200), SET_OK);
+    // The replica is cut off: errors, timeouts and missing keys alike are not a confirmation.
+    let replies = [
+        (Some(200), r#"{"MGET":[null,null]}"#),
+        (None, ""),
+        (Some(200), r#"{"MGET":["1"]}"#),
+        (Some(200), r#"{"GET":"1"}"#),
+        (Some(502), "MOVED 1234 127.0.0.1:7000"),
+    ];
+    for (status, body) in replies.iter().cycle() {
+        if t.req(2).reply.is_some() {
+            break;
+        }
+        let pending = t.host.dispatched.last().unwrap().token_id;
+        t.answer(pending, *status, body);
+        if t.host.dispatched.last().unwrap().token_id == pending && t.req(2).reply.is_none() {
+            t.host.now_ms += rv::CONFIRM_RETRY_MS;
+            t.tick();
+        }
+    }
+    assert_eq!(t.status(2), 503);
+    let body: serde_json::Value = serde_json::from_str(&t.req(2).reply.as_ref().unwrap().body).unwrap();
+    assert_eq!(body["message"], MSG_WRITE_FAILED);
+    t.finish(2);
+    // What the primary took still counts here.
+    t.send(3, "GET", "/api/v1/plain/1", Some(&token()));
+    assert_eq!(t.reason(3), "revoked");
+    t.finish(3);
+    assert_eq!(t.metric("gateway_revocation_unconfirmed_total"), 1);
+}
+
+#[test]
+fn a_ban_is_confirmed_by_its_own_value_or_a_later_one() {
+    let admin = forge(
+        r#"{"alg":"HS256"}"#,
+        &serde_json::json!({"sub": "root", "role": "admin", "iat": NOW_S - 5, "exp": NOW_S + 60}).to_string(),
+        SECRET,
+    );
+    let mut t = confirming(1.0);
+    t.send(2, "POST", "/api/v1/admin/users/user-001/revoke", Some(&admin));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    let (_, path) = last_call(&t);
+    assert!(
+        path.starts_with("/MGET/user%3Arevoked_before%3Auser-001."),
+        "{path}"
+    );
+    // An older ban on the replica is not this one.
+    t.answer_last(Some(200), &format!(r#"{{"MGET":["{}"]}}"#, NOW_S - 100));
+    assert!(t.req(2).reply.is_none());
+    t.answer_last(Some(200), r#"{"MGET":["not a number"]}"#);
+    assert!(t.req(2).reply.is_none());
+    t.host.now_ms += rv::CONFIRM_RETRY_MS;
+    t.tick();
+    t.answer_last(Some(200), &format!(r#"{{"MGET":["{}"]}}"#, NOW_S + 1));
+    assert_eq!(t.status(2), 200);
+}
+
+#[test]
+fn a_client_that_leaves_during_the_read_back_leaves_nothing_behind() {
+    let mut t = confirming(1.0);
+    t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.answer_last(Some(200), SET_OK);
+    t.answer_last(Some(200), r#"{"MGET":[null,null]}"#);
+    t.answer_last(Some(200), r#"{"MGET":[null,null]}"#);
+    t.done(2);
+    let calls = t.calls();
+    t.host.now_ms += rv::CONFIRM_RETRY_MS;
+    t.tick();
+    assert_eq!(t.calls(), calls, "nobody to read back for");
+    // A read-back still out when the client left is answered into the void.
+    let mut t = confirming(1.0);
+    t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.answer_last(Some(200), SET_OK);
+    t.done(2);
+    t.answer_last(Some(200), r#"{"MGET":["1","1"]}"#);
+    assert!(t.req(2).reply.is_none());
+}
+
+#[test]
+fn a_refresh_that_lost_the_race_reads_nothing_back() {
+    let mut t = confirming(1.0);
+    t.send(2, "POST", "/api/v1/auth/refresh", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    let calls = t.calls();
+    t.answer_last(Some(200), SET_LOST);
+    assert_eq!(t.reason(2), "revoked");
+    assert_eq!(t.calls(), calls);
+    // A refresh that won hands out its token only once a replica holds the old one's revocation.
+    let mut t = confirming(1.0);
+    t.send(2, "POST", "/api/v1/auth/refresh", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.answer_last(Some(200), SET_OK);
+    assert!(t.req(2).reply.is_none());
+    t.answer_last(Some(200), r#"{"MGET":["1","1"]}"#);
+    assert_eq!(t.status(2), 200);
+    assert!(t.req(2).reply.as_ref().unwrap().body.contains("access_token"));
+}
+
+#[test]
+fn confirm_settings_are_checked_naming_the_field() {
+    for (confirm, field) in [
+        (
+            serde_json::json!({"cluster": "webdis"}),
+            "revocation.confirm.cluster",
+        ),
+        (
+            serde_json::json!({"cluster": "r", "timeout": 0}),
+            "revocation.confirm.timeout",
+        ),
+        (serde_json::json!({"cluster": ""}), "revocation.confirm.cluster"),
+    ] {
+        let mut v = base();
+        v["revocation"] = serde_json::json!({ "confirm": confirm });
+        let e = Config::from_json(v.to_string().as_bytes()).err().unwrap();
+        assert!(e.field.starts_with(field), "{e:?}");
+    }
+    let mut v = base();
+    v["revocation"] = serde_json::json!({"confirm": {"cluster": "r", "tries": 3}});
+    let e = Config::from_json(v.to_string().as_bytes()).err().unwrap();
+    assert!(e.message.contains("unknown field `tries`"), "{e:?}");
+    // The timer ticks often enough to read back.
+    let t = confirming(1.0);
+    assert!(t.gw.tick_period_ms() <= rv::CONFIRM_RETRY_MS);
+}
