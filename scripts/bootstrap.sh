@@ -17,6 +17,12 @@ if [ "${1:-}" = "bench" ]; then
   DEBS[wrk]=wrk
   DEBS[nginx]=nginx-light
 fi
+# The fleet test cuts a primary's replication stream in its own network namespace.
+if [ "${1:-}" = "fleet" ]; then
+  DEBS[iptables]=iptables
+  DEBS[unshare]=util-linux
+  DEBS[ip]=iproute2
+fi
 # The bench's reference Python gateway (system R), in its own virtualenv.
 BENCH_PY="fastapi==0.165.0 uvicorn==0.54.0 httpx==0.28.1 python-jose==3.5.0 redis==8.1.0"
 

@@ -7,9 +7,18 @@ What it measures and asserts (figures printed, and written to build/fleet-report
 - a cluster-wide route limit holds across the three within the README's bound;
 - primaries killed with SIGKILL under steady load, again and again: acknowledged revocations
   lost, requests failed and for how long, time until full service with nobody's help;
+- failovers aimed at the window Redis leaves open: a primary's replication stream dropped in one
+  direction (iptables, in the test's own network namespace: the replica copies nothing but its
+  acknowledgements still arrive, so the primary, which measures a replica's lag by the time since
+  its last acknowledgement, keeps accepting writes), logouts and bans whose keys live on that
+  primary sent through all three gateways, the primary killed, the replica promoted. The three gateways read every revocation back from a replica before
+  answering (`redis_cluster.confirm`); a fourth, the control, does not, and must lose some of its
+  acknowledged revocations, or the test did not reach the window;
 - one gateway killed: the other two keep the revocations and the limit.
 """
 
+import base64
+import hashlib
 import json
 import os
 import random
@@ -30,9 +39,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from harness import ROOT, Gateway, Services, Webdis, bearer, forge, free_port, port_open, wait_for  # noqa: E402
 
 FAILOVERS = int(os.environ.get("FLEET_FAILOVERS", "10"))
+AIMED_FAILOVERS = int(os.environ.get("FLEET_AIMED_FAILOVERS", "20"))
+CONFIRM_TIMEOUT = 1.0
 NODE_TIMEOUT_MS = 2000
 REPORT = ROOT / "build" / "fleet-report.json"
 RESULTS = {}
+
+
+def _crc16_table():
+    table = []
+    for i in range(256):
+        crc = i << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return table
+
+
+CRC16 = _crc16_table()
+
+
+def key_slot(key: str) -> int:
+    """Redis Cluster's hash slot of a key (CRC16/XMODEM mod 16384, hash tags honoured)."""
+    data = key.encode()
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1:end]
+    crc = 0
+    for b in data:
+        crc = ((crc << 8) & 0xFFFF) ^ CRC16[((crc >> 8) ^ b) & 0xFF]
+    return crc % 16384
+
+
+def revocation_id(tok: str) -> str:
+    """The filter's revocation id: SHA-256 of the signing input, base64url without padding."""
+    signing_input = tok.rsplit(".", 1)[0].encode()
+    return base64.urlsafe_b64encode(hashlib.sha256(signing_input).digest()).rstrip(b"=").decode()
 
 
 class RedisCluster:
@@ -88,6 +132,24 @@ class RedisCluster:
     def primaries(self):
         return [p for p, role, _, failed in self.nodes() if role == "master" and not failed and p in self.live()]
 
+    def replica_of(self, primary):
+        return next(p for p, role, master, failed in self.nodes()
+                    if role == "replica" and master == primary and not failed and p in self.live())
+
+    def slots_of(self, primary):
+        """The hash slots a primary serves, from `CLUSTER NODES`."""
+        slots = set()
+        for line in self.cli(primary, "cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) < 9 or "myself" not in fields[2]:
+                continue
+            for r in fields[8:]:
+                if r.startswith("["):
+                    continue
+                lo, _, hi = r.partition("-")
+                slots.update(range(int(lo), int(hi or lo) + 1))
+        return slots
+
     def healthy(self):
         try:
             live = self.live()
@@ -121,6 +183,22 @@ class RedisCluster:
                     out[name[8:]] = out.get(name[8:], 0) + calls
         return out
 
+    def cut(self, primary, replica):
+        """Drops what `primary` sends on its replication link to `replica` (one direction: the
+        replica's acknowledgements still arrive). Returns the rule, for `heal`."""
+        link = None
+        for line in self.cli(primary, "client", "list", "type", "replica").splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            link = int(fields["addr"].rsplit(":", 1)[1])
+        assert link, f"no replication link on {primary}"
+        rule = ["OUTPUT", "-p", "tcp", "--sport", str(primary), "--dport", str(link), "-j", "DROP"]
+        subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True, timeout=10)
+        return rule
+
+    @staticmethod
+    def heal(rule):
+        subprocess.run(["iptables", "-D", *rule], check=True, capture_output=True, timeout=10)
+
     def kill(self, port):
         self.procs[port].send_signal(signal.SIGKILL)
         self.procs[port].wait(timeout=10)
@@ -133,7 +211,7 @@ class RedisCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def gateway_file(services, webdis_port, redis_port, seeds, route_limit):
+def gateway_file(services, webdis_port, redis_port, seeds, route_limit, confirm=None):
     def up(name):
         return f"http://127.0.0.1:{services.ports[name]}"
     return {
@@ -141,7 +219,10 @@ def gateway_file(services, webdis_port, redis_port, seeds, route_limit):
         "jwt": {"algorithms": ["HS256"], "secret_env": "JWT_SECRET", "clock_skew": 60},
         "webdis": f"http://127.0.0.1:{webdis_port}",
         "redis_cluster": {"listen": f"127.0.0.1:{redis_port}", "seeds": [f"127.0.0.1:{p}" for p in seeds],
-                          "refresh": 1, "op_timeout": 0.5},
+                          "refresh": 1, "op_timeout": 0.5,
+                          **({"confirm": {"listen": f"127.0.0.1:{confirm[0]}",
+                                          "webdis": f"http://127.0.0.1:{confirm[1]}",
+                                          "timeout": CONFIRM_TIMEOUT}} if confirm else {})},
         "revocation": {"cache_ttl": 1, "timeout": 0.5, "failure_mode": "stale", "stale_window": 30},
         "routes": [
             {"name": "user-service", "prefix": "/users", "upstream": up("user-service"),
@@ -157,31 +238,56 @@ def gateway_file(services, webdis_port, redis_port, seeds, route_limit):
 
 
 class Fleet:
+    """Three gateways that read revocations back from a replica (`redis_cluster.confirm`: a
+    second redis_proxy listener and a second webdis each), and a control gateway that does not."""
+
     def __init__(self, route_limit=60):
         self.redis = RedisCluster()
         self.services = Services(["user-service", "product-service"])
         self.gateways, self.webdis = [], []
-        for _ in range(3):
+        for i in range(4):
             wd_port, rp_port = free_port(), free_port()
-            g = Gateway(gateway_file(self.services, wd_port, rp_port, self.redis.ports[:3], route_limit),
+            confirm = (free_port(), free_port()) if i < 3 else None
+            g = Gateway(gateway_file(self.services, wd_port, rp_port, self.redis.ports[:3], route_limit, confirm),
                         concurrency=2)
-            self.gateways.append(g)
             self.webdis.append(Webdis(rp_port, port=wd_port))
+            if confirm:
+                self.gateways.append(g)
+                self.webdis.append(Webdis(confirm[0], port=confirm[1]))
+            else:
+                self.control = g
 
     def stop(self):
         for w in self.webdis:
             w.stop()
-        for g in self.gateways:
+        for g in self.gateways + [self.control]:
             g.stop()
         self.services.stop()
         self.redis.stop()
 
 
-def user_token(ttl=3600):
-    sub = f"u-{uuid.uuid4().hex[:10]}"
+def user_token(ttl=3600, sub=None, iat=None, role="user"):
+    sub = sub or f"u-{uuid.uuid4().hex[:10]}"
     now = int(time.time())
+    iat = now if iat is None else iat
     return forge({"alg": "HS256", "typ": "JWT"},
-                 {"sub": sub, "name": "n", "role": "user", "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex})
+                 {"sub": sub, "name": "n", "role": role, "iat": iat, "exp": now + ttl, "jti": uuid.uuid4().hex})
+
+
+def aimed_token(slots):
+    """A fresh token both of whose revocation keys live in `slots` (one primary's)."""
+    while True:
+        tok = user_token()
+        if key_slot(f"token:blacklist:{tok}") in slots and key_slot(f"token:revoked:{revocation_id(tok)}") in slots:
+            return tok
+
+
+def aimed_user(slots):
+    """A user whose ban key lives in `slots`."""
+    while True:
+        sub = f"b-{uuid.uuid4().hex[:10]}"
+        if key_slot(f"user:revoked_before:{sub}") in slots:
+            return sub
 
 
 def status(g, method, path, tok=None, timeout=5):
@@ -340,6 +446,118 @@ def test_primary_failovers_under_load_lose_no_acknowledged_revocation(fleet):
     assert len(failovers) == FAILOVERS
     assert len(acked) > 20, "logouts were acknowledged throughout"
     assert not lost, f"{len(lost)} acknowledged revocations lost"
+
+
+def timed_logouts(g, n):
+    """Milliseconds per acknowledged logout, one at a time."""
+    out = []
+    for _ in range(n):
+        tok = user_token()
+        started = time.monotonic()
+        s = status(g, "POST", "/api/v1/auth/logout", tok)
+        if s == 200:
+            out.append((time.monotonic() - started) * 1000)
+    return sorted(out)
+
+
+def percentile(xs, p):
+    return round(xs[min(len(xs) - 1, int(len(xs) * p))], 2) if xs else None
+
+
+def test_aimed_failovers_lose_no_acknowledged_revocation(fleet):
+    """Each round: logouts and bans whose keys live on one primary go through the three gateways
+    (and the control) without pause; the primary's replica is stopped (it copies nothing, and
+    the primary, which measures a replica's lag by its last acknowledgement, keeps accepting
+    writes for `min-replicas-max-lag`); 1.5 s later the primary is killed, the replica resumed
+    and promoted. Whatever a gateway acknowledged must survive on every gateway."""
+    assert os.environ.get("FLEET_NETNS") == "1", \
+        "run through `make fleet-test`: the cut needs iptables in a network namespace of the test's own"
+    fleet.redis.wait_healthy()
+    # What the read-back costs per logout, before any failover: the same logouts through a
+    # confirming gateway and through the control.
+    confirmed_ms = timed_logouts(fleet.gateways[0], 200)
+    control_ms = timed_logouts(fleet.control, 200)
+    latency = {"confirmed_p50_ms": percentile(confirmed_ms, 0.5), "confirmed_p95_ms": percentile(confirmed_ms, 0.95),
+               "primary_only_p50_ms": percentile(control_ms, 0.5), "primary_only_p95_ms": percentile(control_ms, 0.95)}
+    latency["cost_p50_ms"] = round(latency["confirmed_p50_ms"] - latency["primary_only_p50_ms"], 2)
+    print("\nlogout latency, read back from a replica vs the primary's word only:", latency)
+
+    admin = user_token(sub="fleet-admin", role="admin")
+    acked, control_acked = [], []  # (kind, gateway index or -1, token or (sub, old token))
+    refused = {"confirmed": 0, "control": 0}
+    rounds = []
+    lock = threading.Lock()
+    for n in range(AIMED_FAILOVERS):
+        fleet.redis.wait_healthy()
+        primary = fleet.redis.primaries()[n % 3]
+        replica = fleet.redis.replica_of(primary)
+        slots = fleet.redis.slots_of(primary)
+        done = threading.Event()
+        before = (len(acked), len(control_acked), dict(refused))
+
+        def revoke(i, g, seed):
+            rnd = random.Random(seed)
+            control = g is fleet.control
+            while not done.is_set():
+                if rnd.random() < 0.25:
+                    sub = aimed_user(slots)
+                    old = user_token(sub=sub, iat=int(time.time()) - 5)
+                    s = status(g, "POST", f"/api/v1/admin/users/{sub}/revoke", admin, timeout=5)
+                    item = ("ban", i, old)
+                else:
+                    tok = aimed_token(slots)
+                    s = status(g, "POST", "/api/v1/auth/logout", tok, timeout=5)
+                    item = ("logout", i, tok)
+                with lock:
+                    if s == 200:
+                        (control_acked if control else acked).append(item)
+                    else:
+                        refused["control" if control else "confirmed"] += 1
+                time.sleep(0.02)
+
+        senders = [threading.Thread(target=revoke, args=(i, g, 1000 * n + i))
+                   for i, g in enumerate(fleet.gateways + [fleet.control])]
+        for t in senders:
+            t.start()
+        try:
+            time.sleep(0.5)
+            cut_at = time.monotonic()
+            rule = fleet.redis.cut(primary, replica)
+            try:
+                time.sleep(1.5)
+                fleet.redis.kill(primary)
+            finally:
+                fleet.redis.heal(rule)
+            wait_for(lambda: replica in fleet.redis.primaries(), timeout=30, what="the cut-off replica promoted",
+                     interval=0.1)
+            promoted_after = time.monotonic() - cut_at
+        finally:
+            done.set()
+            for t in senders:
+                t.join()
+        fleet.redis.start(primary)  # back as a replica of the promoted one
+        rounds.append({"primary": primary, "replica": replica, "promoted_after_s": round(promoted_after, 2),
+                       "acknowledged": len(acked) - before[0], "control_acknowledged": len(control_acked) - before[1],
+                       "refused": refused["confirmed"] - before[2]["confirmed"]})
+    fleet.redis.wait_healthy()
+    time.sleep(1.5)  # every gateway's cache has expired: they ask the store
+
+    def lost(items):
+        return [item for item in items if not refused_everywhere(fleet.gateways + [fleet.control], item[2])]
+    lost_confirmed, lost_control = lost(acked), lost(control_acked)
+    RESULTS["aimed_failovers"] = {
+        "count": len(rounds), "acknowledged_revocations": len(acked),
+        "acknowledged_revocations_lost": len(lost_confirmed),
+        "lost_by_kind": {k: sum(1 for item in lost_confirmed if item[0] == k) for k in ("logout", "ban")},
+        "refused_503": refused["confirmed"],
+        "control_without_read_back": {"acknowledged": len(control_acked),
+                                      "acknowledged_revocations_lost": len(lost_control)},
+        "logout_latency_ms": latency, "per_failover": rounds}
+    print("\naimed failovers:", json.dumps(RESULTS["aimed_failovers"], indent=1))
+    assert len(rounds) == AIMED_FAILOVERS
+    assert len(acked) > 2 * AIMED_FAILOVERS, "revocations were acknowledged around every failover"
+    assert lost_control, "the control lost nothing: the rounds did not reach the window they aim at"
+    assert not lost_confirmed, f"{len(lost_confirmed)} acknowledged revocations lost: {lost_confirmed[:5]}"
 
 
 def test_one_gateway_killed_the_others_keep_revocations_and_limits(fleet):

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::gateway::{
     Endpoint, EscapedSlashes, FailurePolicy, GatewayFile, LbPolicy, Runtime, UnderscoreAction,
-    LOG_WEBDIS_CLUSTER, WEBDIS_CLUSTER,
+    CONFIRM_WEBDIS_CLUSTER, LOG_WEBDIS_CLUSTER, WEBDIS_CLUSTER,
 };
 
 /// Tag extraction for the filter's metrics: the route, outcome, reason, scope... written into each
@@ -449,6 +449,18 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         file.log_webdis
             .as_ref()
             .map(|ep| (LOG_WEBDIS_CLUSTER, ep, log_store_timeout)),
+        file.redis_cluster
+            .as_ref()
+            .and_then(|r| r.confirm.as_ref())
+            .and_then(|c| c.endpoints.as_ref())
+            .map(|(_, ep)| {
+                let timeout = file
+                    .config
+                    .revocation
+                    .as_ref()
+                    .map_or(0.2, |rv| rv.timeout_ms as f64 / 1000.0);
+                (CONFIRM_WEBDIS_CLUSTER, ep, timeout)
+            }),
     ];
     for (cluster, ep, timeout) in webdis_clusters.into_iter().flatten() {
         clusters.push(json!({
@@ -502,8 +514,11 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     if let Some(m) = &g.metrics {
         listener_budgets.push(("metrics", m.max_connections));
     }
-    if file.redis_cluster.as_ref().is_some_and(|r| r.endpoints.is_some()) {
+    if let Some(r) = file.redis_cluster.as_ref().filter(|r| r.endpoints.is_some()) {
         listener_budgets.push(("redis", REDIS_LISTENER_CONNECTIONS));
+        if r.confirm.is_some() {
+            listener_budgets.push(("redis_replica", REDIS_LISTENER_CONNECTIONS));
+        }
     }
     let overload = json!({
         "refresh_interval": "0.25s",
@@ -602,6 +617,25 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
                 },
             }),
         ));
+        // `redis_cluster.confirm`: the same cluster read from replicas only, for the read-back
+        // of revocations. No redirection: a replica answering `MOVED` (it lost the slot) must
+        // not become a read of the primary, which would confirm nothing.
+        if let Some((replica, _)) = r.confirm.as_ref().and_then(|c| c.endpoints.as_ref()) {
+            listeners.push(listener(
+                "redis_replica",
+                socket(&replica.host, replica.port),
+                json!({
+                    "name": "envoy.filters.network.redis_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy",
+                        "stat_prefix": "redis_replica",
+                        "settings": {"op_timeout": seconds(r.op_timeout), "enable_redirection": false,
+                                     "enable_hashtagging": true, "read_policy": "REPLICA"},
+                        "prefix_routes": {"catch_all_route": {"cluster": REDIS_CLUSTER}},
+                    },
+                }),
+            ));
+        }
         clusters.push(json!({
             "name": REDIS_CLUSTER,
             "connect_timeout": seconds(g.connect_timeout),
@@ -816,6 +850,61 @@ routes:
         let last = filters.last().unwrap();
         assert_eq!(last["name"], "envoy.filters.network.http_connection_manager");
         &last["typed_config"]
+    }
+
+    #[test]
+    fn confirm_reads_revocations_back_from_replicas_through_a_second_webdis() {
+        let file = "gateway: {prefix: /api/v1}\njwt: {secret_env: S}\nwebdis: http://127.0.0.1:7379\nrevocation: {timeout: 0.3}\nredis_cluster:\n  listen: \"127.0.0.1:6390\"\n  seeds: [\"127.0.0.1:7001\"]\n  confirm: {listen: \"127.0.0.1:6391\", webdis: \"http://127.0.0.1:7380\", timeout: 2}\nroutes:\n  - {name: a, prefix: /a, upstream: \"http://127.0.0.1:9000\", auth_required: false}\n";
+        let v = render(file);
+        let listeners = v["static_resources"]["listeners"].as_array().unwrap();
+        let replica = listeners.iter().find(|l| l["name"] == "redis_replica").unwrap();
+        assert_eq!(replica["address"]["socket_address"]["port_value"], 6391);
+        let settings = &replica["filter_chains"][0]["filters"][0]["typed_config"]["settings"];
+        assert_eq!(settings["read_policy"], "REPLICA");
+        assert_eq!(settings["enable_redirection"], false);
+        let clusters = v["static_resources"]["clusters"].as_array().unwrap();
+        let webdis = clusters
+            .iter()
+            .find(|c| c["name"] == CONFIRM_WEBDIS_CLUSTER)
+            .unwrap();
+        assert_eq!(
+            webdis["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"]["port_value"],
+            7380
+        );
+        let filters = hcm(&v)["http_filters"].as_array().unwrap();
+        let wasm = filters
+            .iter()
+            .find(|f| f["name"] == "envoy.filters.http.wasm")
+            .unwrap();
+        let filter: Value = serde_json::from_str(
+            wasm["typed_config"]["config"]["configuration"]["value"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            filter["revocation"]["confirm"],
+            json!({"cluster": CONFIRM_WEBDIS_CLUSTER, "timeout": 2.0})
+        );
+        let runtime = &v["layered_runtime"]["layers"][0]["static_layer"];
+        assert_eq!(
+            runtime["envoy.resource_limits.listener.redis_replica.connection_limit"],
+            REDIS_LISTENER_CONNECTIONS
+        );
+        // Errors name the field.
+        for (from, to, field) in [
+            ("6391", "6390", "redis_cluster.confirm.listen"),
+            ("http://127.0.0.1:7380", "ftp://x", "redis_cluster.confirm.webdis"),
+            ("timeout: 2}", "timeout: 0}", "redis_cluster.confirm.timeout"),
+            ("revocation: {timeout: 0.3}\n", "", "redis_cluster.confirm"),
+            ("timeout: 2}", "timeout: 2, tries: 3}", "redis_cluster.confirm"),
+        ] {
+            let e = crate::gateway::GatewayFile::parse(&file.replace(from, to))
+                .err()
+                .unwrap();
+            assert!(e.field.starts_with(field), "{from} -> {to}: {e:?}");
+        }
     }
 
     #[test]

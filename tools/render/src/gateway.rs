@@ -16,6 +16,8 @@ pub const WEBDIS_CLUSTER: &str = "webdis";
 
 /// The Envoy cluster of `logs.store.webdis`, the log store's own webdis.
 pub const LOG_WEBDIS_CLUSTER: &str = "webdis-logs";
+/// The replica-reading webdis of `redis_cluster.confirm`.
+pub const CONFIRM_WEBDIS_CLUSTER: &str = "webdis-replica";
 
 /// Keys of `gateway:` that only Envoy uses (the rest is the filter's: prefix, name, rate_limit).
 const ENVOY_GATEWAY_KEYS: [&str; 14] = [
@@ -387,6 +389,24 @@ impl GatewayFile {
         if webdis.is_some() {
             root.insert("webdis_cluster".into(), Value::String(WEBDIS_CLUSTER.into()));
         }
+        if let Some(c) = redis_cluster.as_ref().and_then(|r| r.confirm.as_ref()) {
+            let Some(Value::Object(rv)) = root.get_mut("revocation") else {
+                return Err(ConfigError::new(
+                    "redis_cluster.confirm",
+                    "confirms revocations: needs a revocation section",
+                ));
+            };
+            if rv.contains_key("confirm") {
+                return Err(ConfigError::new(
+                    "revocation.confirm",
+                    "is written by redis_cluster.confirm in a gateway file",
+                ));
+            }
+            rv.insert(
+                "confirm".into(),
+                serde_json::json!({"cluster": CONFIRM_WEBDIS_CLUSTER, "timeout": c.timeout}),
+            );
+        }
         let jwks_clusters = jwks_clusters(&mut root)?;
         let log_webdis = match root
             .get_mut("logs")
@@ -477,9 +497,34 @@ pub struct RedisCluster {
     /// Seconds per command.
     #[serde(default = "default_redis_op_timeout")]
     pub op_timeout: f64,
+    /// Acknowledge a revocation only once a replica holds it (see `revocation.confirm`).
+    #[serde(default)]
+    pub confirm: Option<RedisConfirm>,
     /// Parsed `listen` and `seeds` (filled by [`RedisCluster::validated`]).
     #[serde(skip)]
     pub endpoints: Option<(Endpoint, Vec<Endpoint>)>,
+}
+
+/// `redis_cluster.confirm`: a second `redis_proxy` listener that reads from replicas only
+/// (`read_policy: REPLICA`, no redirection: a replica's `MOVED` must not turn into a read of the
+/// primary), a second webdis connected to it, and how long a revocation waits for a replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfirm {
+    /// `host:port` of the replica-reading listener (keep it on loopback).
+    pub listen: String,
+    /// The webdis connected to `listen` (`http://host:port`).
+    pub webdis: String,
+    /// Seconds a revocation waits for a replica before it is answered 503.
+    #[serde(default = "default_confirm_timeout")]
+    pub timeout: f64,
+    /// Parsed `listen` and `webdis` (filled by [`RedisCluster::validated`]).
+    #[serde(skip)]
+    pub endpoints: Option<(Endpoint, Endpoint)>,
+}
+
+fn default_confirm_timeout() -> f64 {
+    1.0
 }
 
 fn default_redis_refresh() -> f64 {
@@ -510,6 +555,18 @@ impl RedisCluster {
             .collect::<Result<Vec<_>, _>>()?;
         check_seconds("redis_cluster.refresh", self.refresh, 60.0)?;
         check_seconds("redis_cluster.op_timeout", self.op_timeout, 60.0)?;
+        if let Some(c) = self.confirm.as_mut() {
+            let replica = addr("redis_cluster.confirm.listen", &c.listen)?;
+            if replica == listen {
+                return Err(ConfigError::new(
+                    "redis_cluster.confirm.listen",
+                    "must differ from redis_cluster.listen (it reads from replicas only)",
+                ));
+            }
+            let webdis = parse_upstream("redis_cluster.confirm.webdis", &c.webdis)?;
+            check_seconds("redis_cluster.confirm.timeout", c.timeout, 60.0)?;
+            c.endpoints = Some((replica, webdis));
+        }
         self.endpoints = Some((listen, seeds));
         Ok(self)
     }
@@ -735,6 +792,12 @@ fn validate_envoy_side(
         return Err(ConfigError::new(
             "routes",
             "a route named \"webdis-logs\" clashes with the log store's webdis cluster",
+        ));
+    }
+    if filter.routes.iter().any(|r| r.name == CONFIRM_WEBDIS_CLUSTER) {
+        return Err(ConfigError::new(
+            "routes",
+            "a route named \"webdis-replica\" clashes with the replica-reading webdis cluster",
         ));
     }
     if webdis && filter.routes.iter().any(|r| r.name == WEBDIS_CLUSTER) {
