@@ -173,6 +173,9 @@ pub mod message {
     pub const STORE_DOWN: &str = "Revocation service unavailable";
     pub const WRITE_FAILED: &str =
         "Revocation service unavailable: the change was not recorded, the token may still be valid";
+    /// `revocation.confirm`: the primary took it, no replica held it in time.
+    pub const NOT_REPLICATED: &str =
+        "Revocation service unavailable: the change is not yet on a replica and may be lost, retry";
     pub const LOG_STORE_DOWN: &str = "Log store unavailable";
     pub const NO_RECORDS: &str = "No log records found";
     pub const INVALID_USER_ID: &str = "Invalid user id";

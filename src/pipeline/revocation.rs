@@ -498,10 +498,14 @@ impl Gateway {
         if now >= deadline_ms {
             self.inc_named("gateway_revocation_unconfirmed_total", host);
             req.stage = Stage::Idle;
-            let e = format!(
-                "written to the primary, but no replica held it after {tries} read-backs: not acknowledged"
+            let id = self.metrics.store_errors;
+            self.inc(id);
+            req.log(
+                LogLevel::Warn,
+                &format!("revocation written to the primary, but no replica held it after {tries} read-backs: not acknowledged"),
+                host,
             );
-            return self.write_failed(req, &e, host);
+            return self.error(req, Outcome::StoreUnavailable, message::NOT_REPLICATED, host);
         }
         // Where the timer cannot resume this request (Kong, APISIX), each answer sends the
         // next read-back.

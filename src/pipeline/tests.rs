@@ -1856,7 +1856,7 @@ fn a_revocation_no_replica_holds_in_time_is_not_acknowledged() {
     }
     assert_eq!(t.status(2), 503);
     let body: serde_json::Value = serde_json::from_str(&t.req(2).reply.as_ref().unwrap().body).unwrap();
-    assert_eq!(body["message"], MSG_WRITE_FAILED);
+    assert_eq!(body["message"], message::NOT_REPLICATED);
     t.finish(2);
     // What the primary took still counts here.
     t.send(3, "GET", "/api/v1/plain/1", Some(&token()));

@@ -9,6 +9,8 @@ import http.client
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -590,3 +592,171 @@ class DelayProxy:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def _crc16_table():
+    table = []
+    for i in range(256):
+        crc = i << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return table
+
+
+CRC16 = _crc16_table()
+
+
+def key_slot(key: str) -> int:
+    """Redis Cluster's hash slot of a key (CRC16/XMODEM mod 16384, hash tags honoured)."""
+    data = key.encode()
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1:end]
+    crc = 0
+    for b in data:
+        crc = ((crc << 8) & 0xFFFF) ^ CRC16[((crc >> 8) ^ b) & 0xFF]
+    return crc % 16384
+
+
+def revocation_id(tok: str) -> str:
+    """The filter's revocation id: SHA-256 of the signing input, base64url without padding."""
+    signing_input = tok.rsplit(".", 1)[0].encode()
+    return base64.urlsafe_b64encode(hashlib.sha256(signing_input).digest()).rstrip(b"=").decode()
+
+
+NODE_TIMEOUT_MS = 2000
+
+
+class RedisCluster:
+    """Six redis-server processes in cluster mode, three primaries with a replica each."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-fleet-redis-"))
+        self.ports = sorted({free_port() for _ in range(12)})[:6]
+        self.procs = {}
+        for p in self.ports:
+            (self.dir / str(p)).mkdir()
+            self.start(p)
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        subprocess.run(["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+                       check=True, capture_output=True, text=True, timeout=60)
+        self.wait_healthy()
+
+    def start(self, port):
+        d = self.dir / str(port)
+        self.procs[port] = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+             "--save", "", "--appendonly", "no", "--dir", str(d),
+             # A primary without a replica in sync (2 s) refuses writes instead of acknowledging
+             # what one more failure would lose.
+             "--min-replicas-to-write", "1", "--min-replicas-max-lag", "2"],
+            stdout=open(d / "redis.log", "a"), stderr=subprocess.STDOUT)
+        wait_for(lambda: port_open(port), what=f"redis {port}")
+
+    def cli(self, port, *args, timeout=5):
+        r = subprocess.run(["redis-cli", "-p", str(port), *map(str, args)], capture_output=True, text=True,
+                           timeout=timeout)
+        return r.stdout.strip()
+
+    def live(self):
+        return [p for p in self.ports if self.procs[p].poll() is None]
+
+    def nodes(self):
+        """(port, role, master_port or None, failed) of every node, as a live node sees them."""
+        out = []
+        text = self.cli(self.live()[0], "cluster", "nodes")
+        ids = {}
+        rows = [line.split() for line in text.splitlines() if line.strip()]
+        for r in rows:
+            ids[r[0]] = int(r[1].split("@")[0].rsplit(":", 1)[1])
+        for r in rows:
+            port = ids[r[0]]
+            flags = r[2]
+            role = "master" if "master" in flags else "replica"
+            out.append((port, role, ids.get(r[3]), "fail" in flags))
+        return out
+
+    def primaries(self):
+        return [p for p, role, _, failed in self.nodes() if role == "master" and not failed and p in self.live()]
+
+    def replica_of(self, primary):
+        return next(p for p, role, master, failed in self.nodes()
+                    if role == "replica" and master == primary and not failed and p in self.live())
+
+    def slots_of(self, primary):
+        """The hash slots a primary serves, from `CLUSTER NODES`."""
+        slots = set()
+        for line in self.cli(primary, "cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) < 9 or "myself" not in fields[2]:
+                continue
+            for r in fields[8:]:
+                if r.startswith("["):
+                    continue
+                lo, _, hi = r.partition("-")
+                slots.update(range(int(lo), int(hi or lo) + 1))
+        return slots
+
+    def healthy(self):
+        try:
+            live = self.live()
+            if any("cluster_state:ok" not in self.cli(p, "cluster", "info") for p in live):
+                return False
+            nodes = self.nodes()
+            masters = [p for p, role, _, failed in nodes if role == "master" and not failed and p in live]
+            if len(masters) != 3:
+                return False
+            # Every primary has a live replica that is in sync.
+            for m in masters:
+                replicas = [p for p, role, master, failed in nodes if role == "replica" and master == m
+                            and not failed and p in live]
+                if not any("master_link_status:up" in self.cli(r, "info", "replication") for r in replicas):
+                    return False
+            return True
+        except (subprocess.SubprocessError, IndexError, ValueError):
+            return False
+
+    def wait_healthy(self, timeout=60):
+        wait_for(self.healthy, timeout=timeout, what="the Redis cluster to be whole", interval=0.25)
+
+    def commands(self):
+        """Calls per command summed over the live primaries (`INFO commandstats`)."""
+        out = {}
+        for p in self.primaries():
+            for line in self.cli(p, "info", "commandstats").splitlines():
+                if line.startswith("cmdstat_"):
+                    name, _, rest = line.partition(":")
+                    calls = int(rest.split(",")[0].split("=")[1])
+                    out[name[8:]] = out.get(name[8:], 0) + calls
+        return out
+
+    def cut(self, primary, replica):
+        """Drops what `primary` sends on its replication link to `replica` (one direction: the
+        replica's acknowledgements still arrive). Returns the rule, for `heal`."""
+        link = None
+        for line in self.cli(primary, "client", "list", "type", "replica").splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            link = int(fields["addr"].rsplit(":", 1)[1])
+        assert link, f"no replication link on {primary}"
+        rule = ["OUTPUT", "-p", "tcp", "--sport", str(primary), "--dport", str(link), "-j", "DROP"]
+        subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True, timeout=10)
+        return rule
+
+    @staticmethod
+    def heal(rule):
+        subprocess.run(["iptables", "-D", *rule], check=True, capture_output=True, timeout=10)
+
+    def kill(self, port):
+        self.procs[port].send_signal(signal.SIGKILL)
+        self.procs[port].wait(timeout=10)
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
