@@ -96,8 +96,15 @@ pub struct RouteSettings {
     /// The reference treats a route without `auth_required` as protected.
     #[serde(default = "crate::error::default_true")]
     pub auth_required: bool,
+    /// The caller must hold at least one of these roles.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<String>,
+    /// The caller must hold every one of these roles.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles_all: Vec<String>,
+    /// The token must carry every one of these OAuth scopes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
     /// Token-bucket limits of this route; none = unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RouteRateLimit>,
@@ -121,7 +128,14 @@ pub struct Route {
     /// Precomputed `Allow` header value for 405 replies.
     pub allow: String,
     pub auth_required: bool,
+    /// Any one of these admits (empty: any role).
     pub roles: Vec<String>,
+    /// Every one of these is needed.
+    pub roles_all: Vec<String>,
+    /// Every one of these scopes is needed.
+    pub scopes: Vec<String>,
+    /// The `WWW-Authenticate` value of a refusal for want of a scope.
+    pub scope_challenge: String,
     pub limits: Option<RouteLimits>,
     pub canary: Option<CanarySettings>,
 }
@@ -244,8 +258,26 @@ fn compile_route(
         }
     }
     check_roles("roles", &r.roles)?;
-    if !r.roles.is_empty() && !r.auth_required {
-        return Err(ConfigError::new("roles", "roles need auth_required: true"));
+    check_roles("roles_all", &r.roles_all)?;
+    for (field, list) in [
+        ("roles", r.roles.is_empty()),
+        ("roles_all", r.roles_all.is_empty()),
+        ("scopes", r.scopes.is_empty()),
+    ] {
+        if !list && !r.auth_required {
+            return Err(ConfigError::new(
+                field,
+                format!("{field} need auth_required: true"),
+            ));
+        }
+    }
+    for (i, scope) in r.scopes.iter().enumerate() {
+        if !crate::jwt::claims::is_scope_token(scope) {
+            return Err(ConfigError::new(
+                format!("scopes[{i}]"),
+                "must be an OAuth scope (visible ASCII without space, quote or backslash)",
+            ));
+        }
     }
     let limits = match &r.rate_limit {
         None => None,
@@ -265,6 +297,12 @@ fn compile_route(
         methods,
         auth_required: r.auth_required,
         roles: r.roles.clone(),
+        roles_all: r.roles_all.clone(),
+        scope_challenge: format!(
+            "Bearer error=\"insufficient_scope\", scope=\"{}\"",
+            r.scopes.join(" ")
+        ),
+        scopes: r.scopes.clone(),
         limits,
     })
 }

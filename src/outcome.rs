@@ -54,6 +54,8 @@ pub enum Outcome {
     Revoked,
     /// The caller's role may not use the route or endpoint.
     Role,
+    /// The token lacks a scope the route needs (403, RFC 6750 `insufficient_scope`).
+    InsufficientScope,
     /// No route, no endpoint, or nothing found (the log query).
     NotFound,
     MethodNotAllowed,
@@ -93,7 +95,7 @@ impl Outcome {
             | Outcome::NoVerifier
             | Outcome::InvalidToken(_)
             | Outcome::Revoked => 401,
-            Outcome::Role => 403,
+            Outcome::Role | Outcome::InsufficientScope => 403,
             Outcome::NotFound => 404,
             Outcome::MethodNotAllowed => 405,
             Outcome::BadRequest => 400,
@@ -115,6 +117,7 @@ impl Outcome {
             Outcome::KeysUnavailable => "keys_unavailable",
             Outcome::Revoked => "revoked",
             Outcome::Role => "role",
+            Outcome::InsufficientScope => "insufficient_scope",
             Outcome::NotFound => "route_not_found",
             Outcome::MethodNotAllowed => "method_not_allowed",
             Outcome::BadRequest => "bad_request",
@@ -135,7 +138,7 @@ impl Outcome {
                 "unauthorized"
             }
             Outcome::Revoked => "revoked",
-            Outcome::Role => "forbidden",
+            Outcome::Role | Outcome::InsufficientScope => "forbidden",
             Outcome::NotFound => "not_found",
             Outcome::MethodNotAllowed => "method_not_allowed",
             Outcome::BadRequest => "bad_request",
@@ -156,6 +159,7 @@ impl Outcome {
                 | Outcome::InvalidToken(_)
                 | Outcome::Revoked
                 | Outcome::Role
+                | Outcome::InsufficientScope
         )
     }
 }
@@ -197,6 +201,15 @@ pub mod message {
 
     pub fn role(role: &str, what: &str) -> String {
         format!("Role '{role}' is not allowed to access {what}")
+    }
+
+    /// A role the caller lacks, of a list where every one is needed (`roles_all`).
+    pub fn role_required(role: &str, what: &str) -> String {
+        format!("Role '{role}' is required to access {what}")
+    }
+
+    pub fn scope_required(scope: &str, what: &str) -> String {
+        format!("Scope '{scope}' is required to access {what}")
     }
 
     pub fn method_not_allowed(method: &str) -> String {
@@ -256,6 +269,7 @@ mod tests {
             Outcome::KeysUnavailable,
             Outcome::Revoked,
             Outcome::Role,
+            Outcome::InsufficientScope,
             Outcome::NotFound,
             Outcome::MethodNotAllowed,
             Outcome::BadRequest,

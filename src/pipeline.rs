@@ -689,6 +689,9 @@ fn apply(forward: &policy::Forward, host: &mut dyn Host) {
     for (name, value) in &forward.set {
         host.set_request_header(name, Some(value));
     }
+    if let Some((name, value)) = &forward.scopes {
+        host.set_request_header(name, Some(value));
+    }
     if forward.set.iter().any(|(name, _)| *name == canary::ROUTE_HEADER) {
         // Envoy 1.40 re-resolves the route after a header edit by itself; newer versions need
         // this (hosts without the function answer an error, which is ignored).

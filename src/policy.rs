@@ -267,9 +267,41 @@ pub fn verified_caller(
     })
 }
 
-fn role_error(role: &str, what: &str, trace_id: &str) -> Reply {
-    Reply::refuse(Outcome::Role, &message::role(role, what), trace_id)
+/// The caller's roles may not use `what`: named as the reference names its one role (the roles
+/// comma-separated when there are several).
+fn role_error(id: &Identity, what: &str, trace_id: &str) -> Reply {
+    Reply::refuse(Outcome::Role, &message::role(&id.role_header(), what), trace_id)
 }
+
+/// A route's role and scope conditions: any of `roles`, every one of `roles_all`, every one of
+/// `scopes` (a refusal for want of a scope carries RFC 6750's challenge).
+pub fn check_access(route: &Route, id: &Identity, trace_id: &str) -> Result<(), Reply> {
+    let what = || format!("route '{}'", route.name);
+    if !route.roles.is_empty() && !id.has_any_role(&route.roles) {
+        return Err(role_error(id, &what(), trace_id));
+    }
+    if let Some(missing) = route.roles_all.iter().find(|r| !id.roles.contains(r)) {
+        return Err(Reply::refuse(
+            Outcome::Role,
+            &message::role_required(missing, &what()),
+            trace_id,
+        ));
+    }
+    if let Some(missing) = route.scopes.iter().find(|s| !id.scopes.contains(s)) {
+        let mut reply = Reply::refuse(
+            Outcome::InsufficientScope,
+            &message::scope_required(missing, &what()),
+            trace_id,
+        );
+        reply
+            .headers
+            .push((HEADER_WWW_AUTHENTICATE, route.scope_challenge.clone()));
+        return Err(reply);
+    }
+    Ok(())
+}
+
+pub const HEADER_WWW_AUTHENTICATE: &str = "www-authenticate";
 
 /// Phase 3 for a route: the caller, when the route requires one, with the route's roles checked.
 #[allow(clippy::too_many_arguments)]
@@ -287,13 +319,7 @@ pub fn authenticate(
         return Ok(None);
     }
     let caller = verified_caller(cfg, cache, keys, request, now, trace_id, may_wait)?;
-    if !route.roles.is_empty() && !route.roles.contains(&caller.identity.role) {
-        return Err(Refused::Reply(role_error(
-            &caller.identity.role,
-            &format!("route '{}'", route.name),
-            trace_id,
-        )));
-    }
+    check_access(route, &caller.identity, trace_id).map_err(Refused::Reply)?;
     Ok(Some(caller))
 }
 
@@ -344,8 +370,8 @@ pub fn endpoint(
     match kind {
         EndpointKind::Logs => {
             let store = cfg.logs.store.as_ref().ok_or_else(not_found)?;
-            if !store.query_roles.contains(&id.role) {
-                return Err(role_error(&id.role, "request logs", trace_id));
+            if !id.has_any_role(&store.query_roles) {
+                return Err(role_error(id, "request logs", trace_id));
             }
             let full_path = headers::get_str(request, ":path").unwrap_or("");
             let query = full_path.split_once('?').map(|(_, q)| q).unwrap_or("");
@@ -388,8 +414,8 @@ pub fn endpoint(
                     Ok(Endpoint::Refresh { ttl_seconds: ttl })
                 }
                 EndpointPath::RevokeUser(user) => {
-                    if !rv.revoke_roles.contains(&id.role) {
-                        return Err(role_error(&id.role, "user revocation", trace_id));
+                    if !id.has_any_role(&rv.revoke_roles) {
+                        return Err(role_error(id, "user revocation", trace_id));
                     }
                     if !crate::revocation::valid_user_id(user) {
                         return Err(Reply::refuse(
@@ -410,6 +436,8 @@ pub fn endpoint(
 pub struct Forward {
     pub remove: Vec<String>,
     pub set: Vec<(&'static str, String)>,
+    /// The caller's scopes, space-separated, under `jwt.scopes_header`.
+    pub scopes: Option<(String, String)>,
 }
 
 /// Phase 6 (after limits and canary): strip every client-sent identity header and the internal
@@ -445,11 +473,21 @@ pub fn forward_headers(
         if let Some(name) = id.user_name.as_ref().filter(|s| !s.is_empty()) {
             set.push((HEADER_USER_NAME, name.clone()));
         }
-        if !id.role.is_empty() {
-            set.push((HEADER_USER_ROLE, id.role.clone()));
+        // Every role, comma-separated in token order (a role with a comma is refused at
+        // verification, so the list cannot be forged from inside one role).
+        let roles = id.role_header();
+        if !roles.is_empty() {
+            set.push((HEADER_USER_ROLE, roles));
         }
     }
-    Forward { remove, set }
+    let scopes = match (
+        identity,
+        cfg.verifier.as_ref().and_then(|v| v.scopes_header.as_ref()),
+    ) {
+        (Some(id), Some(name)) if !id.scopes.is_empty() => Some((name.clone(), id.scopes.join(" "))),
+        _ => None,
+    };
+    Forward { remove, set, scopes }
 }
 
 /// Headers a client must not send upstream: the identity headers (`X-User-*`), the gateway's
@@ -748,6 +786,128 @@ mod tests {
         assert_eq!((r.status, r.outcome), (403, Outcome::Role));
         assert_eq!(body(&r)["error"], "Forbidden");
         assert!(auth(&c, admin, &h("admin"), NOW, "").is_ok());
+    }
+
+    #[test]
+    fn any_role_all_roles_and_scopes_per_route() {
+        let v = serde_json::json!({
+            "gateway": {"prefix": "/api/v1", "name": "gw-test"},
+            "jwt": {"secret": String::from_utf8(SECRET.to_vec()).unwrap(),
+                    "claims": {"role": "realm_access.roles"}, "scopes_header": "X-User-Scopes"},
+            "routes": [
+                {"name": "admin", "prefix": "/admin", "roles": ["admin", "ops"]},
+                {"name": "audit", "prefix": "/audit", "roles_all": ["admin", "auditor"]},
+                {"name": "orders", "prefix": "/orders", "scopes": ["orders:read", "orders:write"]}
+            ]
+        });
+        let c = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let route = |n: &str| c.routes.iter().find(|r| r.name == n).unwrap();
+        let h = |roles: serde_json::Value, scope: &str| {
+            let payload = serde_json::json!({"sub": "u", "exp": NOW + 60, "scope": scope,
+                                             "realm_access": {"roles": roles}});
+            let t = forge(r#"{"alg":"HS256"}"#, &payload.to_string(), SECRET);
+            req("GET", "/api/v1/x", &[("authorization", &format!("Bearer {t}"))])
+        };
+        // Admin as the third of three roles passes; none of the listed roles gets 403 naming them.
+        let keycloak = serde_json::json!(["offline_access", "default-roles-demo", "admin"]);
+        assert!(auth(&c, route("admin"), &h(keycloak.clone(), ""), NOW, "").is_ok());
+        let r = auth(
+            &c,
+            route("admin"),
+            &h(serde_json::json!(["offline_access", "viewer"]), ""),
+            NOW,
+            "",
+        )
+        .unwrap_err();
+        assert_eq!((r.status, r.outcome), (403, Outcome::Role));
+        assert_eq!(
+            body(&r)["message"],
+            "Role 'offline_access,viewer' is not allowed to access route 'admin'"
+        );
+        // roles_all: every one.
+        let r = auth(&c, route("audit"), &h(keycloak, ""), NOW, "").unwrap_err();
+        assert_eq!(
+            body(&r)["message"],
+            "Role 'auditor' is required to access route 'audit'"
+        );
+        assert!(auth(
+            &c,
+            route("audit"),
+            &h(serde_json::json!(["auditor", "admin"]), ""),
+            NOW,
+            ""
+        )
+        .is_ok());
+        // Scopes: every one, refused with RFC 6750's challenge.
+        let r = auth(
+            &c,
+            route("orders"),
+            &h(serde_json::json!([]), "openid orders:read"),
+            NOW,
+            "",
+        )
+        .unwrap_err();
+        assert_eq!((r.status, r.outcome), (403, Outcome::InsufficientScope));
+        assert_eq!(r.outcome.decision(), "insufficient_scope");
+        assert_eq!(
+            body(&r)["message"],
+            "Scope 'orders:write' is required to access route 'orders'"
+        );
+        let challenge = r
+            .headers
+            .iter()
+            .find(|(n, _)| *n == "www-authenticate")
+            .map(|(_, v)| v.as_str());
+        assert_eq!(
+            challenge,
+            Some(r#"Bearer error="insufficient_scope", scope="orders:read orders:write""#)
+        );
+        let ok = auth(
+            &c,
+            route("orders"),
+            &h(serde_json::json!(["a", "b"]), "orders:write orders:read"),
+            NOW,
+            "",
+        )
+        .unwrap()
+        .unwrap();
+        // Upstream: every role in token order, the scopes under the configured header, and a
+        // client's copies of both stripped.
+        let mut sent = h(serde_json::json!(["a", "b"]), "orders:write orders:read");
+        sent.push(("x-user-scopes".into(), b"admin:all".to_vec()));
+        sent.push(("X-User-Role".into(), b"admin".to_vec()));
+        let trace = crate::trace::trace_context(None, None, &RND);
+        let f = forward_headers(&c, &sent, &trace, Some(&ok.identity));
+        assert!(f.remove.contains(&"x-user-scopes".to_string()));
+        assert!(f.remove.contains(&"x-user-role".to_string()));
+        assert!(f.set.contains(&(HEADER_USER_ROLE, "a,b".to_string())));
+        assert_eq!(
+            f.scopes,
+            Some((
+                "x-user-scopes".to_string(),
+                "orders:write orders:read".to_string()
+            ))
+        );
+        // Roles and scopes are route settings that need authentication, named in errors.
+        for (route, field) in [
+            (
+                serde_json::json!({"name": "x", "prefix": "/x", "auth_required": false, "scopes": ["a"]}),
+                "routes[0].scopes",
+            ),
+            (
+                serde_json::json!({"name": "x", "prefix": "/x", "auth_required": false, "roles_all": ["a"]}),
+                "routes[0].roles_all",
+            ),
+            (
+                serde_json::json!({"name": "x", "prefix": "/x", "scopes": ["a b"]}),
+                "routes[0].scopes[0]",
+            ),
+        ] {
+            let mut v = v.clone();
+            v["routes"] = serde_json::json!([route]);
+            let e = Config::from_json(v.to_string().as_bytes()).err().unwrap();
+            assert_eq!(e.field, field, "{e:?}");
+        }
     }
 
     #[test]

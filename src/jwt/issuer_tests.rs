@@ -68,7 +68,7 @@ fn every_algorithm_verifies_with_its_key() {
         let t = sign(alg, Some(kid), claims(json!({})));
         let id = v.verify(&t, NOW).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
         assert_eq!(
-            (id.user_id.as_deref(), id.role.as_str(), id.issuer),
+            (id.user_id.as_deref(), id.role_header().as_str(), id.issuer),
             (Some("user-7"), "admin", 1),
             "{alg:?}"
         );
@@ -232,8 +232,16 @@ fn audiences_skew_and_claim_mapping_are_per_issuer() {
     );
     let id = v.verify(&t, NOW).unwrap();
     assert_eq!(
-        (id.user_id.as_deref(), id.user_name.as_deref(), id.role.as_str()),
-        (Some("ann.k"), Some("Ann"), "ops")
+        (
+            id.user_id.as_deref(),
+            id.user_name.as_deref(),
+            id.roles.as_slice()
+        ),
+        (
+            Some("ann.k"),
+            Some("Ann"),
+            ["ops".to_string(), "user".to_string()].as_slice()
+        )
     );
     let wrong_aud = sign(Algorithm::Es256, Some("ec-1"), claims(json!({"aud": "mobile"})));
     assert_eq!(v.verify(&wrong_aud, NOW), Err(TokenError::WrongAudience));

@@ -26,7 +26,12 @@ impl Verifier {
         if let Some(name) = &id.user_name {
             custom.insert("name".into(), name.clone().into());
         }
-        custom.insert("role".into(), id.role.clone().into());
+        // One role as the reference writes it (a string), several as a list.
+        let role: Value = match id.roles.as_slice() {
+            [one] => one.clone().into(),
+            all => all.to_vec().into(),
+        };
+        custom.insert("role".into(), role);
         custom.insert("jti".into(), jti.into());
         // The lineage's authentication time: a ban compares with it, so refreshing cannot
         // outrun a ban (a token without `iat` counts as authenticated at 0, before any ban).

@@ -30,12 +30,14 @@ use crate::error::{check_name, ConfigError};
 use crate::headers::is_safe_value as is_safe_header_value;
 
 mod cache;
+pub mod claims;
 mod mint;
 mod settings;
 mod token;
 mod verify;
 
 pub use cache::*;
+pub use claims::{ClaimPath, RoleFormat, Types};
 pub use settings::*;
 pub use token::*;
 pub use verify::*;

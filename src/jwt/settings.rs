@@ -44,6 +44,20 @@ pub struct JwtSettings {
     /// BoringSSL); the filter's own code is used otherwise, and always for PSS and EdDSA.
     #[serde(default = "crate::error::default_true")]
     pub host_verification: bool,
+    /// The `typ` values the secret's tokens may carry (default: none, `JWT`, `at+jwt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<Vec<String>>,
+    /// Largest decoded payload accepted, bytes (default and most: 16 KiB).
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Forward the caller's scopes upstream under this header (an `X-User-*` name, so a
+    /// client's copy is stripped like the other identity headers); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes_header: Option<String>,
+}
+
+fn default_max_payload() -> usize {
+    claims::DEFAULT_MAX_PAYLOAD_BYTES
 }
 
 /// `jwt.issuers[]`: one token issuer and where its keys come from.
@@ -66,6 +80,10 @@ pub struct IssuerSettings {
     pub clock_skew: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claims: Option<ClaimSettings>,
+    /// The `typ` values its tokens may carry (default: none, `JWT`, `at+jwt`; `none` stands for
+    /// a token without `typ`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<Vec<String>>,
     // Key source: exactly one of these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
@@ -78,18 +96,28 @@ pub struct IssuerSettings {
     pub remote_jwks: Option<RemoteJwksSettings>,
 }
 
-/// `claims:`: which claims become the caller's identity headers. A name with dots walks into
-/// objects (`realm_access.roles`); an array claim gives its first string; other types are
-/// refused.
+/// `claims:`: which claims become the caller's identity. Each is a dotted name that walks into
+/// objects (`realm_access.roles`) or a list of literal segments (`["https://example.com/roles"]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimSettings {
     #[serde(default = "claim_sub")]
-    pub user_id: String,
+    pub user_id: ClaimPath,
     #[serde(default = "claim_name")]
-    pub user_name: String,
+    pub user_name: ClaimPath,
+    /// A string, or a list of strings: every role the caller holds.
     #[serde(default = "claim_role")]
-    pub role: String,
+    pub role: ClaimPath,
+    /// `space_separated`: the role claim is one string of space-separated roles.
+    #[serde(default, skip_serializing_if = "is_default_format")]
+    pub role_format: RoleFormat,
+    /// Where the scopes are (default: `scope`, else `scp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<ClaimPath>,
+}
+
+fn is_default_format(f: &RoleFormat) -> bool {
+    *f == RoleFormat::List
 }
 
 impl Default for ClaimSettings {
@@ -98,18 +126,20 @@ impl Default for ClaimSettings {
             user_id: claim_sub(),
             user_name: claim_name(),
             role: claim_role(),
+            role_format: RoleFormat::List,
+            scopes: None,
         }
     }
 }
 
-pub(super) fn claim_sub() -> String {
-    "sub".to_string()
+pub(super) fn claim_sub() -> ClaimPath {
+    ClaimPath::named("sub")
 }
-pub(super) fn claim_name() -> String {
-    "name".to_string()
+pub(super) fn claim_name() -> ClaimPath {
+    ClaimPath::named("name")
 }
-pub(super) fn claim_role() -> String {
-    "role".to_string()
+pub(super) fn claim_role() -> ClaimPath {
+    ClaimPath::named("role")
 }
 
 pub(super) fn default_algorithms() -> Vec<String> {
@@ -174,15 +204,13 @@ pub(super) fn check_skew(skew: u64) -> Result<i64, ConfigError> {
 pub(super) fn compile_claims(c: &Option<ClaimSettings>) -> Result<ClaimSettings, ConfigError> {
     let c = c.clone().unwrap_or_default();
     for (field, v) in [
-        ("user_id", &c.user_id),
-        ("user_name", &c.user_name),
-        ("role", &c.role),
+        ("user_id", Some(&c.user_id)),
+        ("user_name", Some(&c.user_name)),
+        ("role", Some(&c.role)),
+        ("scopes", c.scopes.as_ref()),
     ] {
-        if v.is_empty() || v.split('.').any(str::is_empty) {
-            return Err(ConfigError::new(
-                format!("claims.{field}"),
-                "must be a claim name (dots walk into objects)",
-            ));
+        if let Some(v) = v {
+            v.validate(&format!("claims.{field}"))?;
         }
     }
     Ok(c)
@@ -229,6 +257,7 @@ impl JwtSettings {
                     audiences: self.audience.iter().cloned().collect(),
                     clock_skew: check_skew(self.clock_skew)?,
                     claims: compile_claims(&self.claims)?,
+                    types: Types::compile(self.types.as_deref(), "types")?,
                     source: Source::Secret(hmac_keys(&algorithms, secret.as_bytes())?),
                     algorithms,
                 });
@@ -240,10 +269,14 @@ impl JwtSettings {
                 ));
             }
             None => {
-                if self.issuer.is_some() || self.audience.is_some() || self.claims.is_some() {
+                if self.issuer.is_some()
+                    || self.audience.is_some()
+                    || self.claims.is_some()
+                    || self.types.is_some()
+                {
                     return Err(ConfigError::new(
                         "",
-                        "issuer, audience and claims at the top of jwt describe the secret's issuer: set secret_env too, or move them into issuers",
+                        "issuer, audience, claims and types at the top of jwt describe the secret's issuer: set secret_env too, or move them into issuers",
                     ));
                 }
             }
@@ -276,8 +309,29 @@ impl JwtSettings {
             }
             list.push(issuer);
         }
+        if !(256..=claims::DEFAULT_MAX_PAYLOAD_BYTES).contains(&self.max_payload_bytes) {
+            return Err(ConfigError::new(
+                "max_payload_bytes",
+                format!("must be 256 to {}", claims::DEFAULT_MAX_PAYLOAD_BYTES),
+            ));
+        }
+        if let Some(h) = &self.scopes_header {
+            let lower = h.to_ascii_lowercase();
+            let token = lower.len() > 7
+                && lower
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !token || !lower.starts_with("x-user-") {
+                return Err(ConfigError::new(
+                    "scopes_header",
+                    "must be a header name starting with X-User- (clients' copies are stripped like the other identity headers)",
+                ));
+            }
+        }
         let mut verifier = Verifier::from_issuers(list);
         verifier.host_verification = self.host_verification;
+        verifier.max_payload_bytes = self.max_payload_bytes;
+        verifier.scopes_header = self.scopes_header.as_ref().map(|h| h.to_ascii_lowercase());
         Ok(verifier)
     }
 }
@@ -341,6 +395,7 @@ impl IssuerSettings {
             audiences: self.audiences.clone(),
             clock_skew: check_skew(self.clock_skew)?,
             claims: compile_claims(&self.claims)?,
+            types: Types::compile(self.types.as_deref(), "types")?,
             source,
             algorithms,
         })
@@ -366,6 +421,8 @@ pub struct Issuer {
     pub algorithms: Vec<Algorithm>,
     pub clock_skew: i64,
     pub claims: ClaimSettings,
+    /// The `typ` values its tokens may carry.
+    pub types: Types,
     pub source: Source,
 }
 

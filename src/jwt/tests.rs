@@ -31,7 +31,7 @@ fn valid_token_yields_identity() {
     let id = verifier().verify(&t, NOW).unwrap();
     assert_eq!(id.user_id.as_deref(), Some("user-001"));
     assert_eq!(id.user_name.as_deref(), Some("admin"));
-    assert_eq!(id.role, "admin");
+    assert_eq!(id.roles, ["admin"]);
     assert_eq!(id.jti.as_deref(), Some("j1"));
     assert_eq!(id.expires_at, NOW + 1800);
     assert_eq!(id.issued_at, Some(NOW));
@@ -40,7 +40,7 @@ fn valid_token_yields_identity() {
 #[test]
 fn role_defaults_to_user() {
     let t = hs256(serde_json::json!({"sub": "u", "exp": NOW + 10}));
-    assert_eq!(verifier().verify(&t, NOW).unwrap().role, "user");
+    assert_eq!(verifier().verify(&t, NOW).unwrap().roles, ["user"]);
 }
 
 #[test]
@@ -61,7 +61,7 @@ fn hostile_tokens_are_refused_with_a_reason() {
         (
             "payload not json",
             forge(r#"{"alg":"HS256"}"#, "not json", SECRET),
-            TokenError::InvalidClaims,
+            TokenError::Malformed,
         ),
         (
             "header not json",
@@ -156,7 +156,123 @@ fn hostile_tokens_are_refused_with_a_reason() {
             hs256(serde_json::json!({"exp": exp, "sub": "a\u{0}"})),
             TokenError::UnsafeClaim("sub"),
         ),
-        ("16 KB token", "a".repeat(16 * 1024), TokenError::TooLarge),
+        ("32 KB token", "a".repeat(32 * 1024), TokenError::TooLarge),
+        (
+            "a payload over 16 KiB",
+            hs256(serde_json::json!({"exp": exp, "pad": "x".repeat(16 * 1024)})),
+            TokenError::PayloadTooLarge,
+        ),
+        (
+            "duplicate role: the last one would win in serde_json, the first in others",
+            forge(
+                r#"{"alg":"HS256"}"#,
+                &format!(r#"{{"exp":{exp},"role":"user","role":"admin"}}"#),
+                SECRET,
+            ),
+            TokenError::DuplicateKey,
+        ),
+        (
+            "the same key spelled with an escape",
+            forge(
+                r#"{"alg":"HS256"}"#,
+                &format!(r#"{{"exp":{exp},"sub":"a","s\u0075b":"b"}}"#),
+                SECRET,
+            ),
+            TokenError::DuplicateKey,
+        ),
+        (
+            "duplicate exp",
+            forge(
+                r#"{"alg":"HS256"}"#,
+                &format!(r#"{{"exp":{exp},"exp":{}}}"#, exp + 9999),
+                SECRET,
+            ),
+            TokenError::DuplicateKey,
+        ),
+        (
+            "duplicate key deep inside",
+            forge(
+                r#"{"alg":"HS256"}"#,
+                &format!(r#"{{"exp":{exp},"realm_access":{{"roles":[],"roles":["admin"]}}}}"#),
+                SECRET,
+            ),
+            TokenError::DuplicateKey,
+        ),
+        (
+            "duplicate header key",
+            forge(
+                r#"{"alg":"HS256","alg":"none"}"#,
+                &format!(r#"{{"exp":{exp}}}"#),
+                SECRET,
+            ),
+            TokenError::DuplicateKey,
+        ),
+        (
+            "nested 40 deep",
+            forge(
+                r#"{"alg":"HS256"}"#,
+                &format!(r#"{{"exp":{exp},"x":{}1{}}}"#, "[".repeat(40), "]".repeat(40)),
+                SECRET,
+            ),
+            TokenError::TooDeep,
+        ),
+        (
+            "crit: null",
+            forge(
+                r#"{"alg":"HS256","crit":null}"#,
+                &format!(r#"{{"exp":{exp}}}"#),
+                SECRET,
+            ),
+            TokenError::CriticalHeader,
+        ),
+        (
+            "crit: []",
+            forge(
+                r#"{"alg":"HS256","crit":[]}"#,
+                &format!(r#"{{"exp":{exp}}}"#),
+                SECRET,
+            ),
+            TokenError::CriticalHeader,
+        ),
+        (
+            "a DPoP proof",
+            forge(
+                r#"{"alg":"HS256","typ":"dpop+jwt"}"#,
+                &format!(r#"{{"exp":{exp}}}"#),
+                SECRET,
+            ),
+            TokenError::WrongType,
+        ),
+        (
+            "a back-channel logout token",
+            forge(
+                r#"{"alg":"HS256","typ":"logout+jwt"}"#,
+                &format!(r#"{{"exp":{exp}}}"#),
+                SECRET,
+            ),
+            TokenError::WrongType,
+        ),
+        (
+            "a certificate-bound token",
+            hs256(
+                serde_json::json!({"exp": exp, "cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}),
+            ),
+            TokenError::BoundToken("certificate-bound (cnf x5t#S256, RFC 8705)"),
+        ),
+        (
+            "a DPoP-bound token",
+            hs256(
+                serde_json::json!({"exp": exp, "cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}),
+            ),
+            TokenError::BoundToken("DPoP-bound (cnf jkt, RFC 9449)"),
+        ),
+        (
+            "65 roles",
+            hs256(
+                serde_json::json!({"exp": exp, "role": (0..65).map(|i| format!("r{i}")).collect::<Vec<_>>()}),
+            ),
+            TokenError::TooManyValues("role"),
+        ),
     ];
     for (what, token, expected) in cases {
         assert_eq!(v.verify(&token, NOW), Err(expected), "{what}");
@@ -239,7 +355,8 @@ fn issued_tokens_verify_and_keep_the_identity() {
     let old = Identity {
         user_id: Some("user-001".into()),
         user_name: Some("admin".into()),
-        role: "admin".into(),
+        roles: vec!["admin".into()],
+        scopes: Vec::new(),
         jti: Some("old".into()),
         expires_at: NOW + 5,
         issued_at: Some(NOW - 100),
@@ -251,7 +368,7 @@ fn issued_tokens_verify_and_keep_the_identity() {
     let id = v.verify(&t, NOW).unwrap();
     assert_eq!(id.user_id, old.user_id);
     assert_eq!(id.user_name, old.user_name);
-    assert_eq!(id.role, "admin");
+    assert_eq!(id.roles, ["admin"]);
     assert_eq!(id.jti.as_deref(), Some("new-jti"));
     assert_eq!((id.issued_at, id.expires_at), (Some(NOW), NOW + 1800));
     // The lineage keeps the first authentication time through any number of refreshes.
@@ -278,4 +395,142 @@ fn hs384_and_hs512_when_configured() {
         v.verify(&hs256(serde_json::json!({"exp": NOW + 10})), NOW),
         Err(TokenError::AlgorithmNotAllowed)
     );
+}
+
+/// A verifier whose secret's issuer maps claims as `claims` says (the gateway file's form).
+fn mapped(claims: serde_json::Value) -> Verifier {
+    let s: JwtSettings = serde_json::from_value(serde_json::json!({
+        "secret": String::from_utf8(SECRET.to_vec()).unwrap(), "claims": claims}))
+    .unwrap();
+    s.compile(&|_| None).unwrap()
+}
+
+#[test]
+fn keycloak_realm_and_client_roles_are_sets() {
+    let exp = NOW + 60;
+    let token = hs256(serde_json::json!({
+        "exp": exp, "sub": "f3b1c2d4", "preferred_username": "alice", "typ": "Bearer",
+        "scope": "openid profile orders:read",
+        "realm_access": {"roles": ["offline_access", "default-roles-demo", "admin"]},
+        "resource_access": {"my-client": {"roles": ["orders-viewer"]}, "account": {"roles": ["manage-account"]}}}));
+    let realm = mapped(serde_json::json!({"user_name": "preferred_username", "role": "realm_access.roles"}));
+    let id = realm.verify(&token, NOW).unwrap();
+    assert_eq!(id.roles, ["offline_access", "default-roles-demo", "admin"]);
+    assert!(id.has_any_role(&["admin".into()]));
+    assert_eq!(id.role_header(), "offline_access,default-roles-demo,admin");
+    assert_eq!(id.scopes, ["openid", "profile", "orders:read"]);
+    assert_eq!(id.user_name.as_deref(), Some("alice"));
+    let client = mapped(serde_json::json!({"role": ["resource_access", "my-client", "roles"]}));
+    assert_eq!(client.verify(&token, NOW).unwrap().roles, ["orders-viewer"]);
+}
+
+#[test]
+fn entra_roles_and_scp_string() {
+    let token = hs256(serde_json::json!({
+        "exp": NOW + 60, "oid": "00000000-0000-0000-0000-000000000001", "name": "Ann",
+        "roles": ["Orders.Admin", "Orders.Read"], "scp": "User.Read Orders.Write", "ver": "2.0"}));
+    let v = mapped(serde_json::json!({"user_id": "oid", "role": "roles"}));
+    let id = v.verify(&token, NOW).unwrap();
+    assert_eq!(
+        id.user_id.as_deref(),
+        Some("00000000-0000-0000-0000-000000000001")
+    );
+    assert_eq!(id.roles, ["Orders.Admin", "Orders.Read"]);
+    assert_eq!(id.scopes, ["User.Read", "Orders.Write"]);
+}
+
+#[test]
+fn okta_groups_and_scp_list() {
+    let token = hs256(serde_json::json!({
+        "exp": NOW + 60, "sub": "00u1abcd", "uid": "00u1abcd", "cid": "0oa1client",
+        "groups": ["Everyone", "Admins"], "scp": ["openid", "orders:read"]}));
+    let v = mapped(serde_json::json!({"role": "groups"}));
+    let id = v.verify(&token, NOW).unwrap();
+    assert_eq!(id.roles, ["Everyone", "Admins"]);
+    assert_eq!(id.scopes, ["openid", "orders:read"]);
+}
+
+#[test]
+fn auth0_namespaced_roles_and_permissions() {
+    let token = hs256(serde_json::json!({
+        "exp": NOW + 60, "sub": "auth0|65f0c1", "https://example.com/roles": ["admin", "editor"],
+        "https://example.com/email": "a@example.com", "scope": "openid read:orders",
+        "permissions": ["read:orders", "write:orders"]}));
+    // Split on its dots, the namespaced claim is never found: the default role.
+    let dotted = mapped(serde_json::json!({"role": "https://example.com/roles"}));
+    assert_eq!(dotted.verify(&token, NOW).unwrap().roles, ["user"]);
+    let v = mapped(serde_json::json!({"role": ["https://example.com/roles"], "scopes": "permissions"}));
+    let id = v.verify(&token, NOW).unwrap();
+    assert_eq!(id.roles, ["admin", "editor"]);
+    assert_eq!(id.scopes, ["read:orders", "write:orders"]);
+    assert_eq!(id.user_id.as_deref(), Some("auth0|65f0c1"));
+}
+
+#[test]
+fn space_separated_roles_are_opt_in() {
+    let token = hs256(serde_json::json!({"exp": NOW + 60, "role": "viewer admin"}));
+    assert_eq!(
+        mapped(serde_json::json!({})).verify(&token, NOW).unwrap().roles,
+        ["viewer admin"]
+    );
+    let v = mapped(serde_json::json!({"role_format": "space_separated"}));
+    assert_eq!(v.verify(&token, NOW).unwrap().roles, ["viewer", "admin"]);
+}
+
+#[test]
+fn claim_settings_are_checked_naming_the_field() {
+    for (claims, field) in [
+        (serde_json::json!({"role": ""}), "claims.role"),
+        (serde_json::json!({"role": []}), "claims.role"),
+        (serde_json::json!({"user_id": ["a", ""]}), "claims.user_id"),
+        (serde_json::json!({"scopes": "a..b"}), "claims.scopes"),
+    ] {
+        let s: JwtSettings =
+            serde_json::from_value(serde_json::json!({"secret": "x", "claims": claims})).unwrap();
+        let e = s.compile(&|_| None).err().unwrap();
+        assert_eq!(e.field, field, "{e:?}");
+    }
+    let bad = serde_json::from_value::<JwtSettings>(
+        serde_json::json!({"secret": "x", "claims": {"role_format": "csv"}}),
+    );
+    assert!(bad.is_err());
+    for (extra, field) in [
+        (serde_json::json!({"types": []}), "types"),
+        (serde_json::json!({"max_payload_bytes": 100}), "max_payload_bytes"),
+        (serde_json::json!({"scopes_header": "X-Scopes"}), "scopes_header"),
+        (
+            serde_json::json!({"scopes_header": "X-User-Sc opes"}),
+            "scopes_header",
+        ),
+    ] {
+        let mut v = serde_json::json!({"secret": "x"});
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        let s: JwtSettings = serde_json::from_value(v).unwrap();
+        assert_eq!(s.compile(&|_| None).err().unwrap().field, field);
+    }
+}
+
+#[test]
+fn explicit_types_are_per_issuer() {
+    let s: JwtSettings = serde_json::from_value(serde_json::json!({
+        "secret": String::from_utf8(SECRET.to_vec()).unwrap(), "types": ["at+jwt"]}))
+    .unwrap();
+    let v = s.compile(&|_| None).unwrap();
+    let exp = NOW + 60;
+    let at = forge(
+        r#"{"alg":"HS256","typ":"at+jwt"}"#,
+        &format!(r#"{{"exp":{exp}}}"#),
+        SECRET,
+    );
+    assert!(v.verify(&at, NOW).is_ok());
+    let plain = forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"exp":{exp}}}"#), SECRET);
+    assert_eq!(v.verify(&plain, NOW), Err(TokenError::WrongType));
+    let jwt = forge(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &format!(r#"{{"exp":{exp}}}"#),
+        SECRET,
+    );
+    assert_eq!(v.verify(&jwt, NOW), Err(TokenError::WrongType));
 }

@@ -3,8 +3,9 @@
 
 use super::*;
 
-/// Longest token accepted; anything larger is refused before any parsing.
-pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+/// Longest token accepted; anything larger is refused before any parsing (room for a
+/// [`claims::DEFAULT_MAX_PAYLOAD_BYTES`] payload: Entra ID tokens with many groups pass 8 KiB).
+pub const MAX_TOKEN_LEN: usize = 24 * 1024;
 
 /// Role assumed when a token carries none (as the reference gateway does).
 pub const DEFAULT_ROLE: &str = "user";
@@ -38,13 +39,19 @@ pub enum TokenError {
     KeysUnavailable(usize),
     /// The caller's budget of failed signature checks is spent: nothing was checked.
     VerificationBudget,
-}
-
-/// Header fields read besides `alg`/`kid`/`typ`.
-#[derive(Debug, Clone, Deserialize)]
-pub(super) struct ExtraHeader {
-    #[serde(default)]
-    pub(super) crit: Option<serde::de::IgnoredAny>,
+    /// A key appears twice in one object of the header or payload.
+    DuplicateKey,
+    /// Objects and arrays nested deeper than [`claims::MAX_JSON_DEPTH`].
+    TooDeep,
+    /// The payload is larger than `jwt.max_payload_bytes`.
+    PayloadTooLarge,
+    /// `typ` names another kind of JWT (a DPoP proof, a logout token...).
+    WrongType,
+    /// A sender-constrained token (`cnf`), which this gateway cannot check.
+    BoundToken(&'static str),
+    /// More roles or scopes than [`claims::MAX_ROLES`], or one longer than
+    /// [`claims::MAX_ROLE_LEN`] bytes.
+    TooManyValues(&'static str),
 }
 
 impl TokenError {
@@ -70,6 +77,12 @@ impl TokenError {
             Self::NoFittingKey => "key_type",
             Self::KeysUnavailable(_) => "keys_unavailable",
             Self::VerificationBudget => "verification_budget",
+            Self::DuplicateKey => "duplicate_key",
+            Self::TooDeep => "too_deep",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::WrongType => "typ",
+            Self::BoundToken(_) => "bound_token",
+            Self::TooManyValues(_) => "too_many_values",
         }
     }
 }
@@ -96,6 +109,17 @@ impl fmt::Display for TokenError {
             Self::NoFittingKey => f.write_str("no key of the kind the signing algorithm needs"),
             Self::KeysUnavailable(_) => f.write_str("the issuer's signing keys are not available yet"),
             Self::VerificationBudget => f.write_str("too many failed signature checks from this client"),
+            Self::DuplicateKey => f.write_str("a key appears twice in the token's header or payload"),
+            Self::TooDeep => write!(f, "claims nested deeper than {}", claims::MAX_JSON_DEPTH),
+            Self::PayloadTooLarge => f.write_str("payload is larger than the configured maximum"),
+            Self::WrongType => f.write_str("not an access token (typ)"),
+            Self::BoundToken(kind) => write!(f, "token is {kind}; this gateway does not check the binding"),
+            Self::TooManyValues(name) => write!(
+                f,
+                "more than {} {name} values, or one longer than {} bytes",
+                claims::MAX_ROLES,
+                claims::MAX_ROLE_LEN
+            ),
         }
     }
 }
@@ -105,7 +129,11 @@ impl fmt::Display for TokenError {
 pub struct Identity {
     pub user_id: Option<String>,
     pub user_name: Option<String>,
-    pub role: String,
+    /// Every role the token holds, in token order without repeats (the default role when it
+    /// has no role claim).
+    pub roles: Vec<String>,
+    /// Its OAuth scopes (`scope`, `scp`, or the issuer's `claims.scopes`).
+    pub scopes: Vec<String>,
     pub jti: Option<String>,
     /// `exp`, unix seconds.
     pub expires_at: i64,
@@ -125,6 +153,22 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Whether it holds any of `roles`.
+    pub fn has_any_role(&self, roles: &[String]) -> bool {
+        self.roles.iter().any(|r| roles.contains(r))
+    }
+
+    /// The roles as `X-User-Role` carries them (comma-separated; empty roles left out).
+    pub fn role_header(&self) -> String {
+        let roles: Vec<&str> = self
+            .roles
+            .iter()
+            .map(String::as_str)
+            .filter(|r| !r.is_empty())
+            .collect();
+        roles.join(",")
+    }
+
     /// The time a ban is compared with: the earliest of `auth_time` and `iat` (a token without
     /// either counts as older than any ban).
     pub fn authenticated_at(&self) -> Option<i64> {

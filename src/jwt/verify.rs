@@ -12,6 +12,10 @@ pub struct Verifier {
     pub(super) routes_by_iss: bool,
     /// Whether the host may check RSA/ECDSA signatures (when it can).
     pub host_verification: bool,
+    /// Largest decoded payload accepted.
+    pub max_payload_bytes: usize,
+    /// Where the caller's scopes go upstream (lower case), if anywhere.
+    pub scopes_header: Option<String>,
 }
 
 impl fmt::Debug for Verifier {
@@ -58,36 +62,38 @@ pub(super) fn check_signature(
     key.material.verify(alg, message, signature)
 }
 
-/// Follows a dotted claim name into nested objects.
-pub(super) fn claim<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
-    let mut parts = path.split('.');
-    let mut value = claims.get(parts.next()?)?;
-    for part in parts {
-        value = value.as_object()?.get(part)?;
-    }
-    Some(value)
-}
-
-/// A claim as a header value: a string, or the first string of an array (role lists).
+/// A claim as a header value: a string, or `None` when absent (other types are refused).
 pub(super) fn claim_text(
     claims: &Map<String, Value>,
-    path: &str,
+    path: &ClaimPath,
     name: &'static str,
 ) -> Result<Option<String>, TokenError> {
-    let text = match claim(claims, path) {
+    let text = match path.get(claims) {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(items)) => match items.first() {
-            None => return Ok(None),
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(TokenError::InvalidClaims),
-        },
         Some(_) => return Err(TokenError::InvalidClaims),
     };
     if !is_safe_header_value(&text) {
         return Err(TokenError::UnsafeClaim(name));
     }
     Ok(Some(text))
+}
+
+/// The token's header and payload as JSON text (base64url, padding tolerated).
+fn decoded_parts(token: &str) -> Result<(Vec<u8>, Vec<u8>), TokenError> {
+    use base64::Engine as _;
+    const ENGINE: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::URL_SAFE,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let mut parts = token.splitn(3, '.');
+    let (Some(h), Some(p)) = (parts.next(), parts.next()) else {
+        return Err(TokenError::Malformed);
+    };
+    let header = ENGINE.decode(h).map_err(|_| TokenError::Malformed)?;
+    let payload = ENGINE.decode(p).map_err(|_| TokenError::Malformed)?;
+    Ok((header, payload))
 }
 
 pub(super) fn string_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<String>, TokenError> {
@@ -117,6 +123,7 @@ impl Verifier {
             algorithms: algorithms.to_vec(),
             clock_skew: i64::try_from(clock_skew_seconds).unwrap_or(i64::MAX),
             claims: ClaimSettings::default(),
+            types: Types::default(),
             source: Source::Secret(keys),
         }])
     }
@@ -129,6 +136,8 @@ impl Verifier {
             default,
             routes_by_iss,
             host_verification: true,
+            max_payload_bytes: claims::DEFAULT_MAX_PAYLOAD_BYTES,
+            scopes_header: None,
         }
     }
 
@@ -246,18 +255,33 @@ impl Verifier {
         now: i64,
     ) -> Result<Verified, TokenError> {
         let remote = keys.remote;
-        let untrusted = UntrustedToken::<ExtraHeader>::try_from(token).map_err(|_| TokenError::Malformed)?;
-        let header = untrusted.header();
-        // RFC 7515 4.1.11: a recipient that does not understand a `crit` extension must refuse.
-        if header.other_fields.crit.is_some() {
+        // Read strictly first: no key twice, no deep nesting, a bounded payload. Whatever else
+        // reads this token (jwt-compact below, an upstream that re-parses it) then sees the
+        // claims the gateway saw.
+        let (header_json, payload_json) = decoded_parts(token)?;
+        if payload_json.len() > self.max_payload_bytes {
+            return Err(TokenError::PayloadTooLarge);
+        }
+        claims::check_strict(&header_json)?;
+        claims::check_strict(&payload_json)?;
+        let header_fields: Map<String, Value> =
+            serde_json::from_slice(&header_json).map_err(|_| TokenError::Malformed)?;
+        // RFC 7515 4.1.11: a recipient that does not understand a `crit` extension must refuse;
+        // this one understands none (and `crit: null` is as present as `crit: []`).
+        if header_fields.contains_key("crit") {
             return Err(TokenError::CriticalHeader);
         }
+        let untrusted =
+            UntrustedToken::<jwt_compact::Empty>::try_from(token).map_err(|_| TokenError::Malformed)?;
+        let header = untrusted.header();
         let claims: Claims<Map<String, Value>> = untrusted
             .deserialize_claims_unchecked()
             .map_err(|_| TokenError::InvalidClaims)?;
         let iss = string_claim(&claims.custom, "iss")?;
         let index = self.select(iss.as_deref())?;
         let issuer = self.issuers.get(index).ok_or(TokenError::UnknownIssuer)?;
+        // RFC 8725 3.11: a DPoP proof or a logout token is not an access token.
+        issuer.types.admit(header_fields.get("typ"))?;
         let alg = Algorithm::from_name(untrusted.algorithm())
             .filter(|a| issuer.algorithms.contains(a))
             .ok_or(TokenError::AlgorithmNotAllowed)?;
@@ -348,6 +372,11 @@ impl Verifier {
             Some(Value::Number(n)) => Some(n.as_i64().ok_or(TokenError::InvalidClaims)?),
             Some(_) => return Err(TokenError::InvalidClaims),
         };
+        // A sender-constrained token is not a bearer token: refused until its binding can be
+        // checked (RFC 8705 3, RFC 9449 7).
+        if let Some(kind) = claims::binding(c) {
+            return Err(TokenError::BoundToken(kind));
+        }
         let map = &issuer.claims;
         Ok(Identity {
             // An empty subject names nobody (and could not be banned): refused.
@@ -356,7 +385,8 @@ impl Verifier {
                 other => other,
             },
             user_name: claim_text(c, &map.user_name, "name")?,
-            role: claim_text(c, &map.role, "role")?.unwrap_or_else(|| DEFAULT_ROLE.to_string()),
+            roles: claims::roles(map.role.get(c), map.role_format, DEFAULT_ROLE)?,
+            scopes: claims::scopes(c, map.scopes.as_ref())?,
             jti,
             expires_at: exp,
             issued_at: iat,
