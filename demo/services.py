@@ -20,6 +20,15 @@ gateway never routes these):
     POST /admin/rotate?retire=1      the same, then publish only the newest key per algorithm
 Keys are generated at start-up and live in memory only.
 
+A login body may also name a provider's token shape, "shape": "keycloak", "entra", "okta" or
+"auth0": the token then carries that provider's claims for the user (its role list, scopes,
+namespaced claims), with the user's role among other roles, as those providers write them:
+    keycloak  realm_access.roles [offline_access, default-roles-demo, <role>], scope (string),
+              preferred_username, resource_access.gateway.roles
+    entra     oid, roles [Orders.Read, (Orders.Admin)], scp (space-separated string), typ at+jwt
+    okta      groups [Everyone, (Admins)], scp (list), uid, cid
+    auth0     https://example.com/roles [editor, (admin)], permissions (list), scope, typ at+jwt
+
     services.py --echo user-service=8001 --echo order-service=8002:v1 --auth auth-service=8005
 """
 
@@ -48,12 +57,39 @@ USERS = {
 TOKEN_MINUTES = 30
 
 
+def shaped_claims(shape: str, user: dict):
+    """The claims (and the header's typ) of a token as one identity provider writes it."""
+    admin = user["role"] == "admin"
+    name, sub = user["name"], user["sub"]
+    if shape == "keycloak":
+        return "JWT", {
+            "sub": f"f3b1c2d4-0000-4000-8000-{sub[-3:]:0>12}", "preferred_username": name, "typ": "Bearer",
+            "azp": "gateway", "scope": "openid profile orders:read" + (" orders:write" if admin else ""),
+            "realm_access": {"roles": ["offline_access", "default-roles-demo", user["role"]]},
+            "resource_access": {"gateway": {"roles": ["orders-viewer"] + (["orders-admin"] if admin else [])}}}
+    if shape == "entra":
+        return "at+jwt", {
+            "sub": f"pairwise-{sub}", "oid": f"00000000-0000-0000-0000-{sub[-3:]:0>12}", "name": name,
+            "roles": ["Orders.Read"] + (["Orders.Admin"] if admin else []),
+            "scp": "User.Read orders:read" + (" orders:write" if admin else ""), "ver": "2.0"}
+    if shape == "okta":
+        return "JWT", {
+            "sub": f"00u{sub}", "uid": f"00u{sub}", "cid": "0oagateway", "name": name,
+            "groups": ["Everyone"] + (["Admins"] if admin else []),
+            "scp": ["openid", "orders:read"] + (["orders:write"] if admin else [])}
+    if shape == "auth0":
+        return "at+jwt", {
+            "sub": f"auth0|{sub}", "name": name, "https://example.com/roles": ["editor"] + (["admin"] if admin else []),
+            "scope": "openid profile", "permissions": ["read:orders"] + (["write:orders"] if admin else [])}
+    return None
+
+
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def hs256_token(claims: dict, secret: str) -> str:
-    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+def hs256_token(claims: dict, secret: str, typ: str = "JWT") -> str:
+    header = b64url(json.dumps({"alg": "HS256", "typ": typ}, separators=(",", ":")).encode())
     payload = b64url(json.dumps(claims, separators=(",", ":")).encode())
     signing_input = f"{header}.{payload}".encode()
     signature = hmac.new(secret.encode(), signing_input, hashlib.sha256).digest()
@@ -93,10 +129,10 @@ class IdentityProvider:
                 if retire:
                     del keys[:-1]
 
-    def sign(self, alg: str, claims: dict) -> str:
+    def sign(self, alg: str, claims: dict, typ: str = "JWT") -> str:
         with self.lock:
             kid, key = self.keys[alg][-1]
-        header = b64url(json.dumps({"alg": alg, "typ": "JWT", "kid": kid}, separators=(",", ":")).encode())
+        header = b64url(json.dumps({"alg": alg, "typ": typ, "kid": kid}, separators=(",", ":")).encode())
         payload = b64url(json.dumps(dict(claims, iss=self.issuer), separators=(",", ":")).encode())
         signing_input = f"{header}.{payload}".encode()
         if alg == "RS256":
@@ -183,6 +219,7 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str, idp=Non
                 data = json.loads(body or b"{}")
                 username, password = data.get("username"), data.get("password")
                 alg = data.get("alg", "HS256")
+                shape = data.get("shape")
             except (ValueError, AttributeError):
                 return self._send(400, {"error": "Bad Request", "message": "Body must be a JSON object"})
             if alg != "HS256" and (idp is None or alg not in idp.ALGORITHMS):
@@ -191,9 +228,16 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str, idp=Non
             user = USERS.get(username)
             if user is None or not hmac.compare_digest(str(password), user[0]):
                 return self._send(401, {"error": "Unauthorized", "message": "Invalid credentials"})
+            typ, base = "JWT", user[1]
+            if shape is not None:
+                shaped = shaped_claims(shape, user[1])
+                if shaped is None:
+                    return self._send(400, {"error": "Bad Request",
+                                            "message": "shape must be one of keycloak, entra, okta, auth0"})
+                typ, base = shaped
             now = int(time.time())
-            claims = dict(user[1], iat=now, exp=now + TOKEN_MINUTES * 60, jti=str(uuid.uuid4()))
-            token = hs256_token(claims, secret) if alg == "HS256" else idp.sign(alg, claims)
+            claims = dict(base, iat=now, exp=now + TOKEN_MINUTES * 60, jti=str(uuid.uuid4()))
+            token = hs256_token(claims, secret, typ) if alg == "HS256" else idp.sign(alg, claims, typ)
             return self._send(200, {"access_token": token, "token_type": "bearer"})
 
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle

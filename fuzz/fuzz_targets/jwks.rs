@@ -40,12 +40,15 @@ fn check(v: &Verifier, token: &str) {
         for claim in [
             id.user_id.as_deref(),
             id.user_name.as_deref(),
-            Some(id.role.as_str()),
+            Some(id.role_header().as_str()),
         ]
         .into_iter()
         .flatten()
         {
             assert!(is_safe_value(claim));
+        }
+        for role in &id.roles {
+            assert!(!role.contains(','), "a role cannot forge another in X-User-Role");
         }
     }
 }

@@ -78,7 +78,8 @@ fn run(cfg: &Config, data: &[u8]) {
                 identity: gateway_filter::jwt::Identity {
                     user_id: Some("u".into()),
                     user_name: None,
-                    role: "admin".into(),
+                    roles: vec!["admin".into()],
+                    scopes: Vec::new(),
                     jti: None,
                     expires_at: NOW + 100,
                     issued_at: Some(NOW - 100),

@@ -785,12 +785,24 @@ fn remove_header(r: &mut Req, key: &str, marks: bool) {
 }
 
 fn token(sub: &str, jti: &str) -> String {
-    let header = B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
     let now = 1_800_000_000i64;
-    let payload = B64.encode(
-        serde_json::json!({"sub": sub, "name": "n", "role": "user", "iat": now - 10, "exp": now + 600, "jti": jti})
-            .to_string(),
-    );
+    signed(
+        serde_json::json!({"sub": sub, "name": "n", "role": "user", "iat": now - 10, "exp": now + 600, "jti": jti}),
+    )
+}
+
+/// A Keycloak-shaped token: its roles in `realm_access.roles`, admin (when given) the third.
+fn keycloak_token(sub: &str, roles: &[&str], scope: &str) -> String {
+    let now = 1_800_000_000i64;
+    signed(
+        serde_json::json!({"sub": sub, "preferred_username": sub, "iat": now - 10, "exp": now + 600,
+                              "scope": scope, "realm_access": {"roles": roles}}),
+    )
+}
+
+fn signed(claims: serde_json::Value) -> String {
+    let header = B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = B64.encode(claims.to_string());
     let input = format!("{header}.{payload}");
     let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()) else {
         return String::new();
@@ -803,7 +815,7 @@ fn config() -> String {
     serde_json::json!({
         "gateway": {"prefix": "/api/v1", "name": "hostemu"},
         "webdis_cluster": "127.0.0.1:7379",
-        "jwt": {"secret": SECRET},
+        "jwt": {"secret": SECRET, "claims": {"role": "realm_access.roles"}},
         "revocation": {"cache_ttl": 0},
         "logs": {"enabled": false},
         "routes": [
@@ -812,7 +824,9 @@ fn config() -> String {
              "rate_limit": {"max_calls": 2, "period": 60}},
             {"name": "orders", "prefix": "/orders", "methods": ["GET"],
              "canary": {"users": ["user-001"], "header": "X-Canary"}},
-            {"name": "auth", "prefix": "/auth", "methods": ["POST"], "auth_required": false}
+            {"name": "auth", "prefix": "/auth", "methods": ["POST"], "auth_required": false},
+            {"name": "admin", "prefix": "/admin", "methods": ["GET"], "roles": ["admin"],
+             "scopes": ["orders:read"]}
         ]
     })
     .to_string()
@@ -949,6 +963,38 @@ fn run(profile: &Profile, table: &Table, wasm: &[u8]) -> R<Vec<String>> {
         format!("{:?}", vm.header(3, "x-user-id")),
     );
     vm.finish(3)?;
+
+    // Identity providers' tokens: admin as the third of Keycloak's roles passes the admin route
+    // and the upstream sees every role; a token without the route's scope gets 403 with
+    // RFC 6750's challenge.
+    let t = keycloak_token(
+        "kc-1",
+        &["offline_access", "default-roles-demo", "admin"],
+        "openid orders:read",
+    );
+    vm.request(30, "/api/v1/admin/x", Some(&t))?;
+    for c in own_lookup(&vm, 30) {
+        vm.answer(c, 200, CLEAN)?;
+    }
+    check(
+        &mut f,
+        h,
+        "a role list: admin third passes, every role forwarded",
+        vm.req(30).continued
+            && vm.header(30, "x-user-role").as_deref() == Some("offline_access,default-roles-demo,admin"),
+        format!("{:?}", vm.req(30)),
+    );
+    vm.finish(30)?;
+    let t = keycloak_token("kc-2", &["offline_access", "admin"], "openid");
+    vm.request(31, "/api/v1/admin/x", Some(&t))?;
+    check(
+        &mut f,
+        h,
+        "a missing scope: 403 insufficient_scope",
+        vm.status(31) == Some(403) && !vm.req(31).continued,
+        format!("{:?}", vm.req(31)),
+    );
+    vm.finish(31)?;
 
     // A revoked token: 401, never forwarded.
     let t = token("user-003", "b");
