@@ -76,7 +76,9 @@ impl<'a> Callout<'a> {
 pub trait Host: SharedStore {
     /// Unix time, milliseconds.
     fn now_ms(&mut self) -> u64;
-    fn random_bytes(&mut self, buf: &mut [u8]);
+    /// Fills `buf` from the host's random source; `false` when it has none (the bytes are then
+    /// only unique-ish, from the clock: good for ids, never for keys).
+    fn random_bytes(&mut self, buf: &mut [u8]) -> bool;
 
     fn request_headers(&mut self) -> Option<Vec<HeaderPair>>;
     /// Sets (`Some`) or removes (`None`) a request header.
@@ -282,6 +284,8 @@ pub mod fake {
         pub gone: Vec<u32>,
         /// A host without shared data: every get finds nothing, every set fails.
         pub no_shared_data: bool,
+        /// The host has no random source (`random_get` fails).
+        pub no_random: bool,
         /// A host whose `set_effective_context` does nothing (Kong, APISIX): a resume or reply
         /// after switching acts on the context of the callback.
         pub single_context: bool,
@@ -382,11 +386,12 @@ pub mod fake {
             self.call("now_ms");
             self.now_ms
         }
-        fn random_bytes(&mut self, buf: &mut [u8]) {
+        fn random_bytes(&mut self, buf: &mut [u8]) -> bool {
             self.call("random_bytes");
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = (i as u8).wrapping_mul(31).wrapping_add(7);
             }
+            !self.no_random
         }
         fn request_headers(&mut self) -> Option<Vec<HeaderPair>> {
             self.call("request_headers");

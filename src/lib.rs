@@ -10,7 +10,11 @@
 //! - [`pipeline`]: the orchestrator, running the phases in order through the [`host::Host`];
 //! - `filter` (wasm32 only): the glue that implements the host with proxy-wasm calls.
 //!
-//! Everything but the glue is plain Rust and runs natively under `cargo test`.
+//! Everything but the glue is plain Rust and runs natively under `cargo test`. No `unsafe`
+//! outside the glue: the crate denies it, and only `filter` (the proxy-wasm host calls) and
+//! `bench_exports` (raw exports for the micro-benchmark) are allowed it.
+
+#![deny(unsafe_code)]
 
 pub mod access_log;
 pub mod canary;
@@ -31,8 +35,10 @@ pub mod trace;
 pub mod webdis;
 
 #[cfg(target_arch = "wasm32")]
+#[allow(unsafe_code)]
 mod filter;
 
 /// Micro-benchmark entry points (`node bench/wasm_micro.mjs`); `--features bench-exports` only.
 #[cfg(all(target_arch = "wasm32", feature = "bench-exports"))]
+#[allow(unsafe_code)]
 mod bench_exports;

@@ -308,7 +308,7 @@ impl Gateway {
     pub fn new(config: Config, host: &mut dyn Host) -> Result<Self, String> {
         let metrics = Metrics::define(&config, host)?;
         let mut seed = [0u8; 16];
-        host.random_bytes(&mut seed);
+        let _ = host.random_bytes(&mut seed);
         let (a, b) = seed.split_at(8);
         let word = |s: &[u8]| {
             let mut w = [0u8; 8];
@@ -366,8 +366,12 @@ impl Gateway {
                 &format!("public-key signatures are checked by {how}"),
             );
         }
+        // The key of the per-IP and per-user slot hash: from the host's random source only. A
+        // key from the clock could be guessed, and with it which addresses share a bucket.
         let mut fresh = [0u8; 16];
-        host.random_bytes(&mut fresh);
+        if !host.random_bytes(&mut fresh) {
+            return Err("no random source (random_get failed): the rate-limit slot key would be predictable; refusing to start".into());
+        }
         gw.slot_seed = ratelimit::SlotSeed::load_or_create(shared(&gw.local, host), fresh);
         gw.create_rate_limit_keys(shared(&gw.local, host));
         Ok(gw)

@@ -1,6 +1,9 @@
 //! Envoy's dynamic-module C ABI (version v0.2.0, Envoy 1.40), declared by hand from the
 //! documented signatures of `source/extensions/dynamic_modules/abi/abi.h`: only the callbacks
-//! the glue uses, and safe wrappers around them. Every `unsafe` of the native module is here.
+//! the glue uses, and safe wrappers around them. Every call into Envoy's ABI is here; the
+//! other `unsafe` blocks of the module (the hooks' entry points in `lib.rs` and `network.rs`,
+//! which turn the module's own pointers back into its objects) each state their reason in a
+//! `SAFETY:` comment, which clippy's `undocumented_unsafe_blocks` enforces.
 //!
 //! Pointers Envoy hands over (`EnvoyFilter`, `EnvoyConfig`) are opaque; they stay valid until
 //! the matching destroy hook, and every callback that takes one is called on the thread that

@@ -16,6 +16,8 @@
 //! - **Panics** never cross the ABI: every hook runs under `catch_unwind` (the module is built
 //!   with `panic = "unwind"`, profile `native`), and a request whose hook panicked is refused.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 /// Hooks Envoy requires a module to export but the gateway has nothing to do in: each takes
 /// Envoy's arguments unread and returns at once (`-> u32 = value` for those that answer).
 macro_rules! noop_hooks {
@@ -400,15 +402,18 @@ impl Host for NativeHost<'_> {
         now_ms()
     }
 
-    fn random_bytes(&mut self, buf: &mut [u8]) {
-        if getrandom::fill(buf).is_err() {
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8);
-            }
+    fn random_bytes(&mut self, buf: &mut [u8]) -> bool {
+        if getrandom::fill(buf).is_ok() {
+            return true;
         }
+        // The clock: unique-ish ids only; the gateway refuses to make keys from it.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8);
+        }
+        false
     }
 
     fn request_headers(&mut self) -> Option<Vec<(String, Vec<u8>)>> {
@@ -594,8 +599,8 @@ impl Host for DefiningHost {
     fn now_ms(&mut self) -> u64 {
         now_ms()
     }
-    fn random_bytes(&mut self, buf: &mut [u8]) {
-        let _ = getrandom::fill(buf);
+    fn random_bytes(&mut self, buf: &mut [u8]) -> bool {
+        getrandom::fill(buf).is_ok()
     }
     fn request_headers(&mut self) -> Option<Vec<(String, Vec<u8>)>> {
         None

@@ -118,14 +118,16 @@ impl Host for WasmHost {
             .map_or(0, |ns| ns / 1_000_000)
     }
 
-    fn random_bytes(&mut self, buf: &mut [u8]) {
-        if getrandom::fill(buf).is_err() {
-            // Fall back to the clock: ids only need to be unique-ish, never secret.
-            let nanos = u128::from(raw::proxy_time_ns().or_else(raw::wasi_realtime_ns).unwrap_or(0));
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8);
-            }
+    fn random_bytes(&mut self, buf: &mut [u8]) -> bool {
+        if getrandom::fill(buf).is_ok() {
+            return true;
         }
+        // The clock: unique-ish ids only; the caller refuses to make keys from it.
+        let nanos = u128::from(raw::proxy_time_ns().or_else(raw::wasi_realtime_ns).unwrap_or(0));
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8);
+        }
+        false
     }
 
     fn request_headers(&mut self) -> Option<Vec<HeaderPair>> {
@@ -323,7 +325,7 @@ impl RootContext for Root {
                     limit.max_per_client
                 );
                 let mut fresh = [0u8; 16];
-                WasmHost.random_bytes(&mut fresh);
+                let _ = WasmHost.random_bytes(&mut fresh);
                 let refused = WasmHost.define_metric(MetricKind::Counter, REFUSED_METRIC);
                 let silent_closed = WasmHost.define_metric(MetricKind::Counter, SILENT_METRIC);
                 if let Some(ms) = limit.first_byte_ms {

@@ -1965,3 +1965,12 @@ fn confirm_settings_are_checked_naming_the_field() {
     let t = confirming(1.0);
     assert!(t.gw.tick_period_ms() <= rv::CONFIRM_RETRY_MS);
 }
+
+#[test]
+fn without_a_random_source_the_gateway_refuses_to_start() {
+    let cfg = Config::from_json(base().to_string().as_bytes()).unwrap();
+    let mut host = FakeHost::new(NOW_S as u64 * 1000);
+    host.no_random = true;
+    let e = Gateway::new(cfg, &mut host).err().unwrap();
+    assert!(e.contains("no random source"), "{e}");
+}
