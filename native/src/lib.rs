@@ -14,7 +14,8 @@
 //!   answer it at once). Replies and resumes are therefore queued while the gateway is in use
 //!   and carried out after; a hook that still finds the gateway busy defers its event.
 //! - **Panics** never cross the ABI: every hook runs under `catch_unwind` (the module is built
-//!   with `panic = "unwind"`, profile `native`), and a request whose hook panicked is refused.
+//!   with `panic = "unwind"`, profile `native`), and a request whose hook panicked is refused
+//!   with a 500 (the gateway's fault), not the 503 of a busy gateway.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -1040,14 +1041,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     module: *const c_void,
     _end_of_stream: bool,
 ) -> u32 {
-    let refuse = || {
-        send_reply(
-            EnvoyFilter(filter),
-            &Reply::refuse(Outcome::Busy, message::BUSY, ""),
-        );
+    let refuse = |outcome: Outcome, text: &str| {
+        send_reply(EnvoyFilter(filter), &Reply::refuse(outcome, text, ""));
         abi::STOP_ALL_ITERATION_AND_WATERMARK
     };
-    let result = guard("request_headers", None, || {
+    // `Err`: the gateway panicked (its own fault: 500); `None`: its state was busy (503).
+    let result = guard("request_headers", Some(Err(())), || {
         // SAFETY: Envoy passes back the pointer filter_new returned.
         let s = unsafe { stream(module) }?;
         let cfg = s.config();
@@ -1074,17 +1073,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                     s.watch(f);
                 }
             }
-            action
+            Ok(action)
         })
     });
     // Nothing of the stream is touched from here on: carrying out a reply may have freed it.
     match result {
-        Some(Action::Continue) => abi::CONTINUE,
+        Some(Ok(Action::Continue)) => abi::CONTINUE,
         // Stop everything, the body included, until the gateway resumes the request: a body
         // chunk must not send a paused request upstream (Envoy runs the body hooks after a
         // plain StopIteration, and a Continue there would forward the headers).
-        Some(Action::Pause) => abi::STOP_ALL_ITERATION_AND_WATERMARK,
-        None => refuse(),
+        Some(Ok(Action::Pause)) => abi::STOP_ALL_ITERATION_AND_WATERMARK,
+        Some(Err(())) => refuse(Outcome::Internal, message::INTERNAL),
+        None => refuse(Outcome::Busy, message::BUSY),
     }
 }
 
