@@ -286,6 +286,10 @@ pub mod fake {
         pub no_shared_data: bool,
         /// The host has no random source (`random_get` fails).
         pub no_random: bool,
+        /// A call's answer is being delivered (`call_response` may be read).
+        pub delivering: bool,
+        /// The root context's id (the timer's and the configuration's).
+        pub root: u32,
         /// A host whose `set_effective_context` does nothing (Kong, APISIX): a resume or reply
         /// after switching acts on the context of the callback.
         pub single_context: bool,
@@ -302,6 +306,7 @@ pub mod fake {
                 now_ms,
                 peer: Some("10.0.0.1:5555".to_string()),
                 next_token: 100,
+                root: 1,
                 ..Self::default()
             }
         }
@@ -336,8 +341,15 @@ pub mod fake {
                 .unwrap_or_else(|| EMPTY.get_or_init(FakeRequest::default))
         }
 
+        /// The current request. A host call about a request from a context that has none (the
+        /// root's, or one never created) is a bug: Envoy would answer it with an error or act
+        /// on another stream.
         fn cur(&mut self) -> &mut FakeRequest {
-            self.requests.entry(self.current).or_default()
+            let ctx = self.current;
+            match self.requests.get_mut(&ctx) {
+                Some(r) => r,
+                None => panic!("context {ctx}: a request host call where there is no request"),
+            }
         }
 
         /// The requests the filter paused that neither a reply, a resume nor their deletion
@@ -399,7 +411,16 @@ pub mod fake {
         }
         fn set_request_header(&mut self, name: &str, value: Option<&str>) {
             self.call("set_request_header");
+            let ctx = self.current;
             let r = self.cur();
+            assert!(
+                r.reply.is_none(),
+                "context {ctx}: a request header written after the local reply"
+            );
+            assert!(
+                !r.ended,
+                "context {ctx}: a request header written to a deleted context"
+            );
             r.headers.retain(|(k, _)| k != name);
             if let Some(v) = value {
                 r.headers.push((name.to_string(), v.as_bytes().to_vec()));
@@ -456,6 +477,10 @@ pub mod fake {
             if self.gone.contains(&context_id) {
                 return false;
             }
+            assert!(
+                context_id == self.root || self.requests.contains_key(&context_id),
+                "switch_to context {context_id}, which never existed"
+            );
             if self.single_context {
                 // Kong's and APISIX's set_effective_context: Ok, and nothing changes.
                 return true;
@@ -489,6 +514,7 @@ pub mod fake {
         }
         fn call_response(&mut self, _body_size: usize) -> (Option<u16>, Vec<u8>) {
             self.call("call_response");
+            assert!(self.delivering, "call_response outside a call's answer");
             self.answer.clone()
         }
         fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
@@ -574,7 +600,38 @@ mod fake_host_tests {
     fn a_resume_of_a_request_not_paused_fails() {
         let mut h = FakeHost::new(0);
         h.current = 3;
+        h.requests.entry(3).or_default();
         h.resume();
+    }
+
+    #[test]
+    #[should_panic(expected = "where there is no request")]
+    fn a_request_call_in_an_unknown_context_fails() {
+        let mut h = FakeHost::new(0);
+        h.current = 3;
+        h.set_request_header("x", Some("y"));
+    }
+
+    #[test]
+    #[should_panic(expected = "after the local reply")]
+    fn a_header_written_after_the_reply_fails() {
+        let mut h = host_with_paused(2);
+        h.send_reply(&reply());
+        h.set_request_header("x-user-id", Some("u"));
+    }
+
+    #[test]
+    #[should_panic(expected = "outside a call's answer")]
+    fn a_call_response_outside_an_answer_fails() {
+        let mut h = FakeHost::new(0);
+        let _ = h.call_response(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "never existed")]
+    fn a_switch_to_a_context_that_never_existed_fails() {
+        let mut h = FakeHost::new(0);
+        h.switch_to(42);
     }
 
     #[test]

@@ -222,7 +222,9 @@ fn a_wait_ends_at_max_wait_and_an_oversized_answer_is_not_read() {
     let context = t.host.dispatched.last().unwrap().context;
     t.host.current = context;
     t.host.answer = (Some(200), doc(&[(Algorithm::Es256, "ec-1")]).into_bytes());
+    t.host.delivering = true;
     t.gw.on_call_response(context, fetch, crate::jwt::keys::MAX_JWKS_BYTES + 1, &mut t.host);
+    t.host.delivering = false;
     assert!(t.gw.key_sets[1].is_none());
     assert_eq!(t.metric("issuer=.=idp;.;gateway_jwks_fetch_errors_total"), 1);
     // A request gone while it waited is forgotten.

@@ -43,3 +43,30 @@ def test_the_module_size_in_the_readme_is_the_built_ones():
     figure = int(re.search(r"`\.wasm`: \*\*([\d,]+) bytes\*\*", README).group(1).replace(",", ""))
     size = WASM.stat().st_size
     assert abs(size - figure) <= figure * 0.05, f"README says {figure} bytes, the build is {size}"
+
+
+def pinned_paths():
+    """(name, host calls in order) of the pinned request paths (src/pipeline/tests.rs)."""
+    code = (ROOT / "src" / "pipeline" / "tests.rs").read_text()
+    block = code.split("const PINNED_PATHS", 1)[1].split("];", 1)[0]
+    out = []
+    for entry in re.split(r"\n    \(\n", block)[1:]:
+        name = re.search(r'"([^"]+)"', entry).group(1)
+        calls = "".join(re.findall(r'"([^"]*)"', entry.split("concat!(", 1)[1]))
+        out.append((name, calls))
+    return out
+
+
+def test_the_host_call_figures_in_the_readme_are_the_pinned_ones():
+    pinned = pinned_paths()
+    assert len(pinned) == 7, pinned
+    table = {}
+    for line in README.split("Host calls per request (the filter's pinned native test", 1)[1].splitlines():
+        m = re.match(r"^\| (.+?) \| (\d+) \| ([a-z_ ]+) \|$", line)
+        if m:
+            table[m.group(1)] = (int(m.group(2)), m.group(3))
+    for name, calls in pinned:
+        assert table.get(name) == (len(calls.split()), calls), f"README's row for {name!r} is not the pinned one"
+    counts = [len(calls.split()) for _, calls in pinned]
+    sentence = README.split("**host calls per request path, pinned**", 1)[1].split("(was", 1)[0]
+    assert [int(n) for n in re.findall(r" (\d+)", sentence)] == counts, sentence
