@@ -145,9 +145,64 @@ fn json_error(error: &str, message: &str) -> Value {
 pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, String> {
     let g = &file.gateway;
     let filter_json = serde_json::to_string(&file.filter).map_err(|e| e.to_string())?;
+    let vm_config = vm_config(file, opts);
+    // Native: the same policy in-process; secrets come from Envoy's environment by the same
+    // `*_env` names, and the module stays loaded for the process's life (its shared state).
+    let module = GatewayModule {
+        runtime: g.runtime,
+        vm_config: &vm_config,
+        failure_policy: failure_policy(g),
+        native_path: opts.native_path(),
+    };
+    let (vhost, cors) = virtual_host(file);
+    let hcm = connection_manager(file, vhost, http_filters(file, &module, cors, filter_json));
+    let network_filters = network_filters(file, &module, hcm);
+    let mut clusters = upstream_clusters(file);
+    clusters.extend(webdis_clusters(file));
+    clusters.extend(jwks_clusters(file));
+    for cluster in &mut clusters {
+        cluster["per_connection_buffer_limit_bytes"] = json!(g.limits.buffer_limit_bytes);
+    }
+    let listener_budgets = listener_budgets(file);
+    // The admin interface: a Unix socket only Envoy's user can open (mode 0600), or TCP.
+    let admin_address = match &g.admin.socket {
+        Some(path) => json!({"pipe": {"path": path, "mode": 0o600}}),
+        None => socket(&g.admin.address, g.admin.port),
+    };
+    let mut listeners = vec![json!({
+        "name": LISTENER_NAME,
+        "address": socket(&g.address, g.port),
+        "per_connection_buffer_limit_bytes": g.limits.buffer_limit_bytes,
+        "filter_chains": [{"filters": network_filters}],
+    })];
+    if let Some(m) = &g.metrics {
+        let (listener, cluster) = metrics_listener(m, &admin_address);
+        listeners.push(listener);
+        clusters.push(cluster);
+    }
+    if let Some((redis_listeners, cluster)) = redis_proxy(file) {
+        listeners.extend(redis_listeners);
+        clusters.push(cluster);
+    }
+    let mut bootstrap = json!({
+        "overload_manager": overload(g, &listener_budgets),
+        "stats_config": {"stats_tags": stats_tags()},
+        "admin": {"address": admin_address},
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": clusters,
+        },
+    });
+    bootstrap["layered_runtime"] = runtime_layer(g, &listener_budgets);
+    Ok(bootstrap)
+}
+
+/// The routes, most specific prefix first (the filter's order), then health and 404; with CORS,
+/// the virtual host's policy and the CORS filter that applies it.
+fn virtual_host(file: &GatewayFile) -> (Value, Option<Value>) {
+    let g = &file.gateway;
     // Route order must match the filter's: most specific prefix first.
     let validated = &file.config;
-
     let mut routes: Vec<Value> = Vec::new();
     for vr in &validated.routes {
         let Some(r) = file.routes.iter().find(|r| r.name == vr.name) else {
@@ -194,7 +249,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     }));
 
     let mut vhost = json!({"name": "gateway", "domains": ["*"], "routes": routes});
-    let mut http_filters: Vec<Value> = Vec::new();
+    let mut cors = None;
     if g.cors.active() {
         let origins: Vec<Value> = g
             .cors
@@ -219,16 +274,25 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
                 "allow_credentials": g.cors.allow_credentials,
             }
         });
-        http_filters.push(json!({
+        cors = Some(json!({
             "name": "envoy.filters.http.cors",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
         }));
     }
-    let failure_policy = match g.failure_policy {
+    (vhost, cors)
+}
+
+fn failure_policy(g: &crate::gateway::Gateway) -> &'static str {
+    match g.failure_policy {
         FailurePolicy::Reload => "FAIL_RELOAD",
         FailurePolicy::Closed => "FAIL_CLOSED",
         FailurePolicy::Open => "FAIL_OPEN",
-    };
+    }
+}
+
+/// The wasm VM: the module file, and the environment variables its secrets come from (only the
+/// variables' names are in the configuration, and in /config_dump).
+fn vm_config(file: &GatewayFile, opts: &RenderOptions) -> Value {
     let mut vm_config = json!({
         "vm_id": PLUGIN_NAME,
         "runtime": "envoy.wasm.runtime.v8",
@@ -258,14 +322,18 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     if !env_keys.is_empty() {
         vm_config["environment_variables"] = json!({"host_env_keys": env_keys});
     }
-    // Native: the same policy in-process; secrets come from Envoy's environment by the same
-    // `*_env` names, and the module stays loaded for the process's life (its shared state).
-    let module = GatewayModule {
-        runtime: g.runtime,
-        vm_config: &vm_config,
-        failure_policy,
-        native_path: opts.native_path(),
-    };
+    vm_config
+}
+
+/// CORS (when on), the gateway filter, the body buffer (when bounded), the router.
+fn http_filters(
+    file: &GatewayFile,
+    module: &GatewayModule,
+    cors: Option<Value>,
+    filter_json: String,
+) -> Vec<Value> {
+    let g = &file.gateway;
+    let mut http_filters: Vec<Value> = cors.into_iter().collect();
     http_filters.push(module.filter("http", PLUGIN_NAME, filter_json));
     if g.limits.max_request_body_kb > 0 {
         // After the gateway filter (a refused request is never buffered), before the router:
@@ -285,6 +353,13 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
     }));
 
+    http_filters
+}
+
+/// The HTTP connection manager: limits and timeouts, path handling, the routes, Envoy's own
+/// error replies as JSON, the filters.
+fn connection_manager(file: &GatewayFile, vhost: Value, http_filters: Vec<Value>) -> Value {
+    let g = &file.gateway;
     // Envoy's own error replies become JSON too. Scoped by response flag, so the filter's
     // replies (which carry no flag) pass through untouched.
     let local_reply = json!({"mappers": [
@@ -351,6 +426,12 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         }]);
     }
 
+    hcm
+}
+
+/// The network filters of the gateway listener: the connection cap (when on), then HTTP.
+fn network_filters(file: &GatewayFile, module: &GatewayModule, hcm: Value) -> Vec<Value> {
+    let g = &file.gateway;
     // The per-client connection cap: the same module (same VM and shared data) as a network
     // filter in front of the HTTP connection manager.
     // It also closes connections that send no byte within `first_byte_timeout`, and keeps the
@@ -384,6 +465,12 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         "typed_config": hcm,
     }));
 
+    network_filters
+}
+
+/// One cluster per route (and per canary upstream).
+fn upstream_clusters(file: &GatewayFile) -> Vec<Value> {
+    let g = &file.gateway;
     let cb = &g.circuit_breaker;
     let od = &g.outlier_detection;
     let mut clusters: Vec<Value> = Vec::new();
@@ -431,6 +518,13 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         clusters.push(cluster);
     }
 
+    clusters
+}
+
+/// The webdis clusters: revocation and limits, the log store's own, the replica-reading one.
+fn webdis_clusters(file: &GatewayFile) -> Vec<Value> {
+    let g = &file.gateway;
+    let mut clusters = Vec::new();
     let log_store_timeout = file
         .config
         .logs
@@ -475,6 +569,13 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         }));
     }
 
+    clusters
+}
+
+/// The identity providers' key-set clusters.
+fn jwks_clusters(file: &GatewayFile) -> Vec<Value> {
+    let g = &file.gateway;
+    let mut clusters = Vec::new();
     for jwks in &file.jwks_clusters {
         let ep = &jwks.endpoint;
         let mut cluster = json!({
@@ -504,13 +605,15 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         clusters.push(cluster);
     }
 
-    for cluster in &mut clusters {
-        cluster["per_connection_buffer_limit_bytes"] = json!(g.limits.buffer_limit_bytes);
-    }
+    clusters
+}
+
+fn listener_budgets(file: &GatewayFile) -> Vec<(&'static str, u64)> {
+    let g = &file.gateway;
     // Each listener's own connection limit (Envoy's `envoy.resource_limits.listener.<name>.
     // connection_limit`, checked at accept before the process-wide one): the gateway's clients
     // cannot take the metrics listener's connections, so /ready answers while they fill theirs.
-    let mut listener_budgets: Vec<(&str, u64)> = vec![(LISTENER_NAME, g.limits.max_connections)];
+    let mut listener_budgets: Vec<(&'static str, u64)> = vec![(LISTENER_NAME, g.limits.max_connections)];
     if let Some(m) = &g.metrics {
         listener_budgets.push(("metrics", m.max_connections));
     }
@@ -520,7 +623,12 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             listener_budgets.push(("redis_replica", REDIS_LISTENER_CONNECTIONS));
         }
     }
-    let overload = json!({
+    listener_budgets
+}
+
+/// The overload manager: the heap bound and its actions, every listener's budget together.
+fn overload(g: &crate::gateway::Gateway, listener_budgets: &[(&str, u64)]) -> Value {
+    json!({
         "refresh_interval": "0.25s",
         "resource_monitors": [
             {"name": "envoy.resource_monitors.fixed_heap", "typed_config": {
@@ -550,117 +658,108 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
                     {"timer": "HTTP_DOWNSTREAM_STREAM_IDLE", "min_scale": {"value": 10}},
                 ]}},
         ],
-    });
+    })
+}
 
-    // The admin interface: a Unix socket only Envoy's user can open (mode 0600), or TCP.
-    let admin_address = match &g.admin.socket {
-        Some(path) => json!({"pipe": {"path": path, "mode": 0o600}}),
-        None => socket(&g.admin.address, g.admin.port),
-    };
-    let mut listeners = vec![json!({
-        "name": LISTENER_NAME,
-        "address": socket(&g.address, g.port),
-        "per_connection_buffer_limit_bytes": g.limits.buffer_limit_bytes,
-        "filter_chains": [{"filters": network_filters}],
-    })];
-    if let Some(m) = &g.metrics {
-        clusters.push(json!({
+/// The metrics listener (Prometheus stats and readiness only) and its cluster to the admin
+/// interface.
+fn metrics_listener(m: &crate::gateway::Metrics, admin_address: &Value) -> (Value, Value) {
+    let cluster = json!({
             "name": ADMIN_CLUSTER,
             "type": "STATIC",
             "connect_timeout": "1s",
             "load_assignment": {"cluster_name": ADMIN_CLUSTER, "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": admin_address.clone()}}
             ]}]},
-        }));
-        let only = |path: &str| {
-            json!({"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+    });
+    let only = |path: &str| {
+        json!({"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
                    "route": {"cluster": ADMIN_CLUSTER, "timeout": "5s"}})
-        };
-        listeners.push(listener(
-            "metrics",
-            socket(&m.address, m.port),
-            json!({
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "metrics",
-                    "request_headers_timeout": "5s",
-                    "route_config": {"name": "metrics", "virtual_hosts": [{"name": "metrics", "domains": ["*"], "routes": [
-                        only("/stats/prometheus"),
-                        only("/ready"),
-                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
-                    ]}]},
-                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                },
-            }),
-        ));
-    }
+    };
+    let metrics = listener(
+        "metrics",
+        socket(&m.address, m.port),
+        json!({
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "metrics",
+                "request_headers_timeout": "5s",
+                "route_config": {"name": "metrics", "virtual_hosts": [{"name": "metrics", "domains": ["*"], "routes": [
+                    only("/stats/prometheus"),
+                    only("/ready"),
+                    {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+                ]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+            },
+        }),
+    );
+    (metrics, cluster)
+}
 
+/// `redis_cluster:`: Envoy's own redis_proxy listeners in front of a Redis Cluster, and the
+/// cluster.
+fn redis_proxy(file: &GatewayFile) -> Option<(Vec<Value>, Value)> {
+    let g = &file.gateway;
     // `redis_cluster:`: Envoy's own redis_proxy in front of a Redis Cluster, for webdis.
-    if let Some((r, (address, nodes))) = file
+    let (r, (address, nodes)) = file
         .redis_cluster
         .as_ref()
-        .and_then(|r| r.endpoints.as_ref().map(|e| (r, e)))
-    {
+        .and_then(|r| r.endpoints.as_ref().map(|e| (r, e)))?;
+    let mut listeners = vec![listener(
+        "redis",
+        socket(&address.host, address.port),
+        json!({
+            "name": "envoy.filters.network.redis_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy",
+                "stat_prefix": "redis",
+                "settings": {"op_timeout": seconds(r.op_timeout), "enable_redirection": true,
+                             "enable_hashtagging": true},
+                "prefix_routes": {"catch_all_route": {"cluster": REDIS_CLUSTER}},
+            },
+        }),
+    )];
+    // `redis_cluster.confirm`: the same cluster read from replicas only, for the read-back
+    // of revocations. No redirection: a replica answering `MOVED` (it lost the slot) must
+    // not become a read of the primary, which would confirm nothing.
+    if let Some((replica, _)) = r.confirm.as_ref().and_then(|c| c.endpoints.as_ref()) {
         listeners.push(listener(
-            "redis",
-            socket(&address.host, address.port),
+            "redis_replica",
+            socket(&replica.host, replica.port),
             json!({
                 "name": "envoy.filters.network.redis_proxy",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy",
-                    "stat_prefix": "redis",
-                    "settings": {"op_timeout": seconds(r.op_timeout), "enable_redirection": true,
-                                 "enable_hashtagging": true},
+                    "stat_prefix": "redis_replica",
+                    "settings": {"op_timeout": seconds(r.op_timeout), "enable_redirection": false,
+                                 "enable_hashtagging": true, "read_policy": "REPLICA"},
                     "prefix_routes": {"catch_all_route": {"cluster": REDIS_CLUSTER}},
                 },
             }),
         ));
-        // `redis_cluster.confirm`: the same cluster read from replicas only, for the read-back
-        // of revocations. No redirection: a replica answering `MOVED` (it lost the slot) must
-        // not become a read of the primary, which would confirm nothing.
-        if let Some((replica, _)) = r.confirm.as_ref().and_then(|c| c.endpoints.as_ref()) {
-            listeners.push(listener(
-                "redis_replica",
-                socket(&replica.host, replica.port),
-                json!({
-                    "name": "envoy.filters.network.redis_proxy",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy",
-                        "stat_prefix": "redis_replica",
-                        "settings": {"op_timeout": seconds(r.op_timeout), "enable_redirection": false,
-                                     "enable_hashtagging": true, "read_policy": "REPLICA"},
-                        "prefix_routes": {"catch_all_route": {"cluster": REDIS_CLUSTER}},
-                    },
-                }),
-            ));
-        }
-        clusters.push(json!({
-            "name": REDIS_CLUSTER,
-            "connect_timeout": seconds(g.connect_timeout),
-            "lb_policy": "CLUSTER_PROVIDED",
-            "cluster_type": {"name": "envoy.clusters.redis", "typed_config": {
-                "@type": "type.googleapis.com/google.protobuf.Struct",
-                "value": {"cluster_refresh_rate": seconds(r.refresh),
-                          "cluster_refresh_timeout": seconds(r.op_timeout),
-                          "redirect_refresh_interval": "0.2s", "redirect_refresh_threshold": 1},
-            }},
-            "load_assignment": {"cluster_name": REDIS_CLUSTER, "endpoints": [{"lb_endpoints":
-                nodes.iter().map(|n| json!({"endpoint": {"address": socket(&n.host, n.port)}})).collect::<Vec<_>>()
-            }]},
-        }));
     }
-
-    let mut bootstrap = json!({
-        "overload_manager": overload,
-        "stats_config": {"stats_tags": stats_tags()},
-        "admin": {"address": admin_address},
-        "static_resources": {
-            "listeners": listeners,
-            "clusters": clusters,
-        },
+    let cluster = json!({
+        "name": REDIS_CLUSTER,
+        "connect_timeout": seconds(g.connect_timeout),
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {"name": "envoy.clusters.redis", "typed_config": {
+            "@type": "type.googleapis.com/google.protobuf.Struct",
+            "value": {"cluster_refresh_rate": seconds(r.refresh),
+                      "cluster_refresh_timeout": seconds(r.op_timeout),
+                      "redirect_refresh_interval": "0.2s", "redirect_refresh_threshold": 1},
+        }},
+        "load_assignment": {"cluster_name": REDIS_CLUSTER, "endpoints": [{"lb_endpoints":
+            nodes.iter().map(|n| json!({"endpoint": {"address": socket(&n.host, n.port)}})).collect::<Vec<_>>()
+        }]},
     });
+    Some((listeners, cluster))
+}
+
+/// The runtime layer: the callout answer bound, each listener's connection limit, the native
+/// module's stat prefix.
+fn runtime_layer(g: &crate::gateway::Gateway, listener_budgets: &[(&str, u64)]) -> Value {
     let mut runtime = serde_json::Map::new();
     // The largest answer Envoy buffers for a filter's callout (its async client's default is
     // 32 MiB, process-wide; a cluster's per_connection_buffer_limit_bytes does not bound it: the
@@ -671,7 +770,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         "http.async_response_buffer_limit".into(),
         json!(gateway_filter::pipeline::MAX_STORE_REPLY_BYTES),
     );
-    for (name, budget) in &listener_budgets {
+    for (name, budget) in listener_budgets {
         runtime.insert(
             format!("envoy.resource_limits.listener.{name}.connection_limit"),
             json!(budget),
@@ -686,8 +785,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
             json!(true),
         );
     }
-    bootstrap["layered_runtime"] = json!({"layers": [{"name": "gateway", "static_layer": runtime}]});
-    Ok(bootstrap)
+    json!({"layers": [{"name": "gateway", "static_layer": runtime}]})
 }
 
 /// Files of the filesystem-xDS form (`gateway-render --xds DIR`), in the order they are swapped
