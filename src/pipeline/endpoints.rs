@@ -7,8 +7,6 @@ impl Gateway {
     /// A gateway endpoint: query the log store, or write to the revocation store and reply
     /// once the write is confirmed.
     pub(super) fn perform(&mut self, req: &mut Request, endpoint: Endpoint, host: &mut dyn Host) -> Flow {
-        let config = Rc::clone(&self.config);
-        let trace_id = req.trace.trace_id.clone();
         let query = match &endpoint {
             Endpoint::LogsByTrace(id) => Some(("trace_id", id.clone(), access_log::trace_key(id), u32::MAX)),
             Endpoint::LogsByUser { user_id, limit } => {
@@ -16,37 +14,59 @@ impl Gateway {
             }
             _ => None,
         };
-        if let Some((label, id, key, limit)) = query {
-            let Some(store) = config.logs.store.as_ref() else {
-                return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
-            };
-            // Fetch the whole (bounded) list: workers flush independently, so list order is
-            // flush order; the reply is sorted by request time before the limit applies.
-            let path = access_log::range_path(&key, store.user_records.max(100));
-            let call = self.webdis_call(
-                Callout::get(&store.cluster, &path, store.timeout_ms)
-                    .with_authorization(store.authorization.as_deref())
-                    .with_authority(Some(&store.authority)),
-                host,
-            );
-            return match call {
-                Ok(token_id) => {
-                    self.calls.insert(token_id, Call::Query { context: req.ctx });
-                    req.stage = Stage::Query { label, id, limit };
-                    Flow::Paused
-                }
-                Err(e) => {
-                    let id = self.metrics.log_errors;
-                    self.inc(id);
-                    req.log(
-                        LogLevel::Warn,
-                        &format!("log store query dispatch failed: {e}"),
-                        host,
-                    );
-                    self.error(req, Outcome::StoreUnavailable, message::LOG_STORE_DOWN, host)
-                }
-            };
+        match query {
+            Some((label, id, key, limit)) => self.query_logs(req, label, id, &key, limit, host),
+            None => self.revoke(req, endpoint, host),
         }
+    }
+
+    /// The log query: the whole (bounded) list of a trace or a user, sorted and limited when it
+    /// is answered.
+    fn query_logs(
+        &mut self,
+        req: &mut Request,
+        label: &'static str,
+        id: String,
+        key: &str,
+        limit: u32,
+        host: &mut dyn Host,
+    ) -> Flow {
+        let config = Rc::clone(&self.config);
+        let Some(store) = config.logs.store.as_ref() else {
+            return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
+        };
+        // Fetch the whole (bounded) list: workers flush independently, so list order is flush
+        // order; the reply is sorted by request time before the limit applies.
+        let path = access_log::range_path(key, store.user_records.max(100));
+        let call = self.webdis_call(
+            Callout::get(&store.cluster, &path, store.timeout_ms)
+                .with_authorization(store.authorization.as_deref())
+                .with_authority(Some(&store.authority)),
+            host,
+        );
+        match call {
+            Ok(token_id) => {
+                self.calls.insert(token_id, Call::Query { context: req.ctx });
+                req.stage = Stage::Query { label, id, limit };
+                Flow::Paused
+            }
+            Err(e) => {
+                let id = self.metrics.log_errors;
+                self.inc(id);
+                req.log(
+                    LogLevel::Warn,
+                    &format!("log store query dispatch failed: {e}"),
+                    host,
+                );
+                self.error(req, Outcome::StoreUnavailable, message::LOG_STORE_DOWN, host)
+            }
+        }
+    }
+
+    /// Logout, refresh or ban: the writes, replied once the store confirmed them.
+    fn revoke(&mut self, req: &mut Request, endpoint: Endpoint, host: &mut dyn Host) -> Flow {
+        let config = Rc::clone(&self.config);
+        let trace_id = req.trace.trace_id.clone();
         let (Some(rv), Some(caller)) = (config.revocation.as_ref(), req.caller.clone()) else {
             return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
         };

@@ -620,12 +620,20 @@ fn jwks_clusters(root: &mut Map<String, Value>) -> Result<Vec<JwksCluster>, Conf
 }
 
 /// Checks everything the filter does not see (upstreams, timeouts, listener, Envoy settings).
+/// The Envoy side of the file: the gateway's own settings, then each route's upstream side.
 fn validate_envoy_side(
     g: &Gateway,
     filter: &FilterConfig,
     upstreams: Vec<RouteUpstream>,
     webdis: bool,
 ) -> Result<Vec<EnvoyRoute>, ConfigError> {
+    check_gateway_side(g, filter, webdis)?;
+    envoy_routes(filter, upstreams)
+}
+
+/// `gateway:` as Envoy reads it (ports, admin, limits, CORS, outlier detection), and names that
+/// would clash with the clusters the renderer adds.
+fn check_gateway_side(g: &Gateway, filter: &FilterConfig, webdis: bool) -> Result<(), ConfigError> {
     if g.port != 0 && g.admin.socket.is_none() && g.port == g.admin.port {
         return Err(ConfigError::new(
             "gateway.admin.port",
@@ -753,6 +761,11 @@ fn validate_envoy_side(
     ] {
         gateway_filter::error::check_range(&format!("gateway.limits.{field}"), value, min, max)?;
     }
+    check_policies(g, filter, webdis)
+}
+
+/// CORS, outlier detection, and the names of the clusters the renderer adds.
+fn check_policies(g: &Gateway, filter: &FilterConfig, webdis: bool) -> Result<(), ConfigError> {
     if g.cors.active() {
         if g.cors.allow_credentials && g.cors.allow_origins.iter().any(|o| o == "*") {
             return Err(ConfigError::new(
@@ -806,6 +819,14 @@ fn validate_envoy_side(
             "a route named \"webdis\" clashes with the webdis cluster",
         ));
     }
+    Ok(())
+}
+
+/// Each route's upstream side: name, timeout, retries, endpoints (stable and canary).
+fn envoy_routes(
+    filter: &FilterConfig,
+    upstreams: Vec<RouteUpstream>,
+) -> Result<Vec<EnvoyRoute>, ConfigError> {
     let mut all = Vec::with_capacity(upstreams.len());
     for (i, (r, up)) in filter.routes.iter().zip(upstreams).enumerate() {
         check_name(&format!("routes[{i}].name"), &r.name)?;
