@@ -120,11 +120,11 @@ enum Stage {
     Revocation(Next),
     /// Waiting for the store to confirm an endpoint's write.
     Write(Write),
-    /// Written to the primary; waiting for a replica to hold it (`revocation.confirm`) before
+    /// Waiting for a replica to show what the primary said (`revocation.confirm`) before
     /// `reply` goes out. `tries`: read-backs sent so far.
     Confirm {
         reply: Reply,
-        held: rv::Held,
+        check: rv::Readback,
         deadline_ms: u64,
         tries: u32,
     },
@@ -446,7 +446,8 @@ impl Gateway {
                     return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
                 };
                 req.route = Some(i);
-                req.privileged = !route.roles.is_empty();
+                req.privileged =
+                    !(route.roles.is_empty() && route.roles_all.is_empty() && route.scopes.is_empty());
                 self.note_client(req, config, Some(route), host);
                 // Phase 2: the per-IP bucket.
                 if let Err(reply) = self.charge_ip(req, route.limits.as_ref(), now_ms, host) {

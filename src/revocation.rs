@@ -114,6 +114,46 @@ pub struct Confirm {
 /// is immediate: a replica is normally a fraction of a millisecond behind).
 pub const CONFIRM_RETRY_MS: u64 = 50;
 
+/// What a read-back from a replica must show before the reply goes out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readback {
+    /// A revocation this request wrote: every key it wrote.
+    Held(Held),
+    /// The caller's own token, found revoked by the primary at a gateway endpoint (a logout or
+    /// refresh retried after a 503): the replica's copy of the same lookup must revoke it too,
+    /// before the caller is told its token is dead.
+    Revoked {
+        path: String,
+        with_user: bool,
+        authenticated_at: Option<i64>,
+    },
+}
+
+impl Readback {
+    pub fn path(&self) -> String {
+        match self {
+            Readback::Held(h) => h.path(),
+            Readback::Revoked { path, .. } => path.clone(),
+        }
+    }
+
+    /// Whether the replica's answer shows it; `Ok(false)`: not yet.
+    pub fn confirmed(&self, status: Option<u16>, body: &[u8]) -> Result<bool, StoreError> {
+        match self {
+            Readback::Held(h) => h.parse(status, body),
+            Readback::Revoked {
+                with_user,
+                authenticated_at,
+                ..
+            } => parse_lookup(status, body, *with_user).map(|l| l.revokes(*authenticated_at)),
+        }
+    }
+}
+
+/// At most this many read-backs, one right after the other, where the timer cannot resume a
+/// request (Kong, APISIX, hosts without timers); then the revocation is answered 503.
+pub const MAX_IMMEDIATE_READBACKS: u32 = 3;
+
 /// What a replica must hold before a revocation is acknowledged: every key, and for a ban a
 /// value no older than the ban's (a later ban may have replaced it).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -80,6 +80,33 @@ impl ClaimPath {
     }
 }
 
+/// Writes `value` at `path`, making the objects on the way (a refreshed token carries the
+/// claims where its issuer's map reads them). A segment already holding something else than an
+/// object is replaced.
+pub fn set(claims: &mut Map<String, Value>, path: &ClaimPath, value: Value) {
+    let segments: Vec<&str> = match path {
+        ClaimPath::Dotted(p) => p.split('.').collect(),
+        ClaimPath::Segments(s) => s.iter().map(String::as_str).collect(),
+    };
+    let Some((last, parents)) = segments.split_last() else {
+        return;
+    };
+    let mut map = claims;
+    for part in parents {
+        let entry = map
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !entry.is_object() {
+            *entry = Value::Object(Map::new());
+        }
+        let Value::Object(inner) = entry else {
+            return;
+        };
+        map = inner;
+    }
+    map.insert(last.to_string(), value);
+}
+
 impl fmt::Display for ClaimPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -222,6 +249,15 @@ impl Types {
         Ok(Types(out))
     }
 
+    /// The `typ` of tokens the gateway mints for this issuer: `JWT` when accepted, else the
+    /// first type listed.
+    pub fn minted(&self) -> &str {
+        if self.0.iter().any(|t| t == "jwt") {
+            return "JWT";
+        }
+        self.0.iter().find(|t| *t != "none").map_or("JWT", String::as_str)
+    }
+
     /// Whether a token with this header's `typ` is accepted.
     pub fn admit(&self, typ: Option<&Value>) -> Result<(), TokenError> {
         let name = match typ {
@@ -234,6 +270,20 @@ impl Types {
         } else {
             Err(TokenError::WrongType)
         }
+    }
+}
+
+/// Keycloak writes its token kind in the payload (`"typ": "Bearer"` for access tokens) and
+/// `typ: JWT` in every header: an ID token (`ID`), a refresh token (`Refresh`), an offline or
+/// logout token, signed by the same keys, would otherwise pass where an access token is due.
+pub fn payload_kind(claims: &Map<String, Value>) -> Result<(), TokenError> {
+    match claims.get("typ") {
+        Some(Value::String(t))
+            if ["id", "refresh", "offline", "logout"].contains(&t.to_ascii_lowercase().as_str()) =>
+        {
+            Err(TokenError::WrongType)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -531,6 +581,23 @@ mod tests {
             Err(TokenError::TooDeep)
         );
         assert_eq!(check_strict(deep(10_000).as_bytes()), Err(TokenError::TooDeep));
+    }
+
+    #[test]
+    fn keycloak_id_and_refresh_tokens_are_not_access_tokens() {
+        for kind in ["ID", "Refresh", "Offline", "Logout", "id"] {
+            assert_eq!(
+                payload_kind(&claims(serde_json::json!({"typ": kind}))),
+                Err(TokenError::WrongType)
+            );
+        }
+        for ok in [
+            serde_json::json!({"typ": "Bearer"}),
+            serde_json::json!({}),
+            serde_json::json!({"typ": 3}),
+        ] {
+            assert_eq!(payload_kind(&claims(ok)), Ok(()));
+        }
     }
 
     #[test]

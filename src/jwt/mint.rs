@@ -19,19 +19,28 @@ impl Verifier {
         let Source::Secret(keys) = &issuer.source else {
             return Err(format!("issuer {} has no secret to sign with", issuer.name));
         };
+        // The identity where the issuer's claim map reads it, so the new token verifies to the
+        // same caller (roles and scopes included).
+        let map = &issuer.claims;
         let mut custom = Map::new();
         if let Some(sub) = &id.user_id {
-            custom.insert("sub".into(), sub.clone().into());
+            claims::set(&mut custom, &map.user_id, sub.clone().into());
         }
         if let Some(name) = &id.user_name {
-            custom.insert("name".into(), name.clone().into());
+            claims::set(&mut custom, &map.user_name, name.clone().into());
         }
-        // One role as the reference writes it (a string), several as a list.
-        let role: Value = match id.roles.as_slice() {
-            [one] => one.clone().into(),
-            all => all.to_vec().into(),
+        // One role as the reference writes it (a string), several as a list (as one
+        // space-separated string where the issuer reads them so).
+        let role: Value = match (id.roles.as_slice(), map.role_format) {
+            ([one], _) => one.clone().into(),
+            (all, claims::RoleFormat::SpaceSeparated) => all.join(" ").into(),
+            (all, claims::RoleFormat::List) => all.to_vec().into(),
         };
-        custom.insert("role".into(), role);
+        claims::set(&mut custom, &map.role, role);
+        if !id.scopes.is_empty() {
+            let path = map.scopes.clone().unwrap_or_else(|| ClaimPath::named("scope"));
+            claims::set(&mut custom, &path, id.scopes.join(" ").into());
+        }
         custom.insert("jti".into(), jti.into());
         // The lineage's authentication time: a ban compares with it, so refreshing cannot
         // outrun a ban (a token without `iat` counts as authenticated at 0, before any ban).
@@ -45,7 +54,7 @@ impl Verifier {
         let mut claims = Claims::new(custom);
         claims.issued_at = chrono::DateTime::from_timestamp(now, 0);
         claims.expiration = chrono::DateTime::from_timestamp(now.saturating_add(ttl_seconds), 0);
-        let header = jwt_compact::Header::empty().with_token_type("JWT");
+        let header = jwt_compact::Header::empty().with_token_type(issuer.types.minted());
         let key = keys.keys.first().ok_or("no signing key")?;
         let signed = match &key.material {
             Material::Hs256(k) => Hs256.token(&header, &claims, k),

@@ -327,6 +327,12 @@ impl JwtSettings {
                     "must be a header name starting with X-User- (clients' copies are stripped like the other identity headers)",
                 ));
             }
+            if ["x-user-id", "x-user-name", "x-user-role"].contains(&lower.as_str()) {
+                return Err(ConfigError::new(
+                    "scopes_header",
+                    "must not be one of the identity headers (X-User-ID, X-User-Name, X-User-Role): the scopes would replace it",
+                ));
+            }
         }
         let mut verifier = Verifier::from_issuers(list);
         verifier.host_verification = self.host_verification;

@@ -499,6 +499,11 @@ fn claim_settings_are_checked_naming_the_field() {
         (serde_json::json!({"max_payload_bytes": 100}), "max_payload_bytes"),
         (serde_json::json!({"scopes_header": "X-Scopes"}), "scopes_header"),
         (
+            serde_json::json!({"scopes_header": "X-User-Role"}),
+            "scopes_header",
+        ),
+        (serde_json::json!({"scopes_header": "x-user-id"}), "scopes_header"),
+        (
             serde_json::json!({"scopes_header": "X-User-Sc opes"}),
             "scopes_header",
         ),
@@ -533,4 +538,42 @@ fn explicit_types_are_per_issuer() {
         SECRET,
     );
     assert_eq!(v.verify(&jwt, NOW), Err(TokenError::WrongType));
+}
+
+#[test]
+fn refreshed_tokens_keep_the_claims_where_the_issuer_reads_them() {
+    let s: JwtSettings = serde_json::from_value(serde_json::json!({
+        "secret": String::from_utf8(SECRET.to_vec()).unwrap(), "types": ["at+jwt"],
+        "claims": {"user_id": "oid", "role": ["https://example.com/roles"], "scopes": "scp"}}))
+    .unwrap();
+    let v = s.compile(&|_| None).unwrap();
+    let exp = NOW + 60;
+    let original = forge(
+        r#"{"alg":"HS256","typ":"at+jwt"}"#,
+        &format!(
+            r#"{{"exp":{exp},"iat":{NOW},"oid":"o-1","https://example.com/roles":["a","b"],"scp":"x y"}}"#
+        ),
+        SECRET,
+    );
+    let id = v.verify(&original, NOW).unwrap();
+    let minted = v.issue(&id, NOW, 600, "j2").unwrap();
+    let again = v.verify(&minted, NOW).unwrap();
+    assert_eq!(
+        again.user_id.as_deref(),
+        Some("o-1"),
+        "a ban still reaches the refreshed token"
+    );
+    assert_eq!(again.roles, ["a", "b"]);
+    assert_eq!(again.scopes, ["x", "y"]);
+    // Nested paths are made on the way.
+    let mut m = Map::new();
+    claims::set(
+        &mut m,
+        &ClaimPath::named("realm_access.roles"),
+        serde_json::json!(["r"]),
+    );
+    assert_eq!(
+        serde_json::Value::Object(m),
+        serde_json::json!({"realm_access": {"roles": ["r"]}})
+    );
 }

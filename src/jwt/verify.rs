@@ -377,6 +377,7 @@ impl Verifier {
         if let Some(kind) = claims::binding(c) {
             return Err(TokenError::BoundToken(kind));
         }
+        claims::payload_kind(c)?;
         let map = &issuer.claims;
         Ok(Identity {
             // An empty subject names nobody (and could not be banned): refused.

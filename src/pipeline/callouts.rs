@@ -61,14 +61,14 @@ impl Gateway {
             Call::Confirm { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Confirm {
                     reply,
-                    held,
+                    check,
                     deadline_ms,
                     tries,
                 } = std::mem::replace(&mut req.stage, Stage::Idle)
                 else {
                     return Flow::Paused;
                 };
-                gw.confirm_answered(req, reply, held, deadline_ms, tries, status, &body, host)
+                gw.confirm_answered(req, reply, check, deadline_ms, tries, status, &body, host)
             }),
             Call::Query { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Query { label, id, limit } = std::mem::replace(&mut req.stage, Stage::Idle) else {

@@ -139,6 +139,17 @@ impl Gateway {
     pub(super) fn forget(&mut self, ctx: u32, host: &mut dyn Host) {
         self.forget_key_waiter(ctx, host);
         self.confirming.retain(|c| *c != ctx);
+        // Its own calls (a write, a read-back, a log query): Envoy cancels a deleted stream's
+        // callouts, so their answers never come; their entries and nonces go with it.
+        let before = self.calls.len();
+        self.calls.retain(|_, call| {
+            !matches!(call, Call::Write { context } | Call::Confirm { context } | Call::Query { context }
+                if *context == ctx)
+        });
+        if self.calls.len() != before {
+            let calls = &self.calls;
+            self.nonces.retain(|id, _| calls.contains_key(id));
+        }
         let mut orphaned = Vec::new();
         for (key, inflight) in self.inflight.iter_mut() {
             inflight.waiters.retain(|w| *w != ctx);

@@ -40,7 +40,7 @@ impl Gateway {
             None
         };
         if self.banned_here(rv, &caller.identity, now_ms, host) {
-            return self.revoked(req, host);
+            return self.revoked_at(req, &next, host);
         }
         if let Some(epoch) = epoch {
             let stored = shared(&self.local, host).get(&slot.cache_key()).map(|(b, _)| b);
@@ -285,7 +285,7 @@ impl Gateway {
                 req.clock_ms = now_ms;
                 let issued_at = req.caller.as_ref().and_then(|c| c.identity.authenticated_at());
                 match &result {
-                    Ok(lookup) if lookup.revokes(issued_at) => gw.revoked(req, host),
+                    Ok(lookup) if lookup.revokes(issued_at) => gw.revoked_at(req, &next, host),
                     Ok(_) => gw.proceed(req, next, host),
                     Err(e) => gw.store_failed(req, next, e, host),
                 }
@@ -393,20 +393,22 @@ impl Gateway {
             _ => match config.revocation.as_ref().and_then(|r| r.confirm.as_ref()) {
                 Some(confirm) => {
                     let deadline_ms = host.now_ms().saturating_add(confirm.timeout_ms);
-                    self.send_confirm(req, write.on_ok, write.held, deadline_ms, 0, host)
+                    let check = rv::Readback::Held(write.held);
+                    self.send_confirm(req, write.on_ok, check, deadline_ms, 0, host)
                 }
                 None => self.reply(req, write.on_ok, host),
             },
         }
     }
 
-    /// Reads a revocation's keys back from a replica (`revocation.confirm`); the reply waits.
-    /// A read that cannot be sent counts as a miss.
+    /// Reads back from a replica (`revocation.confirm`) what the primary said; the reply waits.
+    /// A read-back that cannot be sent is answered 503 at once (a refused dispatch would be
+    /// refused again).
     fn send_confirm(
         &mut self,
         req: &mut Request,
         reply: Reply,
-        held: rv::Held,
+        check: rv::Readback,
         deadline_ms: u64,
         tries: u32,
         host: &mut dyn Host,
@@ -419,7 +421,7 @@ impl Gateway {
         else {
             return self.reply(req, reply, host);
         };
-        let path = held.path();
+        let path = check.path();
         let timeout_ms = deadline_ms.saturating_sub(host.now_ms()).clamp(1, rv.timeout_ms);
         let sent = self.webdis_call(
             Callout::get(&confirm.cluster, &path, timeout_ms)
@@ -427,15 +429,15 @@ impl Gateway {
                 .with_authority(Some(&confirm.authority)),
             host,
         );
-        req.stage = Stage::Confirm {
-            reply,
-            held,
-            deadline_ms,
-            tries: tries.saturating_add(1),
-        };
         match sent {
             Ok(token_id) => {
                 self.calls.insert(token_id, Call::Confirm { context: req.ctx });
+                req.stage = Stage::Confirm {
+                    reply,
+                    check,
+                    deadline_ms,
+                    tries: tries.saturating_add(1),
+                };
                 Flow::Paused
             }
             Err(e) => {
@@ -444,26 +446,27 @@ impl Gateway {
                     &format!("revocation read-back not sent: {e}"),
                     host,
                 );
-                self.confirm_missed(req, host)
+                self.not_replicated(req, tries, host)
             }
         }
     }
 
-    /// A replica's answer to a read-back: acknowledge the revocation once it holds every key;
-    /// else try again (at once the first time, then every tick) until the deadline, then 503.
+    /// A replica's answer to a read-back: the reply goes out once it shows what the primary
+    /// said; else another read-back (at once the first time, then every tick) until the
+    /// deadline, then 503.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn confirm_answered(
         &mut self,
         req: &mut Request,
         reply: Reply,
-        held: rv::Held,
+        check: rv::Readback,
         deadline_ms: u64,
         tries: u32,
         status: Option<u16>,
         body: &[u8],
         host: &mut dyn Host,
     ) -> Flow {
-        match held.parse(status, body) {
+        match check.confirmed(status, body) {
             Ok(true) => {
                 if tries > 1 {
                     self.inc_named("gateway_revocation_confirm_retries_total", host);
@@ -477,48 +480,42 @@ impl Gateway {
                 host,
             ),
         }
+        if host.now_ms() >= deadline_ms {
+            return self.not_replicated(req, tries, host);
+        }
+        // Where the timer cannot resume this request (Kong, APISIX, no timers), a few
+        // read-backs right after each other, then the 503.
+        let parked = self.timers && host.resumes_other_contexts();
+        if tries <= 1 || (!parked && tries < rv::MAX_IMMEDIATE_READBACKS) {
+            return self.send_confirm(req, reply, check, deadline_ms, tries, host);
+        }
+        if !parked {
+            return self.not_replicated(req, tries, host);
+        }
         req.stage = Stage::Confirm {
             reply,
-            held,
+            check,
             deadline_ms,
             tries,
         };
-        self.confirm_missed(req, host)
-    }
-
-    /// No replica held the revocation yet (`req.stage` is its `Stage::Confirm`).
-    fn confirm_missed(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
-        let now = host.now_ms();
-        let (deadline_ms, tries) = match &req.stage {
-            Stage::Confirm {
-                deadline_ms, tries, ..
-            } => (*deadline_ms, *tries),
-            _ => return Flow::Paused,
-        };
-        if now >= deadline_ms {
-            self.inc_named("gateway_revocation_unconfirmed_total", host);
-            req.stage = Stage::Idle;
-            let id = self.metrics.store_errors;
-            self.inc(id);
-            req.log(
-                LogLevel::Warn,
-                &format!("revocation written to the primary, but no replica held it after {tries} read-backs: not acknowledged"),
-                host,
-            );
-            return self.error(req, Outcome::StoreUnavailable, message::NOT_REPLICATED, host);
-        }
-        // Where the timer cannot resume this request (Kong, APISIX), each answer sends the
-        // next read-back.
-        if tries <= 1 || !self.timers || !host.resumes_other_contexts() {
-            let Stage::Confirm { reply, held, .. } = std::mem::replace(&mut req.stage, Stage::Idle) else {
-                return Flow::Paused;
-            };
-            return self.send_confirm(req, reply, held, deadline_ms, tries, host);
-        }
         if !self.confirming.contains(&req.ctx) {
             self.confirming.push(req.ctx);
         }
         Flow::Paused
+    }
+
+    /// No replica showed it in time: 503, not acknowledged (what the primary took still counts
+    /// wherever it survives, and this gateway already applies it).
+    fn not_replicated(&mut self, req: &mut Request, tries: u32, host: &mut dyn Host) -> Flow {
+        self.inc_named("gateway_revocation_unconfirmed_total", host);
+        let id = self.metrics.store_errors;
+        self.inc(id);
+        req.log(
+            LogLevel::Warn,
+            &format!("revocation on the primary, but no replica showed it after {tries} read-backs: not acknowledged"),
+            host,
+        );
+        self.error(req, Outcome::StoreUnavailable, message::NOT_REPLICATED, host)
     }
 
     /// The timer: read back again every revocation no replica held at its last read-back.
@@ -527,7 +524,7 @@ impl Gateway {
             self.with_request(ctx, w, host, |gw, req, host| {
                 let Stage::Confirm {
                     reply,
-                    held,
+                    check,
                     deadline_ms,
                     tries,
                 } = std::mem::replace(&mut req.stage, Stage::Idle)
@@ -535,17 +532,33 @@ impl Gateway {
                     return Flow::Paused;
                 };
                 if host.now_ms() >= deadline_ms {
-                    req.stage = Stage::Confirm {
-                        reply,
-                        held,
-                        deadline_ms,
-                        tries,
-                    };
-                    return gw.confirm_missed(req, host);
+                    return gw.not_replicated(req, tries, host);
                 }
-                gw.send_confirm(req, reply, held, deadline_ms, tries, host)
+                gw.send_confirm(req, reply, check, deadline_ms, tries, host)
             });
         }
+    }
+
+    /// The caller's own token is revoked. At a gateway endpoint with `revocation.confirm` (a
+    /// logout or refresh retried after its 503), a replica must say so too before the caller
+    /// is told: a 401 there reads as "logged out".
+    pub(super) fn revoked_at(&mut self, req: &mut Request, next: &Next, host: &mut dyn Host) -> Flow {
+        let config = Rc::clone(&self.config);
+        let confirm = config.revocation.as_ref().and_then(|r| r.confirm.as_ref());
+        let (Some(confirm), Next::Endpoint(_), Some(caller)) = (confirm, next, req.caller.as_ref()) else {
+            return self.revoked(req, host);
+        };
+        let id = &caller.identity;
+        let check = rv::Readback::Revoked {
+            path: rv::lookup_path(&caller.token, &id.revocation_id, id.user_id.as_deref()),
+            with_user: id.user_id.is_some(),
+            authenticated_at: id.authenticated_at(),
+        };
+        let counter = self.metrics.revoked;
+        self.inc(counter);
+        let reply = Reply::refuse(Outcome::Revoked, MSG_REVOKED, &req.trace.trace_id);
+        let deadline_ms = host.now_ms().saturating_add(confirm.timeout_ms);
+        self.send_confirm(req, reply, check, deadline_ms, 0, host)
     }
 
     /// Dispatches a new lookup, from the root context, for waiters whose lookup's owner left.

@@ -2024,3 +2024,76 @@ fn without_a_random_source_the_gateway_refuses_to_start() {
     let e = Gateway::new(cfg, &mut host).err().unwrap();
     assert!(e.contains("no random source"), "{e}");
 }
+
+/// Up to the deciding write of a logout with `revocation.confirm`; the read-back is out.
+fn logout_written(t: &mut T, ctx: u32) {
+    t.send(ctx, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.answer_last(Some(200), SET_OK);
+}
+
+#[test]
+fn a_read_back_that_cannot_be_sent_is_answered_at_once() {
+    let mut t = confirming(1.0);
+    t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), CLEAN);
+    t.answer_last(Some(200), SETEX_OK);
+    t.host.fail_dispatch = true;
+    t.answer_last(Some(200), SET_OK);
+    assert_eq!(t.status(2), 503, "no retry of a refused dispatch");
+}
+
+#[test]
+fn where_the_timer_cannot_resume_a_request_read_backs_are_few() {
+    let mut v = base();
+    v["revocation"] = serde_json::json!({"confirm": {"cluster": "webdis-replica", "timeout": 60}});
+    let mut t = T::on_host(v, |h| h.single_context = true);
+    logout_written(&mut t, 2);
+    let first = t.calls();
+    for _ in 0..10 {
+        if t.req(2).reply.is_some() {
+            break;
+        }
+        t.answer_last(Some(200), r#"{"MGET":[null,null]}"#);
+    }
+    assert_eq!(t.status(2), 503);
+    assert_eq!(t.calls() - first + 1, rv::MAX_IMMEDIATE_READBACKS as usize);
+}
+
+#[test]
+fn a_retried_logout_of_a_revoked_token_is_refused_only_once_a_replica_says_so() {
+    let mut t = confirming(0.2);
+    t.send(2, "POST", "/api/v1/auth/logout", Some(&token()));
+    // The primary has it (the first attempt's 503 left it there).
+    t.answer_last(Some(200), BLACKLISTED);
+    assert!(t.req(2).reply.is_none(), "a 401 here reads as logged out");
+    let (cluster, path) = last_call(&t);
+    assert_eq!(cluster, "webdis-replica");
+    assert!(path.starts_with("/MGET/token%3Ablacklist%3A"), "{path}");
+    t.answer_last(Some(200), r#"{"MGET":["1",null,null]}"#);
+    assert_eq!(t.reason(2), "revoked");
+    // The replica does not have it: 503 until it does.
+    let mut t = confirming(0.2);
+    t.send(3, "POST", "/api/v1/auth/logout", Some(&token()));
+    t.answer_last(Some(200), BLACKLISTED);
+    while t.req(3).reply.is_none() {
+        let pending = t.host.dispatched.last().unwrap().token_id;
+        t.answer(pending, Some(200), CLEAN);
+        if t.req(3).reply.is_none() && t.host.dispatched.last().unwrap().token_id == pending {
+            t.host.now_ms += rv::CONFIRM_RETRY_MS;
+            t.tick();
+        }
+    }
+    assert_eq!(t.status(3), 503);
+}
+
+#[test]
+fn a_request_that_leaves_takes_its_calls_with_it() {
+    let mut t = confirming(1.0);
+    logout_written(&mut t, 2);
+    assert_eq!(t.gw.calls.len(), 1);
+    assert_eq!(t.gw.nonces.len(), 1);
+    t.done(2);
+    assert!(t.gw.calls.is_empty() && t.gw.nonces.is_empty());
+}

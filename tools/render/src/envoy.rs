@@ -997,6 +997,21 @@ routes:
             ("timeout: 2}", "timeout: 0}", "redis_cluster.confirm.timeout"),
             ("revocation: {timeout: 0.3}\n", "", "redis_cluster.confirm"),
             ("timeout: 2}", "timeout: 2, tries: 3}", "redis_cluster.confirm"),
+            (
+                "http://127.0.0.1:7380",
+                "http://127.0.0.1:7379",
+                "redis_cluster.confirm.webdis",
+            ),
+            (
+                "listen: \"127.0.0.1:6391\"",
+                "listen: \"10.0.0.5:6391\"",
+                "redis_cluster.confirm.listen",
+            ),
+            (
+                "listen: \"127.0.0.1:6390\"",
+                "listen: \"0.0.0.0:6390\"",
+                "redis_cluster.listen",
+            ),
         ] {
             let e = crate::gateway::GatewayFile::parse(&file.replace(from, to))
                 .err()

@@ -390,6 +390,23 @@ impl GatewayFile {
             root.insert("webdis_cluster".into(), Value::String(WEBDIS_CLUSTER.into()));
         }
         if let Some(c) = redis_cluster.as_ref().and_then(|r| r.confirm.as_ref()) {
+            // Through the writes' webdis (or the log store's), a read-back would read the
+            // primary and confirm nothing.
+            let confirm_webdis = c.endpoints.as_ref().map(|(_, ep)| ep);
+            let log_webdis = root
+                .get("logs")
+                .and_then(|l| l.get("store"))
+                .and_then(|st| st.get("webdis"))
+                .and_then(Value::as_str)
+                .and_then(|url| parse_upstream("logs.store.webdis", url).ok());
+            if confirm_webdis.is_some()
+                && (confirm_webdis == webdis.as_ref() || confirm_webdis == log_webdis.as_ref())
+            {
+                return Err(ConfigError::new(
+                    "redis_cluster.confirm.webdis",
+                    "must be its own webdis (connected to confirm.listen), not the one writes or log records go to",
+                ));
+            }
             let Some(Value::Object(rv)) = root.get_mut("revocation") else {
                 return Err(ConfigError::new(
                     "redis_cluster.confirm",
@@ -541,6 +558,25 @@ impl RedisCluster {
                 .map_err(|_| ConfigError::new(field, format!("{a:?} must be host:port")))
         };
         let listen = addr("redis_cluster.listen", &self.listen)?;
+        // The redis_proxy listeners take any command, writes included, without a password:
+        // only processes of this host (the webdis beside Envoy) may reach them.
+        let loopback = |field: &str, ep: &Endpoint| {
+            let ok = ep.host == "localhost"
+                || ep
+                    .host
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
+                    field,
+                    "must be a loopback address (127.0.0.1:port): the listener has no password",
+                ))
+            }
+        };
+        loopback("redis_cluster.listen", &listen)?;
         if self.seeds.is_empty() {
             return Err(ConfigError::new(
                 "redis_cluster.seeds",
@@ -557,6 +593,7 @@ impl RedisCluster {
         check_seconds("redis_cluster.op_timeout", self.op_timeout, 60.0)?;
         if let Some(c) = self.confirm.as_mut() {
             let replica = addr("redis_cluster.confirm.listen", &c.listen)?;
+            loopback("redis_cluster.confirm.listen", &replica)?;
             if replica == listen {
                 return Err(ConfigError::new(
                     "redis_cluster.confirm.listen",
