@@ -1,0 +1,159 @@
+//! Running this worker's gateway: built on first use, entered once at a time (re-entrant hooks
+//! find it busy), what it deferred carried out after, events that arrived meanwhile replayed.
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// Running the gateway of this worker.
+
+/// This worker's gateway for `config`, built on first use (then the gateways of configurations
+/// Envoy no longer holds go).
+pub(crate) fn worker_for<'a>(
+    workers: &'a mut HashMap<u64, Worker>,
+    config: &FilterConfig,
+) -> Result<&'a mut Worker, String> {
+    if !workers.contains_key(&config.generation) {
+        let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+        workers.retain(|generation, _| live.contains(generation));
+        let worker = build_worker(config)?;
+        workers.insert(config.generation, worker);
+    }
+    workers
+        .get_mut(&config.generation)
+        .ok_or_else(|| "worker state missing".to_string())
+}
+
+pub(crate) fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
+    let cfg = Config::from_json(&config.json).map_err(|e| format!("invalid configuration: {e}"))?;
+    let mut host = HostState::new(Arc::clone(&config.metrics), Arc::clone(&config.ticking));
+    let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
+    // Records go to the main thread's gateway, which summarises refusals on its timer.
+    gateway.hand_over_records();
+    host.tick_period_ms = gateway.tick_period_ms();
+    // Timers: see [`Ticking`].
+    gateway.started(true, &mut NativeHost { state: &mut host })?;
+    host.last_tick_ms = now_ms();
+    Ok(Worker { gateway, host })
+}
+
+/// Runs `f` on this worker's gateway, then carries out what it deferred and replays events that
+/// arrived meanwhile. `None` when the gateway is in use (a re-entrant hook) or cannot be built.
+pub(crate) fn with_worker<R>(config: &FilterConfig, f: impl FnOnce(&mut Worker) -> R) -> Option<R> {
+    let (result, deferred) = WORKERS.with(|cell| {
+        let Ok(mut workers) = cell.try_borrow_mut() else {
+            return (None, Vec::new());
+        };
+        let worker = match worker_for(&mut workers, config) {
+            Ok(w) => w,
+            Err(e) => {
+                abi::log(4, &format!("gateway filter: {e}"));
+                return (None, Vec::new());
+            }
+        };
+        // Left over only if an earlier hook panicked: those streams may be gone now.
+        worker.host.deferred.clear();
+        let Worker { gateway, host } = &mut *worker;
+        take_inbox(gateway, host);
+        let result = f(worker);
+        (Some(result), std::mem::take(&mut worker.host.deferred))
+    });
+    carry_out(deferred);
+    replay_pending();
+    result
+}
+
+/// Tells Envoy what the gateway decided, now that it is no longer in use.
+pub(crate) fn carry_out(deferred: Vec<Deferred>) {
+    for d in deferred {
+        match d {
+            Deferred::ClearRoute(filter) => abi::clear_route_cache(filter),
+            Deferred::Reply(filter, reply) => send_reply(filter, &reply),
+            Deferred::Resume(filter) => abi::continue_decoding(filter),
+        }
+    }
+}
+
+pub(crate) fn send_reply(filter: EnvoyFilter, reply: &Reply) {
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    abi::send_response(
+        filter,
+        reply.status,
+        &headers,
+        reply.body.as_bytes(),
+        reply.outcome.decision(),
+    );
+}
+
+pub(crate) fn replay_pending() {
+    loop {
+        let Some(event) = PENDING.with(|p| p.try_borrow_mut().ok().and_then(|mut q| q.pop_front())) else {
+            return;
+        };
+        match event {
+            Pending::Gone { generation, ctx } => {
+                WORKERS.with(|cell| {
+                    if let Ok(mut workers) = cell.try_borrow_mut() {
+                        if let Some(w) = workers.get_mut(&generation) {
+                            forget_stream(w, ctx);
+                        }
+                    }
+                });
+            }
+            Pending::Answer {
+                generation,
+                ctx,
+                callout,
+                answer,
+            } => {
+                deliver_answer(generation, ctx, callout, answer);
+            }
+        }
+    }
+}
+
+/// A stream is gone: the gateway forgets it and its calls (Envoy cancelled them).
+pub(crate) fn forget_stream(w: &mut Worker, ctx: u32) {
+    let Worker { gateway, host } = w;
+    host.streams.remove(&ctx);
+    host.at(None, ctx);
+    // Envoy cancelled the stream's calls (only requests' own: the root's never ride on one).
+    host.calls.retain(|(owner, _), _| *owner != ctx);
+    gateway.on_done(ctx, &mut NativeHost { state: host });
+}
+
+/// Hands a callout's answer to the gateway (as proxy-wasm's `on_http_call_response`). If the
+/// gateway is in use (Envoy answered inside another hook), the answer waits its turn.
+pub(crate) fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>, Vec<u8>)) {
+    let deferred = WORKERS.with(|cell| {
+        let Ok(mut workers) = cell.try_borrow_mut() else {
+            return Err(answer);
+        };
+        let Some(worker) = workers.get_mut(&generation) else {
+            return Ok(Vec::new());
+        };
+        let Some(token) = worker.host.calls.remove(&(ctx, callout)) else {
+            return Ok(Vec::new());
+        };
+        let Worker { gateway, host } = worker;
+        let size = answer.1.len();
+        host.answer = answer;
+        let stream = host.streams.get(&ctx).copied();
+        host.at(stream, ctx);
+        gateway.on_call_response(ctx, token, size, &mut NativeHost { state: host });
+        gateway.flush_counters(&mut NativeHost { state: host });
+        Ok(std::mem::take(&mut host.deferred))
+    });
+    match deferred {
+        Ok(deferred) => carry_out(deferred),
+        Err(answer) => PENDING.with(|p| {
+            if let Ok(mut q) = p.try_borrow_mut() {
+                q.push_back(Pending::Answer {
+                    generation,
+                    ctx,
+                    callout,
+                    answer,
+                });
+            }
+        }),
+    }
+}
