@@ -41,9 +41,11 @@ mod limits;
 mod logs;
 mod metrics;
 mod revocation;
+mod state;
 
 pub use logs::{bound_records, StoredRecord, RECORD_CLASSES};
 use metrics::Metrics;
+use state::*;
 
 pub const HEADER_RESPONSE_TIME: &str = "x-response-time";
 use crate::outcome::message;
@@ -79,150 +81,6 @@ pub enum Action {
 enum Flow {
     Continue,
     Paused,
-}
-
-/// What to do once the caller's token is known not to be revoked.
-#[derive(Debug)]
-enum Next {
-    Route,
-    Endpoint(Endpoint),
-}
-
-/// A store write the reply waits for, and what the local instance records once it is confirmed.
-#[derive(Debug)]
-struct Write {
-    on_ok: Reply,
-    effect: Effect,
-    /// For a revoking write (`SET NX`): the reply when another request revoked the token
-    /// first (`None`: the same as `on_ok`).
-    on_lost: Option<Reply>,
-    /// The deciding write (`SET token:revoked:<id> NX`), sent once the first one (the
-    /// reference's `token:blacklist:<token>`) is confirmed.
-    then: Option<String>,
-    /// What a replica must hold before the reply, with `revocation.confirm`.
-    held: rv::Held,
-}
-
-#[derive(Debug)]
-enum Effect {
-    /// Cache the token (its revocation id) as revoked.
-    Blacklist(String),
-    /// Record a ban in the local ban table.
-    Ban { user: String, since_s: i64 },
-}
-
-/// Where a request stands.
-#[derive(Debug)]
-enum Stage {
-    /// Deciding, or forwarded, or answered: nothing outstanding.
-    Idle,
-    /// Waiting for a revocation lookup (its own, or one it joined).
-    Revocation(Next),
-    /// Waiting for the store to confirm an endpoint's write.
-    Write(Write),
-    /// Waiting for a replica to show what the primary said (`revocation.confirm`) before
-    /// `reply` goes out. `tries`: read-backs sent so far.
-    Confirm {
-        reply: Reply,
-        check: rv::Readback,
-        deadline_ms: u64,
-        tries: u32,
-    },
-    /// Waiting for signing keys its token needs (a fetch is out, here or in another VM).
-    Keys { target: Target, deadline_ms: u64 },
-    /// Waiting for the log store's answer to a query.
-    Query {
-        label: &'static str,
-        id: String,
-        limit: u32,
-    },
-}
-
-/// One request's state.
-struct Request {
-    /// Its context id.
-    ctx: u32,
-    started_ms: u64,
-    /// The last time read from the host for this request (its start, or its resumption).
-    clock_ms: u64,
-    trace: TraceContext,
-    headers: Vec<HeaderPair>,
-    /// The route matched (or the one a gateway endpoint sits under).
-    route: Option<usize>,
-    caller: Option<Caller>,
-    /// The caller's token was found valid and not revoked (the request reached phase 5): only
-    /// then does its record count as authenticated in the log store.
-    cleared: bool,
-    /// A route that requires a role, or a gateway endpoint: its record is privileged.
-    privileged: bool,
-    client_ip: Option<String>,
-    stage: Stage,
-    /// When its wait for signing keys ends (set at its first wait; 0: the answer is final).
-    keys_deadline_ms: Option<u64>,
-    /// The binding bucket's verdict, for the `X-RateLimit-*` response headers.
-    verdict: Option<Verdict>,
-    canary: Option<bool>,
-    /// How it ended: forwarded, or the outcome of the gateway's own reply.
-    outcome: Outcome,
-    status: Option<u16>,
-    /// Time from the request headers to the response headers.
-    elapsed_us: Option<u64>,
-}
-
-impl Request {
-    /// A log line about this request, naming its context and trace id.
-    fn log(&self, level: LogLevel, message: &str, host: &mut dyn Host) {
-        host.log(
-            level,
-            &format!("context {} trace {}: {message}", self.ctx, self.trace.trace_id),
-        );
-    }
-}
-
-/// What an outstanding callout is for.
-#[derive(Debug)]
-enum Call {
-    /// A revocation lookup: for every request waiting on token `key` (coalesced), or for one
-    /// request (`key` = None).
-    Lookup {
-        key: Option<u64>,
-        context: u32,
-    },
-    Write {
-        context: u32,
-    },
-    /// A read-back of a revocation from a replica.
-    Confirm {
-        context: u32,
-    },
-    Query {
-        context: u32,
-    },
-    /// A log-store write; `then` are the commands to send once it is answered (the trim and
-    /// expiry of the list it pushed to: sent after the push, they run after it in Redis, even
-    /// though webdis serves calls on several connections in any order).
-    LogWrite {
-        then: Vec<String>,
-    },
-    Sync {
-        route: String,
-        delta: u64,
-    },
-    /// A JWKS fetch for issuer `issuer`.
-    Jwks {
-        issuer: usize,
-    },
-}
-
-/// A revocation lookup in flight, and the requests waiting for it.
-struct Inflight {
-    /// The context that dispatched it; `None` once that context is gone (the answer will not
-    /// come: the next tick dispatches again for the waiters).
-    owner: Option<u32>,
-    user: Option<String>,
-    token: String,
-    revocation_id: String,
-    waiters: Vec<u32>,
 }
 
 /// One VM's gateway: the configuration, the metrics, and the state every request and timer
