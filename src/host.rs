@@ -456,7 +456,7 @@ pub mod fake {
             );
             assert_eq!(r.resumed, 0, "context {ctx}: a local reply after a resume");
             assert!(!r.ended, "context {ctx}: a reply to a deleted context");
-            r.response_status = Some(reply.status);
+            r.response_status = Some(reply.status());
             r.reply = Some(reply.clone());
         }
         fn resume(&mut self) {

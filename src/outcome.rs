@@ -22,6 +22,18 @@ impl Scope {
         }
     }
 
+    /// Every scope, in counter order.
+    pub const ALL: [Scope; 3] = [Scope::Ip, Scope::User, Scope::Route];
+
+    /// The `scope` label of `gateway_ratelimit_total`.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Scope::Ip => "ip",
+            Scope::User => "user",
+            Scope::Route => "route",
+        }
+    }
+
     /// The index of its counters (ip, user, route).
     pub fn index(self) -> usize {
         match self {
@@ -181,6 +193,8 @@ pub mod message {
     pub const NOT_REPLICATED: &str =
         "Revocation service unavailable: the change is not yet on a replica and may be lost, retry";
     pub const LOG_STORE_DOWN: &str = "Log store unavailable";
+    /// The reference's logout answer.
+    pub const LOGGED_OUT: &str = "Logged out successfully";
     pub const NO_RECORDS: &str = "No log records found";
     pub const INVALID_USER_ID: &str = "Invalid user id";
     pub const INTERNAL: &str = "Internal Gateway Error";
@@ -210,6 +224,11 @@ pub mod message {
 
     pub fn scope_required(scope: &str, what: &str) -> String {
         format!("Scope '{scope}' is required to access {what}")
+    }
+
+    /// A ban's answer.
+    pub fn user_revoked(user: &str) -> String {
+        format!("All tokens of user {user} issued up to now are revoked")
     }
 
     pub fn method_not_allowed(method: &str) -> String {

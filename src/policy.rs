@@ -640,7 +640,7 @@ mod tests {
         ] {
             let cl = classify(&c, &req(m, p, &[]), &RND);
             let r = cl.target.unwrap_err();
-            assert_eq!(r.status, status, "{m} {p}");
+            assert_eq!(r.status(), status, "{m} {p}");
             assert_eq!(body(&r)["trace_id"], cl.trace.trace_id.as_str());
             assert!(r.headers.contains(&("x-trace-id", cl.trace.trace_id.clone())));
         }
@@ -700,7 +700,7 @@ mod tests {
             .unwrap_err();
         assert!(r.headers.contains(&("allow", "GET".to_string())));
         assert_eq!(
-            classify(&c, &[], &RND).target.unwrap_err().status,
+            classify(&c, &[], &RND).target.unwrap_err().status(),
             404,
             "no pseudo headers"
         );
@@ -759,7 +759,7 @@ mod tests {
                 continue;
             }
             let r = got.unwrap_err();
-            assert_eq!(r.status, status, "{extra:?}");
+            assert_eq!(r.status(), status, "{extra:?}");
             let b = body(&r);
             assert_eq!(b["message"], message);
             assert_eq!(b["error"], "Unauthorized");
@@ -783,7 +783,7 @@ mod tests {
             )
         };
         let r = auth(&c, admin, &h("user"), NOW, "").unwrap_err();
-        assert_eq!((r.status, r.outcome), (403, Outcome::Role));
+        assert_eq!((r.status(), r.outcome), (403, Outcome::Role));
         assert_eq!(body(&r)["error"], "Forbidden");
         assert!(auth(&c, admin, &h("admin"), NOW, "").is_ok());
     }
@@ -819,7 +819,7 @@ mod tests {
             "",
         )
         .unwrap_err();
-        assert_eq!((r.status, r.outcome), (403, Outcome::Role));
+        assert_eq!((r.status(), r.outcome), (403, Outcome::Role));
         assert_eq!(
             body(&r)["message"],
             "Role 'offline_access,viewer' is not allowed to access route 'admin'"
@@ -847,7 +847,7 @@ mod tests {
             "",
         )
         .unwrap_err();
-        assert_eq!((r.status, r.outcome), (403, Outcome::InsufficientScope));
+        assert_eq!((r.status(), r.outcome), (403, Outcome::InsufficientScope));
         assert_eq!(r.outcome.decision(), "insufficient_scope");
         assert_eq!(
             body(&r)["message"],
@@ -927,7 +927,7 @@ mod tests {
         );
         // The token expires in 1800 s: outside the 600 s refresh window.
         let r = endpoint(&c, &rv(EndpointPath::Refresh), &caller("user"), &h, NOW, "").unwrap_err();
-        assert_eq!(r.status, 400);
+        assert_eq!(r.status(), 400);
         assert_eq!(
             endpoint(
                 &c,
@@ -947,17 +947,17 @@ mod tests {
         assert_eq!(
             endpoint(&c, &ban("user-9"), &caller("user"), &h, NOW, "")
                 .unwrap_err()
-                .status,
+                .status(),
             403
         );
         assert_eq!(
             endpoint(&c, &ban("a\u{202e}b"), &caller("admin"), &h, NOW, "")
                 .unwrap_err()
-                .status,
+                .status(),
             400
         );
         let r = endpoint(&c, &EndpointKind::Logs, &caller("admin"), &h, NOW, "").unwrap_err();
-        assert_eq!(r.status, 404, "no log store configured");
+        assert_eq!(r.status(), 404, "no log store configured");
     }
 
     #[test]
@@ -982,7 +982,7 @@ mod tests {
             "user_id=%E2%80%AEx",
             "limit=x&user_id=u",
         ] {
-            assert_eq!(logs_query(bad, 100, "").unwrap_err().status, 400, "{bad}");
+            assert_eq!(logs_query(bad, 100, "").unwrap_err().status(), 400, "{bad}");
         }
     }
 

@@ -1,13 +1,12 @@
 //! A reply the gateway sends itself: JSON bodies in the reference's shape
 //! (`{"error", "message", "trace_id"}`), the trace id header, and the request's [`Outcome`].
 
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, Scope};
 use crate::trace::HEADER_TRACE_ID;
 
 /// A local reply the gateway sends instead of forwarding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
-    pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
     /// How the request ended (its status, log decision and metric labels come from it).
@@ -30,7 +29,6 @@ impl Reply {
     /// A JSON reply with the trace id header.
     pub fn json(outcome: Outcome, body: String, trace_id: &str) -> Self {
         Reply {
-            status: outcome.status(),
             outcome,
             headers: vec![
                 ("content-type", "application/json".to_string()),
@@ -38,6 +36,26 @@ impl Reply {
             ],
             body,
         }
+    }
+
+    /// Its HTTP status: the outcome's, so the two never disagree.
+    pub fn status(&self) -> u16 {
+        self.outcome.status()
+    }
+
+    /// A 429 of a rate limit: the refusal's body with `retry_after` (seconds), and the
+    /// `Retry-After` header.
+    pub fn rate_limited(scope: Scope, message: &str, retry_after_s: u64, trace_id: &str) -> Self {
+        let outcome = Outcome::RateLimited(scope);
+        let body = serde_json::json!({
+            "error": reason_phrase(outcome.status()),
+            "message": message,
+            "retry_after": retry_after_s,
+            "trace_id": trace_id,
+        });
+        let mut reply = Self::json(outcome, body.to_string(), trace_id);
+        reply.headers.push(("retry-after", retry_after_s.to_string()));
+        reply
     }
 
     /// An endpoint's 200 JSON reply.
@@ -74,8 +92,8 @@ mod tests {
         assert_eq!(v["error"], "Forbidden");
         assert_eq!(v["message"], "nope");
         assert_eq!(v["trace_id"], "t-1");
-        assert_eq!((r.status, r.outcome), (403, Outcome::Role));
+        assert_eq!((r.status(), r.outcome), (403, Outcome::Role));
         assert!(r.headers.contains(&("x-trace-id", "t-1".to_string())));
-        assert_eq!(Reply::refuse(Outcome::NotFound, "x", "").status, 404);
+        assert_eq!(Reply::refuse(Outcome::NotFound, "x", "").status(), 404);
     }
 }

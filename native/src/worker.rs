@@ -77,7 +77,7 @@ pub(crate) fn send_reply(filter: EnvoyFilter, reply: &Reply) {
     let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     abi::send_response(
         filter,
-        reply.status,
+        reply.status(),
         &headers,
         reply.body.as_bytes(),
         reply.outcome.decision(),

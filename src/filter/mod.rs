@@ -182,7 +182,7 @@ impl Host for WasmHost {
     fn send_reply(&mut self, reply: &Reply) {
         let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         if let Err(status) =
-            hostcalls::send_http_response(u32::from(reply.status), headers, Some(reply.body.as_bytes()))
+            hostcalls::send_http_response(u32::from(reply.status()), headers, Some(reply.body.as_bytes()))
         {
             error!("send_http_response failed: {status:?}");
         }

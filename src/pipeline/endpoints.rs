@@ -91,10 +91,7 @@ impl Gateway {
             Endpoint::Logout => (
                 rv::blacklist_path(&caller.token, keep),
                 Write {
-                    on_ok: Reply::ok(
-                        &serde_json::json!({"message": "Logged out successfully"}),
-                        &trace_id,
-                    ),
+                    on_ok: Reply::ok(&serde_json::json!({"message": message::LOGGED_OUT}), &trace_id),
                     effect: Effect::Blacklist(caller.identity.revocation_id.clone()),
                     on_lost: None,
                     then: Some(rv::revoke_path(&caller.identity.revocation_id, keep)),
@@ -167,7 +164,7 @@ impl Gateway {
                     Write {
                         on_ok: Reply::ok(
                             &serde_json::json!({
-                                "message": format!("All tokens of user {user} issued up to now are revoked"),
+                                "message": message::user_revoked(&user),
                                 "user_id": user,
                                 "revoked_before": now_s,
                             }),

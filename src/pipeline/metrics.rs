@@ -2,6 +2,7 @@
 //! counting that hands totals to the host on the timer.
 
 use super::*;
+use crate::outcome::Scope;
 
 /// Counter and histogram ids.
 pub(super) struct Metrics {
@@ -62,14 +63,14 @@ impl Metrics {
             allowed_on_error: def(c, "gateway_revocation_allowed_on_error_total")?,
             allowed_stale: def(c, "gateway_revocation_allowed_stale_total")?,
             rl_allowed: [
-                def(c, &rl("ip", "allowed"))?,
-                def(c, &rl("user", "allowed"))?,
-                def(c, &rl("route", "allowed"))?,
+                def(c, &rl(Scope::ALL[0].metric_label(), "allowed"))?,
+                def(c, &rl(Scope::ALL[1].metric_label(), "allowed"))?,
+                def(c, &rl(Scope::ALL[2].metric_label(), "allowed"))?,
             ],
             rl_limited: [
-                def(c, &rl("ip", "limited"))?,
-                def(c, &rl("user", "limited"))?,
-                def(c, &rl("route", "limited"))?,
+                def(c, &rl(Scope::ALL[0].metric_label(), "limited"))?,
+                def(c, &rl(Scope::ALL[1].metric_label(), "limited"))?,
+                def(c, &rl(Scope::ALL[2].metric_label(), "limited"))?,
             ],
             rl_contended: def(c, "gateway_ratelimit_contended_total")?,
             rl_sync_errors: def(c, "gateway_ratelimit_sync_errors_total")?,

@@ -174,7 +174,7 @@ impl T {
     /// The response goes back and the stream ends.
     fn finish(&mut self, ctx: u32) {
         self.host.current = ctx;
-        let status = self.req(ctx).reply.as_ref().map_or(200, |r| r.status);
+        let status = self.req(ctx).reply.as_ref().map_or(200, |r| r.status());
         self.host.requests.entry(ctx).or_default().response_status = Some(status);
         self.gw.on_response_headers(ctx, &mut self.host);
         self.gw.on_log(ctx, &mut self.host);
@@ -185,7 +185,7 @@ impl T {
     }
 
     fn status(&self, ctx: u32) -> u16 {
-        self.req(ctx).reply.as_ref().map_or(200, |r| r.status)
+        self.req(ctx).reply.as_ref().map_or(200, |r| r.status())
     }
 
     fn reason(&self, ctx: u32) -> &'static str {
@@ -1781,7 +1781,7 @@ fn own_replies_carry_the_buckets_headers_and_empty_claims_are_not_forwarded() {
     t.finish(2);
     t.send(3, "GET", "/api/v1/users/1", Some("garbage"));
     let reply = t.req(3).reply.clone().unwrap();
-    assert_eq!(reply.status, 401);
+    assert_eq!(reply.status(), 401);
     let names: Vec<&str> = reply.headers.iter().map(|(n, _)| *n).collect();
     assert!(
         names.contains(&"x-ratelimit-limit") && names.contains(&"x-ratelimit-remaining"),

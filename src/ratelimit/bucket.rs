@@ -145,14 +145,7 @@ pub fn take_n(
 /// 429 with `retry_after`, `Retry-After` and the `X-RateLimit-*` headers.
 pub fn too_many(kind: Kind, v: &Verdict, period_s: u64, trace_id: &str) -> Reply {
     let message = crate::outcome::message::rate_limited(kind.label(), v.limit, period_s);
-    let body = serde_json::json!({
-        "error": crate::reply::reason_phrase(429),
-        "message": message,
-        "retry_after": v.retry_after_s,
-        "trace_id": trace_id,
-    });
-    let mut reply = Reply::json(Outcome::RateLimited(kind), body.to_string(), trace_id);
-    reply.headers.push(("retry-after", v.retry_after_s.to_string()));
+    let mut reply = Reply::rate_limited(kind, &message, v.retry_after_s, trace_id);
     reply.headers.extend(headers(v));
     reply
 }

@@ -18,7 +18,6 @@ use std::hash::{Hash, Hasher};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_range, seconds_to_ms, ConfigError};
-use crate::outcome::Outcome;
 use crate::reply::Reply;
 
 mod bucket;
