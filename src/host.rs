@@ -69,6 +69,21 @@ impl<'a> Callout<'a> {
     pub fn with_authority(self, authority: Option<&'a str>) -> Self {
         Callout { authority, ..self }
     }
+
+    /// The request headers of the call, one list for every host: method, path, the authority
+    /// (under the name the host's API takes: `:authority` for proxy-wasm, `host` for Envoy's
+    /// dynamic-module callouts) and webdis's credentials when given.
+    pub fn headers(&self, authority_header: &'static str) -> Vec<(&'static str, &'a str)> {
+        let mut headers = vec![
+            (":method", self.method),
+            (":path", self.path),
+            (authority_header, self.authority.unwrap_or(self.cluster)),
+        ];
+        if let Some(value) = self.authorization {
+            headers.push(("authorization", value));
+        }
+        headers
+    }
 }
 
 /// The proxy, as the orchestrator sees it. Request-scoped calls act on the current (effective)

@@ -273,14 +273,7 @@ impl Host for NativeHost<'_> {
     }
 
     fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError> {
-        let mut headers = vec![
-            (":method", call.method),
-            (":path", call.path),
-            ("host", call.authority.unwrap_or(call.cluster)),
-        ];
-        if let Some(value) = call.authorization {
-            headers.push(("authorization", value));
-        }
+        let headers = call.headers("host");
         let body = call.body.unwrap_or_default();
         if self.state.current_ctx == ROOT && self.state.main.is_none() {
             // The root's call on a worker: no request's stream may carry it (a client could

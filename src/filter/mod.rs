@@ -205,14 +205,7 @@ impl Host for WasmHost {
     }
 
     fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError> {
-        let mut headers = vec![
-            (":method", call.method),
-            (":path", call.path),
-            (":authority", call.authority.unwrap_or(call.cluster)),
-        ];
-        if let Some(value) = call.authorization {
-            headers.push(("authorization", value));
-        }
+        let headers = call.headers(":authority");
         hostcalls::dispatch_http_call(
             call.cluster,
             headers,
