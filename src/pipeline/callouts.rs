@@ -59,16 +59,10 @@ impl Gateway {
                 gw.write_answered(req, write, status, &body, host)
             }),
             Call::Confirm { context } => self.with_request(ctx, context, host, |gw, req, host| {
-                let Stage::Confirm {
-                    reply,
-                    check,
-                    deadline_ms,
-                    tries,
-                } = std::mem::replace(&mut req.stage, Stage::Idle)
-                else {
+                let Stage::Confirm(wait) = std::mem::replace(&mut req.stage, Stage::Idle) else {
                     return Flow::Paused;
                 };
-                gw.confirm_answered(req, reply, check, deadline_ms, tries, status, &body, host)
+                gw.confirm_answered(req, wait, status, &body, host)
             }),
             Call::Query { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Query { label, id, limit } = std::mem::replace(&mut req.stage, Stage::Idle) else {

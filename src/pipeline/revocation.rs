@@ -392,9 +392,13 @@ impl Gateway {
             (false, Some(lost)) => self.reply(req, lost, host),
             _ => match config.revocation.as_ref().and_then(|r| r.confirm.as_ref()) {
                 Some(confirm) => {
-                    let deadline_ms = host.now_ms().saturating_add(confirm.timeout_ms);
-                    let check = rv::Readback::Held(write.held);
-                    self.send_confirm(req, write.on_ok, check, deadline_ms, 0, host)
+                    let wait = ReadbackWait {
+                        reply: write.on_ok,
+                        check: rv::Readback::Held(write.held),
+                        deadline_ms: host.now_ms().saturating_add(confirm.timeout_ms),
+                        tries: 0,
+                    };
+                    self.send_confirm(req, wait, host)
                 }
                 None => self.reply(req, write.on_ok, host),
             },
@@ -404,25 +408,20 @@ impl Gateway {
     /// Reads back from a replica (`revocation.confirm`) what the primary said; the reply waits.
     /// A read-back that cannot be sent is answered 503 at once (a refused dispatch would be
     /// refused again).
-    fn send_confirm(
-        &mut self,
-        req: &mut Request,
-        reply: Reply,
-        check: rv::Readback,
-        deadline_ms: u64,
-        tries: u32,
-        host: &mut dyn Host,
-    ) -> Flow {
+    fn send_confirm(&mut self, req: &mut Request, mut wait: ReadbackWait, host: &mut dyn Host) -> Flow {
         let config = Rc::clone(&self.config);
         let Some((rv, confirm)) = config
             .revocation
             .as_ref()
             .and_then(|r| r.confirm.as_ref().map(|c| (r, c)))
         else {
-            return self.reply(req, reply, host);
+            return self.reply(req, wait.reply, host);
         };
-        let path = check.path();
-        let timeout_ms = deadline_ms.saturating_sub(host.now_ms()).clamp(1, rv.timeout_ms);
+        let path = wait.check.path();
+        let timeout_ms = wait
+            .deadline_ms
+            .saturating_sub(host.now_ms())
+            .clamp(1, rv.timeout_ms);
         let sent = self.webdis_call(
             Callout::get(&confirm.cluster, &path, timeout_ms)
                 .with_authorization(config.webdis_auth.as_deref())
@@ -432,12 +431,8 @@ impl Gateway {
         match sent {
             Ok(token_id) => {
                 self.calls.insert(token_id, Call::Confirm { context: req.ctx });
-                req.stage = Stage::Confirm {
-                    reply,
-                    check,
-                    deadline_ms,
-                    tries: tries.saturating_add(1),
-                };
+                wait.tries = wait.tries.saturating_add(1);
+                req.stage = Stage::Confirm(wait);
                 Flow::Paused
             }
             Err(e) => {
@@ -446,7 +441,7 @@ impl Gateway {
                     &format!("revocation read-back not sent: {e}"),
                     host,
                 );
-                self.not_replicated(req, tries, host)
+                self.not_replicated(req, wait.tries, host)
             }
         }
     }
@@ -454,24 +449,20 @@ impl Gateway {
     /// A replica's answer to a read-back: the reply goes out once it shows what the primary
     /// said; else another read-back (at once the first time, then every tick) until the
     /// deadline, then 503.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn confirm_answered(
         &mut self,
         req: &mut Request,
-        reply: Reply,
-        check: rv::Readback,
-        deadline_ms: u64,
-        tries: u32,
+        wait: ReadbackWait,
         status: Option<u16>,
         body: &[u8],
         host: &mut dyn Host,
     ) -> Flow {
-        match check.confirmed(status, body) {
+        match wait.check.confirmed(status, body) {
             Ok(true) => {
-                if tries > 1 {
+                if wait.tries > 1 {
                     self.inc_named("gateway_revocation_confirm_retries_total", host);
                 }
-                return self.reply(req, reply, host);
+                return self.reply(req, wait.reply, host);
             }
             Ok(false) => {}
             Err(e) => req.log(
@@ -480,24 +471,19 @@ impl Gateway {
                 host,
             ),
         }
-        if host.now_ms() >= deadline_ms {
-            return self.not_replicated(req, tries, host);
+        if host.now_ms() >= wait.deadline_ms {
+            return self.not_replicated(req, wait.tries, host);
         }
         // Where the timer cannot resume this request (Kong, APISIX, no timers), a few
         // read-backs right after each other, then the 503.
         let parked = self.timers && host.resumes_other_contexts();
-        if tries <= 1 || (!parked && tries < rv::MAX_IMMEDIATE_READBACKS) {
-            return self.send_confirm(req, reply, check, deadline_ms, tries, host);
+        if wait.tries <= 1 || (!parked && wait.tries < rv::MAX_IMMEDIATE_READBACKS) {
+            return self.send_confirm(req, wait, host);
         }
         if !parked {
-            return self.not_replicated(req, tries, host);
+            return self.not_replicated(req, wait.tries, host);
         }
-        req.stage = Stage::Confirm {
-            reply,
-            check,
-            deadline_ms,
-            tries,
-        };
+        req.stage = Stage::Confirm(wait);
         if !self.confirming.contains(&req.ctx) {
             self.confirming.push(req.ctx);
         }
@@ -522,19 +508,13 @@ impl Gateway {
     pub(super) fn retry_confirms(&mut self, ctx: u32, host: &mut dyn Host) {
         for w in std::mem::take(&mut self.confirming) {
             self.with_request(ctx, w, host, |gw, req, host| {
-                let Stage::Confirm {
-                    reply,
-                    check,
-                    deadline_ms,
-                    tries,
-                } = std::mem::replace(&mut req.stage, Stage::Idle)
-                else {
+                let Stage::Confirm(wait) = std::mem::replace(&mut req.stage, Stage::Idle) else {
                     return Flow::Paused;
                 };
-                if host.now_ms() >= deadline_ms {
-                    return gw.not_replicated(req, tries, host);
+                if host.now_ms() >= wait.deadline_ms {
+                    return gw.not_replicated(req, wait.tries, host);
                 }
-                gw.send_confirm(req, reply, check, deadline_ms, tries, host)
+                gw.send_confirm(req, wait, host)
             });
         }
     }
@@ -557,8 +537,13 @@ impl Gateway {
         let counter = self.metrics.revoked;
         self.inc(counter);
         let reply = Reply::refuse(Outcome::Revoked, MSG_REVOKED, &req.trace.trace_id);
-        let deadline_ms = host.now_ms().saturating_add(confirm.timeout_ms);
-        self.send_confirm(req, reply, check, deadline_ms, 0, host)
+        let wait = ReadbackWait {
+            reply,
+            check,
+            deadline_ms: host.now_ms().saturating_add(confirm.timeout_ms),
+            tries: 0,
+        };
+        self.send_confirm(req, wait, host)
     }
 
     /// Dispatches a new lookup, from the root context, for waiters whose lookup's owner left.

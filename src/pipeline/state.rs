@@ -44,12 +44,7 @@ pub(super) enum Stage {
     Write(Write),
     /// Waiting for a replica to show what the primary said (`revocation.confirm`) before
     /// `reply` goes out. `tries`: read-backs sent so far.
-    Confirm {
-        reply: Reply,
-        check: rv::Readback,
-        deadline_ms: u64,
-        tries: u32,
-    },
+    Confirm(ReadbackWait),
     /// Waiting for signing keys its token needs (a fetch is out, here or in another VM).
     Keys { target: Target, deadline_ms: u64 },
     /// Waiting for the log store's answer to a query.
@@ -58,6 +53,16 @@ pub(super) enum Stage {
         id: String,
         limit: u32,
     },
+}
+
+/// A reply held until a replica shows what the primary said (`revocation.confirm`).
+#[derive(Debug)]
+pub(super) struct ReadbackWait {
+    pub(super) reply: Reply,
+    pub(super) check: rv::Readback,
+    pub(super) deadline_ms: u64,
+    /// Read-backs sent so far.
+    pub(super) tries: u32,
 }
 
 /// One request's state.
