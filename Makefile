@@ -23,7 +23,7 @@ help:
 	@echo "make lint   cargo fmt --check and clippy (host and wasm32) with -D warnings"
 	@echo "make build  the optimised filter ($(WASM)), the native module ($(NATIVE)) and the renderer"
 	@echo "make run RUNTIME=native  the demo with the native module instead of the .wasm"
-	@echo "make fleet-test  three gateways on a Redis Cluster, failovers under load (not in make test)"
+	@echo "make fleet-test  three gateways on a Redis Cluster: failovers under load and aimed at the replication window (not in make test; CI runs it)"
 	@echo "make bench  cost per request against plain Envoy and Envoy's native filters (writes the README table)"
 	@echo "make reload apply an edited config/gateway.yaml to the running \`make run\` Envoy (validated first; no restart)"
 	@echo "make oci    the module as an OCI image archive Istio can pull (build/gateway-filter.oci.tar)"
