@@ -98,9 +98,8 @@ pub struct Gateway {
     clean: rv::CleanMemo,
     vm_id: u64,
     requests: HashMap<u32, Request>,
-    calls: HashMap<u32, Call>,
-    /// The nonce each outstanding webdis call's reply must carry (see [`crate::webdis::nonce_path`]).
-    nonces: HashMap<u32, u64>,
+    /// The callouts out: what each is for, and the nonces of webdis calls.
+    calls: callouts::Calls,
     inflight: HashMap<u64, Inflight>,
     /// Requests whose revocation no replica held yet: read back again on the next tick.
     confirming: Vec<u32>,
@@ -184,8 +183,7 @@ impl Gateway {
             clean: rv::CleanMemo::default(),
             vm_id: word(b).max(1),
             requests: HashMap::new(),
-            calls: HashMap::new(),
-            nonces: HashMap::new(),
+            calls: callouts::Calls::default(),
             inflight: HashMap::new(),
             confirming: Vec::new(),
             log_buffer: VecDeque::new(),

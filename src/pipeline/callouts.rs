@@ -3,10 +3,83 @@
 
 use super::*;
 
+/// The callouts out, with one owner: what each is for, and the nonce a webdis reply must echo.
+/// A call goes out through [`Gateway::send`] or [`Gateway::send_webdis`], which record both;
+/// its answer comes back through [`Gateway::on_call_response`] to the duty that asked; a request
+/// that leaves takes its calls with it.
+#[derive(Default)]
+pub(super) struct Calls {
+    purposes: HashMap<u32, Call>,
+    nonces: HashMap<u32, u64>,
+}
+
+impl Calls {
+    /// The call an answer belongs to, and its nonce (a webdis call's).
+    pub(super) fn take(&mut self, token_id: u32) -> Option<(Call, Option<u64>)> {
+        let call = self.purposes.remove(&token_id)?;
+        Some((call, self.nonces.remove(&token_id)))
+    }
+
+    /// Keeps the calls `keep` says to (their answers will not come, or are not wanted), with
+    /// their nonces.
+    pub(super) fn retain(&mut self, keep: impl Fn(&Call) -> bool) {
+        self.purposes.retain(|_, call| keep(call));
+        let purposes = &self.purposes;
+        self.nonces.retain(|id, _| purposes.contains_key(id));
+    }
+
+    /// Whether a call out is for `purpose`'s kind (a route's sync still out, say).
+    pub(super) fn any(&self, purpose: impl Fn(&Call) -> bool) -> bool {
+        self.purposes.values().any(purpose)
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.purposes.len()
+    }
+
+    #[cfg(test)]
+    pub(super) fn holds(&self, token_id: u32) -> bool {
+        self.purposes.contains_key(&token_id)
+    }
+
+    #[cfg(test)]
+    pub(super) fn nonces(&self) -> usize {
+        self.nonces.len()
+    }
+}
+
 impl Gateway {
+    /// Sends a call that is not webdis's (a key set's fetch) for `purpose`.
+    pub(super) fn send(
+        &mut self,
+        call: Callout<'_>,
+        purpose: Call,
+        host: &mut dyn Host,
+    ) -> Result<u32, DispatchError> {
+        let token_id = host.dispatch(call)?;
+        self.calls.purposes.insert(token_id, purpose);
+        Ok(token_id)
+    }
+
+    /// Sends a webdis command for `purpose`, with a fresh nonce its reply must echo.
+    pub(super) fn send_webdis(
+        &mut self,
+        call: Callout<'_>,
+        purpose: Call,
+        host: &mut dyn Host,
+    ) -> Result<u32, DispatchError> {
+        let nonce = self.rng.u64(..);
+        let path = crate::webdis::nonce_path(call.path, nonce);
+        let token_id = host.dispatch(Callout { path: &path, ..call })?;
+        self.calls.purposes.insert(token_id, purpose);
+        self.calls.nonces.insert(token_id, nonce);
+        Ok(token_id)
+    }
+
     /// A callout answered. `ctx` is the context it was delivered to.
     pub fn on_call_response(&mut self, ctx: u32, token_id: u32, body_size: usize, host: &mut dyn Host) {
-        let Some(call) = self.calls.remove(&token_id) else {
+        let Some((call, nonce)) = self.calls.take(token_id) else {
             return;
         };
         // An answer larger than the filter parses is not even read (its size comes first).
@@ -23,7 +96,7 @@ impl Gateway {
             );
             status = None;
         }
-        if let Some(nonce) = self.nonces.remove(&token_id) {
+        if let Some(nonce) = nonce {
             if status == Some(200) {
                 match crate::webdis::unwrap_reply(nonce, &body) {
                     Some(inner) => body = inner.to_vec(),

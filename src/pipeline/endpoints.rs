@@ -38,15 +38,15 @@ impl Gateway {
         // Fetch the whole (bounded) list: workers flush independently, so list order is flush
         // order; the reply is sorted by request time before the limit applies.
         let path = access_log::range_path(key, store.user_records.max(100));
-        let call = self.webdis_call(
+        let call = self.send_webdis(
             Callout::get(&store.cluster, &path, store.timeout_ms)
                 .with_authorization(store.authorization.as_deref())
                 .with_authority(Some(&store.authority)),
+            Call::Query { context: req.ctx },
             host,
         );
         match call {
-            Ok(token_id) => {
-                self.calls.insert(token_id, Call::Query { context: req.ctx });
+            Ok(_) => {
                 req.stage = Stage::Query { label, id, limit };
                 Flow::Paused
             }

@@ -198,13 +198,14 @@ impl Gateway {
             // Another VM took it first.
             return Fetch::Out;
         }
-        let call = host.dispatch(
+        let call = self.send(
             Callout::get(&remote.cluster, &remote.path, remote.timeout_ms)
                 .with_authority(Some(&remote.authority)),
+            Call::Jwks { issuer },
+            host,
         );
         match call {
-            Ok(token_id) => {
-                self.calls.insert(token_id, Call::Jwks { issuer });
+            Ok(_) => {
                 if let Some(state) = self.jwks.get_mut(issuer) {
                     state.fetching = Some((ctx, taken.until_ms));
                     if forced {
@@ -394,7 +395,7 @@ impl Gateway {
             return;
         }
         self.calls
-            .retain(|_, c| !matches!(c, Call::Jwks { issuer } if cancelled.iter().any(|(i, _)| i == issuer)));
+            .retain(|c| !matches!(c, Call::Jwks { issuer } if cancelled.iter().any(|(i, _)| i == issuer)));
         for (issuer, until) in cancelled {
             let Some((name, _)) = self.remote(issuer) else {
                 continue;

@@ -184,7 +184,7 @@ fn a_failing_provider_keeps_the_last_good_set_until_max_stale() {
         t.host.now_ms += 5_000;
         t.tick();
         if let Some(d) = t.host.dispatched.last() {
-            if d.cluster == "jwks_idp" && t.gw.calls.contains_key(&d.token_id) {
+            if d.cluster == "jwks_idp" && t.gw.calls.holds(d.token_id) {
                 t.answer_last(None, "");
             }
         }
@@ -198,7 +198,7 @@ fn a_failing_provider_keeps_the_last_good_set_until_max_stale() {
     // Past max_stale (30 s) the set is dropped: requests get a 503, not a 401.
     t.host.now_ms += 10_000;
     t.tick();
-    if t.gw.calls.values().any(|c| matches!(c, Call::Jwks { .. })) {
+    if t.gw.calls.any(|c| matches!(c, Call::Jwks { .. })) {
         t.answer_last(None, "");
     }
     t.send(30, "GET", "/api/v1/plain/1", Some(&tok));

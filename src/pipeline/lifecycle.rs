@@ -141,15 +141,10 @@ impl Gateway {
         self.confirming.retain(|c| *c != ctx);
         // Its own calls (a write, a read-back, a log query): Envoy cancels a deleted stream's
         // callouts, so their answers never come; their entries and nonces go with it.
-        let before = self.calls.len();
-        self.calls.retain(|_, call| {
+        self.calls.retain(|call| {
             !matches!(call, Call::Write { context } | Call::Confirm { context } | Call::Query { context }
                 if *context == ctx)
         });
-        if self.calls.len() != before {
-            let calls = &self.calls;
-            self.nonces.retain(|id, _| calls.contains_key(id));
-        }
         let mut orphaned = Vec::new();
         for (key, inflight) in self.inflight.iter_mut() {
             inflight.waiters.retain(|w| *w != ctx);
@@ -160,9 +155,7 @@ impl Gateway {
         }
         if !orphaned.is_empty() {
             self.calls
-                .retain(|_, call| !matches!(call, Call::Lookup { key: Some(k), .. } if orphaned.contains(k)));
-            let calls = &self.calls;
-            self.nonces.retain(|id, _| calls.contains_key(id));
+                .retain(|call| !matches!(call, Call::Lookup { key: Some(k), .. } if orphaned.contains(k)));
         }
         self.inflight
             .retain(|_, i| !(i.owner.is_none() && i.waiters.is_empty()));

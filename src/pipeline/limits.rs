@@ -191,29 +191,24 @@ impl Gateway {
         {
             let busy = self
                 .calls
-                .values()
                 .any(|c| matches!(c, Call::Sync { route, .. } if *route == limits.name));
             if busy {
                 continue; // the previous sync of this route is still out
             }
             let delta = cluster::take_all(shared(&self.local, host), &limits.pending_key);
             let path = cluster::incrby_path(&limits.name, delta);
-            let call = self.webdis_call(
+            let call = self.send_webdis(
                 Callout::get(&sync.cluster, &path, sync.timeout_ms)
                     .with_authorization(config.webdis_auth.as_deref())
                     .with_authority(config.webdis_authority.as_deref()),
+                Call::Sync {
+                    route: limits.name.clone(),
+                    delta,
+                },
                 host,
             );
             match call {
-                Ok(token_id) => {
-                    self.calls.insert(
-                        token_id,
-                        Call::Sync {
-                            route: limits.name.clone(),
-                            delta,
-                        },
-                    );
-                }
+                Ok(_) => {}
                 Err(e) => self.sync_failed(limits, delta, &format!("dispatch failed: {e}"), host),
             }
         }

@@ -68,10 +68,10 @@ impl Gateway {
         let user = caller.identity.user_id.clone();
         let token = caller.token.clone();
         let revocation_id = caller.identity.revocation_id.clone();
-        match self.dispatch_lookup(rv, &token, &revocation_id, user.as_deref(), host) {
-            Ok(token_id) => {
-                let key = coalesce.then_some(slot.fingerprint);
-                self.calls.insert(token_id, Call::Lookup { key, context: ctx });
+        let key = coalesce.then_some(slot.fingerprint);
+        let purpose = Call::Lookup { key, context: ctx };
+        match self.dispatch_lookup(rv, &token, &revocation_id, user.as_deref(), purpose, host) {
+            Ok(_) => {
                 if coalesce {
                     self.inflight.insert(
                         slot.fingerprint,
@@ -120,12 +120,13 @@ impl Gateway {
         token: &str,
         revocation_id: &str,
         user: Option<&str>,
+        purpose: Call,
         host: &mut dyn Host,
     ) -> Result<u32, StoreError> {
         let id = self.metrics.lookups;
         self.inc(id);
         let path = rv::lookup_path(token, revocation_id, user);
-        self.revocation_call(rv, &path, host)
+        self.revocation_call(rv, &path, purpose, host)
             .map_err(|e| StoreError::Dispatch(e.to_string()))
     }
 
@@ -134,28 +135,17 @@ impl Gateway {
         &mut self,
         rv: &Revocation,
         path: &str,
+        purpose: Call,
         host: &mut dyn Host,
     ) -> Result<u32, DispatchError> {
         let config = Rc::clone(&self.config);
-        self.webdis_call(
+        self.send_webdis(
             Callout::get(&rv.cluster, path, rv.timeout_ms)
                 .with_authorization(config.webdis_auth.as_deref())
                 .with_authority(config.webdis_authority.as_deref()),
+            purpose,
             host,
         )
-    }
-
-    /// Dispatches a webdis command with a fresh nonce its reply must echo.
-    pub(super) fn webdis_call(
-        &mut self,
-        call: Callout<'_>,
-        host: &mut dyn Host,
-    ) -> Result<u32, DispatchError> {
-        let nonce = self.rng.u64(..);
-        let path = crate::webdis::nonce_path(call.path, nonce);
-        let token_id = host.dispatch(Callout { path: &path, ..call })?;
-        self.nonces.insert(token_id, nonce);
-        Ok(token_id)
     }
 
     pub(super) fn revoked(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
@@ -305,10 +295,9 @@ impl Gateway {
         let Some(rv) = config.revocation.as_ref() else {
             return self.write_failed(req, &"no revocation store", host);
         };
-        let sent = self.revocation_call(rv, path, host);
+        let sent = self.revocation_call(rv, path, Call::Write { context: req.ctx }, host);
         match sent {
-            Ok(token_id) => {
-                self.calls.insert(token_id, Call::Write { context: req.ctx });
+            Ok(_) => {
                 req.stage = Stage::Write(write);
                 Flow::Paused
             }
@@ -422,15 +411,15 @@ impl Gateway {
             .deadline_ms
             .saturating_sub(host.now_ms())
             .clamp(1, rv.timeout_ms);
-        let sent = self.webdis_call(
+        let sent = self.send_webdis(
             Callout::get(&confirm.cluster, &path, timeout_ms)
                 .with_authorization(config.webdis_auth.as_deref())
                 .with_authority(Some(&confirm.authority)),
+            Call::Confirm { context: req.ctx },
             host,
         );
         match sent {
-            Ok(token_id) => {
-                self.calls.insert(token_id, Call::Confirm { context: req.ctx });
+            Ok(_) => {
                 wait.tries = wait.tries.saturating_add(1);
                 req.stage = Stage::Confirm(wait);
                 Flow::Paused
@@ -566,15 +555,12 @@ impl Gateway {
             else {
                 continue;
             };
-            match self.dispatch_lookup(rv, &token, &id, user.as_deref(), host) {
-                Ok(token_id) => {
-                    self.calls.insert(
-                        token_id,
-                        Call::Lookup {
-                            key: Some(key),
-                            context: ctx,
-                        },
-                    );
+            let purpose = Call::Lookup {
+                key: Some(key),
+                context: ctx,
+            };
+            match self.dispatch_lookup(rv, &token, &id, user.as_deref(), purpose, host) {
+                Ok(_) => {
                     if let Some(i) = self.inflight.get_mut(&key) {
                         i.owner = Some(ctx);
                     }
