@@ -127,10 +127,26 @@ def status(g, method, path, tok=None, timeout=5):
         return None
 
 
+def settled(fleet):
+    """Envoy learns the replicas from its first slot-map refreshes; until then a read-back can
+    fail (the revocation is answered 503, and nothing is acknowledged). Settled: five logouts
+    in a row acknowledged through every gateway."""
+    for g in fleet.gateways + [fleet.control]:
+        streak = []
+
+        def five():
+            ok = status(g, "POST", "/api/v1/auth/logout", user_token()) == 200
+            streak[:] = streak + [ok] if ok else []
+            return len(streak) >= 5
+        wait_for(five, timeout=30, what="logouts acknowledged through every gateway", interval=0.1)
+
+
 @pytest.fixture(scope="module")
 def fleet():
     f = Fleet()
     try:
+        f.redis.wait_healthy()
+        settled(f)
         yield f
     finally:
         f.stop()
