@@ -65,15 +65,16 @@ pub(super) fn webdis_clusters(file: &GatewayFile) -> Vec<Value> {
         .store
         .as_ref()
         .map_or(0.5, |st| st.timeout_ms as f64 / 1000.0);
+    // Revocation calls, and their read-backs, with the revocation timeout.
+    let revocation_timeout = file
+        .config
+        .revocation
+        .as_ref()
+        .map_or(0.2, |rv| rv.timeout_ms as f64 / 1000.0);
     let webdis_clusters = [
-        file.webdis.as_ref().map(|ep| {
-            let timeout = file
-                .config
-                .revocation
-                .as_ref()
-                .map_or(0.2, |rv| rv.timeout_ms as f64 / 1000.0);
-            (WEBDIS_CLUSTER, ep, timeout)
-        }),
+        file.webdis
+            .as_ref()
+            .map(|ep| (WEBDIS_CLUSTER, ep, revocation_timeout)),
         file.log_webdis
             .as_ref()
             .map(|ep| (LOG_WEBDIS_CLUSTER, ep, log_store_timeout)),
@@ -81,14 +82,7 @@ pub(super) fn webdis_clusters(file: &GatewayFile) -> Vec<Value> {
             .as_ref()
             .and_then(|r| r.confirm.as_ref())
             .and_then(|c| c.endpoints.as_ref())
-            .map(|(_, ep)| {
-                let timeout = file
-                    .config
-                    .revocation
-                    .as_ref()
-                    .map_or(0.2, |rv| rv.timeout_ms as f64 / 1000.0);
-                (CONFIRM_WEBDIS_CLUSTER, ep, timeout)
-            }),
+            .map(|(_, ep)| (CONFIRM_WEBDIS_CLUSTER, ep, revocation_timeout)),
     ];
     for (cluster, ep, timeout) in webdis_clusters.into_iter().flatten() {
         clusters.push(json!({
