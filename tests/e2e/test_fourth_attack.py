@@ -149,6 +149,8 @@ def test_a_crowded_kid_and_bad_signatures_are_bounded(services):
         # pass (503, keys not available yet); the set comes in on the next tick.
         wait_for(lambda: gw.get("/api/v1/users/1", bearer(good)).status == 200, timeout=10,
                  what="the first key set")
+        # Several times: both workers' verified-token caches hold it (each worker has its own).
+        assert [gw.get("/api/v1/users/1", bearer(good)).status for _ in range(12)] == [200] * 12
         dropped = "issuer=.=rotating;.;gateway_jwks_keys_dropped_total"
         wait_for(lambda: gw.counter(dropped) >= 62, timeout=10, what="dropped keys counted")
         forged = Key("EdDSA").token("x")
