@@ -24,7 +24,7 @@ use crate::headers::{self, HeaderPair};
 use crate::host::{Callout, DispatchError, Host, LocalStore, LogLevel, MetricKind, SharedStore};
 use crate::jwt::{KeyContext, KeySet, TokenCache};
 use crate::outcome::Outcome;
-use crate::policy::{self, Caller, Endpoint, Refused, Target};
+use crate::policy::{self, Caller, Endpoint, EndpointKind, Refused, Target};
 use crate::ratelimit::lease::Leases;
 use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SyncTarget, Update, Verdict};
 use crate::reply::Reply;
@@ -42,10 +42,12 @@ mod logs;
 mod metrics;
 mod revocation;
 mod state;
+mod step;
 
 pub use logs::{bound_records, StoredRecord, RECORD_CLASSES};
 use metrics::Metrics;
 use state::*;
+use step::{refuse, Guarded, Outgoing, Step, Store};
 
 pub const HEADER_RESPONSE_TIME: &str = "x-response-time";
 use crate::outcome::message;
@@ -72,11 +74,16 @@ pub const MAX_STORE_REPLY_BYTES: usize = 4 << 20;
 /// What the host should do with the request after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    /// Let it go on (upstream, with the header changes made).
     Continue,
+    /// Hold it: a callout is out for it, or it waits for one.
     Pause,
+    /// Hold it: the gateway answered it (the reply was handed to the host).
+    Replied,
 }
 
-/// Whether a step let the request go on, or left it paused (a reply was sent or a call is out).
+/// Whether the executor let the request go on, or left it paused (a reply was sent or a call
+/// is out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flow {
     Continue,
@@ -155,6 +162,11 @@ fn with_keys<R>(
 
 /// The key the start-up probe writes to find out whether the host has shared data.
 const PROBE_KEY: &str = "gw:probe";
+
+/// Whether the request `ctx` was answered by the gateway.
+fn req_replied(requests: &HashMap<u32, Request>, ctx: u32) -> bool {
+    requests.get(&ctx).is_some_and(|r| r.replied)
+}
 
 fn unix_seconds(ms: u64) -> i64 {
     i64::try_from(ms / 1000).unwrap_or(i64::MAX)
@@ -268,159 +280,148 @@ impl Gateway {
             verdict: None,
             canary: None,
             outcome: Outcome::Forwarded,
+            replied: false,
             status: None,
             elapsed_us: None,
         };
-        let flow = match classified.target {
-            Err(reply) => self.reply(&mut req, reply, host),
-            Ok(target) => self.start(ctx, &mut req, &config, target, now_ms, host),
+        let step = match classified.target {
+            Err(reply) => Step::Reply(reply),
+            Ok(target) => self.start(&mut req, &config, target, now_ms, host),
         };
+        let flow = self.run(&mut req, step, host);
         self.requests.insert(ctx, req);
         match flow {
             Flow::Continue => Action::Continue,
+            Flow::Paused if req_replied(&self.requests, ctx) => Action::Replied,
             Flow::Paused => Action::Pause,
         }
     }
 
+    /// Phases 1 and 2: the route (or endpoint) found, the client noted, the per-IP bucket.
     fn start(
         &mut self,
-        ctx: u32,
         req: &mut Request,
         config: &Config,
         target: Target,
         now_ms: u64,
         host: &mut dyn Host,
-    ) -> Flow {
-        let now = unix_seconds(now_ms);
-        match target {
+    ) -> Step {
+        let (route, guarded) = match target {
             Target::Passthrough => {
                 self.note_client(req, config, None, host);
-                self.forward(req, host)
+                return Step::Forward(policy::forward_headers(config, &req.headers, &req.trace, None));
             }
             Target::Route(i) => {
                 let Some(route) = config.routes.get(i) else {
-                    return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
+                    return refuse(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND);
                 };
                 req.route = Some(i);
                 req.privileged =
                     !(route.roles.is_empty() && route.roles_all.is_empty() && route.scopes.is_empty());
-                self.note_client(req, config, Some(route), host);
-                // Phase 2: the per-IP bucket.
-                if let Err(reply) = self.charge_ip(req, route.limits.as_ref(), now_ms, host) {
-                    return self.reply(req, reply, host);
-                }
-                // Phases 3 to 6.
-                self.authenticate(ctx, req, config, Target::Route(i), now, true, host)
+                (Some(route), Guarded::Route(i))
             }
             Target::Endpoint { path, under } => {
                 req.route = under;
                 req.privileged = true;
-                let route = under.and_then(|i| config.routes.get(i));
-                self.note_client(req, config, route, host);
-                if let Err(reply) = self.charge_ip(req, route.and_then(|r| r.limits.as_ref()), now_ms, host) {
-                    return self.reply(req, reply, host);
-                }
-                self.authenticate(
-                    ctx,
-                    req,
-                    config,
-                    Target::Endpoint { path, under },
-                    now,
-                    true,
-                    host,
-                )
+                (under.and_then(|i| config.routes.get(i)), Guarded::Endpoint(path))
             }
+        };
+        self.note_client(req, config, route, host);
+        // Phase 2: the per-IP bucket.
+        if let Err(reply) = self.charge_ip(req, route.and_then(|r| r.limits.as_ref()), now_ms, host) {
+            return Step::Reply(reply);
+        }
+        Step::Authenticate {
+            guarded,
+            may_wait: true,
         }
     }
 
-    /// Phase 3 (authentication and roles) for a route or an endpoint, then phase 4
-    /// (revocation); phases 5 and 6 follow in `proceed`. `may_wait`: a token whose issuer's keys
-    /// the VM lacks may wait for a fetch (once).
-    #[allow(clippy::too_many_arguments)]
+    /// Phase 3 (authentication and roles) for a route or an endpoint; phase 4 (revocation)
+    /// follows. `may_wait`: a token whose issuer's keys the VM lacks may wait for a fetch.
     fn authenticate(
         &mut self,
-        ctx: u32,
         req: &mut Request,
-        config: &Config,
-        target: Target,
-        now: i64,
+        guarded: Guarded,
         may_wait: bool,
         host: &mut dyn Host,
-    ) -> Flow {
+    ) -> Step {
+        let config = Rc::clone(&self.config);
+        let now = unix_seconds(req.clock_ms);
         let trace_id = req.trace.trace_id.clone();
         // Where the host cannot resume a request from another context (Kong, APISIX), no
         // request waits on another's call: no waiting for keys a fetch brings, and each
         // request makes its own revocation lookup.
         let shared_waits = host.resumes_other_contexts();
         let may_wait = may_wait && shared_waits;
-        match target {
-            Target::Route(i) => {
-                let Some(route) = config.routes.get(i) else {
-                    return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
-                };
-                let may_verify = self.may_verify(req, host);
-                let decided = with_keys(&self.key_sets, self.host_verifies, may_verify, host, |keys| {
-                    policy::authenticate(
-                        config,
-                        &mut self.tokens,
-                        keys,
-                        route,
-                        &req.headers,
-                        now,
-                        &trace_id,
-                        may_wait,
-                    )
-                });
-                match decided {
-                    Ok(caller) => req.caller = caller,
-                    Err(Refused::Reply(reply)) => {
-                        self.charge_bad_signature(req, &reply, host);
-                        return self.reply(req, reply, host);
-                    }
-                    Err(Refused::AwaitKeys(issuer)) => {
-                        return self.await_keys(ctx, req, target, issuer, host)
-                    }
+        let may_verify = self.may_verify(req, host);
+        let route = match &guarded {
+            Guarded::Route(i) => match config.routes.get(*i) {
+                Some(route) => Some(route),
+                None => return refuse(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND),
+            },
+            Guarded::Endpoint(_) => None,
+        };
+        let tokens = &mut self.tokens;
+        let decided = with_keys(
+            &self.key_sets,
+            self.host_verifies,
+            may_verify,
+            host,
+            |keys| match route {
+                Some(route) => policy::authenticate(
+                    &config,
+                    tokens,
+                    keys,
+                    route,
+                    &req.headers,
+                    now,
+                    &trace_id,
+                    may_wait,
+                ),
+                None => {
+                    policy::verified_caller(&config, tokens, keys, &req.headers, now, &trace_id, may_wait)
+                        .map(Some)
                 }
-                self.check_revocation(ctx, req, Next::Route, shared_waits, host)
+            },
+        );
+        let caller = match decided {
+            Ok(caller) => caller,
+            Err(Refused::Reply(reply)) => {
+                self.charge_bad_signature(req, &reply, host);
+                return Step::Reply(reply);
             }
-            Target::Endpoint { ref path, .. } => {
-                let may_verify = self.may_verify(req, host);
-                let decided = with_keys(&self.key_sets, self.host_verifies, may_verify, host, |keys| {
-                    policy::verified_caller(
-                        config,
-                        &mut self.tokens,
-                        keys,
-                        &req.headers,
-                        now,
-                        &trace_id,
-                        may_wait,
-                    )
-                });
-                let caller = match decided {
-                    Ok(c) => c,
-                    Err(Refused::Reply(reply)) => {
-                        self.charge_bad_signature(req, &reply, host);
-                        return self.reply(req, reply, host);
-                    }
-                    Err(Refused::AwaitKeys(issuer)) => {
-                        return self.await_keys(ctx, req, target, issuer, host)
-                    }
+            Err(Refused::AwaitKeys(issuer)) => return Step::AwaitKeys { guarded, issuer },
+        };
+        match guarded {
+            Guarded::Route(_) => {
+                req.caller = caller;
+                Step::Revocation {
+                    next: Next::Route,
+                    coalesce: shared_waits,
+                }
+            }
+            Guarded::Endpoint(path) => {
+                let Some(caller) = caller else {
+                    return refuse(req, Outcome::Internal, message::INTERNAL);
                 };
-                let endpoint = match policy::endpoint(config, path, &caller, &req.headers, now, &trace_id) {
+                let endpoint = match policy::endpoint(&config, &path, &caller, &req.headers, now, &trace_id) {
                     Ok(e) => e,
-                    Err(reply) => return self.reply(req, reply, host),
+                    Err(reply) => return Step::Reply(reply),
                 };
                 req.caller = Some(caller);
                 // Endpoints do their own lookup: they dispatch a write afterwards, which must
                 // come from their own callback.
-                self.check_revocation(ctx, req, Next::Endpoint(endpoint), false, host)
+                Step::Revocation {
+                    next: Next::Endpoint(endpoint),
+                    coalesce: false,
+                }
             }
-            Target::Passthrough => self.forward(req, host),
         }
     }
 
     /// Phases 5 and 6: the token is valid and not revoked.
-    fn proceed(&mut self, req: &mut Request, next: Next, host: &mut dyn Host) -> Flow {
+    fn proceed(&mut self, req: &mut Request, next: Next, host: &mut dyn Host) -> Step {
         req.cleared = req.caller.is_some();
         let config = Rc::clone(&self.config);
         let route = req.route.and_then(|i| config.routes.get(i));
@@ -430,47 +431,34 @@ impl Gateway {
         if let (Some(limits), Some(user)) = (limits, user.as_deref()) {
             let check = limits.user_check(&config.rate_limits, &self.slot_seed, user);
             if let Err(reply) = self.charge(req, &check, limits, now_ms, host) {
-                return self.reply(req, reply, host);
+                return Step::Reply(reply);
             }
         }
-        match next {
-            Next::Endpoint(endpoint) => self.perform(req, endpoint, host),
-            Next::Route => {
-                if let Some(limits) = limits {
-                    if let Err(reply) = self.charge(req, &limits.route_check(), limits, now_ms, host) {
-                        return self.reply(req, reply, host);
-                    }
-                }
-                let mut forward = policy::forward_headers(
-                    &config,
-                    &req.headers,
-                    &req.trace,
-                    req.caller.as_ref().map(|c| &c.identity),
-                );
-                if let Some(route) = route {
-                    if let Some(settings) = &route.canary {
-                        let (to_canary, set) = canary::route_headers(
-                            settings,
-                            &req.headers,
-                            user.as_deref(),
-                            req.client_ip.as_deref(),
-                        );
-                        forward.set.extend(set);
-                        if let Some([stable, canary]) = self.metrics.canary.get(&route.name).copied() {
-                            self.inc(if to_canary { canary } else { stable });
-                        }
-                        req.canary = Some(to_canary);
-                    }
-                }
-                self.send_on(req, &forward, host)
+        if let Next::Endpoint(endpoint) = next {
+            return Step::Perform(endpoint);
+        }
+        if let Some(limits) = limits {
+            if let Err(reply) = self.charge(req, &limits.route_check(), limits, now_ms, host) {
+                return Step::Reply(reply);
             }
         }
-    }
-
-    /// Forwards a request that no route check applies to (the passthrough paths).
-    fn forward(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
-        let forward = policy::forward_headers(&self.config, &req.headers, &req.trace, None);
-        self.send_on(req, &forward, host)
+        let mut forward = policy::forward_headers(
+            &config,
+            &req.headers,
+            &req.trace,
+            req.caller.as_ref().map(|c| &c.identity),
+        );
+        if let Some(settings) = route.and_then(|r| r.canary.as_ref().map(|c| (r, c))) {
+            let (route, settings) = settings;
+            let (to_canary, set) =
+                canary::route_headers(settings, &req.headers, user.as_deref(), req.client_ip.as_deref());
+            forward.set.extend(set);
+            if let Some([stable, canary]) = self.metrics.canary.get(&route.name).copied() {
+                self.inc(if to_canary { canary } else { stable });
+            }
+            req.canary = Some(to_canary);
+        }
+        Step::Forward(forward)
     }
 
     /// Applies the header changes and lets the request go on, unless the host would forward a
@@ -478,8 +466,12 @@ impl Gateway {
     fn send_on(&mut self, req: &mut Request, forward: &policy::Forward, host: &mut dyn Host) -> Flow {
         if !host.removes_request_headers() {
             if let Some(name) = forward.remove.iter().find(|n| policy::gateway_owned(n)) {
-                let message = message::gateway_header(name);
-                return self.error(req, Outcome::BadRequest, &message, host);
+                let reply = Reply::refuse(
+                    Outcome::BadRequest,
+                    &message::gateway_header(name),
+                    &req.trace.trace_id,
+                );
+                return self.reply(req, reply, host);
             }
         }
         apply(forward, host);
@@ -505,15 +497,9 @@ impl Gateway {
             .headers
             .push((HEADER_RESPONSE_TIME, policy::response_time(elapsed_us)));
         host.send_reply(&reply);
+        req.replied = true;
         Flow::Paused
     }
-
-    fn error(&mut self, req: &mut Request, outcome: Outcome, message: &str, host: &mut dyn Host) -> Flow {
-        let reply = Reply::refuse(outcome, message, &req.trace.trace_id);
-        self.reply(req, reply, host)
-    }
-
-    // ---------------------------------------------------------------- callouts
 
     // ---------------------------------------------------------------- response and end
 

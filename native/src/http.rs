@@ -125,17 +125,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             host.at(Some(f), ctx);
             let action = gateway.on_request_headers(ctx, &mut NativeHost { state: host });
             gateway.flush_counters(&mut NativeHost { state: host });
-            if matches!(action, Action::Pause) {
-                let replied = host
-                    .deferred
-                    .iter()
-                    .any(|d| matches!(d, Deferred::Reply(g, _) if *g == f));
-                if !replied {
-                    // Waiting for a call: the ticker wakes this worker while it waits (the
-                    // answers the main thread relayed reach it then). Done here, before Envoy
-                    // is told anything: a reply can end (and free) the stream at once.
-                    s.watch(f);
-                }
+            if action == Action::Pause {
+                // Waiting for a call: the ticker wakes this worker while it waits (the answers
+                // the main thread relayed reach it then). Done here, before Envoy is told
+                // anything: a reply can end (and free) the stream at once.
+                s.watch(f);
             }
             Ok(action)
         })
@@ -146,7 +140,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         // Stop everything, the body included, until the gateway resumes the request: a body
         // chunk must not send a paused request upstream (Envoy runs the body hooks after a
         // plain StopIteration, and a Continue there would forward the headers).
-        Some(Ok(Action::Pause)) => abi::STOP_ALL_ITERATION_AND_WATERMARK,
+        Some(Ok(Action::Pause | Action::Replied)) => abi::STOP_ALL_ITERATION_AND_WATERMARK,
         Some(Err(())) => refuse(Outcome::Internal, message::INTERNAL),
         None => refuse(Outcome::Busy, message::BUSY),
     }

@@ -526,7 +526,7 @@ impl HttpContext for Request {
         };
         match g.on_request_headers(id, &mut WasmHost) {
             pipeline::Action::Continue => Action::Continue,
-            pipeline::Action::Pause => Action::Pause,
+            pipeline::Action::Pause | pipeline::Action::Replied => Action::Pause,
         }
     }
 

@@ -127,21 +127,21 @@ impl Gateway {
             }
             Call::Write { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Write(write) = std::mem::replace(&mut req.stage, Stage::Idle) else {
-                    return Flow::Paused;
+                    return None;
                 };
-                gw.write_answered(req, write, status, &body, host)
+                Some(gw.write_answered(req, write, status, &body, host))
             }),
             Call::Confirm { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Confirm(wait) = std::mem::replace(&mut req.stage, Stage::Idle) else {
-                    return Flow::Paused;
+                    return None;
                 };
-                gw.confirm_answered(req, wait, status, &body, host)
+                Some(gw.confirm_answered(req, wait, status, &body, host))
             }),
             Call::Query { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Query { label, id, limit } = std::mem::replace(&mut req.stage, Stage::Idle) else {
-                    return Flow::Paused;
+                    return None;
                 };
-                gw.query_answered(req, label, &id, limit, status, &body, host)
+                Some(gw.query_answered(req, label, &id, limit, status, &body, host))
             }),
             Call::LogWrite { then } => {
                 self.log_calls = self.log_calls.saturating_sub(1);
@@ -163,32 +163,6 @@ impl Gateway {
                 }
             }
             Call::Sync { route, delta } => self.sync_answered(&route, delta, status, &body, host),
-        }
-    }
-
-    /// Runs `f` on request `context` with it as the host's current context (switching to it
-    /// and back when the answer was delivered elsewhere); resumes it when `f` lets it go on.
-    pub(super) fn with_request(
-        &mut self,
-        current: u32,
-        context: u32,
-        host: &mut dyn Host,
-        f: impl FnOnce(&mut Self, &mut Request, &mut dyn Host) -> Flow,
-    ) {
-        let Some(mut req) = self.requests.remove(&context) else {
-            return;
-        };
-        let switched = context != current;
-        if switched && !host.switch_to(context) {
-            self.requests.insert(context, req);
-            return;
-        }
-        if f(self, &mut req, host) == Flow::Continue {
-            host.resume();
-        }
-        self.requests.insert(context, req);
-        if switched {
-            host.switch_to(current);
         }
     }
 }

@@ -6,7 +6,7 @@ use super::*;
 impl Gateway {
     /// A gateway endpoint: query the log store, or write to the revocation store and reply
     /// once the write is confirmed.
-    pub(super) fn perform(&mut self, req: &mut Request, endpoint: Endpoint, host: &mut dyn Host) -> Flow {
+    pub(super) fn perform(&mut self, req: &mut Request, endpoint: Endpoint, host: &mut dyn Host) -> Step {
         let query = match &endpoint {
             Endpoint::LogsByTrace(id) => Some(("trace_id", id.clone(), access_log::trace_key(id), u32::MAX)),
             Endpoint::LogsByUser { user_id, limit } => {
@@ -15,60 +15,42 @@ impl Gateway {
             _ => None,
         };
         match query {
-            Some((label, id, key, limit)) => self.query_logs(req, label, id, &key, limit, host),
+            Some((label, id, key, limit)) => self.query_logs(req, label, id, &key, limit),
             None => self.revoke(req, endpoint, host),
         }
     }
 
     /// The log query: the whole (bounded) list of a trace or a user, sorted and limited when it
     /// is answered.
-    fn query_logs(
-        &mut self,
-        req: &mut Request,
-        label: &'static str,
-        id: String,
-        key: &str,
-        limit: u32,
-        host: &mut dyn Host,
-    ) -> Flow {
-        let config = Rc::clone(&self.config);
-        let Some(store) = config.logs.store.as_ref() else {
-            return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
+    fn query_logs(&mut self, req: &Request, label: &'static str, id: String, key: &str, limit: u32) -> Step {
+        let Some(store) = self.config.logs.store.as_ref() else {
+            return refuse(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND);
         };
         // Fetch the whole (bounded) list: workers flush independently, so list order is flush
         // order; the reply is sorted by request time before the limit applies.
-        let path = access_log::range_path(key, store.user_records.max(100));
-        let call = self.send_webdis(
-            Callout::get(&store.cluster, &path, store.timeout_ms)
-                .with_authorization(store.authorization.as_deref())
-                .with_authority(Some(&store.authority)),
-            Call::Query { context: req.ctx },
-            host,
-        );
-        match call {
-            Ok(_) => {
-                req.stage = Stage::Query { label, id, limit };
-                Flow::Paused
-            }
-            Err(e) => {
-                let id = self.metrics.log_errors;
-                self.inc(id);
-                req.log(
-                    LogLevel::Warn,
-                    &format!("log store query dispatch failed: {e}"),
-                    host,
-                );
-                self.error(req, Outcome::StoreUnavailable, message::LOG_STORE_DOWN, host)
-            }
-        }
+        Step::Call(Outgoing {
+            store: Store::Logs,
+            path: access_log::range_path(key, store.user_records.max(100)),
+            timeout_ms: None,
+            purpose: Call::Query { context: req.ctx },
+            stage: Stage::Query { label, id, limit },
+        })
+    }
+
+    /// The log store could not answer a query: 503.
+    pub(super) fn query_failed(&mut self, req: &Request, why: &str, host: &mut dyn Host) -> Step {
+        let id = self.metrics.log_errors;
+        self.inc(id);
+        req.log(LogLevel::Warn, &format!("log store query failed: {why}"), host);
+        refuse(req, Outcome::StoreUnavailable, message::LOG_STORE_DOWN)
     }
 
     /// Logout, refresh or ban: the writes, replied once the store confirmed them.
-    fn revoke(&mut self, req: &mut Request, endpoint: Endpoint, host: &mut dyn Host) -> Flow {
+    fn revoke(&mut self, req: &mut Request, endpoint: Endpoint, host: &mut dyn Host) -> Step {
         let config = Rc::clone(&self.config);
         let trace_id = req.trace.trace_id.clone();
         let (Some(rv), Some(caller)) = (config.revocation.as_ref(), req.caller.clone()) else {
-            return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
+            return refuse(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND);
         };
         let now_ms = req.clock_ms;
         let now_s = unix_seconds(now_ms);
@@ -86,7 +68,7 @@ impl Gateway {
             .saturating_add(1);
         let (path, write) = match endpoint {
             Endpoint::LogsByTrace(_) | Endpoint::LogsByUser { .. } => {
-                return self.error(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND, host);
+                return refuse(req, Outcome::NotFound, policy::MSG_ROUTE_NOT_FOUND);
             }
             Endpoint::Logout => (
                 rv::blacklist_path(&caller.token, keep),
@@ -115,12 +97,7 @@ impl Gateway {
                         .as_ref()
                         .and_then(|v| v.issuer(caller.identity.issuer))
                         .map_or("?", |i| i.name.as_str());
-                    return self.error(
-                        req,
-                        Outcome::BadRequest,
-                        &message::refreshed_elsewhere(name),
-                        host,
-                    );
+                    return refuse(req, Outcome::BadRequest, &message::refreshed_elsewhere(name));
                 }
                 let jti = uuid_v4(self.rng.u128(..).to_le_bytes());
                 let issued = config
@@ -132,7 +109,7 @@ impl Gateway {
                     Ok(t) => t,
                     Err(e) => {
                         req.log(LogLevel::Error, &format!("cannot issue a token: {e}"), host);
-                        return self.error(req, Outcome::Internal, message::INTERNAL, host);
+                        return refuse(req, Outcome::Internal, message::INTERNAL);
                     }
                 };
                 (
@@ -181,7 +158,7 @@ impl Gateway {
                 )
             }
         };
-        self.send_write(req, write, &path, host)
+        Self::write_call(req, write, path)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -194,24 +171,16 @@ impl Gateway {
         status: Option<u16>,
         body: &[u8],
         host: &mut dyn Host,
-    ) -> Flow {
+    ) -> Step {
         match access_log::parse_range(status, body) {
-            Ok(records) if records.is_empty() => {
-                self.error(req, Outcome::NotFound, message::NO_RECORDS, host)
-            }
+            Ok(records) if records.is_empty() => refuse(req, Outcome::NotFound, message::NO_RECORDS),
             Ok(mut records) => {
                 access_log::newest_first(&mut records);
                 records.truncate(limit as usize);
                 let body = serde_json::json!({ label: id, "count": records.len(), "records": records });
-                let reply = Reply::ok(&body, &req.trace.trace_id);
-                self.reply(req, reply, host)
+                Step::Reply(Reply::ok(&body, &req.trace.trace_id))
             }
-            Err(e) => {
-                let id = self.metrics.log_errors;
-                self.inc(id);
-                req.log(LogLevel::Warn, &format!("log store query failed: {e}"), host);
-                self.error(req, Outcome::StoreUnavailable, message::LOG_STORE_DOWN, host)
-            }
+            Err(e) => self.query_failed(req, &e.to_string(), host),
         }
     }
 }

@@ -5,11 +5,10 @@
 
 use std::rc::Rc;
 
-use super::{shared, unix_seconds, Call, Flow, Gateway, Request, Stage};
+use super::{shared, Call, Gateway, Guarded, Request, Stage, Step};
 use crate::host::{Callout, Host, LogLevel};
 use crate::jwt::remote::{self, Lease, Remote};
 use crate::jwt::KeySet;
-use crate::policy::Target;
 
 /// Timer period while any issuer's keys are fetched: how soon a VM sees a set another VM
 /// fetched, and notices a waiter's deadline.
@@ -61,24 +60,24 @@ impl Gateway {
     /// again (when the fetch it joined had started before a rotation, say).
     pub(super) fn await_keys(
         &mut self,
-        ctx: u32,
         req: &mut Request,
-        target: Target,
+        guarded: Guarded,
         issuer: usize,
         host: &mut dyn Host,
-    ) -> Flow {
+    ) -> Step {
+        let ctx = req.ctx;
         let now_ms = host.now_ms();
         req.clock_ms = now_ms;
         let Some((name, remote)) = self.remote(issuer) else {
             req.keys_deadline_ms = Some(0);
-            return self.retry_authentication(ctx, req, target, host);
+            return Self::retry_authentication(req, guarded);
         };
         let deadline_ms = *req
             .keys_deadline_ms
             .get_or_insert(now_ms.saturating_add(remote.max_wait_ms));
         // Another VM may have fetched a newer set already.
         if self.adopt_shared(issuer, &name, host) {
-            return self.retry_authentication(ctx, req, target, host);
+            return Self::retry_authentication(req, guarded);
         }
         let waiting = self.jwks.get(issuer).map_or(0, |s| s.waiters.len());
         let fetch = if now_ms >= deadline_ms || waiting >= MAX_WAITERS {
@@ -100,28 +99,19 @@ impl Gateway {
         };
         if !wait {
             req.keys_deadline_ms = Some(0);
-            return self.retry_authentication(ctx, req, target, host);
+            return Self::retry_authentication(req, guarded);
         }
         if let Some(state) = self.jwks.get_mut(issuer) {
             state.waiters.push(ctx);
         }
-        req.stage = Stage::Keys { target, deadline_ms };
-        Flow::Paused
+        Step::Wait(Stage::Keys { guarded, deadline_ms })
     }
 
     /// Authenticates again with the keys the VM holds now; it may wait again only before its
     /// deadline.
-    fn retry_authentication(
-        &mut self,
-        ctx: u32,
-        req: &mut Request,
-        target: Target,
-        host: &mut dyn Host,
-    ) -> Flow {
-        let config = Rc::clone(&self.config);
-        let now = unix_seconds(req.clock_ms);
+    fn retry_authentication(req: &Request, guarded: Guarded) -> Step {
         let may_wait = req.keys_deadline_ms.is_some_and(|d| req.clock_ms < d);
-        self.authenticate(ctx, req, &config, target, now, may_wait, host)
+        Step::Authenticate { guarded, may_wait }
     }
 
     /// Parses the shared copy of `issuer`'s set when it changed; true when the VM's set changed.
@@ -362,12 +352,12 @@ impl Gateway {
                 still.push(w);
                 continue;
             }
-            self.with_request(current, w, host, |gw, req, host| {
-                let Stage::Keys { target, .. } = std::mem::replace(&mut req.stage, Stage::Idle) else {
-                    return Flow::Paused;
+            self.with_request(current, w, host, |_, req, _| {
+                let Stage::Keys { guarded, .. } = std::mem::replace(&mut req.stage, Stage::Idle) else {
+                    return None;
                 };
                 req.clock_ms = now_ms;
-                gw.retry_authentication(req.ctx, req, target, host)
+                Some(Self::retry_authentication(req, guarded))
             });
         }
         if let Some(state) = self.jwks.get_mut(issuer) {

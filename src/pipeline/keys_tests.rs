@@ -105,7 +105,7 @@ fn a_failed_first_fetch_is_a_503_and_retries_back_off() {
         "{body}"
     );
     // At once again: no new fetch (rate limit), the same clear 503.
-    assert_eq!(t.send(3, "GET", "/api/v1/plain/1", Some(&tok)), Action::Pause);
+    assert_eq!(t.send(3, "GET", "/api/v1/plain/1", Some(&tok)), Action::Replied);
     assert_eq!((t.status(3), jwks_calls(&t)), (503, 1));
     // The timer retries after the back-off; a garbage answer is a failure too, counted.
     t.host.now_ms += 1_000;

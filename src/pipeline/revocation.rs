@@ -8,15 +8,15 @@ impl Gateway {
     /// every request for the same token that arrives while it is out, when `coalesce`).
     pub(super) fn check_revocation(
         &mut self,
-        ctx: u32,
         req: &mut Request,
         next: Next,
         coalesce: bool,
         host: &mut dyn Host,
-    ) -> Flow {
+    ) -> Step {
         let config = Rc::clone(&self.config);
+        let ctx = req.ctx;
         let (Some(rv), Some(caller)) = (config.revocation.as_ref(), req.caller.as_ref()) else {
-            return self.proceed(req, next, host);
+            return Step::Cleared(next);
         };
         let now_ms = req.clock_ms;
         let issued_at = caller.identity.authenticated_at();
@@ -33,7 +33,7 @@ impl Gateway {
             if self.clean.holds(slot.fingerprint, epoch, now_ms) {
                 let id = self.metrics.cache_hits;
                 self.inc(id);
-                return self.proceed(req, next, host);
+                return Step::Cleared(next);
             }
             Some(epoch)
         } else {
@@ -48,47 +48,47 @@ impl Gateway {
                 let id = self.metrics.cache_hits;
                 self.inc(id);
                 return if entry.lookup.revokes(issued_at) {
-                    self.revoked(req, host)
+                    self.revoked(req)
                 } else {
                     let until = entry.stored_at_ms.saturating_add(rv.cache_ttl_ms);
                     self.clean.remember(slot.fingerprint, epoch, until);
-                    self.proceed(req, next, host)
+                    Step::Cleared(next)
                 };
             }
         }
         if coalesce {
             if let Some(inflight) = self.inflight.get_mut(&slot.fingerprint) {
                 inflight.waiters.push(ctx);
-                req.stage = Stage::Revocation(next);
                 let id = self.metrics.coalesced;
                 self.inc(id);
-                return Flow::Paused;
+                return Step::Wait(Stage::Revocation(next));
             }
         }
         let user = caller.identity.user_id.clone();
         let token = caller.token.clone();
         let revocation_id = caller.identity.revocation_id.clone();
         let key = coalesce.then_some(slot.fingerprint);
-        let purpose = Call::Lookup { key, context: ctx };
-        match self.dispatch_lookup(rv, &token, &revocation_id, user.as_deref(), purpose, host) {
-            Ok(_) => {
-                if coalesce {
-                    self.inflight.insert(
-                        slot.fingerprint,
-                        Inflight {
-                            owner: Some(ctx),
-                            user,
-                            token,
-                            revocation_id,
-                            waiters: vec![ctx],
-                        },
-                    );
-                }
-                req.stage = Stage::Revocation(next);
-                Flow::Paused
-            }
-            Err(e) => self.store_failed(req, next, &e, host),
+        let path = self.lookup_path(&token, &revocation_id, user.as_deref());
+        if coalesce {
+            // Others join it from now on; the executor drops it if the call cannot go out.
+            self.inflight.insert(
+                slot.fingerprint,
+                Inflight {
+                    owner: Some(ctx),
+                    user,
+                    token,
+                    revocation_id,
+                    waiters: vec![ctx],
+                },
+            );
         }
+        Step::Call(Outgoing {
+            store: Store::Revocation,
+            path,
+            timeout_ms: None,
+            purpose: Call::Lookup { key, context: ctx },
+            stage: Stage::Revocation(next),
+        })
     }
 
     /// Whether this instance's ban table revokes the caller's token (a ban recorded here, or
@@ -114,7 +114,15 @@ impl Gateway {
         })
     }
 
-    pub(super) fn dispatch_lookup(
+    /// A lookup's path, counted as one lookup.
+    fn lookup_path(&mut self, token: &str, revocation_id: &str, user: Option<&str>) -> String {
+        let id = self.metrics.lookups;
+        self.inc(id);
+        rv::lookup_path(token, revocation_id, user)
+    }
+
+    /// Sends a lookup from the root context (for waiters whose lookup's owner left).
+    fn dispatch_lookup(
         &mut self,
         rv: &Revocation,
         token: &str,
@@ -123,36 +131,22 @@ impl Gateway {
         purpose: Call,
         host: &mut dyn Host,
     ) -> Result<u32, StoreError> {
-        let id = self.metrics.lookups;
-        self.inc(id);
-        let path = rv::lookup_path(token, revocation_id, user);
-        self.revocation_call(rv, &path, purpose, host)
-            .map_err(|e| StoreError::Dispatch(e.to_string()))
-    }
-
-    /// One call to the revocation store (a lookup or a write).
-    pub(super) fn revocation_call(
-        &mut self,
-        rv: &Revocation,
-        path: &str,
-        purpose: Call,
-        host: &mut dyn Host,
-    ) -> Result<u32, DispatchError> {
+        let path = self.lookup_path(token, revocation_id, user);
         let config = Rc::clone(&self.config);
         self.send_webdis(
-            Callout::get(&rv.cluster, path, rv.timeout_ms)
+            Callout::get(&rv.cluster, &path, rv.timeout_ms)
                 .with_authorization(config.webdis_auth.as_deref())
                 .with_authority(config.webdis_authority.as_deref()),
             purpose,
             host,
         )
+        .map_err(|e| StoreError::Dispatch(e.to_string()))
     }
 
-    pub(super) fn revoked(&mut self, req: &mut Request, host: &mut dyn Host) -> Flow {
+    fn revoked(&mut self, req: &Request) -> Step {
         let id = self.metrics.revoked;
         self.inc(id);
-        let reply = Reply::refuse(Outcome::Revoked, MSG_REVOKED, &req.trace.trace_id);
-        self.reply(req, reply, host)
+        refuse(req, Outcome::Revoked, MSG_REVOKED)
     }
 
     pub(super) fn store_failed(
@@ -161,7 +155,7 @@ impl Gateway {
         next: Next,
         e: &StoreError,
         host: &mut dyn Host,
-    ) -> Flow {
+    ) -> Step {
         let id = self.metrics.store_errors;
         self.inc(id);
         req.log(LogLevel::Warn, &format!("revocation lookup failed: {e}"), host);
@@ -172,11 +166,11 @@ impl Gateway {
             .map(|r| r.failure_mode)
             .unwrap_or_default();
         match mode {
-            FailureMode::Deny => self.error(req, Outcome::StoreUnavailable, MSG_STORE_DOWN, host),
+            FailureMode::Deny => refuse(req, Outcome::StoreUnavailable, MSG_STORE_DOWN),
             FailureMode::Allow => {
                 let id = self.metrics.allowed_on_error;
                 self.inc(id);
-                self.proceed(req, next, host)
+                Step::Cleared(next)
             }
             FailureMode::Stale => {
                 let age = match next {
@@ -193,9 +187,9 @@ impl Gateway {
                             &format!("revocation store down: token found clean {age_ms} ms ago admitted"),
                             host,
                         );
-                        self.proceed(req, next, host)
+                        Step::Cleared(next)
                     }
-                    None => self.error(req, Outcome::StoreUnavailable, MSG_STORE_DOWN, host),
+                    None => refuse(req, Outcome::StoreUnavailable, MSG_STORE_DOWN),
                 }
             }
         }
@@ -270,39 +264,28 @@ impl Gateway {
         for &w in waiters {
             self.with_request(current, w, host, |gw, req, host| {
                 let Stage::Revocation(next) = std::mem::replace(&mut req.stage, Stage::Idle) else {
-                    return Flow::Paused;
+                    return None;
                 };
                 req.clock_ms = now_ms;
                 let issued_at = req.caller.as_ref().and_then(|c| c.identity.authenticated_at());
-                match &result {
+                Some(match &result {
                     Ok(lookup) if lookup.revokes(issued_at) => gw.revoked_at(req, &next, host),
-                    Ok(_) => gw.proceed(req, next, host),
+                    Ok(_) => Step::Cleared(next),
                     Err(e) => gw.store_failed(req, next, e, host),
-                }
+                })
             });
         }
     }
 
-    /// Sends one revocation write; the request waits for its confirmation.
-    pub(super) fn send_write(
-        &mut self,
-        req: &mut Request,
-        write: Write,
-        path: &str,
-        host: &mut dyn Host,
-    ) -> Flow {
-        let config = Rc::clone(&self.config);
-        let Some(rv) = config.revocation.as_ref() else {
-            return self.write_failed(req, &"no revocation store", host);
-        };
-        let sent = self.revocation_call(rv, path, Call::Write { context: req.ctx }, host);
-        match sent {
-            Ok(_) => {
-                req.stage = Stage::Write(write);
-                Flow::Paused
-            }
-            Err(e) => self.write_failed(req, &e, host),
-        }
+    /// One revocation write; the request waits for its confirmation.
+    pub(super) fn write_call(req: &Request, write: Write, path: String) -> Step {
+        Step::Call(Outgoing {
+            store: Store::Revocation,
+            path,
+            timeout_ms: None,
+            purpose: Call::Write { context: req.ctx },
+            stage: Stage::Write(write),
+        })
     }
 
     /// A revocation write that was not confirmed: 503, and nothing recorded here either.
@@ -311,7 +294,7 @@ impl Gateway {
         req: &mut Request,
         e: &dyn std::fmt::Display,
         host: &mut dyn Host,
-    ) -> Flow {
+    ) -> Step {
         let id = self.metrics.store_errors;
         self.inc(id);
         req.log(
@@ -319,7 +302,7 @@ impl Gateway {
             &format!("revocation store write failed: {e}"),
             host,
         );
-        self.error(req, Outcome::StoreUnavailable, MSG_WRITE_FAILED, host)
+        refuse(req, Outcome::StoreUnavailable, MSG_WRITE_FAILED)
     }
 
     pub(super) fn write_answered(
@@ -329,11 +312,11 @@ impl Gateway {
         status: Option<u16>,
         body: &[u8],
         host: &mut dyn Host,
-    ) -> Flow {
+    ) -> Step {
         if let Some(then) = write.then.take() {
             // The reference's key is written; now the deciding write.
             return match rv::parse_setex(status, body) {
-                Ok(()) => self.send_write(req, write, &then, host),
+                Ok(()) => Self::write_call(req, write, then),
                 Err(e) => self.write_failed(req, &e, host),
             };
         }
@@ -378,7 +361,7 @@ impl Gateway {
         match (won, write.on_lost) {
             // Not an acknowledgement of a revocation (a concurrent refresh won): nothing to
             // read back.
-            (false, Some(lost)) => self.reply(req, lost, host),
+            (false, Some(lost)) => Step::Reply(lost),
             _ => match config.revocation.as_ref().and_then(|r| r.confirm.as_ref()) {
                 Some(confirm) => {
                     let wait = ReadbackWait {
@@ -389,7 +372,7 @@ impl Gateway {
                     };
                     self.send_confirm(req, wait, host)
                 }
-                None => self.reply(req, write.on_ok, host),
+                None => Step::Reply(write.on_ok),
             },
         }
     }
@@ -397,42 +380,23 @@ impl Gateway {
     /// Reads back from a replica (`revocation.confirm`) what the primary said; the reply waits.
     /// A read-back that cannot be sent is answered 503 at once (a refused dispatch would be
     /// refused again).
-    fn send_confirm(&mut self, req: &mut Request, mut wait: ReadbackWait, host: &mut dyn Host) -> Flow {
-        let config = Rc::clone(&self.config);
-        let Some((rv, confirm)) = config
-            .revocation
-            .as_ref()
-            .and_then(|r| r.confirm.as_ref().map(|c| (r, c)))
-        else {
-            return self.reply(req, wait.reply, host);
+    fn send_confirm(&mut self, req: &Request, mut wait: ReadbackWait, host: &mut dyn Host) -> Step {
+        let Some(rv) = self.config.revocation.as_ref().filter(|r| r.confirm.is_some()) else {
+            return Step::Reply(wait.reply);
         };
         let path = wait.check.path();
         let timeout_ms = wait
             .deadline_ms
             .saturating_sub(host.now_ms())
             .clamp(1, rv.timeout_ms);
-        let sent = self.send_webdis(
-            Callout::get(&confirm.cluster, &path, timeout_ms)
-                .with_authorization(config.webdis_auth.as_deref())
-                .with_authority(Some(&confirm.authority)),
-            Call::Confirm { context: req.ctx },
-            host,
-        );
-        match sent {
-            Ok(_) => {
-                wait.tries = wait.tries.saturating_add(1);
-                req.stage = Stage::Confirm(wait);
-                Flow::Paused
-            }
-            Err(e) => {
-                req.log(
-                    LogLevel::Warn,
-                    &format!("revocation read-back not sent: {e}"),
-                    host,
-                );
-                self.not_replicated(req, wait.tries, host)
-            }
-        }
+        wait.tries = wait.tries.saturating_add(1);
+        Step::Call(Outgoing {
+            store: Store::Replica,
+            path,
+            timeout_ms: Some(timeout_ms),
+            purpose: Call::Confirm { context: req.ctx },
+            stage: Stage::Confirm(wait),
+        })
     }
 
     /// A replica's answer to a read-back: the reply goes out once it shows what the primary
@@ -445,13 +409,13 @@ impl Gateway {
         status: Option<u16>,
         body: &[u8],
         host: &mut dyn Host,
-    ) -> Flow {
+    ) -> Step {
         match wait.check.confirmed(status, body) {
             Ok(true) => {
                 if wait.tries > 1 {
                     self.inc_named("gateway_revocation_confirm_retries_total", host);
                 }
-                return self.reply(req, wait.reply, host);
+                return Step::Reply(wait.reply);
             }
             Ok(false) => {}
             Err(e) => req.log(
@@ -472,16 +436,15 @@ impl Gateway {
         if !parked {
             return self.not_replicated(req, wait.tries, host);
         }
-        req.stage = Stage::Confirm(wait);
         if !self.confirming.contains(&req.ctx) {
             self.confirming.push(req.ctx);
         }
-        Flow::Paused
+        Step::Wait(Stage::Confirm(wait))
     }
 
     /// No replica showed it in time: 503, not acknowledged (what the primary took still counts
     /// wherever it survives, and this gateway already applies it).
-    fn not_replicated(&mut self, req: &mut Request, tries: u32, host: &mut dyn Host) -> Flow {
+    pub(super) fn not_replicated(&mut self, req: &Request, tries: u32, host: &mut dyn Host) -> Step {
         self.inc_named("gateway_revocation_unconfirmed_total", host);
         let id = self.metrics.store_errors;
         self.inc(id);
@@ -490,7 +453,7 @@ impl Gateway {
             &format!("revocation on the primary, but no replica showed it after {tries} read-backs: not acknowledged"),
             host,
         );
-        self.error(req, Outcome::StoreUnavailable, message::NOT_REPLICATED, host)
+        refuse(req, Outcome::StoreUnavailable, message::NOT_REPLICATED)
     }
 
     /// The timer: read back again every revocation no replica held at its last read-back.
@@ -498,12 +461,12 @@ impl Gateway {
         for w in std::mem::take(&mut self.confirming) {
             self.with_request(ctx, w, host, |gw, req, host| {
                 let Stage::Confirm(wait) = std::mem::replace(&mut req.stage, Stage::Idle) else {
-                    return Flow::Paused;
+                    return None;
                 };
                 if host.now_ms() >= wait.deadline_ms {
-                    return gw.not_replicated(req, wait.tries, host);
+                    return Some(gw.not_replicated(req, wait.tries, host));
                 }
-                gw.send_confirm(req, wait, host)
+                Some(gw.send_confirm(req, wait, host))
             });
         }
     }
@@ -511,11 +474,11 @@ impl Gateway {
     /// The caller's own token is revoked. At a gateway endpoint with `revocation.confirm` (a
     /// logout or refresh retried after its 503), a replica must say so too before the caller
     /// is told: a 401 there reads as "logged out".
-    pub(super) fn revoked_at(&mut self, req: &mut Request, next: &Next, host: &mut dyn Host) -> Flow {
+    fn revoked_at(&mut self, req: &Request, next: &Next, host: &mut dyn Host) -> Step {
         let config = Rc::clone(&self.config);
         let confirm = config.revocation.as_ref().and_then(|r| r.confirm.as_ref());
         let (Some(confirm), Next::Endpoint(_), Some(caller)) = (confirm, next, req.caller.as_ref()) else {
-            return self.revoked(req, host);
+            return self.revoked(req);
         };
         let id = &caller.identity;
         let check = rv::Readback::Revoked {
@@ -571,9 +534,9 @@ impl Gateway {
                         self.with_request(ctx, w, host, |gw, req, host| {
                             let Stage::Revocation(next) = std::mem::replace(&mut req.stage, Stage::Idle)
                             else {
-                                return Flow::Paused;
+                                return None;
                             };
-                            gw.store_failed(req, next, &e, host)
+                            Some(gw.store_failed(req, next, &e, host))
                         });
                     }
                 }

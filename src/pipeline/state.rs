@@ -46,7 +46,7 @@ pub(super) enum Stage {
     /// `reply` goes out. `tries`: read-backs sent so far.
     Confirm(ReadbackWait),
     /// Waiting for signing keys its token needs (a fetch is out, here or in another VM).
-    Keys { target: Target, deadline_ms: u64 },
+    Keys { guarded: Guarded, deadline_ms: u64 },
     /// Waiting for the log store's answer to a query.
     Query {
         label: &'static str,
@@ -91,6 +91,8 @@ pub(super) struct Request {
     pub(super) canary: Option<bool>,
     /// How it ended: forwarded, or the outcome of the gateway's own reply.
     pub(super) outcome: Outcome,
+    /// The gateway answered it.
+    pub(super) replied: bool,
     pub(super) status: Option<u16>,
     /// Time from the request headers to the response headers.
     pub(super) elapsed_us: Option<u64>,

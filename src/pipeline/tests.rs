@@ -116,7 +116,13 @@ impl T {
         self.host.current = ctx;
         let action = self.gw.on_request_headers(ctx, &mut self.host);
         let r = self.host.requests.entry(ctx).or_default();
-        r.paused = action == Action::Pause && r.reply.is_none();
+        // The gateway says which: held for a call, or answered.
+        assert_eq!(
+            action == Action::Replied,
+            r.reply.is_some(),
+            "context {ctx}: {action:?}"
+        );
+        r.paused = action == Action::Pause;
         action
     }
 
@@ -346,7 +352,10 @@ fn the_user_bucket_applies_after_revocation() {
     t.send(2, "GET", "/api/v1/users/1", Some(&token()));
     t.answer_last(Some(200), CLEAN);
     assert_eq!(t.status(2), 200);
-    assert_eq!(t.send(3, "GET", "/api/v1/users/1", Some(&token())), Action::Pause);
+    assert_eq!(
+        t.send(3, "GET", "/api/v1/users/1", Some(&token())),
+        Action::Replied
+    );
     assert_eq!(
         (t.status(3), t.reason(3)),
         (429, "rate_limited_user"),
