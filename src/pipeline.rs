@@ -95,40 +95,17 @@ enum Flow {
 pub struct Gateway {
     config: Rc<Config>,
     metrics: Metrics,
-    counts: HashMap<u32, i64>,
-    named: HashMap<String, u32>,
     tokens: TokenCache,
     rng: fastrand::Rng,
-    /// Tokens this VM took from busy shared buckets and spends locally.
-    leases: Leases,
-    /// Tokens this VM found not revoked, while no revocation was recorded since.
-    clean: rv::CleanMemo,
     vm_id: u64,
     requests: HashMap<u32, Request>,
     /// The callouts out: what each is for, and the nonces of webdis calls.
     calls: callouts::Calls,
-    inflight: HashMap<u64, Inflight>,
-    /// Requests whose revocation no replica held yet: read back again on the next tick.
-    confirming: Vec<u32>,
-    log_buffer: VecDeque<StoredRecord>,
-    /// How many of the buffered records are anonymous (no user).
-    anonymous_buffered: usize,
-    /// Callers' repeated refusals in the current window.
-    summaries: logs::Summaries,
-    /// Whether this gateway summarises refusals itself (else the one it hands records to).
-    summarize_here: bool,
-    log_calls: usize,
-    last_totals: HashMap<String, u64>,
-    last_counters_ms: u64,
-    last_flush_ms: u64,
-    last_sync_ms: u64,
-    /// Fetched key sets by issuer index (what the verifier reads), and their fetch state.
-    key_sets: Vec<Option<Rc<KeySet>>>,
-    jwks: Vec<keys::JwksState>,
-    /// Whether the host checks RSA/ECDSA signatures (probed once).
-    host_verifies: bool,
-    /// The key of the per-IP and per-user slot hash, shared by every VM of the store.
-    slot_seed: ratelimit::SlotSeed,
+    /// Each duty's own state in this VM.
+    revocation: revocation::RevocationState,
+    keys: keys::KeysState,
+    limits: limits::LimitsState,
+    logs: logs::LogsState,
     /// This VM's own store, where the host has no shared data (probed once).
     local: Option<LocalStore>,
     /// Whether the host runs timers (false: nothing periodic happens; see [`Gateway::started`]).
@@ -187,30 +164,15 @@ impl Gateway {
         let mut gw = Gateway {
             config: Rc::new(config),
             metrics,
-            counts: HashMap::new(),
-            named: HashMap::new(),
             tokens: TokenCache::default(),
             rng: fastrand::Rng::with_seed(word(a)),
-            leases: Leases::default(),
-            clean: rv::CleanMemo::default(),
             vm_id: word(b).max(1),
             requests: HashMap::new(),
             calls: callouts::Calls::default(),
-            inflight: HashMap::new(),
-            confirming: Vec::new(),
-            log_buffer: VecDeque::new(),
-            anonymous_buffered: 0,
-            summaries: logs::Summaries::default(),
-            summarize_here: true,
-            log_calls: 0,
-            last_totals: HashMap::new(),
-            last_counters_ms: 0,
-            last_flush_ms: 0,
-            last_sync_ms: 0,
-            key_sets: Vec::new(),
-            jwks: Vec::new(),
-            host_verifies: false,
-            slot_seed: ratelimit::SlotSeed::default(),
+            revocation: revocation::RevocationState::default(),
+            keys: keys::KeysState::default(),
+            limits: limits::LimitsState::default(),
+            logs: logs::LogsState::default(),
             local: None,
             timers: true,
         };
@@ -219,12 +181,12 @@ impl Gateway {
             gw.local = Some(LocalStore::default());
         }
         let issuers = gw.config.verifier.as_ref().map_or(0, |v| v.issuers().len());
-        gw.key_sets = vec![None; issuers];
-        gw.jwks = (0..issuers).map(|_| keys::JwksState::default()).collect();
+        gw.keys.sets = vec![None; issuers];
+        gw.keys.jwks = (0..issuers).map(|_| keys::JwksState::default()).collect();
         if let Some(v) = gw.config.verifier.as_ref().filter(|v| v.uses_public_keys()) {
-            gw.host_verifies = v.host_verification
+            gw.keys.host_verifies = v.host_verification
                 && crate::jwt::native::probe::works(&mut |h, k, s, m| host.verify_signature(h, k, s, m));
-            let how = if gw.host_verifies {
+            let how = if gw.keys.host_verifies {
                 "the host's verify_signature (RSA, ECDSA) and compiled-in code (PSS, EdDSA)"
             } else {
                 "compiled-in code"
@@ -240,7 +202,7 @@ impl Gateway {
         if !host.random_bytes(&mut fresh) {
             return Err("no random source (random_get failed): the rate-limit slot key would be predictable; refusing to start".into());
         }
-        gw.slot_seed = ratelimit::SlotSeed::load_or_create(shared(&gw.local, host), fresh);
+        gw.limits.slot_seed = ratelimit::SlotSeed::load_or_create(shared(&gw.local, host), fresh);
         gw.create_rate_limit_keys(shared(&gw.local, host));
         Ok(gw)
     }
@@ -255,7 +217,7 @@ impl Gateway {
     /// waits for a callout.
     pub fn on_request_headers(&mut self, ctx: u32, host: &mut dyn Host) -> Action {
         let now_ms = host.now_ms();
-        if !self.jwks.is_empty() {
+        if !self.keys.jwks.is_empty() {
             self.drop_stale_key_sets(now_ms, host);
         }
         let request = host.request_headers();
@@ -364,8 +326,8 @@ impl Gateway {
         };
         let tokens = &mut self.tokens;
         let decided = with_keys(
-            &self.key_sets,
-            self.host_verifies,
+            &self.keys.sets,
+            self.keys.host_verifies,
             may_verify,
             host,
             |keys| match route {
@@ -429,7 +391,7 @@ impl Gateway {
         let now_ms = req.clock_ms;
         let user = req.caller.as_ref().and_then(|c| c.identity.user_id.clone());
         if let (Some(limits), Some(user)) = (limits, user.as_deref()) {
-            let check = limits.user_check(&config.rate_limits, &self.slot_seed, user);
+            let check = limits.user_check(&config.rate_limits, &self.limits.slot_seed, user);
             if let Err(reply) = self.charge(req, &check, limits, now_ms, host) {
                 return Step::Reply(reply);
             }

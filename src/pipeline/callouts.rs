@@ -33,6 +33,19 @@ impl Calls {
         self.purposes.values().any(purpose)
     }
 
+    /// A request is gone: its own calls go (Envoy cancels a deleted stream's callouts, so their
+    /// answers never come), with the lookups it owned that nobody waits for any more.
+    pub(super) fn forget(&mut self, ctx: u32, orphaned: &[u64]) {
+        self.retain(|call| match call {
+            Call::Write { context }
+            | Call::Confirm { context }
+            | Call::Query { context }
+            | Call::Lookup { key: None, context } => *context != ctx,
+            Call::Lookup { key: Some(k), .. } => !orphaned.contains(k),
+            _ => true,
+        });
+    }
+
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.purposes.len()
@@ -117,7 +130,7 @@ impl Gateway {
             Call::Jwks { issuer } => self.jwks_answered(ctx, issuer, status, &body, oversized, host),
             Call::Lookup { key, context } => {
                 let waiters = match key {
-                    Some(key) => match self.inflight.remove(&key) {
+                    Some(key) => match self.revocation.inflight.remove(&key) {
                         Some(inflight) => inflight.waiters,
                         None => return,
                     },
@@ -143,25 +156,7 @@ impl Gateway {
                 };
                 Some(gw.query_answered(req, label, &id, limit, status, &body, host))
             }),
-            Call::LogWrite { then } => {
-                self.log_calls = self.log_calls.saturating_sub(1);
-                let ok = access_log::write_ok(status, &body);
-                let id = if ok {
-                    self.metrics.log_stored
-                } else {
-                    self.metrics.log_errors
-                };
-                self.inc(id);
-                let config = Rc::clone(&self.config);
-                if let Some(store) = config.logs.store.as_ref() {
-                    // The trims follow a push that went in (after a failed one they would only
-                    // add calls to a store that is failing).
-                    for path in then.into_iter().filter(|_| ok) {
-                        self.store_call(store, "GET", &path, None, Vec::new(), host);
-                    }
-                    self.pump_logs(store, host);
-                }
-            }
+            Call::LogWrite { then } => self.log_write_answered(then, status, &body, host),
             Call::Sync { route, delta } => self.sync_answered(&route, delta, status, &body, host),
         }
     }

@@ -158,7 +158,7 @@ impl Gateway {
                 )
             }
         };
-        Self::write_call(req, write, path)
+        Step::store_write(req, write, path)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -20,6 +20,17 @@ const MAX_WAITERS: usize = 1024;
 /// Slack added to a fetch's timeout in its lease, so a lease outlives its fetch.
 const LEASE_SLACK_MS: u64 = 1000;
 
+/// The key duty's state in this VM.
+#[derive(Default)]
+pub(super) struct KeysState {
+    /// Fetched key sets by issuer index (what the verifier reads).
+    pub(super) sets: Vec<Option<Rc<KeySet>>>,
+    /// Their fetch state, by issuer index.
+    pub(super) jwks: Vec<JwksState>,
+    /// Whether the host checks RSA/ECDSA signatures (probed once).
+    pub(super) host_verifies: bool,
+}
+
 /// One issuer's fetch state in one VM.
 #[derive(Debug, Default)]
 pub struct JwksState {
@@ -79,7 +90,7 @@ impl Gateway {
         if self.adopt_shared(issuer, &name, host) {
             return Self::retry_authentication(req, guarded);
         }
-        let waiting = self.jwks.get(issuer).map_or(0, |s| s.waiters.len());
+        let waiting = self.keys.jwks.get(issuer).map_or(0, |s| s.waiters.len());
         let fetch = if now_ms >= deadline_ms || waiting >= MAX_WAITERS {
             Fetch::No
         } else {
@@ -90,7 +101,7 @@ impl Gateway {
             // A key rotated in right after another unknown-kid fetch: held for the next fetch
             // the rate limit allows, when that comes within this request's wait.
             Fetch::Later(at) if at <= deadline_ms => {
-                if let Some(state) = self.jwks.get_mut(issuer) {
+                if let Some(state) = self.keys.jwks.get_mut(issuer) {
                     state.wanted = true;
                 }
                 true
@@ -101,7 +112,7 @@ impl Gateway {
             req.keys_deadline_ms = Some(0);
             return Self::retry_authentication(req, guarded);
         }
-        if let Some(state) = self.jwks.get_mut(issuer) {
+        if let Some(state) = self.keys.jwks.get_mut(issuer) {
             state.waiters.push(ctx);
         }
         Step::Wait(Stage::Keys { guarded, deadline_ms })
@@ -119,7 +130,7 @@ impl Gateway {
         let Some((value, cas)) = shared(&self.local, host).get(&remote::set_key(name)) else {
             return false;
         };
-        let Some(state) = self.jwks.get_mut(issuer) else {
+        let Some(state) = self.keys.jwks.get_mut(issuer) else {
             return false;
         };
         if state.seen_cas == Some(cas) {
@@ -134,7 +145,7 @@ impl Gateway {
             return false;
         };
         state.fetched_at_ms = Some(at);
-        if let Some(slot) = self.key_sets.get_mut(issuer) {
+        if let Some(slot) = self.keys.sets.get_mut(issuer) {
             *slot = Some(Rc::new(set));
         }
         true
@@ -153,7 +164,7 @@ impl Gateway {
         forced: bool,
         host: &mut dyn Host,
     ) -> Fetch {
-        if self.jwks.get(issuer).is_some_and(|s| s.fetching.is_some()) {
+        if self.keys.jwks.get(issuer).is_some_and(|s| s.fetching.is_some()) {
             return Fetch::Out;
         }
         let key = remote::lease_key(name);
@@ -163,7 +174,7 @@ impl Gateway {
             // Another VM is fetching; its set reaches this VM through shared data.
             return Fetch::Out;
         }
-        let fetched_at = self.jwks.get(issuer).and_then(|s| s.fetched_at_ms);
+        let fetched_at = self.keys.jwks.get(issuer).and_then(|s| s.fetched_at_ms);
         if !lease.may_fetch(remote, now_ms, fetched_at, forced) {
             // Held for later only while the provider answers (a failing one is not asked
             // more often than its back-off).
@@ -196,7 +207,7 @@ impl Gateway {
         );
         match call {
             Ok(_) => {
-                if let Some(state) = self.jwks.get_mut(issuer) {
+                if let Some(state) = self.keys.jwks.get_mut(issuer) {
                     state.fetching = Some((ctx, taken.until_ms));
                     if forced {
                         state.wanted = false;
@@ -228,7 +239,7 @@ impl Gateway {
             &crate::stat::name("gateway_jwks_fetch_errors_total", &[("issuer", name)]),
             host,
         );
-        let kept = self.key_sets.get(issuer).is_some_and(Option::is_some);
+        let kept = self.keys.sets.get(issuer).is_some_and(Option::is_some);
         let what = if kept {
             "keeping the last good key set"
         } else {
@@ -254,7 +265,7 @@ impl Gateway {
         let Some((name, _)) = self.remote(issuer) else {
             return;
         };
-        if let Some(state) = self.jwks.get_mut(issuer) {
+        if let Some(state) = self.keys.jwks.get_mut(issuer) {
             state.fetching = None;
         }
         let now_ms = host.now_ms();
@@ -288,7 +299,8 @@ impl Gateway {
                 // old kid), not on every refresh.
                 let keys = |s: &KeySet| s.keys.iter().map(|k| k.fingerprint).collect::<Vec<_>>();
                 let changed = self
-                    .key_sets
+                    .keys
+                    .sets
                     .get(issuer)
                     .and_then(Option::as_ref)
                     .is_none_or(|old| keys(old) != keys(&set));
@@ -319,11 +331,11 @@ impl Gateway {
                 let seen = shared(&self.local, host)
                     .get(&remote::set_key(&name))
                     .map(|(_, cas)| cas);
-                if let Some(state) = self.jwks.get_mut(issuer) {
+                if let Some(state) = self.keys.jwks.get_mut(issuer) {
                     state.fetched_at_ms = Some(now_ms);
                     state.seen_cas = seen;
                 }
-                if let Some(slot) = self.key_sets.get_mut(issuer) {
+                if let Some(slot) = self.keys.sets.get_mut(issuer) {
                     *slot = Some(Rc::new(set));
                 }
                 self.inc_named(
@@ -338,7 +350,7 @@ impl Gateway {
 
     /// Resumes `issuer`'s waiters: all of them, or those whose wait is over.
     fn wake_key_waiters(&mut self, current: u32, issuer: usize, now_ms: u64, all: bool, host: &mut dyn Host) {
-        let waiters = match self.jwks.get_mut(issuer) {
+        let waiters = match self.keys.jwks.get_mut(issuer) {
             Some(state) if !state.waiters.is_empty() => std::mem::take(&mut state.waiters),
             _ => return,
         };
@@ -360,7 +372,7 @@ impl Gateway {
                 Some(Self::retry_authentication(req, guarded))
             });
         }
-        if let Some(state) = self.jwks.get_mut(issuer) {
+        if let Some(state) = self.keys.jwks.get_mut(issuer) {
             state.waiters.extend(still);
         }
     }
@@ -371,7 +383,7 @@ impl Gateway {
     /// client that resets its requests cannot keep the set from being fetched.
     pub(super) fn forget_key_waiter(&mut self, ctx: u32, host: &mut dyn Host) {
         let mut cancelled = Vec::new();
-        for (issuer, state) in self.jwks.iter_mut().enumerate() {
+        for (issuer, state) in self.keys.jwks.iter_mut().enumerate() {
             state.waiters.retain(|w| *w != ctx);
             if let Some((owner, until)) = state.fetching {
                 if owner == ctx {
@@ -411,9 +423,9 @@ impl Gateway {
             return;
         };
         for (issuer, iss, remote) in verifier.remotes() {
-            let fetched_at = self.jwks.get(issuer).and_then(|s| s.fetched_at_ms);
+            let fetched_at = self.keys.jwks.get(issuer).and_then(|s| s.fetched_at_ms);
             if fetched_at.is_some_and(|at| now_ms > at.saturating_add(remote.max_stale_ms)) {
-                if let Some(slot) = self.key_sets.get_mut(issuer) {
+                if let Some(slot) = self.keys.sets.get_mut(issuer) {
                     if slot.take().is_some() {
                         host.log(
                             LogLevel::Warn,
@@ -444,14 +456,14 @@ impl Gateway {
             if changed {
                 self.drop_stale_key_sets(now_ms, host);
             }
-            if let Some(state) = self.jwks.get_mut(issuer) {
+            if let Some(state) = self.keys.jwks.get_mut(issuer) {
                 if state.fetching.is_some_and(|(_, until)| until <= now_ms) {
                     state.fetching = None;
                 }
             }
             // A fetch for an unknown kid that a request could not keep (or had to leave for
             // later) goes out from here, the root context.
-            let wanted = self.jwks.get(issuer).is_some_and(|s| s.wanted);
+            let wanted = self.keys.jwks.get(issuer).is_some_and(|s| s.wanted);
             let forced = if wanted {
                 self.start_fetch(ctx, issuer, &name, &remote, now_ms, true, host)
             } else {

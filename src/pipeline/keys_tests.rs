@@ -225,13 +225,13 @@ fn a_wait_ends_at_max_wait_and_an_oversized_answer_is_not_read() {
     t.host.delivering = true;
     t.gw.on_call_response(context, fetch, crate::jwt::keys::MAX_JWKS_BYTES + 1, &mut t.host);
     t.host.delivering = false;
-    assert!(t.gw.key_sets[1].is_none());
+    assert!(t.gw.keys.sets[1].is_none());
     assert_eq!(t.metric("issuer=.=idp;.;gateway_jwks_fetch_errors_total"), 1);
     // A request gone while it waited is forgotten.
     t.host.now_ms += 2_000;
     t.send(3, "GET", "/api/v1/plain/1", Some(&tok));
     t.done(3);
-    assert!(t.gw.jwks[1].waiters.is_empty());
+    assert!(t.gw.keys.jwks[1].waiters.is_empty());
 }
 
 #[test]

@@ -55,14 +55,14 @@ impl Gateway {
             degraded.push("no timers: counters not reported, key sets fetched only when a token needs them");
         }
         let public_keys = cfg.verifier.as_ref().is_some_and(|v| v.uses_public_keys());
-        if public_keys && !self.host_verifies {
+        if public_keys && !self.keys.host_verifies {
             degraded.push("no verify_signature: RSA and ECDSA checked by the module's own code");
         }
         let line = format!(
             "host offers: shared data {}, timers {}, verify_signature {}; {}",
             if self.local.is_none() { "yes" } else { "no" },
             if timers { "yes" } else { "no" },
-            if self.host_verifies { "yes" } else { "no" },
+            if self.keys.host_verifies { "yes" } else { "no" },
             if degraded.is_empty() {
                 "nothing degraded".to_string()
             } else {
@@ -82,20 +82,20 @@ impl Gateway {
     /// limit sync (leader only), and new lookups for waiters whose lookup lost its owner.
     pub fn on_tick(&mut self, ctx: u32, host: &mut dyn Host) {
         let now = host.now_ms();
-        if self.due(now, self.last_counters_ms, COUNTER_FLUSH_MS) {
-            self.last_counters_ms = now;
+        if self.due(now, self.metrics.last_counters_ms, COUNTER_FLUSH_MS) {
+            self.metrics.last_counters_ms = now;
             self.flush_counters(host);
         }
         let config = Rc::clone(&self.config);
         if let Some(store) = &config.logs.store {
-            if self.due(now, self.last_flush_ms, store.flush_interval_ms) {
-                self.last_flush_ms = now;
+            if self.due(now, self.logs.last_flush_ms, store.flush_interval_ms) {
+                self.logs.last_flush_ms = now;
                 self.flush_logs(store, host);
             }
         }
         if let Some(sync) = &config.rate_limits.sync {
-            if self.due(now, self.last_sync_ms, sync.interval_ms) {
-                self.last_sync_ms = now;
+            if self.due(now, self.limits.last_sync_ms, sync.interval_ms) {
+                self.limits.last_sync_ms = now;
                 self.sync_limits(&config, sync, now, host);
             }
         }
@@ -108,10 +108,10 @@ impl Gateway {
     /// build batches them to the timer (each is a host call across the VM boundary); the
     /// native build flushes after every request, where a counter is a plain function call.
     pub fn flush_counters(&mut self, host: &mut dyn Host) {
-        if self.counts.is_empty() {
+        if self.metrics.counts.is_empty() {
             return;
         }
-        let mut pending: Vec<(u32, i64)> = self.counts.drain().collect();
+        let mut pending: Vec<(u32, i64)> = self.metrics.counts.drain().collect();
         pending.sort_unstable();
         for (id, n) in pending {
             host.increment_metric(id, n);
@@ -125,9 +125,8 @@ impl Gateway {
         now.saturating_add(self.tick_period_ms() / 2) >= last.saturating_add(period_ms)
     }
 
-    /// The context is gone (also after `on_log`): drop its state. A lookup it dispatched will
-    /// not be answered; its waiters get a new one on the next tick.
-    /// The context is deleted. A request still here was never logged: the host has no `on_log`
+    /// The context is deleted (also after `on_log`): its state goes. A lookup it dispatched will
+    /// not be answered; its waiters get a new one on the next tick. A request still here was never logged: the host has no `on_log`
     /// (APISIX), so it is logged now.
     pub fn on_done(&mut self, ctx: u32, host: &mut dyn Host) {
         if self.requests.contains_key(&ctx) {
@@ -136,28 +135,19 @@ impl Gateway {
         self.forget(ctx, host);
     }
 
-    pub(super) fn forget(&mut self, ctx: u32, host: &mut dyn Host) {
+    /// The stream ended: the request leaves every duty, then its metrics, log line and record.
+    pub fn on_log(&mut self, ctx: u32, host: &mut dyn Host) {
+        let Some(req) = self.requests.remove(&ctx) else {
+            return;
+        };
+        self.forget(ctx, host);
+        self.log_request(&req, host);
+    }
+
+    /// A request leaves every duty that held it, and the calls made for it go.
+    fn forget(&mut self, ctx: u32, host: &mut dyn Host) {
         self.forget_key_waiter(ctx, host);
-        self.confirming.retain(|c| *c != ctx);
-        // Its own calls (a write, a read-back, a log query): Envoy cancels a deleted stream's
-        // callouts, so their answers never come; their entries and nonces go with it.
-        self.calls.retain(|call| {
-            !matches!(call, Call::Write { context } | Call::Confirm { context } | Call::Query { context }
-                if *context == ctx)
-        });
-        let mut orphaned = Vec::new();
-        for (key, inflight) in self.inflight.iter_mut() {
-            inflight.waiters.retain(|w| *w != ctx);
-            if inflight.owner == Some(ctx) {
-                inflight.owner = None;
-                orphaned.push(*key);
-            }
-        }
-        if !orphaned.is_empty() {
-            self.calls
-                .retain(|call| !matches!(call, Call::Lookup { key: Some(k), .. } if orphaned.contains(k)));
-        }
-        self.inflight
-            .retain(|_, i| !(i.owner.is_none() && i.waiters.is_empty()));
+        let orphaned = self.forget_revocation_waiter(ctx);
+        self.calls.forget(ctx, &orphaned);
     }
 }

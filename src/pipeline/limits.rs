@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// The rate-limit duty's state in this VM.
+#[derive(Default)]
+pub(super) struct LimitsState {
+    /// Tokens this VM took from busy shared buckets and spends locally.
+    pub(super) leases: Leases,
+    /// The key of the per-IP and per-user slot hash, shared by every VM of the store.
+    pub(super) slot_seed: ratelimit::SlotSeed,
+    pub(super) last_sync_ms: u64,
+}
+
 impl Gateway {
     /// Creates every rate-limit key up front, so request-time updates are CAS on existing keys.
     pub(super) fn create_rate_limit_keys(&self, store: &dyn SharedStore) {
@@ -68,7 +78,12 @@ impl Gateway {
             Self::read_client_ip(req, &self.config, host);
         }
         match req.client_ip.as_deref() {
-            Some(ip) => budget.allows(shared(&self.local, host), &self.slot_seed, ip, req.clock_ms),
+            Some(ip) => budget.allows(
+                shared(&self.local, host),
+                &self.limits.slot_seed,
+                ip,
+                req.clock_ms,
+            ),
             None => true,
         }
     }
@@ -81,7 +96,12 @@ impl Gateway {
             &self.config.rate_limits.bad_signatures,
             req.client_ip.as_deref(),
         ) {
-            budget.charge(shared(&self.local, host), &self.slot_seed, ip, req.clock_ms);
+            budget.charge(
+                shared(&self.local, host),
+                &self.limits.slot_seed,
+                ip,
+                req.clock_ms,
+            );
         }
     }
 
@@ -99,7 +119,8 @@ impl Gateway {
         // limits too small to lease) and keep the rest.
         let batch = ratelimit::lease::batch(&check.limit);
         let leased = if batch > 1 {
-            self.leases
+            self.limits
+                .leases
                 .spend(&check.key, check.fingerprint, &check.limit, now_ms)
         } else {
             None
@@ -111,7 +132,8 @@ impl Gateway {
                 let (update, taken) =
                     ratelimit::consume(store, &check.key, check.fingerprint, &check.limit, now_ms, batch);
                 if let (Update::Done(v), true) = (&update, batch > 1) {
-                    self.leases
+                    self.limits
+                        .leases
                         .hold(&check.key, check.fingerprint, &check.limit, now_ms, taken, v);
                 }
                 (update, taken)
@@ -169,7 +191,7 @@ impl Gateway {
         let (Some(limits), Some(ip)) = (limits, req.client_ip.clone()) else {
             return Ok(());
         };
-        let check = limits.ip_check(&self.config.rate_limits, &self.slot_seed, &ip);
+        let check = limits.ip_check(&self.config.rate_limits, &self.limits.slot_seed, &ip);
         self.charge(req, &check, limits, now_ms, host)
     }
 
@@ -244,8 +266,8 @@ impl Gateway {
         };
         match cluster::parse_incrby(status, body) {
             Ok(total) => {
-                let others = cluster::others(self.last_totals.get(route).copied(), total, delta);
-                self.last_totals.insert(route.to_string(), total);
+                let others = cluster::others(self.metrics.last_totals.get(route).copied(), total, delta);
+                self.metrics.last_totals.insert(route.to_string(), total);
                 let now = host.now_ms();
                 cluster::drain(
                     shared(&self.local, host),

@@ -124,13 +124,37 @@ pub(super) fn new_record(req: &Request, route: Option<&str>) -> Record {
     }
 }
 
+/// The log duty's state in this VM.
+pub(super) struct LogsState {
+    /// Records waiting for the log store.
+    pub(super) buffer: VecDeque<StoredRecord>,
+    /// How many of the buffered records are anonymous (no user).
+    pub(super) anonymous: usize,
+    /// Callers' repeated refusals in the current window.
+    pub(super) summaries: Summaries,
+    /// Whether this gateway summarises refusals itself (else the one it hands records to).
+    pub(super) summarize_here: bool,
+    /// Log-store calls out.
+    pub(super) calls: usize,
+    pub(super) last_flush_ms: u64,
+}
+
+impl Default for LogsState {
+    fn default() -> Self {
+        LogsState {
+            buffer: VecDeque::new(),
+            anonymous: 0,
+            summaries: Summaries::default(),
+            summarize_here: true,
+            calls: 0,
+            last_flush_ms: 0,
+        }
+    }
+}
+
 impl Gateway {
-    /// The stream ended: metrics, the log line and record.
-    pub fn on_log(&mut self, ctx: u32, host: &mut dyn Host) {
-        let Some(req) = self.requests.remove(&ctx) else {
-            return;
-        };
-        self.forget(ctx, host);
+    /// A request that ended: its metrics, its log line and its record.
+    pub(super) fn log_request(&mut self, req: &Request, host: &mut dyn Host) {
         let elapsed_us = match req.elapsed_us {
             Some(us) => us,
             None => host.now_ms().saturating_sub(req.started_ms).saturating_mul(1000),
@@ -170,7 +194,7 @@ impl Gateway {
         if !print && store.is_none() {
             return;
         }
-        let mut record = new_record(&req, route);
+        let mut record = new_record(req, route);
         record.status = status;
         record.duration_ms = duration_ms;
         record.decision = decision.to_string();
@@ -213,7 +237,7 @@ impl Gateway {
                 repeat,
             };
             let now_ms = req.clock_ms.max(req.started_ms);
-            if self.summarize_here {
+            if self.logs.summarize_here {
                 self.emit_summaries(now_ms, capacity);
                 self.admit_record(stored, capacity, now_ms);
             } else {
@@ -228,22 +252,22 @@ impl Gateway {
         if let Some((caller, decision)) = &record.repeat {
             // Per class: a privileged refusal is never folded into an ordinary one's summary.
             let key = (caller.clone(), *decision, record.class);
-            if let Some(s) = self.summaries.by_caller.get_mut(&key) {
+            if let Some(s) = self.logs.summaries.by_caller.get_mut(&key) {
                 s.repeated += 1;
                 let id = self.metrics.log_summarized;
                 self.inc(id);
                 return;
             }
             // Beyond MAX_SUMMARIES callers the record is buffered as it is (its class bounds it).
-            if self.summaries.by_caller.len() < MAX_SUMMARIES {
-                if self.summaries.by_caller.is_empty() {
-                    self.summaries.started_ms = now_ms;
+            if self.logs.summaries.by_caller.len() < MAX_SUMMARIES {
+                if self.logs.summaries.by_caller.is_empty() {
+                    self.logs.summaries.started_ms = now_ms;
                 }
                 let summary = Summary {
                     first: record.clone(),
                     repeated: 0,
                 };
-                self.summaries.by_caller.insert(key, summary);
+                self.logs.summaries.by_caller.insert(key, summary);
             }
         }
         self.buffer_record(record, capacity);
@@ -253,18 +277,18 @@ impl Gateway {
     /// to the main thread's gateway): refusals are summarised there, where a timer ends each
     /// window.
     pub fn hand_over_records(&mut self) {
-        self.summarize_here = false;
+        self.logs.summarize_here = false;
     }
 
     /// Writes the window's summaries (each caller's refusals beyond the first, counted) into the
     /// buffer once the window is over.
     pub(super) fn emit_summaries(&mut self, now_ms: u64, capacity: usize) {
-        if self.summaries.by_caller.is_empty()
-            || now_ms < self.summaries.started_ms.saturating_add(SUMMARY_WINDOW_MS)
+        if self.logs.summaries.by_caller.is_empty()
+            || now_ms < self.logs.summaries.started_ms.saturating_add(SUMMARY_WINDOW_MS)
         {
             return;
         }
-        let done = std::mem::take(&mut self.summaries.by_caller);
+        let done = std::mem::take(&mut self.logs.summaries.by_caller);
         for (_, s) in done.into_iter().filter(|(_, s)| s.repeated > 0) {
             let Some(json) = access_log::with_repeated(&s.first.json, s.repeated) else {
                 continue;
@@ -283,8 +307,8 @@ impl Gateway {
     /// Hands over the records waiting for the store, to a gateway that writes them for this
     /// one (the native build writes from Envoy's main thread, which has a timer).
     pub fn take_stored_records(&mut self) -> Vec<StoredRecord> {
-        self.anonymous_buffered = 0;
-        self.log_buffer.drain(..).collect()
+        self.logs.anonymous = 0;
+        self.logs.buffer.drain(..).collect()
     }
 
     /// Counts records dropped on their way to the gateway that writes them (by class, in
@@ -328,11 +352,12 @@ impl Gateway {
         let mut left = Vec::new();
         for r in records {
             let counted = r.repeat.as_ref().is_some_and(|(caller, decision)| {
-                self.summaries
+                self.logs
+                    .summaries
                     .by_caller
                     .contains_key(&(caller.clone(), *decision, r.class))
             });
-            let room = self.log_buffer.len() < capacity;
+            let room = self.logs.buffer.len() < capacity;
             if counted || room || r.class >= RecordClass::Summary {
                 self.admit_record(r, capacity, now_ms);
             } else {
@@ -346,7 +371,7 @@ impl Gateway {
     /// Sends more buffered records when the calls out leave room for a batch (the flush goes on
     /// as answers come, not only on the timer).
     pub(super) fn pump_logs(&mut self, store: &LogStore, host: &mut dyn Host) {
-        if !self.log_buffer.is_empty() && self.log_calls + LOG_PUMP_ROOM <= MAX_LOG_CALLS_IN_FLIGHT {
+        if !self.logs.buffer.is_empty() && self.logs.calls + LOG_PUMP_ROOM <= MAX_LOG_CALLS_IN_FLIGHT {
             self.flush_logs(store, host);
         }
     }
@@ -358,20 +383,21 @@ impl Gateway {
     /// buffer holds). Drops are counted by class.
     pub(super) fn buffer_record(&mut self, record: StoredRecord, capacity: usize) {
         if record.class == RecordClass::Anonymous {
-            if self.anonymous_buffered >= capacity / 2 || self.log_buffer.len() >= capacity {
+            if self.logs.anonymous >= capacity / 2 || self.logs.buffer.len() >= capacity {
                 self.count_dropped(RecordClass::Anonymous);
             } else {
-                self.anonymous_buffered += 1;
-                self.log_buffer.push_back(record);
+                self.logs.anonymous += 1;
+                self.logs.buffer.push_back(record);
             }
             return;
         }
-        if self.log_buffer.len() < capacity {
-            self.log_buffer.push_back(record);
+        if self.logs.buffer.len() < capacity {
+            self.logs.buffer.push_back(record);
             return;
         }
         let lowest = self
-            .log_buffer
+            .logs
+            .buffer
             .iter()
             .enumerate()
             .filter(|(_, r)| r.class < record.class)
@@ -379,12 +405,12 @@ impl Gateway {
             .map(|(i, r)| (i, r.class));
         match lowest {
             Some((i, class)) => {
-                self.log_buffer.remove(i);
+                self.logs.buffer.remove(i);
                 if class == RecordClass::Anonymous {
-                    self.anonymous_buffered = self.anonymous_buffered.saturating_sub(1);
+                    self.logs.anonymous = self.logs.anonymous.saturating_sub(1);
                 }
                 self.count_dropped(class);
-                self.log_buffer.push_back(record);
+                self.logs.buffer.push_back(record);
             }
             None => self.count_dropped(record.class),
         }
@@ -398,14 +424,14 @@ impl Gateway {
         self.emit_summaries(now_ms, store.buffer as usize);
         // Two calls per record now, its trims later: no more than the in-flight cap allows
         // (webdis is slow: the rest stay buffered).
-        let room = MAX_LOG_CALLS_IN_FLIGHT.saturating_sub(self.log_calls) / 2;
-        let n = self.log_buffer.len().min(room);
+        let room = MAX_LOG_CALLS_IN_FLIGHT.saturating_sub(self.logs.calls) / 2;
+        let n = self.logs.buffer.len().min(room);
         if n == 0 {
             return;
         }
-        let batch: Vec<StoredRecord> = self.log_buffer.drain(..n).collect();
+        let batch: Vec<StoredRecord> = self.logs.buffer.drain(..n).collect();
         let anonymous = batch.iter().filter(|r| r.class == RecordClass::Anonymous).count();
-        self.anonymous_buffered = self.anonymous_buffered.saturating_sub(anonymous);
+        self.logs.anonymous = self.logs.anonymous.saturating_sub(anonymous);
         // Each user's list is trimmed after the last of its records in this batch.
         let last_of_user = |i: usize, user: &str| {
             !batch
@@ -438,6 +464,34 @@ impl Gateway {
         }
     }
 
+    /// A log-store write answered: counted; after a push that went in, its list's trim and
+    /// expiry (`then`), and more records if there is room.
+    pub(super) fn log_write_answered(
+        &mut self,
+        then: Vec<String>,
+        status: Option<u16>,
+        body: &[u8],
+        host: &mut dyn Host,
+    ) {
+        self.logs.calls = self.logs.calls.saturating_sub(1);
+        let ok = access_log::write_ok(status, body);
+        let id = if ok {
+            self.metrics.log_stored
+        } else {
+            self.metrics.log_errors
+        };
+        self.inc(id);
+        let config = Rc::clone(&self.config);
+        if let Some(store) = config.logs.store.as_ref() {
+            // The trims follow a push that went in (after a failed one they would only add
+            // calls to a store that is failing).
+            for path in then.into_iter().filter(|_| ok) {
+                self.store_call(store, "GET", &path, None, Vec::new(), host);
+            }
+            self.pump_logs(store, host);
+        }
+    }
+
     pub(super) fn store_call(
         &mut self,
         store: &LogStore,
@@ -457,7 +511,7 @@ impl Gateway {
         );
         match call {
             Ok(_) => {
-                self.log_calls += 1;
+                self.logs.calls += 1;
             }
             Err(e) => {
                 let id = self.metrics.log_errors;

@@ -4,7 +4,7 @@
 use super::*;
 use crate::outcome::Scope;
 
-/// Counter and histogram ids.
+/// The metrics duty: counter and histogram ids, and this VM's counts not yet handed over.
 pub(super) struct Metrics {
     pub(super) lookups: u32,
     pub(super) coalesced: u32,
@@ -28,6 +28,13 @@ pub(super) struct Metrics {
     /// Refusals counted in a summary instead of stored one by one.
     pub(super) log_summarized: u32,
     pub(super) log_errors: u32,
+    /// Counts since the last hand-over to the host, by id.
+    pub(super) counts: HashMap<u32, i64>,
+    /// Counters defined on first use, by name.
+    pub(super) named: HashMap<String, u32>,
+    /// The totals last handed over for the host's gauges-by-name.
+    pub(super) last_totals: HashMap<String, u64>,
+    pub(super) last_counters_ms: u64,
 }
 
 impl Metrics {
@@ -85,6 +92,10 @@ impl Metrics {
             ],
             log_summarized: def(c, "gateway_log_records_summarized_total")?,
             log_errors: def(c, "gateway_log_store_errors_total")?,
+            counts: HashMap::new(),
+            named: HashMap::new(),
+            last_totals: HashMap::new(),
+            last_counters_ms: 0,
             canary,
         })
     }
@@ -94,16 +105,16 @@ impl Gateway {
     /// Counts locally; [`Gateway::on_tick`] hands the totals to the host. A host call per
     /// counter per request was a large part of the filter's cost.
     pub(super) fn inc(&mut self, id: u32) {
-        *self.counts.entry(id).or_insert(0) += 1;
+        *self.metrics.counts.entry(id).or_insert(0) += 1;
     }
 
     pub(super) fn inc_named(&mut self, name: &str, host: &mut dyn Host) {
-        let id = match self.named.get(name) {
+        let id = match self.metrics.named.get(name) {
             Some(id) => Some(*id),
             None => {
                 let id = host.define_metric(MetricKind::Counter, name);
                 if let Some(id) = id {
-                    self.named.insert(name.to_string(), id);
+                    self.metrics.named.insert(name.to_string(), id);
                 }
                 id
             }

@@ -3,6 +3,17 @@
 
 use super::*;
 
+/// The revocation duty's state in this VM.
+#[derive(Default)]
+pub(super) struct RevocationState {
+    /// Tokens this VM found not revoked, while no revocation was recorded since.
+    pub(super) clean: rv::CleanMemo,
+    /// Lookups out, by token fingerprint, with the requests waiting for each.
+    pub(super) inflight: HashMap<u64, Inflight>,
+    /// Requests whose revocation no replica held yet: read back again on the next tick.
+    pub(super) confirming: Vec<u32>,
+}
+
 impl Gateway {
     /// Phase 4: the local ban table, then the cache, then one MGET through webdis (joined by
     /// every request for the same token that arrives while it is out, when `coalesce`).
@@ -30,7 +41,7 @@ impl Gateway {
         // epoch is the CAS of one shared key every local revocation write touches): one read.
         let epoch = if cached {
             let epoch = shared(&self.local, host).get(rv::EPOCH_KEY).map(|(_, cas)| cas);
-            if self.clean.holds(slot.fingerprint, epoch, now_ms) {
+            if self.revocation.clean.holds(slot.fingerprint, epoch, now_ms) {
                 let id = self.metrics.cache_hits;
                 self.inc(id);
                 return Step::Cleared(next);
@@ -51,13 +62,13 @@ impl Gateway {
                     self.revoked(req)
                 } else {
                     let until = entry.stored_at_ms.saturating_add(rv.cache_ttl_ms);
-                    self.clean.remember(slot.fingerprint, epoch, until);
+                    self.revocation.clean.remember(slot.fingerprint, epoch, until);
                     Step::Cleared(next)
                 };
             }
         }
         if coalesce {
-            if let Some(inflight) = self.inflight.get_mut(&slot.fingerprint) {
+            if let Some(inflight) = self.revocation.inflight.get_mut(&slot.fingerprint) {
                 inflight.waiters.push(ctx);
                 let id = self.metrics.coalesced;
                 self.inc(id);
@@ -71,7 +82,7 @@ impl Gateway {
         let path = self.lookup_path(&token, &revocation_id, user.as_deref());
         if coalesce {
             // Others join it from now on; the executor drops it if the call cannot go out.
-            self.inflight.insert(
+            self.revocation.inflight.insert(
                 slot.fingerprint,
                 Inflight {
                     owner: Some(ctx),
@@ -277,17 +288,6 @@ impl Gateway {
         }
     }
 
-    /// One revocation write; the request waits for its confirmation.
-    pub(super) fn write_call(req: &Request, write: Write, path: String) -> Step {
-        Step::Call(Outgoing {
-            store: Store::Revocation,
-            path,
-            timeout_ms: None,
-            purpose: Call::Write { context: req.ctx },
-            stage: Stage::Write(write),
-        })
-    }
-
     /// A revocation write that was not confirmed: 503, and nothing recorded here either.
     pub(super) fn write_failed(
         &mut self,
@@ -316,7 +316,7 @@ impl Gateway {
         if let Some(then) = write.then.take() {
             // The reference's key is written; now the deciding write.
             return match rv::parse_setex(status, body) {
-                Ok(()) => Self::write_call(req, write, then),
+                Ok(()) => Step::store_write(req, write, then),
                 Err(e) => self.write_failed(req, &e, host),
             };
         }
@@ -436,8 +436,8 @@ impl Gateway {
         if !parked {
             return self.not_replicated(req, wait.tries, host);
         }
-        if !self.confirming.contains(&req.ctx) {
-            self.confirming.push(req.ctx);
+        if !self.revocation.confirming.contains(&req.ctx) {
+            self.revocation.confirming.push(req.ctx);
         }
         Step::Wait(Stage::Confirm(wait))
     }
@@ -458,7 +458,7 @@ impl Gateway {
 
     /// The timer: read back again every revocation no replica held at its last read-back.
     pub(super) fn retry_confirms(&mut self, ctx: u32, host: &mut dyn Host) {
-        for w in std::mem::take(&mut self.confirming) {
+        for w in std::mem::take(&mut self.revocation.confirming) {
             self.with_request(ctx, w, host, |gw, req, host| {
                 let Stage::Confirm(wait) = std::mem::replace(&mut req.stage, Stage::Idle) else {
                     return None;
@@ -498,6 +498,26 @@ impl Gateway {
         self.send_confirm(req, wait, host)
     }
 
+    /// A request is gone: it waits for no lookup or read-back any more. Returns the lookups it
+    /// owned that others still wait for (their answer will not come: the next tick sends them
+    /// again from the root context).
+    pub(super) fn forget_revocation_waiter(&mut self, ctx: u32) -> Vec<u64> {
+        let state = &mut self.revocation;
+        state.confirming.retain(|c| *c != ctx);
+        let mut orphaned = Vec::new();
+        for (key, inflight) in state.inflight.iter_mut() {
+            inflight.waiters.retain(|w| *w != ctx);
+            if inflight.owner == Some(ctx) {
+                inflight.owner = None;
+                orphaned.push(*key);
+            }
+        }
+        state
+            .inflight
+            .retain(|_, i| !(i.owner.is_none() && i.waiters.is_empty()));
+        orphaned
+    }
+
     /// Dispatches a new lookup, from the root context, for waiters whose lookup's owner left.
     pub(super) fn adopt_orphans(&mut self, ctx: u32, host: &mut dyn Host) {
         let config = Rc::clone(&self.config);
@@ -505,6 +525,7 @@ impl Gateway {
             return;
         };
         let orphans: Vec<u64> = self
+            .revocation
             .inflight
             .iter()
             .filter(|(_, i)| i.owner.is_none())
@@ -512,6 +533,7 @@ impl Gateway {
             .collect();
         for key in orphans {
             let Some((token, id, user)) = self
+                .revocation
                 .inflight
                 .get(&key)
                 .map(|i| (i.token.clone(), i.revocation_id.clone(), i.user.clone()))
@@ -524,12 +546,17 @@ impl Gateway {
             };
             match self.dispatch_lookup(rv, &token, &id, user.as_deref(), purpose, host) {
                 Ok(_) => {
-                    if let Some(i) = self.inflight.get_mut(&key) {
+                    if let Some(i) = self.revocation.inflight.get_mut(&key) {
                         i.owner = Some(ctx);
                     }
                 }
                 Err(e) => {
-                    let waiters = self.inflight.remove(&key).map(|i| i.waiters).unwrap_or_default();
+                    let waiters = self
+                        .revocation
+                        .inflight
+                        .remove(&key)
+                        .map(|i| i.waiters)
+                        .unwrap_or_default();
                     for w in waiters {
                         self.with_request(ctx, w, host, |gw, req, host| {
                             let Stage::Revocation(next) = std::mem::replace(&mut req.stage, Stage::Idle)

@@ -63,6 +63,19 @@ pub(super) struct Outgoing {
     pub(super) stage: Stage,
 }
 
+impl Step {
+    /// A revocation-store write for the request, which waits for the store to confirm it.
+    pub(super) fn store_write(req: &Request, write: Write, path: String) -> Step {
+        Step::Call(Outgoing {
+            store: Store::Revocation,
+            path,
+            timeout_ms: None,
+            purpose: Call::Write { context: req.ctx },
+            stage: Stage::Write(write),
+        })
+    }
+}
+
 impl Gateway {
     /// Carries out `step` and the steps it leads to, until the request goes upstream, is
     /// answered, or waits.
@@ -153,7 +166,7 @@ impl Gateway {
             Stage::Revocation(next) => {
                 // A coalesced lookup's entry goes: nobody waits on a call that never went out.
                 if let Some(key) = lookup {
-                    self.inflight.remove(&key);
+                    self.revocation.inflight.remove(&key);
                 }
                 self.store_failed(req, next, &StoreError::Dispatch(e.to_string()), host)
             }

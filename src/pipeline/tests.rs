@@ -1003,14 +1003,14 @@ fn log_records_are_bounded_and_anonymous_floods_cannot_crowd_out_users() {
     t.send_headers(2, h);
     t.finish(2);
     assert!(
-        t.gw.log_buffer.iter().all(|r| r.json.len() < 4096),
+        t.gw.logs.buffer.iter().all(|r| r.json.len() < 4096),
         "record bounded"
     );
     // Anonymous noise (forwarded public requests) fills half the buffer, no more.
     for ctx in 10..40 {
         t.get(ctx, "/api/v1/open/x", None);
     }
-    assert_eq!(t.gw.log_buffer.len(), 5);
+    assert_eq!(t.gw.logs.buffer.len(), 5);
     // Authenticated callers' records still get in: the free half, then in place of noise.
     let ok = |t: &mut T, ctx: u32| {
         t.send(ctx, "GET", "/api/v1/plain/1", Some(&token_for("user-001", "z")));
@@ -1022,8 +1022,8 @@ fn log_records_are_bounded_and_anonymous_floods_cannot_crowd_out_users() {
     for ctx in 50..62 {
         ok(&mut t, ctx);
     }
-    let users = t.gw.log_buffer.iter().filter(|r| r.user_id.is_some()).count();
-    assert_eq!((t.gw.log_buffer.len(), users), (10, 10));
+    let users = t.gw.logs.buffer.iter().filter(|r| r.user_id.is_some()).count();
+    assert_eq!((t.gw.logs.buffer.len(), users), (10, 10));
     // 26 refused at the anonymous cap, 5 pushed out by users; 2 users' records found no room.
     assert_eq!(t.metric("gateway_log_records_dropped_anonymous_total"), 31);
     assert_eq!(t.metric("gateway_log_records_dropped_authenticated_total"), 2);
@@ -1162,7 +1162,7 @@ fn without_timers_a_log_store_or_a_cluster_wide_limit_is_refused_naming_the_fiel
     assert!(line.contains("timers no"), "{line}");
     t.send(2, "GET", "/api/v1/open/1", None);
     t.finish(2);
-    assert!(t.gw.log_buffer.is_empty());
+    assert!(t.gw.logs.buffer.is_empty());
 }
 
 #[test]
@@ -1315,7 +1315,7 @@ fn refused_unauthenticated_requests_are_counted_not_stored() {
     }
     t.get(20, "/api/v1/plain/1", None);
     t.get(21, "/api/v1/plain/1", Some("garbage"));
-    assert_eq!(t.gw.log_buffer.len(), 0, "nothing stored");
+    assert_eq!(t.gw.logs.buffer.len(), 0, "nothing stored");
     // Alice's revoked token, flooding.
     let alice = token_for("alice", "old");
     for ctx in 30..60 {
@@ -1326,7 +1326,11 @@ fn refused_unauthenticated_requests_are_counted_not_stored() {
         assert_eq!(t.reason(ctx), "revoked");
         t.finish(ctx);
     }
-    assert_eq!(t.gw.log_buffer.len(), 0, "revoked: not authenticated, not stored");
+    assert_eq!(
+        t.gw.logs.buffer.len(),
+        0,
+        "revoked: not authenticated, not stored"
+    );
     // An admin's requests are all kept.
     for ctx in 60..70 {
         t.send(ctx, "GET", "/api/v1/plain/1", Some(&token_for("root", "a")));
@@ -1335,10 +1339,11 @@ fn refused_unauthenticated_requests_are_counted_not_stored() {
         }
         t.finish(ctx);
     }
-    assert_eq!(t.gw.log_buffer.len(), 10);
+    assert_eq!(t.gw.logs.buffer.len(), 10);
     assert!(t
         .gw
-        .log_buffer
+        .logs
+        .buffer
         .iter()
         .all(|r| r.user_id.as_deref() == Some("root")));
     assert_eq!(t.metric("gateway_log_records_skipped_total"), 42);
@@ -1604,7 +1609,7 @@ fn one_users_flood_of_429s_keeps_every_admin_record() {
         ctx += 1;
     }
     assert!(limited >= 990, "{limited}");
-    let class = |t: &T, c: RecordClass| t.gw.log_buffer.iter().filter(|r| r.class == c).count();
+    let class = |t: &T, c: RecordClass| t.gw.logs.buffer.iter().filter(|r| r.class == c).count();
     assert_eq!(class(&t, RecordClass::Privileged), 20, "every admin record kept");
     // The flood: its allowed request and its first 429 as they came; the rest counted.
     assert_eq!(class(&t, RecordClass::Ordinary), 2);
@@ -1617,7 +1622,8 @@ fn one_users_flood_of_429s_keeps_every_admin_record() {
     t.host.now_ms += logs::SUMMARY_WINDOW_MS;
     t.tick();
     let summaries: Vec<serde_json::Value> =
-        t.gw.log_buffer
+        t.gw.logs
+            .buffer
             .iter()
             .filter(|r| r.class == RecordClass::Summary)
             .map(|r| serde_json::from_str(&r.json).unwrap())
@@ -1664,12 +1670,12 @@ fn the_buffer_evicts_the_lowest_class_first() {
     t.gw.buffer_record(rec(RecordClass::Privileged, 10), 4);
     t.gw.buffer_record(rec(RecordClass::Privileged, 11), 4);
     t.gw.buffer_record(rec(RecordClass::Ordinary, 12), 4);
-    let traces: Vec<&str> = t.gw.log_buffer.iter().map(|r| r.trace_id.as_str()).collect();
+    let traces: Vec<&str> = t.gw.logs.buffer.iter().map(|r| r.trace_id.as_str()).collect();
     assert_eq!(traces, ["t2", "t3", "t10", "t11"]);
     t.gw.buffer_record(rec(RecordClass::Privileged, 13), 4);
     t.gw.buffer_record(rec(RecordClass::Privileged, 14), 4);
     t.gw.buffer_record(rec(RecordClass::Privileged, 15), 4);
-    let traces: Vec<&str> = t.gw.log_buffer.iter().map(|r| r.trace_id.as_str()).collect();
+    let traces: Vec<&str> = t.gw.logs.buffer.iter().map(|r| r.trace_id.as_str()).collect();
     assert_eq!(traces, ["t10", "t11", "t13", "t14"]);
     assert_eq!(t.metric("gateway_log_records_dropped_privileged_total"), 1);
     assert_eq!(t.metric("gateway_log_records_dropped_anonymous_total"), 1);
@@ -1766,13 +1772,13 @@ fn handed_over_refusals_are_summarised_by_the_gateway_that_writes_them() {
         records.extend(worker.gw.take_stored_records());
     }
     assert_eq!(records.len(), 38, "nothing summarised on the worker");
-    assert!(worker.gw.summaries.by_caller.is_empty());
+    assert!(worker.gw.logs.summaries.by_caller.is_empty());
     let mut main = T::new(v);
     main.host.current = ROOT;
     main.gw.add_stored_records(records, &mut main.host);
     // The allowed request and the first 429, sent at once (trace and user lists each).
     assert_eq!(main.host.dispatched.len(), 4);
-    assert!(main.gw.log_buffer.is_empty());
+    assert!(main.gw.logs.buffer.is_empty());
     main.host.now_ms += logs::SUMMARY_WINDOW_MS + 1000;
     main.tick();
     let repeated = summaries_sent(&main.host);
@@ -1820,7 +1826,7 @@ fn handed_over_records_beyond_the_room_are_given_back_in_order() {
     let mut main = T::new(v);
     main.host.current = ROOT;
     // Room for no call: every record stays buffered.
-    main.gw.log_calls = MAX_LOG_CALLS_IN_FLIGHT;
+    main.gw.logs.calls = MAX_LOG_CALLS_IN_FLIGHT;
     let rec = |class, n: u32| StoredRecord {
         trace_id: format!("t{n}"),
         user_id: Some("u".to_string()),
@@ -1836,7 +1842,7 @@ fn handed_over_records_beyond_the_room_are_given_back_in_order() {
         rec(RecordClass::Ordinary, 5),
     ];
     let left = main.gw.add_stored_records(records, &mut main.host);
-    let kept: Vec<&str> = main.gw.log_buffer.iter().map(|r| r.trace_id.as_str()).collect();
+    let kept: Vec<&str> = main.gw.logs.buffer.iter().map(|r| r.trace_id.as_str()).collect();
     assert_eq!(kept, ["t2", "t4"]);
     let given_back: Vec<&str> = left.iter().map(|r| r.trace_id.as_str()).collect();
     assert_eq!(given_back, ["t3", "t5"]);
@@ -2105,4 +2111,48 @@ fn a_request_that_leaves_takes_its_calls_with_it() {
     assert_eq!(t.gw.calls.nonces(), 1);
     t.done(2);
     assert_eq!((t.gw.calls.len(), t.gw.calls.nonces()), (0, 0));
+}
+
+/// Every kind of request callout that cannot go out is answered by the duty it was for, with
+/// its own outcome, and leaves nothing behind (no call entry, no lookup others would join).
+#[test]
+fn a_callout_that_cannot_go_out_is_answered_by_the_duty_that_asked() {
+    // The revocation lookup: 503 store_unavailable; the next request sends its own lookup.
+    let mut t = T::default();
+    t.host.fail_dispatch = true;
+    t.send(2, "GET", "/api/v1/plain/1", Some(&token()));
+    assert_eq!((t.status(2), t.reason(2)), (503, "store_unavailable"));
+    assert_eq!(t.gw.calls.len(), 0);
+    assert!(
+        t.gw.revocation.inflight.is_empty(),
+        "a lookup that never went out is not joined"
+    );
+    t.host.fail_dispatch = false;
+    assert_eq!(t.send(3, "GET", "/api/v1/plain/1", Some(&token())), Action::Pause);
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.status(3), 200);
+    // The logout's write: 503 with the write's own message.
+    t.send(
+        4,
+        "POST",
+        "/api/v1/auth/logout",
+        Some(&token_for("user-002", "w")),
+    );
+    t.host.fail_dispatch = true;
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!((t.status(4), t.reason(4)), (503, "store_unavailable"));
+    let body = &t.req(4).reply.as_ref().unwrap().body;
+    assert!(body.contains(MSG_WRITE_FAILED), "{body}");
+    // The log query: 503 with the log store's message, counted as a log-store error.
+    let mut v = base();
+    v["logs"] = serde_json::json!({"enabled": false, "store": {"query_roles": ["user"]}});
+    let mut t = T::new(v);
+    t.send(5, "GET", "/api/v1/admin/logs?trace_id=abc", Some(&token()));
+    t.host.fail_dispatch = true;
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!((t.status(5), t.reason(5)), (503, "store_unavailable"));
+    let body = &t.req(5).reply.as_ref().unwrap().body;
+    assert!(body.contains(message::LOG_STORE_DOWN), "{body}");
+    assert_eq!(t.metric("gateway_log_store_errors_total"), 1);
+    assert_eq!(t.gw.calls.len(), 0);
 }
