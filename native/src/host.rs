@@ -1,31 +1,25 @@
 //! One worker's gateway and the host state around it: what Envoy must be told once the gateway
-//! is no longer in use (deferred), events replayed after it (pending), the callout relay's
-//! types, and the two `Host` implementations (a hook's, and the configuration's).
+//! has decided (deferred), the callout relay's types, and the two `Host` implementations (a
+//! hook's, and the configuration's).
 
 use super::*;
 
 // ---------------------------------------------------------------------------------------------
 // One worker's gateway and the host state around it.
 
-/// What Envoy must be told once the gateway is no longer in use (Envoy may re-enter a hook).
+/// What Envoy must be told once the gateway has decided and is no longer in use: these are the
+/// calls through which Envoy can re-enter the module (a local reply or a resumed request may end
+/// the stream and run its hooks at once), so none is made while a hook holds the gateway. Every
+/// other call the gateway makes during a hook cannot re-enter: a callout's answer never comes
+/// inline (Envoy's `sendHttpCallout` registers the callout only after `send` returns, and its
+/// `onFailure` skips a request that failed inside `send`; `dynamic_modules/filter.cc`,
+/// `filter_config.cc`), and header, metric and shared-memory calls run no hook.
 pub(crate) enum Deferred {
     /// Request headers changed: Envoy picks the route again (the proxy-wasm host does this on
     /// every header change; here it is asked for once per hook).
     ClearRoute(EnvoyFilter),
     Reply(EnvoyFilter, Reply),
     Resume(EnvoyFilter),
-}
-
-/// An event that arrived while the gateway was in use, replayed right after.
-pub(crate) enum Pending {
-    /// A stream ended while the gateway was in use.
-    Gone { generation: u64, ctx: u32 },
-    Answer {
-        generation: u64,
-        ctx: u32,
-        callout: u64,
-        answer: (Option<u16>, Vec<u8>),
-    },
 }
 
 pub(crate) struct HostState {
@@ -159,7 +153,6 @@ pub(crate) fn take_inbox(gateway: &mut Gateway, host: &mut HostState) {
 
 thread_local! {
     pub(crate) static WORKERS: RefCell<HashMap<u64, Worker>> = RefCell::new(HashMap::new());
-    pub(crate) static PENDING: RefCell<VecDeque<Pending>> = const { RefCell::new(VecDeque::new()) };
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -459,6 +452,38 @@ mod tests {
             })
             .collect();
         assert_eq!(cleared, vec![a, b]);
+    }
+
+    /// What can re-enter the module (a reply, a resume) is only queued during a hook, in the
+    /// order decided, and only for the stream the gateway acts on.
+    #[test]
+    fn replies_and_resumes_wait_until_the_gateway_returns() {
+        let h = state();
+        let f = EnvoyFilter(24 as *mut c_void);
+        h.at(None, ROOT);
+        let reply = Reply::refuse(gateway_filter::outcome::Outcome::Revoked, "gone", "t");
+        NativeHost { state: h }.send_reply(&reply);
+        NativeHost { state: h }.resume();
+        assert!(
+            h.deferred.is_empty(),
+            "the root has no stream to answer or resume"
+        );
+        h.at(Some(f), 7);
+        NativeHost { state: h }.send_reply(&reply);
+        NativeHost { state: h }.resume();
+        let queued: Vec<(&str, EnvoyFilter)> = h
+            .deferred
+            .iter()
+            .map(|d| match d {
+                Deferred::Reply(g, r) => {
+                    assert_eq!(r.status(), 401);
+                    ("reply", *g)
+                }
+                Deferred::Resume(g) => ("resume", *g),
+                Deferred::ClearRoute(g) => ("route", *g),
+            })
+            .collect();
+        assert_eq!(queued, vec![("reply", f), ("resume", f)]);
     }
 
     #[test]

@@ -246,18 +246,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: *co
         s.unwatch();
         let cfg = s.config();
         let ctx = s.ctx;
-        let forgotten = with_worker(cfg, |w| forget_stream(w, ctx));
-        if forgotten.is_none() {
-            // The gateway was in use (Envoy ended the stream inside a callback): afterwards.
-            PENDING.with(|p| {
-                if let Ok(mut q) = p.try_borrow_mut() {
-                    q.push_back(Pending::Gone {
-                        generation: cfg.generation,
-                        ctx,
-                    });
-                }
-            });
-        }
+        // The gateway is never in use here: Envoy destroys a stream only after the hook that
+        // ended it returned (a reply or a resume is carried out after the gateway returns).
+        let _ = with_worker(cfg, |w| forget_stream(w, ctx));
     });
 }
 

@@ -10,16 +10,18 @@
 //!   work (log flush, limit sync, key sets) runs on Envoy's main thread and on workers when due
 //!   ([`Ticking`]); its callouts are the configuration's, sent from the main thread, never a
 //!   request's stream that a client could reset.
-//! - **Re-entrancy**: Envoy may call a hook from inside a callback (continuing a request can
-//!   answer it at once). Replies and resumes are therefore queued while the gateway is in use
-//!   and carried out after; a hook that still finds the gateway busy defers its event.
+//! - **Acting after the decision**: the gateway's executor decides a hook's whole outcome
+//!   (forward, reply, wait); the glue carries out what can re-enter the module (a reply, a
+//!   resume, picking the route again) only after the gateway returns. Nothing else the gateway
+//!   calls during a hook re-enters (callout answers never come inline; see `host::Deferred`),
+//!   so no event ever waits for a gateway in use and there is no queue of pending events.
 //! - **Panics** never cross the ABI: every hook runs under `catch_unwind` (the module is built
 //!   with `panic = "unwind"`, profile `native`), and a request whose hook panicked is refused
 //!   with a 500 (the gateway's fault), not the 503 of a busy gateway.
 //!
 //! Files, one duty each: `abi` (every call into Envoy), `shared` (the shared data), `registry`
 //! (the configuration's hooks and generations, the ticker), `metrics` (Envoy's metric families),
-//! `host` (the host state, deferred actions and pending events, the two `Host`s), `worker` (a
+//! `host` (the host state, the actions carried out after a decision, the two `Host`s), `worker` (a
 //! worker's gateway, entered once at a time), `http` (the HTTP hooks), `network` (the
 //! connection cap's network filter).
 
@@ -48,7 +50,7 @@ mod shared;
 mod worker;
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,5 +1,6 @@
-//! Running this worker's gateway: built on first use, entered once at a time (re-entrant hooks
-//! find it busy), what it deferred carried out after, events that arrived meanwhile replayed.
+//! Running this worker's gateway: built on first use, entered once at a time, and what it
+//! decided carried out after it returns (see [`Deferred`]: nothing it calls during a hook
+//! re-enters the module, so no event has to wait for the gateway).
 
 use super::*;
 
@@ -36,11 +37,16 @@ pub(crate) fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
     Ok(Worker { gateway, host })
 }
 
-/// Runs `f` on this worker's gateway, then carries out what it deferred and replays events that
-/// arrived meanwhile. `None` when the gateway is in use (a re-entrant hook) or cannot be built.
+/// Runs `f` on this worker's gateway, then carries out what it decided. `None` when the gateway
+/// cannot be built, or is in use: a hook re-entered from inside another, which the deferral
+/// rules out (the event is then logged and dropped, never run on a gateway in use).
 pub(crate) fn with_worker<R>(config: &FilterConfig, f: impl FnOnce(&mut Worker) -> R) -> Option<R> {
     let (result, deferred) = WORKERS.with(|cell| {
         let Ok(mut workers) = cell.try_borrow_mut() else {
+            abi::log(
+                4,
+                "gateway filter: a hook re-entered the module while its gateway was in use: event dropped",
+            );
             return (None, Vec::new());
         };
         let worker = match worker_for(&mut workers, config) {
@@ -58,7 +64,6 @@ pub(crate) fn with_worker<R>(config: &FilterConfig, f: impl FnOnce(&mut Worker) 
         (Some(result), std::mem::take(&mut worker.host.deferred))
     });
     carry_out(deferred);
-    replay_pending();
     result
 }
 
@@ -84,33 +89,6 @@ pub(crate) fn send_reply(filter: EnvoyFilter, reply: &Reply) {
     );
 }
 
-pub(crate) fn replay_pending() {
-    loop {
-        let Some(event) = PENDING.with(|p| p.try_borrow_mut().ok().and_then(|mut q| q.pop_front())) else {
-            return;
-        };
-        match event {
-            Pending::Gone { generation, ctx } => {
-                WORKERS.with(|cell| {
-                    if let Ok(mut workers) = cell.try_borrow_mut() {
-                        if let Some(w) = workers.get_mut(&generation) {
-                            forget_stream(w, ctx);
-                        }
-                    }
-                });
-            }
-            Pending::Answer {
-                generation,
-                ctx,
-                callout,
-                answer,
-            } => {
-                deliver_answer(generation, ctx, callout, answer);
-            }
-        }
-    }
-}
-
 /// A stream is gone: the gateway forgets it and its calls (Envoy cancelled them).
 pub(crate) fn forget_stream(w: &mut Worker, ctx: u32) {
     let Worker { gateway, host } = w;
@@ -121,18 +99,18 @@ pub(crate) fn forget_stream(w: &mut Worker, ctx: u32) {
     gateway.on_done(ctx, &mut NativeHost { state: host });
 }
 
-/// Hands a callout's answer to the gateway (as proxy-wasm's `on_http_call_response`). If the
-/// gateway is in use (Envoy answered inside another hook), the answer waits its turn.
+/// Hands a callout's answer to the gateway (as proxy-wasm's `on_http_call_response`).
 pub(crate) fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (Option<u16>, Vec<u8>)) {
     let deferred = WORKERS.with(|cell| {
         let Ok(mut workers) = cell.try_borrow_mut() else {
-            return Err(answer);
+            abi::log(4, "gateway filter: a callout answer re-entered the module while its gateway was in use: dropped");
+            return Vec::new();
         };
         let Some(worker) = workers.get_mut(&generation) else {
-            return Ok(Vec::new());
+            return Vec::new();
         };
         let Some(token) = worker.host.calls.remove(&(ctx, callout)) else {
-            return Ok(Vec::new());
+            return Vec::new();
         };
         let Worker { gateway, host } = worker;
         let size = answer.1.len();
@@ -141,19 +119,7 @@ pub(crate) fn deliver_answer(generation: u64, ctx: u32, callout: u64, answer: (O
         host.at(stream, ctx);
         gateway.on_call_response(ctx, token, size, &mut NativeHost { state: host });
         gateway.flush_counters(&mut NativeHost { state: host });
-        Ok(std::mem::take(&mut host.deferred))
+        std::mem::take(&mut host.deferred)
     });
-    match deferred {
-        Ok(deferred) => carry_out(deferred),
-        Err(answer) => PENDING.with(|p| {
-            if let Ok(mut q) = p.try_borrow_mut() {
-                q.push_back(Pending::Answer {
-                    generation,
-                    ctx,
-                    callout,
-                    answer,
-                });
-            }
-        }),
-    }
+    carry_out(deferred);
 }
