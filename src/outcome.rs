@@ -44,6 +44,70 @@ impl Scope {
     }
 }
 
+/// Why a token failed verification: the token error's kind, without what it names (a `kid`, a
+/// claim), so that every label derived from it is written here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFault {
+    TooLarge,
+    Malformed,
+    Algorithm,
+    Signature,
+    MissingExpiration,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    Claims,
+    Issuer,
+    Audience,
+    UnsafeClaim,
+    CriticalHeader,
+    UnknownIssuer,
+    MissingIssuer,
+    UnknownKey,
+    KeyType,
+    KeysUnavailable,
+    VerificationBudget,
+    DuplicateKey,
+    TooDeep,
+    PayloadTooLarge,
+    Type,
+    BoundToken,
+    TooManyValues,
+}
+
+impl TokenFault {
+    /// The log record's `decision` and the `reason` label of auth failures.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::Malformed => "malformed",
+            Self::Algorithm => "algorithm",
+            Self::Signature => "signature",
+            Self::MissingExpiration => "missing_exp",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::IssuedInFuture => "issued_in_future",
+            Self::Claims => "claims",
+            Self::Issuer => "issuer",
+            Self::Audience => "audience",
+            Self::UnsafeClaim => "unsafe_claim",
+            Self::CriticalHeader => "crit",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::MissingIssuer => "missing_iss",
+            Self::UnknownKey => "unknown_kid",
+            Self::KeyType => "key_type",
+            Self::KeysUnavailable => "keys_unavailable",
+            Self::VerificationBudget => "verification_budget",
+            Self::DuplicateKey => "duplicate_key",
+            Self::TooDeep => "too_deep",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Type => "typ",
+            Self::BoundToken => "bound_token",
+            Self::TooManyValues => "too_many_values",
+        }
+    }
+}
+
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -57,8 +121,8 @@ pub enum Outcome {
     BadAuthorizationFormat,
     /// An authenticated route without any issuer configured.
     NoVerifier,
-    /// The token failed verification; the code is the token error's own (`expired`, ...).
-    InvalidToken(&'static str),
+    /// The token failed verification, and why.
+    InvalidToken(TokenFault),
     /// The token's issuer has no usable key set right now: a key server's outage, not the
     /// caller's fault, so not an authentication failure (503).
     KeysUnavailable,
@@ -82,7 +146,7 @@ pub enum Outcome {
 }
 
 /// Every value [`Outcome::label`] takes (the renderer turns them into Envoy's tag extraction).
-pub const LABELS: [&str; 11] = [
+pub const LABELS: [&str; 12] = [
     "allowed",
     "unauthorized",
     "revoked",
@@ -93,6 +157,7 @@ pub const LABELS: [&str; 11] = [
     "rate_limited",
     "store_unavailable",
     "keys_unavailable",
+    "no_verifier",
     "error",
 ];
 
@@ -125,7 +190,7 @@ impl Outcome {
             Outcome::MissingAuthorization => "missing_authorization",
             Outcome::BadAuthorizationFormat => "bad_authorization_format",
             Outcome::NoVerifier => "no_verifier",
-            Outcome::InvalidToken(code) => code,
+            Outcome::InvalidToken(fault) => fault.code(),
             Outcome::KeysUnavailable => "keys_unavailable",
             Outcome::Revoked => "revoked",
             Outcome::Role => "role",
@@ -157,7 +222,10 @@ impl Outcome {
             Outcome::RateLimited(_) => "rate_limited",
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::KeysUnavailable => "keys_unavailable",
-            Outcome::NoVerifier | Outcome::Internal | Outcome::Busy => "error",
+            // Not the caller's fault but the configuration's: its own label, so an operator's
+            // alert on it is not lost among the gateway's own errors.
+            Outcome::NoVerifier => "no_verifier",
+            Outcome::Internal | Outcome::Busy => "error",
         }
     }
 
@@ -270,7 +338,7 @@ mod tests {
             (503, "keys_unavailable", "keys_unavailable")
         );
         assert!(!o.is_auth_failure());
-        let bad = Outcome::InvalidToken("expired");
+        let bad = Outcome::InvalidToken(TokenFault::Expired);
         assert_eq!(
             (bad.status(), bad.label(), bad.decision()),
             (401, "unauthorized", "expired")
@@ -284,7 +352,7 @@ mod tests {
             Outcome::MissingAuthorization,
             Outcome::BadAuthorizationFormat,
             Outcome::NoVerifier,
-            Outcome::InvalidToken("x"),
+            Outcome::InvalidToken(TokenFault::Malformed),
             Outcome::KeysUnavailable,
             Outcome::Revoked,
             Outcome::Role,

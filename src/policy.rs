@@ -256,7 +256,7 @@ pub fn verified_caller(
                 ))
             }
             e => Refused::Reply(Reply::refuse(
-                Outcome::InvalidToken(e.code()),
+                Outcome::InvalidToken(e.fault()),
                 &message::invalid_token(&e),
                 trace_id,
             )),
@@ -386,7 +386,7 @@ pub fn endpoint(
                     // never buys a new one.
                     if now >= id.expires_at {
                         return Err(Reply::refuse(
-                            Outcome::InvalidToken(TokenError::Expired.code()),
+                            Outcome::InvalidToken(TokenError::Expired.fault()),
                             &message::invalid_token(TokenError::Expired),
                             trace_id,
                         ));

@@ -2,6 +2,7 @@
 //! id of a token (what its signature signs).
 
 use super::*;
+use crate::outcome::TokenFault;
 
 /// Longest token accepted; anything larger is refused before any parsing (room for a
 /// [`claims::DEFAULT_MAX_PAYLOAD_BYTES`] payload: Entra ID tokens with many groups pass 8 KiB).
@@ -55,34 +56,34 @@ pub enum TokenError {
 }
 
 impl TokenError {
-    /// A short machine-readable reason, for logs and metric names.
-    pub fn code(&self) -> &'static str {
+    /// Its kind, whose labels [`crate::outcome`] writes.
+    pub fn fault(&self) -> TokenFault {
         match self {
-            Self::TooLarge => "too_large",
-            Self::Malformed => "malformed",
-            Self::AlgorithmNotAllowed => "algorithm",
-            Self::BadSignature => "signature",
-            Self::MissingExpiration => "missing_exp",
-            Self::Expired => "expired",
-            Self::NotYetValid => "not_yet_valid",
-            Self::IssuedInFuture => "issued_in_future",
-            Self::InvalidClaims => "claims",
-            Self::WrongIssuer => "issuer",
-            Self::WrongAudience => "audience",
-            Self::UnsafeClaim(_) => "unsafe_claim",
-            Self::CriticalHeader => "crit",
-            Self::UnknownIssuer => "unknown_issuer",
-            Self::MissingIssuer => "missing_iss",
-            Self::UnknownKey(_) => "unknown_kid",
-            Self::NoFittingKey => "key_type",
-            Self::KeysUnavailable(_) => "keys_unavailable",
-            Self::VerificationBudget => "verification_budget",
-            Self::DuplicateKey => "duplicate_key",
-            Self::TooDeep => "too_deep",
-            Self::PayloadTooLarge => "payload_too_large",
-            Self::WrongType => "typ",
-            Self::BoundToken(_) => "bound_token",
-            Self::TooManyValues(_) => "too_many_values",
+            Self::TooLarge => TokenFault::TooLarge,
+            Self::Malformed => TokenFault::Malformed,
+            Self::AlgorithmNotAllowed => TokenFault::Algorithm,
+            Self::BadSignature => TokenFault::Signature,
+            Self::MissingExpiration => TokenFault::MissingExpiration,
+            Self::Expired => TokenFault::Expired,
+            Self::NotYetValid => TokenFault::NotYetValid,
+            Self::IssuedInFuture => TokenFault::IssuedInFuture,
+            Self::InvalidClaims => TokenFault::Claims,
+            Self::WrongIssuer => TokenFault::Issuer,
+            Self::WrongAudience => TokenFault::Audience,
+            Self::UnsafeClaim(_) => TokenFault::UnsafeClaim,
+            Self::CriticalHeader => TokenFault::CriticalHeader,
+            Self::UnknownIssuer => TokenFault::UnknownIssuer,
+            Self::MissingIssuer => TokenFault::MissingIssuer,
+            Self::UnknownKey(_) => TokenFault::UnknownKey,
+            Self::NoFittingKey => TokenFault::KeyType,
+            Self::KeysUnavailable(_) => TokenFault::KeysUnavailable,
+            Self::VerificationBudget => TokenFault::VerificationBudget,
+            Self::DuplicateKey => TokenFault::DuplicateKey,
+            Self::TooDeep => TokenFault::TooDeep,
+            Self::PayloadTooLarge => TokenFault::PayloadTooLarge,
+            Self::WrongType => TokenFault::Type,
+            Self::BoundToken(_) => TokenFault::BoundToken,
+            Self::TooManyValues(_) => TokenFault::TooManyValues,
         }
     }
 }

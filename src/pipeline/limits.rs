@@ -90,7 +90,7 @@ impl Gateway {
 
     /// A token whose signature did not verify spends the caller's budget.
     pub(super) fn charge_bad_signature(&mut self, req: &Request, reply: &Reply, host: &mut dyn Host) {
-        let bad = reply.outcome == Outcome::InvalidToken(crate::jwt::TokenError::BadSignature.code());
+        let bad = reply.outcome == Outcome::InvalidToken(crate::outcome::TokenFault::Signature);
         if let (true, Some(budget), Some(ip)) = (
             bad,
             &self.config.rate_limits.bad_signatures,
