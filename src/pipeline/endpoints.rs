@@ -37,11 +37,11 @@ impl Gateway {
         })
     }
 
-    /// The log store could not answer a query: 503.
-    pub(super) fn query_failed(&mut self, req: &Request, why: &str, host: &mut dyn Host) -> Step {
+    /// The log store could not answer a query (`line` says why): 503.
+    pub(super) fn query_failed(&mut self, req: &Request, line: &str, host: &mut dyn Host) -> Step {
         let id = self.metrics.log_errors;
         self.inc(id);
-        req.log(LogLevel::Warn, &format!("log store query failed: {why}"), host);
+        req.log(LogLevel::Warn, line, host);
         refuse(req, Outcome::StoreUnavailable, message::LOG_STORE_DOWN)
     }
 
@@ -180,7 +180,7 @@ impl Gateway {
                 let body = serde_json::json!({ label: id, "count": records.len(), "records": records });
                 Step::Reply(Reply::ok(&body, &req.trace.trace_id))
             }
-            Err(e) => self.query_failed(req, &e.to_string(), host),
+            Err(e) => self.query_failed(req, &format!("log store query failed: {e}"), host),
         }
     }
 }

@@ -179,7 +179,9 @@ impl Gateway {
                 );
                 self.not_replicated(req, wait.tries.saturating_sub(1), host)
             }
-            Stage::Query { .. } => self.query_failed(req, &format!("dispatch failed: {e}"), host),
+            Stage::Query { .. } => {
+                self.query_failed(req, &format!("log store query dispatch failed: {e}"), host)
+            }
             Stage::Idle | Stage::Keys { .. } => {
                 req.log(
                     LogLevel::Error,
