@@ -149,6 +149,15 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         },
     });
     bootstrap["layered_runtime"] = runtime_layer(g, &listener_budgets);
+    if g.limits.memory_release_mb > 0 {
+        // Free heap goes back to the system in the background: V8's compilation of the module
+        // frees most of what it allocated, which tcmalloc would otherwise keep (README
+        // "Memory").
+        bootstrap["memory_allocator_manager"] = json!({
+            "bytes_to_release": g.limits.memory_release_mb.saturating_mul(1 << 20),
+            "memory_release_interval": "1s",
+        });
+    }
     Ok(bootstrap)
 }
 
@@ -502,12 +511,17 @@ routes:
             om["resource_monitors"][0]["typed_config"]["max_heap_size_bytes"],
             1024u64 << 20
         );
+        assert_eq!(
+            v["memory_allocator_manager"],
+            json!({"bytes_to_release": 16u64 << 20, "memory_release_interval": "1s"})
+        );
         let listener = &v["static_resources"]["listeners"][0];
         assert_eq!(listener["per_connection_buffer_limit_bytes"], 32_768);
         let v = render(&YAML.replace(
             "gateway: {port: 8000, prefix: /api/v1, cors: {allow_origins: [\"https://app.example\"]}}",
-            "gateway: {port: 8000, prefix: /api/v1, headers_with_underscores: reject, escaped_slashes: redirect,\n  limits: {request_headers_timeout: 1.5}}",
+            "gateway: {port: 8000, prefix: /api/v1, headers_with_underscores: reject, escaped_slashes: redirect,\n  limits: {request_headers_timeout: 1.5, memory_release_mb: 0}}",
         ));
+        assert!(v.get("memory_allocator_manager").is_none(), "0: Envoy's default, no release");
         let h = hcm(&v);
         assert_eq!(h["request_headers_timeout"], "1.500s");
         assert_eq!(

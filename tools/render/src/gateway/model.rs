@@ -95,6 +95,11 @@ pub struct Limits {
     /// Heap in MiB: at 95% Envoy shrinks its heap, at 98% it stops accepting requests.
     #[serde(default = "default_max_heap_mb")]
     pub max_heap_mb: u64,
+    /// MiB of free heap Envoy hands back to the system each second (tcmalloc background
+    /// release, `memory_allocator_manager`); 0: none, as Envoy's own default. What a V8
+    /// compilation of the module left free is otherwise kept for the life of the process.
+    #[serde(default = "default_memory_release_mb")]
+    pub memory_release_mb: u64,
     #[serde(default = "default_max_request_headers_kb")]
     pub max_request_headers_kb: u32,
     /// Bytes buffered per connection (listener and upstream).
@@ -133,6 +138,7 @@ impl Default for Limits {
             connection_reserve: None,
             first_byte_timeout: default_first_byte_timeout(),
             max_heap_mb: default_max_heap_mb(),
+            memory_release_mb: default_memory_release_mb(),
             max_request_headers_kb: default_max_request_headers_kb(),
             buffer_limit_bytes: default_buffer_limit(),
             http2_max_concurrent_streams: default_h2_streams(),
@@ -160,6 +166,9 @@ pub(super) fn default_first_byte_timeout() -> f64 {
 }
 pub(super) fn default_max_heap_mb() -> u64 {
     1024
+}
+pub(super) fn default_memory_release_mb() -> u64 {
+    16
 }
 pub(super) fn default_max_request_headers_kb() -> u32 {
     60

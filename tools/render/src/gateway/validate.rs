@@ -224,6 +224,7 @@ pub(super) fn check_gateway_side(
     for (field, value, min, max) in [
         ("max_connections", l.max_connections, 1, 10_000_000),
         ("max_heap_mb", l.max_heap_mb, 64, 1_048_576),
+        ("memory_release_mb", l.memory_release_mb, 0, 65_536),
         (
             "max_request_headers_kb",
             u64::from(l.max_request_headers_kb),
