@@ -55,7 +55,17 @@ pub struct FilterConfig {
     pub logs: LogSettings,
     #[serde(default)]
     pub trace: TraceSettings,
+    /// The request headers Envoy's routes match on besides the canary's internal one (the
+    /// renderer fills it in). Given, the route is picked again only after the gateway writes or
+    /// removes one of them; absent (a hand-written configuration, whose routes may match on the
+    /// identity headers), the native module has Envoy pick it again after every header written,
+    /// as Envoy's proxy-wasm host does by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_headers: Option<Vec<String>>,
 }
+
+/// The most `routing_headers` entries.
+const MAX_ROUTING_HEADERS: usize = 64;
 
 /// The filter's part of `gateway:`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,6 +182,8 @@ pub struct Config {
     pub webdis_auth: Option<String>,
     /// The `:authority` of webdis calls.
     pub webdis_authority: Option<String>,
+    /// Lowercased: see [`FilterConfig::routing_headers`].
+    pub routing_headers: Option<Vec<String>>,
 }
 
 impl Config {
@@ -321,6 +333,20 @@ impl Config {
         for (i, p) in raw.passthrough_paths.iter().enumerate() {
             check_path_prefix(&format!("passthrough_paths[{i}]"), p, false)?;
         }
+        if let Some(list) = &raw.routing_headers {
+            if list.len() > MAX_ROUTING_HEADERS {
+                return Err(ConfigError::new(
+                    "routing_headers",
+                    format!("at most {MAX_ROUTING_HEADERS} names"),
+                ));
+            }
+            if let Some((i, h)) = list.iter().enumerate().find(|(_, h)| !headers::is_name(h)) {
+                return Err(ConfigError::new(
+                    format!("routing_headers[{i}]"),
+                    format!("{h:?} is not a header name"),
+                ));
+            }
+        }
         let webdis = raw.webdis_cluster.as_deref();
         if let Some(cluster) = webdis {
             crate::error::check_upstream("webdis_cluster", cluster)?;
@@ -412,6 +438,10 @@ impl Config {
             trace: raw.trace,
             webdis_auth,
             webdis_authority,
+            routing_headers: raw
+                .routing_headers
+                .as_ref()
+                .map(|l| l.iter().map(|h| h.to_ascii_lowercase()).collect()),
         })
     }
 }

@@ -128,6 +128,11 @@ pub trait Host: SharedStore {
     fn record_metric(&mut self, id: u32, value: u64);
 
     fn log(&mut self, level: LogLevel, message: &str);
+    /// Whether the host keeps a log line of `level` (asked before an expensive line is built;
+    /// hosts that cannot say keep every line).
+    fn log_enabled(&mut self, _level: LogLevel) -> bool {
+        true
+    }
     /// The host's own signature check (Envoy's `verify_signature`): `(hash, spki_der,
     /// signature, message)` → `Some(valid)`, or `None` where the host has none.
     fn verify_signature(&mut self, hash: &str, spki: &[u8], signature: &[u8], message: &[u8])

@@ -436,7 +436,7 @@ impl Gateway {
                 return self.reply(req, reply, host);
             }
         }
-        apply(forward, host);
+        apply(forward, self.config.routing_headers.as_deref(), host);
         Flow::Continue
     }
 
@@ -491,7 +491,7 @@ impl Gateway {
 /// Applies the decided request-header changes, one write per header: a whole-map write
 /// (`proxy_set_header_map_pairs`) makes fewer host calls but measured slower in Envoy (it removes
 /// and re-adds every header; README "Per-request cost").
-fn apply(forward: &policy::Forward, host: &mut dyn Host) {
+fn apply(forward: &policy::Forward, routing: Option<&[String]>, host: &mut dyn Host) {
     for name in &forward.remove {
         host.set_request_header(name, None);
     }
@@ -501,9 +501,19 @@ fn apply(forward: &policy::Forward, host: &mut dyn Host) {
     if let Some((name, value)) = &forward.scopes {
         host.set_request_header(name, Some(value));
     }
-    if forward.set.iter().any(|(name, _)| *name == canary::ROUTE_HEADER) {
-        // Envoy 1.40 re-resolves the route after a header edit by itself; newer versions need
-        // this (hosts without the function answer an error, which is ignored).
+    // The route is picked again when the gateway wrote or removed a header Envoy's routes match
+    // on: the canary's internal one (a client's copy may have been routed on already), and the
+    // configuration's `routing_headers`. (The proxy-wasm host re-resolves after every header edit
+    // by itself in Envoy 1.40; newer versions and the native module rely on this; hosts without
+    // the function answer an error, which is ignored.)
+    let routed = |name: &str| {
+        name.eq_ignore_ascii_case(canary::ROUTE_HEADER)
+            || routing.is_some_and(|list| list.iter().any(|h| h.eq_ignore_ascii_case(name)))
+    };
+    if forward.set.iter().any(|(name, _)| routed(name))
+        || forward.remove.iter().any(|name| routed(name))
+        || forward.scopes.as_ref().is_some_and(|(name, _)| routed(name))
+    {
         host.clear_route_cache();
     }
 }

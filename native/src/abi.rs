@@ -192,6 +192,7 @@ extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> u32;
+    fn envoy_dynamic_module_callback_log_enabled(level: u32) -> bool;
     fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
     fn envoy_dynamic_module_callback_http_filter_config_http_callout(
         config: *mut c_void,
@@ -641,6 +642,12 @@ pub fn record_histogram(config: EnvoyConfig, id: usize, values: &[String], value
 }
 
 /// `envoy_dynamic_module_type_log_level`: Trace 0 … Error 4.
+/// Whether Envoy keeps a log line of `level` (its log level for dynamic modules).
+pub fn log_enabled(level: u32) -> bool {
+    // SAFETY: a plain value; thread-safe.
+    unsafe { envoy_dynamic_module_callback_log_enabled(level) }
+}
+
 pub fn log(level: u32, message: &str) {
     // SAFETY: a plain value and a buffer Envoy copies; thread-safe.
     unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }

@@ -44,6 +44,9 @@ pub(crate) struct HostState {
     pub(crate) next_token: u32,
     pub(crate) answer: (Option<u16>, Vec<u8>),
     pub(crate) deferred: Vec<Deferred>,
+    /// Whether Envoy picks a stream's route again after every request header written (the
+    /// configuration names no `routing_headers`: its routes may match on any of them).
+    pub(crate) reroute_on_write: bool,
     pub(crate) last_tick_ms: u64,
     pub(crate) tick_period_ms: u64,
     /// On Envoy's main thread: the configuration, whose callouts the timer's work uses.
@@ -63,6 +66,7 @@ impl HostState {
             next_token: 0,
             answer: (None, Vec::new()),
             deferred: Vec::new(),
+            reroute_on_write: true,
             last_tick_ms: 0,
             tick_period_ms: 1000,
             main: None,
@@ -161,6 +165,18 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The ABI's log level for one of the gateway's.
+fn abi_level(level: LogLevel) -> u32 {
+    match level {
+        LogLevel::Trace => 0,
+        LogLevel::Debug => 1,
+        LogLevel::Info => 2,
+        LogLevel::Warn => 3,
+        LogLevel::Error => 4,
+        LogLevel::Critical => 5,
+    }
+}
+
 /// The host as the gateway sees it during one hook.
 pub(crate) struct NativeHost<'a> {
     pub(crate) state: &'a mut HostState,
@@ -202,7 +218,11 @@ impl Host for NativeHost<'_> {
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
         if let Some(f) = self.state.current {
             abi::set_header(f, abi::REQUEST_HEADER, name, value);
-            self.state.clear_route_later(f);
+            // With `routing_headers` the gateway asks for a new pick itself (`clear_route_cache`)
+            // when it wrote a header a route matches on; else after any header written.
+            if self.state.reroute_on_write {
+                self.state.clear_route_later(f);
+            }
         }
     }
 
@@ -323,7 +343,8 @@ impl Host for NativeHost<'_> {
             return;
         };
         if !e.histogram {
-            abi::increment_counter(self.state.metrics.envoy, e.envoy_id, &e.values, by);
+            // Handed to Envoy by the main thread's tick (see `MetricTable::hand_over`).
+            e.pending.fetch_add(by, Ordering::Relaxed);
         }
     }
 
@@ -336,15 +357,11 @@ impl Host for NativeHost<'_> {
     }
 
     fn log(&mut self, level: LogLevel, message: &str) {
-        let level = match level {
-            LogLevel::Trace => 0,
-            LogLevel::Debug => 1,
-            LogLevel::Info => 2,
-            LogLevel::Warn => 3,
-            LogLevel::Error => 4,
-            LogLevel::Critical => 5,
-        };
-        abi::log(level, message);
+        abi::log(abi_level(level), message);
+    }
+
+    fn log_enabled(&mut self, level: LogLevel) -> bool {
+        abi::log_enabled(abi_level(level))
     }
 
     fn verify_signature(&mut self, _: &str, _: &[u8], _: &[u8], _: &[u8]) -> Option<bool> {

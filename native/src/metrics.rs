@@ -20,6 +20,11 @@ pub(crate) struct MetricEntry {
     pub(crate) histogram: bool,
     pub(crate) envoy_id: usize,
     pub(crate) values: Vec<String>,
+    /// A counter's increments not yet handed to Envoy, shared by every worker: a worker adds
+    /// to it (one atomic add), the main thread hands the sum over on its tick
+    /// ([`MetricTable::hand_over`]). A labelled counter's update in Envoy looks its series up
+    /// in the stats scope each time: once per counter per tick instead of per request.
+    pub(crate) pending: Arc<AtomicU64>,
 }
 
 impl MetricTable {
@@ -64,10 +69,30 @@ impl MetricTable {
             histogram,
             envoy_id,
             values: tags.iter().map(|(_, v)| v.to_string()).collect(),
+            pending: Arc::new(AtomicU64::new(0)),
         });
         let id = u32::try_from(entries.len()).ok()?;
         names.insert(name.to_string(), id);
         Some(id)
+    }
+
+    /// Hands every counter's pending increments to Envoy (the main thread, on its tick).
+    pub(crate) fn hand_over(&self) {
+        let due: Vec<(usize, Vec<String>, u64)> = {
+            let guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            guard
+                .1
+                .iter()
+                .filter(|e| !e.histogram)
+                .filter_map(|e| {
+                    let n = e.pending.swap(0, Ordering::Relaxed);
+                    (n > 0).then(|| (e.envoy_id, e.values.clone(), n))
+                })
+                .collect()
+        };
+        for (id, values, n) in due {
+            abi::increment_counter(self.envoy, id, &values, n);
+        }
     }
 
     pub(crate) fn entry(&self, id: u32) -> Option<MetricEntry> {

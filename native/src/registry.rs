@@ -239,6 +239,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
             if event == TICK_EVENT {
                 gateway.on_tick(ROOT, &mut NativeHost { state: host });
                 gateway.flush_counters(&mut NativeHost { state: host });
+                // Every worker's counts since the last tick, to Envoy at once.
+                host.metrics.hand_over();
             }
         });
     });

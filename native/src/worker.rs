@@ -27,6 +27,7 @@ pub(crate) fn worker_for<'a>(
 pub(crate) fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
     let cfg = Config::from_json(&config.json).map_err(|e| format!("invalid configuration: {e}"))?;
     let mut host = HostState::new(Arc::clone(&config.metrics), Arc::clone(&config.ticking));
+    host.reroute_on_write = cfg.routing_headers.is_none();
     let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
     // Records go to the main thread's gateway, which summarises refusals on its timer.
     gateway.hand_over_records();

@@ -190,7 +190,8 @@ impl Gateway {
             access_log::Level::Info => LogLevel::Info,
         };
         // Build the line only if it is printed (`logs.enabled`, `logs.level`) or stored.
-        let print = config.logs.enabled && access_log::level(status) >= config.logs.level;
+        let print =
+            config.logs.enabled && access_log::level(status) >= config.logs.level && host.log_enabled(level);
         if !print && store.is_none() {
             return;
         }

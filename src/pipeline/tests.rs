@@ -2156,3 +2156,54 @@ fn a_callout_that_cannot_go_out_is_answered_by_the_duty_that_asked() {
     assert_eq!(t.metric("gateway_log_store_errors_total"), 1);
     assert_eq!(t.gw.calls.len(), 0);
 }
+
+/// The route is picked again after the gateway writes or removes a header a route matches on:
+/// the canary's internal one always, the configuration's `routing_headers` too, and no other.
+#[test]
+fn the_route_is_picked_again_only_after_a_header_routes_match_on() {
+    let picks = |v: serde_json::Value, ctx: u32, extra: Vec<HeaderPair>| {
+        let mut t = T::new(v);
+        t.send(9, "GET", "/api/v1/plain/1", Some(&token()));
+        t.answer_last(Some(200), CLEAN);
+        t.host.reset_calls();
+        let mut headers: Vec<HeaderPair> = vec![
+            (":method".to_string(), b"GET".to_vec()),
+            (":path".to_string(), b"/api/v1/plain/1".to_vec()),
+            (":authority".to_string(), b"gw".to_vec()),
+            (
+                "authorization".to_string(),
+                format!("Bearer {}", token()).into_bytes(),
+            ),
+        ];
+        headers.extend(extra);
+        t.send_headers(ctx, headers);
+        let n = t
+            .host
+            .call_names()
+            .iter()
+            .filter(|c| **c == "clear_route_cache")
+            .count();
+        t.finish(ctx);
+        t.finish(9);
+        n
+    };
+    // Identity headers written, no route matches on them: no new pick.
+    assert_eq!(picks(base(), 2, vec![]), 0);
+    let mut v = base();
+    v["routing_headers"] = serde_json::json!([]);
+    assert_eq!(picks(v.clone(), 3, vec![]), 0);
+    // A route matches on X-User-Role, which the gateway writes: one new pick.
+    v["routing_headers"] = serde_json::json!(["X-User-Role"]);
+    assert_eq!(picks(v, 4, vec![]), 1);
+    // A client's copy of the internal routing header, removed: one new pick (Envoy may have
+    // routed on it already).
+    assert_eq!(
+        picks(base(), 5, vec![("x-gateway-canary".to_string(), b"1".to_vec())]),
+        1
+    );
+    // A name that is not a header name is refused, naming the entry.
+    let mut v = base();
+    v["routing_headers"] = serde_json::json!(["ok", "bad name"]);
+    let e = Config::from_json(v.to_string().as_bytes()).unwrap_err();
+    assert_eq!(e.field, "routing_headers[1]");
+}

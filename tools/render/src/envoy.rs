@@ -521,7 +521,10 @@ routes:
             "gateway: {port: 8000, prefix: /api/v1, cors: {allow_origins: [\"https://app.example\"]}}",
             "gateway: {port: 8000, prefix: /api/v1, headers_with_underscores: reject, escaped_slashes: redirect,\n  limits: {request_headers_timeout: 1.5, memory_release_mb: 0}}",
         ));
-        assert!(v.get("memory_allocator_manager").is_none(), "0: Envoy's default, no release");
+        assert!(
+            v.get("memory_allocator_manager").is_none(),
+            "0: Envoy's default, no release"
+        );
         let h = hcm(&v);
         assert_eq!(h["request_headers_timeout"], "1.500s");
         assert_eq!(

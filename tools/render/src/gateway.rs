@@ -148,6 +148,9 @@ impl GatewayFile {
             "passthrough_paths".into(),
             Value::Array(vec![Value::String(envoy_gateway.health_path.clone())]),
         );
+        // Envoy's routes rendered here match on no request header the filter writes but the
+        // canary's internal one, which the filter knows: the route is picked again only then.
+        root.insert("routing_headers".into(), Value::Array(Vec::new()));
         if webdis.is_some() {
             root.insert("webdis_cluster".into(), Value::String(WEBDIS_CLUSTER.into()));
         }
