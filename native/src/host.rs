@@ -25,7 +25,7 @@ pub(crate) enum Deferred {
 pub(crate) struct HostState {
     pub(crate) metrics: Arc<MetricTable>,
     /// This worker's copy of the metric entries it has used (no lock per increment).
-    pub(crate) metric_cache: HashMap<u32, MetricEntry>,
+    pub(crate) metric_cache: HashMap<u32, Arc<MetricEntry>>,
     /// Live streams of this worker by context id.
     pub(crate) streams: HashMap<u32, EnvoyFilter>,
     /// The stream the gateway acts on now (none for the root, which has no stream), and the
@@ -98,7 +98,7 @@ impl HostState {
         }
     }
 
-    pub(crate) fn entry(&mut self, id: u32) -> Option<MetricEntry> {
+    pub(crate) fn entry(&mut self, id: u32) -> Option<Arc<MetricEntry>> {
         if let Some(e) = self.metric_cache.get(&id) {
             return Some(e.clone());
         }

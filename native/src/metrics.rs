@@ -12,10 +12,12 @@ pub(crate) struct MetricTable {
     /// Family (or plain name) → (histogram, Envoy's id, label count).
     pub(crate) families: HashMap<String, (bool, usize, usize)>,
     /// The gateway's ids (1-based indexes) and their names.
-    pub(crate) entries: Mutex<(HashMap<String, u32>, Vec<MetricEntry>)>,
+    pub(crate) entries: Mutex<Entries>,
 }
 
-#[derive(Clone)]
+/// The gateway's names → ids, and the entries by id (1-based).
+pub(crate) type Entries = (HashMap<String, u32>, Vec<Arc<MetricEntry>>);
+
 pub(crate) struct MetricEntry {
     pub(crate) histogram: bool,
     pub(crate) envoy_id: usize,
@@ -24,7 +26,7 @@ pub(crate) struct MetricEntry {
     /// to it (one atomic add), the main thread hands the sum over on its tick
     /// ([`MetricTable::hand_over`]). A labelled counter's update in Envoy looks its series up
     /// in the stats scope each time: once per counter per tick instead of per request.
-    pub(crate) pending: Arc<AtomicU64>,
+    pub(crate) pending: AtomicU64,
 }
 
 impl MetricTable {
@@ -65,12 +67,12 @@ impl MetricTable {
         if tags.len() != labels {
             return None;
         }
-        entries.push(MetricEntry {
+        entries.push(Arc::new(MetricEntry {
             histogram,
             envoy_id,
             values: tags.iter().map(|(_, v)| v.to_string()).collect(),
-            pending: Arc::new(AtomicU64::new(0)),
-        });
+            pending: AtomicU64::new(0),
+        }));
         let id = u32::try_from(entries.len()).ok()?;
         names.insert(name.to_string(), id);
         Some(id)
@@ -95,7 +97,7 @@ impl MetricTable {
         }
     }
 
-    pub(crate) fn entry(&self, id: u32) -> Option<MetricEntry> {
+    pub(crate) fn entry(&self, id: u32) -> Option<Arc<MetricEntry>> {
         let guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         guard.1.get((id as usize).checked_sub(1)?).cloned()
     }

@@ -168,19 +168,7 @@ impl Gateway {
             .map(|r| r.name.as_str());
         let outcome = req.outcome;
         let decision = outcome.decision();
-        self.inc_named(
-            &stat::name(
-                "gateway_requests_total",
-                &[("route", route.unwrap_or("none")), ("outcome", outcome.label())],
-            ),
-            host,
-        );
-        if outcome.is_auth_failure() {
-            self.inc_named(
-                &stat::name("gateway_auth_failures_total", &[("reason", decision)]),
-                host,
-            );
-        }
+        self.count_request(req.route, outcome, host);
         // Records are written by the timer: without timers there is no log store.
         let store = config.logs.store.as_ref().filter(|_| self.timers);
         let status = req.status.unwrap_or(0);

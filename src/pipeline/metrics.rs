@@ -32,6 +32,10 @@ pub(super) struct Metrics {
     pub(super) counts: HashMap<u32, i64>,
     /// Counters defined on first use, by name.
     pub(super) named: HashMap<String, u32>,
+    /// `gateway_requests_total`'s and `gateway_auth_failures_total`'s ids by (route, outcome)
+    /// and by reason: their labelled names are built once, not per request.
+    pub(super) by_outcome: HashMap<(Option<usize>, &'static str), u32>,
+    pub(super) by_reason: HashMap<&'static str, u32>,
     /// The totals last handed over for the host's gauges-by-name.
     pub(super) last_totals: HashMap<String, u64>,
     pub(super) last_counters_ms: u64,
@@ -94,6 +98,8 @@ impl Metrics {
             log_errors: def(c, "gateway_log_store_errors_total")?,
             counts: HashMap::new(),
             named: HashMap::new(),
+            by_outcome: HashMap::new(),
+            by_reason: HashMap::new(),
             last_totals: HashMap::new(),
             last_counters_ms: 0,
             canary,
@@ -106,6 +112,47 @@ impl Gateway {
     /// counter per request was a large part of the filter's cost.
     pub(super) fn inc(&mut self, id: u32) {
         *self.metrics.counts.entry(id).or_insert(0) += 1;
+    }
+
+    /// Counts a request that ended: `gateway_requests_total{route, outcome}`, and
+    /// `gateway_auth_failures_total{reason}` for an authentication failure.
+    pub(super) fn count_request(&mut self, route: Option<usize>, outcome: Outcome, host: &mut dyn Host) {
+        let label = outcome.label();
+        let id = match self.metrics.by_outcome.get(&(route, label)) {
+            Some(id) => Some(*id),
+            None => {
+                let name = route
+                    .and_then(|i| self.config.routes.get(i))
+                    .map_or("none", |r| r.name.as_str());
+                let full = stat::name("gateway_requests_total", &[("route", name), ("outcome", label)]);
+                let id = host.define_metric(MetricKind::Counter, &full);
+                if let Some(id) = id {
+                    self.metrics.by_outcome.insert((route, label), id);
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            self.inc(id);
+        }
+        if !outcome.is_auth_failure() {
+            return;
+        }
+        let reason = outcome.decision();
+        let id = match self.metrics.by_reason.get(reason) {
+            Some(id) => Some(*id),
+            None => {
+                let full = stat::name("gateway_auth_failures_total", &[("reason", reason)]);
+                let id = host.define_metric(MetricKind::Counter, &full);
+                if let Some(id) = id {
+                    self.metrics.by_reason.insert(reason, id);
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            self.inc(id);
+        }
     }
 
     pub(super) fn inc_named(&mut self, name: &str, host: &mut dyn Host) {
