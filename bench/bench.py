@@ -523,7 +523,7 @@ def verdict(ok):
 
 def own(name):
     """The gateway's own systems (the module or the native library in the path): their errors fail the run."""
-    return name.split("-")[0] in ("C", "N", "K")
+    return name.split("-")[0] in ("C", "N", "K", "E")
 
 
 # Where the memory table goes in the report (after the targets, before the host calls).

@@ -170,12 +170,19 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(conf
         if let Ok(mut live) = LIVE.lock() {
             live.remove(&generation);
         }
-        // This thread's gateway for it goes now; other workers' go with their threads.
+        // This thread's gateway for it goes now (its last counts handed over first); other
+        // workers' go with their threads.
         WORKERS.with(|cell| {
             if let Ok(mut w) = cell.try_borrow_mut() {
+                if let Some(Worker { gateway, host }) = w.get_mut(&generation) {
+                    gateway.flush_counters(&mut NativeHost { state: host });
+                }
                 w.remove(&generation);
             }
         });
+        // What every worker counted since the last tick: Envoy destroys the configuration's
+        // stats scope only after this hook (filter_config.cc, the destructor's first call).
+        config.metrics.hand_over();
     })
 }
 
@@ -239,10 +246,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
             if event == TICK_EVENT {
                 gateway.on_tick(ROOT, &mut NativeHost { state: host });
                 gateway.flush_counters(&mut NativeHost { state: host });
-                // Every worker's counts since the last tick, to Envoy at once.
-                host.metrics.hand_over();
             }
         });
+        // Every worker's counts since the last tick, to Envoy at once (also when this thread's
+        // gateway could not run).
+        if event == TICK_EVENT {
+            cfg.metrics.hand_over();
+        }
     });
 }
 
