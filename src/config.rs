@@ -62,6 +62,12 @@ pub struct FilterConfig {
     /// as Envoy's proxy-wasm host does by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing_headers: Option<Vec<String>>,
+    /// Higress's per-route and per-domain rules (`_rules_`, each a `_match_route_`,
+    /// `_match_domain_` or `_match_service_` list and a whole configuration), which Higress adds
+    /// to a plugin's configuration from its `matchRules`. Accepted empty; rules are refused
+    /// with what to do instead: this filter selects its policy per path from `routes`.
+    #[serde(default, rename = "_rules_", skip_serializing_if = "Vec::is_empty")]
+    pub higress_rules: Vec<serde_json::Value>,
 }
 
 /// The most `routing_headers` entries.
@@ -332,6 +338,19 @@ impl Config {
         }
         for (i, p) in raw.passthrough_paths.iter().enumerate() {
             check_path_prefix(&format!("passthrough_paths[{i}]"), p, false)?;
+        }
+        if let Some(rule) = raw.higress_rules.first() {
+            let matcher = ["_match_route_", "_match_domain_", "_match_service_"]
+                .into_iter()
+                .find(|k| rule.get(k).is_some())
+                .unwrap_or("a match");
+            return Err(ConfigError::new(
+                "_rules_[0]",
+                format!(
+                    "Higress rules ({matcher}) are not supported: this filter chooses its policy per path from `routes` \
+                     (auth, roles, limits, canary per route); give the plugin one global configuration without matchRules"
+                ),
+            ));
         }
         if let Some(list) = &raw.routing_headers {
             if list.len() > MAX_ROUTING_HEADERS {
@@ -816,5 +835,23 @@ mod tests {
                 .as_deref(),
             Some("redis-http.internal:80")
         );
+    }
+
+    /// Higress's envelope: `_rules_` empty is taken as no rules; a rule is refused, naming it.
+    #[test]
+    fn higress_rules_are_accepted_empty_and_refused_otherwise() {
+        let mut v = base();
+        v["_rules_"] = serde_json::json!([]);
+        assert!(parse(v.clone()).is_ok());
+        v["_rules_"] = serde_json::json!([{"_match_route_": ["route-a"], "gateway": {"prefix": "/x"}}]);
+        let e = parse(v.clone()).unwrap_err();
+        assert_eq!(e.field, "_rules_[0]");
+        assert!(
+            e.message.contains("_match_route_") && e.message.contains("routes"),
+            "{}",
+            e.message
+        );
+        v["_rules_"] = serde_json::json!([{"_match_domain_": ["*.example.com"]}]);
+        assert!(parse(v).unwrap_err().message.contains("_match_domain_"));
     }
 }
