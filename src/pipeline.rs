@@ -82,12 +82,12 @@ pub enum Action {
     Replied,
 }
 
-/// Whether the executor let the request go on, or left it paused (a reply was sent or a call
-/// is out).
+/// Where the executor left the request: gone on, held for a call, or answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flow {
     Continue,
     Paused,
+    Replied,
 }
 
 /// One VM's gateway: the configuration, the metrics, and the state every request and timer
@@ -139,11 +139,6 @@ fn with_keys<R>(
 
 /// The key the start-up probe writes to find out whether the host has shared data.
 const PROBE_KEY: &str = "gw:probe";
-
-/// Whether the request `ctx` was answered by the gateway.
-fn req_replied(requests: &HashMap<u32, Request>, ctx: u32) -> bool {
-    requests.get(&ctx).is_some_and(|r| r.replied)
-}
 
 fn unix_seconds(ms: u64) -> i64 {
     i64::try_from(ms / 1000).unwrap_or(i64::MAX)
@@ -242,7 +237,6 @@ impl Gateway {
             verdict: None,
             canary: None,
             outcome: Outcome::Forwarded,
-            replied: false,
             status: None,
             elapsed_us: None,
         };
@@ -254,8 +248,8 @@ impl Gateway {
         self.requests.insert(ctx, req);
         match flow {
             Flow::Continue => Action::Continue,
-            Flow::Paused if req_replied(&self.requests, ctx) => Action::Replied,
             Flow::Paused => Action::Pause,
+            Flow::Replied => Action::Replied,
         }
     }
 
@@ -459,8 +453,7 @@ impl Gateway {
             .headers
             .push((HEADER_RESPONSE_TIME, policy::response_time(elapsed_us)));
         host.send_reply(&reply);
-        req.replied = true;
-        Flow::Paused
+        Flow::Replied
     }
 
     // ---------------------------------------------------------------- response and end

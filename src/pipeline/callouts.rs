@@ -84,8 +84,7 @@ impl Gateway {
     ) -> Result<u32, DispatchError> {
         let nonce = self.rng.u64(..);
         let path = crate::webdis::nonce_path(call.path, nonce);
-        let token_id = host.dispatch(Callout { path: &path, ..call })?;
-        self.calls.purposes.insert(token_id, purpose);
+        let token_id = self.send(Callout { path: &path, ..call }, purpose, host)?;
         self.calls.nonces.insert(token_id, nonce);
         Ok(token_id)
     }

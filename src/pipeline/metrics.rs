@@ -118,40 +118,24 @@ impl Gateway {
     /// `gateway_auth_failures_total{reason}` for an authentication failure.
     pub(super) fn count_request(&mut self, route: Option<usize>, outcome: Outcome, host: &mut dyn Host) {
         let label = outcome.label();
-        let id = match self.metrics.by_outcome.get(&(route, label)) {
-            Some(id) => Some(*id),
-            None => {
-                let name = route
-                    .and_then(|i| self.config.routes.get(i))
-                    .map_or("none", |r| r.name.as_str());
-                let full = stat::name("gateway_requests_total", &[("route", name), ("outcome", label)]);
-                let id = host.define_metric(MetricKind::Counter, &full);
-                if let Some(id) = id {
-                    self.metrics.by_outcome.insert((route, label), id);
-                }
-                id
-            }
-        };
+        let config = &self.config;
+        let id = counter_id(&mut self.metrics.by_outcome, (route, label), host, || {
+            let name = route
+                .and_then(|i| config.routes.get(i))
+                .map_or("none", |r| r.name.as_str());
+            stat::name("gateway_requests_total", &[("route", name), ("outcome", label)])
+        });
         if let Some(id) = id {
             self.inc(id);
         }
-        if !outcome.is_auth_failure() {
-            return;
-        }
-        let reason = outcome.decision();
-        let id = match self.metrics.by_reason.get(reason) {
-            Some(id) => Some(*id),
-            None => {
-                let full = stat::name("gateway_auth_failures_total", &[("reason", reason)]);
-                let id = host.define_metric(MetricKind::Counter, &full);
-                if let Some(id) = id {
-                    self.metrics.by_reason.insert(reason, id);
-                }
-                id
+        if outcome.is_auth_failure() {
+            let reason = outcome.decision();
+            let id = counter_id(&mut self.metrics.by_reason, reason, host, || {
+                stat::name("gateway_auth_failures_total", &[("reason", reason)])
+            });
+            if let Some(id) = id {
+                self.inc(id);
             }
-        };
-        if let Some(id) = id {
-            self.inc(id);
         }
     }
 
@@ -170,4 +154,19 @@ impl Gateway {
             self.inc(id);
         }
     }
+}
+
+/// The id of the counter cached under `key`, defined (named by `name`) on first use.
+fn counter_id<K: std::hash::Hash + Eq>(
+    cache: &mut HashMap<K, u32>,
+    key: K,
+    host: &mut dyn Host,
+    name: impl FnOnce() -> String,
+) -> Option<u32> {
+    if let Some(id) = cache.get(&key) {
+        return Some(*id);
+    }
+    let id = host.define_metric(MetricKind::Counter, &name())?;
+    cache.insert(key, id);
+    Some(id)
 }

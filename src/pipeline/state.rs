@@ -91,8 +91,6 @@ pub(super) struct Request {
     pub(super) canary: Option<bool>,
     /// How it ended: forwarded, or the outcome of the gateway's own reply.
     pub(super) outcome: Outcome,
-    /// The gateway answered it.
-    pub(super) replied: bool,
     pub(super) status: Option<u16>,
     /// Time from the request headers to the response headers.
     pub(super) elapsed_us: Option<u64>,
