@@ -117,6 +117,11 @@ pub trait Host: SharedStore {
     /// Kong's ngx_wasm_module only marks the entry (`hash = 0`), which nginx's proxy module
     /// still forwards (seen in a real Kong; `ngx_http_proxy_create_request` does not skip it).
     fn removes_request_headers(&self) -> bool;
+    /// Whether the host's shared data may take two keys for one when their hashes agree: Kong's
+    /// ngx_wasm_module looks keys up by CRC32 alone (`ngx_wa_shm_kv.c`). Envoy compares keys.
+    fn shared_keys_by_hash(&self) -> bool {
+        false
+    }
 
     /// Dispatches a call; its answer arrives later with the returned token id.
     fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError>;
@@ -315,6 +320,8 @@ pub mod fake {
         pub single_context: bool,
         /// Removed request headers still reach the upstream (Kong behind nginx's proxy).
         pub keeps_removed_headers: bool,
+        /// Shared-data keys told apart by CRC32 alone (Kong).
+        pub keys_by_crc32: bool,
         /// The host's signature check (none by default, as on hosts without one).
         pub native: Option<crate::jwt::native::HostCheckFn>,
         pub native_calls: u32,
@@ -513,6 +520,9 @@ pub mod fake {
         }
         fn removes_request_headers(&self) -> bool {
             !self.keeps_removed_headers
+        }
+        fn shared_keys_by_hash(&self) -> bool {
+            self.keys_by_crc32
         }
         fn dispatch(&mut self, call: Callout<'_>) -> Result<u32, DispatchError> {
             self.call("dispatch");

@@ -24,6 +24,7 @@ pub mod error;
 pub mod headers;
 pub mod host;
 pub mod jwt;
+pub mod keyspace;
 pub mod outcome;
 pub mod pipeline;
 pub mod policy;

@@ -138,7 +138,7 @@ fn with_keys<R>(
 }
 
 /// The key the start-up probe writes to find out whether the host has shared data.
-const PROBE_KEY: &str = "gw:probe";
+pub(crate) const PROBE_KEY: &str = "gw:probe";
 
 fn unix_seconds(ms: u64) -> i64 {
     i64::try_from(ms / 1000).unwrap_or(i64::MAX)
@@ -174,6 +174,9 @@ impl Gateway {
         let probe = host.set(PROBE_KEY, b"1", None).is_ok() && host.get(PROBE_KEY).is_some();
         if !probe {
             gw.local = Some(LocalStore::default());
+        } else if host.shared_keys_by_hash() {
+            crate::keyspace::check_kong(&gw.config)
+                .map_err(|e| format!("invalid configuration for this host: {e}"))?;
         }
         let issuers = gw.config.verifier.as_ref().map_or(0, |v| v.issuers().len());
         gw.keys.sets = vec![None; issuers];

@@ -200,6 +200,10 @@ impl Host for WasmHost {
         is_envoy()
     }
 
+    fn shared_keys_by_hash(&self) -> bool {
+        !is_envoy()
+    }
+
     fn switch_to(&mut self, context_id: u32) -> bool {
         hostcalls::set_effective_context(context_id).is_ok()
     }
@@ -348,6 +352,7 @@ impl RootContext for Root {
                 return false;
             }
         };
+
         info!(
             "gateway filter configured: {} routes, jwt {}, revocation {}, log store {}",
             cfg.routes.len(),

@@ -2207,3 +2207,27 @@ fn the_route_is_picked_again_only_after_a_header_routes_match_on() {
     let e = Config::from_json(v.to_string().as_bytes()).unwrap_err();
     assert_eq!(e.field, "routing_headers[1]");
 }
+
+/// Kong's shared memory tells keys apart by CRC32 alone: a configuration two of whose keys
+/// share one is refused there at configure time, naming the fields; Envoy takes it.
+#[test]
+fn a_configuration_whose_keys_share_a_crc32_is_refused_where_keys_are_hashed() {
+    let mut v = base();
+    v["gateway"]["rate_limit"] = serde_json::json!({"ip_slots": 1_000_000});
+    v["revocation"] = serde_json::json!({"cache_slots": 1_000_000});
+    let build = |by_hash: bool| {
+        let cfg = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let mut host = FakeHost::new(NOW_S as u64 * 1000);
+        host.current = ROOT;
+        host.keys_by_crc32 = by_hash;
+        Gateway::new(cfg, &mut host).map(|_| ())
+    };
+    let err = build(true).unwrap_err();
+    assert!(err.contains("same CRC32") && err.contains("_slots"), "{err}");
+    assert_eq!(build(false), Ok(()));
+    // The shipped defaults pass on Kong too.
+    let cfg = Config::from_json(base().to_string().as_bytes()).unwrap();
+    let mut host = FakeHost::new(NOW_S as u64 * 1000);
+    host.keys_by_crc32 = true;
+    assert!(Gateway::new(cfg, &mut host).is_ok());
+}

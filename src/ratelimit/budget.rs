@@ -12,7 +12,7 @@ use super::*;
 use crate::host::SharedStore;
 
 /// Key prefix of the budget slots.
-const KIND: &str = "v";
+pub const BUDGET_KIND: &str = "v";
 
 /// The compiled `gateway.rate_limit.bad_signatures`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,8 +25,8 @@ impl VerifyBudget {
     /// The slot of `ip`'s client (an IPv6 address's /64).
     fn slot(&self, seed: &SlotSeed, ip: &str) -> (String, u64) {
         let client = client_group(ip);
-        let index = seed.hash(&[KIND, &client]) % u64::from(self.slots.max(1));
-        (slot_key_at(KIND, index), index.wrapping_add(1))
+        let index = seed.hash(&[BUDGET_KIND, &client]) % u64::from(self.slots.max(1));
+        (slot_key_at(BUDGET_KIND, index), index.wrapping_add(1))
     }
 
     /// Whether `ip` may still have a signature checked.

@@ -84,6 +84,24 @@ pub(crate) fn start(f: &mut Vec<String>, profile: &Profile, table: &Table, wasm:
         format!("timers {has_timers}, refused: {refused:?}"),
     );
 
+    // Kong looks shared-data keys up by CRC32 alone: a configuration whose keys share one
+    // (gw:rv:964062 and gw:ban:88088) is refused there, naming the field; Envoy compares keys.
+    if profile.name.starts_with("Kong") {
+        let colliding = config().replace(r#""cache_ttl":0"#, r#""cache_ttl":0,"cache_slots":964063"#);
+        let refused = Vm::new(wasm, profile, table, &colliding)
+            .err()
+            .unwrap_or_default();
+        check(
+            f,
+            h,
+            "keys with one CRC32",
+            colliding.contains("964063")
+                && refused.contains("revocation.cache_slots")
+                && refused.contains("same CRC32"),
+            format!("refused: {refused:?}"),
+        );
+    }
+
     let vm = Vm::new(wasm, profile, table, &config())?;
 
     // A second worker starts on the zone the first one wrote (each worker is a VM; the

@@ -5,7 +5,10 @@
 //! gateway-render [--config config/gateway.yaml] --wasm /path/gateway_filter.wasm [--out envoy.yaml] [--json]
 //! gateway-render [--config ...] --filter-config      # the filter's JSON only
 //! gateway-render [--config ...] --check              # validate only
+//! gateway-render [--config ...] --host kong (--check | --filter-config)
 //! ```
+//! `--host kong` also refuses a configuration two of whose shared-data keys share a CRC32
+//! (Kong's shared memory takes them for one key, see the filter's `keyspace`).
 //! Exit status: 0 on success, 1 on an invalid gateway file, 2 on bad usage or I/O errors.
 
 use std::process::ExitCode;
@@ -14,7 +17,7 @@ use gateway_render::envoy;
 use gateway_render::gateway::{self, GatewayFile};
 
 const USAGE: &str =
-    "usage: gateway-render [--config FILE] (--wasm PATH [--native PATH] [--runtime wasm|native] [--out FILE] [--xds DIR] | --filter-config | --check)";
+    "usage: gateway-render [--config FILE] (--wasm PATH [--native PATH] [--runtime wasm|native] [--out FILE] [--xds DIR] | [--host kong] (--filter-config | --check))";
 
 struct Args {
     config: String,
@@ -27,6 +30,8 @@ struct Args {
     filter_only: bool,
     check: bool,
     json: bool,
+    /// `--host kong`: the configuration is for Kong's shared memory.
+    kong: bool,
     /// Filesystem xDS: the gateway's listener, routes, clusters and filter configuration as
     /// files in this directory (swapped atomically; a running Envoy applies them).
     xds: Option<String>,
@@ -42,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
         filter_only: false,
         check: false,
         json: false,
+        kong: false,
         xds: None,
     };
     let mut it = std::env::args().skip(1);
@@ -61,6 +67,11 @@ fn parse_args() -> Result<Args, String> {
             "--filter-config" => args.filter_only = true,
             "--check" => args.check = true,
             "--json" => args.json = true,
+            "--host" => match it.next().as_deref() {
+                Some("kong") => args.kong = true,
+                Some("envoy") => args.kong = false,
+                other => return Err(format!("--host takes envoy or kong, not {other:?}\n{USAGE}")),
+            },
             "--xds" => args.xds = Some(it.next().ok_or("--xds needs a directory")?),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -119,6 +130,10 @@ fn run(args: &Args) -> Result<(), (u8, String)> {
                 "warning: the JWT secret is shorter than 32 bytes; use a long random secret in production"
             );
         }
+    }
+    if args.kong {
+        gateway_filter::keyspace::check_kong(&file.config)
+            .map_err(|e| (1, format!("{}: {e}", args.config)))?;
     }
     if args.check {
         eprintln!("{}: ok ({} routes)", args.config, file.routes.len());
