@@ -185,6 +185,8 @@ fn update(mut crc: u32, bytes: &[u8]) -> u32 {
     crc
 }
 
+// A const block cannot use `get_mut`; `i` is bounded by the loop.
+#[allow(clippy::indexing_slicing)]
 const TABLE: [u32; 256] = {
     let mut table = [0u32; 256];
     let mut i = 0;
