@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use log::{error, info};
+use log::{error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, Status};
@@ -48,9 +48,14 @@ fn is_envoy() -> bool {
 /// Tries of an unconditional shared-data write on a host where cas 0 means "create".
 const UNCONDITIONAL_WRITE_TRIES: usize = 8;
 
+/// Whether the host is APISIX's wasm-nginx-module, probed at configure time: it alone answers
+/// the proxy's clock with Unimplemented.
+static APISIX: AtomicBool = AtomicBool::new(false);
+
 fn probe_envoy() -> bool {
     let envoy = raw::property_answered(b"xds\0node");
     ENVOY.store(envoy, Ordering::Relaxed);
+    APISIX.store(!envoy && raw::clock_unimplemented(), Ordering::Relaxed);
     envoy
 }
 
@@ -136,11 +141,14 @@ impl Host for WasmHost {
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+        let status = raw::set_header(raw::REQUEST_HEADERS, name, value);
+        if status != raw::STATUS_OK {
+            warn!("request header {name}: the host refused the change ({status})");
+        }
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {
-        let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+        let _ = raw::set_header(raw::RESPONSE_HEADERS, name, Some(value));
     }
 
     fn response_status(&mut self) -> Option<u16> {
@@ -197,7 +205,11 @@ impl Host for WasmHost {
     }
 
     fn removes_request_headers(&self) -> bool {
-        is_envoy()
+        // APISIX: OpenResty's `ngx_http_lua_ffi_req_set_header` takes every copy of the header
+        // out of nginx's list (lua-nginx-module `ngx_http_set_header_helper`,
+        // `ngx_http_lua_rm_header_helper`), so nginx's proxy module never sends it. Kong only
+        // marks the entry (`hash = 0`), which the proxy module still sends.
+        is_envoy() || APISIX.load(Ordering::Relaxed)
     }
 
     fn shared_keys_by_hash(&self) -> bool {

@@ -24,7 +24,34 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
 }
+
+/// Replaces (`Some`) or removes (`None`) a header of `map_type`; the host's status. Through the
+/// raw ABI: the SDK's wrappers panic on any status but Ok, and APISIX answers BadArgument when
+/// OpenResty refuses the change.
+pub fn set_header(map_type: u32, name: &str, value: Option<&str>) -> u32 {
+    // SAFETY: the pointers and lengths describe live &strs the host only reads.
+    unsafe {
+        match value {
+            Some(v) => {
+                proxy_replace_header_map_value(map_type, name.as_ptr(), name.len(), v.as_ptr(), v.len())
+            }
+            None => proxy_remove_header_map_value(map_type, name.as_ptr(), name.len()),
+        }
+    }
+}
+
+/// `MapType::HttpRequestHeaders` and `HttpResponseHeaders` of the ABI.
+pub const REQUEST_HEADERS: u32 = 0;
+pub const RESPONSE_HEADERS: u32 = 2;
 
 /// Takes ownership of what the host wrote: it allocated `size` bytes through the module's
 /// exported allocator (`proxy_on_memory_allocate`, the SDK's `Vec` allocation), as the SDK
@@ -100,6 +127,17 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> u32 {
     // SAFETY: both pointers and lengths describe live slices the host only reads.
     unsafe { set_shared_data_raw(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) }
 }
+
+/// Whether the host answers the proxy's clock with Unimplemented (12): APISIX's
+/// wasm-nginx-module does (`ngx_http_wasm_api.c`, proxy_get_current_time_nanoseconds), Kong and
+/// Envoy answer it. Neither traps.
+pub fn clock_unimplemented() -> bool {
+    let mut time: u64 = 0;
+    // SAFETY: the out-pointer is a valid local the host writes 8 bytes to.
+    unsafe { get_current_time_raw(&mut time) == STATUS_UNIMPLEMENTED }
+}
+
+const STATUS_UNIMPLEMENTED: u32 = 12;
 
 /// The proxy's clock in ns, `None` where it has none.
 pub fn proxy_time_ns() -> Option<u64> {

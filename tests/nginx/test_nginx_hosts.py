@@ -256,14 +256,21 @@ def test_valid_token_reaches_upstream_with_the_identity(stack):
 
 
 @pytest.mark.parametrize("name", ["X-User-Id", "x-user-role", "X-Gateway-Canary"])
-def test_a_forged_gateway_header_is_refused_never_forwarded(stack, name):
-    # nginx's proxy module forwards a request header Kong's module removed (it only marks the
-    # entry): the filter refuses a client's copy of a header only the gateway writes.
+def test_a_forged_gateway_header_is_never_forwarded(stack, name):
+    # Kong: nginx's proxy module forwards a request header Kong's module removed (it only marks
+    # the entry), so the filter refuses a client's copy of a header only the gateway writes.
+    # APISIX: OpenResty takes every copy out of nginx's list, so the filter strips them, as on
+    # Envoy (two copies sent).
     kong, _, _ = stack
     for path, headers in (("/api/v1/products/1", []), ("/api/v1/users/1", bearer(token(sub="user-007")))):
-        r = kong.get(path, headers + [(name, "admin")])
-        assert r.status == 400, r
-        assert "is set by the gateway" in body(r)["message"], r
+        r = kong.get(path, headers + [(name, "admin"), (name.lower(), "admin")])
+        if kong.host == "kong":
+            assert r.status == 400, r
+            assert "is set by the gateway" in body(r)["message"], r
+        else:
+            assert r.status == 200, r
+            seen = {k.lower(): v for k, v in body(r)["headers"].items()}
+            assert seen.get(name.lower()) != "admin", seen
 
 
 def test_logout_revokes_through_webdis_and_redis(stack):
@@ -292,9 +299,13 @@ def test_canary_user_is_routed_to_v2_by_the_filters_header(stack):
     assert r.status == 200 and body(r)["version"] == "v2", r
     r = kong.get("/api/v1/orders/1", bearer(token(sub="user-002", role="user")))
     assert r.status == 200 and body(r)["version"] == "v1", r
-    # A client cannot pick the canary by sending the header itself: refused (see above).
+    # A client cannot pick the canary by sending the header itself: refused on Kong, stripped
+    # on APISIX (see above).
     r = kong.get("/api/v1/orders/1", bearer(token(sub="user-002", role="user")) + [("x-gateway-canary", "1")])
-    assert r.status == 400, r
+    if kong.host == "kong":
+        assert r.status == 400, r
+    else:
+        assert r.status == 200 and body(r)["version"] == "v1", r
 
 
 def test_store_down_fails_closed(stack):

@@ -66,8 +66,11 @@ pub(crate) fn profiles() -> Vec<Profile> {
             foreign_traps: false,
             on_log: false,
             cas_zero_creates: false,
-            // Not read for APISIX (its removal goes through OpenResty); not assumed either way.
-            forwards_removed_headers: true,
+            // Removal goes through OpenResty's `ngx_http_lua_ffi_req_set_header`, whose
+            // `ngx_http_set_header_helper` takes every copy out of nginx's header list
+            // (`ngx_http_lua_rm_header_helper`), so nginx's proxy module sends none of them
+            // (lua-nginx-module bbed32a, ngx_http_lua_headers_in.c).
+            forwards_removed_headers: false,
         },
     ]
 }
