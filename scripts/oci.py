@@ -10,9 +10,12 @@ and order), so the same module always gives the same digest to pin in a WasmPlug
 
     scripts/oci.py [--wasm build/gateway_filter.wasm] [--out build/gateway-filter.oci.tar] [--tag 0.1.0]
                    [--registry registry.example.com] [--istio-dir build/istio]
+                   [--envoy-gateway-dir build/envoy-gateway]
 
-It also writes the manifests of `envoy/istio/` into `--istio-dir` with REGISTRY and DIGEST filled
-in, so the WasmPlugins pin exactly this image.
+It also writes the manifests of `envoy/istio/` into `--istio-dir` and those of
+`envoy/envoy-gateway/` into `--envoy-gateway-dir` with REGISTRY and DIGEST filled in, so the
+WasmPlugins and the EnvoyExtensionPolicy pin exactly this image (Envoy Gateway's image fetcher,
+`internal/wasm/imagefetcher.go`, is Istio's and takes the same "compat" variant).
 """
 
 import argparse
@@ -84,17 +87,21 @@ def main():
     ap.add_argument("--tag", default="0.1.0")
     ap.add_argument("--registry", default="registry.example.com")
     ap.add_argument("--istio-dir", default=str(ROOT / "build" / "istio"))
+    ap.add_argument("--envoy-gateway-dir", default=str(ROOT / "build" / "envoy-gateway"))
     args = ap.parse_args()
     wasm = Path(args.wasm).read_bytes()
     files, manifest_digest = build(wasm, args.tag)
     Path(args.out).write_bytes(tar_bytes(files))
     print(f"{args.out}: OCI image layout, tag {args.tag}, manifest {manifest_digest}")
-    istio = Path(args.istio_dir)
-    istio.mkdir(parents=True, exist_ok=True)
-    for src in sorted((ROOT / "envoy" / "istio").glob("*.yaml")):
-        text = src.read_text().replace("REGISTRY", args.registry).replace("DIGEST", manifest_digest.split(":")[1])
-        (istio / src.name).write_text(text)
-    print(f"WasmPlugin url: oci://{args.registry}/gateway-filter@{manifest_digest} (manifests in {istio})")
+    for source, dest in (("istio", args.istio_dir), ("envoy-gateway", args.envoy_gateway_dir)):
+        out = Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOT / "envoy" / source).glob("*.yaml")):
+            text = src.read_text().replace("REGISTRY", args.registry).replace("DIGEST", manifest_digest.split(":")[1])
+            (out / src.name).write_text(text)
+    print(f"WasmPlugin url: oci://{args.registry}/gateway-filter@{manifest_digest} (manifests in {args.istio_dir})")
+    print(f"EnvoyExtensionPolicy image: {args.registry}/gateway-filter@{manifest_digest} "
+          f"(manifests in {args.envoy_gateway_dir})")
     return 0
 
 

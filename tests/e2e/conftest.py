@@ -7,6 +7,7 @@ from harness import RUNTIME, Gateway, Redis, Services, Webdis, free_port
 NOT_PER_RUNTIME = {
     "test_istio_shape.py",      # Istio loads the .wasm (WasmPlugin)
     "test_istio_manifests.py",  # schemas only
+    "test_envoy_gateway_manifests.py",  # schemas only
     "test_module.py",           # the .wasm's imports and exports
     "test_host_tables.py",      # the .wasm against the proxy-wasm hosts' tables
     "test_oci.py",              # the .wasm as an OCI image

@@ -163,12 +163,14 @@ class Gateway:
     """Envoy with the filter, from a gateway file (a dict, rendered by gateway-render)."""
 
     def __init__(self, gateway_file: dict, concurrency=2, env=None, admin_socket=False, istio=None, xds=False,
-                 istio_root_id=None):
+                 istio_root_id=None, shape=None):
         """`admin_socket`: the admin interface on a Unix socket in the gateway's directory, and
         `admin_port` a metrics listener serving only /stats/prometheus and /ready.
         `istio`: a namespace; the bootstrap is then reshaped as istiod would send it (see
         `istio_shape`). `xds`: listener, routes, clusters and the filter's configuration as
-        filesystem-xDS files (`gateway-render --xds`), so `reload` can change them live."""
+        filesystem-xDS files (`gateway-render --xds`), so `reload` can change them live.
+        `shape`: a function from the rendered bootstrap to the one Envoy starts with (a host's
+        shape, e.g. `eg_shape.shape`)."""
         require_build()
         self.dir = Path(tempfile.mkdtemp(prefix="gw-e2e-"))
         self.port = free_port()
@@ -194,6 +196,10 @@ class Gateway:
             shaped = istio_shape(json.loads(rendered.read_text()), istio, istio_root_id)
             self.envoy_yaml.write_text(json.dumps(shaped, indent=1))
             self.istio_clusters = {c["name"] for c in shaped["static_resources"]["clusters"]}
+        elif shape:
+            rendered = self.dir / "envoy.rendered.json"
+            render(self.gateway_yaml, rendered, self.env, check=True, extra=["--json"])
+            self.envoy_yaml.write_text(json.dumps(shape(json.loads(rendered.read_text())), indent=1))
         elif xds:
             self.xds_dir = self.dir / "xds"
             render(self.gateway_yaml, self.envoy_yaml, self.env, check=True, extra=["--xds", str(self.xds_dir)])
