@@ -163,7 +163,7 @@ class Gateway:
     """Envoy with the filter, from a gateway file (a dict, rendered by gateway-render)."""
 
     def __init__(self, gateway_file: dict, concurrency=2, env=None, admin_socket=False, istio=None, xds=False,
-                 istio_root_id=None, shape=None):
+                 istio_root_id=None, shape=None, waypoint=False):
         """`admin_socket`: the admin interface on a Unix socket in the gateway's directory, and
         `admin_port` a metrics listener serving only /stats/prometheus and /ready.
         `istio`: a namespace; the bootstrap is then reshaped as istiod would send it (see
@@ -193,7 +193,7 @@ class Gateway:
         if istio:
             rendered = self.dir / "envoy.rendered.json"
             render(self.gateway_yaml, rendered, self.env, check=True, extra=["--json"])
-            shaped = istio_shape(json.loads(rendered.read_text()), istio, istio_root_id)
+            shaped = istio_shape(json.loads(rendered.read_text()), istio, istio_root_id, waypoint)
             self.envoy_yaml.write_text(json.dumps(shaped, indent=1))
             self.istio_clusters = {c["name"] for c in shaped["static_resources"]["clusters"]}
         elif shape:
@@ -311,14 +311,22 @@ class Gateway:
 ISTIO_PLUGIN = "gateway-policy"
 
 
-def shipped_plugin_name():
-    """The ingress WasmPlugin's `pluginName` as shipped ("" when unset, as there)."""
-    docs = yaml.safe_load_all((ROOT / "envoy" / "istio" / "wasmplugin.yaml").read_text())
-    plugin = next(d for d in docs if d and d["metadata"]["name"] == ISTIO_PLUGIN)
-    return plugin["spec"].get("pluginName", "")
+WAYPOINT_PLUGIN = "gateway-policy-waypoint"
 
 
-def istio_shape(bootstrap: dict, namespace: str, root_id=None) -> dict:
+def shipped_plugin(waypoint=False):
+    """The ingress (or waypoint) WasmPlugin as shipped."""
+    path, name = ("waypoint.yaml", WAYPOINT_PLUGIN) if waypoint else ("wasmplugin.yaml", ISTIO_PLUGIN)
+    docs = yaml.safe_load_all((ROOT / "envoy" / "istio" / path).read_text())
+    return next(d for d in docs if d and d["kind"] == "WasmPlugin" and d["metadata"]["name"] == name)
+
+
+def shipped_plugin_name(waypoint=False):
+    """The WasmPlugin's `pluginName` as shipped ("" when unset, as there)."""
+    return shipped_plugin(waypoint)["spec"].get("pluginName", "")
+
+
+def istio_shape(bootstrap: dict, namespace: str, root_id=None, waypoint=False) -> dict:
     """The rendered bootstrap as istiod would shape it for a gateway with our WasmPlugin, each rule
     from istiod's code (istio/istio `pilot/pkg/model/extensions.go` @5add517bf6e0,
     `buildWasmPluginConfigCommon` and `buildVMConfig`; `pilot/pkg/model/service.go` @db913ee00a54,
@@ -335,19 +343,55 @@ def istio_shape(bootstrap: dict, namespace: str, root_id=None) -> dict:
     in the environment (`host_env_keys`). The stats configuration is istiod's
     (`istio_stats.py`, from Istio's bootstrap template) with the extra stat tags the shipped
     gateway values annotate, not the rendered one; the WasmPlugin is an HTTP filter, so the
-    rendered connection cap (a network filter) is not there."""
+    rendered connection cap (a network filter) is not there. Istio 1.28 (istio/istio
+    #51861/#52031) suffixes every cluster's `alt_stat_name` and the connection manager's stat
+    prefix with `;`.
+
+    `waypoint`: the shape of an ambient waypoint (istio/istio tag 1.28.10) with the shipped
+    `waypoint.yaml`: the plugin `<ns>.gateway-policy-waypoint`; the node id `waypoint~...`, so
+    metadata discovery and its stats prefix (`pkg/bootstrap/config.go`); the extra stat tags
+    from the waypoint Gateway's infrastructure annotations; the connection manager with
+    `use_remote_address: false` and nothing done to `x-forwarded-for`
+    (`pilot/pkg/networking/core/listener_waypoint.go`); the routed services' clusters
+    `inbound-vip|<port>|http|<fqdn>` (`cluster_waypoint.go` buildWaypointInboundVIP) and the
+    callout services' `outbound|<port>||<fqdn>`, built because the shipped EnvoyFilter names them
+    in `envoyfilter.istio.io/referenced-services` (`waypoint.go`
+    filterWaypointOutboundServices)."""
     b = json.loads(json.dumps(bootstrap))
-    values = yaml.safe_load((ROOT / "envoy" / "istio" / "helm" / "gateway-values.yaml").read_text())
-    extra = values["podAnnotations"]["sidecar.istio.io/extraStatTags"].split(",")
-    b["stats_config"] = istio_stats.stats_config(extra)
+    if waypoint:
+        docs = yaml.safe_load_all((ROOT / "envoy" / "istio" / "waypoint.yaml").read_text())
+        gw = next(d for d in docs if d and d["kind"] == "Gateway")
+        extra = gw["spec"]["infrastructure"]["annotations"]["sidecar.istio.io/extraStatTags"].split(",")
+        b["node"] = {"id": f"waypoint~127.0.0.1~waypoint-0.{namespace}~{namespace}.svc.cluster.local",
+                     "cluster": f"waypoint.{namespace}",
+                     "metadata": {"LABELS": {"gateway.networking.k8s.io/gateway-name": "waypoint",
+                                             "gateway.networking.k8s.io/gateway-class-name": "istio-waypoint"}}}
+    else:
+        values = yaml.safe_load((ROOT / "envoy" / "istio" / "helm" / "gateway-values.yaml").read_text())
+        extra = values["podAnnotations"]["sidecar.istio.io/extraStatTags"].split(",")
+    b["stats_config"] = istio_stats.stats_config(extra, waypoint=waypoint)
+    callouts = set()
+    for listener in b["static_resources"]["listeners"]:
+        for chain in listener.get("filter_chains", []):
+            for f in chain.get("filters", []):
+                for hf in f.get("typed_config", {}).get("http_filters", []):
+                    if hf["name"] == "envoy.filters.http.wasm":
+                        text = hf["typed_config"]["config"]["configuration"]["value"]
+                        callouts |= set(re.findall(r'"cluster": ?"([^"]+)"', text))
+                        callouts |= set(re.findall(r'"webdis_cluster": ?"([^"]+)"', text))
     renamed = {}
     for c in b["static_resources"]["clusters"]:
         if c["name"] == "envoy-admin":
             continue
         ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-        new = f"outbound|{ep['port_value']}||{c['name']}.{namespace}.svc.cluster.local"
+        fqdn = f"{c['name']}.{namespace}.svc.cluster.local"
+        if waypoint and c["name"] not in callouts:
+            new = f"inbound-vip|{ep['port_value']}|http|{fqdn}"
+        else:
+            new = f"outbound|{ep['port_value']}||{fqdn}"
         renamed[c["name"]] = new
         c["name"] = new
+        c["alt_stat_name"] = new + ";"
         c["load_assignment"]["cluster_name"] = new
 
     def walk(node):
@@ -365,14 +409,20 @@ def istio_shape(bootstrap: dict, namespace: str, root_id=None) -> dict:
         for chain in listener.get("filter_chains", []):
             chain["filters"] = [f for f in chain.get("filters", []) if f["name"] != "envoy.filters.network.wasm"]
             for f in chain.get("filters", []):
-                for hf in f.get("typed_config", {}).get("http_filters", []):
+                tc = f.get("typed_config", {})
+                if "stat_prefix" in tc and "http_filters" in tc and listener["name"] == "gateway":
+                    tc["stat_prefix"] += ";"
+                    if waypoint:
+                        tc["use_remote_address"] = False
+                        tc.pop("early_header_mutation_extensions", None)
+                for hf in tc.get("http_filters", []):
                     if hf["name"] != "envoy.filters.http.wasm":
                         continue
                     cfg = hf["typed_config"]["config"]
-                    cfg["name"] = f"{namespace}.{ISTIO_PLUGIN}"
+                    cfg["name"] = f"{namespace}.{WAYPOINT_PLUGIN if waypoint else ISTIO_PLUGIN}"
                     # istiod (pilot/pkg/model/extensions.go) sets root_id from the WasmPlugin's
                     # pluginName, empty unless set: the shipped manifests leave it unset.
-                    cfg["root_id"] = shipped_plugin_name() if root_id is None else root_id
+                    cfg["root_id"] = shipped_plugin_name(waypoint) if root_id is None else root_id
                     cfg["vm_config"].pop("vm_id", None)
                     cfg["failure_policy"] = "FAIL_RELOAD"  # the WasmPlugins' failStrategy
                     plugin = json.loads(cfg["configuration"]["value"])

@@ -51,7 +51,14 @@ def manifests(tmp_path_factory):
 def validate(doc):
     group_version, kind = doc["apiVersion"], doc["kind"]
     key = f"{group_version}/{kind}"
-    if key in SCHEMAS:
+    if group_version.startswith("gateway.networking.k8s.io/"):
+        # The waypoint's Gateway: Gateway API's own CRD (vendored with Envoy Gateway's).
+        from test_envoy_gateway_manifests import SCHEMAS as GATEWAY_API
+        schema = strict(GATEWAY_API[key])
+        schema["properties"].pop("metadata", None)
+        jsonschema.Draft7Validator(schema).validate({k: v for k, v in doc.items() if k != "metadata"})
+        assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
+    elif key in SCHEMAS:
         body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
         jsonschema.Draft7Validator(strict(SCHEMAS[key])).validate(body)
         assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
@@ -63,8 +70,8 @@ def validate(doc):
 def test_every_manifest_is_valid(manifests):
     _, docs = manifests
     kinds = sorted({d["kind"] for _, d in docs})
-    assert kinds == ["AuthorizationPolicy", "Deployment", "DestinationRule", "Gateway", "Service",
-                     "ServiceAccount", "ServiceEntry", "VirtualService", "WasmPlugin"], kinds
+    assert kinds == ["AuthorizationPolicy", "ConfigMap", "Deployment", "DestinationRule", "EnvoyFilter", "Gateway",
+                     "Service", "ServiceAccount", "ServiceEntry", "VirtualService", "WasmPlugin"], kinds
     for name, doc in docs:
         try:
             validate(doc)
@@ -91,7 +98,7 @@ def test_the_validation_can_fail(manifests):
 def test_the_wasm_plugins_are_what_istio_operators_need(manifests):
     digest, docs = manifests
     plugins = [d for _, d in docs if d["kind"] == "WasmPlugin"]
-    assert len(plugins) == 2
+    assert len(plugins) == 3
     for p in plugins:
         spec = p["spec"]
         assert spec["url"] == f"oci://registry.example.com/gateway-filter@{digest}", "pinned by digest"
@@ -112,6 +119,35 @@ def test_the_wasm_plugins_are_what_istio_operators_need(manifests):
     assert {"redis", "webdis", "redis-logs", "webdis-logs"} <= services, services
     sidecar = next(p for p in plugins if p["spec"].get("match"))
     assert sidecar["spec"]["match"][0]["mode"] == "SERVER"
+
+
+def test_the_waypoint_takes_the_plugin_and_reaches_its_callouts(manifests):
+    """istiod 1.28: a waypoint attaches a WasmPlugin only by targetRefs (selector ignored), never
+    with `match` ports; it builds an outbound cluster for a service only when told, here by an
+    EnvoyFilter's referenced-services annotation; webdis admits the waypoint's identity."""
+    _, docs = manifests
+    (gw,) = [d for _, d in docs if d["kind"] == "Gateway" and d["apiVersion"].startswith("gateway.networking")]
+    assert gw["spec"]["gatewayClassName"] == "istio-waypoint"
+    plugin = next(d for _, d in docs if d["kind"] == "WasmPlugin" and d["spec"].get("targetRefs"))
+    spec = plugin["spec"]
+    assert "selector" not in spec and "match" not in spec
+    assert plugin["metadata"]["namespace"] == gw["metadata"]["namespace"], "ECDS serves only the proxy's namespace"
+    assert {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gw["metadata"]["name"]} in spec["targetRefs"]
+    (ef,) = [d for _, d in docs if d["kind"] == "EnvoyFilter"]
+    assert ef["spec"]["targetRefs"] == spec["targetRefs"][:1] and not ef["spec"].get("configPatches")
+    referenced = set(ef["metadata"]["annotations"]["envoyfilter.istio.io/referenced-services"].split(","))
+    cfg = spec["pluginConfig"]
+    called = [cfg["webdis_cluster"], cfg["logs"]["store"]["cluster"]]
+    for cluster in called:
+        host = cluster.split("|")[3]
+        assert f"{host.split('.')[1]}/{host}" in referenced, (cluster, referenced)
+    env = {e["name"] for e in spec["vmConfig"]["env"]}
+    overlay = yaml.safe_load(next(d for _, d in docs if d["kind"] == "ConfigMap")["data"]["deployment"])
+    proxy = overlay["spec"]["template"]["spec"]["containers"][0]
+    assert proxy["name"] == "istio-proxy" and {e["name"] for e in proxy["env"]} >= env
+    policy = next(d for _, d in docs if d["kind"] == "AuthorizationPolicy" and d["metadata"]["name"] == "webdis-from-the-filter")
+    principals = policy["spec"]["rules"][0]["from"][0]["source"]["principals"]
+    assert f"cluster.local/ns/{gw['metadata']['namespace']}/sa/{gw['metadata']['name']}" in principals
 
 
 def _virtual_hosts(bootstrap):
@@ -146,12 +182,16 @@ def test_the_kubernetes_side_is_complete(manifests):
         by_kind.setdefault(d["kind"], []).append(d)
     # The VirtualService's gateway is shipped.
     vs = by_kind["VirtualService"][0]
-    gateways = {f"{g['metadata']['namespace']}/{g['metadata']['name']}" for g in by_kind["Gateway"]}
+    gateways = {f"{g['metadata']['namespace']}/{g['metadata']['name']}" for g in by_kind["Gateway"]
+                if g["apiVersion"].startswith("networking.istio.io")}
     assert set(vs["spec"]["gateways"]) <= gateways, (vs["spec"]["gateways"], gateways)
     # webdis answers only the filter's workloads; Redis only webdis (by service account).
     policies = {p["spec"]["selector"]["matchLabels"]["app"]: p for p in by_kind["AuthorizationPolicy"]}
     assert {"webdis", "redis", "redis-logs"} <= set(policies)
     accounts = {(a["metadata"]["namespace"], a["metadata"]["name"]) for a in by_kind["ServiceAccount"]}
+    # istiod makes a waypoint's ServiceAccount, named after its Gateway (deploymentcontroller.go).
+    accounts |= {(g["metadata"]["namespace"], g["metadata"]["name"]) for g in by_kind["Gateway"]
+                 if g["spec"].get("gatewayClassName") == "istio-waypoint"}
     deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
     for app, policy in policies.items():
         for rule in policy["spec"]["rules"]:

@@ -20,8 +20,10 @@ def canary_services():
     s.stop()
 
 
-@pytest.fixture(scope="module", params=[None, "gateway-policy"], ids=["root_id-as-shipped", "root_id-set"])
+@pytest.fixture(scope="module", params=[(None, False), ("gateway-policy", False), (None, True)],
+                ids=["root_id-as-shipped", "root_id-set", "waypoint"])
 def ig(request, services, webdis, redis, canary_services):
+    root_id, waypoint = request.param
     f = gateway_file(services.ports, free_port(), webdis.port)
     auth = services.ports["auth-service"]
     for r in f["routes"]:
@@ -33,8 +35,8 @@ def ig(request, services, webdis, redis, canary_services):
     f["jwt"]["issuers"] = [{
         "name": "demo-idp", "issuer": f"http://127.0.0.1:{auth}", "algorithms": ["RS256", "ES256", "EdDSA"],
         "remote_jwks": {"uri": f"http://127.0.0.1:{auth}/.well-known/jwks.json", "refresh_interval": 5}}]
-    g = Gateway(f, istio=NS, istio_root_id=request.param)
-    g.root_id = request.param
+    g = Gateway(f, istio=NS, istio_root_id=root_id, waypoint=waypoint)
+    g.root_id, g.waypoint = root_id, waypoint
     yield g
     g.stop()
 
@@ -43,10 +45,15 @@ def test_the_bootstrap_is_shaped_as_istiod_sends_it(ig):
     boot = json.loads(ig.envoy_yaml.read_text())
     assert any(c.startswith("outbound|") and c.endswith("||webdis.gateway.svc.cluster.local")
                for c in ig.istio_clusters)
-    assert all(c.startswith("outbound|") for c in ig.istio_clusters if c != "envoy-admin")
+    routed = "inbound-vip|" if ig.waypoint else "outbound|"
+    assert all(c.startswith(("outbound|", routed)) for c in ig.istio_clusters if c != "envoy-admin")
+    assert any(c.startswith(routed) and "user-service" in c for c in ig.istio_clusters)
     text = json.dumps(boot)
     expected_root = "" if ig.root_id is None else ig.root_id
-    assert '"name": "gateway.gateway-policy"' in text and f'"root_id": "{expected_root}"' in text
+    plugin = "gateway.gateway-policy-waypoint" if ig.waypoint else "gateway.gateway-policy"
+    assert f'"name": "{plugin}"' in text and f'"root_id": "{expected_root}"' in text
+    if ig.waypoint:
+        assert boot["node"]["id"].startswith("waypoint~") and '"use_remote_address": false' in text
     assert "FAIL_RELOAD" in text and SECRET not in text
     dump = request(ig.admin_port, "GET", "/config_dump").body.decode()
     assert SECRET not in dump
