@@ -68,6 +68,129 @@ pub struct FilterConfig {
     /// with what to do instead: this filter selects its policy per path from `routes`.
     #[serde(default, rename = "_rules_", skip_serializing_if = "Vec::is_empty")]
     pub higress_rules: Vec<serde_json::Value>,
+    /// Secrets from Envoy's SDS instead of the environment (native runtime only): each key is a
+    /// variable a `*_env` field names, its value the generic secret that holds it. Rotated
+    /// without a restart: the native module reads the secret again as Envoy delivers it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub secret_sds: std::collections::BTreeMap<String, SdsSecret>,
+}
+
+/// One `secret_sds` entry: an Envoy generic secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsSecret {
+    /// The secret's name: a static secret of Envoy's bootstrap, or the resource asked of SDS.
+    pub name: String,
+    /// A filesystem SDS file (a DiscoveryResponse holding the secret), watched for moves: it is
+    /// replaced atomically to rotate the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Any `envoy.config.core.v3.ConfigSource` (e.g. `{"ads": {}}` where Istio's or Envoy
+    /// Gateway's xDS server delivers secrets); exclusive with `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_source: Option<serde_json::Value>,
+}
+
+/// The most `secret_sds` entries.
+const MAX_SDS_SECRETS: usize = 16;
+
+impl SdsSecret {
+    /// The ConfigSource Envoy subscribes with, as JSON (empty: a static secret).
+    pub fn config_source_json(&self) -> String {
+        match (&self.path, &self.config_source) {
+            (Some(path), _) => {
+                let dir = std::path::Path::new(path)
+                    .parent()
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                serde_json::json!({"path_config_source": {"path": path, "watched_directory": {"path": dir}}})
+                    .to_string()
+            }
+            (None, Some(source)) => source.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// The `secret_sds` entries of a configuration's JSON (the native module subscribes to them
+/// before compiling it).
+pub fn secret_sds_of(json: &[u8]) -> Result<Vec<(String, SdsSecret)>, ConfigError> {
+    let raw: FilterConfig = serde_json::from_slice(json)
+        .map_err(|e| ConfigError::new("", format!("invalid filter configuration JSON: {e}")))?;
+    check_secret_sds(&raw.secret_sds)?;
+    Ok(raw.secret_sds.into_iter().collect())
+}
+
+#[cfg(test)]
+#[test]
+fn an_sds_secret_names_its_config_source() {
+    let file = |path: Option<&str>, source: Option<serde_json::Value>| SdsSecret {
+        name: "jwt".into(),
+        path: path.map(str::to_string),
+        config_source: source,
+    };
+    assert_eq!(file(None, None).config_source_json(), "");
+    let fs: serde_json::Value =
+        serde_json::from_str(&file(Some("/etc/sds/jwt.json"), None).config_source_json()).unwrap();
+    assert_eq!(
+        fs,
+        serde_json::json!({"path_config_source": {"path": "/etc/sds/jwt.json", "watched_directory": {"path": "/etc/sds"}}})
+    );
+    let ads = file(None, Some(serde_json::json!({"ads": {}}))).config_source_json();
+    assert_eq!(ads, r#"{"ads":{}}"#);
+}
+
+/// Checks `secret_sds` (field names relative to the configuration).
+fn check_secret_sds(sds: &std::collections::BTreeMap<String, SdsSecret>) -> Result<(), ConfigError> {
+    if sds.len() > MAX_SDS_SECRETS {
+        return Err(ConfigError::new(
+            "secret_sds",
+            format!("at most {MAX_SDS_SECRETS} secrets"),
+        ));
+    }
+    for (var, secret) in sds {
+        let field = format!("secret_sds.{var}");
+        let var_ok = var
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
+            && var
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            && var.len() <= 64;
+        if !var_ok {
+            return Err(ConfigError::new(
+                field,
+                "must be a variable name (A-Z, 0-9, _) a *_env field names",
+            ));
+        }
+        let name = &secret.name;
+        if name.is_empty() || name.len() > 255 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                format!("{field}.name"),
+                "must be a secret name (1 to 255 visible ASCII characters)",
+            ));
+        }
+        match (&secret.path, &secret.config_source) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(field, "give path or config_source, not both"));
+            }
+            (Some(p), None) if !p.starts_with('/') || p.ends_with('/') => {
+                return Err(ConfigError::new(
+                    format!("{field}.path"),
+                    "must be an absolute file path",
+                ));
+            }
+            (None, Some(v)) if !v.is_object() => {
+                return Err(ConfigError::new(
+                    format!("{field}.config_source"),
+                    "must be an object (an envoy.config.core.v3.ConfigSource)",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The most `routing_headers` entries.
@@ -190,6 +313,8 @@ pub struct Config {
     pub webdis_authority: Option<String>,
     /// Lowercased: see [`FilterConfig::routing_headers`].
     pub routing_headers: Option<Vec<String>>,
+    /// The variables `secret_sds` gives from Envoy's SDS (native runtime only).
+    pub secret_sds: Vec<String>,
 }
 
 impl Config {
@@ -352,6 +477,7 @@ impl Config {
                 ),
             ));
         }
+        check_secret_sds(&raw.secret_sds)?;
         if let Some(list) = &raw.routing_headers {
             if list.len() > MAX_ROUTING_HEADERS {
                 return Err(ConfigError::new(
@@ -461,6 +587,7 @@ impl Config {
                 .routing_headers
                 .as_ref()
                 .map(|l| l.iter().map(|h| h.to_ascii_lowercase()).collect()),
+            secret_sds: raw.secret_sds.keys().cloned().collect(),
         })
     }
 }
@@ -661,6 +788,30 @@ mod tests {
                 "slots",
                 Box::new(|v| v["gateway"]["rate_limit"] = serde_json::json!({"ip_slots": 0})),
                 "gateway.rate_limit.ip_slots: must be 1 to 1000000",
+            ),
+            (
+                "sds variable",
+                Box::new(|v| v["secret_sds"] = serde_json::json!({"jwt_secret": {"name": "s"}})),
+                "secret_sds.jwt_secret: must be a variable name",
+            ),
+            (
+                "sds both sources",
+                Box::new(
+                    |v| v["secret_sds"] = serde_json::json!({"JWT_SECRET": {"name": "s", "path": "/a/b.json", "config_source": {"ads": {}}}}),
+                ),
+                "secret_sds.JWT_SECRET: give path or config_source, not both",
+            ),
+            (
+                "sds relative path",
+                Box::new(|v| {
+                    v["secret_sds"] = serde_json::json!({"JWT_SECRET": {"name": "s", "path": "b.json"}})
+                }),
+                "secret_sds.JWT_SECRET.path: must be an absolute file path",
+            ),
+            (
+                "sds empty name",
+                Box::new(|v| v["secret_sds"] = serde_json::json!({"JWT_SECRET": {"name": ""}})),
+                "secret_sds.JWT_SECRET.name: must be a secret name",
             ),
             (
                 "hops",

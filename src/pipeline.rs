@@ -145,6 +145,14 @@ fn unix_seconds(ms: u64) -> i64 {
 }
 
 impl Gateway {
+    /// Takes the same configuration with other secrets (the native runtime's SDS rotation):
+    /// compiled from the same JSON, so its routes, issuers and settings are the ones the VM's
+    /// state is sized to. Tokens verified with the old secrets are checked again.
+    pub fn rotate_secrets(&mut self, config: Config) {
+        self.config = Rc::new(config);
+        self.tokens = TokenCache::default();
+    }
+
     /// Builds the VM's gateway: defines the metrics and pre-creates every rate-limit key.
     pub fn new(config: Config, host: &mut dyn Host) -> Result<Self, String> {
         let metrics = Metrics::define(&config, host)?;

@@ -655,3 +655,5 @@ pub fn log(level: u32, message: &str) {
 
 mod network;
 pub use network::*;
+mod secrets;
+pub use secrets::*;

@@ -23,6 +23,8 @@ pub(crate) enum Deferred {
 }
 
 pub(crate) struct HostState {
+    /// The SDS secrets' values this worker's configuration was compiled with.
+    pub(crate) secret_values: Vec<Vec<u8>>,
     pub(crate) metrics: Arc<MetricTable>,
     /// This worker's copy of the metric entries it has used (no lock per increment).
     pub(crate) metric_cache: HashMap<u32, Arc<MetricEntry>>,
@@ -73,6 +75,7 @@ impl HostState {
             inbox: Arc::new(Mutex::new(Vec::new())),
             ticking,
             relayed: HashMap::new(),
+            secret_values: Vec::new(),
         }
     }
 

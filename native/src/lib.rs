@@ -46,6 +46,7 @@ mod http;
 mod metrics;
 mod network;
 mod registry;
+mod secrets;
 mod shared;
 mod worker;
 
@@ -71,6 +72,7 @@ const ROOT: u32 = 1;
 use host::*;
 use metrics::*;
 use registry::*;
+use secrets::*;
 use shared::*;
 use worker::*;
 

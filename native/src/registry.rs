@@ -17,6 +17,8 @@ pub(crate) struct FilterConfig {
     /// Tells this configuration's gateways apart from another's (after a reload both live).
     pub(crate) generation: u64,
     pub(crate) json: Vec<u8>,
+    /// `secret_sds`: its subscriptions (see [`Secrets`]).
+    pub(crate) secrets: Secrets,
     pub(crate) metrics: Arc<MetricTable>,
     pub(crate) ticking: Arc<Ticking>,
 }
@@ -53,7 +55,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 ) -> *const c_void {
     guard("config_new", std::ptr::null(), || {
         let json = abi::hook_bytes(config);
-        let cfg = match Config::from_json(&json) {
+        let secrets = match Secrets::subscribe(EnvoyConfig(envoy), &json) {
+            Ok(s) => s,
+            Err(e) => {
+                abi::log(4, &format!("gateway filter: invalid configuration: {e}"));
+                return std::ptr::null();
+            }
+        };
+        // Values SDS has delivered already become the last good ones (see `Secrets`).
+        if !secrets.is_empty() {
+            let _ = secrets.compile_or_last_good(&json, &secrets.values());
+        }
+        let cfg = match secrets.compile(&json, &secrets.values(), true) {
             Ok(c) => c,
             Err(e) => {
                 abi::log(4, &format!("gateway filter: invalid configuration: {e}"));
@@ -104,6 +117,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         let config = FilterConfig {
             generation,
             json,
+            secrets,
             metrics: Arc::new(host.table),
             ticking,
         };

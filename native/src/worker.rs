@@ -25,8 +25,13 @@ pub(crate) fn worker_for<'a>(
 }
 
 pub(crate) fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
-    let cfg = Config::from_json(&config.json).map_err(|e| format!("invalid configuration: {e}"))?;
+    let values = config.secrets.values();
+    let cfg = config
+        .secrets
+        .compile_or_last_good(&config.json, &values)
+        .map_err(|e| format!("invalid configuration: {e}"))?;
     let mut host = HostState::new(Arc::clone(&config.metrics), Arc::clone(&config.ticking));
+    host.secret_values = values;
     host.reroute_on_write = cfg.routing_headers.is_none();
     let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
     // Records go to the main thread's gateway, which summarises refusals on its timer.
@@ -59,6 +64,7 @@ pub(crate) fn with_worker<R>(config: &FilterConfig, f: impl FnOnce(&mut Worker) 
         };
         // Left over only if an earlier hook panicked: those streams may be gone now.
         worker.host.deferred.clear();
+        secrets::refresh(worker, config);
         let Worker { gateway, host } = &mut *worker;
         take_inbox(gateway, host);
         let result = f(worker);

@@ -140,6 +140,9 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         clusters.push(cluster);
     }
     let mut bootstrap = json!({
+        // Envoy's SDS subscriptions (the native module's `secret_sds`) need a node id and
+        // cluster (`Config::Utility::checkLocalInfo`).
+        "node": {"id": file.filter.gateway.name, "cluster": file.filter.gateway.name},
         "overload_manager": overload(g, &listener_budgets),
         "stats_config": {"stats_tags": stats_tags()},
         "admin": {"address": admin_address},
