@@ -108,6 +108,24 @@ def test_a_secret_value_that_cannot_be_used_keeps_the_last_one(services, sds_fil
 
 
 @pytest.mark.skipif(RUNTIME != "native", reason="the .wasm refuses secret_sds")
+def test_a_static_secret_of_the_bootstrap(services):
+    f = gateway_file(services.ports, free_port())
+    f["secret_sds"] = {"JWT_SECRET": {"name": "jwt-static"}}
+
+    def with_secret(boot):
+        boot["static_resources"]["secrets"] = [{"name": "jwt-static",
+                                                "generic_secret": {"secret": {"inline_string": OLD}}}]
+        return boot
+
+    g = Gateway(f, shape=with_secret)
+    try:
+        assert g.get("/api/v1/users/1", bearer(signed(OLD))).status == 200
+        assert g.get("/api/v1/users/1", bearer(signed(SECRET))).status == 401
+    finally:
+        g.stop()
+
+
+@pytest.mark.skipif(RUNTIME != "native", reason="the .wasm refuses secret_sds")
 def test_an_unknown_static_secret_is_refused_naming_the_field(services):
     f = gateway_file(services.ports, free_port())
     f["secret_sds"] = {"JWT_SECRET": {"name": "no-such-secret"}}
