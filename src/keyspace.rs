@@ -15,6 +15,9 @@
 use crate::config::Config;
 use crate::error::ConfigError;
 
+/// The key the start-up probe writes to find out whether the host has shared data.
+pub const PROBE_KEY: &str = "gw:probe";
+
 /// Keys numbered `prefix0` to `prefix<count - 1>`, sized by one configuration field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Family {
@@ -27,7 +30,7 @@ pub struct Family {
 /// numbered families.
 pub fn keys(config: &Config) -> (Vec<(String, String)>, Vec<Family>) {
     let mut named: Vec<(String, String)> = vec![
-        ("(always)".into(), crate::pipeline::PROBE_KEY.into()),
+        ("(always)".into(), PROBE_KEY.into()),
         ("(always)".into(), crate::ratelimit::SEED_KEY.into()),
     ];
     let mut families = Vec::new();

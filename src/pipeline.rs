@@ -23,6 +23,7 @@ use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
 use crate::host::{Callout, DispatchError, Host, LocalStore, LogLevel, MetricKind, SharedStore};
 use crate::jwt::{KeyContext, KeySet, TokenCache};
+use crate::keyspace::PROBE_KEY;
 use crate::outcome::Outcome;
 use crate::policy::{self, Caller, Endpoint, EndpointKind, Refused, Target};
 use crate::ratelimit::lease::Leases;
@@ -136,9 +137,6 @@ fn with_keys<R>(
         may_verify,
     })
 }
-
-/// The key the start-up probe writes to find out whether the host has shared data.
-pub(crate) const PROBE_KEY: &str = "gw:probe";
 
 fn unix_seconds(ms: u64) -> i64 {
     i64::try_from(ms / 1000).unwrap_or(i64::MAX)
