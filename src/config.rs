@@ -71,8 +71,10 @@ pub struct FilterConfig {
     /// Secrets from Envoy's SDS instead of the environment (native runtime only): each key is a
     /// variable a `*_env` field names, its value the generic secret that holds it. Rotated
     /// without a restart: the native module reads the secret again as Envoy delivers it.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub secret_sds: std::collections::BTreeMap<String, SdsSecret>,
+    /// Kept as JSON here and read into [`SdsSecret`]s only where they can be used (the native
+    /// module, the renderer): the `.wasm` refuses it whole, without the code to read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_sds: Option<serde_json::Value>,
 }
 
 /// One `secret_sds` entry: an Envoy generic secret.
@@ -92,6 +94,7 @@ pub struct SdsSecret {
 }
 
 /// The most `secret_sds` entries.
+#[cfg(not(target_arch = "wasm32"))]
 const MAX_SDS_SECRETS: usize = 16;
 
 impl SdsSecret {
@@ -114,11 +117,44 @@ impl SdsSecret {
 
 /// The `secret_sds` entries of a configuration's JSON (the native module subscribes to them
 /// before compiling it).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn secret_sds_of(json: &[u8]) -> Result<Vec<(String, SdsSecret)>, ConfigError> {
     let raw: FilterConfig = serde_json::from_slice(json)
         .map_err(|e| ConfigError::new("", format!("invalid filter configuration JSON: {e}")))?;
-    check_secret_sds(&raw.secret_sds)?;
-    Ok(raw.secret_sds.into_iter().collect())
+    Ok(parse_secret_sds(raw.secret_sds.as_ref())?.into_iter().collect())
+}
+
+/// Reads and checks `secret_sds` (native builds: the module and the renderer).
+#[cfg(not(target_arch = "wasm32"))]
+fn parse_secret_sds(
+    value: Option<&serde_json::Value>,
+) -> Result<std::collections::BTreeMap<String, SdsSecret>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(Default::default());
+    };
+    let sds: std::collections::BTreeMap<String, SdsSecret> =
+        serde_json::from_value(value.clone()).map_err(|e| ConfigError::new("secret_sds", e.to_string()))?;
+    check_secret_sds(&sds)?;
+    Ok(sds)
+}
+
+/// The variables `secret_sds` gives (checked).
+#[cfg(not(target_arch = "wasm32"))]
+fn sds_vars(value: Option<&serde_json::Value>) -> Result<Vec<String>, ConfigError> {
+    Ok(parse_secret_sds(value)?.into_keys().collect())
+}
+
+/// The `.wasm` cannot read Envoy's secrets: `secret_sds` is refused whole.
+#[cfg(target_arch = "wasm32")]
+fn sds_vars(value: Option<&serde_json::Value>) -> Result<Vec<String>, ConfigError> {
+    match value.and_then(|v| v.as_object()).and_then(|m| m.keys().next()) {
+        None if value.is_none_or(|v| v.as_object().is_some_and(|m| m.is_empty())) => Ok(Vec::new()),
+        var => Err(ConfigError::new(
+            format!("secret_sds.{}", var.map_or("", |v| v.as_str())).trim_end_matches('.'),
+            "the .wasm cannot read Envoy's secrets (proxy-wasm has no secret ABI): give it through the \
+             environment (*_env), or load the native module",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -141,6 +177,7 @@ fn an_sds_secret_names_its_config_source() {
 }
 
 /// Checks `secret_sds` (field names relative to the configuration).
+#[cfg(not(target_arch = "wasm32"))]
 fn check_secret_sds(sds: &std::collections::BTreeMap<String, SdsSecret>) -> Result<(), ConfigError> {
     if sds.len() > MAX_SDS_SECRETS {
         return Err(ConfigError::new(
@@ -313,8 +350,6 @@ pub struct Config {
     pub webdis_authority: Option<String>,
     /// Lowercased: see [`FilterConfig::routing_headers`].
     pub routing_headers: Option<Vec<String>>,
-    /// The variables `secret_sds` gives from Envoy's SDS (native runtime only).
-    pub secret_sds: Vec<String>,
 }
 
 impl Config {
@@ -477,7 +512,8 @@ impl Config {
                 ),
             ));
         }
-        check_secret_sds(&raw.secret_sds)?;
+        // Checked here (the native module reads the entries again to subscribe to them).
+        sds_vars(raw.secret_sds.as_ref())?;
         if let Some(list) = &raw.routing_headers {
             if list.len() > MAX_ROUTING_HEADERS {
                 return Err(ConfigError::new(
@@ -587,7 +623,6 @@ impl Config {
                 .routing_headers
                 .as_ref()
                 .map(|l| l.iter().map(|h| h.to_ascii_lowercase()).collect()),
-            secret_sds: raw.secret_sds.keys().cloned().collect(),
         })
     }
 }

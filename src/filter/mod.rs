@@ -364,13 +364,6 @@ impl RootContext for Root {
                 return false;
             }
         };
-        if let Some(var) = cfg.secret_sds.first() {
-            error!(
-                "gateway filter: invalid configuration: secret_sds.{var}: the .wasm cannot read Envoy's secrets \
-                 (proxy-wasm has no secret ABI): give it through the environment (*_env), or load the native module"
-            );
-            return false;
-        }
 
         info!(
             "gateway filter configured: {} routes, jwt {}, revocation {}, log store {}",
