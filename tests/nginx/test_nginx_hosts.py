@@ -263,14 +263,14 @@ def test_a_forged_gateway_header_is_never_forwarded(stack, name):
     # Envoy (two copies sent).
     kong, _, _ = stack
     for path, headers in (("/api/v1/products/1", []), ("/api/v1/users/1", bearer(token(sub="user-007")))):
-        r = kong.get(path, headers + [(name, "admin"), (name.lower(), "admin")])
+        r = kong.get(path, headers + [(name, "forged"), (name.lower(), "forged")])
         if kong.host == "kong":
             assert r.status == 400, r
             assert "is set by the gateway" in body(r)["message"], r
         else:
             assert r.status == 200, r
             seen = {k.lower(): v for k, v in body(r)["headers"].items()}
-            assert seen.get(name.lower()) != "admin", seen
+            assert "forged" not in seen.get(name.lower(), ""), seen
 
 
 def test_logout_revokes_through_webdis_and_redis(stack):
