@@ -22,7 +22,9 @@ file) and maps it onto Envoy Gateway's API, as Envoy Gateway's translator would 
   (`EnvoyProxy.spec.bootstrap.type: Merge`, internal/xds/bootstrap/util.go mergeBootstrap):
   Envoy Gateway makes no cluster for a Service no route points at, and names those it makes
   after routes;
-- the stats tags that keep the filter's metric labels are merged into the bootstrap too;
+- the stats tags that keep the filter's metric labels are merged into the bootstrap too, and a
+  runtime layer: the callout reply limit, and the native module's metric names without Envoy's
+  `dynamicmodulescustom` prefix (without it they are `envoy_dynamicmodulescustom_gateway_*`);
 - the filter's configuration goes as the policy's JSON `config`, which Envoy Gateway hands over
   as a `google.protobuf.StringValue` (wasm.go wasmConfig, dynamicmodule.go).
 Retries are not mapped: Envoy Gateway takes them from a BackendTrafficPolicy.
@@ -127,9 +129,21 @@ def callout_clusters(bootstrap: dict, ns: str) -> list:
     return out
 
 
-def envoyproxy(bootstrap: dict, ns: str, env_keys: list) -> dict:
+def runtime_layer(bootstrap: dict) -> dict:
+    """The gateway file's runtime keys that hold on any listener: the callout reply limit and,
+    for the native module, metric names without Envoy's `dynamicmodulescustom` prefix (the
+    listener connection limits name the renderer's listeners and are left out)."""
+    keys = {}
+    for layer in bootstrap.get("layered_runtime", {}).get("layers", []):
+        keys.update({k: v for k, v in layer.get("static_layer", {}).items()
+                     if not k.startswith("envoy.resource_limits.listener.")})
+    return {"name": "gateway-filter", "static_layer": keys}
+
+
+def envoyproxy(bootstrap: dict, native_boot: dict, ns: str, env_keys: list) -> dict:
     merge = {"static_resources": {"clusters": callout_clusters(bootstrap, ns)},
-             "stats_config": {"stats_tags": bootstrap["stats_config"]["stats_tags"]}}
+             "stats_config": {"stats_tags": bootstrap["stats_config"]["stats_tags"]},
+             "layered_runtime": {"layers": [runtime_layer(native_boot)]}}
     container = {
         "image": "envoyproxy/envoy:distroless-v1.40.0",
         "env": [{"name": k, "valueFrom": {"secretKeyRef": {"name": "gateway-filter-env", "key": k}}}
@@ -208,7 +222,7 @@ def manifests(config: Path, ns: str) -> dict:
     w, n, env_keys = policies(wasm_boot, native_boot, ns)
     return {
         "routes.yaml": routes(wasm_boot, ns),
-        "envoyproxy.yaml": [envoyproxy(wasm_boot, ns, env_keys)],
+        "envoyproxy.yaml": [envoyproxy(wasm_boot, native_boot, ns, env_keys)],
         "policy-wasm.yaml": [w],
         "policy-native.yaml": [n],
     }

@@ -97,7 +97,8 @@ pub trait Host: SharedStore {
 
     fn request_headers(&mut self) -> Option<Vec<HeaderPair>>;
     /// Sets (`Some`) or removes (`None`) a request header.
-    fn set_request_header(&mut self, name: &str, value: Option<&str>);
+    /// Sets (`Some`) or removes (`None`) a request header; false when the host refused.
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool;
     fn set_response_header(&mut self, name: &str, value: &str);
     fn response_status(&mut self) -> Option<u16>;
     /// The downstream peer, `ip:port`.
@@ -322,6 +323,8 @@ pub mod fake {
         pub keeps_removed_headers: bool,
         /// Shared-data keys told apart by CRC32 alone (Kong).
         pub keys_by_crc32: bool,
+        /// The host refuses to remove request headers (an APISIX error, say).
+        pub refuse_header_removal: bool,
         /// The host's signature check (none by default, as on hosts without one).
         pub native: Option<crate::jwt::native::HostCheckFn>,
         pub native_calls: u32,
@@ -436,8 +439,11 @@ pub mod fake {
             self.call("request_headers");
             Some(self.cur().headers.clone())
         }
-        fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
             self.call("set_request_header");
+            if value.is_none() && self.refuse_header_removal {
+                return false;
+            }
             let ctx = self.current;
             let r = self.cur();
             assert!(
@@ -452,6 +458,7 @@ pub mod fake {
             if let Some(v) = value {
                 r.headers.push((name.to_string(), v.as_bytes().to_vec()));
             }
+            true
         }
         fn set_response_header(&mut self, name: &str, value: &str) {
             self.call("set_response_header");

@@ -89,7 +89,9 @@ pub fn keys(config: &Config) -> (Vec<(String, String)>, Vec<Family>) {
             named.push((field, crate::jwt::remote::lease_key(&issuer.name)));
         }
     }
-    named.dedup_by(|a, b| a.1 == b.1);
+    // One entry per key (two cluster-wide routes share the leader key, say).
+    let mut seen = std::collections::BTreeSet::new();
+    named.retain(|(_, key)| seen.insert(key.clone()));
     (named, families)
 }
 
@@ -103,36 +105,38 @@ pub fn check_kong(config: &Config) -> Result<(), ConfigError> {
         true
     });
     sums.sort_unstable();
-    let Some(dup) = sums
+    // Every CRC32 that occurs twice, lowest first; the first one that two distinct keys share
+    // is reported (the same key twice is not a collision).
+    let mut dups: Vec<u32> = sums
         .windows(2)
-        .find(|w| w.first() == w.get(1))
-        .and_then(|w| w.first().copied())
-    else {
-        return Ok(());
-    };
+        .filter_map(|w| (w.first() == w.get(1)).then(|| w.first().copied()).flatten())
+        .collect();
     drop(sums);
-    let mut found: Vec<(String, String)> = Vec::with_capacity(2);
-    each_key(&named, &families, |field, key, crc| {
-        if crc == dup && !found.iter().any(|(_, k)| k == key) {
-            found.push((field.to_string(), key.to_string()));
+    dups.dedup();
+    for dup in dups {
+        let mut found: Vec<(String, String)> = Vec::with_capacity(2);
+        each_key(&named, &families, |field, key, crc| {
+            if crc == dup && !found.iter().any(|(_, k)| k == key) {
+                found.push((field.to_string(), key.to_string()));
+            }
+            found.len() < 2
+        });
+        if let (Some((f1, k1)), Some((f2, k2))) = (found.first(), found.get(1)) {
+            let fields = if f1 == f2 {
+                f1.clone()
+            } else {
+                format!("{f1} or {f2}")
+            };
+            return Err(ConfigError::new(
+                f2.as_str(),
+                format!(
+                    "shared-data keys {k1} ({f1}) and {k2} ({f2}) have the same CRC32, which Kong's shared memory \
+                     takes for one key; change {fields}"
+                ),
+            ));
         }
-        found.len() < 2
-    });
-    let (Some((f1, k1)), Some((f2, k2))) = (found.first(), found.get(1)) else {
-        return Ok(());
-    };
-    let fields = if f1 == f2 {
-        f1.clone()
-    } else {
-        format!("{f1} or {f2}")
-    };
-    Err(ConfigError::new(
-        f2.as_str(),
-        format!(
-            "shared-data keys {k1} ({f1}) and {k2} ({f2}) have the same CRC32, which Kong's shared memory \
-             takes for one key; change {fields} (any other count avoids this pair)"
-        ),
-    ))
+    }
+    Ok(())
 }
 
 /// Calls `f(field, key, crc32)` for every key until it returns false.
@@ -228,6 +232,23 @@ mod tests {
             "routes": [{"name": "orders", "prefix": "/orders",
                         "rate_limit": {"enabled": true, "max_calls": 10, "period": 1}}]
         })
+    }
+
+    #[test]
+    fn a_key_two_routes_share_does_not_hide_a_collision() {
+        let mut v = limited(16_384, 964_063);
+        v["routes"] = json!([
+            {"name": "a", "prefix": "/a", "rate_limit": {"enabled": true, "max_calls": 10, "period": 1, "cluster_wide": true}},
+            {"name": "b", "prefix": "/b", "rate_limit": {"enabled": true, "max_calls": 10, "period": 1, "cluster_wide": true}}
+        ]);
+        let c = config(v);
+        let (named, _) = keys(&c);
+        assert_eq!(named.iter().filter(|(_, k)| k.ends_with(":leader")).count(), 1);
+        let err = check_kong(&c).unwrap_err().to_string();
+        assert!(
+            err.contains("gw:rv:964062") && err.contains("gw:ban:88088"),
+            "{err}"
+        );
     }
 
     #[test]

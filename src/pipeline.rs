@@ -439,7 +439,14 @@ impl Gateway {
                 return self.reply(req, reply, host);
             }
         }
-        apply(forward, self.config.routing_headers.as_deref(), host);
+        if let Err(name) = apply(forward, self.config.routing_headers.as_deref(), host) {
+            host.log(
+                LogLevel::Error,
+                &format!("the host did not remove the client's {name}: request refused"),
+            );
+            let reply = Reply::refuse(Outcome::Internal, message::INTERNAL, &req.trace.trace_id);
+            return self.reply(req, reply, host);
+        }
         Flow::Continue
     }
 
@@ -493,9 +500,13 @@ impl Gateway {
 /// Applies the decided request-header changes, one write per header: a whole-map write
 /// (`proxy_set_header_map_pairs`) makes fewer host calls but measured slower in Envoy (it removes
 /// and re-adds every header; README "Per-request cost").
-fn apply(forward: &policy::Forward, routing: Option<&[String]>, host: &mut dyn Host) {
+/// Applies the header changes; `Err` names a gateway-owned header the host would not remove
+/// (a client's copy that would reach the upstream).
+fn apply(forward: &policy::Forward, routing: Option<&[String]>, host: &mut dyn Host) -> Result<(), String> {
     for name in &forward.remove {
-        host.set_request_header(name, None);
+        if !host.set_request_header(name, None) && policy::gateway_owned(name) {
+            return Err(name.clone());
+        }
     }
     for (name, value) in &forward.set {
         host.set_request_header(name, Some(value));
@@ -518,6 +529,7 @@ fn apply(forward: &policy::Forward, routing: Option<&[String]>, host: &mut dyn H
     {
         host.clear_route_cache();
     }
+    Ok(())
 }
 
 #[cfg(test)]

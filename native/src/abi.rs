@@ -378,7 +378,8 @@ pub fn header(filter: EnvoyFilter, header_type: u32, name: &str) -> Option<Vec<u
 }
 
 /// Sets (replaces every value of) a header; `None` removes it.
-pub fn set_header(filter: EnvoyFilter, header_type: u32, name: &str, value: Option<&str>) {
+/// Sets (`Some`) or removes (`None`) a header; false when Envoy has no such header map now.
+pub fn set_header(filter: EnvoyFilter, header_type: u32, name: &str, value: Option<&str>) -> bool {
     let value = value.map_or(ModuleBuffer::EMPTY, |v| ModuleBuffer::of(v.as_bytes()));
     // SAFETY: live stream pointer; both buffers describe live data Envoy copies.
     unsafe {
@@ -387,7 +388,7 @@ pub fn set_header(filter: EnvoyFilter, header_type: u32, name: &str, value: Opti
             header_type,
             ModuleBuffer::of(name.as_bytes()),
             value,
-        );
+        )
     }
 }
 

@@ -23,8 +23,10 @@ pub(crate) enum Deferred {
 }
 
 pub(crate) struct HostState {
-    /// The SDS secrets' values this worker's configuration was compiled with.
-    pub(crate) secret_values: Vec<Vec<u8>>,
+    /// The SDS secrets' values this worker last read, and those its configuration was compiled
+    /// with (they differ while a new value cannot be used).
+    pub(crate) secrets_seen: Vec<Vec<u8>>,
+    pub(crate) secrets_running: Vec<Vec<u8>>,
     pub(crate) metrics: Arc<MetricTable>,
     /// This worker's copy of the metric entries it has used (no lock per increment).
     pub(crate) metric_cache: HashMap<u32, Arc<MetricEntry>>,
@@ -75,7 +77,8 @@ impl HostState {
             inbox: Arc::new(Mutex::new(Vec::new())),
             ticking,
             relayed: HashMap::new(),
-            secret_values: Vec::new(),
+            secrets_seen: Vec::new(),
+            secrets_running: Vec::new(),
         }
     }
 
@@ -218,14 +221,18 @@ impl Host for NativeHost<'_> {
         abi::headers(self.state.current?, abi::REQUEST_HEADER)
     }
 
-    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
-        if let Some(f) = self.state.current {
-            abi::set_header(f, abi::REQUEST_HEADER, name, value);
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
+        let Some(f) = self.state.current else {
+            return false;
+        };
+        {
+            let done = abi::set_header(f, abi::REQUEST_HEADER, name, value);
             // With `routing_headers` the gateway asks for a new pick itself (`clear_route_cache`)
             // when it wrote a header a route matches on; else after any header written.
             if self.state.reroute_on_write {
                 self.state.clear_route_later(f);
             }
+            done
         }
     }
 
@@ -397,7 +404,9 @@ impl Host for DefiningHost {
     fn request_headers(&mut self) -> Option<Vec<(String, Vec<u8>)>> {
         None
     }
-    fn set_request_header(&mut self, _: &str, _: Option<&str>) {}
+    fn set_request_header(&mut self, _: &str, _: Option<&str>) -> bool {
+        false
+    }
     fn set_response_header(&mut self, _: &str, _: &str) {}
     fn response_status(&mut self) -> Option<u16> {
         None

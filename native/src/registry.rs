@@ -64,7 +64,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         };
         // Values SDS has delivered already become the last good ones (see `Secrets`).
         if !secrets.is_empty() {
-            let _ = secrets.compile_or_last_good(&json, &secrets.values());
+            let _ = secrets.resolve(&json, &secrets.values());
         }
         let cfg = match secrets.compile(&json, &secrets.values(), true) {
             Ok(c) => c,

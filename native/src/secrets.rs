@@ -10,15 +10,25 @@ use gateway_filter::error::ConfigError;
 
 /// Stands in, while the configuration is validated at creation, for a secret SDS has not
 /// delivered yet; never used to verify anything (each worker compiles with the real values).
-const PENDING: &str = "sds-secret-not-yet-delivered-placeholder";
+/// It has the `user:password` shape webdis credentials need.
+const PENDING: &str = "sds-secret-pending:not-yet-delivered";
 
-/// The configuration's subscriptions: the variable each gives, and Envoy's id for it.
+/// The last value of each secret (by name and source) that a configuration compiled with, for
+/// the whole process: a worker, or a configuration created after a reload, that sees a value
+/// that cannot be used (emptied, not UTF-8) compiles with this one instead.
+static LAST_GOOD: LazyLock<Mutex<HashMap<String, Vec<u8>>>> = LazyLock::new(Mutex::default);
+
+/// One subscription: the variable it gives, Envoy's id, and its key in [`LAST_GOOD`].
+struct Subscription {
+    var: String,
+    id: usize,
+    key: String,
+}
+
+/// The configuration's subscriptions.
 pub(crate) struct Secrets {
     envoy: EnvoyConfig,
-    subscribed: Vec<(String, usize)>,
-    /// The last values a configuration compiled with, shared by the workers: a worker that
-    /// starts after a value that cannot be used arrived compiles with these.
-    last_good: Mutex<Option<Vec<Vec<u8>>>>,
+    subscribed: Vec<Subscription>,
 }
 
 impl Secrets {
@@ -40,13 +50,10 @@ impl Secrets {
                     )
                 }
             })?;
-            subscribed.push((var, id));
+            let key = format!("{}\n{source}", secret.name);
+            subscribed.push(Subscription { var, id, key });
         }
-        Ok(Secrets {
-            envoy,
-            subscribed,
-            last_good: Mutex::new(None),
-        })
+        Ok(Secrets { envoy, subscribed })
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -57,40 +64,47 @@ impl Secrets {
     pub(crate) fn values(&self) -> Vec<Vec<u8>> {
         self.subscribed
             .iter()
-            .map(|(_, id)| abi::secret(self.envoy, *id).unwrap_or_default())
+            .map(|s| abi::secret(self.envoy, s.id).unwrap_or_default())
             .collect()
     }
 
-    /// Compiles `json` with `values`; on success they are the last good ones. A value that
-    /// cannot be used falls back to the last good values, if any.
-    pub(crate) fn compile_or_last_good(
+    /// Compiles `json` with the `observed` values; they become the last good ones. If they do
+    /// not compile, each value that differs from its secret's last good one is replaced by it
+    /// and the configuration compiled with those. Returns the configuration and the values it
+    /// was compiled with.
+    pub(crate) fn resolve(
         &self,
         json: &[u8],
-        values: &[Vec<u8>],
-    ) -> Result<Config, ConfigError> {
-        match self.compile(json, values, false) {
+        observed: &[Vec<u8>],
+    ) -> Result<(Config, Vec<Vec<u8>>), ConfigError> {
+        let error = match self.compile(json, observed, false) {
             Ok(cfg) => {
-                if let Ok(mut good) = self.last_good.lock() {
-                    *good = Some(values.to_vec());
-                }
-                Ok(cfg)
-            }
-            Err(e) => {
-                let good = self.last_good.lock().ok().and_then(|g| g.clone());
-                match good {
-                    Some(good) if good.as_slice() != values => {
-                        abi::log(
-                            4,
-                            &format!(
-                                "gateway filter: an SDS secret value is refused, the last one kept: {e}"
-                            ),
-                        );
-                        self.compile(json, &good, false)
+                if let Ok(mut good) = LAST_GOOD.lock() {
+                    for (s, v) in self.subscribed.iter().zip(observed) {
+                        good.insert(s.key.clone(), v.clone());
                     }
-                    _ => Err(e),
                 }
+                return Ok((cfg, observed.to_vec()));
             }
+            Err(e) => e,
+        };
+        let fallback: Vec<Vec<u8>> = match LAST_GOOD.lock() {
+            Ok(good) => self
+                .subscribed
+                .iter()
+                .zip(observed)
+                .map(|(s, v)| good.get(&s.key).cloned().unwrap_or_else(|| v.clone()))
+                .collect(),
+            Err(_) => return Err(error),
+        };
+        if fallback.as_slice() == observed {
+            return Err(error);
         }
+        abi::log(
+            4,
+            &format!("gateway filter: an SDS secret value is refused, the last good one kept: {error}"),
+        );
+        self.compile(json, &fallback, false).map(|cfg| (cfg, fallback))
     }
 
     /// Compiles `json` with these values for the subscribed variables (the environment for the
@@ -103,7 +117,7 @@ impl Secrets {
         pending: bool,
     ) -> Result<Config, ConfigError> {
         let env = |var: &str| -> Option<String> {
-            match self.subscribed.iter().position(|(v, _)| v == var) {
+            match self.subscribed.iter().position(|s| s.var == var) {
                 Some(i) => match values.get(i).map(|v| std::str::from_utf8(v)) {
                     Some(Ok("")) | None if pending => Some(PENDING.to_string()),
                     Some(Ok("")) | None => None,
@@ -117,39 +131,31 @@ impl Secrets {
     }
 }
 
-/// Before a worker's gateway runs: if a secret changed since it compiled its configuration,
-/// compiles it again with the new values and hands it over (in-flight requests keep their
-/// state; tokens verified with the old secret are checked again). A value that does not
-/// compile (e.g. not UTF-8) keeps the old configuration and is logged once per value.
+/// Before a worker's gateway runs: when a secret's value on this thread changed since the
+/// worker last looked, resolves the configuration again (the new values, or the last good ones
+/// where a new value cannot be used) and, if that changes what the worker runs, hands it over
+/// in place (in-flight requests keep their state; tokens verified with the old secret are
+/// checked again).
 pub(crate) fn refresh(worker: &mut Worker, config: &FilterConfig) {
     if config.secrets.is_empty() {
         return;
     }
-    let values = config.secrets.values();
-    if values == worker.host.secret_values {
+    let observed = config.secrets.values();
+    if observed == worker.host.secrets_seen {
         return;
     }
-    let changed = match config.secrets.compile(&config.json, &values, false) {
-        Ok(cfg) => {
-            worker.gateway.rotate_secrets(cfg);
-            if let Ok(mut good) = config.secrets.last_good.lock() {
-                *good = Some(values.clone());
+    match config.secrets.resolve(&config.json, &observed) {
+        Ok((cfg, used)) => {
+            if used != worker.host.secrets_running {
+                worker.gateway.rotate_secrets(cfg);
+                worker.host.secrets_running = used;
+                abi::log(
+                    2,
+                    "gateway filter: secrets from SDS changed: configuration compiled again",
+                );
             }
-            true
         }
-        Err(e) => {
-            abi::log(
-                4,
-                &format!("gateway filter: an SDS secret value is refused, the last one kept: {e}"),
-            );
-            false
-        }
-    };
-    if changed {
-        abi::log(
-            2,
-            "gateway filter: secrets from SDS changed: configuration compiled again",
-        );
+        Err(e) => abi::log(4, &format!("gateway filter: an SDS secret value is refused: {e}")),
     }
-    worker.host.secret_values = values;
+    worker.host.secrets_seen = observed;
 }

@@ -16,7 +16,20 @@ pub(crate) fn worker_for<'a>(
     if !workers.contains_key(&config.generation) {
         let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
         workers.retain(|generation, _| live.contains(generation));
-        let worker = build_worker(config)?;
+        // A configuration that cannot be built (an SDS secret not usable yet) is tried again
+        // at most every BUILD_RETRY_MS, not compiled on every request meanwhile.
+        let now = now_ms();
+        let recent = BUILD_FAILED.with(|f| {
+            let mut f = f.borrow_mut();
+            f.retain(|generation, _| live.contains(generation));
+            f.get(&config.generation).cloned()
+        });
+        if let Some((_, why)) = recent.filter(|(at, _)| now.saturating_sub(*at) < BUILD_RETRY_MS) {
+            return Err(why);
+        }
+        let worker = build_worker(config).inspect_err(|why| {
+            BUILD_FAILED.with(|f| f.borrow_mut().insert(config.generation, (now, why.clone())));
+        })?;
         workers.insert(config.generation, worker);
     }
     workers
@@ -24,14 +37,23 @@ pub(crate) fn worker_for<'a>(
         .ok_or_else(|| "worker state missing".to_string())
 }
 
+/// How soon a configuration that could not be built on this worker is tried again.
+const BUILD_RETRY_MS: u64 = 1000;
+
+thread_local! {
+    /// When, and why, this worker last failed to build a configuration's gateway.
+    static BUILD_FAILED: RefCell<HashMap<u64, (u64, String)>> = RefCell::new(HashMap::new());
+}
+
 pub(crate) fn build_worker(config: &FilterConfig) -> Result<Worker, String> {
-    let values = config.secrets.values();
-    let cfg = config
+    let observed = config.secrets.values();
+    let (cfg, used) = config
         .secrets
-        .compile_or_last_good(&config.json, &values)
+        .resolve(&config.json, &observed)
         .map_err(|e| format!("invalid configuration: {e}"))?;
     let mut host = HostState::new(Arc::clone(&config.metrics), Arc::clone(&config.ticking));
-    host.secret_values = values;
+    host.secrets_seen = observed;
+    host.secrets_running = used;
     host.reroute_on_write = cfg.routing_headers.is_none();
     let mut gateway = Gateway::new(cfg, &mut NativeHost { state: &mut host })?;
     // Records go to the main thread's gateway, which summarises refusals on its timer.

@@ -140,11 +140,12 @@ impl Host for WasmHost {
         hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()
     }
 
-    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
         let status = raw::set_header(raw::REQUEST_HEADERS, name, value);
         if status != raw::STATUS_OK {
             warn!("request header {name}: the host refused the change ({status})");
         }
+        status == raw::STATUS_OK
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {

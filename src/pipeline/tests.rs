@@ -2231,3 +2231,22 @@ fn a_configuration_whose_keys_share_a_crc32_is_refused_where_keys_are_hashed() {
     host.keys_by_crc32 = true;
     assert!(Gateway::new(cfg, &mut host).is_ok());
 }
+
+/// A host that says it removes request headers but refuses to remove a client's copy of a
+/// gateway-owned one: the request is refused, never forwarded with the client's identity.
+#[test]
+fn a_refused_removal_of_a_gateway_owned_header_refuses_the_request() {
+    let mut t = T::on_host(base(), |h| h.refuse_header_removal = true);
+    let h = vec![
+        (":method".to_string(), b"GET".to_vec()),
+        (":path".to_string(), b"/api/v1/open/1".to_vec()),
+        ("x-user-id".to_string(), b"admin".to_vec()),
+    ];
+    t.send_headers(2, h);
+    assert_eq!(t.status(2), 500);
+    assert_eq!(t.req(2).resumed, 0);
+    t.finish(2);
+    // Without a client copy nothing needs removing: the request goes on.
+    t.send(3, "GET", "/api/v1/open/1", None);
+    assert_eq!(t.req(3).reply.as_ref().map(|r| r.status()), None);
+}

@@ -37,8 +37,9 @@ envoyproxy/gateway d32f28294245 (main after v1.9.0):
   irRouteDestinationName; Envoy Gateway delivers them by EDS, here static), route names
   `httproute/gateway/<route>/rule/<i>/match/0/*`, the canary's header rule first, no retry
   policy (Envoy Gateway takes retries from a BackendTrafficPolicy);
-- the callout clusters (webdis, key servers) static under the filter's names, and the stats tags,
-  as the EnvoyProxy's `bootstrap.type: Merge` adds them (`internal/xds/bootstrap/util.go`);
+- the callout clusters (webdis, key servers) static under the filter's names, the stats tags and
+  a runtime layer, as the EnvoyProxy's `bootstrap.type: Merge` adds them
+  (`internal/xds/bootstrap/util.go`);
   the bootstrap's own `stats_config` (`bootstrap.yaml.tpl`: `use_all_default_tags: true` and its
   four tags) under them;
 - no network filter: an EnvoyExtensionPolicy is an HTTP filter, so the rendered connection cap is
@@ -199,5 +200,9 @@ def shape(bootstrap: dict, runtime: str, module_server=None) -> dict:
     b["stats_config"] = {"use_all_default_tags": True,
                          "stats_tags": EG_STATS_TAGS + bootstrap["stats_config"].get("stats_tags", [])}
     b["deferred_stat_options"] = {"enable_deferred_creation_stats": True}
-    b["layered_runtime"] = EG_RUNTIME
+    # Envoy Gateway's runtime layer, then the one the EnvoyProxy's merge appends
+    # (scripts/envoy_gateway.py runtime_layer: the rendered keys, less the listener limits).
+    ours = {k: v for layer in bootstrap.get("layered_runtime", {}).get("layers", [])
+            for k, v in layer.get("static_layer", {}).items() if not k.startswith("envoy.resource_limits.listener.")}
+    b["layered_runtime"] = {"layers": EG_RUNTIME["layers"] + [{"name": "gateway-filter", "static_layer": ours}]}
     return b

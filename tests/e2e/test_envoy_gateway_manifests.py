@@ -135,6 +135,9 @@ def test_the_manifests_hold_together(manifests):
         called.add(config["logs"]["store"]["cluster"])
     assert called <= clusters, (called, clusters)
     assert {t["tag_name"] for t in merged["stats_config"]["stats_tags"]} >= {"route", "outcome", "reason"}
+    runtime = {k: v for layer in merged["layered_runtime"]["layers"] for k, v in layer["static_layer"].items()}
+    assert runtime.get("envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix") is True, runtime
+    assert not any(k.startswith("envoy.resource_limits.listener.") for k in runtime), "names the renderer's listeners"
     # Every route of the gateway file has its HTTPRoute on the Gateway, at the filter's prefix.
     routes = {r["metadata"]["name"]: r for r in of("HTTPRoute")}
     for r in config["routes"]:

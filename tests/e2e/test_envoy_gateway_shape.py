@@ -112,8 +112,16 @@ def test_identity_provider_keys_through_the_merged_cluster(eg):
     wait_for(lambda: eg.get("/api/v1/users/1", bearer(tok)).status == 200, timeout=10, what="keys fetched")
 
 
-def test_admin_reports_the_filter_loaded(eg):
-    dump = request(eg.admin_port, "GET", "/config_dump").body.decode()
-    assert SECRET not in dump
-    name = eg_shape.WASM_FILTER if RUNTIME == "wasm" else eg_shape.NATIVE_FILTER
-    assert name in dump
+def test_metrics_keep_their_names_and_labels(eg):
+    """Envoy Gateway's bootstrap plus the EnvoyProxy's merge (stats tags, runtime layer): the
+    dashboard's families, labelled, on both runtimes (without the merged runtime key the native
+    module's would be `envoy_dynamicmodulescustom_gateway_*`)."""
+    assert SECRET not in request(eg.admin_port, "GET", "/config_dump").body.decode()
+    eg.get("/api/v1/users/1")
+    eg.get("/api/v1/users/1", bearer(token(sub="user-555")))
+    want = 'gateway_requests_total{route="user-service",outcome="allowed"}'
+
+    def scraped():
+        text = request(eg.admin_port, "GET", "/stats/prometheus").body.decode()
+        return any(line.startswith(want) for line in text.splitlines())
+    wait_for(scraped, timeout=10, what=want)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import gateway_file
-from harness import RUNTIME, SECRET, Gateway, bearer, forge, free_port
+from harness import RUNTIME, SECRET, Gateway, Webdis, bearer, forge, free_port
 
 OLD = "sds-secret-one-sds-secret-one-sds-secret-one"
 NEW = "sds-secret-two-sds-secret-two-sds-secret-two"
@@ -102,9 +102,32 @@ def test_a_secret_value_that_cannot_be_used_keeps_the_last_one(services, sds_fil
         time.sleep(0.5)
         for _ in range(4):
             assert g.get("/api/v1/users/1", bearer(signed(OLD))).status == 200
-        assert "the last one kept" in g.log_path.read_text()
+        assert "the last good one kept" in g.log_path.read_text()
     finally:
         g.stop()
+
+
+@pytest.mark.skipif(RUNTIME != "native", reason="the .wasm refuses secret_sds")
+def test_webdis_credentials_from_sds(services, redis, tmp_path):
+    """WEBDIS_AUTH (user:password) by filesystem SDS: the configuration is created before SDS
+    delivers it, and a logout then reaches webdis with the delivered credentials."""
+    creds = "gateway:sds-webdis-password"
+    w = Webdis(redis.port, credentials=creds)
+    d = tmp_path / "sds"
+    d.mkdir()
+    write_secret(d / "webdis.json", "webdis-auth", creds)
+    f = gateway_file(services.ports, free_port(), w.port)
+    f["webdis_auth_env"] = "WEBDIS_AUTH"
+    f["secret_sds"] = {"WEBDIS_AUTH": {"name": "webdis-auth", "path": str(d / "webdis.json")}}
+    g = Gateway(f, env={"WEBDIS_AUTH": "wrong:credentials"})
+    try:
+        tok = signed(SECRET, sub="user-088")
+        assert g.get("/api/v1/users/1", bearer(tok)).status == 200
+        assert g.request("POST", "/api/v1/auth/logout", bearer(tok)).status == 200
+        assert g.get("/api/v1/users/1", bearer(tok)).status == 401
+    finally:
+        g.stop()
+        w.stop()
 
 
 @pytest.mark.skipif(RUNTIME != "native", reason="the .wasm refuses secret_sds")
