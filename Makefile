@@ -69,7 +69,7 @@ e2e: build
 
 # The built module under emulated Kong, APISIX and Envoy hosts (tools/hostemu, wasmi).
 hosts: build
-	cargo run -q -p hostemu -- $(WASM)
+	cargo run -q --release -p hostemu -- $(WASM)
 
 test: unit e2e hosts
 
