@@ -27,7 +27,7 @@ use crate::keyspace::PROBE_KEY;
 use crate::outcome::Outcome;
 use crate::policy::{self, Caller, Endpoint, EndpointKind, Refused, Target};
 use crate::ratelimit::lease::Leases;
-use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SyncTarget, Update, Verdict};
+use crate::ratelimit::{self, cluster, Check, Kind, RouteLimits, SyncTarget, Update};
 use crate::reply::Reply;
 use crate::revocation::{self as rv, CacheEntry, FailureMode, Lookup, Revocation, Slot, StoreError};
 use crate::stat;
@@ -243,7 +243,7 @@ impl Gateway {
             client_ip: None,
             stage: Stage::Idle,
             keys_deadline_ms: None,
-            verdict: None,
+            charged: Default::default(),
             canary: None,
             outcome: Outcome::Forwarded,
             status: None,
@@ -456,11 +456,9 @@ impl Gateway {
         // The binding bucket's headers go with the gateway's own replies in the reply itself:
         // Envoy runs a wasm filter's response callback on its local reply, not a dynamic
         // module's, and both runtimes must answer alike.
-        if let Some(v) = &req.verdict {
-            for (name, value) in ratelimit::headers(v) {
-                if !reply.headers.iter().any(|(n, _)| *n == name) {
-                    reply.headers.push((name, value));
-                }
+        for (name, value) in ratelimit::response_headers(self.config.rate_limits.headers, &req.charged) {
+            if !reply.headers.iter().any(|(n, _)| *n == name) {
+                reply.headers.push((name, value));
             }
         }
         // So does the time taken (the .wasm's response callback writes it again).
@@ -482,10 +480,8 @@ impl Gateway {
         if logs {
             req.status = host.response_status();
         }
-        if let Some(v) = &req.verdict {
-            for (name, value) in ratelimit::headers(v) {
-                host.set_response_header(name, &value);
-            }
+        for (name, value) in ratelimit::response_headers(self.config.rate_limits.headers, &req.charged) {
+            host.set_response_header(name, &value);
         }
         host.set_response_header(HEADER_TRACE_ID, &req.trace.trace_id);
         let now_ms = host.now_ms();

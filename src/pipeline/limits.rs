@@ -14,6 +14,17 @@ pub(super) struct LimitsState {
 }
 
 impl Gateway {
+    /// Notes a bucket the request was charged to: the binding one (fewest tokens left) for the
+    /// headers, and its policy where `RateLimit-Policy` lists them.
+    fn note_charged(&self, req: &mut Request, check: &Check, v: ratelimit::Verdict) {
+        if self.config.rate_limits.headers.ietf() {
+            req.charged.policies.push((check.kind, check.limit));
+        }
+        if req.charged.binding.is_none_or(|(_, b)| v.remaining < b.remaining) {
+            req.charged.binding = Some((check.kind, v));
+        }
+    }
+
     /// Creates every rate-limit key up front, so request-time updates are CAS on existing keys.
     pub(super) fn create_rate_limit_keys(&self, store: &dyn SharedStore) {
         let cfg = &self.config;
@@ -148,16 +159,15 @@ impl Gateway {
                 if check.kind == Kind::Route && limits.cluster_wide && taken > 0 {
                     cluster::add(shared(&self.local, host), &limits.pending_key, taken);
                 }
-                if req.verdict.is_none_or(|b| v.remaining < b.remaining) {
-                    req.verdict = Some(v);
-                }
+                self.note_charged(req, check, v);
                 Ok(())
             }
             Update::Done(v) => {
                 if let Some(id) = self.metrics.rl_limited.get(idx).copied() {
                     self.inc(id);
                 }
-                req.verdict = Some(v);
+                self.note_charged(req, check, v);
+                req.charged.binding = Some((check.kind, v));
                 Err(ratelimit::too_many(
                     check.kind,
                     &v,

@@ -86,8 +86,8 @@ pub(super) struct Request {
     pub(super) stage: Stage,
     /// When its wait for signing keys ends (set at its first wait; 0: the answer is final).
     pub(super) keys_deadline_ms: Option<u64>,
-    /// The binding bucket's verdict, for the `X-RateLimit-*` response headers.
-    pub(super) verdict: Option<Verdict>,
+    /// The buckets charged and the binding one's verdict, for the rate-limit response headers.
+    pub(super) charged: ratelimit::Charged,
     pub(super) canary: Option<bool>,
     /// How it ended: forwarded, or the outcome of the gateway's own reply.
     pub(super) outcome: Outcome,

@@ -142,20 +142,65 @@ pub fn take_n(
     (b, verdict, taken)
 }
 
-/// 429 with `retry_after`, `Retry-After` and the `X-RateLimit-*` headers.
+/// 429 with `retry_after` and `Retry-After` (the rate-limit headers are added with every reply
+/// of the request, see [`response_headers`]).
 pub fn too_many(kind: Kind, v: &Verdict, period_s: u64, trace_id: &str) -> Reply {
     let message = crate::outcome::message::rate_limited(kind.label(), v.limit, period_s);
-    let mut reply = Reply::rate_limited(kind, &message, v.retry_after_s, trace_id);
-    reply.headers.extend(headers(v));
-    reply
+    Reply::rate_limited(kind, &message, v.retry_after_s, trace_id)
 }
 
-/// `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the bucket is full), as Envoy's
-/// `enable_x_ratelimit_headers` names them.
-pub fn headers(v: &Verdict) -> [(&'static str, String); 3] {
-    [
-        ("x-ratelimit-limit", v.limit.to_string()),
-        ("x-ratelimit-remaining", v.remaining.to_string()),
-        ("x-ratelimit-reset", v.reset_s.to_string()),
-    ]
+/// The buckets a request was charged to, and the binding one (fewest tokens left).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Charged {
+    /// Each bucket's scope and limit, in the order they were charged.
+    pub policies: Vec<(Kind, Limit)>,
+    pub binding: Option<(Kind, Verdict)>,
+}
+
+/// A scope's policy name in `RateLimit-Policy` and `RateLimit`.
+fn policy_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Route => "route",
+        Kind::User => "user",
+        Kind::Ip => "ip",
+    }
+}
+
+/// The response headers for what a request was charged, in `style`:
+/// - legacy: `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the bucket is full)
+///   of the binding bucket, as Envoy's `enable_x_ratelimit_headers` names them;
+/// - ietf (draft-ietf-httpapi-ratelimit-headers-09): `RateLimit-Policy`, a Structured Fields
+///   List with one item per bucket charged (`"user";q=10;w=60`: quota and window in seconds),
+///   and `RateLimit` with the binding bucket's item (`"user";r=3;t=20`: tokens left, seconds
+///   until it is full again).
+pub fn response_headers(style: super::HeaderStyle, charged: &Charged) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let Some((kind, v)) = &charged.binding else {
+        return out;
+    };
+    if style.legacy() {
+        out.push(("x-ratelimit-limit", v.limit.to_string()));
+        out.push(("x-ratelimit-remaining", v.remaining.to_string()));
+        out.push(("x-ratelimit-reset", v.reset_s.to_string()));
+    }
+    if style.ietf() {
+        let mut policies = String::new();
+        for (k, limit) in &charged.policies {
+            if !policies.is_empty() {
+                policies.push_str(", ");
+            }
+            policies.push_str(&format!(
+                "\"{}\";q={};w={}",
+                policy_name(*k),
+                limit.max_calls,
+                (limit.period_ms / 1000).max(1)
+            ));
+        }
+        out.push(("ratelimit-policy", policies));
+        out.push((
+            "ratelimit",
+            format!("\"{}\";r={};t={}", policy_name(*kind), v.remaining, v.reset_s),
+        ));
+    }
+    out
 }

@@ -77,6 +77,29 @@ pub struct RateLimitSettings {
     /// until the bucket refills; `null` turns the budget off).
     #[serde(default = "default_bad_signatures")]
     pub bad_signatures: Option<LimitSettings>,
+    /// Which rate-limit response headers: `legacy` (`X-RateLimit-*`), `ietf`
+    /// (`RateLimit-Policy` and `RateLimit`, draft-ietf-httpapi-ratelimit-headers) or `both`.
+    #[serde(default)]
+    pub headers: HeaderStyle,
+}
+
+/// `gateway.rate_limit.headers`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderStyle {
+    #[default]
+    Legacy,
+    Ietf,
+    Both,
+}
+
+impl HeaderStyle {
+    pub fn legacy(self) -> bool {
+        self != HeaderStyle::Ietf
+    }
+    pub fn ietf(self) -> bool {
+        self != HeaderStyle::Legacy
+    }
 }
 
 impl Default for RateLimitSettings {
@@ -90,6 +113,7 @@ impl Default for RateLimitSettings {
             sync_interval: default_sync_interval(),
             sync_timeout: default_sync_timeout(),
             bad_signatures: default_bad_signatures(),
+            headers: HeaderStyle::default(),
         }
     }
 }
@@ -129,6 +153,7 @@ pub struct RateLimits {
     pub sync: Option<SyncTarget>,
     /// The per-client budget of failed signature checks.
     pub bad_signatures: Option<VerifyBudget>,
+    pub headers: HeaderStyle,
 }
 
 /// Where and how often cluster-wide routes are synchronised.
@@ -182,6 +207,7 @@ impl RateLimitSettings {
             user_slots: self.user_slots,
             ip_slots: self.ip_slots,
             sync,
+            headers: self.headers,
         })
     }
 }

@@ -373,3 +373,47 @@ fn client_ip_from_peer_or_trusted_xff() {
     assert_eq!(client_ip(None, None, 0), None);
     assert_eq!(strip_port("::1"), "::1");
 }
+
+#[test]
+fn response_headers_in_each_style() {
+    let user = Limit {
+        max_calls: 10,
+        period_ms: 60_000,
+    };
+    let (_, route_v) = take(None, 1, &L, 1_000);
+    let (_, user_v) = take(None, 2, &user, 1_000);
+    let charged = Charged {
+        policies: vec![(Kind::Route, L), (Kind::User, user)],
+        binding: Some((Kind::User, user_v)),
+    };
+    let get = |style: HeaderStyle| -> Vec<(String, String)> {
+        response_headers(style, &charged)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    };
+    let legacy = get(HeaderStyle::Legacy);
+    assert_eq!(
+        legacy,
+        vec![
+            ("x-ratelimit-limit".into(), "10".into()),
+            ("x-ratelimit-remaining".into(), "9".into()),
+            ("x-ratelimit-reset".into(), user_v.reset_s.to_string()),
+        ]
+    );
+    let ietf = get(HeaderStyle::Ietf);
+    assert_eq!(
+        ietf,
+        vec![
+            (
+                "ratelimit-policy".into(),
+                r#""route";q=10;w=1, "user";q=10;w=60"#.into()
+            ),
+            ("ratelimit".into(), format!(r#""user";r=9;t={}"#, user_v.reset_s)),
+        ]
+    );
+    assert_eq!(get(HeaderStyle::Both).len(), 5);
+    assert!(route_v.allowed);
+    // Nothing charged: no headers.
+    assert!(response_headers(HeaderStyle::Both, &Charged::default()).is_empty());
+}

@@ -253,3 +253,33 @@ def test_cluster_wide_limit_is_shared_by_two_instances(services, redis, webdis):
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize("style", ["ietf", "both"])
+def test_ietf_rate_limit_headers(services, style):
+    """`gateway.rate_limit.headers`: RateLimit-Policy lists every bucket the request was charged
+    to, RateLimit reports the binding one (draft-ietf-httpapi-ratelimit-headers), on allowed
+    requests and on the 429; `ietf` alone drops the X-RateLimit-* headers."""
+    up = f"http://127.0.0.1:{services.ports['product-service']}"
+    g = Gateway({
+        "gateway": {"prefix": "/api/v1", "rate_limit": {"headers": style}},
+        "jwt": {"secret_env": "JWT_SECRET"},
+        "routes": [{"name": "orders", "prefix": "/orders", "upstream": up, "auth_required": True,
+                    "rate_limit": {"max_calls": 100, "period": 1, "per_user": {"max_calls": 2, "period": 60}}}],
+    })
+    try:
+        tok = token(sub="user-ietf")
+        r = g.get("/api/v1/orders/1", bearer(tok))
+        assert r.status == 200, r
+        h = dict(r.headers)
+        assert h["ratelimit-policy"] == '"ip";q=1000;w=1, "user";q=2;w=60, "route";q=100;w=1', h
+        assert h["ratelimit"].startswith('"user";r=1;t='), h
+        assert ("x-ratelimit-limit" in h) == (style == "both"), h
+        g.get("/api/v1/orders/1", bearer(tok))
+        r = g.get("/api/v1/orders/1", bearer(tok))
+        assert r.status == 429, r
+        h = dict(r.headers)
+        assert h["ratelimit"].startswith('"user";r=0;t='), h
+        assert "retry-after" in h and ("x-ratelimit-remaining" in h) == (style == "both"), h
+    finally:
+        g.stop()
