@@ -76,6 +76,14 @@ def services():
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def canary_services():
+    """order-service v2, for the host-shaped suites' canary."""
+    s = Services(["order-service-v2"], auth=None, versions={"order-service-v2": "v2"})
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="session")
 def redis():
     r = Redis()
