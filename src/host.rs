@@ -96,7 +96,6 @@ pub trait Host: SharedStore {
     fn random_bytes(&mut self, buf: &mut [u8]) -> bool;
 
     fn request_headers(&mut self) -> Option<Vec<HeaderPair>>;
-    /// Sets (`Some`) or removes (`None`) a request header.
     /// Sets (`Some`) or removes (`None`) a request header; false when the host refused.
     fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool;
     fn set_response_header(&mut self, name: &str, value: &str);

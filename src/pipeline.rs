@@ -495,9 +495,8 @@ impl Gateway {
 
 /// Applies the decided request-header changes, one write per header: a whole-map write
 /// (`proxy_set_header_map_pairs`) makes fewer host calls but measured slower in Envoy (it removes
-/// and re-adds every header; README "Per-request cost").
-/// Applies the header changes; `Err` names a gateway-owned header the host would not remove
-/// (a client's copy that would reach the upstream).
+/// and re-adds every header; README "Per-request cost"). `Err` names a gateway-owned header the
+/// host would not remove (a client's copy that would reach the upstream).
 fn apply(forward: &policy::Forward, routing: Option<&[String]>, host: &mut dyn Host) -> Result<(), String> {
     for name in &forward.remove {
         if !host.set_request_header(name, None) && policy::gateway_owned(name) {

@@ -377,8 +377,8 @@ pub fn header(filter: EnvoyFilter, header_type: u32, name: &str) -> Option<Vec<u
     found.then(|| unsafe { copy(result) })
 }
 
-/// Sets (replaces every value of) a header; `None` removes it.
-/// Sets (`Some`) or removes (`None`) a header; false when Envoy has no such header map now.
+/// Sets (replaces every value of) a header; `None` removes it. False when Envoy has no such
+/// header map now.
 pub fn set_header(filter: EnvoyFilter, header_type: u32, name: &str, value: Option<&str>) -> bool {
     let value = value.map_or(ModuleBuffer::EMPTY, |v| ModuleBuffer::of(v.as_bytes()));
     // SAFETY: live stream pointer; both buffers describe live data Envoy copies.
@@ -642,13 +642,13 @@ pub fn record_histogram(config: EnvoyConfig, id: usize, values: &[String], value
     );
 }
 
-/// `envoy_dynamic_module_type_log_level`: Trace 0 … Error 4.
 /// Whether Envoy keeps a log line of `level` (its log level for dynamic modules).
 pub fn log_enabled(level: u32) -> bool {
     // SAFETY: a plain value; thread-safe.
     unsafe { envoy_dynamic_module_callback_log_enabled(level) }
 }
 
+/// `envoy_dynamic_module_type_log_level`: Trace 0 … Error 4.
 pub fn log(level: u32, message: &str) {
     // SAFETY: a plain value and a buffer Envoy copies; thread-safe.
     unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }

@@ -225,15 +225,13 @@ impl Host for NativeHost<'_> {
         let Some(f) = self.state.current else {
             return false;
         };
-        {
-            let done = abi::set_header(f, abi::REQUEST_HEADER, name, value);
-            // With `routing_headers` the gateway asks for a new pick itself (`clear_route_cache`)
-            // when it wrote a header a route matches on; else after any header written.
-            if self.state.reroute_on_write {
-                self.state.clear_route_later(f);
-            }
-            done
+        let done = abi::set_header(f, abi::REQUEST_HEADER, name, value);
+        // With `routing_headers` the gateway asks for a new pick itself (`clear_route_cache`)
+        // when it wrote a header a route matches on; else after any header written.
+        if self.state.reroute_on_write {
+            self.state.clear_route_later(f);
         }
+        done
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {

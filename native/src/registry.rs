@@ -63,10 +63,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             }
         };
         // Values SDS has delivered already become the last good ones (see `Secrets`).
+        let values = secrets.values();
         if !secrets.is_empty() {
-            let _ = secrets.resolve(&json, &secrets.values());
+            let _ = secrets.resolve(&json, &values);
         }
-        let cfg = match secrets.compile(&json, &secrets.values(), true) {
+        let cfg = match secrets.compile(&json, &values, true) {
             Ok(c) => c,
             Err(e) => {
                 abi::log(4, &format!("gateway filter: invalid configuration: {e}"));

@@ -365,7 +365,6 @@ impl RootContext for Root {
                 return false;
             }
         };
-
         info!(
             "gateway filter configured: {} routes, jwt {}, revocation {}, log store {}",
             cfg.routes.len(),

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from harness import ROOT, require_build
-from test_istio_manifests import strict
+from test_istio_manifests import oci_manifests, strict, validate_each
 
 EG = ROOT / "envoy" / "envoy-gateway"
 
@@ -52,27 +52,14 @@ def validate(doc):
 
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory):
-    require_build()
-    out = tmp_path_factory.mktemp("eg")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "oci.py"), "--out", str(out / "image.tar"),
-                        "--istio-dir", str(out / "istio"), "--envoy-gateway-dir", str(out / "eg"),
-                        "--registry", "registry.example.com"], capture_output=True, text=True, check=True)
-    digest = re.search(r"@(sha256:[0-9a-f]{64})", r.stdout).group(1)
-    docs = []
-    for path in sorted((out / "eg").glob("*.yaml")):
-        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
-    return digest, docs
+    return oci_manifests(tmp_path_factory.mktemp("eg"), "eg")
 
 
 def test_every_manifest_is_valid_against_envoy_gateways_crds(manifests):
     _, docs = manifests
     kinds = sorted({d["kind"] for _, d in docs})
     assert kinds == ["EnvoyExtensionPolicy", "EnvoyProxy", "Gateway", "GatewayClass", "HTTPRoute"], kinds
-    for name, doc in docs:
-        try:
-            validate(doc)
-        except Exception as e:  # name the document
-            raise AssertionError(f"{name}: {doc['kind']} {doc['metadata']['name']}: {e}") from e
+    validate_each(docs, validate)
 
 
 def test_the_validation_can_fail(manifests):

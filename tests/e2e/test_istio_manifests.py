@@ -34,18 +34,32 @@ def strict(schema):
     return schema
 
 
-@pytest.fixture(scope="module")
-def manifests(tmp_path_factory):
+def oci_manifests(out, which):
+    """`make oci` (scripts/oci.py) into `out`: the image's digest, and the (file, document)
+    pairs of the manifests it wrote for `which` (`istio` or `eg`)."""
     require_build()
-    out = tmp_path_factory.mktemp("istio")
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "oci.py"), "--out", str(out / "image.tar"),
-                        "--istio-dir", str(out), "--registry", "registry.example.com"],
-                       capture_output=True, text=True, check=True)
+                        "--istio-dir", str(out / "istio"), "--envoy-gateway-dir", str(out / "eg"),
+                        "--registry", "registry.example.com"], capture_output=True, text=True, check=True)
     digest = re.search(r"@(sha256:[0-9a-f]{64})", r.stdout).group(1)
     docs = []
-    for path in sorted(out.glob("*.yaml")):
+    for path in sorted((out / which).glob("*.yaml")):
         docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
     return digest, docs
+
+
+def validate_each(docs, validate):
+    """`validate` on every document; a failure names the file and the document."""
+    for name, doc in docs:
+        try:
+            validate(doc)
+        except Exception as e:
+            raise AssertionError(f"{name}: {doc['kind']} {doc['metadata']['name']}: {e}") from e
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    return oci_manifests(tmp_path_factory.mktemp("istio"), "istio")
 
 
 def validate(doc):
@@ -53,11 +67,8 @@ def validate(doc):
     key = f"{group_version}/{kind}"
     if group_version.startswith("gateway.networking.k8s.io/"):
         # The waypoint's Gateway: Gateway API's own CRD (vendored with Envoy Gateway's).
-        from test_envoy_gateway_manifests import SCHEMAS as GATEWAY_API
-        schema = strict(GATEWAY_API[key])
-        schema["properties"].pop("metadata", None)
-        jsonschema.Draft7Validator(schema).validate({k: v for k, v in doc.items() if k != "metadata"})
-        assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
+        from test_envoy_gateway_manifests import validate as validate_gateway_api
+        validate_gateway_api(doc)
     elif key in SCHEMAS:
         body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
         jsonschema.Draft7Validator(strict(SCHEMAS[key])).validate(body)
@@ -72,11 +83,7 @@ def test_every_manifest_is_valid(manifests):
     kinds = sorted({d["kind"] for _, d in docs})
     assert kinds == ["AuthorizationPolicy", "ConfigMap", "Deployment", "DestinationRule", "EnvoyFilter", "Gateway",
                      "Service", "ServiceAccount", "ServiceEntry", "VirtualService", "WasmPlugin"], kinds
-    for name, doc in docs:
-        try:
-            validate(doc)
-        except Exception as e:  # name the document
-            raise AssertionError(f"{name}: {doc['kind']} {doc['metadata']['name']}: {e}") from e
+    validate_each(docs, validate)
 
 
 def test_the_validation_can_fail(manifests):
