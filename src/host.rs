@@ -102,6 +102,12 @@ pub trait Host: SharedStore {
     fn response_status(&mut self) -> Option<u16>;
     /// The downstream peer, `ip:port`.
     fn source_address(&mut self) -> Option<String>;
+    /// The SHA-256 of the client certificate the downstream TLS connection presented, in hex as
+    /// Envoy writes it (`connection.sha256_peer_certificate_digest`); `None` without one (or on
+    /// a host that cannot tell: a certificate-bound token is then refused).
+    fn peer_certificate_sha256(&mut self) -> Option<String> {
+        None
+    }
     /// Asks Envoy to match the route again after a header it routes on changed.
     fn clear_route_cache(&mut self);
     fn send_reply(&mut self, reply: &Reply);
@@ -120,6 +126,11 @@ pub trait Host: SharedStore {
     /// Whether the host's shared data may take two keys for one when their hashes agree: Kong's
     /// ngx_wasm_module looks keys up by CRC32 alone (`ngx_wa_shm_kv.c`). Envoy compares keys.
     fn shared_keys_by_hash(&self) -> bool {
+        false
+    }
+    /// Whether the host lets a request make only one callout (APISIX's wasm-nginx-module): then
+    /// the revocation lookup is that one, and DPoP replay is checked in shared data only.
+    fn one_call_per_request(&self) -> bool {
         false
     }
 
@@ -302,6 +313,8 @@ pub mod fake {
         pub metric_values: HashMap<u32, i64>,
         pub logs: Vec<(LogLevel, String)>,
         pub peer: Option<String>,
+        /// The client certificate's SHA-256 (hex), when the connection had one.
+        pub peer_certificate: Option<String>,
         /// Every host call, and the ones of shared data (they go through `&self`).
         calls: Cell<u32>,
         call_log: RefCell<Vec<&'static str>>,
@@ -334,6 +347,7 @@ pub mod fake {
             Self {
                 now_ms,
                 peer: Some("10.0.0.1:5555".to_string()),
+                peer_certificate: None,
                 next_token: 100,
                 root: 1,
                 ..Self::default()
@@ -472,6 +486,10 @@ pub mod fake {
         fn source_address(&mut self) -> Option<String> {
             self.call("source_address");
             self.peer.clone()
+        }
+        fn peer_certificate_sha256(&mut self) -> Option<String> {
+            self.call("peer_certificate_sha256");
+            self.peer_certificate.clone()
         }
         fn clear_route_cache(&mut self) {
             self.call("clear_route_cache");

@@ -88,6 +88,13 @@ pub fn keys(config: &Config) -> (Vec<(String, String)>, Vec<Family>) {
             named.push((field.clone(), crate::jwt::remote::set_key(&issuer.name)));
             named.push((field, crate::jwt::remote::lease_key(&issuer.name)));
         }
+        if verifier.uses_dpop() {
+            families.push(Family {
+                field: "jwt dpop (its replay slots)".into(),
+                prefix: crate::jwt::dpop::REPLAY_KEY_PREFIX.into(),
+                count: u64::from(crate::jwt::dpop::REPLAY_SLOTS),
+            });
+        }
     }
     // One entry per key (two cluster-wide routes share the leader key, say).
     let mut seen = std::collections::BTreeSet::new();

@@ -73,6 +73,13 @@ pub enum TokenFault {
     Type,
     BoundToken,
     TooManyValues,
+    /// A DPoP proof missing, invalid, or for another request (RFC 9449 `invalid_dpop_proof`).
+    DpopProof,
+    /// A DPoP proof seen before.
+    DpopReplay,
+    /// The token's binding does not hold: a bound token as a bearer token, another scheme than
+    /// its binding's, or another client certificate.
+    Binding,
 }
 
 impl TokenFault {
@@ -104,6 +111,9 @@ impl TokenFault {
             Self::Type => "typ",
             Self::BoundToken => "bound_token",
             Self::TooManyValues => "too_many_values",
+            Self::DpopProof => "dpop_proof",
+            Self::DpopReplay => "dpop_replay",
+            Self::Binding => "binding",
         }
     }
 }
@@ -251,6 +261,12 @@ pub mod message {
 
     pub const AUTH_MISSING: &str = "Authorization header missing";
     pub const AUTH_FORMAT: &str = "Invalid authorization format. Expected: Bearer <token>";
+    pub const DPOP_AS_BEARER: &str =
+        "Invalid token: a DPoP-bound token must be sent as Authorization: DPoP <token>";
+    pub const DPOP_UNBOUND: &str = "Invalid token: the DPoP scheme needs a DPoP-bound token (cnf.jkt)";
+    pub const DPOP_REQUIRED: &str = "Invalid token: its issuer requires DPoP-bound tokens";
+    pub const CERTIFICATE_MISMATCH: &str =
+        "Invalid token: certificate-bound (cnf x5t#S256) to another client certificate, or no client certificate";
     pub const NO_VERIFIER: &str = "Invalid token: no verifier configured";
     pub const ROUTE_NOT_FOUND: &str = "Route not found";
     pub const REVOKED: &str = "Token has been revoked";
@@ -275,6 +291,10 @@ pub mod message {
 
     pub fn invalid_token(reason: impl Display) -> String {
         format!("Invalid token: {reason}")
+    }
+
+    pub fn invalid_proof(reason: impl Display) -> String {
+        format!("Invalid DPoP proof: {reason}")
     }
 
     pub fn keys_unavailable(issuer: &str) -> String {

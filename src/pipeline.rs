@@ -34,6 +34,7 @@ use crate::stat;
 use crate::trace::{uuid_v4, TraceContext, HEADER_TRACE_ID, RANDOM_BYTES};
 
 // The duties the request path orchestrates, each an `impl Gateway` block of its own.
+mod binding;
 mod callouts;
 mod endpoints;
 mod keys;
@@ -208,6 +209,7 @@ impl Gateway {
         }
         gw.limits.slot_seed = ratelimit::SlotSeed::load_or_create(shared(&gw.local, host), fresh);
         gw.create_rate_limit_keys(shared(&gw.local, host));
+        gw.create_replay_slots(shared(&gw.local, host));
         Ok(gw)
     }
 
@@ -361,7 +363,7 @@ impl Gateway {
         match guarded {
             Guarded::Route(_) => {
                 req.caller = caller;
-                Step::Revocation {
+                Step::Bind {
                     next: Next::Route,
                     coalesce: shared_waits,
                 }
@@ -377,7 +379,7 @@ impl Gateway {
                 req.caller = Some(caller);
                 // Endpoints do their own lookup: they dispatch a write afterwards, which must
                 // come from their own callback.
-                Step::Revocation {
+                Step::Bind {
                     next: Next::Endpoint(endpoint),
                     coalesce: false,
                 }

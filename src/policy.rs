@@ -7,7 +7,7 @@
 use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
 use crate::jwt::{Identity, KeyContext, TokenCache, TokenError};
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, TokenFault};
 use crate::reply::Reply;
 use crate::revocation::{EndpointPath, DEFAULT_TOKEN_TTL_SECONDS};
 use crate::trace::{trace_context, TraceContext, HEADER_TRACEPARENT, HEADER_TRACE_ID, RANDOM_BYTES};
@@ -77,6 +77,16 @@ pub enum Endpoint {
 pub struct Caller {
     pub identity: Identity,
     pub token: String,
+    /// The `Authorization` scheme it came with.
+    pub scheme: Scheme,
+}
+
+/// An `Authorization` scheme the gateway takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Bearer,
+    /// RFC 9449 7.1: a DPoP-bound token, with its proof in the `DPoP` header.
+    Dpop,
 }
 
 /// Phase 1: trace identity, then route and method (or the gateway endpoint the path names).
@@ -172,9 +182,9 @@ fn target(cfg: &Config, request: &[HeaderPair], trace_id: &str) -> Result<Target
     Err(not_found())
 }
 
-/// Extracts the bearer token the way the reference does: exactly one `Authorization` header,
-/// exactly two space-separated parts, the first `bearer` in any case.
-pub fn bearer_token(request: &[HeaderPair]) -> Result<&str, &'static str> {
+/// Extracts the token the way the reference does: exactly one `Authorization` header, exactly
+/// two space-separated parts, the first `bearer` (or, RFC 9449, `dpop`) in any case.
+pub fn presented_token(request: &[HeaderPair]) -> Result<(Scheme, &str), &'static str> {
     let mut values = request
         .iter()
         .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
@@ -186,10 +196,69 @@ pub fn bearer_token(request: &[HeaderPair]) -> Result<&str, &'static str> {
     let value = std::str::from_utf8(first).map_err(|_| MSG_AUTH_FORMAT)?;
     let mut parts = value.split(' ');
     match (parts.next(), parts.next(), parts.next()) {
-        (Some(scheme), Some(token), None) if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() => {
-            Ok(token)
+        (Some(scheme), Some(token), None) if !token.is_empty() => {
+            if scheme.eq_ignore_ascii_case("bearer") {
+                Ok((Scheme::Bearer, token))
+            } else if scheme.eq_ignore_ascii_case("dpop") {
+                Ok((Scheme::Dpop, token))
+            } else {
+                Err(MSG_AUTH_FORMAT)
+            }
         }
         _ => Err(MSG_AUTH_FORMAT),
+    }
+}
+
+/// The token of the `Authorization` header, whichever scheme it came with.
+pub fn bearer_token(request: &[HeaderPair]) -> Result<&str, &'static str> {
+    presented_token(request).map(|(_, token)| token)
+}
+
+/// RFC 9449 7.1's challenge: `DPoP` with the error and the proof algorithms the issuer takes.
+pub fn dpop_challenge(
+    error: &str,
+    description: Option<&str>,
+    algorithms: &[crate::jwt::Algorithm],
+) -> String {
+    let algs: Vec<&str> = algorithms.iter().map(|a| a.name()).collect();
+    let mut c = format!("DPoP error=\"{error}\"");
+    if let Some(d) = description {
+        c.push_str(&format!(", error_description=\"{d}\""));
+    }
+    if !algs.is_empty() {
+        c.push_str(&format!(", algs=\"{}\"", algs.join(" ")));
+    }
+    c
+}
+
+/// Whether the token came with the scheme its binding needs (RFC 9449 7.1, 7.2): a DPoP-bound
+/// token only as `DPoP`, the `DPoP` scheme only with one, and an issuer with `dpop: required`
+/// takes nothing else. The proof itself and a certificate's match are checked by the
+/// orchestrator, which can read the connection and remember proofs.
+pub fn check_scheme(cfg: &Config, identity: &Identity, scheme: Scheme, trace_id: &str) -> Result<(), Reply> {
+    use crate::jwt::{Binding, DpopMode};
+    let dpop = cfg
+        .verifier
+        .as_ref()
+        .and_then(|v| v.issuer(identity.issuer))
+        .map(|i| &i.dpop);
+    let (mode, algorithms) = dpop.map_or((DpopMode::Off, &[][..]), |d| (d.mode, d.algorithms.as_slice()));
+    let refused = |message: &str| {
+        let mut reply = Reply::refuse(Outcome::InvalidToken(TokenFault::Binding), message, trace_id);
+        if mode != DpopMode::Off {
+            reply.headers.push((
+                HEADER_WWW_AUTHENTICATE,
+                dpop_challenge("invalid_token", None, algorithms),
+            ));
+        }
+        reply
+    };
+    match (&identity.binding, scheme) {
+        (Binding::Dpop(_), Scheme::Dpop) => Ok(()),
+        (Binding::Dpop(_), Scheme::Bearer) => Err(refused(message::DPOP_AS_BEARER)),
+        (_, Scheme::Dpop) => Err(refused(message::DPOP_UNBOUND)),
+        (_, Scheme::Bearer) if mode == DpopMode::Required => Err(refused(message::DPOP_REQUIRED)),
+        (_, Scheme::Bearer) => Ok(()),
     }
 }
 
@@ -222,7 +291,7 @@ pub fn verified_caller(
     trace_id: &str,
     may_wait: bool,
 ) -> Result<Caller, Refused> {
-    let token = bearer_token(request).map_err(|m| {
+    let (scheme, token) = presented_token(request).map_err(|m| {
         let outcome = if m == MSG_AUTH_MISSING {
             Outcome::MissingAuthorization
         } else {
@@ -261,9 +330,11 @@ pub fn verified_caller(
                 trace_id,
             )),
         })?;
+    check_scheme(cfg, &identity, scheme, trace_id)?;
     Ok(Caller {
         identity,
         token: token.to_string(),
+        scheme,
     })
 }
 
@@ -918,6 +989,7 @@ mod tests {
                 .verify(&token(role), NOW)
                 .unwrap(),
             token: token(role),
+            scheme: Scheme::Bearer,
         };
         let rv = |p: EndpointPath| EndpointKind::Revocation(p);
         let h = req("POST", "/x", &[]);

@@ -109,6 +109,8 @@ const CALLOUT_CLUSTER_NOT_FOUND: u32 = 2;
 pub const CALLOUT_RESULT_SUCCESS: u32 = 0;
 /// `envoy_dynamic_module_type_attribute_id_SourceAddress`.
 const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
+/// `envoy_dynamic_module_type_attribute_id_ConnectionSha256PeerCertificateDigest`.
+const ATTRIBUTE_PEER_CERTIFICATE_SHA256: u32 = 38;
 /// `envoy_dynamic_module_type_attribute_id_ResponseCode`.
 const ATTRIBUTE_RESPONSE_CODE: u32 = 15;
 /// `envoy_dynamic_module_type_metrics_result_Success`.
@@ -536,14 +538,19 @@ pub fn clear_route_cache(filter: EnvoyFilter) {
 
 /// The downstream peer, `ip:port`.
 pub fn source_address(filter: EnvoyFilter) -> Option<String> {
+    attribute_string(filter, ATTRIBUTE_SOURCE_ADDRESS)
+}
+
+/// The SHA-256 of the downstream client certificate, hex (`None` without TLS or certificate).
+pub fn peer_certificate_sha256(filter: EnvoyFilter) -> Option<String> {
+    attribute_string(filter, ATTRIBUTE_PEER_CERTIFICATE_SHA256).filter(|s| !s.is_empty())
+}
+
+fn attribute_string(filter: EnvoyFilter, attribute: u32) -> Option<String> {
     let mut result = EnvoyBuffer::EMPTY;
     // SAFETY: live stream pointer; `result` is a valid local.
     let found = unsafe {
-        envoy_dynamic_module_callback_http_filter_get_attribute_string(
-            filter.0,
-            ATTRIBUTE_SOURCE_ADDRESS,
-            &mut result,
-        )
+        envoy_dynamic_module_callback_http_filter_get_attribute_string(filter.0, attribute, &mut result)
     };
     // SAFETY: on true Envoy wrote a buffer valid during this hook.
     found.then(|| String::from_utf8_lossy(&unsafe { copy(result) }).into_owned())

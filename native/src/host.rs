@@ -252,6 +252,10 @@ impl Host for NativeHost<'_> {
         abi::source_address(self.state.current?)
     }
 
+    fn peer_certificate_sha256(&mut self) -> Option<String> {
+        abi::peer_certificate_sha256(self.state.current?)
+    }
+
     fn clear_route_cache(&mut self) {
         if let Some(f) = self.state.current {
             self.state.clear_route_later(f);

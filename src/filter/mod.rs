@@ -163,6 +163,19 @@ impl Host for WasmHost {
             .and_then(|b| String::from_utf8(b).ok())
     }
 
+    fn peer_certificate_sha256(&mut self) -> Option<String> {
+        // Envoy: `connection.sha256_peer_certificate_digest` (hex). Kong and APISIX have no
+        // such property: a certificate-bound token is refused there.
+        if !is_envoy() {
+            return None;
+        }
+        hostcalls::get_property(vec!["connection", "sha256_peer_certificate_digest"])
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|s| !s.is_empty())
+    }
+
     fn clear_route_cache(&mut self) {
         if is_envoy() {
             let _ = hostcalls::call_foreign_function("clear_route_cache", None);
@@ -211,6 +224,10 @@ impl Host for WasmHost {
         // `ngx_http_lua_rm_header_helper`), so nginx's proxy module never sends it. Kong only
         // marks the entry (`hash = 0`), which the proxy module still sends.
         is_envoy() || APISIX.load(Ordering::Relaxed)
+    }
+
+    fn one_call_per_request(&self) -> bool {
+        APISIX.load(Ordering::Relaxed)
     }
 
     fn shared_keys_by_hash(&self) -> bool {

@@ -287,19 +287,51 @@ pub fn payload_kind(claims: &Map<String, Value>) -> Result<(), TokenError> {
     }
 }
 
-/// A sender-constrained token (`cnf`): which binding it asks for. The resource server must
-/// check it (RFC 8705 §3, RFC 9449 §7); this gateway does not yet, so such a token is refused
-/// rather than taken as a bearer token.
-pub fn binding(claims: &Map<String, Value>) -> Option<&'static str> {
-    let cnf = claims.get("cnf")?;
-    let has = |k: &str| cnf.as_object().is_some_and(|o| o.contains_key(k));
-    Some(if has("x5t#S256") {
-        "certificate-bound (cnf x5t#S256, RFC 8705)"
-    } else if has("jkt") {
-        "DPoP-bound (cnf jkt, RFC 9449)"
-    } else {
-        "bound to a key (cnf)"
-    })
+/// What a sender-constrained token is bound to (its `cnf` claim).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Binding {
+    /// A bearer token.
+    #[default]
+    None,
+    /// DPoP (RFC 9449): the JWK SHA-256 thumbprint of the client's proof key (`cnf.jkt`).
+    Dpop(String),
+    /// Mutual TLS (RFC 8705): the SHA-256 of the client certificate (`cnf.x5t#S256`), decoded.
+    Certificate(Vec<u8>),
+}
+
+/// The token's binding (`cnf`): exactly one `jkt` or one `x5t#S256`. Any other confirmation
+/// (a `jwk`, a `kid`, both at once, a wrong type) is refused: a binding the gateway cannot check
+/// must not turn the token into a bearer token.
+pub fn binding(claims: &Map<String, Value>) -> Result<Binding, TokenError> {
+    let Some(cnf) = claims.get("cnf") else {
+        return Ok(Binding::None);
+    };
+    let other = TokenError::BoundToken("bound to a key (cnf) in a way this gateway cannot check");
+    let Some(members) = cnf.as_object() else {
+        return Err(other);
+    };
+    let mut entries = members.iter();
+    match (entries.next(), entries.next()) {
+        (Some((name, Value::String(v))), None) if name == "jkt" && !v.is_empty() && v.len() <= 128 => {
+            Ok(Binding::Dpop(v.clone()))
+        }
+        (Some((name, Value::String(v))), None) if name == "x5t#S256" => {
+            use base64::Engine as _;
+            // Lenient on the last character's unused bits: RFC 8705's own example sets them.
+            const LENIENT: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+                &base64::alphabet::URL_SAFE,
+                base64::engine::GeneralPurposeConfig::new()
+                    .with_encode_padding(false)
+                    .with_decode_allow_trailing_bits(true)
+                    .with_decode_padding_mode(base64::engine::DecodePaddingMode::RequireNone),
+            );
+            match LENIENT.decode(v) {
+                Ok(d) if d.len() == 32 => Ok(Binding::Certificate(d)),
+                _ => Err(TokenError::InvalidClaims),
+            }
+        }
+        _ => Err(other),
+    }
 }
 
 /// Reads `json` strictly: one value, no key twice in any object (after unescaping: `"r\u006fle"`
@@ -601,15 +633,33 @@ mod tests {
     }
 
     #[test]
-    fn bound_tokens_name_their_binding() {
+    fn bindings_are_one_jkt_or_one_certificate_hash() {
         let b = |v: Value| binding(&claims(v));
-        assert_eq!(b(serde_json::json!({})), None);
-        assert!(b(serde_json::json!({"cnf": {"x5t#S256": "x"}}))
-            .unwrap()
-            .contains("RFC 8705"));
-        assert!(b(serde_json::json!({"cnf": {"jkt": "x"}}))
-            .unwrap()
-            .contains("RFC 9449"));
-        assert!(b(serde_json::json!({"cnf": null})).is_some());
+        assert_eq!(b(serde_json::json!({})), Ok(Binding::None));
+        assert_eq!(
+            b(serde_json::json!({"cnf": {"jkt": "abc"}})),
+            Ok(Binding::Dpop("abc".into()))
+        );
+        let hash = "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2";
+        assert!(
+            matches!(b(serde_json::json!({"cnf": {"x5t#S256": hash}})), Ok(Binding::Certificate(d)) if d.len() == 32)
+        );
+        assert_eq!(
+            b(serde_json::json!({"cnf": {"x5t#S256": "x"}})),
+            Err(TokenError::InvalidClaims)
+        );
+        for other in [
+            serde_json::json!({"cnf": null}),
+            serde_json::json!({"cnf": {}}),
+            serde_json::json!({"cnf": {"jkt": ""}}),
+            serde_json::json!({"cnf": {"jkt": 1}}),
+            serde_json::json!({"cnf": {"jwk": {"kty": "EC"}}}),
+            serde_json::json!({"cnf": {"jkt": "a", "x5t#S256": hash}}),
+        ] {
+            assert!(
+                matches!(b(other.clone()), Err(TokenError::BoundToken(_))),
+                "{other}"
+            );
+        }
     }
 }

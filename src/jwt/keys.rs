@@ -500,3 +500,32 @@ fn sec1(x: &Option<String>, y: &Option<String>, size: usize) -> Option<Vec<u8>> 
     out.extend_from_slice(&y);
     Some(out)
 }
+
+/// Members a public JWK must not carry (RFC 9449 4.2: a proof's `jwk` holds no private key).
+const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+
+/// The verification key a single public JWK describes (a DPoP proof's `jwk`), with its
+/// RFC 7638 thumbprint; `None` when it is not a public signing key this filter can use.
+pub fn public_jwk(jwk: &serde_json::Map<String, serde_json::Value>) -> Option<(Key, String)> {
+    if PRIVATE_MEMBERS.iter().any(|m| jwk.contains_key(*m)) {
+        return None;
+    }
+    let raw: RawJwk = serde_json::from_value(serde_json::Value::Object(jwk.clone())).ok()?;
+    let s = |v: &Option<String>| v.clone().unwrap_or_default();
+    let (kty, crv, n, e, x, y) = (
+        raw.kty.clone(),
+        s(&raw.crv),
+        s(&raw.n),
+        s(&raw.e),
+        s(&raw.x),
+        s(&raw.y),
+    );
+    let members: Vec<(&str, &str)> = match kty.as_str() {
+        "RSA" => vec![("e", &e), ("kty", "RSA"), ("n", &n)],
+        "EC" => vec![("crv", &crv), ("kty", "EC"), ("x", &x), ("y", &y)],
+        "OKP" => vec![("crv", &crv), ("kty", "OKP"), ("x", &x)],
+        _ => return None,
+    };
+    let thumbprint = super::dpop::thumbprint(&members);
+    Some((raw.key()?, thumbprint))
+}

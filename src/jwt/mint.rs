@@ -45,6 +45,19 @@ impl Verifier {
         // The lineage's authentication time: a ban compares with it, so refreshing cannot
         // outrun a ban (a token without `iat` counts as authenticated at 0, before any ban).
         custom.insert("auth_time".into(), id.authenticated_at().unwrap_or(0).into());
+        // A bound token refreshes into a token bound to the same key or certificate: never
+        // into a bearer token a thief could use without the key.
+        match &id.binding {
+            Binding::None => {}
+            Binding::Dpop(jkt) => {
+                custom.insert("cnf".into(), serde_json::json!({ "jkt": jkt }));
+            }
+            Binding::Certificate(hash) => {
+                use base64::Engine as _;
+                let x5t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash);
+                custom.insert("cnf".into(), serde_json::json!({ "x5t#S256": x5t }));
+            }
+        }
         if let Some(iss) = &issuer.iss {
             custom.insert("iss".into(), iss.clone().into());
         }

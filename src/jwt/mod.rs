@@ -31,13 +31,15 @@ use crate::headers::is_safe_value as is_safe_header_value;
 
 mod cache;
 pub mod claims;
+pub mod dpop;
 mod mint;
 mod settings;
 mod token;
 mod verify;
 
 pub use cache::*;
-pub use claims::{ClaimPath, RoleFormat, Types};
+pub use claims::{Binding, ClaimPath, RoleFormat, Types};
+pub use dpop::{Dpop, DpopMode, DpopSettings, ProofError, ProofSeen};
 pub use settings::*;
 pub use token::*;
 pub use verify::*;

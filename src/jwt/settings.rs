@@ -54,6 +54,14 @@ pub struct JwtSettings {
     /// client's copy is stripped like the other identity headers); off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scopes_header: Option<String>,
+    /// DPoP (RFC 9449) for this issuer's tokens: `off` (default), `allowed`, `required`, or
+    /// `{mode, proof_window, algorithms}`.
+    #[serde(
+        default,
+        deserialize_with = "dpop::deserialize_dpop",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dpop: Option<DpopSettings>,
 }
 
 fn default_max_payload() -> usize {
@@ -94,6 +102,14 @@ pub struct IssuerSettings {
     pub local_jwks: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_jwks: Option<RemoteJwksSettings>,
+    /// DPoP (RFC 9449) for this issuer's tokens: `off` (default), `allowed`, `required`, or
+    /// `{mode, proof_window, algorithms}`.
+    #[serde(
+        default,
+        deserialize_with = "dpop::deserialize_dpop",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dpop: Option<DpopSettings>,
 }
 
 /// `claims:`: which claims become the caller's identity. Each is a dotted name that walks into
@@ -260,6 +276,7 @@ impl JwtSettings {
                     types: Types::compile(self.types.as_deref(), "types")?,
                     source: Source::Secret(hmac_keys(&algorithms, secret.as_bytes())?),
                     algorithms,
+                    dpop: compile_dpop(&self.dpop)?,
                 });
             }
             None if self.issuers.is_empty() => {
@@ -270,13 +287,14 @@ impl JwtSettings {
             }
             None => {
                 if self.issuer.is_some()
+                    || self.dpop.is_some()
                     || self.audience.is_some()
                     || self.claims.is_some()
                     || self.types.is_some()
                 {
                     return Err(ConfigError::new(
                         "",
-                        "issuer, audience, claims and types at the top of jwt describe the secret's issuer: set secret_env too, or move them into issuers",
+                        "issuer, audience, claims, types and dpop at the top of jwt describe the secret's issuer: set secret_env too, or move them into issuers",
                     ));
                 }
             }
@@ -404,7 +422,15 @@ impl IssuerSettings {
             types: Types::compile(self.types.as_deref(), "types")?,
             source,
             algorithms,
+            dpop: compile_dpop(&self.dpop)?,
         })
+    }
+}
+
+fn compile_dpop(s: &Option<DpopSettings>) -> Result<Dpop, ConfigError> {
+    match s {
+        None => Ok(Dpop::default()),
+        Some(s) => s.compile().map_err(|e| e.under("dpop")),
     }
 }
 
@@ -430,6 +456,8 @@ pub struct Issuer {
     /// The `typ` values its tokens may carry.
     pub types: Types,
     pub source: Source,
+    /// DPoP (RFC 9449) for its tokens.
+    pub dpop: Dpop,
 }
 
 impl Issuer {

@@ -253,18 +253,16 @@ fn hostile_tokens_are_refused_with_a_reason() {
             TokenError::WrongType,
         ),
         (
-            "a certificate-bound token",
-            hs256(
-                serde_json::json!({"exp": exp, "cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}),
-            ),
-            TokenError::BoundToken("certificate-bound (cnf x5t#S256, RFC 8705)"),
+            "a token bound to a key by cnf.jwk (not checked here)",
+            hs256(serde_json::json!({"exp": exp, "cnf": {"jwk": {"kty": "EC"}}})),
+            TokenError::BoundToken("bound to a key (cnf) in a way this gateway cannot check"),
         ),
         (
-            "a DPoP-bound token",
+            "a DPoP-bound token of an issuer whose dpop is off",
             hs256(
                 serde_json::json!({"exp": exp, "cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}),
             ),
-            TokenError::BoundToken("DPoP-bound (cnf jkt, RFC 9449)"),
+            TokenError::BoundToken("DPoP-bound (cnf jkt, RFC 9449) and its issuer's dpop is off"),
         ),
         (
             "65 roles",
@@ -363,6 +361,7 @@ fn issued_tokens_verify_and_keep_the_identity() {
         auth_time: None,
         issuer: 0,
         revocation_id: String::new(),
+        binding: Binding::None,
     };
     let t = v.issue(&old, NOW, 1800, "new-jti").unwrap();
     let id = v.verify(&t, NOW).unwrap();

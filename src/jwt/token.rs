@@ -48,7 +48,7 @@ pub enum TokenError {
     PayloadTooLarge,
     /// `typ` names another kind of JWT (a DPoP proof, a logout token...).
     WrongType,
-    /// A sender-constrained token (`cnf`), which this gateway cannot check.
+    /// A sender-constrained token (`cnf`) of a kind this gateway does not accept.
     BoundToken(&'static str),
     /// More roles or scopes than [`claims::MAX_ROLES`], or one longer than
     /// [`claims::MAX_ROLE_LEN`] bytes.
@@ -114,7 +114,7 @@ impl fmt::Display for TokenError {
             Self::TooDeep => write!(f, "claims nested deeper than {}", claims::MAX_JSON_DEPTH),
             Self::PayloadTooLarge => f.write_str("payload is larger than the configured maximum"),
             Self::WrongType => f.write_str("not an access token (typ)"),
-            Self::BoundToken(kind) => write!(f, "token is {kind}; this gateway does not check the binding"),
+            Self::BoundToken(kind) => write!(f, "token is {kind}: not accepted"),
             Self::TooManyValues(name) => write!(
                 f,
                 "more than {} {name} values, or one longer than {} bytes",
@@ -151,6 +151,8 @@ pub struct Identity {
     /// signature's `(r, n - s)` twin, another base64 spelling of the signature) has the same
     /// one, so a logout cannot be undone by re-encoding the token.
     pub revocation_id: String,
+    /// What the token is bound to (`cnf`): checked on every presentation, cached or not.
+    pub binding: Binding,
 }
 
 impl Identity {

@@ -80,7 +80,7 @@ pub(super) fn claim_text(
 }
 
 /// The token's header and payload as JSON text (base64url, padding tolerated).
-fn decoded_parts(token: &str) -> Result<(Vec<u8>, Vec<u8>), TokenError> {
+pub(super) fn decoded_parts(token: &str) -> Result<(Vec<u8>, Vec<u8>), TokenError> {
     use base64::Engine as _;
     const ENGINE: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
         &base64::alphabet::URL_SAFE,
@@ -125,6 +125,7 @@ impl Verifier {
             claims: ClaimSettings::default(),
             types: Types::default(),
             source: Source::Secret(keys),
+            dpop: Dpop::default(),
         }])
     }
 
@@ -154,6 +155,11 @@ impl Verifier {
         self.issuers
             .iter()
             .any(|i| !matches!(i.source, Source::Secret(_)))
+    }
+
+    /// Whether any issuer takes DPoP-bound tokens.
+    pub fn uses_dpop(&self) -> bool {
+        self.issuers.iter().any(|i| i.dpop.mode != DpopMode::Off)
     }
 
     /// Indexes and settings of the issuers whose keys are fetched.
@@ -372,10 +378,14 @@ impl Verifier {
             Some(Value::Number(n)) => Some(n.as_i64().ok_or(TokenError::InvalidClaims)?),
             Some(_) => return Err(TokenError::InvalidClaims),
         };
-        // A sender-constrained token is not a bearer token: refused until its binding can be
-        // checked (RFC 8705 3, RFC 9449 7).
-        if let Some(kind) = claims::binding(c) {
-            return Err(TokenError::BoundToken(kind));
+        // A sender-constrained token is not a bearer token: its binding is checked on every
+        // presentation (RFC 8705 3, RFC 9449 7); a DPoP-bound one only where its issuer takes
+        // DPoP, a binding of another kind never.
+        let binding = claims::binding(c)?;
+        if matches!(binding, Binding::Dpop(_)) && issuer.dpop.mode == DpopMode::Off {
+            return Err(TokenError::BoundToken(
+                "DPoP-bound (cnf jkt, RFC 9449) and its issuer's dpop is off",
+            ));
         }
         claims::payload_kind(c)?;
         let map = &issuer.claims;
@@ -394,6 +404,7 @@ impl Verifier {
             auth_time,
             issuer: index,
             revocation_id: String::new(),
+            binding,
         })
     }
 }

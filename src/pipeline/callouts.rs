@@ -38,6 +38,7 @@ impl Calls {
     pub(super) fn forget(&mut self, ctx: u32, orphaned: &[u64]) {
         self.retain(|call| match call {
             Call::Write { context }
+            | Call::Replay { context }
             | Call::Confirm { context }
             | Call::Query { context }
             | Call::Lookup { key: None, context } => *context != ctx,
@@ -142,6 +143,12 @@ impl Gateway {
                     return None;
                 };
                 Some(gw.write_answered(req, write, status, &body, host))
+            }),
+            Call::Replay { context } => self.with_request(ctx, context, host, |gw, req, host| {
+                let Stage::Replay { next, coalesce } = std::mem::replace(&mut req.stage, Stage::Idle) else {
+                    return None;
+                };
+                Some(gw.replay_answered(req, next, coalesce, status, &body, host))
             }),
             Call::Confirm { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Confirm(wait) = std::mem::replace(&mut req.stage, Stage::Idle) else {

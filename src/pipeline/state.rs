@@ -38,6 +38,8 @@ pub(super) enum Effect {
 pub(super) enum Stage {
     /// Deciding, or forwarded, or answered: nothing outstanding.
     Idle,
+    /// Waiting for the store to say whether another gateway saw its DPoP proof.
+    Replay { next: Next, coalesce: bool },
     /// Waiting for a revocation lookup (its own, or one it joined).
     Revocation(Next),
     /// Waiting for the store to confirm an endpoint's write.
@@ -116,6 +118,10 @@ pub(super) enum Call {
         context: u32,
     },
     Write {
+        context: u32,
+    },
+    /// A DPoP proof's `SET NX` in the store.
+    Replay {
         context: u32,
     },
     /// A read-back of a revocation from a replica.

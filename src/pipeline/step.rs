@@ -15,6 +15,8 @@ pub(super) enum Step {
     Authenticate { guarded: Guarded, may_wait: bool },
     /// Phase 3 lacks `issuer`'s keys: wait for a fetch, or authenticate again without waiting.
     AwaitKeys { guarded: Guarded, issuer: usize },
+    /// Phase 3b: a bound token's binding (a DPoP proof, a client certificate), then phase 4.
+    Bind { next: Next, coalesce: bool },
     /// Phase 4: the revocation check (`coalesce`: join a lookup of the same token already out).
     Revocation { next: Next, coalesce: bool },
     /// Phases 5 and 6: the caller's token is valid and not revoked (or there is none).
@@ -84,6 +86,7 @@ impl Gateway {
             step = match step {
                 Step::Authenticate { guarded, may_wait } => self.authenticate(req, guarded, may_wait, host),
                 Step::AwaitKeys { guarded, issuer } => self.await_keys(req, guarded, issuer, host),
+                Step::Bind { next, coalesce } => self.check_binding(req, next, coalesce, host),
                 Step::Revocation { next, coalesce } => self.check_revocation(req, next, coalesce, host),
                 Step::Cleared(next) => self.proceed(req, next, host),
                 Step::Perform(endpoint) => self.perform(req, endpoint, host),
@@ -171,6 +174,7 @@ impl Gateway {
                 self.store_failed(req, next, &StoreError::Dispatch(e.to_string()), host)
             }
             Stage::Write(_) => self.write_failed(req, e, host),
+            Stage::Replay { next, coalesce } => self.replay_store_failed(req, next, coalesce, &e, host),
             Stage::Confirm(wait) => {
                 req.log(
                     LogLevel::Warn,

@@ -2250,3 +2250,216 @@ fn a_refused_removal_of_a_gateway_owned_header_refuses_the_request() {
     t.send(3, "GET", "/api/v1/open/1", None);
     assert_eq!(t.req(3).reply.as_ref().map(|r| r.status()), None);
 }
+
+// ------------------------------------------------------------ sender-constrained tokens
+
+mod bound_tokens {
+    use super::*;
+    use crate::jwt::testkeys;
+    use base64::Engine as _;
+    use serde_json::json;
+    use sha2::Digest as _;
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn client_jwk() -> serde_json::Value {
+        let mut jwk = testkeys::jwk(crate::jwt::Algorithm::Es256, "x", false);
+        jwk.as_object_mut().unwrap().remove("kid");
+        jwk
+    }
+
+    fn jkt() -> String {
+        crate::jwt::keys::public_jwk(client_jwk().as_object().unwrap())
+            .unwrap()
+            .1
+    }
+
+    fn bound_token(cnf: serde_json::Value) -> String {
+        let payload =
+            json!({"sub": "user-001", "role": "user", "iat": NOW_S, "exp": NOW_S + 1800, "cnf": cnf});
+        forge(r#"{"alg":"HS256","typ":"JWT"}"#, &payload.to_string(), SECRET)
+    }
+
+    fn proof(token: &str, jti: &str, method: &str, uri: &str) -> String {
+        testkeys::sign_raw(
+            crate::jwt::Algorithm::Es256,
+            &json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": client_jwk()}),
+            &json!({"jti": jti, "htm": method, "htu": uri, "iat": NOW_S,
+                    "ath": b64(&sha2::Sha256::digest(token.as_bytes()))}),
+        )
+    }
+
+    fn send(t: &mut T, ctx: u32, scheme: &str, token: &str, proofs: &[String]) -> Action {
+        let mut headers: Vec<HeaderPair> = vec![
+            (":method".into(), b"GET".to_vec()),
+            (":path".into(), b"/api/v1/orders?page=2".to_vec()),
+            (":authority".into(), b"gw".to_vec()),
+            ("authorization".into(), format!("{scheme} {token}").into_bytes()),
+        ];
+        for p in proofs {
+            headers.push(("dpop".into(), p.clone().into_bytes()));
+        }
+        t.send_headers(ctx, headers)
+    }
+
+    fn dpop_gateway() -> T {
+        let mut v = base();
+        v["jwt"]["dpop"] = json!("allowed");
+        T::new(v)
+    }
+
+    #[test]
+    fn a_dpop_bound_token_passes_with_its_proof_once_per_proof_fleet_wide() {
+        let mut t = dpop_gateway();
+        let token = bound_token(json!({"jkt": jkt()}));
+        let p = proof(&token, "p-1", "GET", "http://gw/api/v1/orders");
+        assert_eq!(send(&mut t, 2, "DPoP", &token, &[p.clone()]), Action::Pause);
+        let set = t.host.dispatched.last().unwrap().path.clone();
+        assert!(
+            set.starts_with("/SET/dpop%3A") && set.contains("/EX/121/NX.json"),
+            "{set}"
+        );
+        t.answer_last(Some(200), SET_OK);
+        // Then the revocation lookup, as for any token.
+        assert!(t.host.dispatched.last().unwrap().path.starts_with("/MGET/"));
+        t.answer_last(Some(200), CLEAN);
+        assert_eq!(t.status(2), 200);
+        assert_eq!(t.req(2).resumed, 1);
+        t.finish(2);
+
+        // The same proof again: this gateway remembers it, no call.
+        let calls = t.calls();
+        assert_eq!(send(&mut t, 3, "DPoP", &token, &[p]), Action::Replied);
+        assert_eq!((t.status(3), t.reason(3), t.calls()), (401, "dpop_replay", calls));
+        let challenge = t
+            .req(3)
+            .reply
+            .as_ref()
+            .unwrap()
+            .headers
+            .iter()
+            .find(|(k, _)| *k == "www-authenticate")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        assert!(
+            challenge.starts_with(r#"DPoP error="invalid_dpop_proof""#),
+            "{challenge}"
+        );
+
+        // A proof another gateway saw first: the store says so.
+        let p2 = proof(&token, "p-2", "GET", "http://gw/api/v1/orders");
+        assert_eq!(send(&mut t, 4, "DPoP", &token, &[p2]), Action::Pause);
+        t.answer_last(Some(200), SET_LOST);
+        assert_eq!((t.status(4), t.reason(4)), (401, "dpop_replay"));
+
+        // The store down: denied (the revocation store's failure mode, deny by default).
+        let p3 = proof(&token, "p-3", "GET", "http://gw/api/v1/orders");
+        assert_eq!(send(&mut t, 5, "DPoP", &token, &[p3]), Action::Pause);
+        t.answer_last(None, "");
+        assert_eq!(t.status(5), 503);
+    }
+
+    #[test]
+    fn a_bound_token_without_its_binding_is_refused() {
+        let mut t = dpop_gateway();
+        let token = bound_token(json!({"jkt": jkt()}));
+        let uri = "http://gw/api/v1/orders";
+        let cases: Vec<(&str, &str, Vec<String>, &str)> = vec![
+            (
+                "Bearer for a DPoP-bound token",
+                "Bearer",
+                vec![proof(&token, "a", "GET", uri)],
+                "binding",
+            ),
+            ("no proof", "DPoP", vec![], "dpop_proof"),
+            (
+                "two proofs",
+                "DPoP",
+                vec![proof(&token, "b", "GET", uri), proof(&token, "c", "GET", uri)],
+                "dpop_proof",
+            ),
+            (
+                "a proof for POST",
+                "DPoP",
+                vec![proof(&token, "d", "POST", uri)],
+                "dpop_proof",
+            ),
+            (
+                "a proof for another path",
+                "DPoP",
+                vec![proof(&token, "e", "GET", "http://gw/api/v1/users")],
+                "dpop_proof",
+            ),
+            (
+                "a proof for another token",
+                "DPoP",
+                vec![proof(&token_for("user-001", "z"), "f", "GET", uri)],
+                "dpop_proof",
+            ),
+        ];
+        for (i, (what, scheme, proofs, reason)) in cases.into_iter().enumerate() {
+            let ctx = 10 + i as u32;
+            assert_eq!(
+                send(&mut t, ctx, scheme, &token, &proofs),
+                Action::Replied,
+                "{what}"
+            );
+            assert_eq!((t.status(ctx), t.reason(ctx)), (401, reason), "{what}");
+        }
+        // The DPoP scheme with a bearer token.
+        assert_eq!(
+            send(
+                &mut t,
+                30,
+                "DPoP",
+                &super::token(),
+                &[proof(&super::token(), "g", "GET", uri)]
+            ),
+            Action::Replied
+        );
+        assert_eq!((t.status(30), t.reason(30)), (401, "binding"));
+        assert_eq!(t.calls(), 0);
+    }
+
+    #[test]
+    fn dpop_off_refuses_bound_tokens_and_required_refuses_bearer_tokens() {
+        let mut t = T::default();
+        let token = bound_token(json!({"jkt": jkt()}));
+        let p = proof(&token, "a", "GET", "http://gw/api/v1/orders");
+        assert_eq!(send(&mut t, 2, "DPoP", &token, &[p]), Action::Replied);
+        assert_eq!((t.status(2), t.reason(2)), (401, "bound_token"));
+        let mut v = base();
+        v["jwt"]["dpop"] = json!({"mode": "required", "proof_window": 30});
+        let mut t = T::new(v);
+        assert_eq!(send(&mut t, 2, "Bearer", &super::token(), &[]), Action::Replied);
+        assert_eq!((t.status(2), t.reason(2)), (401, "binding"));
+    }
+
+    #[test]
+    fn a_certificate_bound_token_passes_only_with_its_certificate() {
+        let cert = [7u8; 32];
+        let hex: String = cert.iter().map(|b| format!("{b:02x}")).collect();
+        let token = bound_token(json!({"x5t#S256": b64(&cert)}));
+        for (ctx, presented, status) in [
+            (2, Some(hex.clone()), 200),
+            (3, Some(hex.replace("7", "8")), 401),
+            (4, None, 401),
+        ] {
+            let mut t = T::new(base());
+            t.host.peer_certificate = presented;
+            let action = send(&mut t, ctx, "Bearer", &token, &[]);
+            if status == 200 {
+                assert_eq!(action, Action::Pause);
+                t.answer_last(Some(200), CLEAN);
+            }
+            assert_eq!(t.status(ctx), status, "{ctx}");
+            if status == 401 {
+                assert_eq!(t.reason(ctx), "binding");
+            } else {
+                t.finish(ctx);
+            }
+        }
+    }
+}
