@@ -96,6 +96,26 @@ fn json_error(error: &str, message: &str) -> Value {
     json!({"json_format": {"error": error, "message": message, "trace_id": "%REQ(X-TRACE-ID)%"}})
 }
 
+/// `gateway.tls` as Envoy's downstream TLS context. With a client CA, Envoy asks for a client
+/// certificate and verifies it; the filter reads its SHA-256
+/// (`connection.sha256_peer_certificate_digest`) for certificate-bound tokens.
+fn downstream_tls(tls: &crate::gateway::Tls) -> Value {
+    let mut context = json!({
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": {
+            "tls_certificates": [{
+                "certificate_chain": {"filename": tls.certificate},
+                "private_key": {"filename": tls.private_key},
+            }],
+        },
+        "require_client_certificate": tls.require_client_certificate,
+    });
+    if let Some(ca) = &tls.client_ca {
+        context["common_tls_context"]["validation_context"] = json!({"trusted_ca": {"filename": ca}});
+    }
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": context})
+}
+
 /// The bootstrap as a JSON value (serialized to YAML by the caller).
 pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, String> {
     let g = &file.gateway;
@@ -124,11 +144,15 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
         Some(path) => json!({"pipe": {"path": path, "mode": 0o600}}),
         None => socket(&g.admin.address, g.admin.port),
     };
+    let mut chain = json!({"filters": network_filters});
+    if let Some(tls) = &g.tls {
+        chain["transport_socket"] = downstream_tls(tls);
+    }
     let mut listeners = vec![json!({
         "name": LISTENER_NAME,
         "address": socket(&g.address, g.port),
         "per_connection_buffer_limit_bytes": g.limits.buffer_limit_bytes,
-        "filter_chains": [{"filters": network_filters}],
+        "filter_chains": [chain],
     })];
     if let Some(m) = &g.metrics {
         let (listener, cluster) = metrics_listener(m, &admin_address);

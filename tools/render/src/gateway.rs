@@ -25,7 +25,7 @@ pub const LOG_WEBDIS_CLUSTER: &str = "webdis-logs";
 pub const CONFIRM_WEBDIS_CLUSTER: &str = "webdis-replica";
 
 /// Keys of `gateway:` that only Envoy uses (the rest is the filter's: prefix, name, rate_limit).
-const ENVOY_GATEWAY_KEYS: [&str; 14] = [
+const ENVOY_GATEWAY_KEYS: [&str; 15] = [
     "port",
     "address",
     "admin",
@@ -40,6 +40,7 @@ const ENVOY_GATEWAY_KEYS: [&str; 14] = [
     "limits",
     "headers_with_underscores",
     "escaped_slashes",
+    "tls",
 ];
 /// Keys of `routes[]` that only Envoy uses (besides `canary.upstream`).
 const ENVOY_ROUTE_KEYS: [&str; 4] = ["upstream", "timeout", "retry", "lb_policy"];

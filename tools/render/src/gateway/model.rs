@@ -47,6 +47,28 @@ pub struct Gateway {
     /// `keep` them as they are.
     #[serde(default)]
     pub escaped_slashes: EscapedSlashes,
+    /// TLS on the gateway's listener (with client certificates: what certificate-bound tokens,
+    /// RFC 8705, are bound to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// `gateway.tls`: the listener's certificate, and the client certificates it asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain file.
+    pub certificate: String,
+    /// PEM private key file.
+    pub private_key: String,
+    /// PEM file of the CAs client certificates must chain to; without it no client
+    /// certificate is asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<String>,
+    /// Refuse the TLS handshake without a client certificate (default: ask, do not require,
+    /// so bearer tokens still work and only certificate-bound ones need one).
+    #[serde(default)]
+    pub require_client_certificate: bool,
 }
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

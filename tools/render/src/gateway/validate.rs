@@ -162,6 +162,23 @@ pub(super) fn check_gateway_side(
             return Err(ConfigError::new(f, format!("{a:?} is not an IP address")));
         }
     }
+    if let Some(tls) = &g.tls {
+        for (f, path) in [
+            ("gateway.tls.certificate", Some(&tls.certificate)),
+            ("gateway.tls.private_key", Some(&tls.private_key)),
+            ("gateway.tls.client_ca", tls.client_ca.as_ref()),
+        ] {
+            if path.is_some_and(|p| p.is_empty() || p.contains('\0')) {
+                return Err(ConfigError::new(f, "must be a file path"));
+            }
+        }
+        if tls.require_client_certificate && tls.client_ca.is_none() {
+            return Err(ConfigError::new(
+                "gateway.tls.require_client_certificate",
+                "needs gateway.tls.client_ca (the CAs client certificates are checked against)",
+            ));
+        }
+    }
     check_seconds("gateway.connect_timeout", g.connect_timeout, 60.0)?;
     let l = &g.limits;
     check_seconds(
