@@ -66,43 +66,28 @@ impl Default for DpopSettings {
     }
 }
 
-/// The two spellings of `dpop:`.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum DpopForm {
-    Mode(DpopMode),
-    Full(DpopSettingsFields),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DpopSettingsFields {
-    #[serde(default)]
-    mode: DpopMode,
-    #[serde(default = "default_window")]
-    proof_window: u64,
-    #[serde(default = "default_proof_algorithms")]
-    algorithms: Vec<String>,
-}
-
-/// Reads `dpop:` in either spelling.
+/// Reads `dpop:` in either spelling (through `Value`, whose reader the module has anyway: an
+/// untagged enum would compile in serde's buffering of any content).
 pub(super) fn deserialize_dpop<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<DpopSettings>, D::Error> {
-    let form = Option::<DpopForm>::deserialize(d).map_err(|_| {
-        serde::de::Error::custom("dpop: expected off, allowed, required, or {mode, proof_window, algorithms}")
-    })?;
-    Ok(form.map(|f| match f {
-        DpopForm::Mode(mode) => DpopSettings {
-            mode,
-            ..DpopSettings::default()
-        },
-        DpopForm::Full(f) => DpopSettings {
-            mode: f.mode,
-            proof_window: f.proof_window,
-            algorithms: f.algorithms,
-        },
-    }))
+    use serde::de::Error as _;
+    let bad = |e: &dyn fmt::Display| {
+        D::Error::custom(format!(
+            "expected off, allowed, required, or {{mode, proof_window, algorithms}}: {e}"
+        ))
+    };
+    match Option::<Value>::deserialize(d)? {
+        None => Ok(None),
+        Some(Value::String(mode)) => {
+            let mode: DpopMode = serde_json::from_value(Value::String(mode)).map_err(|e| bad(&e))?;
+            Ok(Some(DpopSettings {
+                mode,
+                ..DpopSettings::default()
+            }))
+        }
+        Some(other) => serde_json::from_value(other).map(Some).map_err(|e| bad(&e)),
+    }
 }
 
 /// An issuer's compiled DPoP settings.

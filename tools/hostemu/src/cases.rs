@@ -34,7 +34,7 @@ pub(crate) fn config() -> String {
     serde_json::json!({
         "gateway": {"prefix": "/api/v1", "name": "hostemu"},
         "webdis_cluster": "127.0.0.1:7379",
-        "jwt": {"secret": SECRET, "claims": {"role": "realm_access.roles"}},
+        "jwt": {"secret": SECRET, "claims": {"role": "realm_access.roles"}, "dpop": "allowed"},
         "revocation": {"cache_ttl": 0},
         "logs": {"enabled": false},
         "routes": [
@@ -255,6 +255,7 @@ pub(crate) fn run(profile: &Profile, table: &Table, wasm: &[u8]) -> R<Vec<String
         }
     }
     one_token_twice(&mut f, h, profile, &mut vm)?;
+    dpop(&mut f, h, profile, &mut vm)?;
     logout(&mut f, h, profile, &mut vm)?;
     invariants(&mut f, h, profile, &vm);
     Ok(f)
@@ -367,6 +368,92 @@ pub(crate) fn one_token_twice(f: &mut Vec<String>, h: &str, profile: &Profile, v
     );
     vm.finish(10)?;
     vm.finish(11)?;
+    Ok(())
+}
+/// A DPoP-bound token with its proof: the proof's `SET NX` in the store, then the lookup (on
+/// APISIX, one call per request: the lookup only, the proof remembered in the VM's own memory);
+/// the same proof again refused without a call.
+pub(crate) fn dpop(f: &mut Vec<String>, h: &str, profile: &Profile, vm: &mut Vm) -> R<()> {
+    use p256::ecdsa::signature::Signer as _;
+    let now = 1_800_000_000i64;
+    let Ok(key) = p256::ecdsa::SigningKey::from_slice(&[5u8; 32]) else {
+        return Err("no P-256 key".into());
+    };
+    let point = key.verifying_key().to_encoded_point(false);
+    let (Some(x), Some(y)) = (point.x(), point.y()) else {
+        return Err("no P-256 point".into());
+    };
+    let (x, y) = (B64.encode(x), B64.encode(y));
+    let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+    let jkt = B64.encode(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes()));
+    let t = signed(
+        serde_json::json!({"sub": "user-dpop", "role": "user", "iat": now - 10,
+                                      "exp": now + 600, "cnf": {"jkt": jkt}}),
+    );
+    let header = serde_json::json!({"typ": "dpop+jwt", "alg": "ES256",
+                                     "jwk": {"kty": "EC", "crv": "P-256", "x": x, "y": y}});
+    let claims = serde_json::json!({"jti": "hostemu-1", "htm": "GET", "htu": "http://gw/api/v1/users/1",
+                                     "iat": now - 5,
+                                     "ath": B64.encode(<sha2::Sha256 as sha2::Digest>::digest(t.as_bytes()))});
+    let input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let signature: p256::ecdsa::Signature = key.sign(input.as_bytes());
+    let proof = format!("{input}.{}", B64.encode(signature.to_bytes()));
+    let auth = format!("DPoP {t}");
+    let headers = [("authorization", auth.as_str()), ("dpop", proof.as_str())];
+    vm.request_with(30, "GET", "/api/v1/users/1", None, &headers)?;
+    let store_checks = profile.calls_per_request > 1;
+    if store_checks {
+        let calls = vm.calls_of(30);
+        let first_is_set = calls.len() == 1
+            && vm
+                .store
+                .data()
+                .calls
+                .iter()
+                .any(|c| c.ctx == 30 && c.path.starts_with("/SET/dpop%3A"));
+        check(
+            f,
+            h,
+            "DPoP: the proof's SET NX first",
+            first_is_set,
+            format!("{calls:?}"),
+        );
+        for c in calls {
+            vm.answer(c, 200, r#"{"SET":[true,"OK"]}"#)?;
+        }
+    }
+    let calls = vm.calls_of(30);
+    check(
+        f,
+        h,
+        "DPoP: then its lookup",
+        calls.len() == 1,
+        format!("{calls:?}"),
+    );
+    for c in calls {
+        vm.answer(c, 200, CLEAN)?;
+    }
+    check(
+        f,
+        h,
+        "DPoP: forwarded with the identity",
+        vm.req(30).continued && vm.header(30, "x-user-id").as_deref() == Some("user-dpop"),
+        format!("{:?}", vm.req(30)),
+    );
+    vm.finish(30)?;
+    vm.request_with(31, "GET", "/api/v1/users/1", None, &headers)?;
+    check(
+        f,
+        h,
+        "DPoP: the same proof again refused, no call",
+        vm.status(31) == Some(401) && vm.calls_of(31).is_empty(),
+        format!("{:?}", vm.req(31)),
+    );
+    vm.finish(31)?;
     Ok(())
 }
 /// A logout and the logged-out token.
