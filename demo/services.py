@@ -20,6 +20,14 @@ gateway never routes these):
     POST /admin/rotate?retire=1      the same, then publish only the newest key per algorithm
 Keys are generated at start-up and live in memory only.
 
+Opaque tokens (RFC 7662): a login body with "opaque": true returns a random token that only the
+provider can read, through its introspection endpoint (client authentication: HTTP basic with
+client id `gateway` and the secret in INTROSPECTION_SECRET, default `demo-introspection-secret`):
+    POST /oauth2/introspect          token=<token>: {"active": true, sub, scope, exp, iss, ...}
+                                     or {"active": false}
+    GET  /admin/introspections       {"count": n}: introspection calls answered so far
+    POST /admin/deactivate?token=T   the token answers active: false from now on
+
 A login body may also name a provider's token shape, "shape": "keycloak", "entra", "okta" or
 "auth0": the token then carries that provider's claims for the user (its role list, scopes,
 namespaced claims), with the user's role among other roles, as those providers write them:
@@ -110,6 +118,8 @@ class IdentityProvider:
         self.lock = threading.Lock()
         self.keys = {alg: [] for alg in self.ALGORITHMS}
         self.generation = 0
+        self.opaque = {}
+        self.introspections = 0
         self.rotate()
 
     @staticmethod
@@ -143,6 +153,24 @@ class IdentityProvider:
         else:
             signature = key.sign(signing_input)
         return f"{header}.{payload}.{b64url(signature)}"
+
+    def issue_opaque(self, claims: dict) -> str:
+        token = base64.urlsafe_b64encode(os.urandom(24)).rstrip(b"=").decode()
+        with self.lock:
+            self.opaque[token] = dict(claims, iss=self.issuer, client_id="demo-app", token_type="Bearer")
+        return token
+
+    def introspect(self, token: str) -> dict:
+        with self.lock:
+            self.introspections += 1
+            claims = self.opaque.get(token)
+        if claims is None or claims.get("exp", 0) < time.time():
+            return {"active": False}
+        return dict(claims, active=True)
+
+    def deactivate(self, token: str):
+        with self.lock:
+            self.opaque.pop(token, None)
 
     def jwks(self) -> dict:
         out = []
@@ -202,6 +230,13 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str, idp=Non
                 idp.rotate(retire=retire)
                 return self._send(200, {"rotated": True, "retired": retire,
                                         "kids": [k["kid"] for k in idp.jwks()["keys"]]})
+            if idp is not None and self.command == "POST" and url.path == "/oauth2/introspect":
+                return self._introspect(body)
+            if idp is not None and self.command == "GET" and url.path == "/admin/introspections":
+                return self._send(200, {"count": idp.introspections})
+            if idp is not None and self.command == "POST" and url.path == "/admin/deactivate":
+                idp.deactivate(query.get("token", [""])[0])
+                return self._send(200, {"deactivated": True})
             if is_auth:
                 # The auth service serves its login (and the IdP's paths) and nothing else: a
                 # near-miss of a gateway endpoint (`/auth/logout.`, `/auth/logout%2e`) that Envoy
@@ -214,12 +249,23 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str, idp=Non
             self._send(200, {"service": service, "version": version, "method": self.command,
                              "path": self.path, "headers": headers, "body_bytes": len(body)})
 
+        def _introspect(self, body: bytes):
+            secret = os.environ.get("INTROSPECTION_SECRET") or "demo-introspection-secret"
+            expected = "Basic " + base64.b64encode(f"gateway:{secret}".encode()).decode()
+            if not hmac.compare_digest(self.headers.get("authorization", ""), expected):
+                return self._send(401, {"error": "invalid_client"})
+            if self.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+                return self._send(400, {"error": "invalid_request"})
+            form = urllib.parse.parse_qs(body.decode("ascii", "replace"))
+            return self._send(200, idp.introspect(form.get("token", [""])[0]))
+
         def _login(self, body: bytes):
             try:
                 data = json.loads(body or b"{}")
                 username, password = data.get("username"), data.get("password")
                 alg = data.get("alg", "HS256")
                 shape = data.get("shape")
+                opaque = data.get("opaque") is True
             except (ValueError, AttributeError):
                 return self._send(400, {"error": "Bad Request", "message": "Body must be a JSON object"})
             if alg != "HS256" and (idp is None or alg not in idp.ALGORITHMS):
@@ -237,6 +283,9 @@ def make_handler(service: str, version: str, is_auth: bool, secret: str, idp=Non
                 typ, base = shaped
             now = int(time.time())
             claims = dict(base, iat=now, exp=now + TOKEN_MINUTES * 60, jti=str(uuid.uuid4()))
+            if opaque and idp is not None:
+                return self._send(200, {"access_token": idp.issue_opaque(dict(claims, scope="orders:read")),
+                                        "token_type": "bearer"})
             token = hs256_token(claims, secret, typ) if alg == "HS256" else idp.sign(alg, claims, typ)
             return self._send(200, {"access_token": token, "token_type": "bearer"})
 

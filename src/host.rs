@@ -36,6 +36,8 @@ pub struct Callout<'a> {
     pub authorization: Option<&'a str>,
     /// The `:authority` sent (default: the cluster name).
     pub authority: Option<&'a str>,
+    /// The body's `Content-Type`, if any.
+    pub content_type: Option<&'a str>,
 }
 
 impl<'a> Callout<'a> {
@@ -49,6 +51,15 @@ impl<'a> Callout<'a> {
             timeout_ms,
             authorization: None,
             authority: None,
+            content_type: None,
+        }
+    }
+
+    /// The `Content-Type` of its body.
+    pub fn with_content_type(self, content_type: &'a str) -> Self {
+        Callout {
+            content_type: Some(content_type),
+            ..self
         }
     }
 
@@ -81,6 +92,9 @@ impl<'a> Callout<'a> {
         ];
         if let Some(value) = self.authorization {
             headers.push(("authorization", value));
+        }
+        if let Some(value) = self.content_type {
+            headers.push(("content-type", value));
         }
         headers
     }

@@ -88,6 +88,13 @@ pub fn keys(config: &Config) -> (Vec<(String, String)>, Vec<Family>) {
             named.push((field.clone(), crate::jwt::remote::set_key(&issuer.name)));
             named.push((field, crate::jwt::remote::lease_key(&issuer.name)));
         }
+        if let Some((_, issuer, intro)) = verifier.introspecting() {
+            families.push(Family {
+                field: format!("jwt.issuers[name={}].introspection.cache_slots", issuer.name),
+                prefix: crate::jwt::introspection::CACHE_KEY_PREFIX.into(),
+                count: u64::from(intro.cache_slots),
+            });
+        }
         if verifier.uses_dpop() {
             families.push(Family {
                 field: "jwt dpop (its replay slots)".into(),

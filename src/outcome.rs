@@ -73,6 +73,8 @@ pub enum TokenFault {
     Type,
     BoundToken,
     TooManyValues,
+    /// The introspection endpoint said the token is not active.
+    Inactive,
     /// A DPoP proof missing, invalid, or for another request (RFC 9449 `invalid_dpop_proof`).
     DpopProof,
     /// A DPoP proof seen before.
@@ -111,6 +113,7 @@ impl TokenFault {
             Self::Type => "typ",
             Self::BoundToken => "bound_token",
             Self::TooManyValues => "too_many_values",
+            Self::Inactive => "inactive",
             Self::DpopProof => "dpop_proof",
             Self::DpopReplay => "dpop_replay",
             Self::Binding => "binding",
@@ -261,6 +264,9 @@ pub mod message {
 
     pub const AUTH_MISSING: &str = "Authorization header missing";
     pub const AUTH_FORMAT: &str = "Invalid authorization format. Expected: Bearer <token>";
+    pub const TOKEN_INACTIVE: &str = "Invalid token: not active (introspection)";
+    pub const INTROSPECTION_DOWN: &str = "Token introspection unavailable";
+    pub const INTROSPECTED_RETRY: &str = "Token introspected; retry the request";
     pub const DPOP_AS_BEARER: &str =
         "Invalid token: a DPoP-bound token must be sent as Authorization: DPoP <token>";
     pub const DPOP_UNBOUND: &str = "Invalid token: the DPoP scheme needs a DPoP-bound token (cnf.jkt)";

@@ -22,7 +22,7 @@ use crate::canary::{self, Sticky};
 use crate::config::{Config, Route};
 use crate::headers::{self, HeaderPair};
 use crate::host::{Callout, DispatchError, Host, LocalStore, LogLevel, MetricKind, SharedStore};
-use crate::jwt::{KeyContext, KeySet, TokenCache};
+use crate::jwt::{Introspection, KeyContext, KeySet, TokenCache, TokenError};
 use crate::keyspace::PROBE_KEY;
 use crate::outcome::Outcome;
 use crate::policy::{self, Caller, Endpoint, EndpointKind, Refused, Target};
@@ -37,6 +37,7 @@ use crate::trace::{uuid_v4, TraceContext, HEADER_TRACE_ID, RANDOM_BYTES};
 mod binding;
 mod callouts;
 mod endpoints;
+mod introspection;
 mod keys;
 mod lifecycle;
 mod limits;
@@ -105,6 +106,7 @@ pub struct Gateway {
     calls: callouts::Calls,
     /// Each duty's own state in this VM.
     revocation: revocation::RevocationState,
+    introspection: introspection::IntrospectionState,
     keys: keys::KeysState,
     limits: limits::LimitsState,
     logs: logs::LogsState,
@@ -172,6 +174,7 @@ impl Gateway {
             requests: HashMap::new(),
             calls: callouts::Calls::default(),
             revocation: revocation::RevocationState::default(),
+            introspection: introspection::IntrospectionState::default(),
             keys: keys::KeysState::default(),
             limits: limits::LimitsState::default(),
             logs: logs::LogsState::default(),
@@ -359,7 +362,25 @@ impl Gateway {
                 return Step::Reply(reply);
             }
             Err(Refused::AwaitKeys(issuer)) => return Step::AwaitKeys { guarded, issuer },
+            Err(Refused::Introspect(issuer)) => return Step::Introspect { guarded, issuer },
         };
+        self.admit(req, guarded, caller, shared_waits)
+    }
+
+    /// The caller is known (or none is needed): a route goes on to the binding and revocation
+    /// checks, a gateway endpoint first reads its request.
+    /// `shared_waits`: requests may wait on one another's calls (the host resumes a request
+    /// from another's callback).
+    fn admit(
+        &mut self,
+        req: &mut Request,
+        guarded: Guarded,
+        caller: Option<Caller>,
+        shared_waits: bool,
+    ) -> Step {
+        let config = Rc::clone(&self.config);
+        let now = unix_seconds(req.clock_ms);
+        let trace_id = req.trace.trace_id.clone();
         match guarded {
             Guarded::Route(_) => {
                 req.caller = caller;

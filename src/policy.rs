@@ -270,6 +270,8 @@ pub enum Refused {
     /// The token needs keys of this issuer that the VM does not hold yet (an unknown `kid`, or
     /// no key set yet): the orchestrator may fetch them and ask again with `may_wait` false.
     AwaitKeys(usize),
+    /// The token is opaque: the orchestrator asks the introspecting issuer (its index).
+    Introspect(usize),
 }
 
 impl From<Reply> for Refused {
@@ -303,6 +305,11 @@ pub fn verified_caller(
         .verifier
         .as_ref()
         .ok_or_else(|| Reply::refuse(Outcome::NoVerifier, message::NO_VERIFIER, trace_id))?;
+    if crate::jwt::introspection::is_opaque(token) {
+        if let Some((index, _, _)) = verifier.introspecting() {
+            return Err(Refused::Introspect(index));
+        }
+    }
     let identity = cache
         .verify_with(verifier, keys, token, now)
         .map_err(|e| match e {
@@ -668,6 +675,7 @@ mod tests {
         .map_err(|r| match r {
             Refused::Reply(r) => r,
             Refused::AwaitKeys(i) => panic!("waits for keys of issuer {i}"),
+            Refused::Introspect(i) => panic!("introspects with issuer {i}"),
         })
     }
 

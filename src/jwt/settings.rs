@@ -83,6 +83,8 @@ pub struct IssuerSettings {
     /// When set, a token's `aud` must name one of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub audiences: Vec<String>,
+    /// The algorithms its JWTs may be signed with (none for an issuer of opaque tokens only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub algorithms: Vec<String>,
     #[serde(default = "default_clock_skew")]
     pub clock_skew: u64,
@@ -102,6 +104,9 @@ pub struct IssuerSettings {
     pub local_jwks: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_jwks: Option<RemoteJwksSettings>,
+    /// Opaque tokens read by the issuer's introspection endpoint (RFC 7662).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub introspection: Option<IntrospectionSettings>,
     /// DPoP (RFC 9449) for this issuer's tokens: `off` (default), `allowed`, `required`, or
     /// `{mode, proof_window, algorithms}`.
     #[serde(
@@ -277,6 +282,7 @@ impl JwtSettings {
                     source: Source::Secret(hmac_keys(&algorithms, secret.as_bytes())?),
                     algorithms,
                     dpop: compile_dpop(&self.dpop)?,
+                    introspection: None,
                 });
             }
             None if self.issuers.is_empty() => {
@@ -323,6 +329,12 @@ impl JwtSettings {
                 return Err(ConfigError::new(
                     format!("issuers[{i}].default"),
                     "only one issuer may be the default (the top-level secret already is)",
+                ));
+            }
+            if issuer.introspection.is_some() && list.iter().any(|o| o.introspection.is_some()) {
+                return Err(ConfigError::new(
+                    format!("issuers[{i}].introspection"),
+                    "only one issuer may introspect (an opaque token names no issuer)",
                 ));
             }
             list.push(issuer);
@@ -378,18 +390,29 @@ impl IssuerSettings {
                 "must not contain an empty audience",
             ));
         }
-        let algorithms = parse_algorithms(&self.algorithms)?;
         let secret = secret_from(&self.secret, &self.secret_env, env)?;
         let sources = usize::from(secret.is_some())
             + usize::from(self.local_jwks.is_some())
             + usize::from(self.remote_jwks.is_some());
-        if sources != 1 {
+        // An issuer of opaque tokens only signs nothing the gateway checks.
+        let algorithms = if sources == 0 && self.algorithms.is_empty() {
+            Vec::new()
+        } else {
+            parse_algorithms(&self.algorithms)?
+        };
+        if sources > 1 || (sources == 0 && self.introspection.is_none()) {
             return Err(ConfigError::new(
                 "",
-                "set exactly one key source: secret_env (or secret), local_jwks or remote_jwks",
+                "set exactly one key source: secret_env (or secret), local_jwks or remote_jwks (or only introspection, for opaque tokens)",
             ));
         }
-        let source = if let Some(secret) = secret {
+        let introspection = match &self.introspection {
+            Some(i) => Some(i.compile(env).map_err(|e| e.under("introspection"))?),
+            None => None,
+        };
+        let source = if sources == 0 {
+            Source::None
+        } else if let Some(secret) = secret {
             Source::Secret(hmac_keys(&algorithms, secret.as_bytes())?)
         } else {
             if let Some(a) = algorithms.iter().find(|a| a.family() == keys::Family::Hmac) {
@@ -423,6 +446,7 @@ impl IssuerSettings {
             source,
             algorithms,
             dpop: compile_dpop(&self.dpop)?,
+            introspection,
         })
     }
 }
@@ -442,6 +466,8 @@ pub enum Source {
     Local(Rc<KeySet>),
     /// A JWKS fetched and refreshed at runtime: the keys live in the VM's state.
     Remote(Remote),
+    /// No keys: the issuer's tokens are opaque, read by introspection only.
+    None,
 }
 
 /// One compiled issuer.
@@ -458,6 +484,8 @@ pub struct Issuer {
     pub source: Source,
     /// DPoP (RFC 9449) for its tokens.
     pub dpop: Dpop,
+    /// Its introspection endpoint, for opaque tokens (RFC 7662).
+    pub introspection: Option<Introspection>,
 }
 
 impl Issuer {

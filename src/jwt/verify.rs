@@ -126,6 +126,7 @@ impl Verifier {
             types: Types::default(),
             source: Source::Secret(keys),
             dpop: Dpop::default(),
+            introspection: None,
         }])
     }
 
@@ -154,7 +155,7 @@ impl Verifier {
     pub fn uses_public_keys(&self) -> bool {
         self.issuers
             .iter()
-            .any(|i| !matches!(i.source, Source::Secret(_)))
+            .any(|i| matches!(i.source, Source::Local(_) | Source::Remote(_)))
     }
 
     /// Whether any issuer takes DPoP-bound tokens.
@@ -233,6 +234,7 @@ impl Verifier {
                 .get(index)
                 .and_then(Option::as_deref)
                 .ok_or(TokenError::KeysUnavailable(index)),
+            Source::None => Err(TokenError::NoFittingKey),
         }
     }
 
@@ -294,7 +296,7 @@ impl Verifier {
         let set = Self::key_set(issuer, index, remote)?;
         let kid = match &issuer.source {
             // HMAC tokens (the reference's) carry no `kid`; a secret is one key per algorithm.
-            Source::Secret(_) => None,
+            Source::Secret(_) | Source::None => None,
             Source::Local(_) | Source::Remote(_) => header.key_id.as_deref(),
         };
         let candidates = match set.lookup(alg, kid) {

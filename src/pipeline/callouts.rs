@@ -39,6 +39,7 @@ impl Calls {
         self.retain(|call| match call {
             Call::Write { context }
             | Call::Replay { context }
+            | Call::Introspect { context, .. }
             | Call::Confirm { context }
             | Call::Query { context }
             | Call::Lookup { key: None, context } => *context != ctx,
@@ -144,6 +145,9 @@ impl Gateway {
                 };
                 Some(gw.write_answered(req, write, status, &body, host))
             }),
+            Call::Introspect { hash, context } => {
+                self.introspection_answered(ctx, &hash, context, status, &body, host)
+            }
             Call::Replay { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Replay { next, coalesce } = std::mem::replace(&mut req.stage, Stage::Idle) else {
                     return None;

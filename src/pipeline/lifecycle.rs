@@ -100,6 +100,7 @@ impl Gateway {
             }
         }
         self.adopt_orphans(ctx, host);
+        self.adopt_introspections(ctx, host);
         self.retry_confirms(ctx, host);
         self.jwks_tick(ctx, now, host);
     }
@@ -147,6 +148,7 @@ impl Gateway {
     /// A request leaves every duty that held it, and the calls made for it go.
     fn forget(&mut self, ctx: u32, host: &mut dyn Host) {
         self.forget_key_waiter(ctx, host);
+        self.forget_introspection_waiter(ctx);
         let orphaned = self.forget_revocation_waiter(ctx);
         self.calls.forget(ctx, &orphaned);
     }

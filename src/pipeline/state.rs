@@ -38,6 +38,8 @@ pub(super) enum Effect {
 pub(super) enum Stage {
     /// Deciding, or forwarded, or answered: nothing outstanding.
     Idle,
+    /// Waiting for the issuer's introspection endpoint to read its opaque token.
+    Introspect { guarded: Guarded, issuer: usize },
     /// Waiting for the store to say whether another gateway saw its DPoP proof.
     Replay { next: Next, coalesce: bool },
     /// Waiting for a revocation lookup (its own, or one it joined).
@@ -118,6 +120,11 @@ pub(super) enum Call {
         context: u32,
     },
     Write {
+        context: u32,
+    },
+    /// An opaque token's introspection (the token's hash: the requests waiting for it).
+    Introspect {
+        hash: String,
         context: u32,
     },
     /// A DPoP proof's `SET NX` in the store.

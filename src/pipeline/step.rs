@@ -15,6 +15,8 @@ pub(super) enum Step {
     Authenticate { guarded: Guarded, may_wait: bool },
     /// Phase 3 lacks `issuer`'s keys: wait for a fetch, or authenticate again without waiting.
     AwaitKeys { guarded: Guarded, issuer: usize },
+    /// Phase 3 for an opaque token: the issuer's introspection (cached, or one call).
+    Introspect { guarded: Guarded, issuer: usize },
     /// Phase 3b: a bound token's binding (a DPoP proof, a client certificate), then phase 4.
     Bind { next: Next, coalesce: bool },
     /// Phase 4: the revocation check (`coalesce`: join a lookup of the same token already out).
@@ -86,6 +88,7 @@ impl Gateway {
             step = match step {
                 Step::Authenticate { guarded, may_wait } => self.authenticate(req, guarded, may_wait, host),
                 Step::AwaitKeys { guarded, issuer } => self.await_keys(req, guarded, issuer, host),
+                Step::Introspect { guarded, issuer } => self.introspect(req, guarded, issuer, host),
                 Step::Bind { next, coalesce } => self.check_binding(req, next, coalesce, host),
                 Step::Revocation { next, coalesce } => self.check_revocation(req, next, coalesce, host),
                 Step::Cleared(next) => self.proceed(req, next, host),
@@ -186,7 +189,7 @@ impl Gateway {
             Stage::Query { .. } => {
                 self.query_failed(req, &format!("log store query dispatch failed: {e}"), host)
             }
-            Stage::Idle | Stage::Keys { .. } => {
+            Stage::Idle | Stage::Keys { .. } | Stage::Introspect { .. } => {
                 req.log(
                     LogLevel::Error,
                     &format!("callout without a waiting stage refused: {e}"),

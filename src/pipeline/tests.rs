@@ -2463,3 +2463,185 @@ mod bound_tokens {
         }
     }
 }
+
+// ------------------------------------------------------------ opaque tokens (RFC 7662)
+
+mod opaque_tokens {
+    use super::*;
+    use serde_json::json;
+
+    const OPAQUE: &str = "2YotnFZFEjr1zCsicMWpAA";
+
+    fn gateway() -> T {
+        let mut v = base();
+        v["jwt"]["issuers"] = json!([{
+            "name": "idp", "issuer": "https://idp.example.com",
+            "claims": {"role": "groups"},
+            "introspection": {"endpoint": "https://idp.example.com/oauth2/introspect",
+                              "cluster": "introspect_idp", "client_id": "gateway",
+                              "client_secret_env": "INTROSPECTION_SECRET", "cache_ttl": 30}
+        }]);
+        let env = |var: &str| (var == "INTROSPECTION_SECRET").then(|| "s3cret".to_string());
+        let cfg = Config::from_json_with_env(v.to_string().as_bytes(), &env).unwrap();
+        let mut host = FakeHost::new(NOW_S as u64 * 1000);
+        host.current = ROOT;
+        let gw = Gateway::new(cfg, &mut host).unwrap();
+        T { gw, host }
+    }
+
+    fn active(sub: &str) -> String {
+        json!({"active": true, "sub": sub, "groups": ["user"], "scope": "orders:read",
+               "iss": "https://idp.example.com", "exp": NOW_S + 600, "token_type": "Bearer"})
+        .to_string()
+    }
+
+    fn introspections(t: &T) -> Vec<usize> {
+        t.host
+            .dispatched
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.cluster == "introspect_idp")
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    #[test]
+    fn an_opaque_token_is_introspected_once_per_cache_period() {
+        let mut t = gateway();
+        assert_eq!(t.send(2, "GET", "/api/v1/orders/1", Some(OPAQUE)), Action::Pause);
+        let call = t.host.dispatched.last().unwrap().clone();
+        assert_eq!(
+            (call.cluster.as_str(), call.method.as_str()),
+            ("introspect_idp", "POST")
+        );
+        assert_eq!(call.path, "/oauth2/introspect");
+        assert_eq!(call.authority, "idp.example.com");
+        assert_eq!(call.authorization.as_deref(), Some("Basic Z2F0ZXdheTpzM2NyZXQ="));
+        assert_eq!(
+            call.body.as_deref(),
+            Some(&b"token=2YotnFZFEjr1zCsicMWpAA&token_type_hint=access_token"[..])
+        );
+        t.answer(call.token_id, Some(200), &active("u-9"));
+        // Revocation still applies: its lookup follows.
+        assert!(t.host.dispatched.last().unwrap().path.starts_with("/MGET/"));
+        t.answer_last(Some(200), CLEAN);
+        assert_eq!(t.status(2), 200);
+        assert_eq!(t.req(2).header("x-user-id"), Some("u-9"));
+        t.finish(2);
+        // The same token again: from the cache, no second introspection (and the revocation
+        // cache's clean answer: no lookup either).
+        assert_eq!(
+            t.send(3, "GET", "/api/v1/orders/1", Some(OPAQUE)),
+            Action::Continue
+        );
+        assert_eq!(introspections(&t).len(), 1);
+        assert_eq!(t.req(3).header("x-user-id"), Some("u-9"));
+        t.finish(3);
+        // Past the cache period: asked again.
+        t.host.now_ms += 31_000;
+        assert_eq!(t.send(4, "GET", "/api/v1/orders/1", Some(OPAQUE)), Action::Pause);
+        assert_eq!(introspections(&t).len(), 2);
+        t.answer_last(Some(200), &active("u-9"));
+        t.answer_last(Some(200), CLEAN);
+        t.finish(4);
+    }
+
+    #[test]
+    fn concurrent_requests_for_one_token_share_one_call() {
+        let mut t = gateway();
+        assert_eq!(t.send(2, "GET", "/api/v1/orders/1", Some(OPAQUE)), Action::Pause);
+        assert_eq!(t.send(3, "GET", "/api/v1/orders/1", Some(OPAQUE)), Action::Pause);
+        assert_eq!(introspections(&t).len(), 1);
+        let first = t.host.dispatched[introspections(&t)[0]].token_id;
+        t.answer(first, Some(200), &active("u-9"));
+        // One revocation lookup, shared.
+        t.answer_last(Some(200), CLEAN);
+        assert_eq!((t.status(2), t.status(3)), (200, 200));
+        assert_eq!((t.req(2).resumed, t.req(3).resumed), (1, 1));
+        t.finish(2);
+        t.finish(3);
+    }
+
+    #[test]
+    fn lying_or_failing_answers_refuse_the_token() {
+        for (answer, status, reason) in [
+            (
+                Some((
+                    200,
+                    json!({"active": "true", "sub": "x", "exp": NOW_S + 60}).to_string(),
+                )),
+                401,
+                "inactive",
+            ),
+            (
+                Some((
+                    200,
+                    json!({"active": 1, "sub": "x", "exp": NOW_S + 60}).to_string(),
+                )),
+                401,
+                "inactive",
+            ),
+            (Some((200, json!({"active": false}).to_string())), 401, "inactive"),
+            (
+                Some((
+                    200,
+                    json!({"active": true, "sub": "x", "exp": NOW_S - 600, "iss": "https://idp.example.com"})
+                        .to_string(),
+                )),
+                401,
+                "expired",
+            ),
+            (
+                Some((
+                    200,
+                    json!({"active": true, "sub": "x", "exp": NOW_S + 60, "iss": "https://evil"}).to_string(),
+                )),
+                401,
+                "issuer",
+            ),
+            (
+                Some((
+                    200,
+                    json!({"active": true, "sub": "x", "iss": "https://idp.example.com"}).to_string(),
+                )),
+                401,
+                "missing_exp",
+            ),
+            (
+                Some((200, r#"{"active":true,"active":true,"sub":"x"}"#.to_string())),
+                503,
+                "keys_unavailable",
+            ),
+            (Some((500, "{}".to_string())), 503, "keys_unavailable"),
+            // A timeout: Envoy answers the call with no response.
+            (None, 503, "keys_unavailable"),
+        ] {
+            let mut t = gateway();
+            assert_eq!(t.send(2, "GET", "/api/v1/orders/1", Some(OPAQUE)), Action::Pause);
+            let id = t.host.dispatched.last().unwrap().token_id;
+            match &answer {
+                Some((s, body)) => t.answer(id, Some(*s), body),
+                None => t.answer(id, None, ""),
+            }
+            assert_eq!((t.status(2), t.reason(2)), (status, reason), "{answer:?}");
+            // A late second answer for the same call is nobody's.
+            t.answer_raw(id, Some(200), &active("someone-else"));
+            assert_eq!(t.status(2), status);
+        }
+    }
+
+    #[test]
+    fn a_call_whose_owner_left_is_sent_again_for_the_waiters() {
+        let mut t = gateway();
+        t.gw.started(true, &mut t.host).unwrap();
+        assert_eq!(t.send(2, "GET", "/api/v1/orders/1", Some(OPAQUE)), Action::Pause);
+        assert_eq!(t.send(3, "GET", "/api/v1/orders/1", Some(OPAQUE)), Action::Pause);
+        t.done(2);
+        t.tick();
+        assert_eq!(introspections(&t).len(), 2);
+        t.answer_last(Some(200), &active("u-9"));
+        t.answer_last(Some(200), CLEAN);
+        assert_eq!(t.status(3), 200);
+        t.finish(3);
+    }
+}

@@ -154,6 +154,9 @@ pub(crate) fn read(caller: &Caller<'_, St>, ptr: i32, len: i32) -> R<Vec<u8>> {
         .map(<[u8]>::to_vec)
         .ok_or_else(|| "read out of bounds".to_string())
 }
+/// The module's environment: `NAME=value\0`.
+const ENVIRON: &[u8] = b"INTROSPECTION_SECRET=hostemu-secret\0";
+
 pub(crate) fn write(caller: &mut Caller<'_, St>, ptr: i32, bytes: &[u8]) -> R<()> {
     let m = memory(caller)?;
     let p = ptr as u32 as usize;
@@ -460,12 +463,18 @@ pub(crate) fn wasi(name: &str, caller: &mut Caller<'_, St>, args: &[Val]) -> R<i
             write(caller, a(2), &now.to_le_bytes())?;
             Ok(0)
         }
+        // One variable, the introspection client secret the cases' configuration names (the
+        // hosts pass environment variables to the module as WASI's environ).
         "environ_sizes_get" => {
-            write(caller, a(0), &0u32.to_le_bytes())?;
-            write(caller, a(1), &0u32.to_le_bytes())?;
+            write(caller, a(0), &1u32.to_le_bytes())?;
+            write(caller, a(1), &(ENVIRON.len() as u32).to_le_bytes())?;
             Ok(0)
         }
-        "environ_get" => Ok(0),
+        "environ_get" => {
+            write(caller, a(0), &a(1).to_le_bytes())?;
+            write(caller, a(1), ENVIRON)?;
+            Ok(0)
+        }
         "fd_write" => {
             let iovs = read(caller, a(1), a(2).saturating_mul(8))?;
             let total: u32 = iovs

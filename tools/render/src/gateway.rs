@@ -47,6 +47,8 @@ const ENVOY_ROUTE_KEYS: [&str; 4] = ["upstream", "timeout", "retry", "lb_policy"
 
 /// Prefix of the clusters made for `remote_jwks.uri`s.
 pub const JWKS_CLUSTER_PREFIX: &str = "jwks_";
+/// Prefix of the clusters made for `introspection.endpoint`s.
+pub const INTROSPECTION_CLUSTER_PREFIX: &str = "introspect_";
 
 /// The whole gateway file, split and validated.
 #[derive(Debug)]

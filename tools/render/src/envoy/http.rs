@@ -168,7 +168,14 @@ pub(super) fn vm_config(file: &GatewayFile, opts: &RenderOptions) -> Value {
     .flatten()
     .collect();
     for issuer in file.filter.jwt.iter().flat_map(|j| j.issuers.iter()) {
-        if let Some(var) = issuer.secret_env.as_deref() {
+        let introspection = issuer
+            .introspection
+            .as_ref()
+            .map(|i| i.client_secret_env.as_str());
+        for var in [issuer.secret_env.as_deref(), introspection]
+            .into_iter()
+            .flatten()
+        {
             if !env_keys.contains(&var) {
                 env_keys.push(var);
             }

@@ -259,7 +259,8 @@ pub struct EnvoyRoute {
     pub lb_policy: LbPolicy,
     pub endpoints: RouteEndpoints,
 }
-/// An Envoy cluster the renderer defines for an issuer's `remote_jwks.uri`.
+/// An Envoy cluster the renderer defines for an issuer's `remote_jwks.uri` or
+/// `introspection.endpoint`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksCluster {
     pub name: String,

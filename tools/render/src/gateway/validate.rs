@@ -60,8 +60,9 @@ impl RedisCluster {
         Ok(self)
     }
 }
-/// Defines a cluster for every `jwt.issuers[i].remote_jwks` that names no `cluster` of its own,
-/// and writes its name into the filter's configuration.
+/// Defines a cluster for every `jwt.issuers[i].remote_jwks.uri` and
+/// `jwt.issuers[i].introspection.endpoint` that names no `cluster` of its own, and writes its
+/// name into the filter's configuration.
 pub(super) fn jwks_clusters(root: &mut Map<String, Value>) -> Result<Vec<JwksCluster>, ConfigError> {
     let mut out = Vec::new();
     let Some(Value::Array(issuers)) = root.get_mut("jwt").and_then(|j| j.get_mut("issuers")) else {
@@ -73,36 +74,41 @@ pub(super) fn jwks_clusters(root: &mut Map<String, Value>) -> Result<Vec<JwksClu
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        let Some(Value::Object(remote)) = issuer.get_mut("remote_jwks") else {
-            continue;
-        };
-        if remote.get("cluster").is_some_and(|c| !c.is_null()) {
-            continue;
+        for (member, url_field, prefix) in [
+            ("remote_jwks", "uri", JWKS_CLUSTER_PREFIX),
+            ("introspection", "endpoint", INTROSPECTION_CLUSTER_PREFIX),
+        ] {
+            let Some(Value::Object(remote)) = issuer.get_mut(member) else {
+                continue;
+            };
+            if remote.get("cluster").is_some_and(|c| !c.is_null()) {
+                continue;
+            }
+            let field = format!("jwt.issuers[{i}].{member}.{url_field}");
+            let uri = remote
+                .get(url_field)
+                .and_then(Value::as_str)
+                .ok_or_else(|| ConfigError::new(&field, "must be an http(s)://host[:port]/path URL"))?;
+            let (authority, _) = gateway_filter::jwt::remote::split_uri(uri).ok_or_else(|| {
+                ConfigError::new(
+                    &field,
+                    format!("{uri:?} is not an http(s)://host[:port]/path URL"),
+                )
+            })?;
+            let tls = uri.starts_with("https://");
+            let mut endpoint = parse_upstream(&field, &format!("http://{authority}"))?;
+            if tls && !authority.contains(':') {
+                endpoint.port = 443;
+            }
+            let cluster = format!("{prefix}{name}");
+            check_name(&format!("jwt.issuers[{i}].name"), &name)?;
+            remote.insert("cluster".into(), Value::String(cluster.clone()));
+            out.push(JwksCluster {
+                name: cluster,
+                endpoint,
+                tls,
+            });
         }
-        let field = format!("jwt.issuers[{i}].remote_jwks.uri");
-        let uri = remote
-            .get("uri")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ConfigError::new(&field, "must be an http(s)://host[:port]/path URL"))?;
-        let (authority, _) = gateway_filter::jwt::remote::split_uri(uri).ok_or_else(|| {
-            ConfigError::new(
-                &field,
-                format!("{uri:?} is not an http(s)://host[:port]/path URL"),
-            )
-        })?;
-        let tls = uri.starts_with("https://");
-        let mut endpoint = parse_upstream(&field, &format!("http://{authority}"))?;
-        if tls && !authority.contains(':') {
-            endpoint.port = 443;
-        }
-        let cluster = format!("{JWKS_CLUSTER_PREFIX}{name}");
-        check_name(&format!("jwt.issuers[{i}].name"), &name)?;
-        remote.insert("cluster".into(), Value::String(cluster.clone()));
-        out.push(JwksCluster {
-            name: cluster,
-            endpoint,
-            tls,
-        });
     }
     Ok(out)
 }
