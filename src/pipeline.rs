@@ -362,7 +362,7 @@ impl Gateway {
                 return Step::Reply(reply);
             }
             Err(Refused::AwaitKeys(issuer)) => return Step::AwaitKeys { guarded, issuer },
-            Err(Refused::Introspect(issuer)) => return Step::Introspect { guarded, issuer },
+            Err(Refused::Introspect(_)) => return Step::Introspect { guarded },
         };
         self.admit(req, guarded, caller, shared_waits)
     }

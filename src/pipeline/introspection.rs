@@ -25,13 +25,7 @@ pub(super) struct Asking {
 
 impl Gateway {
     /// Phase 3 for an opaque token: the cache, a call already out for it, or a new call.
-    pub(super) fn introspect(
-        &mut self,
-        req: &mut Request,
-        guarded: Guarded,
-        issuer: usize,
-        host: &mut dyn Host,
-    ) -> Step {
+    pub(super) fn introspect(&mut self, req: &mut Request, guarded: Guarded, host: &mut dyn Host) -> Step {
         let config = Rc::clone(&self.config);
         let Some((_, _, settings)) = config.verifier.as_ref().and_then(|v| v.introspecting()) else {
             return refuse(req, Outcome::Internal, message::INTERNAL);
@@ -42,13 +36,13 @@ impl Gateway {
         let hash = intro::token_hash(&token);
         if let Some(entry) = self.cached_answer(settings, &hash, req.clock_ms, host) {
             self.inc_named("gateway_introspection_cache_hits_total", host);
-            return self.introspected(req, guarded, issuer, entry.active.as_deref(), &token, true, host);
+            return self.introspected(req, guarded, entry.active.as_deref(), &token, true, host);
         }
         let shared_waits = host.resumes_other_contexts();
         if shared_waits {
             if let Some(asking) = self.introspection.inflight.get_mut(&hash) {
                 asking.waiters.push(req.ctx);
-                return Step::Wait(Stage::Introspect { guarded, issuer });
+                return Step::Wait(Stage::Introspect { guarded });
             }
         }
         match self.send_introspection(settings, &token, &hash, req.ctx, host) {
@@ -63,7 +57,7 @@ impl Gateway {
                         },
                     );
                 }
-                Step::Wait(Stage::Introspect { guarded, issuer })
+                Step::Wait(Stage::Introspect { guarded })
             }
             Err(e) => {
                 self.introspection_failed(req, &AnswerError(format!("introspection not sent: {e}")), host)
@@ -150,8 +144,7 @@ impl Gateway {
         }
         for w in waiters {
             self.with_request(current, w, host, |gw, req, host| {
-                let Stage::Introspect { guarded, issuer } = std::mem::replace(&mut req.stage, Stage::Idle)
-                else {
+                let Stage::Introspect { guarded } = std::mem::replace(&mut req.stage, Stage::Idle) else {
                     return None;
                 };
                 req.clock_ms = now_ms;
@@ -165,9 +158,9 @@ impl Gateway {
                 Some(match &answer {
                     Ok(Answer::Active(members)) => {
                         let json = Value::Object(members.clone()).to_string();
-                        gw.introspected(req, guarded, issuer, Some(&json), &token, false, host)
+                        gw.introspected(req, guarded, Some(&json), &token, false, host)
                     }
-                    Ok(Answer::Inactive) => gw.introspected(req, guarded, issuer, None, &token, false, host),
+                    Ok(Answer::Inactive) => gw.introspected(req, guarded, None, &token, false, host),
                     Err(e) => gw.introspection_failed(req, e, host),
                 })
             });
@@ -180,7 +173,6 @@ impl Gateway {
         &mut self,
         req: &mut Request,
         guarded: Guarded,
-        issuer: usize,
         active: Option<&str>,
         token: &str,
         from_cache: bool,
@@ -188,7 +180,11 @@ impl Gateway {
     ) -> Step {
         let config = Rc::clone(&self.config);
         let trace_id = req.trace.trace_id.clone();
-        let Some(verifier) = config.verifier.as_ref() else {
+        let Some((verifier, issuer)) = config
+            .verifier
+            .as_ref()
+            .and_then(|v| v.introspecting().map(|(i, _, _)| (v, i)))
+        else {
             return refuse(req, Outcome::NoVerifier, message::NO_VERIFIER);
         };
         let invalid = |e: &TokenError| {

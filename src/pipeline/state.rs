@@ -39,7 +39,7 @@ pub(super) enum Stage {
     /// Deciding, or forwarded, or answered: nothing outstanding.
     Idle,
     /// Waiting for the issuer's introspection endpoint to read its opaque token.
-    Introspect { guarded: Guarded, issuer: usize },
+    Introspect { guarded: Guarded },
     /// Waiting for the store to say whether another gateway saw its DPoP proof.
     Replay { next: Next, coalesce: bool },
     /// Waiting for a revocation lookup (its own, or one it joined).

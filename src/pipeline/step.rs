@@ -16,7 +16,7 @@ pub(super) enum Step {
     /// Phase 3 lacks `issuer`'s keys: wait for a fetch, or authenticate again without waiting.
     AwaitKeys { guarded: Guarded, issuer: usize },
     /// Phase 3 for an opaque token: the issuer's introspection (cached, or one call).
-    Introspect { guarded: Guarded, issuer: usize },
+    Introspect { guarded: Guarded },
     /// Phase 3b: a bound token's binding (a DPoP proof, a client certificate), then phase 4.
     Bind { next: Next, coalesce: bool },
     /// Phase 4: the revocation check (`coalesce`: join a lookup of the same token already out).
@@ -88,7 +88,7 @@ impl Gateway {
             step = match step {
                 Step::Authenticate { guarded, may_wait } => self.authenticate(req, guarded, may_wait, host),
                 Step::AwaitKeys { guarded, issuer } => self.await_keys(req, guarded, issuer, host),
-                Step::Introspect { guarded, issuer } => self.introspect(req, guarded, issuer, host),
+                Step::Introspect { guarded } => self.introspect(req, guarded, host),
                 Step::Bind { next, coalesce } => self.check_binding(req, next, coalesce, host),
                 Step::Revocation { next, coalesce } => self.check_revocation(req, next, coalesce, host),
                 Step::Cleared(next) => self.proceed(req, next, host),

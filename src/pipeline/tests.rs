@@ -2315,7 +2315,10 @@ mod bound_tokens {
         let mut t = dpop_gateway();
         let token = bound_token(json!({"jkt": jkt()}));
         let p = proof(&token, "p-1", "GET", "http://gw/api/v1/orders");
-        assert_eq!(send(&mut t, 2, "DPoP", &token, &[p.clone()]), Action::Pause);
+        assert_eq!(
+            send(&mut t, 2, "DPoP", &token, std::slice::from_ref(&p)),
+            Action::Pause
+        );
         let set = t.host.dispatched.last().unwrap().path.clone();
         assert!(
             set.starts_with("/SET/dpop%3A") && set.contains("/EX/121/NX.json"),
