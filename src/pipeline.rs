@@ -191,7 +191,12 @@ impl Gateway {
         let issuers = gw.config.verifier.as_ref().map_or(0, |v| v.issuers().len());
         gw.keys.sets = vec![None; issuers];
         gw.keys.jwks = (0..issuers).map(|_| keys::JwksState::default()).collect();
-        if let Some(v) = gw.config.verifier.as_ref().filter(|v| v.uses_public_keys()) {
+        if let Some(v) = gw
+            .config
+            .verifier
+            .as_ref()
+            .filter(|v| v.uses_public_keys() || v.uses_dpop())
+        {
             gw.keys.host_verifies = v.host_verification
                 && crate::jwt::native::probe::works(&mut |h, k, s, m| host.verify_signature(h, k, s, m));
             let how = if gw.keys.host_verifies {

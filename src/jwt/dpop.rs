@@ -13,6 +13,9 @@ pub const DEFAULT_PROOF_WINDOW: u64 = 60;
 pub const MAX_PROOF_WINDOW: u64 = 600;
 /// Longest `DPoP` header accepted (an RSA-4096 proof is about 1.5 KB).
 pub const MAX_PROOF_LEN: usize = 8 * 1024;
+/// Most clock skew a proof's `iat` gets, whatever the issuer's `clock_skew` (a proof is meant
+/// to be fresh, and how long one is remembered grows with it).
+pub const MAX_PROOF_SKEW: i64 = 60;
 /// Longest `jti` accepted.
 const MAX_JTI_LEN: usize = 256;
 
@@ -220,6 +223,7 @@ pub fn check_proof(
     if proof.len() > MAX_PROOF_LEN {
         return Err(ProofError::TooLarge);
     }
+    let skew = skew.clamp(0, MAX_PROOF_SKEW);
     let (header_json, payload_json) = decoded_parts(proof).map_err(|_| ProofError::Malformed)?;
     claims::check_strict(&header_json).map_err(|_| ProofError::Malformed)?;
     claims::check_strict(&payload_json).map_err(|_| ProofError::Malformed)?;
@@ -409,15 +413,22 @@ pub fn request_htu(request: &[crate::headers::HeaderPair]) -> Option<String> {
         .or_else(|| get_str(request, ":scheme"))
         .unwrap_or("http");
     let authority = get_str(request, ":authority")?;
+    // Only host, IP-literal and port characters: a `?`, `#`, `/` or `@` here would move the
+    // path the URI is compared by (nginx-based hosts let them through; Envoy's codec does not).
+    let authority_ok = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']'));
     let path = get_str(request, ":path")?;
-    if !path.starts_with('/') {
+    if !path.starts_with('/') || !authority_ok {
         return None;
     }
+    let path = path.split(['?', '#']).next().unwrap_or("");
     normalize_uri(&format!("{scheme}://{authority}{path}"))
 }
 
 /// Shared-data slots the proofs seen are remembered in (`gw:dpop:0` to `gw:dpop:4095`), made
-/// only as proofs arrive.
+/// at start-up when an issuer takes DPoP.
 pub const REPLAY_SLOTS: u32 = 4096;
 /// Prefix of the replay slots' shared-data keys.
 pub const REPLAY_KEY_PREFIX: &str = "gw:dpop:";
@@ -469,7 +480,13 @@ pub fn remember(stored: Option<&[u8]>, seen: &ProofSeen, now: i64) -> Result<Vec
 
 /// `SET dpop:<replay key> 1 EX <ttl> NX`: the proof, fleet-wide, only if no gateway saw it.
 pub fn replay_store_path(seen: &ProofSeen, now: i64) -> String {
-    let ttl = seen.until.saturating_sub(now).saturating_add(1).max(1);
+    // Padded by the largest skew: a gateway whose clock runs behind still finds it.
+    let ttl = seen
+        .until
+        .saturating_sub(now)
+        .saturating_add(MAX_PROOF_SKEW)
+        .saturating_add(1)
+        .max(1);
     crate::webdis::command_path(
         "SET",
         &[
@@ -533,7 +550,7 @@ mod tests {
         assert!(remember(Some(b"junk"), &seen('a', 100), 60).is_ok());
         assert_eq!(
             replay_store_path(&seen('a', 100), 60),
-            format!("/SET/dpop%3A{}/1/EX/41/NX.json", "a".repeat(22))
+            format!("/SET/dpop%3A{}/1/EX/101/NX.json", "a".repeat(22))
         );
     }
 
@@ -766,6 +783,46 @@ mod tests {
             check(&forged, &jkt),
             Err(ProofError::Key | ProofError::Signature)
         ));
+    }
+
+    #[test]
+    fn the_request_uri_is_built_from_its_parts() {
+        let h = |pairs: &[(&str, &str)]| -> Vec<crate::headers::HeaderPair> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let uri = |authority: &str, path: &str, proto: Option<&str>| {
+            let mut v = vec![(":authority", authority), (":path", path), (":scheme", "http")];
+            if let Some(p) = proto {
+                v.push(("x-forwarded-proto", p));
+            }
+            request_htu(&h(&v))
+        };
+        assert_eq!(
+            uri("gw.example.com", "/a/b?x=1", Some("https")).as_deref(),
+            Some("https://gw.example.com/a/b")
+        );
+        assert_eq!(uri("gw:8080", "/a", None).as_deref(), Some("http://gw:8080/a"));
+        // An authority that would move the path: refused, never "normalised".
+        for bad in [
+            "gw.example.com?",
+            "gw.example.com#",
+            "gw/x",
+            "user@gw",
+            "gw%2F",
+            "gw x",
+            "",
+        ] {
+            assert_eq!(uri(bad, "/admin/delete", None), None, "{bad:?}");
+        }
+        assert_eq!(uri("gw", "*", None), None);
+        // Several forwarded protos (an appending proxy): not trusted, :scheme used.
+        assert_eq!(
+            uri("gw", "/a", Some("https, http")).as_deref(),
+            Some("http://gw/a")
+        );
     }
 
     #[test]

@@ -87,8 +87,8 @@ impl IntrospectionSettings {
                     format!("environment variable {} is not set", self.client_secret_env),
                 )
             })?;
-        if !(1..=1 << 20).contains(&self.cache_slots) {
-            return Err(ConfigError::new("cache_slots", "must be 1 to 1048576"));
+        if !(1..=65_536).contains(&self.cache_slots) {
+            return Err(ConfigError::new("cache_slots", "must be 1 to 65536"));
         }
         let credentials = format!("{}:{}", form_encode(&self.client_id), form_encode(&secret));
         Ok(Introspection {
@@ -96,7 +96,9 @@ impl IntrospectionSettings {
             authority: authority.to_string(),
             path: path.to_string(),
             authorization: crate::webdis::basic_auth(&credentials),
-            cache_ttl_ms: seconds_to_ms("cache_ttl", self.cache_ttl, 0.0, 3600.0)?,
+            // At least a second: a host with one call per request (APISIX) answers a token's
+            // first request from the cache on its retry.
+            cache_ttl_ms: seconds_to_ms("cache_ttl", self.cache_ttl, 1.0, 3600.0)?,
             timeout_ms: seconds_to_ms("timeout", self.timeout, 0.1, 30.0)?,
             cache_slots: self.cache_slots,
         })
@@ -228,6 +230,17 @@ impl Verifier {
         now: i64,
     ) -> Result<Identity, TokenError> {
         let issuer = self.issuers.get(index).ok_or(TokenError::UnknownIssuer)?;
+        // RFC 7662 2.1: the provider looks the token up among every type it issues, so a
+        // refresh token comes back active too; it is no access token.
+        for name in ["token_type", "token_use"] {
+            if members
+                .get(name)
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.to_ascii_lowercase().contains("refresh"))
+            {
+                return Err(TokenError::WrongType);
+            }
+        }
         let claims: Claims<Map<String, Value>> =
             serde_json::from_value(Value::Object(members.clone())).map_err(|_| TokenError::InvalidClaims)?;
         let iss = string_claim(&claims.custom, "iss")?;

@@ -88,14 +88,14 @@ impl Gateway {
             Err(e) => return self.proof_refused(req, e),
         };
         let store_checks = config.revocation.is_some() && !host.one_call_per_request();
-        match self.remember_proof(&seen, now, host) {
-            Ok(()) => {}
+        let remembered = match self.remember_proof(&seen, now, host) {
+            Ok(()) => true,
             Err(Remembered::Replayed) => return self.proof_refused(req, ProofError::Replayed),
             // The store decides alone (a full slot here is no verdict on the proof); without
             // one, a proof that cannot be remembered is not admitted.
-            Err(Remembered::Full) if store_checks => {}
+            Err(Remembered::Full) if store_checks => false,
             Err(Remembered::Full) => return self.proof_refused(req, ProofError::ReplayCacheFull),
-        }
+        };
         if !store_checks {
             return Step::Revocation { next, coalesce };
         }
@@ -104,7 +104,11 @@ impl Gateway {
             path: dpop::replay_store_path(&seen, now),
             timeout_ms: None,
             purpose: Call::Replay { context: req.ctx },
-            stage: Stage::Replay { next, coalesce },
+            stage: Stage::Replay {
+                next,
+                coalesce,
+                remembered,
+            },
         })
     }
 
@@ -149,6 +153,7 @@ impl Gateway {
         req: &mut Request,
         next: Next,
         coalesce: bool,
+        remembered: bool,
         status: Option<u16>,
         body: &[u8],
         host: &mut dyn Host,
@@ -156,17 +161,19 @@ impl Gateway {
         match rv::parse_set_nx(status, body) {
             Ok(true) => Step::Revocation { next, coalesce },
             Ok(false) => self.proof_refused(req, ProofError::Replayed),
-            Err(e) => self.replay_store_failed(req, next, coalesce, &e, host),
+            Err(e) => self.replay_store_failed(req, next, coalesce, remembered, &e, host),
         }
     }
 
-    /// The store could not say whether another gateway saw the proof: the store's failure mode
-    /// decides (deny by default; this gateway's own memory already let it through).
+    /// The store could not say whether another gateway saw the proof: denied by default; with
+    /// `failure_mode: allow` or `stale`, admitted only if this gateway remembered the proof (a
+    /// proof remembered nowhere is never admitted).
     pub(super) fn replay_store_failed(
         &mut self,
         req: &mut Request,
         next: Next,
         coalesce: bool,
+        remembered: bool,
         e: &dyn std::fmt::Display,
         host: &mut dyn Host,
     ) -> Step {
@@ -180,8 +187,8 @@ impl Gateway {
             .map(|r| r.failure_mode)
             .unwrap_or_default();
         match mode {
-            FailureMode::Deny => refuse(req, Outcome::StoreUnavailable, MSG_STORE_DOWN),
-            FailureMode::Allow | FailureMode::Stale => Step::Revocation { next, coalesce },
+            FailureMode::Allow | FailureMode::Stale if remembered => Step::Revocation { next, coalesce },
+            _ => refuse(req, Outcome::StoreUnavailable, MSG_STORE_DOWN),
         }
     }
 

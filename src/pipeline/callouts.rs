@@ -149,10 +149,15 @@ impl Gateway {
                 self.introspection_answered(ctx, &hash, context, status, &body, host)
             }
             Call::Replay { context } => self.with_request(ctx, context, host, |gw, req, host| {
-                let Stage::Replay { next, coalesce } = std::mem::replace(&mut req.stage, Stage::Idle) else {
+                let Stage::Replay {
+                    next,
+                    coalesce,
+                    remembered,
+                } = std::mem::replace(&mut req.stage, Stage::Idle)
+                else {
                     return None;
                 };
-                Some(gw.replay_answered(req, next, coalesce, status, &body, host))
+                Some(gw.replay_answered(req, next, coalesce, remembered, status, &body, host))
             }),
             Call::Confirm { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Confirm(wait) = std::mem::replace(&mut req.stage, Stage::Idle) else {

@@ -87,10 +87,13 @@ impl Gateway {
                 },
             ),
             Endpoint::Refresh { ttl_seconds } => {
-                let own = config
-                    .verifier
-                    .as_ref()
-                    .is_some_and(|v| v.can_issue(caller.identity.issuer));
+                // An opaque token is the provider's: refreshing it into a gateway JWT would let
+                // it outlive the provider's revocation of the session.
+                let own = !crate::jwt::introspection::is_opaque(&caller.token)
+                    && config
+                        .verifier
+                        .as_ref()
+                        .is_some_and(|v| v.can_issue(caller.identity.issuer));
                 if !own {
                     let name = config
                         .verifier
@@ -116,7 +119,9 @@ impl Gateway {
                     rv::blacklist_path(&caller.token, keep),
                     Write {
                         on_ok: Reply::ok(
-                            &serde_json::json!({"access_token": new_token, "token_type": "bearer"}),
+                            // RFC 9449 5: a DPoP-bound token's type is DPoP.
+                            &serde_json::json!({"access_token": new_token, "token_type":
+                                if matches!(caller.identity.binding, crate::jwt::Binding::Dpop(_)) { "DPoP" } else { "bearer" }}),
                             &trace_id,
                         ),
                         effect: Effect::Blacklist(caller.identity.revocation_id.clone()),

@@ -38,6 +38,17 @@ impl Gateway {
             self.inc_named("gateway_introspection_cache_hits_total", host);
             return self.introspected(req, guarded, entry.active.as_deref(), &token, true, host);
         }
+        // The budget of failed checks per client address covers introspection too: random
+        // tokens must not make the gateway flood the provider.
+        if !self.may_verify(req, host) {
+            let mut reply = Reply::refuse(
+                Outcome::RateLimited(crate::outcome::Scope::Ip),
+                message::VERIFICATION_BUDGET,
+                &req.trace.trace_id,
+            );
+            reply.headers.push(("retry-after", "1".to_string()));
+            return Step::Reply(reply);
+        }
         let shared_waits = host.resumes_other_contexts();
         if shared_waits {
             if let Some(asking) = self.introspection.inflight.get_mut(&hash) {
@@ -128,17 +139,27 @@ impl Gateway {
             (&answer, config.verifier.as_ref().and_then(|v| v.introspecting()))
         {
             let max = config.verifier.as_ref().map_or(0, |v| v.max_payload_bytes);
-            if settings.cache_ttl_ms > 0 && body.len() <= max {
-                let active = match answer {
-                    Answer::Active(members) => Some(Value::Object(members.clone()).to_string()),
-                    Answer::Inactive => None,
-                };
+            let active = match answer {
+                Answer::Active(members) => Some(Value::Object(members.clone()).to_string()),
+                Answer::Inactive => None,
+            };
+            let key = intro::cache_key(self.limits.slot_seed.hash(&[hash]), settings.cache_slots);
+            // A negative answer never pushes out another token's live positive one (random
+            // tokens must not evict the callers' cached answers).
+            let keeps_other = active.is_none()
+                && shared(&self.local, host).get(&key).is_some_and(|(stored, _)| {
+                    let text = String::from_utf8_lossy(&stored);
+                    let other = text.split('\n').next().unwrap_or("");
+                    other != hash
+                        && CacheEntry::fresh(&stored, other, now_ms, settings.cache_ttl_ms)
+                            .is_some_and(|e| e.active.is_some())
+                });
+            if settings.cache_ttl_ms > 0 && active.as_ref().map_or(0, String::len) <= max && !keeps_other {
                 let entry = CacheEntry {
                     hash: hash.to_string(),
                     stored_at_ms: now_ms,
                     active,
                 };
-                let key = intro::cache_key(self.limits.slot_seed.hash(&[hash]), settings.cache_slots);
                 let _ = shared(&self.local, host).set(&key, &entry.encode(), None);
             }
         }
@@ -197,11 +218,15 @@ impl Gateway {
         let Some(members) =
             active.and_then(|json| serde_json::from_str::<serde_json::Map<String, Value>>(json).ok())
         else {
-            return Step::Reply(Reply::refuse(
+            let reply = Reply::refuse(
                 Outcome::InvalidToken(crate::outcome::TokenFault::Inactive),
                 message::TOKEN_INACTIVE,
                 &trace_id,
-            ));
+            );
+            if !from_cache {
+                self.charge_bad_signature(req, &reply, host);
+            }
+            return Step::Reply(reply);
         };
         // The answer is the token's claims: bounded as a JWT's payload is.
         if active.is_some_and(|json| json.len() > verifier.max_payload_bytes) {

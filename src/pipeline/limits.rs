@@ -101,7 +101,13 @@ impl Gateway {
 
     /// A token whose signature did not verify spends the caller's budget.
     pub(super) fn charge_bad_signature(&mut self, req: &Request, reply: &Reply, host: &mut dyn Host) {
-        let bad = reply.outcome == Outcome::InvalidToken(crate::outcome::TokenFault::Signature);
+        // A bad signature, or an opaque token its provider called inactive (each cost a call).
+        let bad = matches!(
+            reply.outcome,
+            Outcome::InvalidToken(
+                crate::outcome::TokenFault::Signature | crate::outcome::TokenFault::Inactive
+            )
+        );
         if let (true, Some(budget), Some(ip)) = (
             bad,
             &self.config.rate_limits.bad_signatures,

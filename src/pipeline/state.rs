@@ -41,7 +41,12 @@ pub(super) enum Stage {
     /// Waiting for the issuer's introspection endpoint to read its opaque token.
     Introspect { guarded: Guarded },
     /// Waiting for the store to say whether another gateway saw its DPoP proof.
-    Replay { next: Next, coalesce: bool },
+    Replay {
+        next: Next,
+        coalesce: bool,
+        /// This gateway's shared data remembers the proof (false: its slot was full).
+        remembered: bool,
+    },
     /// Waiting for a revocation lookup (its own, or one it joined).
     Revocation(Next),
     /// Waiting for the store to confirm an endpoint's write.

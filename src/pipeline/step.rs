@@ -177,7 +177,11 @@ impl Gateway {
                 self.store_failed(req, next, &StoreError::Dispatch(e.to_string()), host)
             }
             Stage::Write(_) => self.write_failed(req, e, host),
-            Stage::Replay { next, coalesce } => self.replay_store_failed(req, next, coalesce, &e, host),
+            Stage::Replay {
+                next,
+                coalesce,
+                remembered,
+            } => self.replay_store_failed(req, next, coalesce, remembered, &e, host),
             Stage::Confirm(wait) => {
                 req.log(
                     LogLevel::Warn,

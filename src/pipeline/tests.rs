@@ -2321,7 +2321,7 @@ mod bound_tokens {
         );
         let set = t.host.dispatched.last().unwrap().path.clone();
         assert!(
-            set.starts_with("/SET/dpop%3A") && set.contains("/EX/121/NX.json"),
+            set.starts_with("/SET/dpop%3A") && set.contains("/EX/181/NX.json"),
             "{set}"
         );
         t.answer_last(Some(200), SET_OK);
@@ -2609,6 +2609,27 @@ mod opaque_tokens {
                 )),
                 401,
                 "missing_exp",
+            ),
+            // RFC 7662 2.1: a refresh token comes back active too; it is no access token.
+            (
+                Some((
+                    200,
+                    json!({"active": true, "sub": "x", "exp": NOW_S + 60, "iss": "https://idp.example.com",
+                           "token_type": "refresh_token"})
+                    .to_string(),
+                )),
+                401,
+                "typ",
+            ),
+            (
+                Some((
+                    200,
+                    json!({"active": true, "sub": "x", "exp": NOW_S + 60, "iss": "https://idp.example.com",
+                           "token_use": "refresh_token"})
+                    .to_string(),
+                )),
+                401,
+                "typ",
             ),
             (
                 Some((200, r#"{"active":true,"active":true,"sub":"x"}"#.to_string())),
