@@ -245,6 +245,10 @@ pub struct GatewaySettings {
     pub name: String,
     #[serde(default)]
     pub rate_limit: RateLimitSettings,
+    /// Publish each request's decision (identity, roles, outcome, canary, trace id) for Envoy's
+    /// RBAC and access logs: filter state (`.wasm`) or dynamic metadata (native).
+    #[serde(default, skip_serializing_if = "crate::error::is_false")]
+    pub metadata: bool,
 }
 
 impl Default for GatewaySettings {
@@ -253,6 +257,7 @@ impl Default for GatewaySettings {
             prefix: String::new(),
             name: default_gateway_name(),
             rate_limit: RateLimitSettings::default(),
+            metadata: false,
         }
     }
 }
@@ -350,6 +355,8 @@ pub struct Config {
     pub webdis_authority: Option<String>,
     /// Lowercased: see [`FilterConfig::routing_headers`].
     pub routing_headers: Option<Vec<String>>,
+    /// `gateway.metadata`: publish each request's decision.
+    pub publish: bool,
 }
 
 impl Config {
@@ -623,6 +630,7 @@ impl Config {
                 .routing_headers
                 .as_ref()
                 .map(|l| l.iter().map(|h| h.to_ascii_lowercase()).collect()),
+            publish: raw.gateway.metadata,
         })
     }
 }

@@ -172,6 +172,11 @@ pub fn default_true() -> bool {
     true
 }
 
+/// For `skip_serializing_if` on a flag that is off by default.
+pub fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -167,6 +167,33 @@ pub trait Host: SharedStore {
     /// signature, message)` → `Some(valid)`, or `None` where the host has none.
     fn verify_signature(&mut self, hash: &str, spki: &[u8], signature: &[u8], message: &[u8])
         -> Option<bool>;
+    /// Publishes the current request's decision where the rest of the proxy reads it (the
+    /// `.wasm`: filter state through `set_property`; the native module: dynamic metadata).
+    fn publish(&mut self, _decision: &Decision<'_>) {}
+    /// Opens a child span of the current request's active span (the native module under
+    /// Envoy's tracing; nothing elsewhere: proxy-wasm has no span ABI). A request has at most
+    /// one open; opening another closes the first.
+    fn span_open(&mut self, _name: &'static str) {}
+    /// Closes the current request's open child span, if any, with these tags.
+    fn span_close(&mut self, _tags: &[(&str, &str)]) {}
+}
+
+/// What the gateway decided about a request, published for the rest of the proxy (Envoy's RBAC,
+/// access logs) when `gateway.metadata` is on.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision<'a> {
+    pub user_id: Option<&'a str>,
+    pub user_name: Option<&'a str>,
+    pub roles: &'a [String],
+    pub scopes: &'a [String],
+    /// The issuer's name (`default` for the top-level secret).
+    pub issuer: Option<&'a str>,
+    /// `gateway_requests_total`'s outcome label (`allowed`, `unauthorized`, ...).
+    pub outcome: &'static str,
+    /// The log record's decision (`allowed`, `expired`, `role`, ...).
+    pub decision: &'static str,
+    pub canary: Option<bool>,
+    pub trace_id: &'a str,
 }
 
 /// Why a shared-data write did not land.
@@ -284,6 +311,11 @@ pub mod fake {
         pub paused: bool,
         /// Its context was deleted (the client left, or the stream ended).
         pub ended: bool,
+        /// Every decision published for it (each a list of key and value).
+        pub published: Vec<Vec<(&'static str, String)>>,
+        /// Its child spans, closed (name, tags), and the one open.
+        pub spans: Vec<(&'static str, String)>,
+        pub open_span: Option<&'static str>,
     }
 
     impl FakeRequest {
@@ -616,6 +648,34 @@ pub mod fake {
             self.call("verify_signature");
             self.native_calls += 1;
             self.native.and_then(|f| f(hash, spki, signature, message))
+        }
+        fn publish(&mut self, d: &super::Decision<'_>) {
+            self.call("publish");
+            let published = vec![
+                ("user_id", d.user_id.unwrap_or("").to_string()),
+                ("roles", d.roles.join(",")),
+                ("scopes", d.scopes.join(" ")),
+                ("issuer", d.issuer.unwrap_or("").to_string()),
+                ("outcome", d.outcome.to_string()),
+                ("decision", d.decision.to_string()),
+                ("canary", d.canary.map_or(String::new(), |c| c.to_string())),
+                ("trace_id", d.trace_id.to_string()),
+            ];
+            self.cur().published.push(published);
+        }
+        fn span_open(&mut self, name: &'static str) {
+            let r = self.cur();
+            if let Some(open) = r.open_span.take() {
+                r.spans.push((open, String::new()));
+            }
+            r.open_span = Some(name);
+        }
+        fn span_close(&mut self, tags: &[(&str, &str)]) {
+            let r = self.cur();
+            if let Some(open) = r.open_span.take() {
+                let tags: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                r.spans.push((open, tags.join(",")));
+            }
         }
     }
 }

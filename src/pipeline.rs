@@ -337,6 +337,10 @@ impl Gateway {
             },
             Guarded::Endpoint(_) => None,
         };
+        let checks_token = route.is_none_or(|r| r.auth_required);
+        if checks_token {
+            host.span_open("gateway.jwt");
+        }
         let tokens = &mut self.tokens;
         let decided = with_keys(
             &self.keys.sets,
@@ -360,6 +364,15 @@ impl Gateway {
                 }
             },
         );
+        if checks_token {
+            let verdict = match &decided {
+                Ok(_) => "allowed",
+                Err(Refused::Reply(r)) => r.outcome.decision(),
+                Err(Refused::AwaitKeys(_)) => "await_keys",
+                Err(Refused::Introspect(_)) => "opaque",
+            };
+            host.span_close(&[("gateway.decision", verdict)]);
+        }
         let caller = match decided {
             Ok(caller) => caller,
             Err(Refused::Reply(reply)) => {
@@ -475,7 +488,31 @@ impl Gateway {
             let reply = Reply::refuse(Outcome::Internal, message::INTERNAL, &req.trace.trace_id);
             return self.reply(req, reply, host);
         }
+        self.publish(req, Outcome::Forwarded, host);
         Flow::Continue
+    }
+
+    /// The decision, where the rest of Envoy reads it (`gateway.metadata`): before the request
+    /// goes on (RBAC runs after this filter) or the gateway's own reply goes out (access logs).
+    fn publish(&self, req: &Request, outcome: Outcome, host: &mut dyn Host) {
+        if !self.config.publish {
+            return;
+        }
+        let id = req.caller.as_ref().map(|c| &c.identity);
+        let issuer = id
+            .and_then(|id| self.config.verifier.as_ref()?.issuer(id.issuer))
+            .map(|i| i.name.as_str());
+        host.publish(&crate::host::Decision {
+            user_id: id.and_then(|i| i.user_id.as_deref()),
+            user_name: id.and_then(|i| i.user_name.as_deref()),
+            roles: id.map_or(&[][..], |i| i.roles.as_slice()),
+            scopes: id.map_or(&[][..], |i| i.scopes.as_slice()),
+            issuer,
+            outcome: outcome.label(),
+            decision: outcome.decision(),
+            canary: req.canary,
+            trace_id: &req.trace.trace_id,
+        });
     }
 
     fn reply(&mut self, req: &mut Request, mut reply: Reply, host: &mut dyn Host) -> Flow {
@@ -494,6 +531,7 @@ impl Gateway {
         reply
             .headers
             .push((HEADER_RESPONSE_TIME, policy::response_time(elapsed_us)));
+        self.publish(req, reply.outcome, host);
         host.send_reply(&reply);
         Flow::Replied
     }

@@ -665,3 +665,5 @@ mod network;
 pub use network::*;
 mod secrets;
 pub use secrets::*;
+mod decisions;
+pub use decisions::*;

@@ -14,6 +14,9 @@ use super::*;
 /// inline (Envoy's `sendHttpCallout` registers the callout only after `send` returns, and its
 /// `onFailure` skips a request that failed inside `send`; `dynamic_modules/filter.cc`,
 /// `filter_config.cc`), and header, metric and shared-memory calls run no hook.
+/// The dynamic-metadata namespace of the gateway's decisions.
+pub(crate) const METADATA_NAMESPACE: &str = "gateway";
+
 pub(crate) enum Deferred {
     /// Request headers changed: Envoy picks the route again (the proxy-wasm host does this on
     /// every header change; here it is asked for once per hook).
@@ -55,6 +58,8 @@ pub(crate) struct HostState {
     pub(crate) tick_period_ms: u64,
     /// On Envoy's main thread: the configuration, whose callouts the timer's work uses.
     pub(crate) main: Option<EnvoyConfig>,
+    /// Each stream's open child span (its wait for a lookup, a fetch, an introspection).
+    pub(crate) spans: HashMap<u32, abi::ChildSpan>,
 }
 
 impl HostState {
@@ -77,6 +82,7 @@ impl HostState {
             inbox: Arc::new(Mutex::new(Vec::new())),
             ticking,
             relayed: HashMap::new(),
+            spans: HashMap::new(),
             secrets_seen: Vec::new(),
             secrets_running: Vec::new(),
         }
@@ -254,6 +260,49 @@ impl Host for NativeHost<'_> {
 
     fn peer_certificate_sha256(&mut self) -> Option<String> {
         abi::peer_certificate_sha256(self.state.current?)
+    }
+
+    fn publish(&mut self, d: &Decision<'_>) {
+        let Some(f) = self.state.current else {
+            return;
+        };
+        // Dynamic metadata under `gateway`: strings, and the roles and scopes as lists (RBAC's
+        // `list_match`). Published once per request (a list key appends).
+        let canary = d.canary.map_or("", |c| if c { "true" } else { "false" });
+        for (key, value) in [
+            ("user_id", d.user_id.unwrap_or("")),
+            ("user_name", d.user_name.unwrap_or("")),
+            ("issuer", d.issuer.unwrap_or("")),
+            ("outcome", d.outcome),
+            ("decision", d.decision),
+            ("canary", canary),
+            ("trace_id", d.trace_id),
+        ] {
+            abi::set_metadata(f, METADATA_NAMESPACE, key, value);
+        }
+        for (key, values) in [("roles", d.roles), ("scopes", d.scopes)] {
+            for v in values {
+                abi::add_metadata_list(f, METADATA_NAMESPACE, key, v);
+            }
+        }
+    }
+
+    fn span_open(&mut self, name: &'static str) {
+        let (Some(f), ctx) = (self.state.current, self.state.current_ctx) else {
+            return;
+        };
+        if let Some(open) = self.state.spans.remove(&ctx) {
+            abi::finish_child(open, &[]);
+        }
+        if let Some(span) = abi::spawn_child(f, name) {
+            self.state.spans.insert(ctx, span);
+        }
+    }
+
+    fn span_close(&mut self, tags: &[(&str, &str)]) {
+        if let Some(open) = self.state.spans.remove(&self.state.current_ctx) {
+            abi::finish_child(open, tags);
+        }
     }
 
     fn clear_route_cache(&mut self) {

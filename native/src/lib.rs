@@ -60,7 +60,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use abi::{EnvoyBuffer, EnvoyConfig, EnvoyFilter, EnvoyHeader};
 use gateway_filter::config::Config;
-use gateway_filter::host::{Callout, DispatchError, Host, LogLevel, MetricKind, SetError, SharedStore};
+use gateway_filter::host::{
+    Callout, Decision, DispatchError, Host, LogLevel, MetricKind, SetError, SharedStore,
+};
 use gateway_filter::outcome::{message, Outcome};
 use gateway_filter::pipeline::{bound_records, Action, Gateway, StoredRecord, RECORD_CLASSES};
 use gateway_filter::reply::Reply;

@@ -122,6 +122,10 @@ pub(crate) fn send_reply(filter: EnvoyFilter, reply: &Reply) {
 pub(crate) fn forget_stream(w: &mut Worker, ctx: u32) {
     let Worker { gateway, host } = w;
     host.streams.remove(&ctx);
+    // A wait the stream never saw the end of: its span ends with it.
+    if let Some(open) = host.spans.remove(&ctx) {
+        abi::finish_child(open, &[("gateway.ended", "stream gone")]);
+    }
     host.at(None, ctx);
     // Envoy cancelled the stream's calls (only requests' own: the root's never ride on one).
     host.calls.retain(|(owner, _), _| *owner != ctx);

@@ -163,6 +163,30 @@ impl Host for WasmHost {
             .and_then(|b| String::from_utf8(b).ok())
     }
 
+    fn publish(&mut self, d: &crate::host::Decision<'_>) {
+        // Envoy keeps each as the filter-state object `wasm.gateway.<key>` (a CelState whose
+        // string form is the value: RBAC's `filter_state` matcher and `%FILTER_STATE(...:PLAIN)%`
+        // read it). One path segment: the SDK would join several with a NUL byte. Kong traps
+        // on a property it does not know, APISIX has none: Envoy only.
+        if !is_envoy() {
+            return;
+        }
+        let canary = d.canary.map_or("", |c| if c { "true" } else { "false" });
+        for (key, value) in [
+            ("gateway.user_id", d.user_id.unwrap_or("")),
+            ("gateway.user_name", d.user_name.unwrap_or("")),
+            ("gateway.roles", &d.roles.join(",")),
+            ("gateway.scopes", &d.scopes.join(" ")),
+            ("gateway.issuer", d.issuer.unwrap_or("")),
+            ("gateway.outcome", d.outcome),
+            ("gateway.decision", d.decision),
+            ("gateway.canary", canary),
+            ("gateway.trace_id", d.trace_id),
+        ] {
+            let _ = raw::set_property(key, value.as_bytes());
+        }
+    }
+
     fn peer_certificate_sha256(&mut self) -> Option<String> {
         // Envoy: `connection.sha256_peer_certificate_digest` (hex). Kong and APISIX have no
         // such property: a certificate-bound token is refused there.

@@ -49,6 +49,23 @@ pub fn set_header(map_type: u32, name: &str, value: Option<&str>) -> u32 {
     }
 }
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+}
+
+/// Sets a property of the current stream (Envoy: the filter-state object `wasm.<path>`); the
+/// host's status. Through the raw ABI: the SDK's wrapper panics on any status but Ok.
+pub fn set_property(path: &str, value: &[u8]) -> u32 {
+    // SAFETY: the pointers and lengths describe live slices the host only reads.
+    unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) }
+}
+
 /// `MapType::HttpRequestHeaders` and `HttpResponseHeaders` of the ABI.
 pub const REQUEST_HEADERS: u32 = 0;
 pub const RESPONSE_HEADERS: u32 = 2;

@@ -104,11 +104,11 @@ impl Gateway {
             path: dpop::replay_store_path(&seen, now),
             timeout_ms: None,
             purpose: Call::Replay { context: req.ctx },
-            stage: Stage::Replay {
+            stage: Stage::Replay(ReplayWait {
                 next,
                 coalesce,
                 remembered,
-            },
+            }),
         })
     }
 
@@ -151,17 +151,18 @@ impl Gateway {
     pub(super) fn replay_answered(
         &mut self,
         req: &mut Request,
-        next: Next,
-        coalesce: bool,
-        remembered: bool,
+        wait: ReplayWait,
         status: Option<u16>,
         body: &[u8],
         host: &mut dyn Host,
     ) -> Step {
         match rv::parse_set_nx(status, body) {
-            Ok(true) => Step::Revocation { next, coalesce },
+            Ok(true) => Step::Revocation {
+                next: wait.next,
+                coalesce: wait.coalesce,
+            },
             Ok(false) => self.proof_refused(req, ProofError::Replayed),
-            Err(e) => self.replay_store_failed(req, next, coalesce, remembered, &e, host),
+            Err(e) => self.replay_store_failed(req, wait, &e, host),
         }
     }
 
@@ -171,9 +172,7 @@ impl Gateway {
     pub(super) fn replay_store_failed(
         &mut self,
         req: &mut Request,
-        next: Next,
-        coalesce: bool,
-        remembered: bool,
+        wait: ReplayWait,
         e: &dyn std::fmt::Display,
         host: &mut dyn Host,
     ) -> Step {
@@ -187,7 +186,10 @@ impl Gateway {
             .map(|r| r.failure_mode)
             .unwrap_or_default();
         match mode {
-            FailureMode::Allow | FailureMode::Stale if remembered => Step::Revocation { next, coalesce },
+            FailureMode::Allow | FailureMode::Stale if wait.remembered => Step::Revocation {
+                next: wait.next,
+                coalesce: wait.coalesce,
+            },
             _ => refuse(req, Outcome::StoreUnavailable, MSG_STORE_DOWN),
         }
     }

@@ -149,15 +149,10 @@ impl Gateway {
                 self.introspection_answered(ctx, &hash, context, status, &body, host)
             }
             Call::Replay { context } => self.with_request(ctx, context, host, |gw, req, host| {
-                let Stage::Replay {
-                    next,
-                    coalesce,
-                    remembered,
-                } = std::mem::replace(&mut req.stage, Stage::Idle)
-                else {
+                let Stage::Replay(wait) = std::mem::replace(&mut req.stage, Stage::Idle) else {
                     return None;
                 };
-                Some(gw.replay_answered(req, next, coalesce, remembered, status, &body, host))
+                Some(gw.replay_answered(req, wait, status, &body, host))
             }),
             Call::Confirm { context } => self.with_request(ctx, context, host, |gw, req, host| {
                 let Stage::Confirm(wait) = std::mem::replace(&mut req.stage, Stage::Idle) else {

@@ -41,12 +41,7 @@ pub(super) enum Stage {
     /// Waiting for the issuer's introspection endpoint to read its opaque token.
     Introspect { guarded: Guarded },
     /// Waiting for the store to say whether another gateway saw its DPoP proof.
-    Replay {
-        next: Next,
-        coalesce: bool,
-        /// This gateway's shared data remembers the proof (false: its slot was full).
-        remembered: bool,
-    },
+    Replay(ReplayWait),
     /// Waiting for a revocation lookup (its own, or one it joined).
     Revocation(Next),
     /// Waiting for the store to confirm an endpoint's write.
@@ -62,6 +57,15 @@ pub(super) enum Stage {
         id: String,
         limit: u32,
     },
+}
+
+/// A request whose DPoP proof the store is asked about.
+#[derive(Debug)]
+pub(super) struct ReplayWait {
+    pub(super) next: Next,
+    pub(super) coalesce: bool,
+    /// This gateway's shared data remembers the proof (false: its slot was full).
+    pub(super) remembered: bool,
 }
 
 /// A reply held until a replica shows what the primary said (`revocation.confirm`).

@@ -94,10 +94,14 @@ impl Gateway {
                 Step::Cleared(next) => self.proceed(req, next, host),
                 Step::Perform(endpoint) => self.perform(req, endpoint, host),
                 Step::Call(out) => match self.send_for(req, out, host) {
-                    None => return Flow::Paused,
+                    None => {
+                        open_wait_span(&req.stage, host);
+                        return Flow::Paused;
+                    }
                     Some(step) => step,
                 },
                 Step::Wait(stage) => {
+                    open_wait_span(&stage, host);
                     req.stage = stage;
                     return Flow::Paused;
                 }
@@ -177,11 +181,7 @@ impl Gateway {
                 self.store_failed(req, next, &StoreError::Dispatch(e.to_string()), host)
             }
             Stage::Write(_) => self.write_failed(req, e, host),
-            Stage::Replay {
-                next,
-                coalesce,
-                remembered,
-            } => self.replay_store_failed(req, next, coalesce, remembered, &e, host),
+            Stage::Replay(wait) => self.replay_store_failed(req, wait, &e, host),
             Stage::Confirm(wait) => {
                 req.log(
                     LogLevel::Warn,
@@ -222,6 +222,8 @@ impl Gateway {
             self.requests.insert(context, req);
             return;
         }
+        // Whatever the request waited for (a lookup, a key fetch, an introspection) is over.
+        host.span_close(&[]);
         if let Some(step) = f(self, &mut req, host) {
             if self.run(&mut req, step, host) == Flow::Continue {
                 host.resume();
@@ -232,6 +234,21 @@ impl Gateway {
             host.switch_to(current);
         }
     }
+}
+
+/// A child span for the wait a request enters (the native module under Envoy's tracing).
+fn open_wait_span(stage: &Stage, host: &mut dyn Host) {
+    let name = match stage {
+        Stage::Idle => return,
+        Stage::Revocation(_) => "gateway.revocation_lookup",
+        Stage::Replay { .. } => "gateway.dpop_replay",
+        Stage::Introspect { .. } => "gateway.introspection",
+        Stage::Keys { .. } => "gateway.jwks_fetch",
+        Stage::Write(_) => "gateway.store_write",
+        Stage::Confirm(_) => "gateway.store_confirm",
+        Stage::Query { .. } => "gateway.log_query",
+    };
+    host.span_open(name);
 }
 
 /// The gateway's refusal of a request, as a step.

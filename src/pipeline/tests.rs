@@ -2669,3 +2669,59 @@ mod opaque_tokens {
         t.finish(3);
     }
 }
+
+// ------------------------------------------------------------ decisions for the rest of Envoy
+
+#[test]
+fn the_decision_is_published_once_before_the_request_goes_on_or_is_answered() {
+    let mut v = base();
+    v["gateway"]["metadata"] = serde_json::json!(true);
+    let mut t = T::new(v);
+    assert_eq!(
+        t.send(2, "GET", "/api/v1/orders/1", Some(&token())),
+        Action::Pause
+    );
+    assert!(t.req(2).published.is_empty(), "not before the request is decided");
+    t.answer_last(Some(200), CLEAN);
+    let published = &t.req(2).published;
+    assert_eq!(published.len(), 1);
+    let get = |k: &str| published[0].iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+    assert_eq!(get("user_id").as_deref(), Some("user-001"));
+    assert_eq!(get("roles").as_deref(), Some("user"));
+    assert_eq!(get("outcome").as_deref(), Some("allowed"));
+    assert_eq!(get("issuer").as_deref(), Some("default"));
+    t.finish(2);
+    // A refusal is published too (access logs print it).
+    assert_eq!(
+        t.send(3, "GET", "/api/v1/orders/1", Some("a.b.c")),
+        Action::Replied
+    );
+    let get = |k: &str| {
+        t.req(3).published[0]
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("outcome").as_deref(), Some("unauthorized"));
+    assert_eq!(get("user_id").as_deref(), Some(""));
+    // Off (the default): nothing, and no host call.
+    let mut t = T::default();
+    assert_eq!(t.send(2, "GET", "/api/v1/products/1", None), Action::Continue);
+    assert!(t.req(2).published.is_empty());
+}
+
+#[test]
+fn each_wait_is_a_span_closed_when_the_wait_ends() {
+    let mut t = T::default();
+    assert_eq!(
+        t.send(2, "GET", "/api/v1/orders/1", Some(&token())),
+        Action::Pause
+    );
+    assert_eq!(t.req(2).open_span, Some("gateway.revocation_lookup"));
+    t.answer_last(Some(200), CLEAN);
+    assert_eq!(t.req(2).open_span, None);
+    let names: Vec<&str> = t.req(2).spans.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["gateway.jwt", "gateway.revocation_lookup"]);
+    assert_eq!(t.req(2).spans[0].1, "gateway.decision=allowed");
+    t.finish(2);
+}

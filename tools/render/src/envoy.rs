@@ -6,15 +6,17 @@ use gateway_filter::canary::{ROUTE_HEADER, ROUTE_VALUE};
 use serde_json::{json, Value};
 
 use crate::gateway::{
-    Endpoint, EscapedSlashes, FailurePolicy, GatewayFile, LbPolicy, Runtime, UnderscoreAction,
-    CONFIRM_WEBDIS_CLUSTER, LOG_WEBDIS_CLUSTER, WEBDIS_CLUSTER,
+    AccessLog, Endpoint, EscapedSlashes, FailurePolicy, GatewayFile, LbPolicy, Rbac, Runtime, Tracing,
+    UnderscoreAction, CONFIRM_WEBDIS_CLUSTER, LOG_WEBDIS_CLUSTER, WEBDIS_CLUSTER,
 };
 
 mod clusters;
 mod http;
+mod observe;
 mod xds;
 use clusters::*;
 use http::*;
+use observe::*;
 pub use xds::*;
 
 /// Tag extraction for the filter's metrics: the route, outcome, reason, scope... written into each
@@ -135,6 +137,7 @@ pub fn bootstrap(file: &GatewayFile, opts: &RenderOptions) -> Result<Value, Stri
     let mut clusters = upstream_clusters(file);
     clusters.extend(webdis_clusters(file));
     clusters.extend(jwks_clusters(file));
+    clusters.extend(g.tracing.as_ref().and_then(|t| tracing_cluster(file, t)));
     for cluster in &mut clusters {
         cluster["per_connection_buffer_limit_bytes"] = json!(g.limits.buffer_limit_bytes);
     }
@@ -259,6 +262,9 @@ fn runtime_layer(g: &crate::gateway::Gateway, listener_budgets: &[(&str, u64)]) 
             format!("envoy.resource_limits.listener.{name}.connection_limit"),
             json!(budget),
         );
+    }
+    if let Some(t) = &g.tracing {
+        tracing_runtime(t, &mut runtime);
     }
     if g.runtime == Runtime::Native {
         // The native module's metrics carry Envoy's dynamic-modules namespace; with this guard

@@ -14,6 +14,7 @@ use gateway_filter::error::{check_name, ConfigError, KNOWN_METHODS};
 mod model;
 mod validate;
 pub use model::*;
+pub use validate::parse_upstream;
 use validate::*;
 
 /// The Envoy cluster the webdis address becomes.
@@ -25,7 +26,7 @@ pub const LOG_WEBDIS_CLUSTER: &str = "webdis-logs";
 pub const CONFIRM_WEBDIS_CLUSTER: &str = "webdis-replica";
 
 /// Keys of `gateway:` that only Envoy uses (the rest is the filter's: prefix, name, rate_limit).
-const ENVOY_GATEWAY_KEYS: [&str; 15] = [
+const ENVOY_GATEWAY_KEYS: [&str; 17] = [
     "port",
     "address",
     "admin",
@@ -41,9 +42,11 @@ const ENVOY_GATEWAY_KEYS: [&str; 15] = [
     "headers_with_underscores",
     "escaped_slashes",
     "tls",
+    "access_log",
+    "tracing",
 ];
 /// Keys of `routes[]` that only Envoy uses (besides `canary.upstream`).
-const ENVOY_ROUTE_KEYS: [&str; 4] = ["upstream", "timeout", "retry", "lb_policy"];
+const ENVOY_ROUTE_KEYS: [&str; 5] = ["upstream", "timeout", "retry", "lb_policy", "rbac"];
 
 /// Prefix of the clusters made for `remote_jwks.uri`s.
 pub const JWKS_CLUSTER_PREFIX: &str = "jwks_";
@@ -145,6 +148,10 @@ impl GatewayFile {
                 })?;
                 upstreams.push(upstream);
             }
+        }
+        // Envoy's RBAC and access log read the filter's decisions: published when either is on.
+        if upstreams.iter().any(|u| u.rbac.is_some()) || envoy_gateway.access_log.is_some() {
+            gateway.insert("metadata".into(), Value::Bool(true));
         }
         root.insert("gateway".into(), Value::Object(gateway));
         root.insert(

@@ -90,7 +90,18 @@ pub(super) fn virtual_host(file: &GatewayFile) -> (Value, Option<Value>) {
                 "request_headers_to_remove": [ROUTE_HEADER],
             }));
         }
-        routes.push(json!({"name": r.name, "match": matcher, "route": action}));
+        let mut route = json!({"name": r.name, "match": matcher, "route": action});
+        if let Some(rbac) = &r.rbac {
+            let policy = rbac_per_route(g.runtime, rbac);
+            route["typed_per_filter_config"] = json!({RBAC_FILTER: policy.clone()});
+            // The canary's route (pushed just before) answers the same callers.
+            if r.endpoints.canary.is_some() {
+                if let Some(canary) = routes.last_mut() {
+                    canary["typed_per_filter_config"] = json!({RBAC_FILTER: policy});
+                }
+            }
+        }
+        routes.push(route);
     }
     routes.push(json!({
         "name": "health",
@@ -196,6 +207,10 @@ pub(super) fn http_filters(
     let g = &file.gateway;
     let mut http_filters: Vec<Value> = cors.into_iter().collect();
     http_filters.push(module.filter("http", PLUGIN_NAME, filter_json));
+    if file.routes.iter().any(|r| r.rbac.is_some()) {
+        // After the gateway filter, which publishes the roles it read from the token.
+        http_filters.push(rbac_filter());
+    }
     if g.limits.max_request_body_kb > 0 {
         // After the gateway filter (a refused request is never buffered), before the router:
         // the upstream request starts once the body is whole, so a slow body holds no upstream
@@ -272,6 +287,12 @@ pub(super) fn connection_manager(file: &GatewayFile, vhost: Value, http_filters:
         "http_filters": http_filters,
     });
 
+    if let Some(log) = &g.access_log {
+        hcm["access_log"] = access_log(g.runtime, log);
+    }
+    if let Some(t) = &g.tracing {
+        hcm["tracing"] = tracing(t, &file.filter.gateway.name);
+    }
     if file.config.rate_limits.trusted_hops == 0 {
         // No proxy in front is trusted: a client's own `X-Forwarded-For` is removed before
         // Envoy appends the peer (early header mutation runs first in the connection manager,

@@ -51,6 +51,10 @@ pub struct Gateway {
     /// RFC 8705, are bound to).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLog>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
 }
 
 /// `gateway.tls`: the listener's certificate, and the client certificates it asks for.
@@ -249,6 +253,53 @@ pub struct RouteUpstream {
     /// `canary.upstream`: the canary endpoint set (the route's `upstream` is the stable one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_upstream: Option<Upstreams>,
+    /// Envoy's RBAC on the route, reading the filter's published roles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbac: Option<Rbac>,
+}
+
+/// `routes[].rbac`: Envoy's RBAC filter lets the route through only for a caller holding one
+/// of `roles`, as the gateway filter published them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rbac {
+    pub roles: Vec<String>,
+}
+
+/// `gateway.access_log`: Envoy's access log of every request, with the filter's decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// A file (`/dev/stdout` for the console).
+    pub path: String,
+}
+
+/// `gateway.tracing`: Envoy's OpenTelemetry tracer, sending OTLP over HTTP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`); spans go to `/v1/traces`.
+    pub otlp: String,
+    /// `service.name` of the spans (default: the gateway's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// Percent of requests sampled when the client sent no sampling decision (default 100).
+    #[serde(default = "default_sampling")]
+    pub sampling: f64,
+    /// Seconds between exports (default 5), and the spans that trigger one sooner (default 5).
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: f64,
+    #[serde(default = "default_flush_spans")]
+    pub flush_spans: u32,
+}
+fn default_sampling() -> f64 {
+    100.0
+}
+fn default_flush_interval() -> f64 {
+    5.0
+}
+fn default_flush_spans() -> u32 {
+    5
 }
 /// One route's Envoy side, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -258,6 +309,7 @@ pub struct EnvoyRoute {
     pub retry: u32,
     pub lb_policy: LbPolicy,
     pub endpoints: RouteEndpoints,
+    pub rbac: Option<Rbac>,
 }
 /// An Envoy cluster the renderer defines for an issuer's `remote_jwks.uri` or
 /// `introspection.endpoint`.

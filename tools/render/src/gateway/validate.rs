@@ -168,6 +168,29 @@ pub(super) fn check_gateway_side(
             return Err(ConfigError::new(f, format!("{a:?} is not an IP address")));
         }
     }
+    if let Some(log) = &g.access_log {
+        if log.path.is_empty() || log.path.contains('\0') {
+            return Err(ConfigError::new("gateway.access_log.path", "must be a file path"));
+        }
+    }
+    if let Some(t) = &g.tracing {
+        gateway_filter::jwt::remote::split_uri(&t.otlp)
+            .filter(|_| t.otlp.starts_with("http://") || t.otlp.starts_with("https://"))
+            .ok_or_else(|| ConfigError::new("gateway.tracing.otlp", "must be an http(s)://host:port URL"))?;
+        if !(0.0..=100.0).contains(&t.sampling) {
+            return Err(ConfigError::new(
+                "gateway.tracing.sampling",
+                "must be 0 to 100 (percent)",
+            ));
+        }
+        check_seconds("gateway.tracing.flush_interval", t.flush_interval, 60.0)?;
+        if t.flush_spans == 0 || t.flush_spans > 10_000 {
+            return Err(ConfigError::new(
+                "gateway.tracing.flush_spans",
+                "must be 1 to 10000",
+            ));
+        }
+    }
     if let Some(tls) = &g.tls {
         for (f, path) in [
             ("gateway.tls.certificate", Some(&tls.certificate)),
@@ -371,11 +394,26 @@ pub(super) fn envoy_routes(
                 "clashes with a route named <name>-canary",
             ));
         }
+        if let Some(rbac) = &up.rbac {
+            let ok = |role: &String| {
+                !role.is_empty()
+                    && role.len() <= 256
+                    && !role.contains(',')
+                    && role.chars().all(|c| c.is_ascii_graphic())
+            };
+            if rbac.roles.is_empty() || !rbac.roles.iter().all(ok) {
+                return Err(ConfigError::new(
+                    format!("routes[{i}].rbac.roles"),
+                    "must list roles: printable, no commas, at most 256 characters each",
+                ));
+            }
+        }
         all.push(EnvoyRoute {
             name: r.name.clone(),
             timeout: up.timeout,
             retry: up.retry,
             lb_policy: up.lb_policy,
+            rbac: up.rbac.clone(),
             endpoints: RouteEndpoints { stable, canary },
         });
     }
