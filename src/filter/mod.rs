@@ -175,7 +175,9 @@ impl Host for WasmHost {
         for (key, value) in [
             ("gateway.user_id", d.user_id.unwrap_or("")),
             ("gateway.user_name", d.user_name.unwrap_or("")),
-            ("gateway.roles", &d.roles.join(",")),
+            // Delimited at both ends (`,admin,user,`): RBAC matches `contains: ",admin,"`
+            // exactly (a role never holds a comma: the token would have been refused).
+            ("gateway.roles", &format!(",{},", d.roles.join(","))),
             ("gateway.scopes", &d.scopes.join(" ")),
             ("gateway.issuer", d.issuer.unwrap_or("")),
             ("gateway.outcome", d.outcome),

@@ -14,8 +14,8 @@ use gateway_filter::error::{check_name, ConfigError, KNOWN_METHODS};
 mod model;
 mod validate;
 pub use model::*;
-pub use validate::parse_upstream;
 use validate::*;
+pub use validate::{otlp_endpoint, parse_upstream};
 
 /// The Envoy cluster the webdis address becomes.
 pub const WEBDIS_CLUSTER: &str = "webdis";
@@ -50,6 +50,8 @@ const ENVOY_ROUTE_KEYS: [&str; 5] = ["upstream", "timeout", "retry", "lb_policy"
 
 /// Prefix of the clusters made for `remote_jwks.uri`s.
 pub const JWKS_CLUSTER_PREFIX: &str = "jwks_";
+/// The tracer's collector cluster (`gateway.tracing`).
+pub const OTLP_CLUSTER: &str = "otel_collector";
 /// Prefix of the clusters made for `introspection.endpoint`s.
 pub const INTROSPECTION_CLUSTER_PREFIX: &str = "introspect_";
 
@@ -245,6 +247,17 @@ impl GatewayFile {
             }
         })?;
         let routes = validate_envoy_side(&envoy_gateway, &filter, upstreams, webdis.is_some())?;
+        if envoy_gateway.tracing.is_some() {
+            if let Some(r) = filter.routes.iter().find(|r| r.name == OTLP_CLUSTER) {
+                return Err(ConfigError::new(
+                    "routes",
+                    format!(
+                        "a route named {:?} clashes with the tracer's collector cluster",
+                        r.name
+                    ),
+                ));
+            }
+        }
         if let Some(r) = filter
             .routes
             .iter()
@@ -499,6 +512,47 @@ mod tests {
             (
                 Box::new(|v| v["gateway"]["headers_with_underscores"] = "keep".into()),
                 "gateway.headers_with_underscores: unknown variant `keep`",
+            ),
+            (
+                Box::new(|v| {
+                    v["routes"][0]["auth_required"] = false.into();
+                    v["routes"][0]["rbac"] = serde_json::json!({"roles": ["admin"]});
+                }),
+                "routes[0].rbac: needs auth_required: true",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["rbac"] = serde_json::json!({"roles": ["a,b"]})),
+                "routes[0].rbac.roles: must list roles",
+            ),
+            (
+                Box::new(|v| v["routes"][0]["rbac"] = serde_json::json!({"roles": []})),
+                "routes[0].rbac.roles: must list roles",
+            ),
+            (
+                Box::new(|v| v["gateway"]["tracing"] = serde_json::json!({"otlp": "http://collector:0"})),
+                "gateway.tracing.otlp",
+            ),
+            (
+                Box::new(|v| v["gateway"]["tracing"] = serde_json::json!({"otlp": "http://c:4318/x?y"})),
+                "gateway.tracing.otlp: must be an http(s)://host[:port] URL",
+            ),
+            (
+                Box::new(|v| v["gateway"]["tracing"] = serde_json::json!({"otlp": "grpc://c:4317"})),
+                "gateway.tracing.otlp: must be an http(s)://host[:port] URL",
+            ),
+            (
+                Box::new(|v| {
+                    v["gateway"]["tracing"] =
+                        serde_json::json!({"otlp": "http://c:4318", "flush_interval": 0.0001})
+                }),
+                "gateway.tracing.flush_interval: must be at least 0.1 seconds",
+            ),
+            (
+                Box::new(|v| {
+                    v["gateway"]["tracing"] = serde_json::json!({"otlp": "http://c:4318"});
+                    v["routes"][0]["name"] = "otel_collector".into();
+                }),
+                "clashes with the tracer's collector cluster",
             ),
         ];
         for (mutate, expected) in cases {

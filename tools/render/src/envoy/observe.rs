@@ -8,8 +8,7 @@ use super::*;
 
 /// The RBAC filter's name, which routes' per-route policies are keyed by.
 pub(super) const RBAC_FILTER: &str = "envoy.filters.http.rbac";
-/// The tracer's collector cluster.
-pub(super) const OTLP_CLUSTER: &str = "otel_collector";
+use crate::gateway::OTLP_CLUSTER;
 
 /// The RBAC filter for the chain (after the gateway filter): no policy of its own, so only
 /// routes with `rbac` are checked.
@@ -24,14 +23,18 @@ pub(super) fn rbac_filter() -> Value {
 pub(super) fn rbac_per_route(runtime: Runtime, rbac: &Rbac) -> Value {
     let principals: Vec<Value> = match runtime {
         // RBAC's `filter_state` principal reads the object's string form (`serializeAsString`:
-        // the roles, comma-separated), matched whole by RE2.
-        Runtime::Wasm => {
-            let alternatives: Vec<String> = rbac.roles.iter().map(|r| regex_escape(r)).collect();
-            vec![json!({"filter_state": {
-                "key": "wasm.gateway.roles",
-                "string_match": {"safe_regex": {"regex": format!("(.*,)?({})(,.*)?", alternatives.join("|"))}},
-            }})]
-        }
+        // the roles between commas, `,admin,user,`); `contains` of `,<role>,` is exact, as no
+        // role holds a comma. No regex: RE2's program-size limit would refuse long role lists.
+        Runtime::Wasm => rbac
+            .roles
+            .iter()
+            .map(|r| {
+                json!({"filter_state": {
+                    "key": "wasm.gateway.roles",
+                    "string_match": {"contains": format!(",{r},")},
+                }})
+            })
+            .collect(),
         Runtime::Native => rbac
             .roles
             .iter()
@@ -53,17 +56,6 @@ pub(super) fn rbac_per_route(runtime: Runtime, rbac: &Rbac) -> Value {
     })
 }
 
-fn regex_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 4);
-    for c in s.chars() {
-        if "\\.+*?()|[]{}^$#&-~".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// A decision field as an access-log command for the runtime.
 fn field(runtime: Runtime, key: &str) -> String {
     match runtime {
@@ -82,6 +74,8 @@ pub(super) fn access_log(runtime: Runtime, log: &AccessLog) -> Value {
         ("status", "%RESPONSE_CODE%"),
         ("duration_ms", "%DURATION%"),
         ("route", "%ROUTE_NAME%"),
+        // Who answered: `via_upstream`, the gateway filter's reason, `rbac_access_denied...`.
+        ("details", "%RESPONSE_CODE_DETAILS%"),
     ] {
         format.insert(k.into(), json!(v));
     }
@@ -105,6 +99,8 @@ pub(super) fn tracing(t: &Tracing, service: &str) -> Value {
     let base = t.otlp.trim_end_matches('/');
     json!({
         "random_sampling": {"value": t.sampling},
+        // `x-client-trace-id` must not let any client have every request traced.
+        "client_sampling": {"value": 0},
         "provider": {
             "name": "envoy.tracers.opentelemetry",
             "typed_config": {
@@ -122,13 +118,7 @@ pub(super) fn tracing(t: &Tracing, service: &str) -> Value {
 
 /// The collector's cluster.
 pub(super) fn tracing_cluster(file: &GatewayFile, t: &Tracing) -> Option<Value> {
-    let (authority, _) = gateway_filter::jwt::remote::split_uri(&t.otlp)?;
-    let tls = t.otlp.starts_with("https://");
-    let mut ep =
-        crate::gateway::parse_upstream("gateway.tracing.otlp", &format!("http://{authority}")).ok()?;
-    if tls && !authority.contains(':') {
-        ep.port = 443;
-    }
+    let (ep, tls) = crate::gateway::otlp_endpoint(&t.otlp).ok()?;
     let mut cluster = json!({
         "name": OTLP_CLUSTER,
         "type": if ep.is_ip() { "STATIC" } else { "STRICT_DNS" },
@@ -139,11 +129,16 @@ pub(super) fn tracing_cluster(file: &GatewayFile, t: &Tracing) -> Option<Value> 
         ]}]},
     });
     if tls {
+        // Verified as the key servers are: the system's CAs, the collector's name.
         cluster["transport_socket"] = json!({
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": ep.host,
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": SYSTEM_CA_BUNDLE},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": ep.host}}],
+                }},
             },
         });
     }

@@ -174,9 +174,7 @@ pub(super) fn check_gateway_side(
         }
     }
     if let Some(t) = &g.tracing {
-        gateway_filter::jwt::remote::split_uri(&t.otlp)
-            .filter(|_| t.otlp.starts_with("http://") || t.otlp.starts_with("https://"))
-            .ok_or_else(|| ConfigError::new("gateway.tracing.otlp", "must be an http(s)://host:port URL"))?;
+        otlp_endpoint(&t.otlp)?;
         if !(0.0..=100.0).contains(&t.sampling) {
             return Err(ConfigError::new(
                 "gateway.tracing.sampling",
@@ -184,6 +182,12 @@ pub(super) fn check_gateway_side(
             ));
         }
         check_seconds("gateway.tracing.flush_interval", t.flush_interval, 60.0)?;
+        if t.flush_interval < 0.1 {
+            return Err(ConfigError::new(
+                "gateway.tracing.flush_interval",
+                "must be at least 0.1 seconds",
+            ));
+        }
         if t.flush_spans == 0 || t.flush_spans > 10_000 {
             return Err(ConfigError::new(
                 "gateway.tracing.flush_spans",
@@ -394,6 +398,12 @@ pub(super) fn envoy_routes(
                 "clashes with a route named <name>-canary",
             ));
         }
+        if up.rbac.is_some() && !r.auth_required {
+            return Err(ConfigError::new(
+                format!("routes[{i}].rbac"),
+                "needs auth_required: true (a public route reads no token: no roles to check)",
+            ));
+        }
         if let Some(rbac) = &up.rbac {
             let ok = |role: &String| {
                 !role.is_empty()
@@ -439,6 +449,35 @@ pub(super) fn parse_upstreams(field: &str, upstream: &Upstreams) -> Result<Vec<E
     Ok(endpoints)
 }
 /// Parses `http://host[:port][/]`.
+/// `gateway.tracing.otlp`: the collector's endpoint, and whether it is `https://`.
+pub fn otlp_endpoint(url: &str) -> Result<(Endpoint, bool), ConfigError> {
+    let field = "gateway.tracing.otlp";
+    let bad = || {
+        ConfigError::new(
+            field,
+            "must be an http(s)://host[:port] URL (spans go to its /v1/traces)",
+        )
+    };
+    let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        _ => return Err(bad()),
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return Err(bad());
+    }
+    let has_port = match authority.rsplit_once(':') {
+        Some((_, port)) => !port.contains(']'),
+        None => false,
+    };
+    let mut ep = parse_upstream(field, &format!("http://{authority}"))?;
+    if tls && !has_port {
+        ep.port = 443;
+    }
+    Ok((ep, tls))
+}
+
 pub fn parse_upstream(field: &str, url: &str) -> Result<Endpoint, ConfigError> {
     let rest = url.strip_prefix("http://").ok_or_else(|| {
         ConfigError::new(
