@@ -86,8 +86,10 @@ fn run(cfg: &Config, data: &[u8]) {
                     auth_time: None,
                     issuer: 0,
                     revocation_id: "r".into(),
+                    binding: Default::default(),
                 },
                 token: "t".into(),
+                scheme: policy::Scheme::Bearer,
             };
             let _ = policy::endpoint(cfg, path, &caller, &headers, NOW, "t");
             policy::verified_caller(

@@ -1,5 +1,7 @@
 //! Any string as a bearer token: verified by every configured algorithm, through the cache, at
 //! a fixed time. Must never panic; a token the verifier accepts must carry header-safe claims.
+//! The same string as a DPoP proof, as an introspection answer and as a request URI: never a
+//! panic, and a proof is never accepted (the fuzzer cannot sign with the key it names).
 #![no_main]
 
 use gateway_filter::headers::is_safe_value;
@@ -19,6 +21,19 @@ fuzz_target!(|data: &[u8]| {
         None,
         60,
     );
+    let dpop = gateway_filter::jwt::DpopSettings::default().compile();
+    if let Ok(dpop) = &dpop {
+        let request = gateway_filter::jwt::dpop::ProofRequest {
+            method: "GET",
+            htu: "https://gw/a",
+            token: "t",
+            jkt: "k",
+        };
+        let checked = gateway_filter::jwt::dpop::check_proof(dpop, 60, token, &request, NOW, None);
+        assert!(checked.is_err(), "no proof passes without a matching thumbprint");
+    }
+    let _ = gateway_filter::jwt::dpop::normalize_uri(token);
+    let _ = gateway_filter::jwt::introspection::parse_answer(Some(200), data);
     let mut cache = TokenCache::default();
     let first = cache.verify(&v, token, NOW);
     let again = cache.verify(&v, token, NOW);
