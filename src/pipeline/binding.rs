@@ -179,13 +179,7 @@ impl Gateway {
         let id = self.metrics.store_errors;
         self.inc(id);
         req.log(LogLevel::Warn, &format!("DPoP replay check failed: {e}"), host);
-        let mode = self
-            .config
-            .revocation
-            .as_ref()
-            .map(|r| r.failure_mode)
-            .unwrap_or_default();
-        match mode {
+        match self.failure_mode() {
             FailureMode::Allow | FailureMode::Stale if wait.remembered => Step::Revocation {
                 next: wait.next,
                 coalesce: wait.coalesce,

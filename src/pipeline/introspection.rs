@@ -134,15 +134,17 @@ impl Gateway {
             None => vec![context],
         };
         let answer = intro::parse_answer(status, body);
+        // An active answer's members as JSON, written once: what is cached, and what every
+        // waiter reads.
+        let active = match &answer {
+            Ok(Answer::Active(members)) => Some(Value::Object(members.clone()).to_string()),
+            _ => None,
+        };
         let now_ms = host.now_ms();
-        if let (Ok(answer), Some((_, _, settings))) =
+        if let (Ok(_), Some((_, _, settings))) =
             (&answer, config.verifier.as_ref().and_then(|v| v.introspecting()))
         {
             let max = config.verifier.as_ref().map_or(0, |v| v.max_payload_bytes);
-            let active = match answer {
-                Answer::Active(members) => Some(Value::Object(members.clone()).to_string()),
-                Answer::Inactive => None,
-            };
             let key = intro::cache_key(self.limits.slot_seed.hash(&[hash]), settings.cache_slots);
             // A negative answer never pushes out another token's live positive one (random
             // tokens must not evict the callers' cached answers).
@@ -158,7 +160,7 @@ impl Gateway {
                 let entry = CacheEntry {
                     hash: hash.to_string(),
                     stored_at_ms: now_ms,
-                    active,
+                    active: active.clone(),
                 };
                 let _ = shared(&self.local, host).set(&key, &entry.encode(), None);
             }
@@ -177,11 +179,7 @@ impl Gateway {
                     return Some(refuse(req, Outcome::Internal, message::INTERNAL));
                 }
                 Some(match &answer {
-                    Ok(Answer::Active(members)) => {
-                        let json = Value::Object(members.clone()).to_string();
-                        gw.introspected(req, guarded, Some(&json), &token, false, host)
-                    }
-                    Ok(Answer::Inactive) => gw.introspected(req, guarded, None, &token, false, host),
+                    Ok(_) => gw.introspected(req, guarded, active.as_deref(), &token, false, host),
                     Err(e) => gw.introspection_failed(req, e, host),
                 })
             });

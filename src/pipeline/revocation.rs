@@ -160,6 +160,15 @@ impl Gateway {
         refuse(req, Outcome::Revoked, MSG_REVOKED)
     }
 
+    /// The revocation store's `failure_mode` (deny without a store).
+    pub(super) fn failure_mode(&self) -> FailureMode {
+        self.config
+            .revocation
+            .as_ref()
+            .map(|r| r.failure_mode)
+            .unwrap_or_default()
+    }
+
     pub(super) fn store_failed(
         &mut self,
         req: &mut Request,
@@ -170,13 +179,7 @@ impl Gateway {
         let id = self.metrics.store_errors;
         self.inc(id);
         req.log(LogLevel::Warn, &format!("revocation lookup failed: {e}"), host);
-        let mode = self
-            .config
-            .revocation
-            .as_ref()
-            .map(|r| r.failure_mode)
-            .unwrap_or_default();
-        match mode {
+        match self.failure_mode() {
             FailureMode::Deny => refuse(req, Outcome::StoreUnavailable, MSG_STORE_DOWN),
             FailureMode::Allow => {
                 let id = self.metrics.allowed_on_error;

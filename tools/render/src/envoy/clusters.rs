@@ -99,6 +99,22 @@ pub(super) fn webdis_clusters(file: &GatewayFile) -> Vec<Value> {
 
     clusters
 }
+/// TLS to a provider's server (a key server, an introspection endpoint, a trace collector),
+/// verified against the system's CAs and the server's name, with SNI.
+pub(super) fn verified_tls(host: &str) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": host,
+            "common_tls_context": {"validation_context": {
+                "trusted_ca": {"filename": SYSTEM_CA_BUNDLE},
+                "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
+            }},
+        },
+    })
+}
+
 /// The identity providers' key-set clusters.
 pub(super) fn jwks_clusters(file: &GatewayFile) -> Vec<Value> {
     let g = &file.gateway;
@@ -117,17 +133,7 @@ pub(super) fn jwks_clusters(file: &GatewayFile) -> Vec<Value> {
                 "max_pending_requests": 16, "max_requests": 16, "max_retries": 0}]},
         });
         if jwks.tls {
-            cluster["transport_socket"] = json!({
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                    "sni": ep.host,
-                    "common_tls_context": {"validation_context": {
-                        "trusted_ca": {"filename": SYSTEM_CA_BUNDLE},
-                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": ep.host}}],
-                    }},
-                },
-            });
+            cluster["transport_socket"] = verified_tls(&ep.host);
         }
         clusters.push(cluster);
     }

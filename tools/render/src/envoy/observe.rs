@@ -130,17 +130,7 @@ pub(super) fn tracing_cluster(file: &GatewayFile, t: &Tracing) -> Option<Value> 
     });
     if tls {
         // Verified as the key servers are: the system's CAs, the collector's name.
-        cluster["transport_socket"] = json!({
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": ep.host,
-                "common_tls_context": {"validation_context": {
-                    "trusted_ca": {"filename": SYSTEM_CA_BUNDLE},
-                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": ep.host}}],
-                }},
-            },
-        });
+        cluster["transport_socket"] = verified_tls(&ep.host);
     }
     Some(cluster)
 }
